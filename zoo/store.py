@@ -1,0 +1,302 @@
+"""Putting things into a zoo home and taking them out: add, register, remove, verify.
+
+Every path into the registry ends in :func:`commit_entry`: files are staged
+under ``home/tmp``, hashed there, and only then moved to their final place in
+the same locked registry transaction that records them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zoo.adapters import (
+    BOTTLENECK_CONFIG,
+    PEFT_CONFIG,
+    detect_kind,
+    inspect_bottleneck,
+    inspect_lora,
+    vllm_servability,
+)
+from zoo.bases import describe_model, module_weight_shapes, read_config
+from zoo.errors import BaseMismatch, DuplicateEntry, FormatError, IntegrityError, UnknownEntry
+from zoo.files import content_hash, hash_tree, list_files, load_json, sha256_file
+from zoo.home import adapter_dir, base_dir, publish_dir, split_variant, staging_dir, validate_name
+from zoo.records import AdapterEntry, BaseEntry, Entry, Variant, replace
+from zoo.registry import Catalog, Registry
+
+ORIGINAL = "original"
+
+
+def _relative(registry: Registry, path: Path) -> str:
+    return path.relative_to(registry.home).as_posix()
+
+
+def commit_entry(registry: Registry, stage: Path, final: Path,
+                 build: Callable[[Catalog], Entry | None],
+                 update: Callable[[Catalog, Entry], None] | None = None) -> Entry | None:
+    """Move ``stage`` to ``final`` and record the entry ``build`` makes, atomically.
+
+    ``build`` runs under the registry lock with the current catalog, so its
+    checks (name free, base unchanged) see every concurrent writer's work; it
+    raises to abort. If recording fails after the move, the moved files are
+    removed again: a directory in the home always has its registry entry.
+    """
+    moved = False
+    try:
+        with registry.edit() as catalog:
+            entry = build(catalog)
+            publish_dir(stage, final)
+            moved = True
+            if update is not None:
+                update(catalog, entry)
+            else:
+                catalog.entries[entry.name] = entry
+        return entry
+    except BaseException:
+        if moved:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+
+
+def copy_files(src: Path, dst: Path) -> None:
+    for rel in list_files(src):
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, target)
+
+
+# -- bases -----------------------------------------------------------------------------
+
+def register_base(registry: Registry, stage: Path, name: str, source: dict[str, Any],
+                  kind: str = "base", parent: str | None = None) -> BaseEntry:
+    """Record a complete model directory in ``stage`` as the base ``name``."""
+    facts = describe_model(stage)
+    files = hash_tree(stage)
+    final = base_dir(registry.home, name)
+
+    def build(catalog: Catalog) -> BaseEntry:
+        if name in catalog.entries:
+            raise DuplicateEntry(name)
+        return BaseEntry(
+            name=name, kind=kind, path=_relative(registry, final), files=files,
+            content_hash=content_hash(files), architecture=facts.architecture,
+            model_type=facts.model_type, hidden_size=facts.hidden_size,
+            num_layers=facts.num_layers, vocab_size=facts.vocab_size, dtype=facts.dtype,
+            parameters=facts.parameters, source=source, base=parent)
+
+    return commit_entry(registry, stage, final, build)
+
+
+def register_variant(registry: Registry, stage: Path, base: str, scheme: str,
+                     quantization: dict[str, Any]) -> Variant:
+    """Record ``stage`` as the quantized form ``scheme`` of base ``base``."""
+    files = hash_tree(stage)
+    final = base_dir(registry.home, base, scheme)
+    variant = Variant(scheme=scheme, path=_relative(registry, final), files=files,
+                      content_hash=content_hash(files), quantization=quantization)
+
+    def build(catalog: Catalog) -> BaseEntry:
+        return catalog.base(base)
+
+    def update(catalog: Catalog, entry: Entry) -> None:
+        assert isinstance(entry, BaseEntry)
+        catalog.entries[base] = replace(entry, variants={**entry.variants, scheme: variant})
+
+    commit_entry(registry, stage, final, build, update)
+    return variant
+
+
+# -- adapters --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BaseRef:
+    entry: BaseEntry
+    variant: str  # "original" or a scheme such as "nf4"
+
+    @property
+    def label(self) -> str:
+        return self.entry.name if self.variant == ORIGINAL else f"{self.entry.name}@{self.variant}"
+
+
+def resolve_base(catalog: Catalog, registry: Registry, ref: str | None,
+                 adapter_path: Path) -> BaseRef:
+    """The base an adapter belongs to: ``--base`` or what its own config names."""
+    if ref is None:
+        ref = _named_base(catalog, registry, adapter_path)
+    name, variant = split_variant(ref)
+    entry = catalog.base(name)
+    variant = variant or ORIGINAL
+    if variant != ORIGINAL and variant not in entry.variants:
+        raise UnknownEntry(f"{name}@{variant}", "base variant")
+    return BaseRef(entry, variant)
+
+
+def _named_base(catalog: Catalog, registry: Registry, adapter_path: Path) -> str:
+    config_file = adapter_path / PEFT_CONFIG
+    if not config_file.exists():
+        config_file = adapter_path / BOTTLENECK_CONFIG
+    config = load_json(config_file, "adapter config")
+    named = config.get("base_model_name_or_path") or config.get("base_model")
+    if named:
+        named = str(named)
+        for base in catalog.bases():
+            if named == base.name or named.startswith(base.name + "@"):
+                return named
+            for variant, v in [(None, base), *base.variants.items()]:
+                stored = registry.resolve(v.path)
+                if stored is not None and Path(named).absolute() == stored:
+                    return base.name if variant is None else f"{base.name}@{variant}"
+    raise FormatError(
+        f"cannot tell which base {adapter_path} belongs to (its config names "
+        f"{named!r}, which is not a registered base)",
+        hint="Pass --base NAME (or NAME@nf4 for a QLoRA adapter); 'zoo list --kind base'.")
+
+
+def inspect_adapter(path: Path, base: BaseRef, registry: Registry) -> dict[str, Any]:
+    """Everything the registry records about an adapter, checked against its base."""
+    stored = registry.resolve(base.entry.path)
+    kind = detect_kind(path)
+    if kind == "peft":
+        found = inspect_lora(path, module_weight_shapes(stored), base.entry.name)
+        why = vllm_servability("lora", found.details, base.entry.architecture,
+                               found.init_lora_weights)
+        return dict(kind="qlora" if base.variant == "nf4" else "lora", rank=found.rank,
+                    alpha=found.alpha, target_modules=found.target_modules,
+                    trainable_params=found.trainable_params, lora=found.details,
+                    servable=why is None, servable_reason=why)
+    if kind == "bottleneck":
+        found = inspect_bottleneck(path, base.entry.hidden_size, base.entry.num_layers,
+                                   base.entry.name)
+        return dict(kind="bottleneck", rank=found.details.bottleneck_size, alpha=None,
+                    target_modules=found.details.positions,
+                    trainable_params=found.trainable_params, bottleneck=found.details,
+                    servable=False, servable_reason=vllm_servability("bottleneck", None, ""))
+    raise FormatError(f"{path} is a model, not an adapter", path=str(path),
+                      hint="Register models without --base: 'zoo add PATH --name NAME'.")
+
+
+def register_adapter(registry: Registry, stage: Path, name: str, base: BaseRef,
+                     source: dict[str, Any], training: dict[str, Any] | None = None,
+                     hub: dict[str, Any] | None = None) -> AdapterEntry:
+    """Inspect the adapter in ``stage`` against ``base`` and record it as ``name``."""
+    facts = inspect_adapter(stage, base, registry)
+    files = hash_tree(stage)
+    final = adapter_dir(registry.home, name)
+    base_name, base_hash = base.entry.name, base.entry.content_hash
+
+    def build(catalog: Catalog) -> AdapterEntry:
+        if name in catalog.entries:
+            raise DuplicateEntry(name)
+        current = catalog.base(base_name)
+        if current.content_hash != base_hash:
+            raise BaseMismatch(f"base {base_name!r} changed while {name!r} was being added")
+        return AdapterEntry(
+            name=name, base=base_name, base_hash=base_hash, base_variant=base.variant,
+            path=_relative(registry, final), files=files, content_hash=content_hash(files),
+            percent_of_base=round(100.0 * facts["trainable_params"] / current.parameters, 4),
+            source=source, training=training, hub=hub, **facts)
+
+    return commit_entry(registry, stage, final, build)
+
+
+def add(path: Path, name: str, base: str | None = None, home: Path | None = None,
+        registry: Registry | None = None) -> Entry:
+    """Inspect the directory at ``path``, copy it into the home and register it."""
+    registry = registry or Registry(home)
+    validate_name(name)
+    path = Path(path).absolute()
+    kind = detect_kind(path)
+    catalog = registry.load()
+    if name in catalog.entries:
+        raise DuplicateEntry(name)
+    source = {"type": "local", "path": str(path)}
+    with staging_dir(registry.home, name) as stage:
+        if kind == "model":
+            if base is not None:
+                raise FormatError(f"{path} is a model, not an adapter: --base does not apply",
+                                  path=str(path))
+            if "quantization_config" in read_config(path):
+                raise FormatError(f"{path} is a quantized model", path=str(path), hint=(
+                    "Add the original 16-bit model, then 'zoo quantize NAME --scheme ...'."))
+            describe_model(path)  # refuse a broken model before copying gigabytes
+            copy_files(path, stage)
+            return register_base(registry, stage, name, source)
+        ref = resolve_base(catalog, registry, base, path)
+        inspect_adapter(path, ref, registry)  # refuse before copying anything
+        copy_files(path, stage)
+        return register_adapter(registry, stage, name, ref, source)
+
+
+def remove(name: str, home: Path | None = None, registry: Registry | None = None) -> Entry:
+    """Unregister ``name`` and delete its files (and a base's variants)."""
+    registry = registry or Registry(home)
+    with registry.edit() as catalog:
+        entry = catalog.get(name)
+        if isinstance(entry, BaseEntry):
+            users = [a.name for a in catalog.adapters(base=name)]
+            if users:
+                raise BaseMismatch(f"base {name!r} still has adapters: {', '.join(users)}",
+                                   hint="Remove those adapters first.")
+        del catalog.entries[name]
+    paths = [entry.path] + ([v.path for v in entry.variants.values()]
+                            if isinstance(entry, BaseEntry) else [])
+    for rel in paths:
+        if rel:
+            shutil.rmtree(registry.home / rel, ignore_errors=True)
+    return entry
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    name: str
+    changed: list[str]  # files whose hash differs, missing ones included
+
+    @property
+    def ok(self) -> bool:
+        return not self.changed
+
+
+def verify_files(root: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """Files under ``root`` whose content differs from the record, or that are gone."""
+    changed = []
+    for rel, info in sorted(files.items()):
+        path = root / rel
+        if not path.is_file() or path.stat().st_size != info["size"] or (
+                sha256_file(path) != info["sha256"]):
+            changed.append(rel)
+    return changed
+
+
+def verify(name: str | None = None, home: Path | None = None,
+           registry: Registry | None = None) -> list[VerifyResult]:
+    """Re-hash the files of one entry (or all) and report what changed."""
+    registry = registry or Registry(home)
+    catalog = registry.load()
+    entries = [catalog.get(name)] if name else [catalog.entries[n] for n in sorted(catalog.entries)]
+    results = []
+    for entry in entries:
+        if entry.path is None:
+            continue
+        changed = verify_files(registry.home / entry.path, entry.files)
+        if isinstance(entry, BaseEntry):
+            for scheme, v in sorted(entry.variants.items()):
+                changed += [f"@{scheme}/{f}" for f in verify_files(registry.home / v.path, v.files)]
+        results.append(VerifyResult(entry.name, changed))
+    return results
+
+
+def require_intact(registry: Registry, entry: Entry) -> Path:
+    """The entry's stored directory, after checking every file against its hash."""
+    if entry.path is None:
+        raise FormatError(f"{entry.name!r} has no files in this home",
+                          hint=f"Run 'zoo pull {entry.name}' first.")
+    root = registry.home / entry.path
+    changed = verify_files(root, entry.files)
+    if changed:
+        raise IntegrityError(f"{entry.name!r}: files changed since registration: "
+                             f"{', '.join(changed)}", files=changed)
+    return root
