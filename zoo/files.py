@@ -135,7 +135,7 @@ def load_json(path: Path, what: str) -> dict:
 
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to a temporary file beside ``path``, fsync it, rename it over."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.pid{os.getpid()}.tmp")
     payload = json.dumps(data, indent=2, sort_keys=False) + "\n"
     try:
         with open(tmp, "w") as f:

@@ -85,7 +85,8 @@ def staging_dir(home: Path, label: str) -> Iterator[Path]:
     """
     tmp_root = home / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=label.replace("/", "_") + ".", dir=tmp_root))
+    prefix = f"{label.replace('/', '_')}{pid_tag()}"
+    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
     try:
         yield stage
     finally:
@@ -93,11 +94,49 @@ def staging_dir(home: Path, label: str) -> Iterator[Path]:
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def sweep_stale(home: Path) -> None:
+    """Remove staging directories and temporary files left by dead processes.
+
+    Every staging name carries its creator's pid; one whose process is gone
+    was interrupted (killed, power loss) and can never be published.
+    """
+    leftovers = list((home / "tmp").glob("*")) if (home / "tmp").is_dir() else []
+    leftovers += list(home.glob(".*.tmp"))
+    for path in leftovers:
+        pid = _pid_in(path.name)
+        if pid is None or _alive(pid):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def pid_tag() -> str:
+    """A marker for temporary names, so a sweep can tell whose they are."""
+    return f".pid{os.getpid()}."
+
+
+def _pid_in(name: str) -> int | None:
+    found = re.search(r"\.pid(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def publish_dir(stage: Path, final: Path) -> None:
     """Move a complete staging directory to ``final``, replacing what was there."""
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        trash = Path(tempfile.mkdtemp(prefix="old.", dir=stage.parent))
+        trash = Path(tempfile.mkdtemp(prefix="old" + pid_tag(), dir=stage.parent))
         os.replace(final, trash / "old")
         os.replace(stage, final)
         shutil.rmtree(trash, ignore_errors=True)

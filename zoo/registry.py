@@ -19,7 +19,7 @@ from filelock import FileLock
 
 from zoo.errors import RegistryError, UnknownEntry
 from zoo.files import write_json_atomic
-from zoo.home import zoo_home
+from zoo.home import sweep_stale, zoo_home
 from zoo.records import (
     ADAPTER_KINDS,
     BASE_KINDS,
@@ -118,6 +118,7 @@ class Registry:
         """
         self.home.mkdir(parents=True, exist_ok=True)
         with self._lock:
+            sweep_stale(self.home)
             catalog = self.load()
             yield catalog
             write_json_atomic(self.path, catalog.to_dict())

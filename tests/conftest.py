@@ -1,0 +1,65 @@
+"""Shared fixtures: every test gets its own zoo home; tiny real models are built once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tests import factory
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "zoo/schema/registry.schema.json").read_text())
+
+
+def check_registry(path: Path) -> dict:
+    """Validate a registry file against the JSON Schema; return its content."""
+    data = json.loads(path.read_text())
+    jsonschema.validate(data, SCHEMA)
+    for name, entry in data["entries"].items():
+        assert entry["name"] == name
+    return data
+
+
+@pytest.fixture(autouse=True)
+def zoo_home(tmp_path, monkeypatch) -> Path:
+    """Point every path and setting zoo or the HF libraries read at this test's tmp dir."""
+    home = tmp_path / "zoo-home"
+    monkeypatch.setenv("ZOO_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("ZOO_DEBUG", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield home
+    registry = home / "registry.json"
+    if registry.exists():  # every registry a test leaves behind must match the schema
+        check_registry(registry)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> factory.Models:
+    """Tiny real models (a Llama and a GPT-2), saved as transformers checkpoints."""
+    return factory.Models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory) -> Path:
+    """A zoo home with the real embedded base pulled (built once per session)."""
+    home = tmp_path_factory.mktemp("smollm2-home")
+    from zoo.pull import pull
+    from zoo.registry import Registry
+
+    pull("smollm2-135m-instruct", registry=Registry(home))
+    return home
+
+
+@pytest.fixture
+def real_home(smollm2_home, tmp_path, monkeypatch) -> Path:
+    """A private home holding the real base (hard links: no copy of the weights)."""
+    home = tmp_path / "real-home"
+    shutil.copytree(smollm2_home, home, copy_function=os.link)
+    monkeypatch.setenv("ZOO_HOME", str(home))
+    return home

@@ -1,0 +1,116 @@
+"""Tiny real models and real PEFT adapters on them, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
+             tie_word_embeddings=False)
+
+
+def save_llama(out: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides}))
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def save_gpt2(out: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+def save_lora(base: Path, out: Path, seed: int = 1, **config) -> Path:
+    """A PEFT LoRA on ``base`` with random (non-zero) A and B, so it changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config.setdefault("target_modules", ["q_proj", "v_proj"])
+    config.setdefault("r", 4)
+    config.setdefault("lora_alpha", 8)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **config))
+    with torch.no_grad():  # scale B up so the adapter visibly changes the output
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(20.0)
+    peft_model.save_pretrained(out)
+    _set_base_name(out, None)
+    return out
+
+
+def _set_base_name(out: Path, name: str | None) -> None:
+    config_file = out / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = name
+    config_file.write_text(json.dumps(config, indent=2))
+
+
+def save_bottleneck(out: Path, hidden: int, layers: int, m: int = 4, seed: int = 2) -> Path:
+    """A zoo-format bottleneck adapter with random weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from zoo.adapters import BOTTLENECK_FORMAT, BOTTLENECK_POSITIONS, bottleneck_key
+
+    torch.manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        for pos in BOTTLENECK_POSITIONS:
+            tensors[bottleneck_key(i, pos, "down", "weight")] = torch.randn(m, hidden)
+            tensors[bottleneck_key(i, pos, "down", "bias")] = torch.randn(m)
+            tensors[bottleneck_key(i, pos, "up", "weight")] = torch.randn(hidden, m)
+            tensors[bottleneck_key(i, pos, "up", "bias")] = torch.randn(hidden)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "zoo_adapter.json").write_text(json.dumps({
+        "format": BOTTLENECK_FORMAT, "format_version": 1, "base_model": None,
+        "hidden_size": hidden, "bottleneck_size": m, "non_linearity": "relu",
+        "positions": list(BOTTLENECK_POSITIONS), "layers": list(range(layers))}))
+    return out
+
+
+class Models:
+    """Lazily built tiny models, shared by a whole test session."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @cached_property
+    def llama(self) -> Path:
+        return save_llama(self.root / "tiny-llama")
+
+    @cached_property
+    def llama_wide(self) -> Path:
+        """Same layout as ``llama`` but hidden size 48: adapters for it must not fit."""
+        return save_llama(self.root / "tiny-llama-wide", hidden_size=48, intermediate_size=96)
+
+    @cached_property
+    def gpt2(self) -> Path:
+        return save_gpt2(self.root / "tiny-gpt2")
+
+    def lora(self, tag: str, base: Path | None = None, **config) -> Path:
+        out = self.root / f"lora-{tag}"
+        if not out.exists():
+            save_lora(base or self.llama, out, **config)
+        return out
+
+    def bottleneck(self, tag: str = "b", m: int = 4) -> Path:
+        out = self.root / f"bottleneck-{tag}"
+        if not out.exists():
+            save_bottleneck(out, LLAMA["hidden_size"], LLAMA["num_hidden_layers"], m=m)
+        return out

@@ -1,0 +1,319 @@
+"""The registry and the catalog commands: add, list, show, verify, rm."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import check_registry
+from tests.helpers import zoo, zoo_json, zoo_process
+from zoo.errors import InvalidName
+from zoo.home import validate_name
+
+
+@pytest.fixture
+def tiny(models):
+    zoo("add", models.llama, "--name", "tiny-llama")
+    return models
+
+
+@pytest.mark.parametrize("name", ["a", "acme/pirate-v2", "x.y_z-1", "0abc"])
+def test_valid_names(name):
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "../x", "/abs/path", "a/../b", "UPPER", "a b", "a/b/c",
+                                  ".hidden", "a/", "x" * 97, "ünï"])
+def test_invalid_names_are_refused(name):
+    with pytest.raises(InvalidName):
+        validate_name(name)
+
+
+def test_add_a_base_records_its_architecture(models, zoo_home):
+    zoo("add", models.llama, "--name", "tiny-llama")
+    base = zoo_json("show", "tiny-llama")
+    assert base["kind"] == "base"
+    assert base["architecture"] == "LlamaForCausalLM"
+    assert (base["hidden_size"], base["num_layers"], base["vocab_size"]) == (32, 2, 128)
+    assert base["dtype"] == "bfloat16"
+    # independent count: the model's own parameters (untied embeddings)
+    from transformers import AutoModelForCausalLM
+    assert base["parameters"] == AutoModelForCausalLM.from_pretrained(models.llama).num_parameters()
+    assert base["path"].startswith(str(zoo_home))
+    assert base["content_hash"].startswith("sha256:")
+
+
+def test_add_lora_inspects_the_files(tiny, zoo_home):
+    adapter = tiny.lora("plain")
+    zoo("add", adapter, "--name", "acme/plain", "--base", "tiny-llama")
+    entry = zoo_json("show", "acme/plain")
+    assert entry["kind"] == "lora"
+    assert entry["base"] == "tiny-llama"
+    assert entry["base_hash"] == zoo_json("show", "tiny-llama")["content_hash"]
+    assert (entry["rank"], entry["alpha"]) == (4, 8.0)
+    assert entry["target_modules"] == ["q_proj", "v_proj"]
+    # 2 layers x (q: 4*32 + 32*4, v: 4*32 + 16*4)
+    assert entry["trainable_params"] == 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
+    base_params = zoo_json("show", "tiny-llama")["parameters"]
+    assert entry["percent_of_base"] == pytest.approx(100 * entry["trainable_params"] / base_params,
+                                                     abs=1e-4)
+    assert entry["servable"] is True and entry["servable_reason"] is None
+    stored = zoo_home / "adapters" / "acme" / "plain"
+    assert entry["path"] == str(stored)
+    import hashlib
+    for name, info in entry["files"].items():
+        digest = hashlib.sha256((stored / name).read_bytes()).hexdigest()
+        assert info == {"sha256": f"sha256:{digest}", "size": (stored / name).stat().st_size}
+    assert set(entry["files"]) == {"adapter_config.json", "adapter_model.safetensors",
+                                   "README.md"}
+
+
+def test_base_is_found_from_the_adapter_config(tiny):
+    adapter = tiny.lora("named")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "tiny-llama"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    zoo("add", adapter, "--name", "named")
+    assert zoo_json("show", "named")["base"] == "tiny-llama"
+
+
+def test_unknown_base_asks_for_base(tiny):
+    result = zoo("add", tiny.lora("plain"), "--name", "x", ok=False)
+    assert result.exit_code == 1
+    assert "--base" in result.stderr
+
+
+@pytest.mark.parametrize("config, field, expected", [
+    (dict(use_rslora=True), "use_rslora", True),
+    (dict(rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 16}), "rank_pattern", {"v_proj": 2}),
+])
+def test_lora_variants_are_recorded(tiny, config, field, expected):
+    zoo("add", tiny.lora(field, **config), "--name", field.replace("_", "-"), "--base", "tiny-llama")
+    entry = zoo_json("show", field.replace("_", "-"))
+    assert entry["lora"][field] == expected
+    assert entry["servable"] is True
+
+
+def test_rank_pattern_changes_the_parameter_count(tiny):
+    zoo("add", tiny.lora("pattern", rank_pattern={"v_proj": 2}), "--name", "p", "--base",
+        "tiny-llama")
+    entry = zoo_json("show", "p")
+    assert entry["trainable_params"] == 2 * ((4 * 32 + 32 * 4) + (2 * 32 + 16 * 2))
+    assert entry["lora"]["max_rank"] == 4
+
+
+def test_gpt2_fan_in_fan_out(models):
+    zoo("add", models.gpt2, "--name", "tiny-gpt2")
+    adapter = models.lora("gpt2", base=models.gpt2, target_modules=["c_attn"],
+                          fan_in_fan_out=True)
+    zoo("add", adapter, "--name", "g", "--base", "tiny-gpt2")
+    entry = zoo_json("show", "g")
+    assert entry["lora"]["fan_in_fan_out"] is True
+    assert entry["target_modules"] == ["c_attn"]
+    assert entry["servable"] is False
+    assert "GPT2LMHeadModel" in entry["servable_reason"]
+
+
+@pytest.mark.parametrize("config, reason", [
+    (dict(use_dora=True), "DoRA"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    (dict(lora_bias=True), "bias"),
+])
+def test_unservable_adapters_are_accepted_with_a_reason(tiny, config, reason):
+    tag = reason.lower().replace("_", "-")
+    zoo("add", tiny.lora(tag, **config), "--name", tag, "--base", "tiny-llama")
+    entry = zoo_json("show", tag)
+    assert entry["servable"] is False
+    assert reason in entry["servable_reason"]
+
+
+def test_bottleneck_adapter(tiny):
+    zoo("add", tiny.bottleneck(m=4), "--name", "bn", "--base", "tiny-llama")
+    entry = zoo_json("show", "bn")
+    assert entry["kind"] == "bottleneck"
+    m, d, modules = 4, 32, 2 * 2
+    assert entry["bottleneck"]["modules"] == modules
+    assert entry["trainable_params"] == modules * (2 * m * d + d + m)
+    assert entry["servable"] is False and "bottleneck" in entry["servable_reason"]
+    assert entry["alpha"] is None and entry["rank"] == m
+
+
+def test_shape_mismatch_names_the_first_bad_tensor_and_registers_nothing(tiny, zoo_home):
+    wrong = tiny.lora("wide", base=tiny.llama_wide)
+    before = (zoo_home / "registry.json").read_text()
+    result = zoo("add", wrong, "--name", "wrong", "--base", "tiny-llama", ok=False)
+    assert result.exit_code == 1
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in result.stderr
+    assert "[4, 48]" in result.stderr and "[4, 32]" in result.stderr
+    assert "Traceback" not in result.output
+    assert (zoo_home / "registry.json").read_text() == before
+    assert not (zoo_home / "adapters" / "wrong").exists()
+    assert list((zoo_home / "tmp").iterdir()) == []
+
+
+def test_bottleneck_of_the_wrong_width_is_refused(models, zoo_home):
+    zoo("add", models.llama_wide, "--name", "wide")
+    result = zoo("add", models.bottleneck(), "--name", "bn", "--base", "wide", ok=False)
+    assert result.exit_code == 1 and "layers.0.attention.down.weight" in result.stderr
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{"),
+     "not a valid safetensors file"),
+    (lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:-100]), "truncated"),
+    (lambda d: (d / "adapter_config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "adapter_model.safetensors").unlink(), "missing"),
+])
+def test_damaged_adapters_get_one_clear_line(tiny, tmp_path, zoo_home, damage, message):
+    adapter = tmp_path / "damaged"
+    shutil.copytree(tiny.lora("plain"), adapter)
+    damage(adapter)
+    result = zoo("add", adapter, "--name", "damaged", "--base", "tiny-llama", ok=False)
+    assert result.exit_code == 1
+    assert message in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "damaged" not in zoo_json("list")[0]["name"]
+
+
+def test_user_errors(tiny):
+    cases = [
+        (["add", "/does/not/exist", "--name", "x"], "not a directory"),
+        (["show", "nope"], "no entry named 'nope'"),
+        (["rm", "nope"], "no entry named 'nope'"),
+        (["add", tiny.lora("plain"), "--name", "../evil", "--base", "tiny-llama"], "invalid name"),
+        (["add", tiny.lora("plain"), "--name", "x", "--base", "nobase"], "no base named"),
+        (["add", tiny.lora("plain"), "--name", "tiny-llama", "--base", "tiny-llama"],
+         "already registered"),
+    ]
+    for args, message in cases:
+        result = zoo(*args, ok=False)
+        assert result.exit_code == 1, args
+        assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.output
+
+
+def test_debug_variable_shows_the_traceback(tiny, monkeypatch):
+    monkeypatch.setenv("ZOO_DEBUG", "1")
+    result = zoo("show", "nope", ok=False)
+    assert "Traceback" in result.stderr
+
+
+def test_list_filters_and_json(tiny):
+    zoo("add", tiny.lora("plain"), "--name", "a1", "--base", "tiny-llama")
+    zoo("add", tiny.bottleneck(), "--name", "b1", "--base", "tiny-llama")
+    zoo("add", tiny.gpt2, "--name", "tiny-gpt2")
+    names = [e["name"] for e in zoo_json("list")]
+    assert names == ["a1", "b1", "tiny-gpt2", "tiny-llama"]
+    assert [e["name"] for e in zoo_json("list", "--kind", "bottleneck")] == ["b1"]
+    assert [e["name"] for e in zoo_json("list", "--kind", "base")] == ["tiny-gpt2", "tiny-llama"]
+    assert {e["name"] for e in zoo_json("list", "--base", "tiny-llama")} == {"a1", "b1", "tiny-llama"}
+    for e in zoo_json("list"):
+        assert {"name", "kind", "base"} <= set(e)
+    table = zoo("list").stdout
+    assert table.splitlines()[0].split() == ["NAME", "KIND", "BASE", "RANK", "PARAMS", "SERVABLE"]
+
+
+def test_verify_reports_changed_files(tiny, zoo_home):
+    zoo("add", tiny.lora("plain"), "--name", "v", "--base", "tiny-llama")
+    assert zoo("verify").exit_code == 0
+    stored = zoo_home / "adapters" / "v" / "adapter_model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    result = zoo("verify", ok=False)
+    assert result.exit_code == 1
+    assert "v: CHANGED adapter_model.safetensors" in result.stdout
+    assert "tiny-llama: ok" in result.stdout
+    assert zoo("verify", "tiny-llama").exit_code == 0
+
+
+def test_rm_deletes_files_and_protects_used_bases(tiny, zoo_home):
+    zoo("add", tiny.lora("plain"), "--name", "r", "--base", "tiny-llama")
+    result = zoo("rm", "tiny-llama", ok=False)
+    assert "still has adapters: r" in result.stderr
+    zoo("rm", "r")
+    assert not (zoo_home / "adapters" / "r").exists()
+    zoo("rm", "tiny-llama")
+    assert zoo_json("list") == []
+
+
+def test_concurrent_adds_lose_nothing(tiny, zoo_home):
+    adapter = tiny.lora("plain")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "zoo", "add", str(adapter), "--name", f"c{i}", "--base",
+         "tiny-llama"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(16)]
+    for p in procs:
+        _out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    data = check_registry(zoo_home / "registry.json")
+    assert {f"c{i}" for i in range(16)} <= set(data["entries"])
+    assert zoo("verify").exit_code == 0
+
+
+KILL_MID_WRITE = """
+import builtins, os, signal, sys
+import zoo.files
+
+class DieHalfway:
+    # a file whose first write stores half the text, then dies like kill -9
+    def __init__(self, f): self.f = f
+    def __enter__(self): return self
+    def __exit__(self, *exc): return False
+    def write(self, text):
+        self.f.write(text[: len(text) // 2]); self.f.flush(); os.fsync(self.f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def open_for_dying(path, mode="r", *args, **kwargs):
+    f = builtins.open(path, mode, *args, **kwargs)
+    return DieHalfway(f) if "w" in mode else f
+
+zoo.files.open = open_for_dying
+from zoo.cli import main
+sys.argv = ["zoo"] + sys.argv[1:]
+main()
+"""
+
+
+def test_killed_writer_leaves_the_previous_registry(tiny, zoo_home, tmp_path):
+    zoo("add", tiny.lora("plain"), "--name", "kept", "--base", "tiny-llama")
+    before = (zoo_home / "registry.json").read_text()
+    script = tmp_path / "die.py"
+    script.write_text(KILL_MID_WRITE)
+    proc = subprocess.run([sys.executable, str(script), "add", str(tiny.lora("plain")),
+                           "--name", "lost", "--base", "tiny-llama"], capture_output=True)
+    assert proc.returncode == -9
+    assert (zoo_home / "registry.json").read_text() == before
+    check_registry(zoo_home / "registry.json")
+    # the next writer works, and the dead writer's half-written files do not linger
+    zoo("add", tiny.lora("plain"), "--name", "next", "--base", "tiny-llama")
+    assert {e["name"] for e in zoo_json("list")} == {"kept", "next", "tiny-llama"}
+    assert not list(zoo_home.glob(".registry.json.*.tmp"))
+    assert not list((zoo_home / "tmp").iterdir())
+    zoo("add", tiny.lora("plain"), "--name", "lost", "--base", "tiny-llama")
+    assert zoo("verify").exit_code == 0
+
+
+def test_help_and_list_do_not_import_torch(tiny):
+    probe = ("import sys; from zoo.cli import main; sys.argv=['zoo'] + sys.argv[1:]\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "heavy = [m for m in ('torch', 'transformers', 'vllm', 'peft') if m in sys.modules]\n"
+             "print('HEAVY', heavy, file=sys.stderr)")
+    for args in (["--help"], ["list"], ["list", "--json"], ["show", "tiny-llama"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True)
+        assert "HEAVY []" in proc.stderr, (args, proc.stderr)
+
+
+def test_console_script(tiny):
+    proc = zoo_process("list", "--json")
+    assert proc.returncode == 0
+    assert [e["name"] for e in json.loads(proc.stdout)] == ["tiny-llama"]
+    proc = zoo_process("show", "missing")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: no entry named 'missing'")
+    assert proc.stderr.count("\n") == 1
