@@ -10,7 +10,7 @@ and a writer killed mid-write leaves the previous registry intact.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +33,60 @@ from zoo.records import (
 REGISTRY_FILE = "registry.json"
 
 
+class Entries(MutableMapping[str, Entry]):
+    """Entries by name, turned into records only when touched.
+
+    A registry of 10,000 entries parses in a fraction of a second, but making
+    records of all of them (and back) costs seconds; ``zoo show`` and
+    ``zoo add`` touch one or two.
+    """
+
+    def __init__(self, raw: dict[str, dict] | None = None):
+        self._raw: dict[str, dict | None] = dict(raw or {})
+        self._records: dict[str, Entry] = {}
+
+    def __getitem__(self, name: str) -> Entry:
+        if name not in self._records:
+            raw = self._raw[name]  # KeyError for unknown names, as a dict does
+            assert raw is not None
+            try:
+                self._records[name] = entry_from_dict(raw)
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise RegistryError(f"registry entry {name!r} is malformed ({exc})") from None
+        return self._records[name]
+
+    def __setitem__(self, name: str, entry: Entry) -> None:
+        self._records[name] = entry
+        self._raw[name] = None
+
+    def __delitem__(self, name: str) -> None:
+        del self._raw[name]
+        self._records.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._raw
+
+    def to_dict(self, name: str) -> dict:
+        raw = self._raw[name]
+        return raw if raw is not None and name not in self._records else self[name].to_dict()
+
+
 @dataclass
 class Catalog:
     """The registry's content: entries by name (bases and adapters share names)."""
 
-    entries: dict[str, Entry] = field(default_factory=dict)
+    entries: Entries = field(default_factory=Entries)
+
+    def __post_init__(self):
+        if not isinstance(self.entries, Entries):
+            entries, self.entries = self.entries, Entries()
+            self.entries.update(entries)
 
     def get(self, name: str) -> Entry:
         try:
@@ -67,7 +116,7 @@ class Catalog:
     def to_dict(self) -> dict:
         return {
             "schema_version": SCHEMA_VERSION,
-            "entries": {name: self.entries[name].to_dict() for name in sorted(self.entries)},
+            "entries": {name: self.entries.to_dict(name) for name in sorted(self.entries)},
         }
 
     @classmethod
@@ -79,11 +128,10 @@ class Catalog:
             raise RegistryError(
                 f"{origin} has schema_version {version}; this zoo reads {SCHEMA_VERSION}",
                 hint="Upgrade zoo, or point ZOO_HOME elsewhere.")
-        try:
-            entries = {name: entry_from_dict(raw) for name, raw in data["entries"].items()}
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise RegistryError(f"{origin} has a malformed entry ({exc})") from None
-        return cls(entries)
+        raw = data.get("entries")
+        if not isinstance(raw, dict) or not all(isinstance(e, dict) for e in raw.values()):
+            raise RegistryError(f"{origin} has a malformed 'entries' table")
+        return cls(Entries(raw))
 
 
 def read_catalog(path: Path) -> Catalog:
@@ -129,15 +177,19 @@ class Registry:
 
 
 def filter_entries(catalog: Catalog, base: str | None = None,
-                   kind: str | None = None) -> list[Entry]:
-    """Entries in name order, optionally only those of one base and/or kind."""
+                   kind: str | None = None) -> list[dict]:
+    """Entries as plain dicts in name order, optionally of one base and/or kind.
+
+    Works on the stored dicts without making records: listing 10,000 entries
+    stays as fast as parsing the file.
+    """
     kinds = {"adapter": ADAPTER_KINDS, "base": BASE_KINDS}.get(kind or "", (kind,))
     found = []
     for name in sorted(catalog.entries):
-        entry = catalog.entries[name]
-        if kind and entry.kind not in kinds:
+        entry = catalog.entries.to_dict(name)
+        if kind and entry.get("kind") not in kinds:
             continue
-        if base and getattr(entry, "base", None) != base and entry.name != base:
+        if base and entry.get("base") != base and name != base:
             continue
         found.append(entry)
     return found

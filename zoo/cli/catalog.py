@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from zoo.cli import cli
-from zoo.records import ADAPTER_KINDS, AdapterEntry, BaseEntry, Entry
+from zoo.records import ADAPTER_KINDS, BASE_KINDS, AdapterEntry, BaseEntry, Entry
 from zoo.registry import Registry, filter_entries
 
 KIND_CHOICES = click.Choice(["base", "merged", "adapter", *ADAPTER_KINDS])
@@ -65,21 +65,22 @@ def list_cmd(base: str | None, kind: str | None, as_json: bool) -> None:
     rows = [("NAME", "KIND", "BASE", "RANK", "PARAMS", "SERVABLE")]
     for e in entries:
         s = _summary(e)
-        rows.append((e.name, e.kind, s["base"] or "-", str(s.get("rank") or "-"),
+        rows.append((s["name"], s["kind"], s["base"] or "-", str(s.get("rank") or "-"),
                      _human(s["params"]), {True: "yes", False: "no", None: "-"}[s["servable"]]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def _summary(entry: Entry) -> dict:
-    if isinstance(entry, BaseEntry):
-        return {"name": entry.name, "kind": entry.kind, "base": entry.base,
-                "params": entry.parameters, "servable": None,
-                "variants": sorted(entry.variants)}
-    return {"name": entry.name, "kind": entry.kind, "base": entry.base,
-            "base_variant": entry.base_variant, "rank": entry.rank,
-            "params": entry.trainable_params, "servable": entry.servable}
+def _summary(entry: dict) -> dict:
+    """The fields ``zoo list`` shows, from an entry's stored dict."""
+    if entry["kind"] in BASE_KINDS:
+        return {"name": entry["name"], "kind": entry["kind"], "base": entry["base"],
+                "params": entry["parameters"], "servable": None,
+                "variants": sorted(entry["variants"])}
+    return {"name": entry["name"], "kind": entry["kind"], "base": entry["base"],
+            "base_variant": entry["base_variant"], "rank": entry["rank"],
+            "params": entry["trainable_params"], "servable": entry["servable"]}
 
 
 def _human(n: int) -> str:
