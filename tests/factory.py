@@ -11,13 +11,38 @@ LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
              tie_word_embeddings=False)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_char_tokenizer(out: Path) -> None:
+    """A character-level tokenizer (102 tokens) with a chat template, for tiny models."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {token: i for i, token in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+
+
 def save_llama(out: Path, seed: int = 0, **overrides) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**LLAMA, **overrides}))
+    config = LlamaConfig(**{**LLAMA, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                            **overrides})
+    model = LlamaForCausalLM(config)
     model.to(torch.bfloat16).save_pretrained(out)
+    save_char_tokenizer(out)
     return out
 
 

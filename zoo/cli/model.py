@@ -1,0 +1,76 @@
+"""Model commands: train, generate, quantize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from zoo.cli import cli
+
+METHODS = ("lora", "qlora", "bottleneck")
+
+
+def _log(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@cli.command("train")
+@click.option("--base", required=True, help="Registered base to train on.")
+@click.option("--method", type=click.Choice(METHODS), required=True)
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="JSONL: {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}.")
+@click.option("--name", required=True, help="Registry name of the new adapter.")
+@click.option("--rank", type=int, default=None, help="LoRA r (8), or bottleneck size m (d/16).")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (2 x rank).")
+@click.option("--targets", default="q_proj,v_proj", show_default=True,
+              help="Comma-separated LoRA target modules.")
+@click.option("--epochs", type=int, default=None, help="Passes over the data (default 1).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (instead of --epochs).")
+@click.option("--lr", type=float, default=None, help="Learning rate (2e-4 LoRA, 1e-3 bottleneck).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-split", type=float, default=0.1, show_default=True,
+              help="Fraction of examples held out for the eval loss.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+def train_cmd(base, method, data, name, rank, alpha, targets, epochs, steps, lr, seed,
+              eval_split, batch_size) -> None:
+    """Train a LoRA, QLoRA or bottleneck adapter and register it when it finishes."""
+    from zoo.train import TrainOptions, train
+
+    if epochs is not None and steps is not None:
+        raise click.UsageError("give --epochs or --steps, not both")
+    options = TrainOptions(base=base, method=method, data=data, name=name, rank=rank,
+                           alpha=alpha, targets=tuple(t for t in targets.split(",") if t),
+                           epochs=epochs, steps=steps, lr=lr, seed=seed, eval_split=eval_split,
+                           batch_size=batch_size)
+    result = train(options, log=_log)
+    m = result.metrics
+    click.echo(f"registered {name}: {m['steps']} steps in {m['seconds']} s, train loss "
+               f"{m['train_loss_first']} -> {m['train_loss']}, eval loss "
+               f"{m['eval_loss_before']} -> {m['eval_loss']}")
+
+
+@cli.command("generate")
+@click.argument("prompt")
+@click.option("--adapter", default=None, help="Registered adapter (any kind).")
+@click.option("--base", default=None, help="Registered base, without an adapter.")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+def generate_cmd(prompt: str, adapter: str | None, base: str | None, max_tokens: int) -> None:
+    """Greedy answer from an adapter (or a base) through transformers, without a server."""
+    from zoo.generate import generate
+
+    click.echo(generate(prompt, adapter=adapter, base=base, max_new_tokens=max_tokens))
+
+
+@cli.command("quantize")
+@click.argument("base")
+@click.option("--scheme", type=click.Choice(["nf4", "w8a8"]), required=True,
+              help="nf4: QLoRA's base (bitsandbytes); w8a8: int8 for vLLM on CPU.")
+@click.option("--force", is_flag=True, help="Rebuild even when an intact variant exists.")
+def quantize_cmd(base: str, scheme: str, force: bool) -> None:
+    """Write a quantized variant of a base and register it as BASE@SCHEME."""
+    from zoo.quantize import quantize
+
+    variant = quantize(base, scheme, force=force, log=_log)
+    size = sum(f["size"] for f in variant.files.values())
+    click.echo(f"{base}@{scheme}: {len(variant.files)} files, {size / 1e6:.1f} MB")
