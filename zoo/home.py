@@ -87,6 +87,7 @@ def staging_dir(home: Path, label: str) -> Iterator[Path]:
     tmp_root.mkdir(parents=True, exist_ok=True)
     prefix = f"{label.replace('/', '_')}{pid_tag()}"
     stage = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
+    stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; published dirs get the usual mode
     try:
         yield stage
     finally:
@@ -110,6 +111,12 @@ def sweep_stale(home: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def pid_tag() -> str:

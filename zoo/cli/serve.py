@@ -1,0 +1,41 @@
+"""The serve command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from zoo.cli import cli
+
+
+@cli.command("serve", context_settings={"ignore_unknown_options": True})
+@click.option("--multi-lora", is_flag=True, required=True,
+              help="Serve every servable adapter of the base from one engine.")
+@click.option("--base", default=None, help="Base to serve (default: the embedded one).")
+@click.option("--quantization", type=click.Choice(["w8a8", "none"]), default="w8a8",
+              show_default=True, help="w8a8: int8 weights and activations.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-loras", type=int, default=8, show_default=True,
+              help="Adapters in one batch.")
+@click.option("--max-cpu-loras", type=int, default=None,
+              help="Adapters kept loaded (LRU); default: all of them.")
+@click.option("--api-keys", type=click.Path(path_type=Path), default=None,
+              help="JSON file of tenants and their keys; without it the server is open.")
+@click.option("--dtype", default="float32", show_default=True,
+              help="Activation dtype (float32 is fastest on CPUs without bf16).")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_loras, api_keys,
+              dtype, vllm_args) -> None:
+    """Serve a base and its adapters with vLLM (OpenAI API); extra options go to vLLM."""
+    from zoo.serve.launch import ServeOptions, describe, plan_serve, run_server
+
+    options = ServeOptions(base=base, quantization=quantization, host=host, port=port,
+                           max_loras=max_loras, max_cpu_loras=max_cpu_loras, api_keys=api_keys,
+                           dtype=dtype, extra_args=tuple(vllm_args))
+    plan = plan_serve(options, log=lambda line: click.echo(line, err=True))
+    for line in describe(plan, options):
+        click.echo(line, err=True)
+    sys.exit(run_server(plan))

@@ -1,0 +1,270 @@
+"""The ASGI middleware ``zoo serve`` puts in front of vLLM's OpenAI server (``--middleware``).
+
+For every request it
+
+* authenticates the API key when a keys file is set (401) and keeps each
+  tenant to the base and its own adapters (403);
+* answers 404 for a model that is neither the base nor a servable adapter of
+  it in the registry (never the base's answer instead), 422 for an adapter
+  whose files changed;
+* unloads adapters that were removed from the registry, and lists the
+  registry's adapters in ``/v1/models``;
+* counts requests and tokens per adapter and tenant (``/zoo/usage`` as JSON,
+  and ``zoo_*`` series on vLLM's own ``/metrics``);
+* refuses vLLM's runtime load/unload endpoints: adapters come from the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from typing import Any
+
+from zoo.serve.policy import Decision, ServePolicy, Tenant
+
+logger = logging.getLogger("zoo.serve")
+OPEN_PATHS = ("/health", "/ping", "/version", "/metrics", "/zoo/usage")
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
+USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
+MAX_BODY = 32 * 1024 * 1024
+
+
+class Usage:
+    """Per-(model, tenant) request and token counts, mirrored to Prometheus."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(
+            lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        self._prometheus = _prometheus_counters()
+
+    def record(self, model: str, tenant: str, prompt: int, completion: int) -> None:
+        row = self.counts[(model, tenant)]
+        row["requests"] += 1
+        row["prompt_tokens"] += prompt
+        row["completion_tokens"] += completion
+        if self._prometheus:
+            requests, prompt_tokens, completion_tokens = self._prometheus
+            requests.labels(model, tenant).inc()
+            prompt_tokens.labels(model, tenant).inc(prompt)
+            completion_tokens.labels(model, tenant).inc(completion)
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return [{"model": m, "tenant": t, **row} for (m, t), row in sorted(self.counts.items())]
+
+
+def _prometheus_counters():
+    try:
+        from prometheus_client import Counter
+    except ImportError:  # pragma: no cover - vLLM depends on it
+        return None
+    labels = ["model", "tenant"]
+    return (Counter("zoo_adapter_requests", "Requests per served model", labels),
+            Counter("zoo_adapter_prompt_tokens", "Prompt tokens per served model", labels),
+            Counter("zoo_adapter_completion_tokens", "Completion tokens per served model", labels))
+
+
+class ZooMiddleware:
+    """Pure ASGI middleware (streams pass through untouched, only observed)."""
+
+    def __init__(self, app, policy: ServePolicy | None = None):
+        self.app = app
+        self.policy = policy or ServePolicy.from_environment()
+        self.usage = Usage()
+        self._loaded_stamp = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"].rstrip("/") or "/"
+        if path == "/zoo/usage":
+            return await _send_json(send, 200, {"usage": self.usage.as_json()})
+        if path in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        if path in ADMIN_PATHS or path.startswith("/adapters/"):
+            return await _send_error(send, Decision(403, "Adapters are loaded from the zoo "
+                                                         "registry: use 'zoo add' or 'zoo rm'."))
+        tenant = None
+        if self.policy.tenants is not None:
+            tenant = self.policy.tenant_for(_bearer(scope))
+            if tenant is None:
+                return await _send_error(send, Decision(401, "Missing or unknown API key."))
+        await self._unload_removed(scope)
+
+        if path == "/v1/models":
+            return await self._list_models(scope, receive, send, tenant)
+        body = await _read_body(receive) if scope["method"] == "POST" else b""
+        model = _model_of(body)
+        if model and model != self.policy.base:
+            decision = self.policy.authorize(tenant, model)
+            if decision.ok:
+                decision = self.policy.adapter(model)
+            if not decision.ok:
+                return await _send_error(send, decision)
+        replay = _replayer(body, receive) if scope["method"] == "POST" else receive
+        if path in USAGE_PATHS:
+            send = self._counting(send, model or self.policy.base,
+                                  tenant.name if tenant else "-")
+        return await self.app(scope, replay, send)
+
+    async def _unload_removed(self, scope) -> None:
+        """Drop adapters from the engine once they leave the registry (or stop being servable)."""
+        self.policy.catalog()
+        if self._loaded_stamp == self.policy._stamp:
+            return
+        self._loaded_stamp = self.policy._stamp
+        models = getattr(getattr(scope.get("app"), "state", None), "openai_serving_models", None)
+        if models is None:
+            return
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        servable = {a.name for a in self.policy.served_adapters()}
+        for name in list(models.lora_requests):
+            if name not in servable:
+                await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+                logger.info("zoo: unloaded %s (no longer in the registry)", name)
+
+    async def _list_models(self, scope, receive, send, tenant: Tenant | None):
+        status, headers, body = await _capture(self.app, scope, receive)
+        if status != 200:
+            return await _send_raw(send, status, headers, body)
+        listing = json.loads(body)
+        listed = {card["id"] for card in listing["data"]}
+        for adapter in self.policy.served_adapters():
+            if adapter.name not in listed:
+                listing["data"].append({
+                    "id": adapter.name, "object": "model", "owned_by": "zoo",
+                    "root": str(self.policy.registry.home / adapter.path),
+                    "parent": self.policy.base, "created": listing["data"][0].get("created")})
+        servable = {a.name for a in self.policy.served_adapters()} | {self.policy.base}
+        listing["data"] = [c for c in listing["data"] if c["id"] in servable and (
+            tenant is None or c["id"] == self.policy.base or tenant.may_use(c["id"]))]
+        return await _send_json(send, 200, listing)
+
+    def _counting(self, send, model: str, tenant: str):
+        """Wrap ``send`` to read token usage from the response (JSON or SSE stream)."""
+        state = {"status": 200, "buffer": b"", "prompt": 0, "completion": 0, "chunks": 0,
+                 "usage": False}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                state["buffer"] += message.get("body", b"")
+                if not message.get("more_body", False):
+                    if state["status"] == 200:
+                        try:
+                            prompt, completion = _tokens_of(state["buffer"])
+                        except (ValueError, TypeError, AttributeError):
+                            logger.warning("zoo: could not read token usage of a response")
+                            prompt = completion = 0
+                        self.usage.record(model, tenant, prompt, completion)
+                    state["buffer"] = b""
+            await send(message)
+
+        return counting_send
+
+
+def _tokens_of(body: bytes) -> tuple[int, int]:
+    """Prompt and completion tokens from a JSON response or an SSE stream.
+
+    A stream carries ``usage`` only when the client asked for it; otherwise
+    each content chunk is one token, which is how vLLM streams.
+    """
+    text = body.decode("utf-8", "replace")
+    if not text.lstrip().startswith("data:"):
+        usage = json.loads(text).get("usage") or {}
+        return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    prompt = completion = chunks = 0
+    for line in text.splitlines():
+        if not line.startswith("data:") or line.strip() == "data: [DONE]":
+            continue
+        event = json.loads(line[5:])
+        if event.get("usage"):
+            prompt = event["usage"].get("prompt_tokens", prompt)
+            completion = event["usage"].get("completion_tokens", completion)
+        elif event.get("choices"):
+            chunks += 1
+    return prompt, completion or chunks
+
+
+def _bearer(scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def _model_of(body: bytes) -> str | None:
+    try:
+        data = json.loads(body) if body else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # vLLM answers malformed bodies itself
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
+
+
+async def _read_body(receive) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY or not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replayer(body: bytes, receive):
+    """Hand the already-read body to the app, then the real channel: vLLM listens
+    on it for the client's disconnect to cancel the request."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _capture(app, scope, receive):
+    status, headers, chunks = 500, [], []
+
+    async def capture_send(message):
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status, headers = message["status"], message.get("headers", [])
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, capture_send)
+    return status, headers, b"".join(chunks)
+
+
+async def _send_raw(send, status: int, headers, body: bytes):
+    headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send, status: int, data) -> None:
+    await _send_raw(send, status, [(b"content-type", b"application/json")],
+                    json.dumps(data).encode())
+
+
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+               404: "NotFoundError", 422: "UnprocessableEntityError"}
+
+
+async def _send_error(send, decision: Decision) -> None:
+    """An error in the OpenAI format, so the openai client raises the matching exception."""
+    await _send_json(send, decision.status, {"error": {
+        "message": decision.message, "type": ERROR_TYPES.get(decision.status, "Error"),
+        "param": "model", "code": decision.status}})

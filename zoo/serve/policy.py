@@ -1,0 +1,157 @@
+"""Who may use which model on a ``zoo serve`` server, decided from the registry.
+
+Shared by the LoRA resolver (inside vLLM's engine client) and the ASGI
+middleware (in front of vLLM's routes); neither imports the other. The
+registry is re-read when its file changes, so adapters added or removed
+while the server runs are seen on the next request.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zoo.errors import FormatError
+from zoo.records import AdapterEntry
+from zoo.registry import Catalog, Registry
+from zoo.store import verify_files
+
+HOME_VARIABLE = "ZOO_HOME"
+BASE_VARIABLE = "ZOO_SERVE_BASE"
+KEYS_VARIABLE = "ZOO_SERVE_API_KEYS"
+RANK_VARIABLE = "ZOO_SERVE_MAX_LORA_RANK"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer for one model name: HTTP status, message, and the adapter's path."""
+
+    status: int
+    message: str = ""
+    path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    keys: tuple[str, ...]
+    adapters: tuple[str, ...]  # fnmatch patterns; "NAME/*" by default
+
+    def may_use(self, adapter: str) -> bool:
+        return any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.adapters)
+
+
+def load_tenants(path: Path) -> list[Tenant]:
+    """Read an API keys file: ``{"tenants": {NAME: {"keys": [...], "adapters": [...]}}}``."""
+    try:
+        data = json.loads(Path(path).read_text())
+        tenants = []
+        for name, spec in data["tenants"].items():
+            keys = tuple(str(k) for k in spec["keys"])
+            if not keys or any(len(k) < 8 for k in keys):
+                raise ValueError(f"tenant {name!r} needs keys of 8 characters or more")
+            adapters = tuple(spec.get("adapters") or [f"{name}/*"])
+            tenants.append(Tenant(name, keys, adapters))
+    except FileNotFoundError:
+        raise FormatError(f"API keys file {path} not found", path=str(path)) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FormatError(f"API keys file {path} is malformed ({exc})", path=str(path), hint=(
+            'Write {"tenants": {"acme": {"keys": ["sk-..."], "adapters": ["acme/*"]}}}.')) from None
+    return tenants
+
+
+@dataclass
+class ServePolicy:
+    registry: Registry
+    base: str
+    max_lora_rank: int
+    tenants: list[Tenant] | None = None
+    _catalog: Catalog | None = field(default=None, repr=False)
+    _stamp: tuple | None = field(default=None, repr=False)
+    _intact: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_environment(cls) -> ServePolicy:
+        keys = os.environ.get(KEYS_VARIABLE)
+        return cls(Registry(Path(os.environ[HOME_VARIABLE])), os.environ[BASE_VARIABLE],
+                   int(os.environ.get(RANK_VARIABLE, "512")),
+                   load_tenants(Path(keys)) if keys else None)
+
+    def catalog(self) -> Catalog:
+        """The registry, re-read only when its file changed."""
+        try:
+            st = self.registry.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if self._catalog is None or stamp != self._stamp:
+            self._catalog, self._stamp = self.registry.load(), stamp
+        return self._catalog
+
+    def served_adapters(self) -> list[AdapterEntry]:
+        return [a for a in self.catalog().adapters(base=self.base) if a.servable]
+
+    def adapter(self, name: str) -> Decision:
+        """Whether ``name`` is an adapter this server serves, and where its files are."""
+        entry = self.catalog().entries.get(name)
+        if not isinstance(entry, AdapterEntry):
+            return Decision(404, f"The model `{name}` does not exist: it is neither the base "
+                                 f"`{self.base}` nor an adapter registered for it.")
+        if entry.base != self.base:
+            return Decision(404, f"The model `{name}` is an adapter of `{entry.base}`; this "
+                                 f"server serves `{self.base}`.")
+        if not entry.servable:
+            return Decision(404, f"The model `{name}` is registered but vLLM cannot serve it: "
+                                 f"{entry.servable_reason}.")
+        rank = entry.lora.max_rank if entry.lora else entry.rank
+        if rank > self.max_lora_rank:
+            return Decision(400, f"Adapter `{name}` has rank {rank}, above this server's "
+                                 f"--max-lora-rank {self.max_lora_rank}; restart zoo serve.")
+        path = self.registry.home / entry.path
+        changed = self._changed_files(path, entry)
+        if changed:
+            return Decision(422, f"Adapter `{name}` cannot be served: its files changed since "
+                                 f"it was registered ({', '.join(changed)}). Re-add or re-pull it.")
+        return Decision(200, path=path)
+
+    def _changed_files(self, path: Path, entry: AdapterEntry) -> list[str]:
+        """Re-hash only when a file's size or mtime moved since the last check."""
+        try:
+            stamp = tuple((f, (path / f).stat().st_mtime_ns, (path / f).stat().st_size)
+                          for f in sorted(entry.files))
+        except FileNotFoundError:
+            return verify_files(path, entry.files)
+        key = (entry.name, entry.content_hash)
+        cached = self._intact.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        changed = verify_files(path, entry.files)
+        self._intact[key] = (stamp, changed)
+        return changed
+
+    def tenant_for(self, key: str | None) -> Tenant | None:
+        if self.tenants is None or not key:
+            return None
+        for tenant in self.tenants:
+            if any(hmac.compare_digest(key.encode(), k.encode()) for k in tenant.keys):
+                return tenant
+        return None
+
+    def authorize(self, tenant: Tenant | None, model: str | None) -> Decision:
+        """Whether this tenant may use ``model`` (the base, or its own adapters)."""
+        if self.tenants is None or not model or model == self.base:
+            return Decision(200)
+        if tenant is None:
+            return Decision(401, "Missing or unknown API key.")
+        if not tenant.may_use(model):
+            return Decision(403, f"Tenant `{tenant.name}` may not use `{model}`: only the base "
+                                 f"and its own adapters ({', '.join(tenant.adapters)}).")
+        return Decision(200)
