@@ -9,17 +9,24 @@ ride along through vLLM's extension points, configured by environment.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoo.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
 from zoo.errors import ServeError
+from zoo.home import staging_dir
 from zoo.records import AdapterEntry, BaseEntry
 from zoo.registry import Catalog, Registry
 from zoo.serve import policy as env
+from zoo.serve.plugin import STATE_VARIABLE
 from zoo.store import ORIGINAL, verify_files
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -156,15 +163,84 @@ def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
     return lines
 
 
-def run_server(plan: ServePlan) -> int:
+def run_server(plan: ServePlan, registry: Registry | None = None) -> int:
     """Run vLLM's server in the foreground until it exits (Ctrl-C stops it)."""
-    proc = subprocess.Popen(plan.argv, env=plan.env)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
+    registry = registry or Registry()
+    with staging_dir(registry.home, "serve") as state:
+        proc = subprocess.Popen(plan.argv, env={**plan.env, STATE_VARIABLE: str(state)})
         try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
             return proc.wait()
+        except KeyboardInterrupt:
+            return stop(proc)
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    url: str  # ends in /v1
+    plan: ServePlan
+    process: subprocess.Popen
+    log_file: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(options: ServeOptions, registry: Registry | None = None,
+                   log_file: Path | None = None, startup_timeout: float = 900,
+                   log: Callable[[str], None] = lambda _: None) -> Iterator[RunningServer]:
+    """Start ``zoo serve`` in the background, wait until it answers, stop it on exit.
+
+    vLLM's output goes to ``log_file``; when the server dies during start-up,
+    the error carries the end of that log.
+    """
+    registry = registry or Registry()
+    plan = plan_serve(options, registry, log)
+    for line in describe(plan, options):
+        log(line)
+    with staging_dir(registry.home, "serve") as state:
+        log_path = log_file or state / "vllm.log"
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(plan.argv, env={**plan.env, STATE_VARIABLE: str(state)},
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            url = f"http://{options.host}:{options.port}"
+            _wait_healthy(url, proc, log_path, startup_timeout)
+            yield RunningServer(url + "/v1", plan, proc, log_path)
+        finally:
+            stop(proc)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            raise ServeError("vLLM exited during start-up:\n  " + "\n  ".join(tail),
+                             hint=f"The full log is {log_path}.")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise ServeError(f"vLLM did not answer within {timeout:.0f} s", hint=f"See {log_path}.")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL: vLLM shuts its engine processes down on SIGTERM."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:  # the engine's own processes too, when it runs in a session of its own
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        return proc.wait()

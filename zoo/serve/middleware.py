@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from zoo.serve.policy import Decision, ServePolicy, Tenant
 
 logger = logging.getLogger("zoo.serve")
-OPEN_PATHS = ("/health", "/ping", "/version", "/metrics", "/zoo/usage")
+OPEN_PATHS = ("/health", "/ping", "/version", "/metrics")
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
 USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
 MAX_BODY = 32 * 1024 * 1024
@@ -77,8 +79,6 @@ class ZooMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/") or "/"
-        if path == "/zoo/usage":
-            return await _send_json(send, 200, {"usage": self.usage.as_json()})
         if path in OPEN_PATHS:
             return await self.app(scope, receive, send)
         if path in ADMIN_PATHS or path.startswith("/adapters/"):
@@ -89,6 +89,11 @@ class ZooMiddleware:
             tenant = self.policy.tenant_for(_bearer(scope))
             if tenant is None:
                 return await _send_error(send, Decision(401, "Missing or unknown API key."))
+        if path == "/zoo/usage":
+            rows = [r for r in self.usage.as_json() if tenant is None or r["tenant"] == tenant.name]
+            return await _send_json(send, 200, {"usage": rows})
+        if path == "/zoo/engine":
+            return await _send_json(send, 200, self._engine_report(tenant))
         await self._unload_removed(scope)
 
         if path == "/v1/models":
@@ -106,6 +111,19 @@ class ZooMiddleware:
             send = self._counting(send, model or self.policy.base,
                                   tenant.name if tenant else "-")
         return await self.app(scope, replay, send)
+
+    def _engine_report(self, tenant: Tenant | None) -> dict:
+        """What the served weights cost, as the worker measured them (see plugin.py)."""
+        from zoo.serve.plugin import STATE_VARIABLE, WEIGHTS_REPORT
+
+        state = os.environ.get(STATE_VARIABLE)
+        report = Path(state) / WEIGHTS_REPORT if state else None
+        weights = json.loads(report.read_text()) if report and report.exists() else None
+        return {"base": self.policy.base, "weights": weights,
+                "adapter_file_bytes": {
+                    a.name: sum(f["size"] for f in a.files.values())
+                    for a in self.policy.served_adapters()
+                    if tenant is None or tenant.may_use(a.name)}}
 
     async def _unload_removed(self, scope) -> None:
         """Drop adapters from the engine once they leave the registry (or stop being servable)."""

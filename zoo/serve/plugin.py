@@ -8,16 +8,24 @@ vLLM calls :func:`register` in every process it starts. It
   'device'``);
 * registers the registry-backed LoRA resolver when ``zoo serve`` started the
   process (``ZOO_SERVE_BASE`` is set), so adapters added to the registry while
-  the server runs are served on their first request.
+  the server runs are served on their first request;
+* reports, from the worker, what the loaded weights cost: the resident memory
+  that loading them added and the bytes of each tensor dtype
+  (``$ZOO_SERVE_STATE/weights.json``, served as ``/zoo/engine``).
 
-It changes installed files in no way: both are runtime registrations.
+It changes installed files in no way: all are runtime registrations.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+from pathlib import Path
 
 SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
+STATE_VARIABLE = "ZOO_SERVE_STATE"
+WEIGHTS_REPORT = "weights.json"
 
 
 def register() -> None:
@@ -28,6 +36,63 @@ def register() -> None:
         from zoo.serve.resolver import RegistryResolver
 
         LoRAResolverRegistry.register_resolver("zoo", RegistryResolver.from_environment())
+    if os.environ.get(STATE_VARIABLE):
+        _patch_weight_report(Path(os.environ[STATE_VARIABLE]))
+
+
+def _patch_weight_report(state: Path) -> None:
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    original = BaseModelLoader.load_model
+    if getattr(original, "_zoo_report", False):
+        return
+
+    def load_model(self, *args, **kwargs):
+        before = heap_in_use()
+        model = original(self, *args, **kwargs)
+        report = weight_report(model, heap_in_use() - before)
+        state.mkdir(parents=True, exist_ok=True)
+        (state / WEIGHTS_REPORT).write_text(json.dumps(report, indent=2))
+        return model
+
+    load_model._zoo_report = True
+    BaseModelLoader.load_model = load_model
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def heap_in_use() -> int:
+    """Bytes the process holds in live heap allocations (glibc's mallinfo2).
+
+    Unlike the resident set, this drops when memory is freed (glibc keeps
+    freed pages mapped) and leaves out mapped files such as the checkpoint,
+    so the change across loading is what the loaded weights occupy.
+    """
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def weight_report(model, heap_delta: int) -> dict:
+    """Bytes per tensor dtype and the heap memory loading added. Weights that a
+    kernel prepacked outside torch tensors (the CPU int8 kernel does) show in
+    the heap figure only."""
+    by_dtype: dict[str, int] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        key = str(tensor.dtype).removeprefix("torch.")
+        by_dtype[key] = by_dtype.get(key, 0) + tensor.numel() * tensor.element_size()
+    schemes: dict[str, int] = {}
+    for module in model.modules():
+        scheme = getattr(module, "scheme", None)  # compressed-tensors layers
+        if scheme is not None:
+            schemes[type(scheme).__name__] = schemes.get(type(scheme).__name__, 0) + 1
+    return {"heap_bytes": heap_delta, "tensor_bytes_by_dtype": by_dtype,
+            "quantized_layers": schemes}
 
 
 def lora_device(base_layer):

@@ -7,9 +7,6 @@ base whose files are intact; anything else is None, and vLLM answers 404.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
@@ -31,5 +28,3 @@ class RegistryResolver(LoRAResolver):
         # vLLM replaces the id with its own counter; the path is the stored copy
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(decision.path))
 
-
-__all__ = ["RegistryResolver", "Path", "os"]
