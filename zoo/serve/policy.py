@@ -97,7 +97,9 @@ class ServePolicy:
         return self._catalog
 
     def served_adapters(self) -> list[AdapterEntry]:
-        return [a for a in self.catalog().adapters(base=self.base) if a.servable]
+        """Adapters of the base that can be served now: servable, fitting, intact."""
+        return [a for a in self.catalog().adapters(base=self.base)
+                if a.servable and self.adapter(a.name).ok]
 
     def adapter(self, name: str) -> Decision:
         """Whether ``name`` is an adapter this server serves, and where its files are."""

@@ -1,0 +1,217 @@
+"""zoo serve --multi-lora: one real vLLM engine on the int8 base, queried over HTTP.
+
+The engine takes about a minute to start here, so one is shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import openai
+import pytest
+
+from tests.factory import save_lora
+from zoo.registry import Registry
+from zoo.serve.launch import ServeOptions, free_port, running_server
+from zoo.store import add
+
+pytestmark = pytest.mark.vllm
+
+BASE = "smollm2-135m-instruct"
+KEYS = {"acme": "sk-acme-0000001", "globex": "sk-globex-0000001", "ops": "sk-ops-00000001"}
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-64:] = bytes(64)
+    path.unlink()  # never write through a hard link shared with other homes
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def lora_maker(smollm2_home, tmp_path_factory):
+    base_dir = smollm2_home / "bases" / BASE
+    root = tmp_path_factory.mktemp("real-loras")
+
+    def make(tag: str, seed: int, **config) -> Path:
+        out = root / tag
+        if not out.exists():
+            save_lora(base_dir, out, seed=seed, r=8, lora_alpha=16, **config)
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_home, tmp_path_factory, lora_maker):
+    home = tmp_path_factory.mktemp("serve-home")
+    shutil.rmtree(home)
+    shutil.copytree(smollm2_home, home, copy_function=os.link)
+    registry = Registry(home)
+    from zoo.quantize import quantize
+
+    quantize(BASE, "nf4", registry)
+    add(lora_maker("a", 1), "acme/a", BASE, registry=registry)
+    add(lora_maker("b", 2), "globex/b", BASE, registry=registry)
+    add(lora_maker("q", 3), "acme/q", f"{BASE}@nf4", registry=registry)
+    add(lora_maker("dora", 4, use_dora=True), "shared/dora", BASE, registry=registry)
+    add(lora_maker("broken", 6), "acme/broken-at-start", BASE, registry=registry)
+    add(lora_maker("later", 7), "acme/broken-later", BASE, registry=registry)
+    corrupt(home / "adapters/acme/broken-at-start/adapter_model.safetensors")
+    keys = home.parent / "keys.json"
+    keys.write_text(json.dumps({"tenants": {
+        "acme": {"keys": [KEYS["acme"]]},
+        "globex": {"keys": [KEYS["globex"]], "adapters": ["globex/*"]},
+        "ops": {"keys": [KEYS["ops"]], "adapters": ["*"]}}}))
+    lines: list[str] = []
+    options = ServeOptions(base=BASE, quantization="w8a8", port=free_port(), api_keys=keys)
+    with running_server(options, registry, log=lines.append,
+                        log_file=home.parent / "vllm.log") as server:
+        yield SimpleNamespace(url=server.url, lines=lines, home=home, log=server.log_file)
+
+
+def client(server, tenant: str = "ops") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url, api_key=KEYS[tenant], max_retries=0, timeout=300)
+
+
+def answer(server, model: str, tenant: str = "ops", max_tokens: int = 12) -> str:
+    reply = client(server, tenant).chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=max_tokens, temperature=0)
+    return reply.choices[0].message.content
+
+
+def get(server, path: str, key: str | None = KEYS["ops"]):
+    request = urllib.request.Request(server.url.removesuffix("/v1") + path)
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read().decode()
+
+
+def test_start_up_lists_what_is_served_and_what_is_left_out(served):
+    text = "\n".join(served.lines)
+    assert "left out shared/dora: vLLM does not support DoRA" in text
+    assert "left out acme/broken-at-start: files changed since registration" in text
+    assert "adapter acme/q (qlora, rank 8, trained on nf4, served on w8a8)" in text
+    models = {m.id for m in client(served).models.list().data}
+    assert models == {BASE, "acme/a", "globex/b", "acme/q", "acme/broken-later"}
+
+
+def test_base_and_two_adapters_concurrently(served):
+    alone = {m: answer(served, m) for m in (BASE, "acme/a", "globex/b")}
+    assert "Paris" in alone[BASE]
+    assert len(set(alone.values())) == 3, alone  # each adapter changes the answer
+    with ThreadPoolExecutor(6) as pool:
+        jobs = [(m, pool.submit(answer, served, m)) for m in 2 * [BASE, "acme/a", "globex/b"]]
+        for model, job in jobs:
+            assert job.result() == alone[model], model
+
+
+def test_qlora_adapter_is_served_on_the_int8_base(served):
+    assert answer(served, "acme/q") != answer(served, BASE)
+
+
+def test_unknown_adapter_is_404_never_the_base(served):
+    with pytest.raises(openai.NotFoundError) as err:
+        answer(served, "acme/nope")
+    assert "does not exist" in str(err.value)
+    with pytest.raises(openai.NotFoundError) as err:
+        answer(served, "shared/dora")
+    assert "DoRA" in str(err.value)
+
+
+def test_tenants_are_isolated(served):
+    assert answer(served, "acme/a", tenant="acme")
+    assert answer(served, BASE, tenant="globex")
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        answer(served, "acme/a", tenant="globex")
+    assert "globex" in str(err.value)
+    with pytest.raises(openai.PermissionDeniedError):
+        answer(served, "globex/b", tenant="acme")
+    bad = openai.OpenAI(base_url=served.url, api_key="sk-wrong-key-000", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=BASE, messages=QUESTION, max_tokens=2)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        get(served, "/v1/models", key=None)
+    assert err.value.code == 401
+    seen = {m.id for m in client(served, "globex").models.list().data}
+    assert seen == {BASE, "globex/b"}
+
+
+def test_runtime_adapter_endpoints_are_closed(served):
+    request = urllib.request.Request(
+        served.url + "/load_lora_adapter", method="POST",
+        data=json.dumps({"lora_name": "x", "lora_path": "/etc"}).encode(),
+        headers={"Authorization": f"Bearer {KEYS['ops']}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request)
+    assert err.value.code == 403
+
+
+def test_hot_add_and_remove(served, lora_maker):
+    env = {**os.environ, "ZOO_HOME": str(served.home)}
+    zoo = [sys.executable, "-m", "zoo"]
+    subprocess.run([*zoo, "add", str(lora_maker("hot", 8)), "--name", "acme/hot", "--base", BASE],
+                   env=env, check=True, capture_output=True)
+    assert "acme/hot" in {m.id for m in client(served).models.list().data}
+    hot = answer(served, "acme/hot", tenant="acme")
+    assert hot != answer(served, BASE)
+    subprocess.run([*zoo, "rm", "acme/hot"], env=env, check=True, capture_output=True)
+    with pytest.raises(openai.NotFoundError):
+        answer(served, "acme/hot", tenant="acme")
+    assert "acme/hot" not in {m.id for m in client(served).models.list().data}
+
+
+def test_adapter_broken_while_serving_is_refused_and_others_keep_serving(served):
+    assert answer(served, "acme/broken-later")
+    corrupt(served.home / "adapters/acme/broken-later/adapter_model.safetensors")
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        answer(served, "acme/broken-later")
+    assert "files changed" in str(err.value) and "adapter_model.safetensors" in str(err.value)
+    assert "Paris" in answer(served, BASE)
+    assert answer(served, "acme/a")
+
+
+def test_usage_is_counted_per_adapter_and_tenant(served):
+    before = _usage(served, "globex/b", "globex")
+    reply = client(served, "globex").chat.completions.create(
+        model="globex/b", messages=QUESTION, max_tokens=5, temperature=0)
+    stream = client(served, "globex").chat.completions.create(
+        model="globex/b", messages=QUESTION, max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    streamed_usage = [chunk.usage for chunk in stream if chunk.usage][-1]
+    after = _usage(served, "globex/b", "globex")
+    assert after["requests"] - before["requests"] == 2
+    assert after["completion_tokens"] - before["completion_tokens"] == (
+        reply.usage.completion_tokens + streamed_usage.completion_tokens)
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 2 * reply.usage.prompt_tokens
+    # a tenant sees its own rows only; Prometheus has them all beside vLLM's own
+    assert {r["tenant"] for r in json.loads(get(served, "/zoo/usage", KEYS["globex"]))["usage"]} \
+        == {"globex"}
+    metrics = get(served, "/metrics", key=None)
+    assert 'zoo_adapter_requests_total{model="globex/b",tenant="globex"}' in metrics
+    assert "vllm:" in metrics
+
+
+def _usage(server, model: str, tenant: str) -> dict:
+    rows = json.loads(get(server, "/zoo/usage", KEYS[tenant]))["usage"]
+    found = [r for r in rows if r["model"] == model and r["tenant"] == tenant]
+    return found[0] if found else {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+
+def test_engine_reports_int8_weights(served):
+    report = json.loads(get(served, "/zoo/engine"))
+    weights = report["weights"]
+    assert weights["quantized_layers"] == {"CompressedTensorsW8A8Int8": 30 * 4}
+    assert weights["heap_bytes"] > 0
+    served.engine_report = report
