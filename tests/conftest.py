@@ -63,3 +63,9 @@ def real_home(smollm2_home, tmp_path, monkeypatch) -> Path:
     shutil.copytree(smollm2_home, home, copy_function=os.link)
     monkeypatch.setenv("ZOO_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def engine_reports() -> dict:
+    """What each vLLM engine the session started reported about its weights (/zoo/engine)."""
+    return {}

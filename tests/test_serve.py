@@ -209,9 +209,21 @@ def _usage(server, model: str, tenant: str) -> dict:
     return found[0] if found else {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
 
 
-def test_engine_reports_int8_weights(served):
-    report = json.loads(get(served, "/zoo/engine"))
-    weights = report["weights"]
-    assert weights["quantized_layers"] == {"CompressedTensorsW8A8Int8": 30 * 4}
-    assert weights["heap_bytes"] > 0
-    served.engine_report = report
+def test_served_base_really_is_int8(served, engine_reports, smollm2_home, tmp_path_factory):
+    """Measured in the vLLM worker: the memory its weights took while loading."""
+    int8 = json.loads(get(served, "/zoo/engine"))["weights"]
+    assert int8["quantized_layers"] == {"CompressedTensorsW8A8Int8": 30 * 4}  # qkv, o, gate_up, down
+    if "bf16" not in engine_reports:  # test_merge's 16-bit engine measured it already
+        home = tmp_path_factory.mktemp("bf16-only")
+        shutil.rmtree(home)
+        shutil.copytree(smollm2_home, home, copy_function=os.link)
+        options = ServeOptions(base=BASE, quantization="none", port=free_port())
+        with running_server(options, Registry(home)) as server:
+            engine_reports["bf16"] = json.loads(urllib.request.urlopen(
+                server.url.removesuffix("/v1") + "/zoo/engine").read())
+    full = engine_reports["bf16"]["weights"]
+    assert full["quantized_layers"] == {}
+    linear_params = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+    saved = full["heap_bytes"] - int8["heap_bytes"]
+    # float32 (4 bytes) -> int8 (1 byte) on every linear weight saves 3 bytes each
+    assert saved > 2.5 * linear_params, (full["heap_bytes"], int8["heap_bytes"])

@@ -83,16 +83,20 @@ def staging_dir(home: Path, label: str) -> Iterator[Path]:
     on exit (an error, an interrupt) is deleted, so no half-written model or
     adapter ever sits at a real path.
     """
-    tmp_root = home / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    prefix = f"{label.replace('/', '_')}{pid_tag()}"
-    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
-    stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; published dirs get the usual mode
+    stage = new_stage(home / "tmp", label)
     try:
         yield stage
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def new_stage(parent: Path, label: str) -> Path:
+    """An empty directory in ``parent`` named for its creator's pid (see sweep_stale)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{label.replace('/', '_')}{pid_tag()}", dir=parent))
+    stage.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; published dirs get the usual mode
+    return stage
 
 
 def sweep_stale(home: Path) -> None:

@@ -1,4 +1,4 @@
-"""Model commands: train, generate, quantize."""
+"""Model commands: train, generate, quantize, merge, dequantize."""
 
 from __future__ import annotations
 
@@ -74,3 +74,56 @@ def quantize_cmd(base: str, scheme: str, force: bool) -> None:
     variant = quantize(base, scheme, force=force, log=_log)
     size = sum(f["size"] for f in variant.files.values())
     click.echo(f"{base}@{scheme}: {len(variant.files)} files, {size / 1e6:.1f} MB")
+
+
+@cli.command("merge")
+@click.option("--adapter", "adapters", multiple=True, required=True,
+              help="Adapter to fold in (repeat for several: a weighted sum of their deltas).")
+@click.option("--weights", default=None, help="Comma-separated weight per adapter (default 1).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Write here only, without registering.")
+@click.option("--name", default=None, help="Registry name of the result (default ADAPTER-merged).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="Output dtype (default: the base's).")
+@click.option("--qlora-base", type=click.Choice(["dequantized", "original"]),
+              default="dequantized", show_default=True,
+              help="Fold a QLoRA into its dequantized NF4 base (what it was trained on) "
+                   "or into the original 16-bit weights.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--no-verify", is_flag=True, help="Skip the logit check against PEFT.")
+def merge_cmd(adapters, weights, out, name, dtype, qlora_base, force, no_verify) -> None:
+    """Fold adapters into their base: standalone weights that load without PEFT."""
+    from zoo.merge import MergeOptions, merge
+
+    parsed = None
+    if weights:
+        try:
+            parsed = tuple(float(w) for w in weights.split(","))
+        except ValueError:
+            raise click.BadParameter("comma-separated numbers", param_hint="--weights") from None
+    result = merge(MergeOptions(adapters=tuple(adapters), weights=parsed, out=out, name=name,
+                                dtype=dtype, qlora_base=qlora_base, force=force,
+                                verify=not no_verify), log=_log)
+    _report_merge(result)
+
+
+@cli.command("dequantize")
+@click.argument("variant")
+@click.option("--out", type=click.Path(path_type=Path), default=None)
+@click.option("--name", default=None, help="Registry name (default BASE-nf4-dequantized).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None)
+@click.option("--force", is_flag=True)
+def dequantize_cmd(variant, out, name, dtype, force) -> None:
+    """Write a base's NF4 variant (BASE@nf4) back as 16-bit weights."""
+    from zoo.merge import dequantize
+
+    _report_merge(dequantize(variant, out=out, name=name, dtype=dtype, force=force, log=_log))
+
+
+def _report_merge(result) -> None:
+    where = f"registered as {result.entry.name}" if result.entry else "written"
+    click.echo(f"{where}: {result.path} ({result.tensors['total_size'] / 1e6:.1f} MB)")
+    if result.verification:
+        v = result.verification
+        click.echo(f"verified: max logit difference {v['max_abs_diff']:.3g} "
+                   f"(tolerance {v['tolerance']:.3g}, {v['tokens']} tokens)")

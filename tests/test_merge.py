@@ -1,0 +1,362 @@
+"""zoo merge / zoo dequantize against independent references: the formula, PEFT, bitsandbytes, vLLM."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import zoo, zoo_json
+from zoo.errors import VerificationFailed
+from zoo.merge import MergeOptions, merge
+from zoo.registry import Registry
+
+
+def weights_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def lora_of(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(Path(adapter_dir) / "adapter_model.safetensors")
+
+
+def expected(base: dict, lora: dict, module: str, scale: float, prefix="base_model.model.",
+             transpose=False, weight=1.0) -> torch.Tensor:
+    """W + w * s * B @ A, from the raw tensors, in float32 (the independent formula)."""
+    a = lora[f"{prefix}{module}.lora_A.weight"].float()
+    b = lora[f"{prefix}{module}.lora_B.weight"].float()
+    delta = weight * scale * (b @ a)
+    return base[f"{module}.weight"].float() + (delta.T if transpose else delta)
+
+
+@pytest.fixture
+def tiny(models):
+    zoo("add", models.llama, "--name", "tiny")
+    return models
+
+
+def test_lora_weights_match_the_formula(tiny, tmp_path):
+    adapter = tiny.lora("plain")
+    zoo("add", adapter, "--name", "p", "--base", "tiny")
+    zoo("merge", "--adapter", "p", "--out", tmp_path / "m", "--dtype", "fp32")
+    merged, base, lora = weights_of(tmp_path / "m"), weights_of(tiny.llama), lora_of(adapter)
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):
+            module = f"model.layers.{layer}.self_attn.{proj}"
+            torch.testing.assert_close(merged[f"{module}.weight"],
+                                       expected(base, lora, module, 8 / 4), rtol=0, atol=1e-6)
+    # untouched tensors are copied through, as they were (upcast to the output dtype)
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
+                       base["model.layers.0.mlp.up_proj.weight"].float())
+    assert set(merged) == set(base)
+    index = json.loads((tmp_path / "m/model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(base)
+
+
+def test_rslora_and_patterns_use_their_own_scales(tiny, tmp_path):
+    rs = tiny.lora("rs", use_rslora=True, r=4, lora_alpha=8)
+    pat = tiny.lora("pat", rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 16})
+    zoo("add", rs, "--name", "rs", "--base", "tiny")
+    zoo("add", pat, "--name", "pat", "--base", "tiny")
+    zoo("merge", "--adapter", "rs", "--out", tmp_path / "rs", "--dtype", "fp32")
+    zoo("merge", "--adapter", "pat", "--out", tmp_path / "pat", "--dtype", "fp32")
+    base = weights_of(tiny.llama)
+    module_q, module_v = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+    torch.testing.assert_close(weights_of(tmp_path / "rs")[f"{module_q}.weight"],
+                               expected(base, lora_of(rs), module_q, 8 / 4 ** 0.5), atol=1e-6, rtol=0)
+    merged = weights_of(tmp_path / "pat")
+    torch.testing.assert_close(merged[f"{module_q}.weight"],
+                               expected(base, lora_of(pat), module_q, 8 / 4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged[f"{module_v}.weight"],
+                               expected(base, lora_of(pat), module_v, 16 / 2), atol=1e-6, rtol=0)
+
+
+def test_gpt2_fan_in_fan_out(models, tmp_path):
+    zoo("add", models.gpt2, "--name", "g")
+    adapter = models.lora("gpt2", base=models.gpt2, target_modules=["c_attn"], fan_in_fan_out=True)
+    zoo("add", adapter, "--name", "ga", "--base", "g")
+    result = zoo("merge", "--adapter", "ga", "--out", tmp_path / "m", "--dtype", "fp32")
+    assert "verified" in result.stdout
+    merged, base = weights_of(tmp_path / "m"), weights_of(models.gpt2)
+    module = "transformer.h.0.attn.c_attn"
+    assert merged[f"{module}.weight"].shape == (32, 96)  # Conv1D: [in, out]
+    torch.testing.assert_close(merged[f"{module}.weight"],
+                               expected(base, lora_of(adapter), module, 2.0, transpose=True),
+                               atol=1e-6, rtol=0)
+
+
+def test_dora_rescales_rows_to_the_magnitude(tiny, tmp_path):
+    adapter = tiny.lora("dora", use_dora=True)
+    zoo("add", adapter, "--name", "d", "--base", "tiny")
+    result = zoo("merge", "--adapter", "d", "--out", tmp_path / "m", "--dtype", "fp32")
+    assert "verified" in result.stdout  # logits match PEFT's own DoRA forward
+    lora, base = lora_of(adapter), weights_of(tiny.llama)
+    module = "model.layers.0.self_attn.q_proj"
+    combined = expected(base, lora, module, 2.0)
+    magnitude = lora[f"base_model.model.{module}.lora_magnitude_vector"].float()
+    want = combined * (magnitude / combined.norm(dim=1)).view(-1, 1)
+    got = weights_of(tmp_path / "m")[f"{module}.weight"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.norm(dim=1), magnitude, atol=1e-4, rtol=0)
+
+
+def test_two_adapters_combine_as_a_weighted_sum(tiny, tmp_path):
+    a, b = tiny.lora("plain"), tiny.lora("second", r=2, lora_alpha=4, seed=9)
+    zoo("add", a, "--name", "a", "--base", "tiny")
+    zoo("add", b, "--name", "b", "--base", "tiny")
+    result = zoo("merge", "--adapter", "a", "--adapter", "b", "--weights", "0.7,0.3",
+                 "--name", "ab", "--dtype", "fp32")
+    assert "verified" in result.stdout
+    entry = zoo_json("show", "ab")
+    assert entry["kind"] == "merged" and entry["base"] == "tiny"
+    assert [x["weight"] for x in entry["source"]["adapters"]] == [0.7, 0.3]
+    merged, base = weights_of(Path(entry["path"])), weights_of(tiny.llama)
+    module = "model.layers.1.self_attn.v_proj"
+    want = expected(base, lora_of(a), module, 2.0, weight=0.7) + \
+        expected(base, lora_of(b), module, 2.0, weight=0.3) - base[f"{module}.weight"].float()
+    torch.testing.assert_close(merged[f"{module}.weight"], want, atol=1e-6, rtol=0)
+
+
+def test_merged_logits_match_peft_unmerged(tiny):
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    result = merge(MergeOptions(adapters=("p",), name="p-bf16"), Registry())
+    v = result.verification
+    assert v["max_abs_diff"] <= v["tolerance"] and v["tokens"] > 10
+    # and independently of zoo's own check: PEFT's forward against the merged model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    ids = torch.tensor([[5, 17, 30, 44, 60, 71]])
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        tiny.llama, dtype=torch.float32), tiny.lora("plain")).eval()
+    out = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        diff = (ref(input_ids=ids).logits - out(input_ids=ids).logits).abs().max()
+    assert float(diff) < 0.05
+    card = (result.path / "README.md").read_text()
+    assert "base_model: tiny" in card and "| p | lora |" in card
+
+
+def test_a_wrong_merge_fails_verification(tiny, monkeypatch, tmp_path):
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    from zoo.merge import lora as lora_math
+    real = lora_math.LoraFile.scale
+    monkeypatch.setattr(lora_math.LoraFile, "scale", lambda self, m: 3 * real(self, m))
+    with pytest.raises(VerificationFailed):
+        merge(MergeOptions(adapters=("p",), out=tmp_path / "bad"), Registry())
+    assert not (tmp_path / "bad").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["zoo-home"]
+
+
+@pytest.fixture
+def qlora(tiny):
+    zoo("quantize", "tiny", "--scheme", "nf4")
+    adapter = tiny.lora("plain")
+    zoo("add", adapter, "--name", "q", "--base", "tiny@nf4")
+    return adapter
+
+
+def _bnb_dequantized(nf4_dir: Path) -> dict[str, torch.Tensor]:
+    """bitsandbytes' own dequantization of every 4-bit weight of a saved NF4 model."""
+    import bitsandbytes.functional as F
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(nf4_dir, device_map="cpu")
+    return {f"{name}.weight": F.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            for name, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+
+
+def test_nf4_dequantization_is_bit_exact(qlora, tmp_path):
+    zoo("dequantize", "tiny@nf4", "--out", tmp_path / "dq")
+    nf4_dir = Path(zoo_json("show", "tiny")["variants"]["nf4"]["path"])
+    reference = _bnb_dequantized(nf4_dir)
+    ours = weights_of(tmp_path / "dq")
+    assert len(reference) == 2 * 7
+    for name, value in reference.items():
+        assert ours[name].dtype == value.dtype == torch.bfloat16
+        assert torch.equal(ours[name].view(torch.int16), value.view(torch.int16)), name
+    config = json.loads((tmp_path / "dq/config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_qlora_folds_into_the_dequantized_base_by_default(models, qlora, tmp_path):
+    result = zoo("merge", "--adapter", "q", "--out", tmp_path / "dq", "--dtype", "fp32")
+    assert "verified" in result.stdout  # against PEFT on the NF4 base itself
+    zoo("merge", "--adapter", "q", "--out", tmp_path / "orig", "--dtype", "fp32",
+        "--qlora-base", "original")
+    nf4_dir = Path(zoo_json("show", "tiny")["variants"]["nf4"]["path"])
+    dequantized = {k: v.float() for k, v in _bnb_dequantized(nf4_dir).items()}
+    original, lora = weights_of(models.llama), lora_of(qlora)
+    module = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(weights_of(tmp_path / "dq")[f"{module}.weight"],
+                               expected(dequantized, lora, module, 2.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(weights_of(tmp_path / "orig")[f"{module}.weight"],
+                               expected(original, lora, module, 2.0), atol=1e-6, rtol=0)
+    # untouched NF4 weights come back dequantized, never re-quantized
+    torch.testing.assert_close(weights_of(tmp_path / "dq")["model.layers.0.mlp.up_proj.weight"],
+                               dequantized["model.layers.0.mlp.up_proj.weight"], atol=0, rtol=0)
+
+
+def test_refusals_write_nothing(tiny, tmp_path, zoo_home):
+    zoo("add", tiny.bottleneck(), "--name", "bn", "--base", "tiny")
+    result = zoo("merge", "--adapter", "bn", "--out", tmp_path / "x", ok=False)
+    assert result.exit_code == 1 and "cannot be folded" in result.stderr
+    assert "zoo generate --adapter bn" in result.stderr
+
+    zoo("add", tiny.llama_wide, "--name", "wide")
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    zoo("add", tiny.lora("wide", base=tiny.llama_wide), "--name", "w", "--base", "wide")
+    result = zoo("merge", "--adapter", "p", "--adapter", "w", "--name", "pw", ok=False)
+    assert "different bases" in result.stderr
+
+    (tmp_path / "exists").mkdir()
+    result = zoo("merge", "--adapter", "p", "--out", tmp_path / "exists", ok=False)
+    assert "already exists" in result.stderr and "--force" in result.stderr
+
+    stored = zoo_home / "adapters/p/adapter_model.safetensors"
+    stored.write_bytes(stored.read_bytes()[:-8] + bytes(8))
+    result = zoo("merge", "--adapter", "p", "--out", tmp_path / "y", ok=False)
+    assert "files changed" in result.stderr and "adapter_model.safetensors" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "zoo-home"]
+    assert list((tmp_path / "exists").iterdir()) == []
+
+
+def test_interrupted_merge_leaves_no_partial_output(tiny, tmp_path, monkeypatch):
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    from zoo.merge import tensors
+
+    def interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tensors, "check_written", interrupted)
+    result = zoo("merge", "--adapter", "p", "--out", tmp_path / "out", ok=False)
+    assert result.exit_code == 130
+    assert [p.name for p in tmp_path.iterdir()] == ["zoo-home"]
+
+
+def test_force_replaces_an_existing_output(tiny, tmp_path):
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    zoo("merge", "--adapter", "p", "--out", tmp_path / "out", "--force")
+    assert not (tmp_path / "out" / "old.txt").exists()
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_shards_roll_at_the_size_limit(tiny, tmp_path):
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    merge(MergeOptions(adapters=("p",), out=tmp_path / "m", max_shard_bytes=10_000), Registry())
+    shards = sorted((tmp_path / "m").glob("*.safetensors"))
+    assert len(shards) > 3 and shards[0].name.endswith(f"-of-{len(shards):05d}.safetensors")
+    largest = 128 * 32 * 2  # the embedding, in bf16
+    assert all(s.stat().st_size < 10_000 + largest + 4096 for s in shards)
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").num_parameters() > 0
+
+
+PEAK_PROBE = """
+import resource, sys
+from pathlib import Path
+from zoo.merge import MergeOptions, merge
+from zoo.registry import Registry
+import torch, transformers, peft  # what a merge imports, before measuring the baseline
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "merge":
+    merge(MergeOptions(adapters=("big-lora",), out=Path(sys.argv[2]), verify=False), Registry())
+print(baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_merge_streams_with_memory_near_one_tensor(tmp_path, zoo_home):
+    """A 768 MB model merges with far less than 768 MB of extra memory."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "big"
+    base.mkdir()
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(4096, 4096) for i in range(12)}
+    save_file(tensors, base / "model.safetensors")
+    largest = 4096 * 4096 * 4
+    del tensors
+    (base / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "num_hidden_layers": 12, "vocab_size": 10, "dtype": "float32"}))
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    save_file({f"base_model.model.model.layers.{i}.mlp.up_proj.lora_{m}.weight":
+               torch.randn(*((8, 4096) if m == "A" else (4096, 8))) for i in range(12)
+               for m in "AB"}, lora / "adapter_model.safetensors")
+    (lora / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["up_proj"]}))
+    zoo("add", base, "--name", "big")
+    zoo("add", lora, "--name", "big-lora", "--base", "big")
+    peaks = {}
+    for mode in ("baseline", "merge"):
+        out = subprocess.run([sys.executable, "-c", PEAK_PROBE, mode, str(tmp_path / "out")],
+                             capture_output=True, text=True, check=True)
+        before, after = map(int, out.stdout.split()[-2:])
+        peaks[mode] = after * 1024
+        baseline = before * 1024
+    model_bytes = 12 * largest
+    extra = peaks["merge"] - max(baseline, peaks["baseline"])
+    assert extra < 4 * largest < model_bytes / 2, (extra / 1e6, peaks)
+
+
+@pytest.fixture(scope="module")
+def bf16_server(smollm2_home, tmp_path_factory, engine_reports):
+    """vLLM serving the 16-bit real base (float32 compute) and a LoRA trained on it."""
+    import os
+    import shutil
+    import urllib.request
+
+    from zoo.serve.launch import ServeOptions, free_port, running_server
+    from zoo.train import PACKAGE_DATA, TrainOptions, train
+
+    home = tmp_path_factory.mktemp("bf16-home")
+    shutil.rmtree(home)
+    shutil.copytree(smollm2_home, home, copy_function=os.link)
+    registry = Registry(home)
+    train(TrainOptions(base="smollm2-135m-instruct", method="lora", name="fr", steps=10,
+                       lr=2e-3, data=PACKAGE_DATA / "french.jsonl"), registry, progress=False)
+    options = ServeOptions(base="smollm2-135m-instruct", quantization="none", port=free_port())
+    with running_server(options, registry, log_file=home.parent / "vllm-bf16.log") as server:
+        report = urllib.request.urlopen(server.url.removesuffix("/v1") + "/zoo/engine").read()
+        engine_reports["bf16"] = json.loads(report)
+        yield server, registry
+
+
+@pytest.mark.vllm
+def test_merged_model_answers_like_vllm_with_the_adapter(bf16_server):
+    import openai
+    from transformers import AutoModelForCausalLM
+
+    from zoo.generate import chat_ids
+    from zoo.loading import load_tokenizer
+
+    server, registry = bf16_server
+    result = merge(MergeOptions(adapters=("fr",), name="fr-merged", dtype="fp32"), registry)
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+    tokenizer = load_tokenizer(result.path)
+    model = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
+    base_answers = set()
+    for question in ("What is the capital of Italy?", "How many days are in a week?"):
+        messages = [{"role": "user", "content": question}]
+        served = client.chat.completions.create(model="fr", messages=messages, max_tokens=16,
+                                                temperature=0).choices[0].message.content
+        base_answers.add(client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=messages, max_tokens=16,
+            temperature=0).choices[0].message.content)
+        ids = chat_ids(tokenizer, question)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=16, do_sample=False)
+        merged = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert merged.strip() == served.strip(), (question, merged, served)
+        assert served not in base_answers  # the adapter really changed the answer

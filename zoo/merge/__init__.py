@@ -1,0 +1,251 @@
+"""``zoo merge`` and ``zoo dequantize``: standalone weights, streamed and verified.
+
+Everything that can be wrong is checked before the output is opened: kinds,
+bases, hashes, shapes, the target. The output is written tensor by tensor into
+a staging directory beside its destination, verified (safetensors' own reader,
+then logits against PEFT's unmerged forward pass), and only then renamed into
+place or registered as a new base of kind ``merged``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from zoo.errors import BaseMismatch, DuplicateEntry, NotSupported, OutputExists
+from zoo.home import new_stage, pid_tag, validate_name
+from zoo.records import AdapterEntry, BaseEntry
+from zoo.registry import Registry
+from zoo.store import ORIGINAL, register_base, require_intact
+
+QloraBase = Literal["dequantized", "original"]
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json", "tokenizer.model",
+                 "vocab.json", "merges.txt")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    adapters: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    out: Path | None = None
+    name: str | None = None
+    dtype: str | None = None  # bf16 | fp16 | fp32; default: the base's own
+    qlora_base: QloraBase = "dequantized"
+    force: bool = False
+    verify: bool = True
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    entry: BaseEntry | None
+    scales: dict[str, float]
+    verification: dict | None = None
+    tensors: dict[str, int] = field(default_factory=dict)
+
+
+def merge(options: MergeOptions, registry: Registry | None = None,
+          log: Callable[[str], None] = lambda _: None) -> MergeResult:
+    """Fold one or more adapters into their base and write a standalone model."""
+    registry = registry or Registry()
+    plan = _plan(options, registry)
+    return _execute(plan, options, registry, log)
+
+
+def dequantize(base_ref: str, out: Path | None = None, name: str | None = None,
+               dtype: str | None = None, force: bool = False, registry: Registry | None = None,
+               log: Callable[[str], None] = lambda _: None) -> MergeResult:
+    """Write the 16-bit form of a base's NF4 variant (``BASE@nf4``) on its own."""
+    from zoo.home import split_variant
+
+    registry = registry or Registry()
+    base_name, variant = split_variant(base_ref)
+    if variant != "nf4":
+        raise NotSupported(f"{base_ref!r} is not an NF4 variant", hint="Use BASE@nf4.")
+    base = registry.load().base(base_name)
+    options = MergeOptions(adapters=(), out=out, dtype=dtype, force=force,
+                           name=name or (None if out else f"{base_name}-nf4-dequantized"))
+    plan = _Plan(base=base, source_variant="nf4", adapters=[], target=_target(options, registry),
+                 dtype=_dtype(options.dtype, base), name=options.name)
+    return _execute(plan, options, registry, log)
+
+
+@dataclass
+class _Plan:
+    base: BaseEntry
+    source_variant: str
+    adapters: list[tuple[AdapterEntry, Path, float]]
+    target: Path | None
+    dtype: str
+    name: str | None
+    untied_lm_head: bool = False
+
+
+def _plan(options: MergeOptions, registry: Registry) -> _Plan:
+    if not options.adapters:
+        raise NotSupported("no adapter given", hint="Pass --adapter NAME (repeatable).")
+    weights = options.weights or tuple(1.0 for _ in options.adapters)
+    if len(weights) != len(options.adapters):
+        raise NotSupported(f"{len(weights)} weights for {len(options.adapters)} adapters",
+                           hint="Give one --weights value per --adapter, comma-separated.")
+    catalog = registry.load()
+    entries = [catalog.adapter(name) for name in options.adapters]
+    for entry in entries:
+        if entry.kind == "bottleneck":
+            raise NotSupported(
+                f"{entry.name!r} is a bottleneck adapter: its nonlinearity cannot be folded "
+                "into the base weights",
+                hint=f"Run it unmerged with 'zoo generate --adapter {entry.name}', or keep it "
+                     "as a separate adapter.")
+        details = entry.lora
+        if details and (details.lora_bias or details.bias != "none"):
+            raise NotSupported(f"{entry.name!r} trains biases; zoo merges weight updates only")
+    bases = {e.base for e in entries}
+    if len(bases) != 1:
+        raise BaseMismatch(f"the adapters belong to different bases: {', '.join(sorted(bases))}")
+    base = catalog.base(bases.pop())
+    for entry in entries:
+        if entry.base_hash != base.content_hash:
+            raise BaseMismatch(f"{entry.name!r} was registered against another version of "
+                               f"{base.name!r} (base hash differs)")
+    dora = [e.name for e in entries if e.lora and e.lora.use_dora]
+    if dora and len(entries) > 1:
+        raise NotSupported(f"DoRA adapter {dora[0]!r} can only be merged on its own")
+    kinds = {e.kind for e in entries}
+    if "qlora" in kinds and options.qlora_base == "dequantized" and "lora" in kinds:
+        raise NotSupported("LoRA and QLoRA adapters fold into different base weights",
+                           hint="Merge them separately, or pass --qlora-base original.")
+    source = "nf4" if "qlora" in kinds and options.qlora_base == "dequantized" else ORIGINAL
+    from zoo.loading import variant_path
+
+    variant_path(registry, base, source)  # intact, before anything is written
+    resolved = [(e, require_intact(registry, e), w) for e, w in zip(entries, weights, strict=True)]
+    name = options.name
+    if options.out is None and name is None:
+        if len(entries) > 1:
+            raise NotSupported("several adapters need --name (or --out) for the result")
+        name = f"{entries[0].name}-merged"
+    return _Plan(base, source, resolved, _target(options, registry, name), _dtype(options.dtype, base),
+                 name)
+
+
+def _dtype(requested: str | None, base: BaseEntry) -> str:
+    from zoo.loading import DTYPES
+
+    dtype = DTYPES.get(requested or base.dtype)
+    if dtype is None:
+        raise NotSupported(f"unknown dtype {requested!r}", hint="Use bf16, fp16 or fp32.")
+    return dtype
+
+
+def _target(options: MergeOptions, registry: Registry, name: str | None = None) -> Path | None:
+    """The output directory when --out is given; refuse an existing one without --force."""
+    name = name or options.name
+    if name is not None:
+        validate_name(name)
+        if name in registry.load().entries and not options.force and options.out is None:
+            raise DuplicateEntry(name)
+    if options.out is None:
+        return None
+    out = Path(options.out).absolute()
+    if out.exists() and not options.force:
+        raise OutputExists(str(out))
+    return out
+
+
+def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
+             log: Callable[[str], None]) -> MergeResult:
+    from zoo.loading import variant_path
+    from zoo.merge.stream import plan_tensors
+    from zoo.merge.tensors import check_written, write_shards
+
+    source_dir = variant_path(registry, plan.base, plan.source_variant)
+    original_dir = variant_path(registry, plan.base, ORIGINAL)
+    stage = new_stage(plan.target.parent if plan.target else registry.home / "tmp", ".zoo-merge")
+    try:
+        planned, scales, plan.untied_lm_head = plan_tensors(source_dir, plan.adapters, plan.dtype)
+        log(f"writing {len(planned)} tensors ({plan.dtype}) from {plan.base.name}"
+            f"{'@nf4 (dequantized)' if plan.source_variant == 'nf4' else ''}"
+            f" + {len(plan.adapters)} adapter(s)")
+        index = write_shards(planned, stage, options.max_shard_bytes)
+        check_written(stage, planned)
+        _write_config(original_dir, stage, plan)
+        for name in CARRIED_FILES:
+            if (original_dir / name).exists():
+                shutil.copyfile(original_dir / name, stage / name)
+        verification = None
+        if options.verify:
+            from zoo.merge.verify import verify_merge
+
+            log("verifying: merged model against base + adapters (PEFT, unmerged)")
+            verification = verify_merge(stage, source_dir, original_dir, plan, registry)
+        _write_card(stage, plan, scales, verification, index)
+        result = MergeResult(stage, None, scales, verification,
+                             {"total_size": index["metadata"]["total_size"]})
+        if plan.target is not None:
+            _replace(stage, plan.target)
+            result.path = plan.target
+        if plan.name is not None and options.out is None:
+            if options.force and plan.name in registry.load().entries:
+                from zoo.store import remove
+
+                remove(plan.name, registry=registry)
+            source = {"type": "merge", "from": plan.base.name,
+                      "base_variant": plan.source_variant,
+                      "adapters": [{"name": e.name, "content_hash": e.content_hash,
+                                    "weight": w} for e, _p, w in plan.adapters],
+                      "scales": scales, "verification": verification}
+            result.entry = register_base(registry, stage, plan.name, source, kind="merged",
+                                         parent=plan.base.name)
+            result.path = registry.home / result.entry.path
+        return result
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _replace(stage: Path, target: Path) -> None:
+    if target.exists():
+        trash = target.with_name(f".{target.name}{pid_tag()}old")
+        target.rename(trash)
+        stage.rename(target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        stage.rename(target)
+
+
+def _write_config(original_dir: Path, out: Path, plan: _Plan) -> None:
+    config = json.loads((original_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["dtype"] = plan.dtype
+    config.pop("torch_dtype", None)
+    if plan.untied_lm_head:  # an adapter on lm_head gave it weights of its own
+        config["tie_word_embeddings"] = False
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_card(out: Path, plan: _Plan, scales: dict, verification: dict | None,
+                index: dict) -> None:
+    lines = ["---", f"base_model: {plan.base.name}", "library_name: transformers",
+             "tags: [zoo, merged]", "---", "", f"# {plan.name or out.name}", "",
+             f"Standalone weights ({plan.dtype}) made by `zoo merge` from base "
+             f"`{plan.base.name}` ({plan.base.content_hash})"
+             + (" dequantized from its NF4 variant" if plan.source_variant == "nf4" else "")
+             + ". No PEFT needed to load it.", "",
+             "| adapter | kind | content hash | weight | scale (alpha/r) |", "|---|---|---|---|---|"]
+    for entry, _path, weight in plan.adapters:
+        lines.append(f"| {entry.name} | {entry.kind} | {entry.content_hash} | {weight} | "
+                     f"{scales.get(entry.name, '')} |")
+    lines += ["", f"Total tensor bytes: {index['metadata']['total_size']}."]
+    if verification:
+        lines += ["", f"Verified against the unmerged base + adapters (PEFT): max logit "
+                      f"difference {verification['max_abs_diff']:.3g} over "
+                      f"{verification['tokens']} tokens (tolerance {verification['tolerance']:.3g})."]
+    (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,96 @@
+"""The arithmetic of folding LoRA adapters into base weights.
+
+For a module with weight W ([out, in]; [in, out] for GPT-2's Conv1D, the
+``fan_in_fan_out`` case) and adapters i with user weight w_i::
+
+    W' = W + sum_i w_i * s_i * (B_i @ A_i)          s = alpha / r  (alpha / sqrt(r): rsLoRA)
+
+with r and alpha per module from ``rank_pattern`` / ``alpha_pattern``. DoRA
+rescales each output row of W + s·B·A to its learned magnitude. Everything is
+computed in float32 and rounded once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zoo.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, lora_scale, match_pattern
+from zoo.merge.tensors import TensorFile
+
+ROLE_SUFFIXES = {"A": ".lora_A.weight", "B": ".lora_B.weight",
+                 "magnitude": ".lora_magnitude_vector", "embA": ".lora_embedding_A",
+                 "embB": ".lora_embedding_B"}
+
+
+@dataclass
+class LoraFile:
+    """One adapter's tensors, read lazily, with its config and the user's weight."""
+
+    name: str
+    config: dict
+    tensors: TensorFile
+    weight: float = 1.0
+
+    @classmethod
+    def open(cls, name: str, path: Path, weight: float = 1.0) -> LoraFile:
+        config = json.loads((path / PEFT_CONFIG).read_text())
+        return cls(name, config, TensorFile(path / PEFT_WEIGHTS), weight)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def modules(self) -> dict[str, dict[str, str]]:
+        """``{module path: {role: tensor name}}`` for every LoRA module in the file."""
+        found: dict[str, dict[str, str]] = {}
+        for key in self.tensors.names():
+            inner = key.removeprefix(PEFT_PREFIX)
+            for role, suffix in ROLE_SUFFIXES.items():
+                if inner.endswith(suffix):
+                    found.setdefault(inner[: -len(suffix)], {})[role] = key
+        return found
+
+    def saved_modules(self) -> dict[str, str]:
+        """Whole tensors saved by ``modules_to_save``: ``{base tensor name: adapter tensor}``."""
+        saved = {}
+        for key in self.tensors.names():
+            inner = key.removeprefix(PEFT_PREFIX)
+            if ".modules_to_save." in inner or (
+                    not any(inner.endswith(s) for s in ROLE_SUFFIXES.values())
+                    and ".base_layer." not in inner):
+                saved[inner.replace(".modules_to_save.default", "")] = key
+        return saved
+
+    def scale(self, module: str) -> float:
+        rank = match_pattern(self.config.get("rank_pattern") or {}, module) or int(self.config["r"])
+        alpha = match_pattern(self.config.get("alpha_pattern") or {}, module)
+        if alpha is None:
+            alpha = self.config.get("lora_alpha", rank)
+        return lora_scale(int(rank), float(alpha), bool(self.config.get("use_rslora", False)))
+
+    def delta(self, module: str, roles: dict[str, str]) -> torch.Tensor:
+        """This adapter's weighted update of ``module`` in float32, shaped [out, in]
+        ([num, dim] for an embedding)."""
+        factor = self.weight * self.scale(module)
+        if "embA" in roles:  # embeddings: B [dim, r] @ A [r, num], transposed to [num, dim]
+            a, b = self.tensors.get(roles["embA"]).float(), self.tensors.get(roles["embB"]).float()
+            return (b @ a).T * factor
+        a, b = self.tensors.get(roles["A"]).float(), self.tensors.get(roles["B"]).float()
+        return (b @ a) * factor
+
+
+def fold(weight: torch.Tensor, deltas: list[torch.Tensor], fan_in_fan_out: bool = False,
+         magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """W + sum(deltas) in float32 (deltas are [out, in]); DoRA rescales the rows."""
+    w = weight.float()
+    if fan_in_fan_out:
+        w = w.T
+    merged = w + sum(deltas)
+    if magnitude is not None:
+        norm = torch.linalg.norm(merged, dim=1)
+        merged = merged * (magnitude.float() / norm).view(-1, 1)
+    return merged.T if fan_in_fan_out else merged

@@ -1,0 +1,131 @@
+"""Which tensors a merge writes and how each one is made, decided before writing.
+
+Every output tensor is planned (name, dtype, shape) from the source's
+headers; its bytes are produced only when the writer reaches it, from the
+base tensor (dequantized first when the source is NF4) and the adapters'
+A and B for that module. Untouched tensors are copied through as bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zoo.errors import ShapeMismatch
+from zoo.merge.lora import LoraFile, fold
+from zoo.merge.nf4 import STATE_SUFFIX, dequantize_from, is_aux, quantized_weights, read_state
+from zoo.merge.tensors import PlannedTensor, TensorSource
+
+TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
+
+
+def plan_tensors(source_dir: Path, adapters, dtype: str
+                 ) -> tuple[list[PlannedTensor], dict[str, float], bool]:
+    """``(planned tensors, scale per adapter, whether lm_head was untied)``."""
+    source = TensorSource(source_dir)
+    out_dtype = getattr(torch, dtype)
+    loras = [LoraFile.open(entry.name, path, weight) for entry, path, weight in adapters]
+    targets: dict[str, list[tuple[LoraFile, dict]]] = {}
+    saved: dict[str, tuple[LoraFile, str]] = {}
+    for lora in loras:
+        for module, roles in lora.modules().items():
+            targets.setdefault(module, []).append((lora, roles))
+        for tensor, key in lora.saved_modules().items():
+            saved[tensor] = (lora, key)
+    nf4 = {w: read_state(source.get(w + STATE_SUFFIX), w) for w in quantized_weights(source.names())}
+    names = [n for n in source.names() if not is_aux(n)]
+    untied = False
+    if "lm_head" in targets and "lm_head.weight" not in names:
+        tied = next((t for t in TIED_EMBEDDINGS if t in names), None)
+        if tied is None:
+            raise ShapeMismatch("lm_head.weight", (), (), "base (no lm_head or tied embedding)")
+        names.append("lm_head.weight")
+        untied = True
+
+    def base_value(name: str) -> torch.Tensor:
+        if name == "lm_head.weight" and untied:
+            name = next(t for t in TIED_EMBEDDINGS if t in source)
+        return dequantize_from(source, name) if name in nf4 else source.get(name)
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        if name == "lm_head.weight" and untied:
+            name = next(t for t in TIED_EMBEDDINGS if t in source)
+        return tuple(nf4[name].shape) if name in nf4 else source.shape(name)
+
+    def dtype_of(name: str) -> torch.dtype:
+        stored = nf4[name].dtype if name in nf4 else source.dtype(name) if name in source \
+            else out_dtype
+        return out_dtype if stored.is_floating_point else stored
+
+    for module, contributions in targets.items():
+        name = module + ".weight"
+        if name in names:
+            _check_shapes(name, shape_of(name), contributions)
+
+    planned = []
+    covered = set()
+    for name in sorted(names):
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in targets:
+            covered.add(module)
+            make = _folding(name, module, targets[module], base_value, out_dtype, shape_of(name))
+        elif name in saved:
+            lora, key = saved[name]
+            make = _saved(lora, key, out_dtype, shape_of(name))
+        elif name not in nf4 and source.dtype(name) == dtype_of(name):
+            make = _copied(source, name)
+        else:
+            make = _converted(base_value, name, dtype_of(name))
+        planned.append(PlannedTensor(name, dtype_of(name), shape_of(name), make))
+    missing = sorted(set(targets) - covered)
+    if missing:
+        raise ShapeMismatch(f"{missing[0]}.weight", (), (), "base (module not found)")
+    scales = {lora.name: round(lora.scale(""), 6) for lora in loras}
+    return planned, scales, untied
+
+
+def _check_shapes(name: str, shape: tuple[int, ...], contributions) -> None:
+    """A and B must fit the base weight: found from headers, before anything is written."""
+    for lora, roles in contributions:
+        if "A" not in roles or "B" not in roles:
+            continue
+        out_f, in_f = (shape[1], shape[0]) if lora.fan_in_fan_out else shape
+        a, b = lora.tensors.shape(roles["A"]), lora.tensors.shape(roles["B"])
+        if a[1] != in_f:
+            raise ShapeMismatch(roles["A"], (a[0], in_f), a, f"base of {lora.name}")
+        if b[0] != out_f:
+            raise ShapeMismatch(roles["B"], (out_f, b[1]), b, f"base of {lora.name}")
+
+
+def _folding(name, module, contributions, base_value, out_dtype, shape):
+    def make() -> torch.Tensor:
+        weight = base_value(name)
+        first = contributions[0][0]
+        deltas = [lora.delta(module, roles) for lora, roles in contributions]
+        magnitude = None
+        if "magnitude" in contributions[0][1]:
+            magnitude = first.tensors.get(contributions[0][1]["magnitude"])
+        merged = fold(weight, deltas, first.fan_in_fan_out and "embA" not in contributions[0][1],
+                      magnitude)
+        if tuple(merged.shape) != shape:
+            raise ShapeMismatch(name, shape, tuple(merged.shape), "merge")
+        return merged.to(out_dtype)
+    return make
+
+
+def _saved(lora: LoraFile, key: str, out_dtype, shape):
+    def make() -> torch.Tensor:
+        value = lora.tensors.get(key)
+        if tuple(value.shape) != shape:
+            raise ShapeMismatch(key, shape, tuple(value.shape), "base")
+        return value.to(out_dtype)
+    return make
+
+
+def _copied(source: TensorSource, name: str):
+    return lambda: source.raw(name)
+
+
+def _converted(base_value, name: str, dtype: torch.dtype):
+    return lambda: base_value(name).to(dtype)
