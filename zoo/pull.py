@@ -35,10 +35,11 @@ class PullResult:
 
 
 def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
-         log: Callable[[str], None] = lambda _: None) -> PullResult:
+         log: Callable[[str], None] = lambda _: None, token: str | None = None) -> PullResult:
     """Make ``ref`` present and intact in the home; a no-op when it already is."""
     registry = registry or Registry(home)
-    name, _, revision = ref.partition("@")
+    repo, _, revision = ref.partition("@")
+    name = repo.lower()  # Hub repo ids may have capitals; registry names do not
     validate_name(name)
     present = registry.load().entries.get(name)
     if present is not None and present.path is not None:
@@ -54,8 +55,8 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
     if "/" in name or (known is not None):
         from zoo.hub import pull_from_hub
 
-        repo = known.source["repo"] if known is not None else name
-        entry = pull_from_hub(repo, revision or None, registry, log=log)
+        repo = known.source["repo"] if known is not None else repo
+        entry = pull_from_hub(repo, revision or None, registry, token=token, log=log)
         return PullResult(entry, True, f"pulled {entry.name} from {repo}")
     names = ", ".join(sorted(shipped_catalog().entries))
     raise UnknownEntry(name, "catalog entry", hint=f"Short names zoo knows: {names}; "

@@ -134,9 +134,10 @@ def rm_cmd(name: str) -> None:
 
 @cli.command("pull")
 @click.argument("ref")
-def pull_cmd(ref: str) -> None:
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN). Never stored.")
+def pull_cmd(ref: str, token: str | None) -> None:
     """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub)."""
     from zoo.pull import pull
 
-    result = pull(ref, log=lambda line: click.echo(line, err=True))
+    result = pull(ref, log=lambda line: click.echo(line, err=True), token=token)
     click.echo(result.message)

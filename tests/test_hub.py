@@ -1,0 +1,252 @@
+"""zoo push / pull / sync against a local Hub double, through the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import zoo, zoo_json
+from zoo.testing.hub import HubServer
+
+WRITE, READ = "hf_writer_token_0001", "hf_reader_token_0001"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    server = HubServer(tmp_path / "hub-root", write_tokens=[WRITE], read_tokens=[READ]).start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", WRITE)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def homes(tmp_path, models, monkeypatch):
+    """Two zoo homes on two 'machines', each with the same tiny base."""
+    def use(which: str) -> Path:
+        home = tmp_path / f"home-{which}"
+        monkeypatch.setenv("ZOO_HOME", str(home))
+        return home
+
+    for which in ("a", "b"):
+        use(which)
+        zoo("add", models.llama, "--name", "tiny")
+    use("a")
+    return use
+
+
+def commits(hub: HubServer, repo: str, kind: str = "models") -> int:
+    return len(list((hub.store.root / kind / repo / "commits").iterdir()))
+
+
+def test_round_trip(hub, homes, models, tmp_path):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    result = zoo("push", "acme/plain")
+    assert "pushed acme/plain to acme/plain" in result.stdout
+    pushed = zoo_json("show", "acme/plain")
+    assert pushed["hub"]["repo"] == "acme/plain" and len(pushed["hub"]["commit"]) == 40
+    card = (Path(pushed["path"]) / "README.md").read_text()
+    assert "base_model: tiny" in card and "library_name: peft" in card and "- zoo" in card
+    assert "| rank | 4 |" in card
+
+    homes("b")
+    zoo("pull", "acme/plain")
+    pulled = zoo_json("show", "acme/plain")
+    assert pulled["content_hash"] == pushed["content_hash"]
+    assert pulled["files"] == pushed["files"]
+    assert pulled["hub"]["commit"] == pushed["hub"]["commit"]
+    assert pulled["kind"] == "lora" and pulled["base"] == "tiny"
+    out_b = zoo("generate", "hello", "--adapter", "acme/plain", "--max-tokens", "6").stdout
+    homes("a")
+    out_a = zoo("generate", "hello", "--adapter", "acme/plain", "--max-tokens", "6").stdout
+    assert out_a == out_b
+    assert "already in the zoo" in zoo("pull", "acme/plain").stdout
+
+
+def test_manifest_lists_every_file(hub, homes, models):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    zoo("push", "acme/plain", "--private")
+    from huggingface_hub import hf_hub_download
+    manifest = json.loads(Path(hf_hub_download("acme/plain", "zoo.json", endpoint=hub.url,
+                                               token=WRITE, cache_dir=hub.store.root / "c")
+                               ).read_text())
+    entry = zoo_json("show", "acme/plain")
+    assert manifest["files"] == entry["files"]
+    assert manifest["entry"]["name"] == "acme/plain" and manifest["entry"]["path"] is None
+    assert json.loads((hub.store.root / "models/acme/plain/repo.json").read_text())["private"]
+
+
+def test_unchanged_push_makes_no_commit(hub, homes, models):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    zoo("push", "acme/plain")
+    before = commits(hub, "acme/plain")
+    result = zoo("push", "acme/plain")
+    assert "unchanged" in result.stdout and "no new commit" in result.stdout
+    assert commits(hub, "acme/plain") == before
+
+
+def test_revision_branch(hub, homes, models):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    zoo("push", "acme/plain", "--revision", "dev")
+    assert zoo_json("show", "acme/plain")["hub"]["revision"] == "dev"
+    homes("b")
+    zoo("pull", "acme/plain@dev")
+    assert zoo_json("show", "acme/plain")["hub"]["revision"] == "dev"
+    homes("a")
+    result = zoo("pull", "acme/other@nope", ok=False)
+    assert result.exit_code == 1 and "not found" in result.stderr
+
+
+def test_tampered_file_is_refused(hub, homes, models):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    zoo("push", "acme/plain")
+    weights = zoo_json("show", "acme/plain")["files"]["adapter_model.safetensors"]["sha256"]
+    blob = hub.store.root / "models/acme/plain/blobs" / weights.removeprefix("sha256:")
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    homes("b")
+    result = zoo("pull", "acme/plain", ok=False)
+    assert result.exit_code == 1
+    assert "do not match their zoo.json hashes: adapter_model.safetensors" in result.stderr
+    assert "acme/plain" not in [e["name"] for e in zoo_json("list")]
+
+
+def test_interrupted_download_resumes(hub, homes, models, monkeypatch):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    zoo("push", "acme/plain")
+    homes("b")
+    # huggingface_hub writes what it received in chunks of 10 MB; scale that to the tiny file
+    monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 1024)
+    hub.cut_short["acme/plain/adapter_model.safetensors"] = True
+    zoo("pull", "acme/plain")
+    gets = [r for m, f, r in hub.downloads if m == "GET" and f.endswith("adapter_model.safetensors")]
+    assert gets[0] is None and gets[-1] is not None and gets[-1].startswith("bytes=")
+    assert int(gets[-1].removeprefix("bytes=").rstrip("-")) > 0  # it continued, not restarted
+    assert zoo("verify", "acme/plain").exit_code == 0
+
+
+def test_offline_pulls_from_the_cache_only(hub, homes, models, monkeypatch):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    zoo("push", "acme/plain")
+    homes("b")
+    zoo("pull", "acme/plain")
+    zoo("rm", "acme/plain")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.shutdown()
+    zoo("pull", "acme/plain")
+    assert zoo_json("show", "acme/plain")["content_hash"]
+    result = zoo("pull", "acme/never-pulled", ok=False)
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_auth_errors_are_one_clear_line(hub, homes, models, monkeypatch):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    zoo("push", "acme/plain")
+    cases = [
+        ("b", WRITE, ["pull", "acme/missing"], "repo acme/missing not found"),
+        ("b", "hf_wrong_token_00000", ["pull", "acme/plain"], "refused the token (401)"),
+        ("b", WRITE, ["pull", "acme/plain@nope"], "revision 'nope' does not exist in acme/plain"),
+        ("a", READ, ["push", "acme/plain", "--revision", "new"], "may not write to acme/plain (403)"),
+    ]
+    for home, token, args, message in cases:
+        homes(home)
+        monkeypatch.setenv("HF_TOKEN", token)
+        result = zoo(*args, ok=False)
+        assert result.exit_code == 1, args
+        assert message in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1
+        assert token not in result.output
+    monkeypatch.delenv("HF_TOKEN")
+    result = zoo("push", "acme/plain", "--token", "hf_wrong_token_00000", ok=False)
+    assert "refused the token" in result.stderr and "hf_wrong_token_00000" not in result.output
+
+
+def test_sync_two_machines(hub, homes, models):
+    zoo("add", models.lora("plain"), "--name", "acme/a1", "--base", "tiny")
+    zoo("sync", "--repo", "acme/index")
+    homes("b")
+    zoo("add", models.lora("second", r=2, lora_alpha=4, seed=9), "--name", "acme/b1",
+        "--base", "tiny")
+    result = zoo("sync", "--repo", "acme/index")
+    assert "pulled: acme/a1" in result.stdout and "acme/b1" in result.stdout
+    homes("a")
+    result = zoo("sync", "--repo", "acme/index")
+    assert "pulled: acme/b1" in result.stdout
+    for which in ("a", "b"):
+        homes(which)
+        assert {e["name"] for e in zoo_json("list")} == {"tiny", "acme/a1", "acme/b1"}
+        assert zoo("verify").exit_code == 0
+    assert "in sync" in zoo("sync", "--repo", "acme/index").stdout
+    index = json.loads((hub.store.root / "datasets/acme/index/repo.json").read_text())
+    assert index["private"]
+
+
+def test_sync_conflict_is_listed_and_left_alone(hub, homes, models):
+    zoo("add", models.lora("plain"), "--name", "acme/same", "--base", "tiny")
+    zoo("sync", "--repo", "acme/index")
+    homes("b")
+    zoo("add", models.lora("second", r=2, lora_alpha=4, seed=9), "--name", "acme/same",
+        "--base", "tiny")
+    mine = zoo_json("show", "acme/same")["content_hash"]
+    result = zoo("sync", "--repo", "acme/index", ok=False)
+    assert result.exit_code == 1 and "CONFLICT acme/same" in result.stdout
+    assert zoo_json("show", "acme/same")["content_hash"] == mine
+    homes("a")
+    theirs = zoo_json("show", "acme/same")["content_hash"]
+    assert theirs != mine and "in sync" in zoo("sync", "--repo", "acme/index").stdout
+
+
+def test_token_is_never_stored(hub, homes, models, tmp_path):
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    outputs = [zoo("push", "acme/plain").output, zoo("sync", "--repo", "acme/index").output]
+    homes("b")
+    outputs.append(zoo("sync", "--repo", "acme/index").output)
+    for text in outputs:
+        assert WRITE not in text
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and "hub-root" not in path.parts:
+            assert WRITE.encode() not in path.read_bytes(), path
+
+
+def test_pulling_an_adapter_pulls_its_known_base(hub, real_home, tmp_path, monkeypatch):
+    """The embedded base is known by short name: a bare home gets it built too."""
+    from tests.factory import save_lora
+    base_dir = real_home / "bases/smollm2-135m-instruct"
+    save_lora(base_dir, tmp_path / "real-lora", r=4, lora_alpha=8)
+    zoo("add", tmp_path / "real-lora", "--name", "acme/real", "--base", "smollm2-135m-instruct")
+    zoo("push", "acme/real")
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "bare"))
+    result = zoo("pull", "acme/real")
+    assert "pulling its base smollm2-135m-instruct" in result.stderr
+    assert {e["name"] for e in zoo_json("list")} == {"smollm2-135m-instruct", "acme/real"}
+
+
+def test_server_runs_on_its_own(tmp_path):
+    from zoo.serve.launch import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.testing.hub", "--root",
+                             str(tmp_path / "root"), "--port", str(port), "--token", WRITE],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert "test Hub serving" in proc.stdout.readline()
+        from huggingface_hub import HfApi
+        api = HfApi(endpoint=f"http://127.0.0.1:{port}", token=WRITE)
+        api.create_repo("acme/x")
+        api.upload_file(path_or_fileobj=b"hi", path_in_repo="a.txt", repo_id="acme/x")
+        assert api.list_repo_files("acme/x") == [".gitattributes", "a.txt"]
+        assert (tmp_path / "root/models/acme/x/repo.json").exists()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/api/whoami-v2")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(request)
+    finally:
+        proc.terminate()
+        proc.wait(10)

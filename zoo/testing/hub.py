@@ -1,0 +1,399 @@
+"""A local stand-in for the Hugging Face Hub, for tests only (a test double, not a product).
+
+No Hub is reachable from the machines zoo is tested on, so this server speaks
+the part of the Hub's HTTP API that ``huggingface_hub`` uses for zoo's calls:
+repo creation and info, file trees, branches, preupload and commit (regular,
+non-LFS files only), YAML validation, ``whoami`` and file download with
+``Range`` (resume). Point the real client at it with ``HF_ENDPOINT``.
+
+    python -m zoo.testing.hub --root DIR --port P [--token WRITE] [--read-token READ]
+
+Storage, under DIR: ``{models,datasets}/ORG/NAME/`` holds ``repo.json``
+(privacy, branches), ``commits/SHA.json`` (each commit's file tree) and
+``blobs/SHA256`` (file contents). Without tokens the server is open; with
+them, writes need a write token (403 with a read token), private repos need a
+token, and an unknown token gets 401 -- as on the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import re
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+_REPO = r"(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)"
+
+
+def git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+class HubError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class Store:
+    """Repos on disk. One lock serializes writes (commits are rare in tests)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.lock = threading.Lock()
+
+    def repo_dir(self, kind: str, repo: str) -> Path:
+        return self.root / f"{kind}s" / repo
+
+    def meta(self, kind: str, repo: str) -> dict:
+        path = self.repo_dir(kind, repo) / "repo.json"
+        if not path.exists():
+            raise HubError(404, f"Repository {repo} not found", "RepoNotFound")
+        return json.loads(path.read_text())
+
+    def create(self, kind: str, repo: str, private: bool) -> bool:
+        with self.lock:
+            d = self.repo_dir(kind, repo)
+            if (d / "repo.json").exists():
+                return False
+            (d / "commits").mkdir(parents=True)
+            (d / "blobs").mkdir()
+            meta = {"private": private, "branches": {}, "created": time.time()}
+            (d / "repo.json").write_text(json.dumps(meta))
+            sha = self._write_commit(kind, repo, None, {}, {".gitattributes": GITATTRIBUTES},
+                                     [], "initial commit")
+            meta["branches"]["main"] = sha
+            (d / "repo.json").write_text(json.dumps(meta))
+            return True
+
+    def resolve(self, kind: str, repo: str, revision: str) -> str:
+        meta = self.meta(kind, repo)
+        if revision in meta["branches"]:
+            return meta["branches"][revision]
+        if re.fullmatch(r"[0-9a-f]{40}", revision) and (
+                self.repo_dir(kind, repo) / "commits" / f"{revision}.json").exists():
+            return revision
+        raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+
+    def commit(self, kind: str, repo: str, sha: str) -> dict:
+        return json.loads((self.repo_dir(kind, repo) / "commits" / f"{sha}.json").read_text())
+
+    def tree(self, kind: str, repo: str, revision: str) -> tuple[str, dict]:
+        sha = self.resolve(kind, repo, revision)
+        return sha, self.commit(kind, repo, sha)["tree"]
+
+    def blob(self, kind: str, repo: str, digest: str) -> Path:
+        return self.repo_dir(kind, repo) / "blobs" / digest
+
+    def add_commit(self, kind: str, repo: str, branch: str, files: dict[str, bytes],
+                   deleted: list[str], message: str, parent: str | None) -> str:
+        with self.lock:
+            head = self.resolve(kind, repo, branch)
+            if parent and parent != head:
+                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+            tree = dict(self.commit(kind, repo, head)["tree"])
+            sha = self._write_commit(kind, repo, head, tree, files, deleted, message)
+            meta = self.meta(kind, repo)
+            meta["branches"][branch] = sha
+            (self.repo_dir(kind, repo) / "repo.json").write_text(json.dumps(meta))
+            return sha
+
+    def _write_commit(self, kind, repo, parent, tree, files, deleted, message) -> str:
+        for path in deleted:
+            doomed = [p for p in tree if p == path or p.startswith(path.rstrip("/") + "/")]
+            if not doomed:
+                raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
+            for p in doomed:
+                del tree[p]
+        for path, data in files.items():
+            digest = hashlib.sha256(data).hexdigest()
+            self.blob(kind, repo, digest).write_bytes(data)
+            tree[path] = {"sha256": digest, "size": len(data), "oid": git_oid(data)}
+        body = {"parent": parent, "tree": dict(sorted(tree.items())), "message": message,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+        sha = hashlib.sha1(json.dumps({**body, "t": time.time_ns()}).encode()).hexdigest()
+        (self.repo_dir(kind, repo) / "commits" / f"{sha}.json").write_text(json.dumps(body))
+        return sha
+
+    def create_branch(self, kind: str, repo: str, branch: str, start: str | None) -> None:
+        with self.lock:
+            meta = self.meta(kind, repo)
+            if branch in meta["branches"]:
+                raise HubError(409, f"Reference already exists: refs/heads/{branch}")
+            meta["branches"][branch] = self.resolve(kind, repo, start or "main")
+            (self.repo_dir(kind, repo) / "repo.json").write_text(json.dumps(meta))
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: HubServer
+
+    def log_message(self, *args) -> None:  # quiet: tests read their own output
+        pass
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
+              content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, data, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(data).encode(), headers)
+
+    def _body(self) -> bytes:
+        return self.body
+
+    def _token(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+    def _access(self) -> str:
+        """'write', 'read' or 'anonymous'; an unknown token is refused outright (401)."""
+        token = self._token()
+        if token is None:
+            return "write" if self.server.open else "anonymous"
+        if token in self.server.write_tokens or self.server.open:
+            return "write"
+        if token in self.server.read_tokens:
+            return "read"
+        raise HubError(401, "Invalid credentials in Authorization header")
+
+    def _may_write(self) -> None:
+        access = self._access()
+        if access == "anonymous":
+            raise HubError(401, "You must be authenticated to write")
+        if access != "write":
+            raise HubError(403, "You don't have the rights to write to this repo (read token)")
+
+    def _may_read(self, kind: str, repo: str) -> dict:
+        meta = self.server.store.meta(kind, repo)
+        if meta["private"] and self._access() == "anonymous":
+            raise HubError(401, f"Repository {repo} not found (private?)", "RepoNotFound")
+        return meta
+
+    def _dispatch(self) -> None:
+        # read the whole body first: an unread one would corrupt the next request
+        # on this keep-alive connection
+        self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            self._route(urllib.parse.urlsplit(self.path))
+        except HubError as err:
+            headers = {"X-Error-Code": err.code} if err.code else {}
+            headers["X-Error-Message"] = err.message
+            self._json(err.status, {"error": err.message}, headers)
+
+    do_GET = do_HEAD = do_POST = do_DELETE = lambda self: self._dispatch()  # noqa: E731
+
+    # -- routes --------------------------------------------------------------------------
+    def _route(self, url) -> None:
+        path = urllib.parse.unquote(url.path)
+        query = urllib.parse.parse_qs(url.query)
+        method = self.command
+        self._access()  # an unknown token is refused whatever it asks for
+        if path == "/api/whoami-v2":
+            access = self._access()
+            if access == "anonymous":
+                raise HubError(401, "Invalid user token")
+            return self._json(200, {"type": "user", "name": "zoo-test", "orgs": [],
+                                    "auth": {"accessToken": {"role": access}}})
+        if path == "/api/validate-yaml" and method == "POST":
+            return self._json(200, {"errors": [], "warnings": []})
+        if path == "/api/repos/create" and method == "POST":
+            return self._create_repo(json.loads(self._body() or b"{}"))
+        m = re.fullmatch(r"/api/" + _REPO + r"(?:/revision/(?P<rev>.+))?", url.path)
+        if m and method == "GET":
+            return self._info(m["type"], urllib.parse.unquote(m["repo"]),
+                              urllib.parse.unquote(m["rev"] or "main"))
+        m = re.fullmatch(r"/api/" + _REPO + r"/(?P<verb>tree|preupload|commit|branch|"
+                         r"paths-info|refs)(?:/(?P<rest>.*))?", url.path)
+        if m:
+            kind, repo = m["type"], urllib.parse.unquote(m["repo"])
+            rest = urllib.parse.unquote(m["rest"] or "")
+            handler = getattr(self, "_" + m["verb"].replace("-", "_"))
+            return handler(kind, repo, rest, query)
+        m = re.fullmatch(r"/(?:(?P<ds>datasets)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rest>.+)",
+                         url.path)
+        if m and method in ("GET", "HEAD"):
+            return self._resolve("dataset" if m["ds"] else "model",
+                                 urllib.parse.unquote(m["repo"]), m["rest"])
+        raise HubError(404, f"no route for {method} {path}")
+
+    def _create_repo(self, body: dict) -> None:
+        self._may_write()
+        kind = body.get("type") or "model"
+        repo = f"{body.get('organization') or 'zoo-test'}/{body['name']}"
+        url = f"{self.server.url}/{'datasets/' if kind == 'dataset' else ''}{repo}"
+        private = bool(body.get("private")) or body.get("visibility") == "private"
+        if not self.server.store.create(kind, repo, private):
+            return self._json(409, {"error": "You already created this repo", "url": url},
+                              {"X-Error-Message": "You already created this repo"})
+        self._json(200, {"url": url, "name": repo, "id": repo})
+
+    def _info(self, kind: str, repo: str, revision: str) -> None:
+        meta = self._may_read(kind, repo)
+        sha, tree = self.server.store.tree(kind, repo, revision)
+        siblings = [{"rfilename": p, "size": f["size"], "blobId": f["oid"]}
+                    for p, f in tree.items()]
+        self._json(200, {"id": repo, "sha": sha, "private": meta["private"],
+                         "siblings": siblings, "tags": [], "downloads": 0, "likes": 0,
+                         "lastModified": self.server.store.commit(kind, repo, sha)["date"]})
+
+    def _tree(self, kind: str, repo: str, rest: str, query) -> None:
+        self._may_read(kind, repo)
+        revision, _, prefix = rest.partition("/")
+        _sha, tree = self.server.store.tree(kind, repo, revision or "main")
+        recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        entries, dirs = [], set()
+        for p, f in tree.items():
+            if prefix and not p.startswith(prefix.rstrip("/") + "/"):
+                continue
+            inner = p[len(prefix.rstrip("/")) + 1:] if prefix else p
+            if "/" in inner and not recursive:
+                dirs.add((prefix.rstrip("/") + "/" if prefix else "") + inner.split("/")[0])
+                continue
+            entries.append({"type": "file", "path": p, "size": f["size"], "oid": f["oid"]})
+        entries += [{"type": "directory", "path": d, "oid": "0" * 40} for d in sorted(dirs)]
+        self._json(200, entries)
+
+    def _paths_info(self, kind: str, repo: str, rest: str, query) -> None:
+        self._may_read(kind, repo)
+        _sha, tree = self.server.store.tree(kind, repo, rest or "main")
+        body = self._body().decode()
+        try:
+            paths = json.loads(body)["paths"]
+        except (json.JSONDecodeError, KeyError):
+            paths = urllib.parse.parse_qs(body).get("paths", [])
+        self._json(200, [{"type": "file", "path": p, "size": tree[p]["size"], "oid": tree[p]["oid"]}
+                         for p in paths if p in tree])
+
+    def _refs(self, kind: str, repo: str, rest: str, query) -> None:
+        meta = self._may_read(kind, repo)
+        self._json(200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s}
+                                      for b, s in meta["branches"].items()],
+                         "tags": [], "converts": []})
+
+    def _branch(self, kind: str, repo: str, rest: str, query) -> None:
+        self._may_write()
+        start = json.loads(self._body() or b"{}").get("startingPoint")
+        self.server.store.create_branch(kind, repo, rest, start)
+        self._json(200, {})
+
+    def _preupload(self, kind: str, repo: str, rest: str, query) -> None:
+        self._may_write()
+        self._may_read(kind, repo)
+        _sha, tree = self.server.store.tree(kind, repo, rest or "main")
+        files = json.loads(self._body())["files"]
+        self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                    "shouldIgnore": False,
+                                    "oid": tree.get(f["path"], {}).get("oid")} for f in files]})
+
+    def _commit(self, kind: str, repo: str, rest: str, query) -> None:
+        self._may_write()
+        self._may_read(kind, repo)
+        header, files, deleted = {}, {}, []
+        for line in self._body().decode().splitlines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            key, value = item["key"], item["value"]
+            if key == "header":
+                header = value
+            elif key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key in ("deletedFile", "deletedFolder"):
+                deleted.append(value["path"])
+            else:
+                raise HubError(400, f"this test Hub does not support {key} operations")
+        branch = rest or "main"
+        sha = self.server.store.add_commit(kind, repo, branch, files, deleted,
+                                           header.get("summary", ""), header.get("parentCommit"))
+        prefix = f"{self.server.url}/{'datasets/' if kind == 'dataset' else ''}{repo}"
+        self._json(200, {"commitUrl": f"{prefix}/commit/{sha}", "commitOid": sha,
+                         "pullRequestUrl": None})
+
+    def _resolve(self, kind: str, repo: str, rest: str) -> None:
+        self._may_read(kind, repo)
+        revision, _, file_path = rest.partition("/")
+        sha, tree = self.server.store.tree(kind, repo, urllib.parse.unquote(revision))
+        file_path = urllib.parse.unquote(file_path)
+        if file_path not in tree:
+            raise HubError(404, f"Entry not found: {file_path}", "EntryNotFound")
+        data = self.server.store.blob(kind, repo, tree[file_path]["sha256"]).read_bytes()
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{tree[file_path]["oid"]}"',
+                   "Accept-Ranges": "bytes"}
+        self.server.downloads.append((self.command, f"{repo}/{file_path}",
+                                      self.headers.get("Range")))
+        if self.command == "GET" and self.server.cut_short.pop(f"{repo}/{file_path}", None):
+            return self._cut_short(data, headers)
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if ranged:
+            start = int(ranged[1])
+            end = int(ranged[2]) if ranged[2] else len(data) - 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            return self._send(206, data[start:end + 1], headers, "application/octet-stream")
+        self._send(200, data, headers, "application/octet-stream")
+
+
+    def _cut_short(self, data: bytes, headers: dict) -> None:
+        """Promise the whole file, send half, drop the connection: a broken download."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(2)
+
+
+class HubServer(ThreadingHTTPServer):
+    """The server; ``cut_short`` ("ORG/NAME/path" -> True) breaks the next download of a
+    file halfway, and ``downloads`` records (method, file, Range header) of each one."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Path, port: int = 0, host: str = "127.0.0.1",
+                 write_tokens=(), read_tokens=()):
+        super().__init__((host, port), Handler)
+        self.store = Store(root)
+        self.write_tokens, self.read_tokens = set(write_tokens), set(read_tokens)
+        self.open = not self.write_tokens and not self.read_tokens
+        self.url = f"http://{host}:{self.server_address[1]}"
+        self.cut_short: dict[str, bool] = {}
+        self.downloads: list[tuple[str, str, str | None]] = []
+
+    def start(self) -> HubServer:
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--token", action="append", default=[], help="a write token")
+    parser.add_argument("--read-token", action="append", default=[])
+    args = parser.parse_args()
+    server = HubServer(args.root, args.port, args.host, args.token, args.read_token)
+    print(f"test Hub serving {args.root} at {server.url}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
