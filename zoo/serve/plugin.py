@@ -2,6 +2,8 @@
 
 vLLM calls :func:`register` in every process it starts. It
 
+* selects zoo's grouped multi-LoRA path on the CPU (``fast_lora.py``;
+  ``ZOO_FAST_LORA=0`` keeps vLLM's own);
 * fixes vLLM 0.32's LoRA device lookup on layers whose kernel released
   ``weight`` after prepacking (the CPU int8 W8A8 kernel sets it to None, and
   every LoRA layer on it died with ``'NoneType' object has no attribute
@@ -24,12 +26,15 @@ import os
 from pathlib import Path
 
 SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
+FAST_LORA_VARIABLE = "ZOO_FAST_LORA"
 STATE_VARIABLE = "ZOO_SERVE_STATE"
 WEIGHTS_REPORT = "weights.json"
 
 
 def register() -> None:
     _patch_lora_device()
+    if os.environ.get(FAST_LORA_VARIABLE, "1") != "0":
+        _use_fast_lora()
     if os.environ.get(SERVE_BASE_VARIABLE):
         from vllm.lora.resolver import LoRAResolverRegistry
 
@@ -38,6 +43,15 @@ def register() -> None:
         LoRAResolverRegistry.register_resolver("zoo", RegistryResolver.from_environment())
     if os.environ.get(STATE_VARIABLE):
         _patch_weight_report(Path(os.environ[STATE_VARIABLE]))
+
+
+def _use_fast_lora() -> None:
+    """On the CPU platform, run LoRA through zoo's grouped wrapper (fast_lora.py)."""
+    from vllm.platforms import cpu
+
+    from zoo.serve.fast_lora import QUALNAME
+
+    cpu.CpuPlatform.get_punica_wrapper = classmethod(lambda cls: QUALNAME)
 
 
 def _patch_weight_report(state: Path) -> None:

@@ -1,0 +1,84 @@
+"""Shared pieces of the benchmarks: a cached home with the real base, adapters, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+BASE = "smollm2-135m-instruct"
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def bench_home() -> Path:
+    """A zoo home kept between benchmark runs (``ZOO_BENCH_HOME``), with the real base."""
+    from zoo.pull import pull
+    from zoo.registry import Registry
+
+    home = Path(os.environ.get("ZOO_BENCH_HOME", "/tmp/zoo-bench-home"))
+    pull(BASE, registry=Registry(home), log=lambda line: print(line, file=sys.stderr))
+    return home
+
+
+def write_random_lora(out: Path, base_dir: Path, rank: int = 8, seed: int = 0,
+                      targets=ALL_PROJECTIONS, scale: float = 0.02) -> Path:
+    """A PEFT-format LoRA with random A and B (fast: no model is loaded)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from zoo.bases import module_weight_shapes
+
+    shapes = module_weight_shapes(base_dir)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (out_f, in_f) in sorted(shapes.items()):
+        if module.rsplit(".", 1)[-1] not in targets:
+            continue
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) * scale
+        tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * scale
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
+        "bias": "none", "base_model_name_or_path": BASE, "task_type": "CAUSAL_LM"}))
+    return out
+
+
+@contextmanager
+def timed():
+    box = {}
+    start = time.perf_counter()
+    yield box
+    box["seconds"] = time.perf_counter() - start
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return "-" if value is None else str(value)
+
+
+def save(name: str, data: dict) -> Path:
+    """Keep the latest results (and where they were measured) for the docs."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    data = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **data}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path

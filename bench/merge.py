@@ -1,0 +1,157 @@
+"""zoo merge against PEFT's merge_and_unload + save_pretrained and a plain copy.
+
+Run: .venv/bin/python bench/merge.py [--skip-large]
+
+Same base and adapter for all three, each in a fresh process (so the peak
+resident memory is its own), the base files read once beforehand so all read
+from the page cache. The plain copy of the base files is the I/O floor.
+Bases: the embedded SmolLM2-135M, and a synthetic bf16 Llama of about 1.5 B
+parameters written by this script (random weights; nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import BASE, bench_home, save, table, write_random_lora
+
+LARGE = "synthetic-llama-1.5b"
+LARGE_CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=26,
+                    num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)
+
+
+def child(mode: str, base_dir: Path, adapter: str, adapter_dir: Path, out: Path,
+          home: Path) -> None:
+    start = time.perf_counter()
+    if mode == "zoo":
+        from zoo.merge import MergeOptions, merge
+        from zoo.registry import Registry
+
+        merge(MergeOptions(adapters=(adapter,), out=out, verify=False), Registry(home))
+    elif mode == "peft":
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out)
+    else:
+        out.mkdir()
+        for f in base_dir.glob("*.safetensors"):
+            shutil.copyfile(f, out / f.name)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def write_large_base(out: Path) -> None:
+    """A bf16 Llama checkpoint written tensor by tensor (random weights, ~3 GB)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from zoo.merge.tensors import PlannedTensor, write_shards
+
+    c = LlamaConfig(**LARGE_CONFIG, tie_word_embeddings=False)
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, d), "lm_head.weight": (v, d),
+              "model.norm.weight": (d,)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.{n}.weight": (d, d) for n in ("q_proj", "k_proj",
+                                                                     "v_proj", "o_proj")})
+        shapes.update({f"{p}.mlp.gate_proj.weight": (f, d), f"{p}.mlp.up_proj.weight": (f, d),
+                       f"{p}.mlp.down_proj.weight": (d, f), f"{p}.input_layernorm.weight": (d,),
+                       f"{p}.post_attention_layernorm.weight": (d,)})
+    generator = torch.Generator().manual_seed(0)
+
+    def maker(shape):
+        return lambda: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    planned = [PlannedTensor(n, torch.bfloat16, s, maker(s)) for n, s in sorted(shapes.items())]
+    out.mkdir(parents=True)
+    write_shards(planned, out, max_bytes=2 * 1024**3)
+    c.architectures = ["LlamaForCausalLM"]
+    c.dtype = "bfloat16"
+    c.save_pretrained(out)
+
+
+def measure(name: str, base_dir: Path, adapter: str, adapter_dir: Path, home: Path,
+            scratch: Path) -> list[dict]:
+    for f in base_dir.glob("*.safetensors"):  # warm the page cache for every contender
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    rows = []
+    for mode, label in (("copy", "plain copy (I/O floor)"), ("zoo", "zoo merge (streamed)"),
+                        ("peft", "PEFT merge_and_unload + save_pretrained")):
+        out = scratch / f"{name}-{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, str(base_dir), adapter,
+                               str(adapter_dir), str(out), str(home)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"base": name, "method": label, "work_s": result["seconds"],
+                     "process_s": time.perf_counter() - started,
+                     "peak_rss_mb": result["peak_rss_mb"]})
+        shutil.rmtree(out, ignore_errors=True)
+    copy_row, peft_row = rows[0], rows[2]
+    for row in rows:
+        row["time vs peft"] = row["work_s"] / peft_row["work_s"]
+        row["memory vs peft"] = row["peak_rss_mb"] / peft_row["peak_rss_mb"]
+        row["time vs copy"] = row["work_s"] / copy_row["work_s"]
+    return rows
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        mode, base_dir, adapter, adapter_dir, out, home = sys.argv[2:8]
+        return child(mode, Path(base_dir), adapter, Path(adapter_dir), Path(out), Path(home))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-large", action="store_true")
+    args = parser.parse_args()
+
+    from zoo.registry import Registry
+    from zoo.store import add
+
+    home = bench_home()
+    registry = Registry(home)
+    scratch = home / "bench-merge"
+    scratch.mkdir(exist_ok=True)
+    rows = []
+    cases = [(BASE, 8)] + ([] if args.skip_large else [(LARGE, 16)])
+    for base, rank in cases:
+        catalog = registry.load()
+        if base not in catalog.entries:
+            print(f"writing {LARGE} on disk (about 3 GB)", file=sys.stderr)
+            shutil.rmtree(scratch / base, ignore_errors=True)
+            write_large_base(scratch / base)
+            add(scratch / base, base, registry=registry)
+            shutil.rmtree(scratch / base)
+        base_dir = home / registry.load().base(base).path
+        adapter = f"bench/merge-{base}"
+        if adapter not in registry.load().entries:
+            lora = write_random_lora(scratch / "lora" / base, base_dir, rank=rank,
+                                     targets=("q_proj", "v_proj"))
+            add(lora, adapter, base, registry=registry)
+        adapter_dir = home / registry.load().adapter(adapter).path
+        rows += measure(base, base_dir, adapter, adapter_dir, home, scratch)
+    print("\nmerging one LoRA (q_proj, v_proj) into a bf16 base; wall time of the work and "
+          "peak resident memory of each process")
+    print(table(rows, ["base", "method", "work_s", "time vs peft", "time vs copy",
+                       "peak_rss_mb", "memory vs peft"]))
+    save("merge", {"command": " ".join(sys.argv), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""zoo serve under load: one vLLM engine, the int8 base, many LoRAs, side by side.
+
+Run: .venv/bin/python bench/serve.py [--requests 32] [--tokens 32] [--quantization w8a8]
+
+(a) 32 concurrent requests on the base, (b) all on one adapter, (c) spread
+over 8 adapters, (d) spread over 32 adapters with --max-loras 8; output
+tokens/s and the ratio to (a). Then the time to first token of an adapter's
+first request after it was added to the registry (hot add) against one that
+is loaded, and the engine's resident memory with the base alone, with 32
+adapters loaded, and what 32 merged copies would take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import time
+import urllib.request
+
+from common import BASE, bench_home, save, table, write_random_lora
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+
+
+def engine_rss(pid: int) -> int:
+    import psutil
+
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+async def burst(url: str, models: list[str], tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=900)
+
+    async def one(model: str) -> int:
+        reply = await client.chat.completions.create(
+            model=model, messages=PROMPT, max_tokens=tokens, temperature=0,
+            extra_body={"min_tokens": tokens, "ignore_eos": True})
+        return reply.usage.completion_tokens
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(m) for m in models))
+    seconds = time.perf_counter() - start
+    return {"tokens": sum(counts), "seconds": seconds, "tok_per_s": sum(counts) / seconds}
+
+
+async def first_token(url: str, model: str) -> float:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=900)
+    start = time.perf_counter()
+    stream = await client.chat.completions.create(model=model, messages=PROMPT, max_tokens=4,
+                                                  temperature=0, stream=True)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--quantization", default="w8a8")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+
+    from zoo.registry import Registry
+    from zoo.serve.launch import ServeOptions, free_port, running_server
+    from zoo.store import add, remove
+
+    home = bench_home()
+    registry = Registry(home)
+    for entry in registry.load().adapters(base=BASE):
+        remove(entry.name, registry=registry)
+    base_dir = home / "bases" / BASE
+    scratch = home / "bench-loras"
+    shutil.rmtree(scratch, ignore_errors=True)
+    names = [f"bench/a{i:02d}" for i in range(args.adapters)]
+    for i, name in enumerate(names):
+        add(write_random_lora(scratch / name, base_dir, seed=i), name, BASE, registry=registry)
+    late = write_random_lora(scratch / "late", base_dir, seed=999)
+
+    n = args.requests
+    options = ServeOptions(base=BASE, quantization=args.quantization, port=free_port(),
+                           max_loras=8, max_cpu_loras=args.adapters + 1, dtype=args.dtype)
+    rows = []
+    with running_server(options, registry, log=lambda s: print(s, file=sys.stderr)) as server:
+        url, pid = server.url, server.process.pid
+        rss_base = engine_rss(pid)
+        asyncio.run(burst(url, [BASE] * 4, 8))  # warm up the engine
+        for name in names:  # load every adapter once, so loading is not in the timings
+            asyncio.run(burst(url, [name], 2))
+        rss_loaded = engine_rss(pid)
+        workloads = [
+            ("a", "base only", [BASE] * n),
+            ("b", "1 adapter", [names[0]] * n),
+            ("c", "8 adapters", [names[i % 8] for i in range(n)]),
+            ("d", f"{args.adapters} adapters, max-loras 8",
+             [names[i % args.adapters] for i in range(n)]),
+        ]
+        for key, label, models in workloads:
+            result = asyncio.run(burst(url, models, args.tokens))
+            rows.append({"case": f"({key}) {label}", **result})
+        loaded_ttft = asyncio.run(first_token(url, names[1]))
+        add(late, "bench/late", BASE, registry=registry)
+        hot_ttft = asyncio.run(first_token(url, "bench/late"))
+        weights = json.load(urllib.request.urlopen(url.removesuffix("/v1") + "/zoo/engine"))
+    for row in rows:
+        row["vs (a)"] = row["tok_per_s"] / rows[0]["tok_per_s"]
+    adapter_bytes = sum(sum(f["size"] for f in a.files.values())
+                        for a in registry.load().adapters(base=BASE) if a.name in names)
+    memory = {
+        "engine_rss_base_only_mb": rss_base / 1e6,
+        "engine_rss_with_adapters_mb": rss_loaded / 1e6,
+        "adapters_loaded": args.adapters,
+        "adapter_files_mb": adapter_bytes / 1e6,
+        "merged_copies_rss_mb": args.adapters * rss_base / 1e6,
+        "base_weights_heap_mb": (weights["weights"] or {}).get("heap_bytes", 0) / 1e6,
+    }
+    print(f"\n{n} concurrent requests x {args.tokens} output tokens, base {args.quantization}, "
+          f"dtype {args.dtype}, max-loras 8, rank-8 LoRAs on all 7 projections")
+    print(table(rows, ["case", "tokens", "seconds", "tok_per_s", "vs (a)"]))
+    print(f"\ntime to first token: loaded adapter {loaded_ttft:.2f} s, hot-added adapter "
+          f"{hot_ttft:.2f} s (x{hot_ttft / loaded_ttft:.1f})")
+    print(f"engine resident memory: base alone {memory['engine_rss_base_only_mb']:.0f} MB, with "
+          f"{args.adapters} adapters {memory['engine_rss_with_adapters_mb']:.0f} MB; "
+          f"{args.adapters} merged copies would be ~{memory['merged_copies_rss_mb']:.0f} MB "
+          f"(x{memory['merged_copies_rss_mb'] / memory['engine_rss_with_adapters_mb']:.1f})")
+    save("serve", {"command": " ".join(sys.argv), "rows": rows,
+                   "ttft": {"loaded": loaded_ttft, "hot_added": hot_ttft}, "memory": memory})
+
+
+if __name__ == "__main__":
+    main()

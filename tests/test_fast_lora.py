@@ -1,0 +1,91 @@
+"""zoo's grouped CPU LoRA path against vLLM's own PyTorch-native one, on the same inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
+
+from zoo.serve.fast_lora import GroupedPunicaWrapperCPU, group_rows  # noqa: E402
+
+SLOTS, RANK, HIDDEN = 4, 8, 64
+SLICES = (64, 32, 32)  # a fused q/k/v projection
+IDS = [11, 22, 33, None]  # slot -> adapter id; the last slot stays empty (zeros)
+
+
+def wrappers(index_mapping, prompt_mapping, prefill):
+    made = []
+    for cls in (PunicaWrapperCPU, GroupedPunicaWrapperCPU):
+        w = cls(max_num_batched_tokens=64, max_batches=8, device="cpu")
+        w.update_metadata(LoRAMapping(index_mapping, prompt_mapping, is_prefill=prefill),
+                          IDS, SLOTS, 256)
+        made.append(w)
+    return made
+
+
+def stacked(dtype, zero_slots=(3,)):
+    g = torch.Generator().manual_seed(0)
+    a = tuple(torch.randn(SLOTS, 1, RANK, HIDDEN, generator=g).to(dtype) for _ in SLICES)
+    b = tuple(torch.randn(SLOTS, 1, s, RANK, generator=g).to(dtype) for s in SLICES)
+    for t in (*a, *b):
+        for slot in zero_slots:
+            t[slot].zero_()
+    return a, b
+
+
+CASES = {
+    "decode, mixed adapters and none": ([11, 22, 0, 33, 11, 0, 22, 22], False),
+    "prefill, mixed": ([11, 11, 11, 22, 22, 0, 0, 33], True),
+    "one adapter": ([22] * 8, False),
+    "no adapter": ([0] * 8, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_vllm(case, dtype):
+    tokens, prefill = CASES[case]
+    ours_ref = wrappers(tokens, tokens, prefill)
+    a, b = stacked(dtype)
+    x = torch.randn(len(tokens), HIDDEN).to(dtype)
+    base = torch.randn(len(tokens), sum(SLICES)).to(dtype)
+    outputs = []
+    for w in ours_ref:
+        y = base.clone()
+        w.add_lora_linear(y, x, a, b, 0.5, SLICES)
+        outputs.append(y)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=tolerance, atol=tolerance)
+    changed = (outputs[1] != base).any(dim=1)
+    assert changed.tolist() == [t != 0 for t in tokens]  # rows without an adapter untouched
+
+
+def test_logits_skip_is_exact_and_not_blind():
+    tokens = [11, 22, 0, 33]
+    ref, ours = wrappers(tokens, tokens, False)
+    vocab = 256
+    a = torch.zeros(SLOTS, 1, RANK, HIDDEN)
+    b = torch.zeros(SLOTS, 1, vocab, RANK)
+    x = torch.randn(4, HIDDEN)
+    base = torch.randn(4, vocab)
+    y = base.clone()
+    ours.add_lora_logits(y, x, a, b, 1.0)
+    assert torch.equal(y, base)  # no adapter has lm_head weights: nothing added
+    a[1].normal_()
+    b[1].normal_()  # now slot 1 (adapter 22) has some: the skip must notice
+    expected, got = base.clone(), base.clone()
+    ref.add_lora_logits(expected, x, a, b, 1.0)
+    ours.add_lora_logits(got, x, a, b, 1.0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(got, base)
+
+
+def test_group_rows():
+    groups = group_rows(torch.tensor([2, -1, 2, 0]))
+    assert [(s, r.tolist()) for s, r in groups] == [(0, [3]), (2, [0, 2])]
+    assert group_rows(torch.tensor([1, 1, 1])) == [(1, None)]
+    assert group_rows(torch.tensor([-1, -1])) == []
