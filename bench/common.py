@@ -39,9 +39,10 @@ def write_random_lora(out: Path, base_dir: Path, rank: int = 8, seed: int = 0,
     shapes = module_weight_shapes(base_dir)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for module, (out_f, in_f) in sorted(shapes.items()):
+    for module, shape in sorted(shapes.items()):
         if module.rsplit(".", 1)[-1] not in targets:
             continue
+        out_f, in_f = shape
         key = f"base_model.model.{module}"
         tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) * scale
         tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * scale

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
 import time
@@ -46,6 +47,7 @@ async def burst(url: str, models: list[str], tokens: int) -> dict:
     start = time.perf_counter()
     counts = await asyncio.gather(*(one(m) for m in models))
     seconds = time.perf_counter() - start
+    await client.close()
     return {"tokens": sum(counts), "seconds": seconds, "tok_per_s": sum(counts) / seconds}
 
 
@@ -59,7 +61,10 @@ async def first_token(url: str, model: str) -> float:
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             break
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    await stream.close()
+    await client.close()
+    return seconds
 
 
 def main() -> None:
@@ -69,6 +74,8 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=32)
     parser.add_argument("--quantization", default="w8a8")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--paths", default="zoo,vllm",
+                        help="LoRA paths to measure, one engine each: zoo's and/or vLLM's own")
     args = parser.parse_args()
 
     from zoo.registry import Registry
@@ -88,53 +95,64 @@ def main() -> None:
     late = write_random_lora(scratch / "late", base_dir, seed=999)
 
     n = args.requests
-    options = ServeOptions(base=BASE, quantization=args.quantization, port=free_port(),
-                           max_loras=8, max_cpu_loras=args.adapters + 1, dtype=args.dtype)
-    rows = []
-    with running_server(options, registry, log=lambda s: print(s, file=sys.stderr)) as server:
-        url, pid = server.url, server.process.pid
-        rss_base = engine_rss(pid)
-        asyncio.run(burst(url, [BASE] * 4, 8))  # warm up the engine
-        for name in names:  # load every adapter once, so loading is not in the timings
-            asyncio.run(burst(url, [name], 2))
-        rss_loaded = engine_rss(pid)
-        workloads = [
-            ("a", "base only", [BASE] * n),
-            ("b", "1 adapter", [names[0]] * n),
-            ("c", "8 adapters", [names[i % 8] for i in range(n)]),
-            ("d", f"{args.adapters} adapters, max-loras 8",
-             [names[i % args.adapters] for i in range(n)]),
-        ]
-        for key, label, models in workloads:
-            result = asyncio.run(burst(url, models, args.tokens))
-            rows.append({"case": f"({key}) {label}", **result})
-        loaded_ttft = asyncio.run(first_token(url, names[1]))
-        add(late, "bench/late", BASE, registry=registry)
-        hot_ttft = asyncio.run(first_token(url, "bench/late"))
-        weights = json.load(urllib.request.urlopen(url.removesuffix("/v1") + "/zoo/engine"))
-    for row in rows:
-        row["vs (a)"] = row["tok_per_s"] / rows[0]["tok_per_s"]
+    rows, extra = [], {}
+    for path in args.paths.split(","):
+        os.environ["ZOO_FAST_LORA"] = "1" if path == "zoo" else "0"
+        options = ServeOptions(base=BASE, quantization=args.quantization, port=free_port(),
+                               max_loras=8, max_cpu_loras=args.adapters + 1, dtype=args.dtype)
+        with running_server(options, registry, log=lambda s: print(s, file=sys.stderr)) as srv:
+            url, pid = srv.url, srv.process.pid
+            rss_base = engine_rss(pid)
+            asyncio.run(burst(url, [BASE] * 4, 8))  # warm up the engine
+            for name in names:  # load every adapter once: loading is not in the timings
+                asyncio.run(burst(url, [name], 2))
+            workloads = [
+                ("a", "base only", [BASE] * n),
+                ("b", "1 adapter", [names[0]] * n),
+                ("c", "8 adapters", [names[i % 8] for i in range(n)]),
+                ("d", f"{args.adapters} adapters, max-loras 8",
+                 [names[i % args.adapters] for i in range(n)]),
+            ]
+            first = len(rows)
+            for key, label, models in workloads:
+                result = asyncio.run(burst(url, models, args.tokens))
+                rows.append({"lora path": path, "case": f"({key}) {label}", **result})
+            for row in rows[first:]:
+                row["vs (a)"] = row["tok_per_s"] / rows[first]["tok_per_s"]
+            if "ttft" not in extra:
+                loaded = asyncio.run(first_token(url, names[1]))
+                add(late, "bench/late", BASE, registry=registry)
+                hot = asyncio.run(first_token(url, "bench/late"))
+                extra["ttft"] = {"loaded": loaded, "hot_added": hot}
+                extra["rss"] = (rss_base, engine_rss(pid))
+                extra["weights"] = json.load(urllib.request.urlopen(
+                    url.removesuffix("/v1") + "/zoo/engine"))["weights"] or {}
     adapter_bytes = sum(sum(f["size"] for f in a.files.values())
                         for a in registry.load().adapters(base=BASE) if a.name in names)
+    base_bytes = extra["weights"].get("heap_bytes", 0)
     memory = {
-        "engine_rss_base_only_mb": rss_base / 1e6,
-        "engine_rss_with_adapters_mb": rss_loaded / 1e6,
-        "adapters_loaded": args.adapters,
-        "adapter_files_mb": adapter_bytes / 1e6,
-        "merged_copies_rss_mb": args.adapters * rss_base / 1e6,
-        "base_weights_heap_mb": (weights["weights"] or {}).get("heap_bytes", 0) / 1e6,
+        "base_weights_mb": base_bytes / 1e6,
+        "adapters": args.adapters,
+        "adapter_weights_mb": adapter_bytes / 1e6,
+        "one_engine_weights_mb": (base_bytes + adapter_bytes) / 1e6,
+        "merged_copies_weights_mb": args.adapters * base_bytes / 1e6,
+        "engine_rss_base_only_mb": extra["rss"][0] / 1e6,
+        "engine_rss_with_adapters_mb": extra["rss"][1] / 1e6,
     }
+    ttft = extra["ttft"]
     print(f"\n{n} concurrent requests x {args.tokens} output tokens, base {args.quantization}, "
           f"dtype {args.dtype}, max-loras 8, rank-8 LoRAs on all 7 projections")
-    print(table(rows, ["case", "tokens", "seconds", "tok_per_s", "vs (a)"]))
-    print(f"\ntime to first token: loaded adapter {loaded_ttft:.2f} s, hot-added adapter "
-          f"{hot_ttft:.2f} s (x{hot_ttft / loaded_ttft:.1f})")
-    print(f"engine resident memory: base alone {memory['engine_rss_base_only_mb']:.0f} MB, with "
-          f"{args.adapters} adapters {memory['engine_rss_with_adapters_mb']:.0f} MB; "
-          f"{args.adapters} merged copies would be ~{memory['merged_copies_rss_mb']:.0f} MB "
-          f"(x{memory['merged_copies_rss_mb'] / memory['engine_rss_with_adapters_mb']:.1f})")
-    save("serve", {"command": " ".join(sys.argv), "rows": rows,
-                   "ttft": {"loaded": loaded_ttft, "hot_added": hot_ttft}, "memory": memory})
+    print(table(rows, ["lora path", "case", "tokens", "seconds", "tok_per_s", "vs (a)"]))
+    print(f"\ntime to first token: loaded adapter {ttft['loaded']:.2f} s, hot-added adapter "
+          f"{ttft['hot_added']:.2f} s (x{ttft['hot_added'] / ttft['loaded']:.1f})")
+    print(f"weights: base {memory['base_weights_mb']:.0f} MB + {args.adapters} adapters "
+          f"{memory['adapter_weights_mb']:.0f} MB = {memory['one_engine_weights_mb']:.0f} MB in "
+          f"one engine; {args.adapters} merged copies {memory['merged_copies_weights_mb']:.0f} MB "
+          f"(x{memory['merged_copies_weights_mb'] / memory['one_engine_weights_mb']:.1f})")
+    print(f"engine processes' resident memory (KV cache included): base alone "
+          f"{memory['engine_rss_base_only_mb']:.0f} MB, after loading {args.adapters} adapters "
+          f"{memory['engine_rss_with_adapters_mb']:.0f} MB")
+    save("serve", {"command": " ".join(sys.argv), "rows": rows, "ttft": ttft, "memory": memory})
 
 
 if __name__ == "__main__":

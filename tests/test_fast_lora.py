@@ -20,7 +20,7 @@ IDS = [11, 22, 33, None]  # slot -> adapter id; the last slot stays empty (zeros
 def wrappers(index_mapping, prompt_mapping, prefill):
     made = []
     for cls in (PunicaWrapperCPU, GroupedPunicaWrapperCPU):
-        w = cls(max_num_batched_tokens=64, max_batches=8, device="cpu")
+        w = cls(max_num_batched_tokens=128, max_batches=8, device="cpu")
         w.update_metadata(LoRAMapping(index_mapping, prompt_mapping, is_prefill=prefill),
                           IDS, SLOTS, 256)
         made.append(w)
@@ -40,7 +40,9 @@ def stacked(dtype, zero_slots=(3,)):
 CASES = {
     "decode, mixed adapters and none": ([11, 22, 0, 33, 11, 0, 22, 22], False),
     "prefill, mixed": ([11, 11, 11, 22, 22, 0, 0, 33], True),
+    "prefill, long groups": ([11] * 20 + [0] * 5 + [22] * 17 + [33] * 18, True),
     "one adapter": ([22] * 8, False),
+    "one adapter and none": ([22, 0, 22, 0, 0, 22, 22, 0], False),
     "no adapter": ([0] * 8, False),
 }
 

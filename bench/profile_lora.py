@@ -1,0 +1,100 @@
+"""Where a multi-LoRA decode step spends its time: py-spy on the vLLM worker.
+
+Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--seconds 20] [--fast 1|0]
+
+Starts zoo serve (int8 base) with N rank-8 adapters on all seven projections,
+keeps 32 concurrent requests spread over them running, samples the engine's
+worker with py-spy and prints the functions with the largest share of samples
+(inclusive). ``--fast 0`` profiles vLLM's own LoRA path instead of zoo's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from common import BASE, bench_home, write_random_lora
+
+
+def worker_pid(root: int) -> int:
+    import psutil
+
+    children = psutil.Process(root).children(recursive=True)
+    # the worker is the process that holds the model: the largest resident set
+    return max(children, key=lambda p: p.memory_info().rss).pid
+
+
+def summarize(raw: Path, top: int) -> list[tuple[str, float]]:
+    inclusive: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        seen = set()
+        for frame in stack.split(";"):
+            name = frame.split(" (")[0]
+            where = frame.split(" (")[-1].split(":")[0].rsplit("/", 2)[-1] if "(" in frame else ""
+            key = f"{name} ({where})"
+            if key not in seen:
+                inclusive[key] += n
+                seen.add(key)
+    return [(k, 100.0 * v / total) for k, v in inclusive.most_common(top)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--fast", default="1")
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    os.environ["ZOO_FAST_LORA"] = args.fast
+    from serve import burst
+
+    from zoo.registry import Registry
+    from zoo.serve.launch import ServeOptions, free_port, running_server
+    from zoo.store import add, remove
+
+    home = bench_home()
+    registry = Registry(home)
+    for entry in registry.load().adapters(base=BASE):
+        remove(entry.name, registry=registry)
+    names = [f"prof/a{i}" for i in range(args.adapters)]
+    for i, name in enumerate(names):
+        add(write_random_lora(home / "prof-loras" / name, home / "bases" / BASE, seed=i), name,
+            BASE, registry=registry)
+    options = ServeOptions(base=BASE, port=free_port(), max_cpu_loras=args.adapters)
+    with running_server(options, registry) as server:
+        models = [names[i % len(names)] for i in range(32)] if names else [BASE] * 32
+        asyncio.run(burst(server.url, models, 8))
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                asyncio.run(burst(server.url, models, 32))
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        raw = home / "profile.txt"
+        subprocess.run(["py-spy", "record", "--pid", str(worker_pid(server.process.pid)),
+                        "--duration", str(args.seconds), "--format", "raw", "--output",
+                        str(raw), "--nonblocking"], check=True, capture_output=True,
+                       env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
+                                                  f"{os.environ['PATH']}"})
+        stop.set()
+        thread.join()
+    print(f"\nworker samples, {args.adapters} adapters, {'zoo' if args.fast != '0' else 'vLLM'}"
+          " LoRA path (inclusive share)")
+    for name, share in summarize(raw, args.top):
+        print(f"{share:6.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    main()
