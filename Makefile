@@ -12,10 +12,11 @@ demo: bootstrap
 	$(PY) -m zoo.demo
 
 test: bootstrap
+	$(VENV)/bin/ruff check zoo tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check zoo tests bench
 
 bench: bootstrap
-	$(PY) bench/registry.py
+	cd bench && ../$(PY) registry.py && ../$(PY) train.py && ../$(PY) merge.py && ../$(PY) hub.py && ../$(PY) serve.py

@@ -56,11 +56,20 @@ def smollm2_home(tmp_path_factory) -> Path:
     return home
 
 
+def linked_home(source: Path, home: Path) -> Path:
+    """A private copy of a home whose files are hard links (no copy of the weights).
+
+    zoo never writes a stored file in place (it writes a new one and renames),
+    so the copies stay independent; tests that damage a file unlink it first.
+    """
+    shutil.copytree(source, home, copy_function=os.link)
+    return home
+
+
 @pytest.fixture
 def real_home(smollm2_home, tmp_path, monkeypatch) -> Path:
-    """A private home holding the real base (hard links: no copy of the weights)."""
-    home = tmp_path / "real-home"
-    shutil.copytree(smollm2_home, home, copy_function=os.link)
+    """A private home holding the real base."""
+    home = linked_home(smollm2_home, tmp_path / "real-home")
     monkeypatch.setenv("ZOO_HOME", str(home))
     return home
 

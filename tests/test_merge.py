@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -312,16 +311,13 @@ def test_merge_streams_with_memory_near_one_tensor(tmp_path, zoo_home):
 @pytest.fixture(scope="module")
 def bf16_server(smollm2_home, tmp_path_factory, engine_reports):
     """vLLM serving the 16-bit real base (float32 compute) and a LoRA trained on it."""
-    import os
-    import shutil
     import urllib.request
 
+    from tests.conftest import linked_home
     from zoo.serve.launch import ServeOptions, free_port, running_server
     from zoo.train import PACKAGE_DATA, TrainOptions, train
 
-    home = tmp_path_factory.mktemp("bf16-home")
-    shutil.rmtree(home)
-    shutil.copytree(smollm2_home, home, copy_function=os.link)
+    home = linked_home(smollm2_home, tmp_path_factory.mktemp("bf16") / "home")
     registry = Registry(home)
     train(TrainOptions(base="smollm2-135m-instruct", method="lora", name="fr", steps=10,
                        lr=2e-3, data=PACKAGE_DATA / "french.jsonl"), registry, progress=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 import openai
 import pytest
 
+from tests.conftest import linked_home
 from tests.factory import save_lora
 from zoo.registry import Registry
 from zoo.serve.launch import ServeOptions, free_port, running_server
@@ -54,9 +54,7 @@ def lora_maker(smollm2_home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(smollm2_home, tmp_path_factory, lora_maker):
-    home = tmp_path_factory.mktemp("serve-home")
-    shutil.rmtree(home)
-    shutil.copytree(smollm2_home, home, copy_function=os.link)
+    home = linked_home(smollm2_home, tmp_path_factory.mktemp("serve") / "home")
     registry = Registry(home)
     from zoo.quantize import quantize
 
@@ -214,9 +212,7 @@ def test_served_base_really_is_int8(served, engine_reports, smollm2_home, tmp_pa
     int8 = json.loads(get(served, "/zoo/engine"))["weights"]
     assert int8["quantized_layers"] == {"CompressedTensorsW8A8Int8": 30 * 4}  # qkv, o, gate_up, down
     if "bf16" not in engine_reports:  # test_merge's 16-bit engine measured it already
-        home = tmp_path_factory.mktemp("bf16-only")
-        shutil.rmtree(home)
-        shutil.copytree(smollm2_home, home, copy_function=os.link)
+        home = linked_home(smollm2_home, tmp_path_factory.mktemp("bf16-only") / "home")
         options = ServeOptions(base=BASE, quantization="none", port=free_port())
         with running_server(options, Registry(home)) as server:
             engine_reports["bf16"] = json.loads(urllib.request.urlopen(

@@ -58,6 +58,6 @@ def main() -> None:
 
 
 from zoo.cli import catalog as _catalog  # noqa: E402,F401  (registers commands)
-from zoo.cli import model as _model  # noqa: E402,F401
 from zoo.cli import hub as _hub  # noqa: E402,F401
+from zoo.cli import model as _model  # noqa: E402,F401
 from zoo.cli import serve as _serve  # noqa: E402,F401

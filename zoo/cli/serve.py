@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from zoo.cli import cli
+from zoo.cli import DEBUG_VARIABLE, cli
 
 
 @cli.command("serve", context_settings={"ignore_unknown_options": True})
 @click.option("--multi-lora", is_flag=True, required=True,
               help="Serve every servable adapter of the base from one engine.")
 @click.option("--base", default=None, help="Base to serve (default: the embedded one).")
-@click.option("--quantization", type=click.Choice(["w8a8", "none"]), default="w8a8",
-              show_default=True, help="w8a8: int8 weights and activations.")
+@click.option("--quantization", type=click.Choice(["w8a8", "none", "nf4"]), default="w8a8",
+              show_default=True,
+              help="w8a8: int8 weights and activations; nf4: GPU only (vllm-bnb-plugin).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-loras", type=int, default=8, show_default=True,
@@ -38,4 +40,6 @@ def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_lor
     plan = plan_serve(options, log=lambda line: click.echo(line, err=True))
     for line in describe(plan, options):
         click.echo(line, err=True)
+    if os.environ.get(DEBUG_VARIABLE):
+        click.echo("vLLM command: " + " ".join(plan.argv), err=True)
     sys.exit(run_server(plan))

@@ -30,6 +30,7 @@ from zoo.serve.plugin import STATE_VARIABLE
 from zoo.store import ORIGINAL, verify_files
 
 DEFAULT_BASE = "smollm2-135m-instruct"
+QUANTIZATIONS = ("w8a8", "none", "nf4")
 # Leaves room for adapters added while the server runs (a rank above it is refused
 # with a message saying to restart); raised to the largest registered rank.
 MIN_MAX_LORA_RANK = 16
@@ -85,13 +86,14 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None,
     registry = registry or Registry()
     catalog = registry.load()
     base = choose_base(catalog, options.base)
-    if options.quantization not in ("w8a8", "none"):
+    if options.quantization not in QUANTIZATIONS:
         raise ServeError(f"unknown quantization {options.quantization!r}",
-                         hint="Use w8a8 (int8, the CPU format that works with LoRA) or none.")
-    if options.quantization == "w8a8":
+                         hint="Use w8a8 (int8, the CPU format that works with LoRA), none, "
+                              "or nf4 (GPU only, with vllm-bnb-plugin).")
+    if options.quantization != "none":
         from zoo.quantize import quantize
 
-        quantize(base.name, "w8a8", registry, log=log)  # reused when present and intact
+        quantize(base.name, options.quantization, registry, log=log)  # reused when intact
         base = registry.load().base(base.name)
     from zoo.loading import variant_path
 
@@ -119,6 +121,8 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None,
         "--middleware", "zoo.serve.middleware.ZooMiddleware",
         "--disable-uvicorn-access-log",
     ]
+    if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU
+        argv += ["--quantization", "bitsandbytes"]
     if preload:
         argv += ["--lora-modules", *(f"{a.name}={registry.home / a.path}" for a in preload)]
     argv += list(options.extra_args)
