@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,8 +47,9 @@ def child(mode: str, base_dir: Path, adapter: str, adapter_dir: Path, out: Path,
         for f in base_dir.glob("*.safetensors"):
             shutil.copyfile(f, out / f.name)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    from zoo.measure import peak_rss_bytes
+
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_bytes() / 1e6}))
 
 
 def write_large_base(out: Path) -> None:

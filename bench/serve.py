@@ -38,17 +38,19 @@ async def burst(url: str, models: list[str], tokens: int) -> dict:
 
     client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=900)
 
-    async def one(model: str) -> int:
+    async def one(model: str) -> tuple[int, str]:
         reply = await client.chat.completions.create(
             model=model, messages=PROMPT, max_tokens=tokens, temperature=0,
             extra_body={"min_tokens": tokens, "ignore_eos": True})
-        return reply.usage.completion_tokens
+        return reply.usage.completion_tokens, reply.choices[0].message.content
 
     start = time.perf_counter()
-    counts = await asyncio.gather(*(one(m) for m in models))
+    replies = await asyncio.gather(*(one(m) for m in models))
     seconds = time.perf_counter() - start
     await client.close()
-    return {"tokens": sum(counts), "seconds": seconds, "tok_per_s": sum(counts) / seconds}
+    tokens_out = sum(n for n, _text in replies)
+    return {"tokens": tokens_out, "seconds": seconds, "tok_per_s": tokens_out / seconds,
+            "texts": [text for _n, text in replies]}
 
 
 async def first_token(url: str, model: str) -> float:
@@ -127,6 +129,11 @@ def main() -> None:
                 extra["rss"] = (rss_base, engine_rss(pid))
                 extra["weights"] = json.load(urllib.request.urlopen(
                     url.removesuffix("/v1") + "/zoo/engine"))["weights"] or {}
+    texts = {}
+    for row in rows:
+        texts.setdefault(row["case"], []).append(row.pop("texts"))
+    same = {case: sum(a == b for a, b in zip(*runs, strict=True)) for case, runs in texts.items()
+            if len(runs) == 2}
     adapter_bytes = sum(sum(f["size"] for f in a.files.values())
                         for a in registry.load().adapters(base=BASE) if a.name in names)
     base_bytes = extra["weights"].get("heap_bytes", 0)
@@ -140,6 +147,10 @@ def main() -> None:
         "engine_rss_with_adapters_mb": extra["rss"][1] / 1e6,
     }
     ttft = extra["ttft"]
+    if same:
+        print("greedy answers identical between zoo's and vLLM's LoRA path: " + ", ".join(
+            f"{case.split(')')[0]}) {n}/{n_requests}" for case, n in same.items()
+            for n_requests in [args.requests]))
     print(f"\n{n} concurrent requests x {args.tokens} output tokens, base {args.quantization}, "
           f"dtype {args.dtype}, max-loras 8, rank-8 LoRAs on all 7 projections")
     print(table(rows, ["lora path", "case", "tokens", "seconds", "tok_per_s", "vs (a)"]))
@@ -152,7 +163,8 @@ def main() -> None:
     print(f"engine processes' resident memory (KV cache included): base alone "
           f"{memory['engine_rss_base_only_mb']:.0f} MB, after loading {args.adapters} adapters "
           f"{memory['engine_rss_with_adapters_mb']:.0f} MB")
-    save("serve", {"command": " ".join(sys.argv), "rows": rows, "ttft": ttft, "memory": memory})
+    save("serve", {"command": " ".join(sys.argv), "rows": rows, "ttft": ttft, "memory": memory,
+                   "identical_answers": same})
 
 
 if __name__ == "__main__":

@@ -262,15 +262,16 @@ def test_shards_roll_at_the_size_limit(tiny, tmp_path):
 
 
 PEAK_PROBE = """
-import resource, sys
+import sys
 from pathlib import Path
+from zoo.measure import peak_rss_bytes
 from zoo.merge import MergeOptions, merge
 from zoo.registry import Registry
 import torch, transformers, peft  # what a merge imports, before measuring the baseline
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+baseline = peak_rss_bytes()
 if sys.argv[1] == "merge":
     merge(MergeOptions(adapters=("big-lora",), out=Path(sys.argv[2]), verify=False), Registry())
-print(baseline, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(baseline, peak_rss_bytes())
 """
 
 
@@ -301,8 +302,8 @@ def test_merge_streams_with_memory_near_one_tensor(tmp_path, zoo_home):
         out = subprocess.run([sys.executable, "-c", PEAK_PROBE, mode, str(tmp_path / "out")],
                              capture_output=True, text=True, check=True)
         before, after = map(int, out.stdout.split()[-2:])
-        peaks[mode] = after * 1024
-        baseline = before * 1024
+        peaks[mode] = after
+        baseline = before
     model_bytes = 12 * largest
     extra = peaks["merge"] - max(baseline, peaks["baseline"])
     assert extra < 4 * largest < model_bytes / 2, (extra / 1e6, peaks)

@@ -13,6 +13,7 @@ computed in float32 and rounded once to the output dtype.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,19 +79,20 @@ class LoraFile:
         factor = self.weight * self.scale(module)
         if "embA" in roles:  # embeddings: B [dim, r] @ A [r, num], transposed to [num, dim]
             a, b = self.tensors.get(roles["embA"]).float(), self.tensors.get(roles["embB"]).float()
-            return (b @ a).T * factor
+            return (b @ a).mul_(factor).T
         a, b = self.tensors.get(roles["A"]).float(), self.tensors.get(roles["B"]).float()
-        return (b @ a) * factor
+        return (b @ a).mul_(factor)
 
 
-def fold(weight: torch.Tensor, deltas: list[torch.Tensor], fan_in_fan_out: bool = False,
+def fold(weight: torch.Tensor, deltas: Iterable[torch.Tensor], fan_in_fan_out: bool = False,
          magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """W + sum(deltas) in float32 (deltas are [out, in]); DoRA rescales the rows."""
-    w = weight.float()
+    merged = weight.float()  # a fresh tensor the caller owns: added to in place
     if fan_in_fan_out:
-        w = w.T
-    merged = w + sum(deltas)
+        merged = merged.T
+    for delta in deltas:
+        merged.add_(delta)
     if magnitude is not None:
         norm = torch.linalg.norm(merged, dim=1)
-        merged = merged * (magnitude.float() / norm).view(-1, 1)
+        merged.mul_((magnitude.float() / norm).view(-1, 1))
     return merged.T if fan_in_fan_out else merged

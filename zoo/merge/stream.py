@@ -67,6 +67,7 @@ def plan_tensors(source_dir: Path, adapters, dtype: str
     covered = set()
     for name in sorted(names):
         module = name.removesuffix(".weight")
+        copied = False
         if name.endswith(".weight") and module in targets:
             covered.add(module)
             make = _folding(name, module, targets[module], base_value, out_dtype, shape_of(name))
@@ -74,10 +75,11 @@ def plan_tensors(source_dir: Path, adapters, dtype: str
             lora, key = saved[name]
             make = _saved(lora, key, out_dtype, shape_of(name))
         elif name not in nf4 and source.dtype(name) == dtype_of(name):
-            make = _copied(source, name)
+            make, copied = _copied(source, name), True
         else:
             make = _converted(base_value, name, dtype_of(name))
-        planned.append(PlannedTensor(name, dtype_of(name), shape_of(name), make))
+        planned.append(PlannedTensor(name, dtype_of(name), shape_of(name), make,
+                                     computed=not copied))
     missing = sorted(set(targets) - covered)
     if missing:
         raise ShapeMismatch(f"{missing[0]}.weight", (), (), "base (module not found)")
@@ -102,7 +104,7 @@ def _folding(name, module, contributions, base_value, out_dtype, shape):
     def make() -> torch.Tensor:
         weight = base_value(name)
         first = contributions[0][0]
-        deltas = [lora.delta(module, roles) for lora, roles in contributions]
+        deltas = (lora.delta(module, roles) for lora, roles in contributions)  # one at a time
         magnitude = None
         if "magnitude" in contributions[0][1]:
             magnitude = first.tensors.get(contributions[0][1]["magnitude"])

@@ -53,11 +53,17 @@ class TensorFile:
             return f.read(end - start)
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read straight into its own memory (one copy, no memory map)."""
         info = self.header[name]
-        data = bytearray(self.raw(name))
-        if not data:
-            return torch.empty(info["shape"], dtype=self.dtype(name))
-        return torch.frombuffer(data, dtype=self.dtype(name)).reshape(info["shape"])
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=self.dtype(name))
+        if end > start:
+            with open(self.path, "rb") as f:
+                f.seek(8 + self._header_len + start)
+                view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+                if f.readinto(view) != end - start:
+                    raise OSError(f"{self.path}: {name} is truncated")
+        return tensor
 
 
 class TensorSource:
@@ -94,6 +100,7 @@ class PlannedTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     make: Callable[[], torch.Tensor | bytes]
+    computed: bool = True  # False: bytes copied verbatim from a checked source
 
     @property
     def nbytes(self) -> int:
@@ -155,19 +162,22 @@ def write_file(tensors: Iterable[PlannedTensor], path: Path,
             if len(data) != t.nbytes:
                 raise ValueError(f"{t.name}: made {len(data)} bytes, planned {t.nbytes}")
             f.write(data)
+            del value, data
             progress(t.name)
 
 
-def _tensor_bytes(value: torch.Tensor, planned: PlannedTensor) -> bytes:
+def _tensor_bytes(value: torch.Tensor, planned: PlannedTensor) -> memoryview:
+    """The tensor's bytes, without copying them."""
     if tuple(value.shape) != planned.shape or value.dtype != planned.dtype:
         raise ValueError(f"{planned.name}: made {value.dtype}{list(value.shape)}, planned "
                          f"{planned.dtype}{list(planned.shape)}")
-    return value.contiguous().view(torch.uint8).numpy().tobytes()
+    flat = value.contiguous().view(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def check_written(out: Path, planned: list[PlannedTensor]) -> None:
     """Reopen what was written: safetensors' own reader must agree with the plan on
-    every name, dtype and shape, and no tensor may hold NaN or Inf."""
+    every name, dtype and shape, and no computed tensor may hold NaN or Inf."""
     from safetensors import safe_open
 
     want = {t.name: t for t in planned}
@@ -182,6 +192,8 @@ def check_written(out: Path, planned: list[PlannedTensor]) -> None:
                 seen.add(name)
         reader = TensorFile(path)  # plain reads: no memory map swelling the resident set
         for name in reader.names():
+            if not want[name].computed:
+                continue
             value = reader.get(name)
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ValueError(f"{path.name}: tensor {name} has NaN or Inf")

@@ -20,7 +20,6 @@ It changes installed files in no way: all are runtime registrations.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from pathlib import Path
@@ -62,6 +61,8 @@ def _patch_weight_report(state: Path) -> None:
         return
 
     def load_model(self, *args, **kwargs):
+        from zoo.measure import heap_in_use
+
         before = heap_in_use()
         model = original(self, *args, **kwargs)
         report = weight_report(model, heap_in_use() - before)
@@ -71,25 +72,6 @@ def _patch_weight_report(state: Path) -> None:
 
     load_model._zoo_report = True
     BaseModelLoader.load_model = load_model
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-def heap_in_use() -> int:
-    """Bytes the process holds in live heap allocations (glibc's mallinfo2).
-
-    Unlike the resident set, this drops when memory is freed (glibc keeps
-    freed pages mapped) and leaves out mapped files such as the checkpoint,
-    so the change across loading is what the loaded weights occupy.
-    """
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
 
 
 def weight_report(model, heap_delta: int) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Literal
 
 from zoo.errors import DuplicateEntry, NotSupported
 from zoo.home import staging_dir, validate_name
+from zoo.measure import peak_rss_bytes
 from zoo.records import AdapterEntry
 from zoo.registry import Registry
 from zoo.store import ORIGINAL, BaseRef, register_adapter
@@ -252,7 +252,7 @@ def _run(model, trainable, train_set, eval_set, tokenizer, options, progress: bo
         "eval_loss": None if eval_after is None else round(eval_after, 4),
         "train_examples": len(train_set), "eval_examples": len(eval_set),
         "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_bytes() / 1e6, 1),
     }
 
 

@@ -1,0 +1,42 @@
+"""Process memory, measured: for benchmarks, training records and the serve report."""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Read from ``/proc/self/status`` (VmHWM) where it exists: ``ru_maxrss``
+    survives ``exec``, so a child started by a large parent would report the
+    parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def heap_in_use() -> int:
+    """Bytes the process holds in live heap allocations (glibc's mallinfo2).
+
+    Unlike the resident set, this drops when memory is freed (glibc keeps
+    freed pages mapped) and leaves out mapped files such as a checkpoint, so
+    its change across loading a model is what the loaded weights occupy.
+    """
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
