@@ -13,9 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.factory import ALL_PROJECTIONS, write_random_lora  # noqa: E402,F401
+
 RESULTS = ROOT / "bench" / "results"
 BASE = "smollm2-135m-instruct"
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def bench_home() -> Path:
@@ -26,32 +27,6 @@ def bench_home() -> Path:
     home = Path(os.environ.get("ZOO_BENCH_HOME", "/tmp/zoo-bench-home"))
     pull(BASE, registry=Registry(home), log=lambda line: print(line, file=sys.stderr))
     return home
-
-
-def write_random_lora(out: Path, base_dir: Path, rank: int = 8, seed: int = 0,
-                      targets=ALL_PROJECTIONS, scale: float = 0.02) -> Path:
-    """A PEFT-format LoRA with random A and B (fast: no model is loaded)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from zoo.bases import module_weight_shapes
-
-    shapes = module_weight_shapes(base_dir)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module, shape in sorted(shapes.items()):
-        if module.rsplit(".", 1)[-1] not in targets:
-            continue
-        out_f, in_f = shape
-        key = f"base_model.model.{module}"
-        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) * scale
-        tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * scale
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors")
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
-        "bias": "none", "base_model_name_or_path": BASE, "task_type": "CAUSAL_LM"}))
-    return out
 
 
 @contextmanager

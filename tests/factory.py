@@ -109,6 +109,35 @@ def save_bottleneck(out: Path, hidden: int, layers: int, m: int = 4, seed: int =
     return out
 
 
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_lora(out: Path, base_dir: Path, rank: int = 8, seed: int = 0,
+                      targets=ALL_PROJECTIONS, scale: float = 0.02) -> Path:
+    """A PEFT-format LoRA with random A and B (fast: no model is loaded)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from zoo.bases import module_weight_shapes
+
+    shapes = module_weight_shapes(base_dir)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, shape in sorted(shapes.items()):
+        if module.rsplit(".", 1)[-1] not in targets:
+            continue
+        out_f, in_f = shape
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) * scale
+        tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * scale
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
+        "bias": "none", "base_model_name_or_path": None, "task_type": "CAUSAL_LM"}))
+    return out
+
+
 class Models:
     """Lazily built tiny models, shared by a whole test session."""
 
