@@ -12,6 +12,12 @@ import pytest
 
 from tests import factory
 
+# huggingface_hub fixes some settings (its endpoint, the hosts it trusts) when first imported.
+# Import it now, with no HF_ENDPOINT, so every test sees what a process that imported it before
+# choosing an endpoint sees, whatever order the tests run in: zoo reads HF_ENDPOINT per call.
+os.environ.pop("HF_ENDPOINT", None)
+import huggingface_hub.constants  # noqa: E402,F401  (the package itself loads lazily)
+
 SCHEMA = json.loads((Path(__file__).parent.parent / "zoo/schema/registry.schema.json").read_text())
 
 

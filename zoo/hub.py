@@ -108,6 +108,19 @@ def hub_errors(ctx: HubContext, repo: str, revision: str | None = None) -> Itera
         raise
 
 
+def _ensure_repo(api, repo: str, **options) -> None:
+    """Create REPO unless it exists. When the token may not create repos but the repo exists,
+    huggingface_hub answers with the repo's URL, which it cannot parse on an endpoint other
+    than the one set when it was imported (HfUriError); the repo exists then, which is all
+    this needs to know."""
+    from huggingface_hub.errors import HfUriError
+
+    try:
+        api.create_repo(repo, exist_ok=True, **options)
+    except HfUriError:
+        pass
+
+
 def _unreachable(ctx: HubContext, exc: Exception) -> HubError:
     return HubError(f"cannot reach {ctx.endpoint} ({type(exc).__name__})",
                     hint="Check HF_ENDPOINT and the network, or set HF_HUB_OFFLINE=1 "
@@ -188,7 +201,7 @@ def push(name: str, repo: str | None = None, private: bool = False,
     api = ctx.api()
     with hub_errors(ctx, repo or name, revision):
         repo = repo or (name if "/" in name else f"{api.whoami()['name']}/{name}")
-        api.create_repo(repo, private=private, exist_ok=True)
+        _ensure_repo(api, repo, private=private)
         if revision and revision != "main":
             api.create_branch(repo, branch=revision, exist_ok=True)
         before = api.repo_info(repo, revision=revision).sha
@@ -334,7 +347,7 @@ def sync(index: str, registry: Registry | None = None, token: str | None = None,
     for attempt in range(attempts):
         result = SyncResult(index)
         with hub_errors(ctx, index):
-            api.create_repo(index, repo_type="dataset", private=True, exist_ok=True)
+            _ensure_repo(api, index, repo_type="dataset", private=True)
             head = api.repo_info(index, repo_type="dataset").sha
         remote = _read_index(ctx, index, head)
         for adapter in registry.load().adapters():  # share what has no repo yet
