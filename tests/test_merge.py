@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,34 @@ def test_dora_rescales_rows_to_the_magnitude(tiny, tmp_path):
     got = weights_of(tmp_path / "m")[f"{module}.weight"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.norm(dim=1), magnitude, atol=1e-4, rtol=0)
+
+
+def test_embedding_lora_folds_into_the_table(tiny, tmp_path):
+    adapter = tiny.lora("emb", target_modules=["embed_tokens", "q_proj"])
+    zoo("add", adapter, "--name", "e", "--base", "tiny")
+    result = zoo("merge", "--adapter", "e", "--out", tmp_path / "m", "--dtype", "fp32")
+    assert "verified" in result.stdout
+    lora, base = lora_of(adapter), weights_of(tiny.llama)
+    a = lora["base_model.model.model.embed_tokens.lora_embedding_A"]  # [r, vocab]
+    b = lora["base_model.model.model.embed_tokens.lora_embedding_B"]  # [dim, r]
+    want = base["model.embed_tokens.weight"] + 2.0 * (b @ a).T
+    torch.testing.assert_close(weights_of(tmp_path / "m")["model.embed_tokens.weight"], want,
+                               atol=1e-6, rtol=0)
+
+
+def test_embedding_lora_on_a_tied_base_unties_the_head(models, tmp_path):
+    """The adapter changes the input table only, so the head keeps the original weights."""
+    zoo("add", models.gpt2, "--name", "g")
+    adapter = models.lora("gpt2-wte", base=models.gpt2, target_modules=["wte", "c_attn"],
+                          fan_in_fan_out=True)
+    zoo("add", adapter, "--name", "gw", "--base", "g")
+    result = zoo("merge", "--adapter", "gw", "--out", tmp_path / "m", "--dtype", "fp32")
+    assert "verified" in result.stdout  # logits match PEFT's unmerged forward
+    merged, base = weights_of(tmp_path / "m"), weights_of(models.gpt2)
+    assert "lm_head.weight" not in base
+    assert torch.equal(merged["lm_head.weight"], base["transformer.wte.weight"])
+    assert not torch.equal(merged["transformer.wte.weight"], base["transformer.wte.weight"])
+    assert json.loads((tmp_path / "m/config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_two_adapters_combine_as_a_weighted_sum(tiny, tmp_path):
@@ -305,8 +334,11 @@ def big_model(root: Path, layers: int) -> str:
 
 def merge_peak(adapter: str, out: Path) -> tuple[int, int]:
     """(peak RSS after the imports a merge needs, peak RSS after merging ADAPTER) of a fresh process."""
+    # A fixed mmap threshold keeps glibc from caching freed 32 MB blocks in the heap (its
+    # dynamic threshold otherwise grows to exactly that size), so RSS follows what zoo holds.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     result = subprocess.run([sys.executable, "-c", PEAK_PROBE, adapter, str(out)],
-                            capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True, env=env)
     before, after = map(int, result.stdout.split()[-2:])
     return before, after
 

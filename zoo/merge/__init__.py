@@ -226,7 +226,7 @@ def _write_config(original_dir: Path, out: Path, plan: _Plan) -> None:
     config.pop("quantization_config", None)
     config["dtype"] = plan.dtype
     config.pop("torch_dtype", None)
-    if plan.untied_lm_head:  # an adapter on lm_head gave it weights of its own
+    if plan.untied_lm_head:  # an adapter on the head or the embedding split them
         config["tie_word_embeddings"] = False
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 

@@ -35,22 +35,24 @@ def plan_tensors(source_dir: Path, adapters, dtype: str
             saved[tensor] = (lora, key)
     nf4 = {w: read_state(source.get(w + STATE_SUFFIX), w) for w in quantized_weights(source.names())}
     names = [n for n in source.names() if not is_aux(n)]
-    untied = False
-    if "lm_head" in targets and "lm_head.weight" not in names:
-        tied = next((t for t in TIED_EMBEDDINGS if t in names), None)
-        if tied is None:
+    # On a tied base, an adapter on the head or on the embedding changes one side only:
+    # the output gets a head of its own, made from the original embedding.
+    embedding = next((t for t in TIED_EMBEDDINGS if t in names), None)
+    untied = "lm_head.weight" not in names and (
+        "lm_head" in targets or (embedding is not None and embedding.removesuffix(".weight") in targets))
+    if untied:
+        if embedding is None:
             raise ShapeMismatch("lm_head.weight", (), (), "base (no lm_head or tied embedding)")
         names.append("lm_head.weight")
-        untied = True
 
     def base_value(name: str) -> torch.Tensor:
         if name == "lm_head.weight" and untied:
-            name = next(t for t in TIED_EMBEDDINGS if t in source)
+            name = embedding
         return dequantize_from(source, name) if name in nf4 else source.get(name)
 
     def shape_of(name: str) -> tuple[int, ...]:
         if name == "lm_head.weight" and untied:
-            name = next(t for t in TIED_EMBEDDINGS if t in source)
+            name = embedding
         return tuple(nf4[name].shape) if name in nf4 else source.shape(name)
 
     def dtype_of(name: str) -> torch.dtype:
@@ -74,7 +76,7 @@ def plan_tensors(source_dir: Path, adapters, dtype: str
         elif name in saved:
             lora, key = saved[name]
             make = _saved(lora, key, out_dtype, shape_of(name))
-        elif name not in nf4 and source.dtype(name) == dtype_of(name):
+        elif name in source and name not in nf4 and source.dtype(name) == dtype_of(name):
             make, copied = _copied(source, name), True
         else:
             make = _converted(base_value, name, dtype_of(name))
