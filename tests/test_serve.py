@@ -20,8 +20,10 @@ import pytest
 
 from tests.conftest import linked_home
 from tests.factory import save_lora
+from tests.helpers import zoo
 from zoo.registry import Registry
 from zoo.serve.launch import ServeOptions, free_port, running_server
+from zoo.serve.policy import ServePolicy, hash_key, load_tenants
 from zoo.store import add
 
 pytestmark = pytest.mark.vllm
@@ -69,7 +71,7 @@ def served(smollm2_home, tmp_path_factory, lora_maker):
     keys = home.parent / "keys.json"
     keys.write_text(json.dumps({"tenants": {
         "acme": {"keys": [KEYS["acme"]]},
-        "globex": {"keys": [KEYS["globex"]], "adapters": ["globex/*"]},
+        "globex": {"keys": [hash_key(KEYS["globex"])], "adapters": ["globex/*"]},  # hashed
         "ops": {"keys": [KEYS["ops"]], "adapters": ["*"]}}}))
     lines: list[str] = []
     options = ServeOptions(base=BASE, quantization="w8a8", port=free_port(), api_keys=keys)
@@ -94,6 +96,25 @@ def get(server, path: str, key: str | None = KEYS["ops"]):
         request.add_header("Authorization", f"Bearer {key}")
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.read().decode()
+
+
+def test_keys_add_stores_only_a_hash(tmp_path):
+    path = tmp_path / "keys.json"
+    first = zoo("keys", "add", "acme", "--file", path).stdout.strip()
+    second = zoo("keys", "add", "ops", "--file", path, "--adapters", "*").stdout.strip()
+    text = path.read_text()
+    assert first.startswith("sk-zoo-") and first != second
+    assert first not in text and second not in text and hash_key(first) in text
+    policy = ServePolicy(Registry(tmp_path / "home"), BASE, 8, load_tenants(path))
+    acme, ops = policy.tenant_for(first), policy.tenant_for(second)
+    assert acme.name == "acme" and ops.name == "ops"
+    assert policy.tenant_for(first[:-1]) is None and policy.tenant_for(hash_key(first)) is None
+    assert policy.authorize(acme, "globex/b").status == 403 and policy.authorize(ops, "globex/b").ok
+    malformed = '{"tenants": {"acme": {"keys": ["sha256:abc"]}}}'
+    path.write_text(malformed)
+    result = zoo("keys", "add", "acme", "--file", path, ok=False)
+    assert result.exit_code == 1 and "64 hex digits" in result.stderr
+    assert path.read_text() == malformed  # refused before writing
 
 
 def test_start_up_lists_what_is_served_and_what_is_left_out(served):

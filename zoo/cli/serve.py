@@ -43,3 +43,23 @@ def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_lor
     if os.environ.get(DEBUG_VARIABLE):
         click.echo("vLLM command: " + " ".join(plan.argv), err=True)
     sys.exit(run_server(plan))
+
+
+@cli.group("keys")
+def keys_group() -> None:
+    """API keys of the tenants of 'zoo serve --api-keys FILE'."""
+
+
+@keys_group.command("add")
+@click.argument("tenant")
+@click.option("--file", "path", type=click.Path(path_type=Path), required=True,
+              help="The keys file (created when missing).")
+@click.option("--adapters", multiple=True,
+              help="Patterns of the adapters TENANT may use (default: TENANT/*); repeatable.")
+def keys_add_cmd(tenant: str, path: Path, adapters: tuple[str, ...]) -> None:
+    """Make a new key for TENANT; the file keeps only its SHA-256, so it is shown once."""
+    from zoo.serve.policy import add_key
+
+    key = add_key(path, tenant, adapters)
+    click.echo(key)
+    click.echo(f"added a key for {tenant} to {path}; it is shown only now", err=True)

@@ -9,13 +9,17 @@ while the server runs are seen on the next request.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import hmac
 import json
 import os
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zoo.errors import FormatError
+from zoo.errors import FormatError, ZooError
+from zoo.files import load_json, write_json_atomic
 from zoo.records import AdapterEntry
 from zoo.registry import Catalog, Registry
 from zoo.store import verify_files
@@ -39,18 +43,52 @@ class Decision:
         return self.status == 200
 
 
+HASHED = "sha256:"
+_HASHED_KEY = re.compile(re.escape(HASHED) + "[0-9a-f]{64}")
+
+
+def hash_key(key: str) -> str:
+    """How a keys file can hold a key without holding the secret: ``sha256:HEX``."""
+    return HASHED + hashlib.sha256(key.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
-    keys: tuple[str, ...]
+    keys: tuple[str, ...]  # plain keys, or their hash_key()
     adapters: tuple[str, ...]  # fnmatch patterns; "NAME/*" by default
 
     def may_use(self, adapter: str) -> bool:
         return any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.adapters)
 
+    def holds(self, key: str) -> bool:
+        hashed = hash_key(key)
+        return any(hmac.compare_digest((hashed if k.startswith(HASHED) else key).encode(), k.encode())
+                   for k in self.keys)
+
+
+def add_key(path: Path, tenant: str, adapters: tuple[str, ...] = ()) -> str:
+    """Make a new random key for TENANT (created when new), store only its hash in the keys
+    file at PATH (created when missing), and return the key: the one time it is shown."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tenant):
+        raise ZooError(f"tenant name {tenant!r} is not valid",
+                         hint="Use letters, digits, '.', '_' and '-'.")
+    data = {"tenants": {}}
+    if path.exists():
+        load_tenants(path)  # refuse a malformed file before changing it
+        data = load_json(path, "API keys file")
+    spec = data["tenants"].setdefault(tenant, {"keys": []})
+    if adapters:
+        spec["adapters"] = list(adapters)
+    key = "sk-zoo-" + secrets.token_urlsafe(24)
+    spec["keys"].append(hash_key(key))
+    write_json_atomic(path, data)
+    return key
+
 
 def load_tenants(path: Path) -> list[Tenant]:
-    """Read an API keys file: ``{"tenants": {NAME: {"keys": [...], "adapters": [...]}}}``."""
+    """Read an API keys file: ``{"tenants": {NAME: {"keys": [...], "adapters": [...]}}}``,
+    each key given plain or as ``sha256:HEX`` of the key."""
     try:
         data = json.loads(Path(path).read_text())
         tenants = []
@@ -58,13 +96,17 @@ def load_tenants(path: Path) -> list[Tenant]:
             keys = tuple(str(k) for k in spec["keys"])
             if not keys or any(len(k) < 8 for k in keys):
                 raise ValueError(f"tenant {name!r} needs keys of 8 characters or more")
+            bad = [k for k in keys if k.startswith(HASHED) and not _HASHED_KEY.fullmatch(k)]
+            if bad:
+                raise ValueError(f"tenant {name!r} has a {HASHED} key that is not 64 hex digits")
             adapters = tuple(spec.get("adapters") or [f"{name}/*"])
             tenants.append(Tenant(name, keys, adapters))
     except FileNotFoundError:
         raise FormatError(f"API keys file {path} not found", path=str(path)) from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"API keys file {path} is malformed ({exc})", path=str(path), hint=(
-            'Write {"tenants": {"acme": {"keys": ["sk-..."], "adapters": ["acme/*"]}}}.')) from None
+            'Write {"tenants": {"acme": {"keys": ["sk-..."], "adapters": ["acme/*"]}}}, '
+            "or make it with 'zoo keys add TENANT --file FILE'.")) from None
     return tenants
 
 
@@ -143,7 +185,7 @@ class ServePolicy:
         if self.tenants is None or not key:
             return None
         for tenant in self.tenants:
-            if any(hmac.compare_digest(key.encode(), k.encode()) for k in tenant.keys):
+            if tenant.holds(key):
                 return tenant
         return None
 
