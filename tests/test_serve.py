@@ -110,6 +110,13 @@ def test_keys_add_stores_only_a_hash(tmp_path):
     assert acme.name == "acme" and ops.name == "ops"
     assert policy.tenant_for(first[:-1]) is None and policy.tenant_for(hash_key(first)) is None
     assert policy.authorize(acme, "globex/b").status == 403 and policy.authorize(ops, "globex/b").ok
+    # processes adding keys at once lose none of them
+    procs = [subprocess.Popen([sys.executable, "-m", "zoo", "keys", "add", f"t{i}", "--file", str(path)],
+                              stdout=subprocess.PIPE, text=True) for i in range(6)]
+    made = {f"t{i}": p.communicate()[0].strip() for i, p in enumerate(procs)}
+    policy = ServePolicy(Registry(tmp_path / "home"), BASE, 8, load_tenants(path))
+    assert all(policy.tenant_for(key).name == name for name, key in made.items())
+    assert policy.tenant_for(first).name == "acme"
     malformed = '{"tenants": {"acme": {"keys": ["sha256:abc"]}}}'
     path.write_text(malformed)
     result = zoo("keys", "add", "acme", "--file", path, ok=False)

@@ -18,6 +18,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filelock import FileLock
+
 from zoo.errors import FormatError, ZooError
 from zoo.files import load_json, write_json_atomic
 from zoo.records import AdapterEntry
@@ -73,16 +75,17 @@ def add_key(path: Path, tenant: str, adapters: tuple[str, ...] = ()) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tenant):
         raise ZooError(f"tenant name {tenant!r} is not valid",
                          hint="Use letters, digits, '.', '_' and '-'.")
-    data = {"tenants": {}}
-    if path.exists():
-        load_tenants(path)  # refuse a malformed file before changing it
-        data = load_json(path, "API keys file")
-    spec = data["tenants"].setdefault(tenant, {"keys": []})
-    if adapters:
-        spec["adapters"] = list(adapters)
     key = "sk-zoo-" + secrets.token_urlsafe(24)
-    spec["keys"].append(hash_key(key))
-    write_json_atomic(path, data)
+    with FileLock(f"{path}.lock"):
+        data = {"tenants": {}}
+        if path.exists():
+            load_tenants(path)  # refuse a malformed file before changing it
+            data = load_json(path, "API keys file")
+        spec = data["tenants"].setdefault(tenant, {"keys": []})
+        if adapters:
+            spec["adapters"] = list(adapters)
+        spec["keys"].append(hash_key(key))
+        write_json_atomic(path, data)
     return key
 
 
