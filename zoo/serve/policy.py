@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from zoo.errors import FormatError, ZooError
-from zoo.files import load_json, write_json_atomic
+from zoo.files import write_json_atomic
 from zoo.records import AdapterEntry
 from zoo.registry import Catalog, Registry
 from zoo.store import verify_files
@@ -74,13 +74,10 @@ def add_key(path: Path, tenant: str, adapters: tuple[str, ...] = ()) -> str:
     file at PATH (created when missing), and return the key: the one time it is shown."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tenant):
         raise ZooError(f"tenant name {tenant!r} is not valid",
-                         hint="Use letters, digits, '.', '_' and '-'.")
+                       hint="Use letters, digits, '.', '_' and '-'.")
     key = "sk-zoo-" + secrets.token_urlsafe(24)
-    with FileLock(f"{path}.lock"):
-        data = {"tenants": {}}
-        if path.exists():
-            load_tenants(path)  # refuse a malformed file before changing it
-            data = load_json(path, "API keys file")
+    with FileLock(f"{path}.lock"):  # a malformed file is refused before anything changes
+        data = _read_keys_file(path)[0] if path.exists() else {"tenants": {}}
         spec = data["tenants"].setdefault(tenant, {"keys": []})
         if adapters:
             spec["adapters"] = list(adapters)
@@ -92,6 +89,11 @@ def add_key(path: Path, tenant: str, adapters: tuple[str, ...] = ()) -> str:
 def load_tenants(path: Path) -> list[Tenant]:
     """Read an API keys file: ``{"tenants": {NAME: {"keys": [...], "adapters": [...]}}}``,
     each key given plain or as ``sha256:HEX`` of the key."""
+    return _read_keys_file(path)[1]
+
+
+def _read_keys_file(path: Path) -> tuple[dict, list[Tenant]]:
+    """The keys file's JSON and its tenants, checked."""
     try:
         data = json.loads(Path(path).read_text())
         tenants = []
@@ -110,7 +112,7 @@ def load_tenants(path: Path) -> list[Tenant]:
         raise FormatError(f"API keys file {path} is malformed ({exc})", path=str(path), hint=(
             'Write {"tenants": {"acme": {"keys": ["sk-..."], "adapters": ["acme/*"]}}}, '
             "or make it with 'zoo keys add TENANT --file FILE'.")) from None
-    return tenants
+    return data, tenants
 
 
 @dataclass
