@@ -9,7 +9,7 @@ bootstrap:
 	@scripts/bootstrap.sh
 
 demo: bootstrap
-	$(PY) -m zoo.demo
+	$(PY) -m zoo.apps.demo
 
 test: bootstrap
 	$(VENV)/bin/ruff check zoo tests bench

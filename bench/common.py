@@ -21,8 +21,8 @@ BASE = "smollm2-135m-instruct"
 
 def bench_home() -> Path:
     """A zoo home kept between benchmark runs (``ZOO_BENCH_HOME``), with the real base."""
-    from zoo.pull import pull
-    from zoo.registry import Registry
+    from zoo.apps.pull import pull
+    from zoo.catalog.registry import Registry
 
     home = Path(os.environ.get("ZOO_BENCH_HOME", "/tmp/zoo-bench-home"))
     pull(BASE, registry=Registry(home), log=lambda line: print(line, file=sys.stderr))

@@ -31,9 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=50)
     args = parser.parse_args()
-    from zoo.registry import Registry
+    from zoo.catalog.registry import Registry
+    from zoo.catalog.store import add
     from zoo.serve.launch import free_port
-    from zoo.store import add
 
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-hub."))
     port = free_port()
@@ -46,8 +46,8 @@ def main() -> None:
     try:
         from huggingface_hub import HfApi, snapshot_download
 
+        from zoo.apps.pull import pull
         from zoo.hub import push
-        from zoo.pull import pull
 
         source = bench_home()
         homes = {}

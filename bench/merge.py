@@ -30,8 +30,8 @@ def child(mode: str, base_dir: Path, adapter: str, adapter_dir: Path, out: Path,
           home: Path) -> None:
     start = time.perf_counter()
     if mode == "zoo":
+        from zoo.catalog.registry import Registry
         from zoo.merge import MergeOptions, merge
-        from zoo.registry import Registry
 
         merge(MergeOptions(adapters=(adapter,), out=out, verify=False), Registry(home))
     elif mode == "peft":
@@ -47,7 +47,7 @@ def child(mode: str, base_dir: Path, adapter: str, adapter_dir: Path, out: Path,
         for f in base_dir.glob("*.safetensors"):
             shutil.copyfile(f, out / f.name)
     seconds = time.perf_counter() - start
-    from zoo.measure import peak_rss_bytes
+    from zoo.core.measure import peak_rss_bytes
 
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_bytes() / 1e6}))
 
@@ -121,8 +121,8 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true")
     args = parser.parse_args()
 
-    from zoo.registry import Registry
-    from zoo.store import add
+    from zoo.catalog.registry import Registry
+    from zoo.catalog.store import add
 
     home = bench_home()
     registry = Registry(home)

@@ -58,9 +58,9 @@ def main() -> None:
     os.environ["ZOO_FAST_LORA"] = args.fast
     from serve import burst
 
-    from zoo.registry import Registry
+    from zoo.catalog.registry import Registry
+    from zoo.catalog.store import add, remove
     from zoo.serve.launch import ServeOptions, free_port, running_server
-    from zoo.store import add, remove
 
     home = bench_home()
     registry = Registry(home)

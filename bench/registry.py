@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zoo.files import write_json_atomic  # noqa: E402
-from zoo.records import AdapterEntry, BaseEntry, LoraDetails  # noqa: E402
-from zoo.registry import Catalog  # noqa: E402
+from zoo.catalog.registry import Catalog  # noqa: E402
+from zoo.core.files import write_json_atomic  # noqa: E402
+from zoo.core.records import AdapterEntry, BaseEntry, LoraDetails  # noqa: E402
 
 HASH = "sha256:" + "ab" * 32
 

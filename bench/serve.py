@@ -80,9 +80,9 @@ def main() -> None:
                         help="LoRA paths to measure, one engine each: zoo's and/or vLLM's own")
     args = parser.parse_args()
 
-    from zoo.registry import Registry
+    from zoo.catalog.registry import Registry
+    from zoo.catalog.store import add, remove
     from zoo.serve.launch import ServeOptions, free_port, running_server
-    from zoo.store import add, remove
 
     home = bench_home()
     registry = Registry(home)

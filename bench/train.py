@@ -20,7 +20,7 @@ from common import BASE, bench_home, save, table
 def child(method: str, steps: int) -> None:
     from pathlib import Path
 
-    from zoo.registry import Registry
+    from zoo.catalog.registry import Registry
     from zoo.train import PACKAGE_DATA, TrainOptions, train
 
     home = Path(sys.argv[sys.argv.index("--home") + 1])
@@ -39,8 +39,8 @@ def main() -> None:
     if args.child:
         return child(args.child, args.steps)
     home = bench_home()
+    from zoo.catalog.registry import Registry
     from zoo.quantize import quantize
-    from zoo.registry import Registry
 
     quantize(BASE, "nf4", Registry(home))  # made once, outside the timings
     rows = []

@@ -13,12 +13,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# the source of the shipped catalog; zoo/catalog/shipped.json links to it
+SOURCE = ROOT / "registry.json"
 
-from zoo.files import write_json_atomic  # noqa: E402
-from zoo.pull import SHIPPED_CATALOG, shipped_catalog  # noqa: E402
-from zoo.records import AdapterEntry, BaseEntry  # noqa: E402
-from zoo.registry import Registry  # noqa: E402
+from zoo.catalog.registry import Registry  # noqa: E402
+from zoo.catalog.shipped import shipped_catalog  # noqa: E402
+from zoo.core.files import write_json_atomic  # noqa: E402
+from zoo.core.records import AdapterEntry, BaseEntry  # noqa: E402
 
 
 def main(home: str) -> None:
@@ -37,7 +40,7 @@ def main(home: str) -> None:
             entry = replace(entry, path=None, files={}, source=keep, training=training)
         shipped.entries[name] = entry
         print(f"{name}: refreshed")
-    write_json_atomic(SHIPPED_CATALOG, shipped.to_dict())
+    write_json_atomic(SOURCE, shipped.to_dict())
 
 
 if __name__ == "__main__":

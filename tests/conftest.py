@@ -55,8 +55,8 @@ def models(tmp_path_factory) -> factory.Models:
 def smollm2_home(tmp_path_factory) -> Path:
     """A zoo home with the real embedded base pulled (built once per session)."""
     home = tmp_path_factory.mktemp("smollm2-home")
-    from zoo.pull import pull
-    from zoo.registry import Registry
+    from zoo.apps.pull import pull
+    from zoo.catalog.registry import Registry
 
     pull("smollm2-135m-instruct", registry=Registry(home))
     return home

@@ -90,7 +90,7 @@ def save_bottleneck(out: Path, hidden: int, layers: int, m: int = 4, seed: int =
     import torch
     from safetensors.torch import save_file
 
-    from zoo.adapters import BOTTLENECK_FORMAT, BOTTLENECK_POSITIONS, bottleneck_key
+    from zoo.models.adapters import BOTTLENECK_FORMAT, BOTTLENECK_POSITIONS, bottleneck_key
 
     torch.manual_seed(seed)
     tensors = {}
@@ -118,7 +118,7 @@ def write_random_lora(out: Path, base_dir: Path, rank: int = 8, seed: int = 0,
     import torch
     from safetensors.torch import save_file
 
-    from zoo.bases import module_weight_shapes
+    from zoo.models.bases import module_weight_shapes
 
     shapes = module_weight_shapes(base_dir)
     generator = torch.Generator().manual_seed(seed)
@@ -152,6 +152,12 @@ class Models:
     def llama_wide(self) -> Path:
         """Same layout as ``llama`` but hidden size 48: adapters for it must not fit."""
         return save_llama(self.root / "tiny-llama-wide", hidden_size=48, intermediate_size=96)
+
+    @cached_property
+    def llama_blocks(self) -> Path:
+        """``llama`` with every linear input a multiple of 64, bitsandbytes' NF4 block size,
+        as in real models: its AVX-512 CPU kernels dequantize narrower layers wrongly."""
+        return save_llama(self.root / "tiny-llama-blocks", hidden_size=64, intermediate_size=128)
 
     @cached_property
     def gpt2(self) -> Path:

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import zoo, zoo_json
+from zoo.catalog.registry import Registry
 from zoo.errors import VerificationFailed
 from zoo.merge import MergeOptions, merge
-from zoo.registry import Registry
 
 
 def weights_of(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -185,9 +185,10 @@ def test_a_wrong_merge_fails_verification(tiny, monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def qlora(tiny):
+def qlora(models):
+    zoo("add", models.llama_blocks, "--name", "tiny")
     zoo("quantize", "tiny", "--scheme", "nf4")
-    adapter = tiny.lora("plain")
+    adapter = models.lora("blocks", base=models.llama_blocks)
     zoo("add", adapter, "--name", "q", "--base", "tiny@nf4")
     return adapter
 
@@ -222,7 +223,7 @@ def test_qlora_folds_into_the_dequantized_base_by_default(models, qlora, tmp_pat
         "--qlora-base", "original")
     nf4_dir = Path(zoo_json("show", "tiny")["variants"]["nf4"]["path"])
     dequantized = {k: v.float() for k, v in _bnb_dequantized(nf4_dir).items()}
-    original, lora = weights_of(models.llama), lora_of(qlora)
+    original, lora = weights_of(models.llama_blocks), lora_of(qlora)
     module = "model.layers.0.self_attn.q_proj"
     torch.testing.assert_close(weights_of(tmp_path / "dq")[f"{module}.weight"],
                                expected(dequantized, lora, module, 2.0), atol=1e-6, rtol=0)
@@ -293,9 +294,9 @@ def test_shards_roll_at_the_size_limit(tiny, tmp_path):
 PEAK_PROBE = """
 import sys
 from pathlib import Path
-from zoo.measure import peak_rss_bytes
+from zoo.core.measure import peak_rss_bytes
 from zoo.merge import MergeOptions, merge
-from zoo.registry import Registry
+from zoo.catalog.registry import Registry
 import torch, transformers, peft  # what a merge imports, before measuring the baseline
 baseline = peak_rss_bytes()
 if sys.argv[1] != "-":
@@ -381,8 +382,8 @@ def test_merged_model_answers_like_vllm_with_the_adapter(bf16_server):
     import openai
     from transformers import AutoModelForCausalLM
 
-    from zoo.generate import chat_ids
-    from zoo.loading import load_tokenizer
+    from zoo.catalog.loading import load_tokenizer
+    from zoo.inference.generate import chat_ids
 
     server, registry = bf16_server
     result = merge(MergeOptions(adapters=("fr",), name="fr-merged", dtype="fp32"), registry)
@@ -404,3 +405,5 @@ def test_merged_model_answers_like_vllm_with_the_adapter(bf16_server):
         merged = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert merged.strip() == served.strip(), (question, merged, served)
         assert served not in base_answers  # the adapter really changed the answer
+
+

@@ -8,13 +8,13 @@ import pytest
 
 from tests.conftest import check_registry
 from tests.helpers import zoo, zoo_json
-from zoo.pull import SHIPPED_CATALOG, shipped_catalog
+from zoo.catalog.shipped import shipped_catalog, shipped_catalog_path
 
 BASE = "smollm2-135m-instruct"
 
 
 def test_shipped_catalog_matches_the_schema():
-    data = check_registry(SHIPPED_CATALOG)
+    data = check_registry(shipped_catalog_path())
     assert BASE in data["entries"]
     assert all(e["path"] is None for e in data["entries"].values())
 

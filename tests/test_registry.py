@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import check_registry
 from tests.helpers import zoo, zoo_json, zoo_process
+from zoo.catalog.home import validate_name
 from zoo.errors import InvalidName
-from zoo.home import validate_name
 
 
 @pytest.fixture
@@ -258,7 +258,7 @@ def test_concurrent_adds_lose_nothing(tiny, zoo_home):
 
 KILL_MID_WRITE = """
 import builtins, os, signal, sys
-import zoo.files
+import zoo.core.files
 
 class DieHalfway:
     # a file whose first write stores half the text, then dies like kill -9
@@ -273,7 +273,7 @@ def open_for_dying(path, mode="r", *args, **kwargs):
     f = builtins.open(path, mode, *args, **kwargs)
     return DieHalfway(f) if "w" in mode else f
 
-zoo.files.open = open_for_dying
+zoo.core.files.open = open_for_dying
 from zoo.cli import main
 sys.argv = ["zoo"] + sys.argv[1:]
 main()

@@ -21,10 +21,10 @@ import pytest
 from tests.conftest import linked_home
 from tests.factory import save_lora
 from tests.helpers import zoo
-from zoo.registry import Registry
+from zoo.catalog.registry import Registry
+from zoo.catalog.store import add
 from zoo.serve.launch import ServeOptions, free_port, running_server
 from zoo.serve.policy import ServePolicy, hash_key, load_tenants
-from zoo.store import add
 
 pytestmark = pytest.mark.vllm
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import zoo, zoo_json
-from zoo.registry import Registry
+from zoo.catalog.registry import Registry
 from zoo.train import PACKAGE_DATA, TrainOptions, train
 
 DATA = PACKAGE_DATA / "pirate.jsonl"
@@ -37,7 +37,7 @@ def test_each_method_lowers_the_loss(tiny, method):
 
 def test_lora_starts_from_the_base(tiny):
     """B is zero and A Gaussian at init, the base frozen: step 0 is the base exactly."""
-    from zoo.loading import load_model
+    from zoo.catalog.loading import load_model
     from zoo.train import _wrap
 
     registry = Registry()
@@ -61,15 +61,15 @@ def test_bottleneck_parameter_count_matches_the_formula(tiny):
     modules = layers * 2  # after attention and after the feed-forward block, every layer
     assert entry["bottleneck"]["modules"] == modules
     assert entry["trainable_params"] == modules * (2 * m * d + d + m)
-    from zoo.bottleneck import Bottleneck
+    from zoo.models.bottleneck import Bottleneck
     assert sum(p.numel() for p in Bottleneck(d, m).parameters()) == 2 * m * d + d + m
 
 
 def test_bottleneck_default_size_and_near_identity_start(tiny):
     import torch
 
-    from zoo.bottleneck import new_bottleneck
-    from zoo.loading import load_model
+    from zoo.catalog.loading import load_model
+    from zoo.models.bottleneck import new_bottleneck
 
     registry = Registry()
     model = load_model(registry, registry.load().base("tiny"))
@@ -101,7 +101,7 @@ def test_qlora_entry_names_the_nf4_variant(tiny, zoo_home):
     adapter_config = json.loads((Path(entry["path"]) / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "tiny@nf4"
     # the packed 4-bit weights are really there, not a 16-bit copy
-    from zoo.files import read_safetensors_header
+    from zoo.core.files import read_safetensors_header
     header = read_safetensors_header(Path(nf4["path"]) / "model.safetensors")
     q = header["model.layers.0.self_attn.q_proj.weight"]
     assert q["dtype"] == "U8" and q["shape"] == [32 * 32 // 2, 1]
@@ -152,7 +152,7 @@ def test_generate_runs_every_kind(tiny):
 def test_chat_data_masks_everything_but_the_answers(models):
     from transformers import AutoTokenizer
 
-    from zoo.train.data import IGNORE, Example, tokenize_example
+    from zoo.models.data import IGNORE, Example, tokenize_example
 
     tok = AutoTokenizer.from_pretrained(models.llama)
     ex = Example([{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},

@@ -115,5 +115,11 @@ class HubError(ZooError, OSError):
     hint = "Check HF_ENDPOINT, the repo name and your token (HF_TOKEN or --token)."
 
 
+class IndexChanged(HubError):
+    """A commit named a parent that is no longer the head (HTTP 412): someone wrote first."""
+
+    hint = "Run the command again: it reads the new state and merges."
+
+
 class ServeError(ZooError, RuntimeError):
     hint = "Run 'zoo list --base BASE' to see what can be served."

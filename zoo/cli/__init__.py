@@ -1,63 +1,13 @@
 """The ``zoo`` command: parse, call one library function, render. Nothing else.
 
 Heavy libraries (torch, transformers, vLLM) are imported inside the library
-functions that need them, so ``zoo --help`` and ``zoo list`` start fast.
+functions that need them, so ``zoo --help`` and ``zoo list`` start fast. The
+group lives in ``app``; each module beside it adds its commands to it.
 """
 
-from __future__ import annotations
-
-import os
-import sys
-import traceback
-
-import click
-
-from zoo.errors import ZooError
-
-DEBUG_VARIABLE = "ZOO_DEBUG"
-
-
-def fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-class ZooGroup(click.Group):
-    """Maps every error to one line on stderr, in one place (tracebacks on ZOO_DEBUG=1)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except ZooError as exc:
-            self._debug()
-            hint = f" {exc.hint}" if exc.hint else ""
-            fail(f"{exc.message.rstrip('.')}.{hint}")
-        except KeyboardInterrupt:
-            fail("interrupted; nothing was left half-written", 130)
-        except Exception as exc:  # noqa: BLE001 - the edge of the program
-            self._debug()
-            fail(f"unexpected {type(exc).__name__}: {exc}. "
-                 f"Set {DEBUG_VARIABLE}=1 for a traceback and report it.", 2)
-
-    @staticmethod
-    def _debug() -> None:
-        if os.environ.get(DEBUG_VARIABLE):
-            traceback.print_exc()
-
-
-@click.group(cls=ZooGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="zoo")
-def cli() -> None:
-    """zoo: catalog, merge, sync and serve many adapters on one base model."""
+from zoo.cli import catalog, hub, model, serve  # noqa: F401  (each registers its commands)
+from zoo.cli.app import cli
 
 
 def main() -> None:
     cli(prog_name="zoo")
-
-
-from zoo.cli import catalog as _catalog  # noqa: E402,F401  (registers commands)
-from zoo.cli import hub as _hub  # noqa: E402,F401
-from zoo.cli import model as _model  # noqa: E402,F401
-from zoo.cli import serve as _serve  # noqa: E402,F401

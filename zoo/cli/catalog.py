@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from zoo.cli import cli
-from zoo.records import ADAPTER_KINDS, BASE_KINDS, AdapterEntry, BaseEntry, Entry
-from zoo.registry import Registry, filter_entries
+from zoo.catalog.registry import Registry, filter_entries
+from zoo.cli.app import cli
+from zoo.core.records import ADAPTER_KINDS, BASE_KINDS, AdapterEntry, BaseEntry, Entry
 
 KIND_CHOICES = click.Choice(["base", "merged", "adapter", *ADAPTER_KINDS])
 
@@ -39,7 +39,7 @@ def _echo_json(data) -> None:
 @click.option("--base", default=None, help="Base it belongs to (NAME, or NAME@nf4 for QLoRA).")
 def add_cmd(path: Path, name: str, base: str | None) -> None:
     """Inspect an adapter or model directory, copy it into the zoo and register it."""
-    from zoo.store import add
+    from zoo.catalog.store import add
 
     entry = add(path, name, base)
     detail = f" on {entry.base}" if isinstance(entry, AdapterEntry) else ""
@@ -112,7 +112,7 @@ def show_cmd(name: str, as_json: bool) -> None:
 @click.argument("name", required=False)
 def verify_cmd(name: str | None) -> None:
     """Re-hash stored files; exit status 1 and the changed files when anything differs."""
-    from zoo.store import verify
+    from zoo.catalog.store import verify
 
     results = verify(name)
     bad = [r for r in results if not r.ok]
@@ -126,7 +126,7 @@ def verify_cmd(name: str | None) -> None:
 @click.argument("name")
 def rm_cmd(name: str) -> None:
     """Unregister an entry and delete its stored files."""
-    from zoo.store import remove
+    from zoo.catalog.store import remove
 
     entry = remove(name)
     click.echo(f"removed {entry.name} ({entry.kind})")
@@ -137,7 +137,7 @@ def rm_cmd(name: str) -> None:
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN). Never stored.")
 def pull_cmd(ref: str, token: str | None) -> None:
     """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub)."""
-    from zoo.pull import pull
+    from zoo.apps.pull import pull
 
     result = pull(ref, log=lambda line: click.echo(line, err=True), token=token)
     click.echo(result.message)

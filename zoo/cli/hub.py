@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from zoo.cli import cli
+from zoo.cli.app import cli
 
 TOKEN_HELP = "Hub token (default: HF_TOKEN). Never stored or printed."
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from zoo.cli import cli
+from zoo.cli.app import cli
 
 METHODS = ("lora", "qlora", "bottleneck")
 
@@ -57,7 +57,7 @@ def train_cmd(base, method, data, name, rank, alpha, targets, epochs, steps, lr,
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 def generate_cmd(prompt: str, adapter: str | None, base: str | None, max_tokens: int) -> None:
     """Greedy answer from an adapter (or a base) through transformers, without a server."""
-    from zoo.generate import generate
+    from zoo.inference.generate import generate
 
     click.echo(generate(prompt, adapter=adapter, base=base, max_new_tokens=max_tokens))
 

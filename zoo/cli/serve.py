@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from zoo.cli import DEBUG_VARIABLE, cli
+from zoo.cli.app import DEBUG_VARIABLE, cli
 
 
 @cli.command("serve", context_settings={"ignore_unknown_options": True})
@@ -32,12 +32,13 @@ from zoo.cli import DEBUG_VARIABLE, cli
 def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_loras, api_keys,
               dtype, vllm_args) -> None:
     """Serve a base and its adapters with vLLM (OpenAI API); extra options go to vLLM."""
-    from zoo.serve.launch import ServeOptions, describe, plan_serve, run_server
+    from zoo.serve.launch import ServeOptions, describe, plan_serve, prepare_base, run_server
 
     options = ServeOptions(base=base, quantization=quantization, host=host, port=port,
                            max_loras=max_loras, max_cpu_loras=max_cpu_loras, api_keys=api_keys,
                            dtype=dtype, extra_args=tuple(vllm_args))
-    plan = plan_serve(options, log=lambda line: click.echo(line, err=True))
+    prepare_base(options, log=lambda line: click.echo(line, err=True))
+    plan = plan_serve(options)
     for line in describe(plan, options):
         click.echo(line, err=True)
     if os.environ.get(DEBUG_VARIABLE):

@@ -16,17 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from zoo.catalog.home import new_stage, pid_tag, validate_name
+from zoo.catalog.integrity import ORIGINAL, require_intact, variant_path
+from zoo.catalog.registry import Registry
+from zoo.catalog.store import register_base
+from zoo.core.records import AdapterEntry, BaseEntry
+from zoo.core.tables import DTYPES, TOKENIZER_FILES
 from zoo.errors import BaseMismatch, DuplicateEntry, NotSupported, OutputExists
-from zoo.home import new_stage, pid_tag, validate_name
-from zoo.records import AdapterEntry, BaseEntry
-from zoo.registry import Registry
-from zoo.store import ORIGINAL, register_base, require_intact
 
 QloraBase = Literal["dequantized", "original"]
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "generation_config.json", "tokenizer.model",
-                 "vocab.json", "merges.txt")
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def dequantize(base_ref: str, out: Path | None = None, name: str | None = None,
                dtype: str | None = None, force: bool = False, registry: Registry | None = None,
                log: Callable[[str], None] = lambda _: None) -> MergeResult:
     """Write the 16-bit form of a base's NF4 variant (``BASE@nf4``) on its own."""
-    from zoo.home import split_variant
+    from zoo.catalog.home import split_variant
 
     registry = registry or Registry()
     base_name, variant = split_variant(base_ref)
@@ -123,8 +122,6 @@ def _plan(options: MergeOptions, registry: Registry) -> _Plan:
         raise NotSupported("LoRA and QLoRA adapters fold into different base weights",
                            hint="Merge them separately, or pass --qlora-base original.")
     source = "nf4" if "qlora" in kinds and options.qlora_base == "dequantized" else ORIGINAL
-    from zoo.loading import variant_path
-
     variant_path(registry, base, source)  # intact, before anything is written
     resolved = [(e, require_intact(registry, e), w) for e, w in zip(entries, weights, strict=True)]
     name = options.name
@@ -137,8 +134,6 @@ def _plan(options: MergeOptions, registry: Registry) -> _Plan:
 
 
 def _dtype(requested: str | None, base: BaseEntry) -> str:
-    from zoo.loading import DTYPES
-
     dtype = DTYPES.get(requested or base.dtype)
     if dtype is None:
         raise NotSupported(f"unknown dtype {requested!r}", hint="Use bf16, fp16 or fp32.")
@@ -162,7 +157,6 @@ def _target(options: MergeOptions, registry: Registry, name: str | None = None) 
 
 def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
              log: Callable[[str], None]) -> MergeResult:
-    from zoo.loading import variant_path
     from zoo.merge.stream import plan_tensors
     from zoo.merge.tensors import check_written, write_shards
 
@@ -177,7 +171,7 @@ def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
         index = write_shards(planned, stage, options.max_shard_bytes)
         check_written(stage, planned)
         _write_config(original_dir, stage, plan)
-        for name in CARRIED_FILES:
+        for name in TOKENIZER_FILES:
             if (original_dir / name).exists():
                 shutil.copyfile(original_dir / name, stage / name)
         verification = None
@@ -194,7 +188,7 @@ def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
             result.path = plan.target
         if plan.name is not None and options.out is None:
             if options.force and plan.name in registry.load().entries:
-                from zoo.store import remove
+                from zoo.catalog.store import remove
 
                 remove(plan.name, registry=registry)
             source = {"type": "merge", "from": plan.base.name,

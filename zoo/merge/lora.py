@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from zoo.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, lora_scale, match_pattern
+from zoo.core.tables import LORA_SUFFIXES
 from zoo.merge.tensors import TensorFile
+from zoo.models.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, lora_scale, match_pattern
 
-ROLE_SUFFIXES = {"A": ".lora_A.weight", "B": ".lora_B.weight",
-                 "magnitude": ".lora_magnitude_vector", "embA": ".lora_embedding_A",
-                 "embB": ".lora_embedding_B"}
+# bias is refused before a merge starts (adapters.vllm_servability / merge planning)
+ROLE_SUFFIXES = {role: s for role, s in LORA_SUFFIXES.items() if role != "bias"}
 
 
 @dataclass

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo.core.tables import numel
 from zoo.errors import FormatError
 
 STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
@@ -63,9 +64,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_map: torch.Tensor, absmax: torch.
                    state: NF4State, nested_quant_map: torch.Tensor | None = None,
                    nested_absmax: torch.Tensor | None = None) -> torch.Tensor:
     """One weight back to ``state.dtype`` (bf16 for QLoRA), exactly as bitsandbytes does."""
-    n = 1
-    for d in state.shape:
-        n *= d
+    n = numel(state.shape)
     if state.nested_blocksize is not None:
         absmax = _dequantize_blockwise(absmax, nested_quant_map, nested_absmax,
                                        state.nested_blocksize) + state.nested_offset

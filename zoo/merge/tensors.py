@@ -18,13 +18,10 @@ from pathlib import Path
 
 import torch
 
-from zoo.files import read_safetensors_header
+from zoo.core.files import read_safetensors_header
+from zoo.core.tables import SAFETENSORS_TORCH, numel
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+TORCH_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_TORCH.items()}
 ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -104,10 +101,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return numel(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
 def shard(planned: list[PlannedTensor], max_bytes: int) -> list[list[PlannedTensor]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zoo.errors import VerificationFailed
+from zoo.models.nf4 import load_nf4
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, a fox")
 # Relative to the largest reference logit: what rounding W' to the dtype can move.
@@ -23,7 +24,7 @@ def reference_model(source_dir: Path, adapters, nf4: bool):
     from transformers import AutoModelForCausalLM
 
     if nf4:
-        model = AutoModelForCausalLM.from_pretrained(source_dir, device_map="cpu")
+        model = load_nf4(source_dir)
         # bitsandbytes refuses .to(dtype) on a 4-bit model: upcast the 16-bit parts
         # (embeddings, norms, head) by hand and compute the 4-bit layers in float32.
         for tensor in (*model.parameters(), *model.buffers()):
@@ -59,7 +60,7 @@ def _inputs(original_dir: Path, vocab_size: int):
     random sequence (all that is left for a model saved without a tokenizer)."""
     import torch
 
-    from zoo.loading import load_tokenizer
+    from zoo.catalog.loading import load_tokenizer
 
     batches = []
     try:

@@ -20,14 +20,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zoo.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
+from zoo.catalog.home import staging_dir
+from zoo.catalog.integrity import ORIGINAL, changed_files, variant_path
+from zoo.catalog.registry import Catalog, Registry
+from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import ServeError
-from zoo.home import staging_dir
-from zoo.records import AdapterEntry, BaseEntry
-from zoo.registry import Catalog, Registry
+from zoo.models.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
 from zoo.serve import policy as env
 from zoo.serve.plugin import STATE_VARIABLE
-from zoo.store import ORIGINAL, verify_files
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 QUANTIZATIONS = ("w8a8", "none", "nf4")
@@ -80,25 +80,39 @@ def choose_base(catalog: Catalog, requested: str | None) -> BaseEntry:
                           f"'zoo pull {DEFAULT_BASE}'.")
 
 
-def plan_serve(options: ServeOptions, registry: Registry | None = None,
-               log: Callable[[str], None] = lambda _: None) -> ServePlan:
-    """Everything about the server to start, decided and validated before starting it."""
-    registry = registry or Registry()
-    catalog = registry.load()
-    base = choose_base(catalog, options.base)
+def served_variant(options: ServeOptions) -> str:
+    """The base variant a server with these options runs on (``original`` for none)."""
     if options.quantization not in QUANTIZATIONS:
         raise ServeError(f"unknown quantization {options.quantization!r}",
                          hint="Use w8a8 (int8, the CPU format that works with LoRA), none, "
                               "or nf4 (GPU only, with vllm-bnb-plugin).")
-    if options.quantization != "none":
-        from zoo.quantize import quantize
+    return ORIGINAL if options.quantization == "none" else options.quantization
 
-        quantize(base.name, options.quantization, registry, log=log)  # reused when intact
-        base = registry.load().base(base.name)
-    from zoo.loading import variant_path
 
-    model_path = variant_path(registry, base, ORIGINAL if options.quantization == "none"
-                              else options.quantization)
+def prepare_base(options: ServeOptions, registry: Registry | None = None,
+                 log: Callable[[str], None] = lambda _: None) -> BaseEntry:
+    """The step before planning: make the served variant of the base when it is missing
+    (an intact one is reused). ``plan_serve`` itself only reads."""
+    from zoo.quantize import quantize
+
+    registry = registry or Registry()
+    base = choose_base(registry.load(), options.base)
+    variant = served_variant(options)
+    if variant != ORIGINAL:
+        quantize(base.name, variant, registry, log=log)
+    return registry.load().base(base.name)
+
+
+def plan_serve(options: ServeOptions, registry: Registry | None = None) -> ServePlan:
+    """Everything about the server to start, decided and validated before starting it.
+
+    It writes nothing: a missing quantized variant is an error here (run
+    :func:`prepare_base` first, as ``zoo serve`` does).
+    """
+    registry = registry or Registry()
+    catalog = registry.load()
+    base = choose_base(catalog, options.base)
+    model_path = variant_path(registry, base, served_variant(options))
     served, left_out = [], []
     for adapter in catalog.adapters(base=base.name):
         reason = _why_not(adapter, registry)
@@ -147,7 +161,7 @@ def _why_not(adapter: AdapterEntry, registry: Registry) -> str | None:
         return adapter.servable_reason
     if adapter.lora and adapter.lora.max_rank > VLLM_LORA_RANKS[-1]:
         return f"rank {adapter.lora.max_rank} is above vLLM's limit {VLLM_LORA_RANKS[-1]}"
-    changed = verify_files(registry.home / adapter.path, adapter.files)
+    changed = changed_files(registry.home / adapter.path, adapter.files)
     if changed:
         return f"files changed since registration: {', '.join(changed)} (re-add it)"
     return None
@@ -202,7 +216,8 @@ def running_server(options: ServeOptions, registry: Registry | None = None,
     the error carries the end of that log.
     """
     registry = registry or Registry()
-    plan = plan_serve(options, registry, log)
+    prepare_base(options, registry, log)
+    plan = plan_serve(options, registry)
     for line in describe(plan, options):
         log(line)
     with staging_dir(registry.home, "serve") as state:

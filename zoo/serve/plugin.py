@@ -61,7 +61,7 @@ def _patch_weight_report(state: Path) -> None:
         return
 
     def load_model(self, *args, **kwargs):
-        from zoo.measure import heap_in_use
+        from zoo.core.measure import heap_in_use
 
         before = heap_in_use()
         model = original(self, *args, **kwargs)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from zoo.catalog.integrity import changed_files
+from zoo.catalog.registry import Catalog, Registry
+from zoo.core.files import write_json_atomic
+from zoo.core.records import AdapterEntry
 from zoo.errors import FormatError, ZooError
-from zoo.files import write_json_atomic
-from zoo.records import AdapterEntry
-from zoo.registry import Catalog, Registry
-from zoo.store import verify_files
 
 HOME_VARIABLE = "ZOO_HOME"
 BASE_VARIABLE = "ZOO_SERVE_BASE"
@@ -123,7 +123,6 @@ class ServePolicy:
     tenants: list[Tenant] | None = None
     _catalog: Catalog | None = field(default=None, repr=False)
     _stamp: tuple | None = field(default=None, repr=False)
-    _intact: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_environment(cls) -> ServePolicy:
@@ -165,26 +164,11 @@ class ServePolicy:
             return Decision(400, f"Adapter `{name}` has rank {rank}, above this server's "
                                  f"--max-lora-rank {self.max_lora_rank}; restart zoo serve.")
         path = self.registry.home / entry.path
-        changed = self._changed_files(path, entry)
+        changed = changed_files(path, entry.files)
         if changed:
             return Decision(422, f"Adapter `{name}` cannot be served: its files changed since "
                                  f"it was registered ({', '.join(changed)}). Re-add or re-pull it.")
         return Decision(200, path=path)
-
-    def _changed_files(self, path: Path, entry: AdapterEntry) -> list[str]:
-        """Re-hash only when a file's size or mtime moved since the last check."""
-        try:
-            stamp = tuple((f, (path / f).stat().st_mtime_ns, (path / f).stat().st_size)
-                          for f in sorted(entry.files))
-        except FileNotFoundError:
-            return verify_files(path, entry.files)
-        key = (entry.name, entry.content_hash)
-        cached = self._intact.get(key)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        changed = verify_files(path, entry.files)
-        self._intact[key] = (stamp, changed)
-        return changed
 
     def tenant_for(self, key: str | None) -> Tenant | None:
         if self.tenants is None or not key:

@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from zoo.catalog.home import staging_dir, validate_name
+from zoo.catalog.integrity import ORIGINAL
+from zoo.catalog.registry import Registry
+from zoo.catalog.store import BaseRef, register_adapter
+from zoo.core.measure import peak_rss_bytes
+from zoo.core.records import AdapterEntry
 from zoo.errors import DuplicateEntry, NotSupported
-from zoo.home import staging_dir, validate_name
-from zoo.measure import peak_rss_bytes
-from zoo.records import AdapterEntry
-from zoo.registry import Registry
-from zoo.store import ORIGINAL, BaseRef, register_adapter
-from zoo.train.data import IGNORE, Dataset, load_dataset, tokenize_example
+from zoo.models.data import IGNORE, Dataset, load_dataset, tokenize_example
 
 Method = Literal["lora", "qlora", "bottleneck"]
 METHODS: tuple[str, ...] = ("lora", "qlora", "bottleneck")
@@ -77,7 +78,8 @@ def train(options: TrainOptions, registry: Registry | None = None,
         quantize(base.name, "nf4", registry, log=log)  # reused when present and intact
         base = registry.load().base(base.name)
 
-    from zoo.loading import load_model, load_tokenizer, variant_path
+    from zoo.catalog.integrity import variant_path
+    from zoo.catalog.loading import load_model, load_tokenizer
 
     torch.manual_seed(options.seed)
     random.seed(options.seed)
@@ -117,8 +119,8 @@ def _recipe(options: TrainOptions) -> dict:
 def train_from_recipe(known: AdapterEntry, registry: Registry,
                       log: Callable[[str], None] = lambda _: None) -> AdapterEntry:
     """Re-create a catalog adapter from its recorded recipe (the shipped demo adapters)."""
+    from zoo.core.files import sha256_file
     from zoo.errors import IntegrityError
-    from zoo.files import sha256_file
 
     src = known.source
     data = PACKAGE_DATA / src["data"]
@@ -151,7 +153,7 @@ def _wrap(model, options: TrainOptions, hidden_size: int):
     for p in model.parameters():
         p.requires_grad_(False)
     if options.method == "bottleneck":
-        from zoo.bottleneck import new_bottleneck
+        from zoo.models.bottleneck import new_bottleneck
 
         adapter = new_bottleneck(model, m=options.rank)
         adapter.attach(model)

@@ -4,37 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zoo.errors import UnknownEntry
-from zoo.records import AdapterEntry, BaseEntry
-from zoo.registry import Registry
-from zoo.store import ORIGINAL, require_intact, verify_files
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32",
-          "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
-
-
-def variant_path(registry: Registry, base: BaseEntry, variant: str) -> Path:
-    """The intact directory of ``base`` or of one of its quantized variants."""
-    if variant == ORIGINAL:
-        return require_intact(registry, base)
-    if variant not in base.variants:
-        raise UnknownEntry(f"{base.name}@{variant}", "base variant",
-                           hint=f"Run 'zoo quantize {base.name} --scheme {variant}'.")
-    v = base.variants[variant]
-    path = registry.home / v.path
-    changed = verify_files(path, v.files)
-    if changed:
-        from zoo.errors import IntegrityError
-
-        raise IntegrityError(f"{base.name}@{variant}: files changed: {', '.join(changed)}",
-                             files=changed)
-    return path
+from zoo.catalog.integrity import ORIGINAL, require_intact, variant_path
+from zoo.catalog.registry import Registry
+from zoo.core.records import AdapterEntry, BaseEntry
+from zoo.core.tables import torch_dtype
+from zoo.models.nf4 import load_nf4
 
 
 def load_tokenizer(path: Path):
@@ -53,7 +27,7 @@ def load_model(registry: Registry, base: BaseEntry, variant: str = ORIGINAL,
 
     path = variant_path(registry, base, variant)
     if variant == "nf4":
-        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+        model = load_nf4(path)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     return model.eval()
@@ -71,7 +45,7 @@ def load_adapted(registry: Registry, adapter: AdapterEntry, dtype: str = "fp32")
     model = load_model(registry, base, adapter.base_variant, dtype)
     tokenizer = load_tokenizer(variant_path(registry, base, ORIGINAL))
     if adapter.kind == "bottleneck":
-        from zoo.bottleneck import BottleneckSet
+        from zoo.models.bottleneck import BottleneckSet
 
         bottleneck = BottleneckSet.load(adapter_path).to(model.dtype)
         bottleneck.attach(model)

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from zoo.core.files import sha256_file
 from zoo.errors import DataError, FormatError
-from zoo.files import sha256_file
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")

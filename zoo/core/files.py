@@ -8,6 +8,7 @@ import os
 import struct
 from pathlib import Path
 
+from zoo.core.tables import SAFETENSORS_BYTES, numel
 from zoo.errors import FormatError
 
 HASH_PREFIX = "sha256:"
@@ -15,10 +16,6 @@ _CHUNK = 1 << 20
 # safetensors' own limit on a header is 100 MB; anything bigger is not a header.
 _MAX_HEADER = 100_000_000
 
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}
 
 
 def sha256_file(path: Path) -> str:
@@ -87,10 +84,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     for name, info in header.items():
         try:
             start, end = info["data_offsets"]
-            n = 1
-            for d in info["shape"]:
-                n *= d
-            expected = n * DTYPE_BYTES[info["dtype"]]
+            expected = numel(info["shape"]) * SAFETENSORS_BYTES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path}: tensor {name} has a malformed header entry",
                               path=str(path)) from None
@@ -110,13 +104,7 @@ def tensor_shapes(paths: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def count_parameters(shapes: dict[str, tuple[int, ...]]) -> int:
-    total = 0
-    for shape in shapes.values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
+    return sum(numel(shape) for shape in shapes.values())
 
 
 def load_json(path: Path, what: str) -> dict:

@@ -1,30 +1,23 @@
 """``zoo pull``: materialize a catalog entry in the home, by its short name or repo.
 
-The catalog that ships with zoo (``registry.json`` at the top of the repo)
-uses the registry's own schema; its entries have no ``path`` yet, and their
-``source`` says how to make them here: build from a packaged GGUF, train
-from a packaged dataset, or download from a Hub repo.
+A short name is looked up in the shipped catalog (``zoo.catalog.shipped``),
+whose ``source`` says how to make it here: build from a packaged GGUF, train
+from a packaged dataset, or download from a Hub repo; ``ORG/NAME`` comes from
+the Hub. This composes features (hub, train), so it lives above them.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zoo.catalog.home import validate_name
+from zoo.catalog.integrity import changed_files
+from zoo.catalog.registry import Registry
+from zoo.catalog.shipped import build_shipped_base, shipped_catalog
+from zoo.core.records import AdapterEntry, BaseEntry, Entry
 from zoo.errors import IntegrityError, UnknownEntry
-from zoo.home import staging_dir, validate_name
-from zoo.records import AdapterEntry, BaseEntry, Entry
-from zoo.registry import Catalog, Registry, read_catalog
-from zoo.store import register_base, verify_files
-
-SHIPPED_CATALOG = Path(__file__).resolve().parent.parent / "registry.json"
-
-
-def shipped_catalog() -> Catalog:
-    """The catalog that ships with zoo (``ZOO_CATALOG`` overrides its path)."""
-    return read_catalog(Path(os.environ.get("ZOO_CATALOG") or SHIPPED_CATALOG))
 
 
 @dataclass(frozen=True)
@@ -43,7 +36,7 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
     validate_name(name)
     present = registry.load().entries.get(name)
     if present is not None and present.path is not None:
-        changed = verify_files(registry.home / present.path, present.files)
+        changed = changed_files(registry.home / present.path, present.files)
         if changed:
             raise IntegrityError(f"{name!r} is registered but its files changed: "
                                  f"{', '.join(changed)}", files=changed)
@@ -66,12 +59,7 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
 def _make(known: Entry, registry: Registry, log: Callable[[str], None]) -> Entry:
     kind = known.source.get("type")
     if isinstance(known, BaseEntry) and kind == "gguf":
-        from zoo.embedded import build_from_gguf
-
-        log(f"building {known.name} from {known.source['file']} (about a minute)")
-        with staging_dir(registry.home, known.name) as stage:
-            source = build_from_gguf(known.source, stage)
-            return register_base(registry, stage, known.name, source)
+        return build_shipped_base(known.name, registry, log)
     if isinstance(known, AdapterEntry) and kind == "train":
         from zoo.train import train_from_recipe
 

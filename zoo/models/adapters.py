@@ -14,9 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from zoo.core.files import count_parameters, load_json, tensor_shapes
+from zoo.core.records import BottleneckDetails, LoraDetails
+from zoo.core.tables import LORA_SUFFIXES
 from zoo.errors import FormatError, ShapeMismatch
-from zoo.files import count_parameters, load_json, tensor_shapes
-from zoo.records import BottleneckDetails, LoraDetails
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -24,11 +25,6 @@ BOTTLENECK_CONFIG = "zoo_adapter.json"
 PEFT_PREFIX = "base_model.model."
 # vLLM's --max-lora-rank accepts only these values (vllm/config/lora.py).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-_LORA_SUFFIXES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "bias",
-    ".lora_magnitude_vector": "magnitude", ".lora_embedding_A": "embA",
-    ".lora_embedding_B": "embB",
-}
 
 
 def detect_kind(path: Path) -> str:
@@ -101,7 +97,7 @@ def inspect_lora(path: Path, base_modules: dict[str, tuple[int, ...]], base_name
         if not key.startswith(PEFT_PREFIX):
             raise FormatError(f"tensor {key} is not a PEFT adapter tensor", path=str(path))
         inner = key[len(PEFT_PREFIX):]
-        for suffix, role in _LORA_SUFFIXES.items():
+        for role, suffix in LORA_SUFFIXES.items():
             if inner.endswith(suffix):
                 modules.setdefault(inner[: -len(suffix)], {})[role] = shape
                 break
@@ -152,15 +148,12 @@ def _check_lora_module(module, tensors, base_modules, base_name, fan_in_fan_out,
         out_f, in_f = (base_shape[1], base_shape[0]) if fan_in_fan_out else base_shape[:2]
         want = {"A": (rank, in_f), "B": (out_f, rank), "bias": (out_f,),
                 "magnitude": (out_f,)}
-    role_names = {"A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias",
-                  "magnitude": "lora_magnitude_vector", "embA": "lora_embedding_A",
-                  "embB": "lora_embedding_B"}
     for role in ("A", "B", "embA", "embB"):
         if role in want and role not in tensors:
-            raise FormatError(f"LoRA module {module} has no {role_names[role]}")
+            raise FormatError(f"LoRA module {module} has no {LORA_SUFFIXES[role][1:]}")
     for role, shape in tensors.items():
         if shape != want[role]:
-            raise ShapeMismatch(f"{PEFT_PREFIX}{module}.{role_names[role]}", want[role], shape,
+            raise ShapeMismatch(f"{PEFT_PREFIX}{module}.{LORA_SUFFIXES[role][1:]}", want[role], shape,
                                 base_name)
 
 

@@ -12,8 +12,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from zoo.core.files import sha256_file
 from zoo.errors import FormatError
-from zoo.files import sha256_file
 
 
 def gguf_file(source: dict[str, Any]) -> Path:

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo.adapters import (
+from zoo.catalog.home import adapter_dir, base_dir, publish_dir, split_variant, staging_dir, validate_name
+from zoo.catalog.integrity import ORIGINAL, changed_files, hash_tree_cached
+from zoo.catalog.registry import Catalog, Registry
+from zoo.core.files import content_hash, list_files, load_json
+from zoo.core.records import AdapterEntry, BaseEntry, Entry, Variant, replace
+from zoo.errors import BaseMismatch, DuplicateEntry, FormatError, UnknownEntry
+from zoo.models.adapters import (
     BOTTLENECK_CONFIG,
     PEFT_CONFIG,
     detect_kind,
@@ -21,14 +27,7 @@ from zoo.adapters import (
     inspect_lora,
     vllm_servability,
 )
-from zoo.bases import describe_model, module_weight_shapes, read_config
-from zoo.errors import BaseMismatch, DuplicateEntry, FormatError, IntegrityError, UnknownEntry
-from zoo.files import content_hash, hash_tree, list_files, load_json, sha256_file
-from zoo.home import adapter_dir, base_dir, publish_dir, split_variant, staging_dir, validate_name
-from zoo.records import AdapterEntry, BaseEntry, Entry, Variant, replace
-from zoo.registry import Catalog, Registry
-
-ORIGINAL = "original"
+from zoo.models.bases import describe_model, module_weight_shapes, read_config
 
 
 def _relative(registry: Registry, path: Path) -> str:
@@ -75,7 +74,7 @@ def register_base(registry: Registry, stage: Path, name: str, source: dict[str, 
                   kind: str = "base", parent: str | None = None) -> BaseEntry:
     """Record a complete model directory in ``stage`` as the base ``name``."""
     facts = describe_model(stage)
-    files = hash_tree(stage)
+    files = hash_tree_cached(stage, list_files(stage))
     final = base_dir(registry.home, name)
 
     def build(catalog: Catalog) -> BaseEntry:
@@ -94,7 +93,7 @@ def register_base(registry: Registry, stage: Path, name: str, source: dict[str, 
 def register_variant(registry: Registry, stage: Path, base: str, scheme: str,
                      quantization: dict[str, Any]) -> Variant:
     """Record ``stage`` as the quantized form ``scheme`` of base ``base``."""
-    files = hash_tree(stage)
+    files = hash_tree_cached(stage, list_files(stage))
     final = base_dir(registry.home, base, scheme)
     variant = Variant(scheme=scheme, path=_relative(registry, final), files=files,
                       content_hash=content_hash(files), quantization=quantization)
@@ -184,7 +183,7 @@ def register_adapter(registry: Registry, stage: Path, name: str, base: BaseRef,
                      hub: dict[str, Any] | None = None) -> AdapterEntry:
     """Inspect the adapter in ``stage`` against ``base`` and record it as ``name``."""
     facts = inspect_adapter(stage, base, registry)
-    files = hash_tree(stage)
+    files = hash_tree_cached(stage, list_files(stage))
     final = adapter_dir(registry.home, name)
     base_name, base_hash = base.entry.name, base.entry.content_hash
 
@@ -260,17 +259,6 @@ class VerifyResult:
         return not self.changed
 
 
-def verify_files(root: Path, files: dict[str, dict[str, Any]]) -> list[str]:
-    """Files under ``root`` whose content differs from the record, or that are gone."""
-    changed = []
-    for rel, info in sorted(files.items()):
-        path = root / rel
-        if not path.is_file() or path.stat().st_size != info["size"] or (
-                sha256_file(path) != info["sha256"]):
-            changed.append(rel)
-    return changed
-
-
 def verify(name: str | None = None, home: Path | None = None,
            registry: Registry | None = None) -> list[VerifyResult]:
     """Re-hash the files of one entry (or all) and report what changed."""
@@ -281,22 +269,10 @@ def verify(name: str | None = None, home: Path | None = None,
     for entry in entries:
         if entry.path is None:
             continue
-        changed = verify_files(registry.home / entry.path, entry.files)
+        changed = changed_files(registry.home / entry.path, entry.files, fresh=True)
         if isinstance(entry, BaseEntry):
             for scheme, v in sorted(entry.variants.items()):
-                changed += [f"@{scheme}/{f}" for f in verify_files(registry.home / v.path, v.files)]
+                changed += [f"@{scheme}/{f}"
+                            for f in changed_files(registry.home / v.path, v.files, fresh=True)]
         results.append(VerifyResult(entry.name, changed))
     return results
-
-
-def require_intact(registry: Registry, entry: Entry) -> Path:
-    """The entry's stored directory, after checking every file against its hash."""
-    if entry.path is None:
-        raise FormatError(f"{entry.name!r} has no files in this home",
-                          hint=f"Run 'zoo pull {entry.name}' first.")
-    root = registry.home / entry.path
-    changed = verify_files(root, entry.files)
-    if changed:
-        raise IntegrityError(f"{entry.name!r}: files changed since registration: "
-                             f"{', '.join(changed)}", files=changed)
-    return root

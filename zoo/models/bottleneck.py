@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoo.adapters import (
+from zoo.errors import FormatError
+from zoo.models.adapters import (
     BOTTLENECK_CONFIG,
     BOTTLENECK_FORMAT,
     BOTTLENECK_POSITIONS,
     PEFT_WEIGHTS,
     bottleneck_key,
 )
-from zoo.errors import FormatError
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 UP_INIT_STD = 1e-4  # near zero: training starts from the base's behaviour

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from zoo.core.files import count_parameters, load_json, tensor_shapes
+from zoo.core.tables import SAFETENSORS_TORCH
 from zoo.errors import FormatError
-from zoo.files import count_parameters, load_json, tensor_shapes
 
 CONFIG_FILE = "config.json"
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_FLOAT_CODES = ("BF16", "F16", "F32")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def describe_model(model_dir: Path) -> BaseFacts:
                           path=str(model_dir)) from None
     dtype = config.get("dtype") or config.get("torch_dtype")
     if not dtype:
-        headers_dtypes = {_ST_DTYPES.get(d) for d in _dtypes(model_dir)} - {None}
+        headers_dtypes = {SAFETENSORS_TORCH[d] for d in _dtypes(model_dir) if d in _FLOAT_CODES}
         dtype = headers_dtypes.pop() if len(headers_dtypes) == 1 else "mixed"
     return BaseFacts(
         architecture=architecture,
@@ -72,7 +73,7 @@ def describe_model(model_dir: Path) -> BaseFacts:
 
 
 def _dtypes(model_dir: Path) -> set[str]:
-    from zoo.files import read_safetensors_header
+    from zoo.core.files import read_safetensors_header
 
     found = set()
     for f in weight_files(model_dir):

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from zoo.errors import RegistryError, UnknownEntry
-from zoo.files import write_json_atomic
-from zoo.home import sweep_stale, zoo_home
-from zoo.records import (
+from zoo.catalog.home import sweep_stale, zoo_home
+from zoo.core.files import write_json_atomic
+from zoo.core.records import (
     ADAPTER_KINDS,
     BASE_KINDS,
     SCHEMA_VERSION,
@@ -29,6 +28,7 @@ from zoo.records import (
     Entry,
     entry_from_dict,
 )
+from zoo.errors import RegistryError, UnknownEntry
 
 REGISTRY_FILE = "registry.json"
 

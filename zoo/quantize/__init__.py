@@ -9,13 +9,16 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from zoo.catalog.home import staging_dir
+from zoo.catalog.integrity import changed_files, require_intact
+from zoo.catalog.registry import Registry
+from zoo.catalog.store import register_variant
+from zoo.core.records import Variant
+from zoo.core.tables import TOKENIZER_FILES
 from zoo.errors import NotSupported
-from zoo.home import staging_dir
-from zoo.records import Variant
-from zoo.registry import Registry
-from zoo.store import register_variant, require_intact, verify_files
+from zoo.quantize.nf4 import write_nf4
+from zoo.quantize.w8a8 import write_w8a8
 
 SCHEMES = ("nf4", "w8a8")
 NF4_SETTINGS = {"method": "bitsandbytes", "quant_type": "nf4", "double_quant": True,
@@ -23,8 +26,6 @@ NF4_SETTINGS = {"method": "bitsandbytes", "quant_type": "nf4", "double_quant": T
 W8A8_SETTINGS = {"method": "compressed-tensors", "format": "int-quantized",
                  "weights": "int8, per output channel, symmetric",
                  "activations": "int8, dynamic per token, symmetric", "ignore": ["lm_head"]}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "generation_config.json", "tokenizer.model")
 
 
 def quantize(base: str, scheme: str, registry: Registry | None = None,
@@ -36,7 +37,7 @@ def quantize(base: str, scheme: str, registry: Registry | None = None,
     entry = registry.load().base(base)
     existing = entry.variants.get(scheme)
     if existing is not None and not force:
-        if not verify_files(registry.home / existing.path, existing.files):
+        if not changed_files(registry.home / existing.path, existing.files):
             return existing
     source = require_intact(registry, entry)
     write, settings = {"nf4": (write_nf4, NF4_SETTINGS), "w8a8": (write_w8a8, W8A8_SETTINGS)}[scheme]
@@ -51,28 +52,3 @@ def _copy_tokenizer(source: Path, stage: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).exists() and not (stage / name).exists():
             shutil.copyfile(source / name, stage / name)
-
-
-def nf4_config():
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True,
-                              bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-def write_nf4(source: Path, out: Path) -> dict[str, Any]:
-    """NF4 with double quantization, as QLoRA trains on it (bitsandbytes on the CPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=nf4_config(),
-                                                 dtype=torch.bfloat16, device_map="cpu")
-    model.save_pretrained(out)
-    return {"quantized_modules": sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")}
-
-
-def write_w8a8(source: Path, out: Path) -> dict[str, Any]:
-    from zoo.serve.w8a8 import write_w8a8_checkpoint
-
-    return write_w8a8_checkpoint(source, out)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 
-def write_w8a8_checkpoint(source: Path, out: Path) -> dict[str, Any]:
+def write_w8a8(source: Path, out: Path) -> dict[str, Any]:
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (

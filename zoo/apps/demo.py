@@ -14,8 +14,9 @@ import sys
 import time
 import urllib.request
 
-from zoo.pull import pull, shipped_catalog
-from zoo.registry import Registry
+from zoo.apps.pull import pull
+from zoo.catalog.registry import Registry
+from zoo.catalog.shipped import shipped_catalog
 from zoo.serve.launch import ServeOptions, free_port, running_server
 
 QUESTIONS = ("What is the capital of Germany?", "How many legs does a dog have?")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from zoo.catalog.integrity import ORIGINAL
+from zoo.catalog.registry import Registry
 from zoo.errors import NotSupported
-from zoo.registry import Registry
-from zoo.store import ORIGINAL
 
 
 def chat_ids(tokenizer, prompt: str):
     """Token ids of a one-turn chat (plain text for a model without a chat template)."""
-    from zoo.train.data import render
+    from zoo.models.data import render
 
     text = render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -20,7 +20,8 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None,
     """Greedy answer of ``adapter`` (on its base) or of ``base`` alone to one user message."""
     import torch
 
-    from zoo.loading import load_adapted, load_model, load_tokenizer, variant_path
+    from zoo.catalog.integrity import variant_path
+    from zoo.catalog.loading import load_adapted, load_model, load_tokenizer
 
     registry = registry or Registry()
     catalog = registry.load()

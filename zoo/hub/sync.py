@@ -1,0 +1,127 @@
+"""``zoo sync``: this zoo's catalog merged with a shared index in a Hub dataset repo."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from zoo.catalog.registry import Catalog, Registry, read_catalog
+from zoo.catalog.shipped import build_shipped_base, shipped_catalog
+from zoo.core.records import AdapterEntry, BaseEntry, Entry
+from zoo.errors import HubError, IndexChanged, IntegrityError
+from zoo.hub.client import HubContext, Log, ensure_repo, hub_errors
+from zoo.hub.pull import pull_from_hub
+from zoo.hub.push import push
+
+INDEX_FILE = "registry.json"
+
+
+@dataclass
+class SyncResult:
+    index: str
+    pushed: list[str] = field(default_factory=list)
+    pulled: list[str] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
+    conflicts: list[tuple[str, str, str]] = field(default_factory=list)  # name, local, remote
+    unavailable: list[tuple[str, str]] = field(default_factory=list)
+    commit: str | None = None
+
+
+def sync(index: str, registry: Registry | None = None, token: str | None = None,
+         log: Log = lambda _: None, attempts: int = 3) -> SyncResult:
+    """Merge this zoo's catalog with the one in the dataset repo ``index``, both ways.
+
+    Entries are compared by name and content hash: what only one side has is
+    copied to the other (adapters travel through their own repos, pushed
+    first when they have none), the same name with different content is a
+    conflict that is reported and left alone. The index is written with its
+    parent commit, so two machines syncing at once cannot overwrite each
+    other; the loser retries.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    registry = registry or Registry()
+    ctx = HubContext.from_environment(token)
+    api = ctx.api()
+    org = index.split("/")[0]
+    for _ in range(attempts):
+        result = SyncResult(index)
+        with hub_errors(ctx, index):
+            ensure_repo(api, index, repo_type="dataset", private=True)
+            head = api.repo_info(index, repo_type="dataset").sha
+        remote = _read_index(ctx, index, head)
+        for adapter in registry.load().adapters():  # share what has no repo yet
+            if adapter.hub is None or adapter.hub.get("endpoint") != ctx.endpoint:
+                if adapter.name in remote.entries:
+                    continue  # a conflict or already known: decided below
+                repo = adapter.name if "/" in adapter.name else f"{org}/{adapter.name}"
+                push(adapter.name, repo=repo, private=True, token=token, registry=registry,
+                     log=log)
+                result.pushed.append(adapter.name)
+        local = registry.load()
+        merged = Catalog()
+        merged.entries.update({n: remote.entries[n] for n in remote.entries})
+        for name in sorted(set(local.entries) | set(remote.entries)):
+            mine, theirs = local.entries.get(name), remote.entries.get(name)
+            if mine is not None and theirs is None:
+                merged.entries[name] = _portable(mine)
+                result.published.append(name)
+            elif mine is not None and theirs is not None and mine.content_hash != theirs.content_hash:
+                result.conflicts.append((name, mine.content_hash, theirs.content_hash))
+        for theirs in sorted(remote.entries.values(), key=lambda e: isinstance(e, AdapterEntry)):
+            if theirs.name not in local.entries:
+                _fetch(theirs, registry, token, result, log)
+        if result.published:
+            payload = json.dumps(merged.to_dict(), indent=2).encode() + b"\n"
+            try:
+                with hub_errors(ctx, index):
+                    info = api.create_commit(
+                        index, [CommitOperationAdd(path_in_repo=INDEX_FILE,
+                                                   path_or_fileobj=payload)],
+                        commit_message=f"zoo sync: {len(result.published)} entries",
+                        repo_type="dataset", parent_commit=head)
+            except IndexChanged:  # someone synced since we read the index: merge again
+                log("the index changed while syncing; trying again")
+                continue
+            result.commit = info.oid
+        return result
+    raise HubError(f"{index} kept changing while syncing", hint="Run 'zoo sync' again.")
+
+
+def _portable(entry: Entry) -> Entry:
+    return replace(entry, path=None)
+
+
+def _read_index(ctx: HubContext, index: str, commit: str) -> Catalog:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    with hub_errors(ctx, index):
+        try:
+            path = hf_hub_download(index, INDEX_FILE, repo_type="dataset", revision=commit,
+                                   endpoint=ctx.endpoint, token=ctx.token or False,
+                                   cache_dir=ctx.cache_dir)
+        except RemoteEntryNotFoundError:  # a new index: no catalog in it yet
+            return Catalog()
+    return read_catalog(Path(path))
+
+
+def _fetch(theirs: Entry, registry: Registry, token: str | None, result: SyncResult,
+           log: Log) -> None:
+    if isinstance(theirs, BaseEntry):
+        known = shipped_catalog().entries.get(theirs.name)
+        if isinstance(known, BaseEntry) and known.source.get("type") == "gguf":
+            build_shipped_base(theirs.name, registry, log)
+            result.pulled.append(theirs.name)
+        else:
+            result.unavailable.append((theirs.name, "a base zoo cannot build here"))
+        return
+    if not theirs.hub:
+        result.unavailable.append((theirs.name, "no Hub repo recorded"))
+        return
+    try:
+        pull_from_hub(theirs.hub["repo"], theirs.hub.get("commit"), registry, token, log)
+        result.pulled.append(theirs.name)
+    except (HubError, IntegrityError) as exc:
+        result.unavailable.append((theirs.name, exc.message))
