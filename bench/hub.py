@@ -47,7 +47,7 @@ def main() -> None:
         from huggingface_hub import HfApi, snapshot_download
 
         from zoo.apps.pull import pull
-        from zoo.hub import push
+        from zoo.hub.push import push
 
         source = bench_home()
         homes = {}

@@ -250,3 +250,40 @@ def test_server_runs_on_its_own(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_two_syncs_racing_both_land(hub, homes, models, monkeypatch):
+    """B commits to the index between A's read and A's commit: A's commit is refused (412),
+    and A reads the new index, merges again and lands, instead of failing."""
+    from zoo.catalog.registry import Registry
+    from zoo.hub import sync as sync_module
+
+    home_a = homes("a")
+    zoo("add", models.lora("plain"), "--name", "acme/a1", "--base", "tiny")
+    home_b = homes("b")
+    zoo("add", models.lora("second", r=2, lora_alpha=4, seed=9), "--name", "acme/b1",
+        "--base", "tiny")
+    real_read = sync_module._read_index
+    b_results = []
+
+    def read_then_let_b_commit_first(ctx, index, commit):
+        catalog = real_read(ctx, index, commit)
+        if not b_results:
+            b_results.append(None)
+            b_results[0] = sync_module.sync(index, registry=Registry(home_b))
+        return catalog
+
+    monkeypatch.setattr(sync_module, "_read_index", read_then_let_b_commit_first)
+    lines: list[str] = []
+    result = sync_module.sync("acme/index", registry=Registry(home_a), log=lines.append)
+    assert b_results[0].commit is not None and result.commit is not None
+    assert "the index changed while syncing; trying again" in lines
+    index_head = hub.store.root / "datasets/acme/index"
+    assert commits(hub, "acme/index", "datasets") >= 2 and index_head.exists()
+    monkeypatch.setattr(sync_module, "_read_index", real_read)
+    homes("b")
+    assert "pulled: acme/a1" in zoo("sync", "--repo", "acme/index").stdout
+    for which in ("a", "b"):
+        homes(which)
+        zoo("sync", "--repo", "acme/index")
+        assert {e["name"] for e in zoo_json("list")} == {"tiny", "acme/a1", "acme/b1"}

@@ -46,7 +46,7 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
     if known is not None and known.source.get("type") != "hub":
         return PullResult(_make(known, registry, log), True, f"pulled {name}")
     if "/" in name or (known is not None):
-        from zoo.hub import pull_from_hub
+        from zoo.hub.pull import pull_from_hub
 
         repo = known.source["repo"] if known is not None else repo
         entry = pull_from_hub(repo, revision or None, registry, token=token, log=log)

@@ -23,7 +23,7 @@ def _log(line: str) -> None:
 @click.option("--token", default=None, help=TOKEN_HELP)
 def push_cmd(name, repo, private, revision, token) -> None:
     """Upload an adapter, its model card and zoo.json to a Hub repo."""
-    from zoo.hub import push
+    from zoo.hub.push import push
 
     result = push(name, repo=repo, private=private, revision=revision, token=token)
     if result.changed:
@@ -37,7 +37,7 @@ def push_cmd(name, repo, private, revision, token) -> None:
 @click.option("--token", default=None, help=TOKEN_HELP)
 def sync_cmd(index, token) -> None:
     """Merge this zoo's catalog with a shared one on the Hub (a union by content hash)."""
-    from zoo.hub import sync
+    from zoo.hub.sync import sync
 
     result = sync(index, token=token, log=_log)
     for label, names in (("pushed", result.pushed), ("published to the index", result.published),
