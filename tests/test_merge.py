@@ -280,6 +280,43 @@ def test_force_replaces_an_existing_output(tiny, tmp_path):
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
 
 
+
+def test_force_keeps_the_old_registered_model_until_the_new_one_is_committed(
+        tiny, tmp_path, zoo_home, monkeypatch):
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    zoo("merge", "--adapter", "p", "--name", "pm")
+    old = zoo_json("show", "pm")
+    from zoo.merge import lora as lora_math
+
+    real = lora_math.LoraFile.scale
+    with monkeypatch.context() as m:  # the new model fails verification
+        m.setattr(lora_math.LoraFile, "scale", lambda self, mod: 3 * real(self, mod))
+        assert zoo("merge", "--adapter", "p", "--name", "pm", "--force", ok=False).exit_code == 1
+    assert zoo_json("show", "pm") == old and zoo("verify", "pm").exit_code == 0
+
+    import zoo.catalog.registry as registry_module
+
+    real_write = registry_module.write_json_atomic
+
+    def registry_write_fails(path, data):  # any write that records pm fails
+        if "pm" in data["entries"]:
+            raise OSError("disk full")
+        real_write(path, data)
+
+    with monkeypatch.context() as m:  # the new model is complete, the registry write fails
+        m.setattr(registry_module, "write_json_atomic", registry_write_fails)
+        assert zoo("merge", "--adapter", "p", "--name", "pm", "--force", ok=False).exit_code == 2
+    assert zoo_json("show", "pm") == old and zoo("verify", "pm").exit_code == 0
+    assert not list((zoo_home / "tmp").iterdir())
+
+    zoo("merge", "--adapter", "p", "--name", "pm", "--force", "--dtype", "fp32")
+    new = zoo_json("show", "pm")
+    assert new["dtype"] == "float32" and new["content_hash"] != old["content_hash"]
+    assert zoo("verify").exit_code == 0
+    zoo("add", tiny.lora("plain"), "--name", "on-pm", "--base", "pm")
+    result = zoo("merge", "--adapter", "p", "--name", "pm", "--force", ok=False)
+    assert "adapters belong to it: on-pm" in result.stderr
+
 def test_shards_roll_at_the_size_limit(tiny, tmp_path):
     zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
     merge(MergeOptions(adapters=("p",), out=tmp_path / "m", max_shard_bytes=10_000), Registry())

@@ -143,13 +143,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def publish_dir(stage: Path, final: Path) -> None:
-    """Move a complete staging directory to ``final``, replacing what was there."""
+def publish_dir(stage: Path, final: Path) -> Path | None:
+    """Move a complete staging directory to ``final``.
+
+    Whatever was at ``final`` is moved aside, not deleted: the returned
+    directory holds it (None when there was nothing), so the caller can put it
+    back if what follows fails (:func:`restore_dir`) or delete it once the
+    change is committed.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
+    aside = None
     if final.exists():
-        trash = Path(tempfile.mkdtemp(prefix="old" + pid_tag(), dir=stage.parent))
-        os.replace(final, trash / "old")
-        os.replace(stage, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(stage, final)
+        aside = Path(tempfile.mkdtemp(prefix="old" + pid_tag(), dir=stage.parent))
+        os.replace(final, aside / "old")
+    os.replace(stage, final)
+    return aside
+
+
+def restore_dir(final: Path, aside: Path | None) -> None:
+    """Undo :func:`publish_dir`: remove what was published, put the old directory back."""
+    shutil.rmtree(final, ignore_errors=True)
+    if aside is not None:
+        os.replace(aside / "old", final)
+        shutil.rmtree(aside, ignore_errors=True)

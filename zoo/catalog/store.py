@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo.catalog.home import adapter_dir, base_dir, publish_dir, split_variant, staging_dir, validate_name
+from zoo.catalog.home import (
+    adapter_dir,
+    base_dir,
+    publish_dir,
+    restore_dir,
+    split_variant,
+    staging_dir,
+    validate_name,
+)
 from zoo.catalog.integrity import ORIGINAL, changed_files, hash_tree_cached
 from zoo.catalog.registry import Catalog, Registry
 from zoo.core.files import content_hash, list_files, load_json
@@ -41,24 +49,28 @@ def commit_entry(registry: Registry, stage: Path, final: Path,
 
     ``build`` runs under the registry lock with the current catalog, so its
     checks (name free, base unchanged) see every concurrent writer's work; it
-    raises to abort. If recording fails after the move, the moved files are
-    removed again: a directory in the home always has its registry entry.
+    raises to abort. A directory already at ``final`` (an entry being
+    replaced) is kept aside until the registry is written: if anything fails,
+    the new files are removed and the old ones put back, so a directory in the
+    home always has its registry entry and a replacement loses nothing.
     """
-    moved = False
+    published, aside = False, None
     try:
         with registry.edit() as catalog:
             entry = build(catalog)
-            publish_dir(stage, final)
-            moved = True
+            aside = publish_dir(stage, final)
+            published = True
             if update is not None:
                 update(catalog, entry)
             else:
                 catalog.entries[entry.name] = entry
-        return entry
     except BaseException:
-        if moved:
-            shutil.rmtree(final, ignore_errors=True)
+        if published:
+            restore_dir(final, aside)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return entry
 
 
 def copy_files(src: Path, dst: Path) -> None:
@@ -71,15 +83,29 @@ def copy_files(src: Path, dst: Path) -> None:
 # -- bases -----------------------------------------------------------------------------
 
 def register_base(registry: Registry, stage: Path, name: str, source: dict[str, Any],
-                  kind: str = "base", parent: str | None = None) -> BaseEntry:
-    """Record a complete model directory in ``stage`` as the base ``name``."""
+                  kind: str = "base", parent: str | None = None,
+                  replace_merged: bool = False) -> BaseEntry:
+    """Record a complete model directory in ``stage`` as the base ``name``.
+
+    With ``replace_merged``, an existing merged model of that name (and no
+    adapters of its own) is replaced in the same transaction; its quantized
+    variants, made from the old weights, are dropped.
+    """
     facts = describe_model(stage)
     files = hash_tree_cached(stage, list_files(stage))
     final = base_dir(registry.home, name)
+    old_variants: list[str] = []
 
     def build(catalog: Catalog) -> BaseEntry:
         if name in catalog.entries:
-            raise DuplicateEntry(name)
+            old = catalog.entries[name]
+            if not (replace_merged and isinstance(old, BaseEntry) and old.kind == "merged"):
+                raise DuplicateEntry(name)
+            users = [a.name for a in catalog.adapters(base=name)]
+            if users:
+                raise BaseMismatch(f"cannot replace {name!r}: adapters belong to it: "
+                                   f"{', '.join(users)}", hint="Remove those adapters first.")
+            old_variants.extend(v.path for v in old.variants.values() if v.path)
         return BaseEntry(
             name=name, kind=kind, path=_relative(registry, final), files=files,
             content_hash=content_hash(files), architecture=facts.architecture,
@@ -87,7 +113,10 @@ def register_base(registry: Registry, stage: Path, name: str, source: dict[str, 
             num_layers=facts.num_layers, vocab_size=facts.vocab_size, dtype=facts.dtype,
             parameters=facts.parameters, source=source, base=parent)
 
-    return commit_entry(registry, stage, final, build)
+    entry = commit_entry(registry, stage, final, build)
+    for rel in old_variants:
+        shutil.rmtree(registry.home / rel, ignore_errors=True)
+    return entry
 
 
 def register_variant(registry: Registry, stage: Path, base: str, scheme: str,

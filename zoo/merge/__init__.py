@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from zoo.catalog.home import new_stage, pid_tag, validate_name
+from zoo.catalog.home import new_stage, publish_dir, validate_name
 from zoo.catalog.integrity import ORIGINAL, require_intact, variant_path
 from zoo.catalog.registry import Registry
 from zoo.catalog.store import register_base
@@ -184,35 +184,23 @@ def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
         result = MergeResult(stage, None, scales, verification,
                              {"total_size": index["metadata"]["total_size"]})
         if plan.target is not None:
-            _replace(stage, plan.target)
+            aside = publish_dir(stage, plan.target)  # the old output, kept until now
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
             result.path = plan.target
         if plan.name is not None and options.out is None:
-            if options.force and plan.name in registry.load().entries:
-                from zoo.catalog.store import remove
-
-                remove(plan.name, registry=registry)
             source = {"type": "merge", "from": plan.base.name,
                       "base_variant": plan.source_variant,
                       "adapters": [{"name": e.name, "content_hash": e.content_hash,
                                     "weight": w} for e, _p, w in plan.adapters],
                       "scales": scales, "verification": verification}
             result.entry = register_base(registry, stage, plan.name, source, kind="merged",
-                                         parent=plan.base.name)
+                                         parent=plan.base.name, replace_merged=options.force)
             result.path = registry.home / result.entry.path
         return result
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
-
-
-def _replace(stage: Path, target: Path) -> None:
-    if target.exists():
-        trash = target.with_name(f".{target.name}{pid_tag()}old")
-        target.rename(trash)
-        stage.rename(target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        stage.rename(target)
 
 
 def _write_config(original_dir: Path, out: Path, plan: _Plan) -> None:
