@@ -444,3 +444,23 @@ def test_merged_model_answers_like_vllm_with_the_adapter(bf16_server):
         assert served not in base_answers  # the adapter really changed the answer
 
 
+
+
+def test_a_merge_hashes_each_stored_file_at_most_once(tiny, tmp_path, monkeypatch):
+    from collections import Counter
+
+    from zoo.catalog import integrity
+
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    integrity._hashes.clear()  # as at the start of a command
+    hashed: Counter = Counter()
+    real = integrity.sha256_file
+
+    def counting(path):
+        hashed[str(path)] += 1
+        return real(path)
+
+    monkeypatch.setattr(integrity, "sha256_file", counting)
+    zoo("merge", "--adapter", "p", "--name", "pm")
+    base_files = [p for p in hashed if "/bases/tiny/" in p]
+    assert base_files and all(hashed[p] == 1 for p in hashed), hashed

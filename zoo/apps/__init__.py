@@ -1,0 +1,1 @@
+"""Compositions of features: zoo pull (shipped recipes, Hub) and the demo."""

@@ -1,0 +1,1 @@
+"""Running registered models without a server: greedy generation through transformers."""

@@ -1,0 +1,1 @@
+"""zoo serve: vLLM plugin, registry resolver, middleware, tenant policy, CPU LoRA path."""
