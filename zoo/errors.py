@@ -47,6 +47,14 @@ class DuplicateEntry(ZooError, FileExistsError):
         self.name = name
 
 
+class NameCollision(DuplicateEntry):
+    hint = "A name and ORG/NAME names under it cannot both exist: pick another --name."
+
+    def __init__(self, name: str, others: list[str]):
+        ZooError.__init__(self, f"{name!r} would share storage with {', '.join(others)}")
+        self.name, self.others = name, others
+
+
 class RegistryError(ZooError, OSError):
     hint = "Restore registry.json from a backup, or set ZOO_HOME to a fresh directory."
 

@@ -28,28 +28,34 @@ class PullResult:
 
 
 def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
-         log: Callable[[str], None] = lambda _: None, token: str | None = None) -> PullResult:
-    """Make ``ref`` present and intact in the home; a no-op when it already is."""
+         log: Callable[[str], None] = lambda _: None, token: str | None = None,
+         name: str | None = None) -> PullResult:
+    """Make ``ref`` present and intact in the home; a no-op when it already is.
+
+    ``name`` registers a Hub repo under another local name (default: the repo id).
+    """
     registry = registry or Registry(home)
     repo, _, revision = ref.partition("@")
-    name = repo.lower()  # Hub repo ids may have capitals; registry names do not
+    name = name or repo.lower()  # Hub repo ids may have capitals; registry names do not
     validate_name(name)
     present = registry.load().entries.get(name)
-    if present is not None and present.path is not None:
+    other_repo = "/" in repo and present is not None and \
+        str((present.hub or {}).get("repo", "")).lower() != repo.lower()
+    if present is not None and present.path is not None and not other_repo:
         changed = changed_files(registry.home / present.path, present.files)
         if changed:
             raise IntegrityError(f"{name!r} is registered but its files changed: "
                                  f"{', '.join(changed)}", files=changed)
         return PullResult(present, False, f"{name} is already in the zoo (nothing to do)")
 
-    known = shipped_catalog().entries.get(name)
+    known = shipped_catalog().entries.get(repo.lower())
     if known is not None and known.source.get("type") != "hub":
         return PullResult(_make(known, registry, log), True, f"pulled {name}")
-    if "/" in name or (known is not None):
+    if "/" in repo or known is not None:  # the Hub decides: same content, or a conflict
         from zoo.hub.pull import pull_from_hub
 
         repo = known.source["repo"] if known is not None else repo
-        entry = pull_from_hub(repo, revision or None, registry, token=token, log=log)
+        entry = pull_from_hub(repo, revision or None, registry, token=token, log=log, name=name)
         return PullResult(entry, True, f"pulled {entry.name} from {repo}")
     names = ", ".join(sorted(shipped_catalog().entries))
     raise UnknownEntry(name, "catalog entry", hint=f"Short names zoo knows: {names}; "

@@ -6,7 +6,7 @@ Layout of a home (``ZOO_HOME``, default ``$XDG_DATA_HOME/zoo`` or
     registry.json        the catalog (see zoo/schema/registry.schema.json)
     registry.json.lock   the writers' lock
     bases/NAME/          a base model, and bases/NAME@VARIANT/ for its quantized forms
-    adapters/NAME/       an adapter's files
+    adapters/NAME/       an adapter's files (``x`` and ``x/y`` never both exist)
     tmp/                 work in progress; renamed into place when complete
 """
 
@@ -50,7 +50,7 @@ def validate_name(name: str) -> str:
     for part in parts:
         if part in ("", ".", ".."):
             raise InvalidName(name, f"{part!r} is not allowed as a name part")
-        if not _COMPONENT.match(part):
+        if not _COMPONENT.fullmatch(part):
             raise InvalidName(name, "use lowercase letters, digits, '.', '_' and '-', "
                               "starting with a letter or digit")
     return name
@@ -60,7 +60,7 @@ def split_variant(ref: str) -> tuple[str, str | None]:
     """``'base@nf4'`` -> ``('base', 'nf4')``; ``'base'`` -> ``('base', None)``."""
     name, sep, variant = ref.partition(VARIANT_SEPARATOR)
     validate_name(name)
-    if sep and not _COMPONENT.match(variant):
+    if sep and not _COMPONENT.fullmatch(variant):
         raise InvalidName(ref, f"{variant!r} is not a variant name")
     return name, (variant or None)
 
@@ -72,6 +72,14 @@ def base_dir(home: Path, name: str, variant: str | None = None) -> Path:
 
 def adapter_dir(home: Path, name: str) -> Path:
     return home / "adapters" / name
+
+
+def nested_names(name: str, names) -> list[str]:
+    """Registered names whose directory would be inside ``name``'s, or contain it: ``x``
+    and ``x/y`` cannot both exist (their files would share a folder)."""
+    org = name.partition("/")[0]
+    return sorted(n for n in names if n != name and (
+        n.startswith(name + "/") or ("/" in name and n == org)))
 
 
 @contextmanager

@@ -7,6 +7,7 @@ the same locked registry transaction that records them.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 from zoo.catalog.home import (
     adapter_dir,
     base_dir,
+    nested_names,
+    new_stage,
     publish_dir,
     restore_dir,
     split_variant,
@@ -24,9 +27,9 @@ from zoo.catalog.home import (
 )
 from zoo.catalog.integrity import ORIGINAL, changed_files, hash_tree_cached
 from zoo.catalog.registry import Catalog, Registry
-from zoo.core.files import content_hash, list_files, load_json
+from zoo.core.files import content_hash, find_links, list_files, load_json
 from zoo.core.records import AdapterEntry, BaseEntry, Entry, Variant, replace
-from zoo.errors import BaseMismatch, DuplicateEntry, FormatError, UnknownEntry
+from zoo.errors import BaseMismatch, DuplicateEntry, FormatError, NameCollision, UnknownEntry
 from zoo.models.adapters import (
     BOTTLENECK_CONFIG,
     PEFT_CONFIG,
@@ -73,6 +76,15 @@ def commit_entry(registry: Registry, stage: Path, final: Path,
     return entry
 
 
+def claim_name(catalog: Catalog, name: str) -> None:
+    """Refuse ``name`` when it is taken, or when it and a registered name would nest."""
+    if name in catalog.entries:
+        raise DuplicateEntry(name)
+    others = nested_names(name, catalog.entries)
+    if others:
+        raise NameCollision(name, others)
+
+
 def copy_files(src: Path, dst: Path) -> None:
     for rel in list_files(src):
         target = dst / rel
@@ -97,7 +109,9 @@ def register_base(registry: Registry, stage: Path, name: str, source: dict[str, 
     old_variants: list[str] = []
 
     def build(catalog: Catalog) -> BaseEntry:
-        if name in catalog.entries:
+        if name not in catalog.entries:
+            claim_name(catalog, name)
+        else:
             old = catalog.entries[name]
             if not (replace_merged and isinstance(old, BaseEntry) and old.kind == "merged"):
                 raise DuplicateEntry(name)
@@ -217,8 +231,7 @@ def register_adapter(registry: Registry, stage: Path, name: str, base: BaseRef,
     base_name, base_hash = base.entry.name, base.entry.content_hash
 
     def build(catalog: Catalog) -> AdapterEntry:
-        if name in catalog.entries:
-            raise DuplicateEntry(name)
+        claim_name(catalog, name)
         current = catalog.base(base_name)
         if current.content_hash != base_hash:
             raise BaseMismatch(f"base {base_name!r} changed while {name!r} was being added")
@@ -238,9 +251,13 @@ def add(path: Path, name: str, base: str | None = None, home: Path | None = None
     validate_name(name)
     path = Path(path).absolute()
     kind = detect_kind(path)
+    links = find_links(path)
+    if links:
+        raise FormatError(f"{path} holds symbolic links ({', '.join(links[:3])}); zoo copies "
+                          "regular files only", path=str(path),
+                          hint="Replace each link by the file it points to, if it belongs there.")
     catalog = registry.load()
-    if name in catalog.entries:
-        raise DuplicateEntry(name)
+    claim_name(catalog, name)
     source = {"type": "local", "path": str(path)}
     with staging_dir(registry.home, name) as stage:
         if kind == "model":
@@ -260,21 +277,30 @@ def add(path: Path, name: str, base: str | None = None, home: Path | None = None
 
 
 def remove(name: str, home: Path | None = None, registry: Registry | None = None) -> Entry:
-    """Unregister ``name`` and delete its files (and a base's variants)."""
+    """Unregister ``name`` and delete its files (and a base's variants).
+
+    The directories are renamed out of place under the registry lock, in the
+    same transaction that drops the entry, and deleted after it: an add of the
+    same name, in any order, never finds its new files deleted.
+    """
     registry = registry or Registry(home)
-    with registry.edit() as catalog:
-        entry = catalog.get(name)
-        if isinstance(entry, BaseEntry):
-            users = [a.name for a in catalog.adapters(base=name)]
-            if users:
-                raise BaseMismatch(f"base {name!r} still has adapters: {', '.join(users)}",
-                                   hint="Remove those adapters first.")
-        del catalog.entries[name]
-    paths = [entry.path] + ([v.path for v in entry.variants.values()]
-                            if isinstance(entry, BaseEntry) else [])
-    for rel in paths:
-        if rel:
-            shutil.rmtree(registry.home / rel, ignore_errors=True)
+    trash = new_stage(registry.home / "tmp", f"rm-{name}")
+    try:
+        with registry.edit() as catalog:
+            entry = catalog.get(name)
+            if isinstance(entry, BaseEntry):
+                users = [a.name for a in catalog.adapters(base=name)]
+                if users:
+                    raise BaseMismatch(f"base {name!r} still has adapters: {', '.join(users)}",
+                                       hint="Remove those adapters first.")
+            del catalog.entries[name]
+            paths = [entry.path] + ([v.path for v in entry.variants.values()]
+                                    if isinstance(entry, BaseEntry) else [])
+            for i, rel in enumerate(p for p in paths if p):
+                if (registry.home / rel).exists():
+                    os.replace(registry.home / rel, trash / str(i))
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
     return entry
 
 

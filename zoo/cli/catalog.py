@@ -135,9 +135,11 @@ def rm_cmd(name: str) -> None:
 @cli.command("pull")
 @click.argument("ref")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN). Never stored.")
-def pull_cmd(ref: str, token: str | None) -> None:
+@click.option("--name", default=None,
+              help="Register a Hub repo under this name (default: the repo id).")
+def pull_cmd(ref: str, token: str | None, name: str | None) -> None:
     """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub)."""
     from zoo.apps.pull import pull
 
-    result = pull(ref, log=lambda line: click.echo(line, err=True), token=token)
+    result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name)
     click.echo(result.message)

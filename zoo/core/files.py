@@ -32,13 +32,24 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def list_files(root: Path) -> list[str]:
-    """Every regular file under ``root`` as a sorted relative POSIX path."""
+    """Every regular file under ``root`` as a sorted relative POSIX path; symbolic links
+    are not followed and not listed."""
     found = []
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             full = Path(dirpath) / name
-            if full.is_file():
+            if full.is_file() and not full.is_symlink():
                 found.append(full.relative_to(root).as_posix())
+    return sorted(found)
+
+
+def find_links(root: Path) -> list[str]:
+    """Symbolic links under ``root`` (files and folders), as relative paths."""
+    found = []
+    for dirpath, dirs, names in os.walk(root):
+        for name in [*dirs, *names]:
+            if (Path(dirpath) / name).is_symlink():
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
     return sorted(found)
 
 
@@ -74,6 +85,9 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             header = json.loads(f.read(header_len))
     except FileNotFoundError:
         raise FormatError(f"{path} does not exist", path=str(path)) from None
+    except RecursionError:
+        raise FormatError(f"{path} is not a valid safetensors file (its header nests too deep)",
+                          path=str(path), hint="Re-create or re-download the file.") from None
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise FormatError(f"{path} is not a valid safetensors file ({exc})", path=str(path),
                           hint="Re-create or re-download the file.") from None
@@ -92,6 +106,33 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             raise FormatError(f"{path}: tensor {name} lies outside the file (truncated?)",
                               path=str(path), hint="Re-create or re-download the file.")
     return header
+
+
+# Floating dtypes as (unsigned view, exponent mask): a value is NaN or inf exactly when all
+# its exponent bits are set, so a check needs no float type numpy lacks (bf16, fp8).
+_EXPONENT = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000),
+             "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+
+
+def nonfinite_tensors(path: Path) -> list[str]:
+    """Names of the tensors in a safetensors file that hold a NaN or an infinity."""
+    import numpy as np
+
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        base = 8 + header_len
+        bad = []
+        for name, info in sorted(header.items()):
+            if info["dtype"] not in _EXPONENT:
+                continue
+            view, mask = _EXPONENT[info["dtype"]]
+            start, end = info["data_offsets"]
+            f.seek(base + start)
+            values = np.frombuffer(f.read(end - start), dtype=view)
+            if np.any((values & mask) == mask):
+                bad.append(name)
+    return bad
 
 
 def tensor_shapes(paths: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -113,9 +154,9 @@ def load_json(path: Path, what: str) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FormatError(f"{what} not found: {path}", path=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{what} {path} is not valid JSON ({exc})", path=str(path),
-                          hint="Fix or re-create the file.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise FormatError(f"{what} {path} is not valid JSON ({type(exc).__name__})",
+                          path=str(path), hint="Fix or re-create the file.") from None
     if not isinstance(data, dict):
         raise FormatError(f"{what} {path} must hold a JSON object", path=str(path))
     return data

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from zoo.catalog.integrity import file_hash
+from zoo.catalog.home import validate_name
+from zoo.catalog.integrity import ORIGINAL, file_hash
 from zoo.catalog.registry import Registry
 from zoo.core.files import content_hash, hash_tree, sha256_bytes
 from zoo.core.records import AdapterEntry
+from zoo.errors import HubError, ZooError
 
 MANIFEST = "zoo.json"
 CARD = "README.md"
@@ -36,6 +40,53 @@ def model_card(entry: AdapterEntry) -> str:
     return (f"---\n{data.to_yaml()}\n---\n\n# {entry.name}\n\nA {entry.kind} adapter catalogued "
             f"and published by [zoo](https://zoo.invalid). `zoo pull` checks every file against "
             f"`{MANIFEST}` before registering it.\n\n| | |\n|---|---|\n{table}\n")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What zoo takes from a repo's ``zoo.json``: file hashes and the base to check
+    against. Everything in it is untrusted; the name it claims is never used."""
+
+    files: dict[str, dict[str, Any]]
+    base: str
+    base_variant: str
+    base_hash: str | None
+    training: dict[str, Any] | None
+
+
+_SCALARS = (str, int, float, bool, type(None))
+_MAX_MANIFEST = 4 * 1024 * 1024
+
+
+def read_manifest(path: Path, repo: str) -> Manifest:
+    """Parse and bound a ``zoo.json``; HubError with what is wrong when it is malformed."""
+    try:
+        if path.stat().st_size > _MAX_MANIFEST:
+            raise ValueError("larger than 4 MiB")
+        data = json.loads(path.read_text())
+        entry, files = data["entry"], data["files"]
+        if not isinstance(entry, dict) or not isinstance(files, dict):
+            raise ValueError("'entry' and 'files' must be objects")
+        for rel, info in files.items():
+            if not (isinstance(rel, str) and isinstance(info, dict)
+                    and isinstance(info.get("sha256"), str) and isinstance(info.get("size"), int)):
+                raise ValueError(f"file record {str(rel)[:60]!r} is malformed")
+        base = entry["base"]
+        validate_name(base)
+        variant = entry.get("base_variant", ORIGINAL)
+        if variant not in (ORIGINAL, "nf4"):
+            raise ValueError(f"base_variant {str(variant)[:20]!r} is not original or nf4")
+        base_hash = entry.get("base_hash")
+        training = entry.get("training")
+        if not (isinstance(training, dict) and all(
+                isinstance(k, str) and isinstance(v, _SCALARS) for k, v in training.items())):
+            training = None  # recorded facts only; a malformed record is dropped, not kept
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, ZooError) as exc:
+        raise HubError(f"{repo}: its {MANIFEST} is malformed ({exc}); nothing was registered",
+                       hint="Ask its publisher to push it again with 'zoo push'.") from None
+    return Manifest(files=files, base=base, base_variant=variant,
+                    base_hash=base_hash if isinstance(base_hash, str) else None,
+                    training=training)
 
 
 def manifest(entry: AdapterEntry) -> dict[str, Any]:

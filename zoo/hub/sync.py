@@ -71,7 +71,7 @@ def sync(index: str, registry: Registry | None = None, token: str | None = None,
                 result.conflicts.append((name, mine.content_hash, theirs.content_hash))
         for theirs in sorted(remote.entries.values(), key=lambda e: isinstance(e, AdapterEntry)):
             if theirs.name not in local.entries:
-                _fetch(theirs, registry, token, result, log)
+                _fetch(theirs, org, registry, token, result, log)
         if result.published:
             payload = json.dumps(merged.to_dict(), indent=2).encode() + b"\n"
             try:
@@ -90,7 +90,9 @@ def sync(index: str, registry: Registry | None = None, token: str | None = None,
 
 
 def _portable(entry: Entry) -> Entry:
-    return replace(entry, path=None)
+    """What the index may say of a local entry: no paths of this machine."""
+    source = {k: v for k, v in entry.source.items() if k != "path"}
+    return replace(entry, path=None, source=source)
 
 
 def _read_index(ctx: HubContext, index: str, commit: str) -> Catalog:
@@ -107,8 +109,8 @@ def _read_index(ctx: HubContext, index: str, commit: str) -> Catalog:
     return read_catalog(Path(path))
 
 
-def _fetch(theirs: Entry, registry: Registry, token: str | None, result: SyncResult,
-           log: Log) -> None:
+def _fetch(theirs: Entry, org: str, registry: Registry, token: str | None,
+           result: SyncResult, log: Log) -> None:
     if isinstance(theirs, BaseEntry):
         known = shipped_catalog().entries.get(theirs.name)
         if isinstance(known, BaseEntry) and known.source.get("type") == "gguf":
@@ -117,11 +119,18 @@ def _fetch(theirs: Entry, registry: Registry, token: str | None, result: SyncRes
         else:
             result.unavailable.append((theirs.name, "a base zoo cannot build here"))
         return
-    if not theirs.hub:
+    repo = (theirs.hub or {}).get("repo")
+    if not isinstance(repo, str):
         result.unavailable.append((theirs.name, "no Hub repo recorded"))
         return
+    if repo.lower() not in (theirs.name, f"{org}/{theirs.name}"):
+        # the index may not map a name onto another namespace's repo
+        result.unavailable.append((theirs.name, f"its repo {repo} does not match its name"))
+        return
+    commit = theirs.hub.get("commit")
     try:
-        pull_from_hub(theirs.hub["repo"], theirs.hub.get("commit"), registry, token, log)
+        pull_from_hub(repo, commit if isinstance(commit, str) else None, registry, token, log,
+                      name=theirs.name, expect_hash=theirs.content_hash)
         result.pulled.append(theirs.name)
     except (HubError, IntegrityError) as exc:
         result.unavailable.append((theirs.name, exc.message))

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoo.core.files import count_parameters, load_json, tensor_shapes
+from zoo.core.files import count_parameters, load_json, nonfinite_tensors, tensor_shapes
 from zoo.core.records import BottleneckDetails, LoraDetails
 from zoo.core.tables import LORA_SUFFIXES
 from zoo.errors import FormatError, ShapeMismatch
@@ -47,13 +47,36 @@ def _weights(path: Path) -> dict[str, tuple[int, ...]]:
     if not weights.exists():
         raise FormatError(f"{weights} is missing", path=str(weights),
                           hint="zoo reads safetensors adapters (PEFT's default since 0.4).")
-    return tensor_shapes([weights])
+    shapes = tensor_shapes([weights])
+    bad = nonfinite_tensors(weights)
+    if bad:
+        raise FormatError(f"{weights} holds NaN or infinite values in {', '.join(bad[:3])}"
+                          f"{' and more' if len(bad) > 3 else ''}", path=str(weights),
+                          hint="The adapter's training diverged: retrain or pick a checkpoint "
+                               "before it did.")
+    return shapes
+
+
+_PATTERN_KEY = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def check_pattern_keys(pattern: dict, field: str, where: Path) -> None:
+    """``rank_pattern``/``alpha_pattern`` keys are module names or dotted suffixes, never
+    code: a key with regex syntax is refused (PEFT compiles keys as regexes, and a
+    crafted one backtracks for hours)."""
+    for key in pattern:
+        if len(key) > 256 or not _PATTERN_KEY.fullmatch(key):
+            raise FormatError(f"{where / PEFT_CONFIG}: {field} key {key[:60]!r} is not a module "
+                              "name or dotted suffix", path=str(where),
+                              hint="Write keys as module names, e.g. 'q_proj' or "
+                                   "'layers.0.self_attn.q_proj'.")
 
 
 def match_pattern(pattern: dict, module: str):
-    """PEFT's rule for rank_pattern/alpha_pattern: a key matches a dotted suffix."""
+    """PEFT's rule for rank_pattern/alpha_pattern on plain keys: a key matches the module
+    path itself or a dotted suffix of it (``q_proj`` matches ``...self_attn.q_proj``)."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if module == key or module.endswith("." + key):
             return value
     return None
 
@@ -86,8 +109,19 @@ def inspect_lora(path: Path, base_modules: dict[str, tuple[int, ...]], base_name
         alpha = float(config.get("lora_alpha", rank))
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{path / PEFT_CONFIG} has no valid 'r'", path=str(path)) from None
-    rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
-    alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
+    try:
+        rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
+        alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise FormatError(f"{path / PEFT_CONFIG}: rank_pattern and alpha_pattern must map "
+                          "module names to numbers", path=str(path)) from None
+    check_pattern_keys(rank_pattern, "rank_pattern", path)
+    check_pattern_keys(alpha_pattern, "alpha_pattern", path)
+    if rank < 1 or any(r < 1 for r in rank_pattern.values()):
+        raise FormatError(f"{path / PEFT_CONFIG}: a LoRA rank must be 1 or more", path=str(path))
+    if not all(math.isfinite(a) for a in (alpha, *alpha_pattern.values())):
+        raise FormatError(f"{path / PEFT_CONFIG}: lora_alpha must be a finite number",
+                          path=str(path))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     shapes = _weights(path)
 

@@ -123,7 +123,6 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     ranks = [a.lora.max_rank for a in served if a.lora]
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
     max_cpu_loras = options.max_cpu_loras or max(options.max_loras, len(served))
-    preload = served[:max_cpu_loras]
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path), "--served-model-name", base.name,
@@ -137,8 +136,6 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     ]
     if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU
         argv += ["--quantization", "bitsandbytes"]
-    if preload:
-        argv += ["--lora-modules", *(f"{a.name}={registry.home / a.path}" for a in preload)]
     argv += list(options.extra_args)
     run_env = {
         **os.environ,

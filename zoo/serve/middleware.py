@@ -11,11 +11,18 @@ For every request it
   registry's adapters in ``/v1/models``;
 * counts requests and tokens per adapter and tenant (``/zoo/usage`` as JSON,
   and ``zoo_*`` series on vLLM's own ``/metrics``);
-* refuses vLLM's runtime load/unload endpoints: adapters come from the registry.
+* refuses vLLM's runtime load/unload endpoints: adapters come from the registry;
+* is closed by default: a route zoo does not vet (one that could name an
+  adapter some other way than the body's ``model``, such as ``/invocations``
+  with its adapter header, or read stored state) is a 403, and ``/metrics``
+  needs an operator's key (a tenant whose adapters are ``*``);
+* hands the request's tenant to the resolver (a context variable) and unloads
+  an adapter whose name was re-registered with other content before serving it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,12 +30,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from zoo.serve.policy import Decision, ServePolicy, Tenant
+from zoo.serve.policy import LOADED_HASHES, REQUEST_TENANT, Decision, ServePolicy, Tenant
 
 logger = logging.getLogger("zoo.serve")
-OPEN_PATHS = ("/health", "/ping", "/version", "/metrics")
+OPEN_PATHS = ("/health", "/ping", "/version")
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
-USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
+# Routes whose only adapter selector is the JSON body's "model", which zoo checks;
+# every other route is closed (403) rather than trusted.
+MODEL_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+               "/v1/messages", "/tokenize", "/detokenize")
+ZOO_PATHS = ("/zoo/usage", "/zoo/engine", "/v1/models", "/metrics")
 MAX_BODY = 32 * 1024 * 1024
 
 
@@ -55,7 +66,9 @@ class Usage:
         return [{"model": m, "tenant": t, **row} for (m, t), row in sorted(self.counts.items())]
 
 
+@functools.cache
 def _prometheus_counters():
+    """The zoo_* series, registered once per process (a registry refuses duplicates)."""
     try:
         from prometheus_client import Counter
     except ImportError:  # pragma: no cover - vLLM depends on it
@@ -84,11 +97,20 @@ class ZooMiddleware:
         if path in ADMIN_PATHS or path.startswith("/adapters/"):
             return await _send_error(send, Decision(403, "Adapters are loaded from the zoo "
                                                          "registry: use 'zoo add' or 'zoo rm'."))
+        if path not in MODEL_PATHS and path not in ZOO_PATHS:
+            return await _send_error(send, Decision(403, f"`{path}` is not served by zoo: "
+                                                         "it is not checked for tenants."))
         tenant = None
-        if self.policy.tenants is not None:
+        if self.policy.current_tenants() is not None:
             tenant = self.policy.tenant_for(_bearer(scope))
             if tenant is None:
                 return await _send_error(send, Decision(401, "Missing or unknown API key."))
+        REQUEST_TENANT.set(tenant)
+        if path == "/metrics":
+            if tenant is not None and not tenant.operator:
+                return await _send_error(send, Decision(403, "Metrics name every tenant's "
+                                                             "adapters: an operator key reads them."))
+            return await self.app(scope, receive, send)
         if path == "/zoo/usage":
             rows = [r for r in self.usage.as_json() if tenant is None or r["tenant"] == tenant.name]
             return await _send_json(send, 200, {"usage": rows})
@@ -98,7 +120,12 @@ class ZooMiddleware:
 
         if path == "/v1/models":
             return await self._list_models(scope, receive, send, tenant)
-        body = await _read_body(receive) if scope["method"] == "POST" else b""
+        body = b""
+        if scope["method"] == "POST":
+            body = await _read_body(receive)
+            if body is None:
+                return await _send_error(send, Decision(413, f"The request body is larger than "
+                                                             f"{MAX_BODY // 2**20} MiB."))
         model = _model_of(body)
         if model and model != self.policy.base:
             decision = self.policy.authorize(tenant, model)
@@ -106,11 +133,26 @@ class ZooMiddleware:
                 decision = self.policy.adapter(model)
             if not decision.ok:
                 return await _send_error(send, decision)
+            await self._unload_if_replaced(scope, model, decision.content_hash)
         replay = _replayer(body, receive) if scope["method"] == "POST" else receive
-        if path in USAGE_PATHS:
+        if scope["method"] == "POST":
             send = self._counting(send, model or self.policy.base,
                                   tenant.name if tenant else "-")
         return await self.app(scope, replay, send)
+
+    async def _unload_if_replaced(self, scope, name: str, content_hash: str | None) -> None:
+        """A name re-registered with other content: drop the engine's copy, so vLLM asks the
+        resolver again and loads the new files (under a new LoRA id)."""
+        loaded = LOADED_HASHES.get(name)
+        if loaded is None or loaded == content_hash:
+            return
+        models = _serving_models(scope)
+        if models is not None and name in models.lora_requests:
+            from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+            await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+            logger.info("zoo: reloading %s (re-registered with other content)", name)
+        LOADED_HASHES.pop(name, None)
 
     def _engine_report(self, tenant: Tenant | None) -> dict:
         """What the served weights cost, as the worker measured them (see plugin.py)."""
@@ -131,7 +173,7 @@ class ZooMiddleware:
         if self._loaded_stamp == self.policy._stamp:
             return
         self._loaded_stamp = self.policy._stamp
-        models = getattr(getattr(scope.get("app"), "state", None), "openai_serving_models", None)
+        models = _serving_models(scope)
         if models is None:
             return
         from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
@@ -140,6 +182,7 @@ class ZooMiddleware:
         for name in list(models.lora_requests):
             if name not in servable:
                 await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+                LOADED_HASHES.pop(name, None)
                 logger.info("zoo: unloaded %s (no longer in the registry)", name)
 
     async def _list_models(self, scope, receive, send, tenant: Tenant | None):
@@ -152,8 +195,10 @@ class ZooMiddleware:
             if adapter.name not in listed:
                 listing["data"].append({
                     "id": adapter.name, "object": "model", "owned_by": "zoo",
-                    "root": str(self.policy.registry.home / adapter.path),
-                    "parent": self.policy.base, "created": listing["data"][0].get("created")})
+                    "root": adapter.name, "parent": self.policy.base,
+                    "created": listing["data"][0].get("created")})
+        for card in listing["data"]:  # vLLM puts the server's own paths here
+            card["root"] = card["id"]
         servable = {a.name for a in self.policy.served_adapters()} | {self.policy.base}
         listing["data"] = [c for c in listing["data"] if c["id"] in servable and (
             tenant is None or c["id"] == self.policy.base or tenant.may_use(c["id"]))]
@@ -223,7 +268,12 @@ def _model_of(body: bytes) -> str | None:
     return model if isinstance(model, str) else None
 
 
-async def _read_body(receive) -> bytes:
+def _serving_models(scope):
+    return getattr(getattr(scope.get("app"), "state", None), "openai_serving_models", None)
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole request body, or None when it is larger than MAX_BODY."""
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -231,7 +281,9 @@ async def _read_body(receive) -> bytes:
             break
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
-        if size > MAX_BODY or not message.get("more_body", False):
+        if size > MAX_BODY:
+            return None
+        if not message.get("more_body", False):
             break
     return b"".join(chunks)
 
@@ -278,7 +330,7 @@ async def _send_json(send, status: int, data) -> None:
 
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-               404: "NotFoundError", 422: "UnprocessableEntityError"}
+               404: "NotFoundError", 413: "RequestTooLargeError", 422: "UnprocessableEntityError"}
 
 
 async def _send_error(send, decision: Decision) -> None:

@@ -12,9 +12,11 @@ import fnmatch
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,15 @@ HOME_VARIABLE = "ZOO_HOME"
 BASE_VARIABLE = "ZOO_SERVE_BASE"
 KEYS_VARIABLE = "ZOO_SERVE_API_KEYS"
 RANK_VARIABLE = "ZOO_SERVE_MAX_LORA_RANK"
+logger = logging.getLogger("zoo.serve")
+
+# The tenant of the request being handled, set by the middleware for the request's task;
+# the resolver (called by vLLM inside that task) reads it, so both decide for one tenant.
+NOT_VETTED = object()
+REQUEST_TENANT: ContextVar = ContextVar("zoo_request_tenant", default=NOT_VETTED)
+# Content hash of each adapter as the resolver handed it to the engine (by name): a name
+# re-registered with other content is unloaded before its next request (middleware).
+LOADED_HASHES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class Decision:
     status: int
     message: str = ""
     path: Path | None = None
+    content_hash: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,6 +74,11 @@ class Tenant:
 
     def may_use(self, adapter: str) -> bool:
         return any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.adapters)
+
+    @property
+    def operator(self) -> bool:
+        """A tenant that may use every adapter also reads every tenant's metrics."""
+        return "*" in self.adapters
 
     def holds(self, key: str) -> bool:
         hashed = hash_key(key)
@@ -121,15 +138,40 @@ class ServePolicy:
     base: str
     max_lora_rank: int
     tenants: list[Tenant] | None = None
+    keys_path: Path | None = None  # re-read when it changes; revoked keys stop working
     _catalog: Catalog | None = field(default=None, repr=False)
     _stamp: tuple | None = field(default=None, repr=False)
+    _keys_stamp: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def from_environment(cls) -> ServePolicy:
         keys = os.environ.get(KEYS_VARIABLE)
         return cls(Registry(Path(os.environ[HOME_VARIABLE])), os.environ[BASE_VARIABLE],
                    int(os.environ.get(RANK_VARIABLE, "512")),
-                   load_tenants(Path(keys)) if keys else None)
+                   load_tenants(Path(keys)) if keys else None,
+                   Path(keys) if keys else None)
+
+    def current_tenants(self) -> list[Tenant] | None:
+        """The tenants, re-read when the keys file changed (None: the server is open).
+
+        A keys file that became unreadable or malformed locks everyone out until
+        it is fixed: a revocation must never be undone by a typo.
+        """
+        if self.keys_path is None:
+            return self.tenants
+        try:
+            st = self.keys_path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp != self._keys_stamp:
+            self._keys_stamp = stamp
+            try:
+                self.tenants = load_tenants(self.keys_path)
+            except ZooError as exc:
+                logger.error("zoo: keys file unusable, refusing every key: %s", exc)
+                self.tenants = []
+        return self.tenants
 
     def catalog(self) -> Catalog:
         """The registry, re-read only when its file changed."""
@@ -168,19 +210,20 @@ class ServePolicy:
         if changed:
             return Decision(422, f"Adapter `{name}` cannot be served: its files changed since "
                                  f"it was registered ({', '.join(changed)}). Re-add or re-pull it.")
-        return Decision(200, path=path)
+        return Decision(200, path=path, content_hash=entry.content_hash)
 
     def tenant_for(self, key: str | None) -> Tenant | None:
-        if self.tenants is None or not key:
+        tenants = self.current_tenants()
+        if tenants is None or not key:
             return None
-        for tenant in self.tenants:
+        for tenant in tenants:
             if tenant.holds(key):
                 return tenant
         return None
 
     def authorize(self, tenant: Tenant | None, model: str | None) -> Decision:
         """Whether this tenant may use ``model`` (the base, or its own adapters)."""
-        if self.tenants is None or not model or model == self.base:
+        if self.current_tenants() is None or not model or model == self.base:
             return Decision(200)
         if tenant is None:
             return Decision(401, "Missing or unknown API key.")

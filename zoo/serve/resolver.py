@@ -2,7 +2,11 @@
 
 vLLM asks it for an adapter by name when a request names one the engine has
 not loaded. It answers only for servable LoRA/QLoRA adapters of the served
-base whose files are intact; anything else is None, and vLLM answers 404.
+base whose files are intact, and, when the server has tenants, only for a
+request the middleware vetted whose tenant may use that adapter (the
+middleware's decision travels in a context variable); anything else is None,
+and vLLM answers 404. What it loads is remembered by content hash, so a name
+re-registered with other weights is reloaded, not served stale.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
-from zoo.serve.policy import ServePolicy
+from zoo.serve.policy import LOADED_HASHES, NOT_VETTED, REQUEST_TENANT, ServePolicy
 
 
 class RegistryResolver(LoRAResolver):
@@ -22,9 +26,14 @@ class RegistryResolver(LoRAResolver):
         return cls(ServePolicy.from_environment())
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        if self.policy.current_tenants() is not None:
+            tenant = REQUEST_TENANT.get()
+            if tenant is NOT_VETTED or not self.policy.authorize(tenant, lora_name).ok:
+                return None
         decision = self.policy.adapter(lora_name)
         if decision.path is None:
             return None
+        LOADED_HASHES[lora_name] = decision.content_hash
         # vLLM replaces the id with its own counter; the path is the stored copy
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(decision.path))
 

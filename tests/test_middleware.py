@@ -1,0 +1,213 @@
+"""The serving gate without an engine: zoo's middleware and resolver in front of a fake
+vLLM app that records what reaches it. Anything a tenant sends either is refused or
+reaches the engine naming only the base or an adapter that tenant may use."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import zoo
+from zoo.catalog.registry import Registry
+from zoo.serve import policy as policy_module
+from zoo.serve.middleware import MAX_BODY, ZooMiddleware
+from zoo.serve.policy import ServePolicy
+
+KEYS = {"acme": "sk-acme-0000001", "globex": "sk-globex-0000001", "ops": "sk-ops-00000001"}
+ADAPTERS = ("acme/a", "globex/b")
+
+
+class FakeVllm:
+    """Records the model of every request that reaches it; answers like vLLM would."""
+
+    def __init__(self):
+        self.reached: list[tuple[str, bytes]] = []
+
+    async def __call__(self, scope, receive, send):
+        body = b""
+        if scope["method"] == "POST":
+            message = await receive()
+            body = message.get("body", b"")
+        self.reached.append((scope["path"], body))
+        if scope["path"] == "/v1/models":
+            payload = {"object": "list", "data": [
+                {"id": "tiny", "object": "model", "root": "/srv/secret/zoo/bases/tiny",
+                 "created": 1}]}
+        else:
+            payload = {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        data = json.dumps(payload).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": data})
+
+
+@pytest.fixture
+def gate(models, zoo_home, tmp_path):
+    zoo("add", models.llama, "--name", "tiny")
+    for i, name in enumerate(ADAPTERS):
+        zoo("add", models.lora(f"gate{i}", seed=20 + i), "--name", name, "--base", "tiny")
+    keys = tmp_path / "keys.json"
+    write_keys(keys, KEYS)
+    policy = ServePolicy(Registry(zoo_home), "tiny", 64, keys_path=keys)
+    app = FakeVllm()
+    return ZooMiddleware(app, policy), app, keys
+
+
+def write_keys(path, keys: dict[str, str]) -> None:
+    tenants = {t: {"keys": [k]} for t, k in keys.items()}
+    if "ops" in tenants:
+        tenants["ops"]["adapters"] = ["*"]
+    path.write_text(json.dumps({"tenants": tenants}))
+
+
+def call(middleware, path: str, body: bytes | None = None, key: str | None = None,
+         headers=(), chunks: int = 1) -> tuple[int, dict]:
+    method = "GET" if body is None else "POST"
+    hdrs = [(b"content-type", b"application/json"), *headers]
+    if key:
+        hdrs.append((b"authorization", f"Bearer {key}".encode()))
+    scope = {"type": "http", "path": path, "method": method, "headers": hdrs}
+    pieces = [b""] if not body else [body[len(body) * i // chunks:len(body) * (i + 1) // chunks]
+                                     for i in range(chunks)]
+    queue = [{"type": "http.request", "body": p, "more_body": i + 1 < len(pieces)}
+             for i, p in enumerate(pieces)]
+    sent = []
+
+    async def receive():
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(middleware(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    raw = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(raw) if raw else {}
+
+
+def chat(model: str) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+# 1. routes zoo does not vet are closed ------------------------------------------------
+
+def test_sagemaker_invocations_cannot_reach_another_tenants_adapter(gate):
+    middleware, app, _ = gate
+    status, body = call(middleware, "/invocations", chat("tiny"), KEYS["acme"],
+                        headers=[(b"x-amzn-sagemaker-adapter-identifier", b"globex/b")])
+    assert status == 403 and "not served by zoo" in body["error"]["message"]
+    for path in ("/v1/responses/resp_123", "/pooling", "/v1/audio/transcriptions",
+                 "/v1/batches", "/score", "/v1/load_lora_adapter"):
+        assert call(middleware, path, chat("tiny"), KEYS["ops"])[0] == 403, path
+    assert app.reached == []
+
+
+def test_resolver_loads_only_for_a_vetted_request_of_a_tenant_that_may_use_it(gate):
+    pytest.importorskip("vllm")
+    from zoo.serve.resolver import RegistryResolver
+
+    middleware, _, _ = gate
+    resolver = RegistryResolver(middleware.policy)
+    acme = middleware.policy.tenant_for(KEYS["acme"])
+
+    def resolve(tenant, name):
+        async def run():
+            if tenant is not policy_module.NOT_VETTED:
+                policy_module.REQUEST_TENANT.set(tenant)
+            return await resolver.resolve_lora("tiny", name)
+        return asyncio.run(run())
+
+    assert resolve(policy_module.NOT_VETTED, "acme/a") is None  # no middleware decision
+    assert resolve(acme, "globex/b") is None
+    loaded = resolve(acme, "acme/a")
+    assert loaded is not None and loaded.lora_name == "acme/a"
+
+
+# 5. /metrics needs an operator's key --------------------------------------------------
+
+def test_metrics_need_an_operator_key(gate):
+    middleware, app, _ = gate
+    assert call(middleware, "/metrics")[0] == 401
+    assert call(middleware, "/metrics", key=KEYS["acme"])[0] == 403
+    assert call(middleware, "/metrics", key=KEYS["ops"])[0] == 200
+    assert [p for p, _ in app.reached] == ["/metrics"]
+
+
+# 9. smaller items ---------------------------------------------------------------------
+
+def test_a_body_over_the_limit_is_413_not_cut(gate):
+    middleware, app, _ = gate
+    big = b'{"model": "tiny", "prompt": "' + b"x" * (MAX_BODY + 10) + b'"}'
+    status, body = call(middleware, "/v1/completions", big, KEYS["acme"], chunks=8)
+    assert status == 413 and "larger than" in body["error"]["message"]
+    assert app.reached == []
+
+
+def test_models_list_shows_no_server_paths(gate, zoo_home):
+    middleware, _, _ = gate
+    status, listing = call(middleware, "/v1/models", key=KEYS["ops"])
+    assert status == 200
+    text = json.dumps(listing)
+    assert "/srv/secret" not in text and str(zoo_home) not in text
+    assert {c["id"] for c in listing["data"]} == {"tiny", *ADAPTERS}
+
+
+def test_usage_is_counted_on_every_model_route(gate):
+    middleware, _, _ = gate
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
+        assert call(middleware, path, chat("acme/a"), KEYS["acme"])[0] == 200
+    rows = call(middleware, "/zoo/usage", key=KEYS["acme"])[1]["usage"]
+    assert rows == [{"model": "acme/a", "tenant": "acme", "requests": 4, "prompt_tokens": 12,
+                     "completion_tokens": 8}]
+
+
+def test_a_revoked_key_stops_working_without_a_restart(gate):
+    middleware, _, keys = gate
+    assert call(middleware, "/v1/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    time.sleep(0.01)
+    write_keys(keys, {k: v for k, v in KEYS.items() if k != "acme"})
+    os.utime(keys, ns=(time.time_ns(), time.time_ns()))
+    assert call(middleware, "/v1/completions", chat("acme/a"), KEYS["acme"])[0] == 401
+    keys.write_text("{not json")  # a broken keys file locks everyone out, never opens up
+    assert call(middleware, "/v1/completions", chat("tiny"), KEYS["ops"])[0] == 401
+
+
+# property: whatever acme sends, the engine sees only the base or acme's adapters -------
+
+NAMES = st.sampled_from(["tiny", "acme/a", "globex/b", "Globex/b", " globex/b", "globex/b\n",
+                         "acme/a/../../globex/b", "globex/*", "acme/*", "", "acme/nope"])
+BODIES = st.one_of(
+    NAMES.map(chat),
+    st.tuples(NAMES, NAMES).map(  # duplicate keys: JSON parsers keep the last one
+        lambda pair: f'{{"model": {json.dumps(pair[0])}, "model": {json.dumps(pair[1])}}}'.encode()),
+    st.binary(max_size=64),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8) | NAMES,
+                 lambda inner: st.lists(inner, max_size=3)
+                 | st.dictionaries(st.sampled_from(["model", "messages", "x"]), inner, max_size=3),
+                 max_leaves=8).map(lambda v: json.dumps(v).encode()),
+)
+PROPERTY_EXAMPLES = 200
+
+
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=BODIES, path=st.sampled_from(["/v1/chat/completions", "/v1/completions",
+                                          "/v1/responses", "/tokenize", "/invocations",
+                                          "/v1/embeddings/../chat/completions"]))
+def test_fuzzed_requests_reach_the_engine_only_for_what_the_tenant_may_use(gate, body, path):
+    middleware, app, _ = gate
+    app.reached.clear()
+    status, _ = call(middleware, path, body, KEYS["acme"])
+    for _, seen in app.reached:
+        try:
+            model = json.loads(seen).get("model")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            continue  # not a JSON object: vLLM refuses it before choosing a model
+        # an empty or absent model is the base to vLLM
+        assert model in (None, "", "tiny", "acme/a") or not isinstance(model, str), (status, seen)
