@@ -287,3 +287,65 @@ def test_two_syncs_racing_both_land(hub, homes, models, monkeypatch):
         homes(which)
         zoo("sync", "--repo", "acme/index")
         assert {e["name"] for e in zoo_json("list")} == {"tiny", "acme/a1", "acme/b1"}
+
+
+def rewrite_manifest(hub, repo: str, change) -> None:
+    """What a hostile publisher can do: commit any zoo.json it likes to its own repo."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=WRITE)
+    path = api.hf_hub_download(repo, "zoo.json", cache_dir=hub.store.root.parent / "evil-cache")
+    data = json.loads(Path(path).read_text())
+    change(data)
+    api.upload_file(path_or_fileobj=json.dumps(data).encode(), path_in_repo="zoo.json",
+                    repo_id=repo)
+
+
+def test_a_repo_manifest_does_not_choose_the_local_name(hub, homes, models):
+    """Issue 10, item 2: zoo pull ORG/NAME registers ORG/NAME, whatever zoo.json says."""
+    zoo("add", models.lora("plain"), "--name", "evil/innocent", "--base", "tiny")
+    zoo("push", "evil/innocent")
+
+    def claim(data):
+        data["entry"]["name"] = "globex/secret"
+        data["entry"]["training"] = {"steps": [1, 2], "nested": {"x": 1}}  # malformed
+
+    rewrite_manifest(hub, "evil/innocent", claim)
+    homes("b")
+    zoo("add", models.lora("second", r=2, lora_alpha=4, seed=9), "--name", "globex/secret",
+        "--base", "tiny")
+    secret = zoo_json("show", "globex/secret")
+    zoo("pull", "evil/innocent")
+    assert {e["name"] for e in zoo_json("list")} == {"tiny", "evil/innocent", "globex/secret"}
+    assert zoo_json("show", "globex/secret") == secret
+    assert zoo_json("show", "evil/innocent")["training"] is None  # dropped, not kept
+    result = zoo("pull", "evil/innocent", "--name", "globex/secret", ok=False)
+    assert result.exit_code == 1 and "already registered" in result.stderr
+    assert zoo_json("show", "globex/secret") == secret
+    zoo("pull", "evil/innocent", "--name", "mine/copy")
+    assert zoo_json("show", "mine/copy")["content_hash"] == \
+        zoo_json("show", "evil/innocent")["content_hash"]
+    zoo("push", "evil/innocent", "--repo", "evil/again")  # a later push still works
+
+
+def test_a_sync_index_cannot_map_a_name_onto_another_repo(hub, homes, models, tmp_path):
+    from huggingface_hub import HfApi
+
+    zoo("add", models.lora("plain"), "--name", "evil/x", "--base", "tiny", )
+    zoo("add", models.lora("second", r=2, lora_alpha=4, seed=9), "--name", "local-only",
+        "--base", "tiny")
+    zoo("sync", "--repo", "acme/index")
+    api = HfApi(endpoint=hub.url, token=WRITE)
+    index = json.loads(Path(api.hf_hub_download("acme/index", "registry.json",
+                                                repo_type="dataset",
+                                                cache_dir=tmp_path / "c")).read_text())
+    assert "path" not in index["entries"]["local-only"]["source"]  # no local paths published
+    forged = dict(index["entries"]["evil/x"], name="globex/secret")
+    index["entries"]["globex/secret"] = forged
+    api.upload_file(path_or_fileobj=json.dumps(index).encode(), path_in_repo="registry.json",
+                    repo_id="acme/index", repo_type="dataset")
+    homes("b")
+    result = zoo("sync", "--repo", "acme/index")
+    assert "globex/secret" in result.stdout and "does not match its name" in result.stdout
+    assert "globex/secret" not in {e["name"] for e in zoo_json("list")}
+    assert "evil/x" in {e["name"] for e in zoo_json("list")}

@@ -224,9 +224,44 @@ def test_usage_is_counted_per_adapter_and_tenant(served):
     # a tenant sees its own rows only; Prometheus has them all beside vLLM's own
     assert {r["tenant"] for r in json.loads(get(served, "/zoo/usage", KEYS["globex"]))["usage"]} \
         == {"globex"}
-    metrics = get(served, "/metrics", key=None)
+    metrics = get(served, "/metrics", key=KEYS["ops"])  # an operator's key (issue 10)
     assert 'zoo_adapter_requests_total{model="globex/b",tenant="globex"}' in metrics
     assert "vllm:" in metrics
+    for key, status in ((None, 401), (KEYS["globex"], 403)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            get(served, "/metrics", key=key)
+        assert err.value.code == status
+
+
+def test_sagemaker_route_cannot_reach_another_tenants_adapter(served):
+    """Issue 10, item 1: vLLM copies this header into the body's model after the body
+    was checked; zoo closes every route it does not vet."""
+    request = urllib.request.Request(
+        served.url.removesuffix("/v1") + "/invocations", method="POST",
+        data=json.dumps({"messages": QUESTION, "max_tokens": 4}).encode(),
+        headers={"Authorization": f"Bearer {KEYS['acme']}", "Content-Type": "application/json",
+                 "X-Amzn-SageMaker-Adapter-Identifier": "globex/b"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    assert err.value.code == 403
+
+
+def test_a_re_added_name_serves_its_new_weights(served, lora_maker):
+    """Issue 10, item 6: the engine's copy is replaced by content hash, not kept by name."""
+    env = {**os.environ, "ZOO_HOME": str(served.home)}
+    zoo = [sys.executable, "-m", "zoo"]
+
+    def run(*args):
+        subprocess.run([*zoo, *args], env=env, check=True, capture_output=True)
+
+    run("add", str(lora_maker("first", 11)), "--name", "acme/re", "--base", BASE)
+    run("add", str(lora_maker("second", 12)), "--name", "acme/re-ref", "--base", BASE)
+    first = answer(served, "acme/re", tenant="acme")
+    second = answer(served, "acme/re-ref", tenant="acme")
+    assert first != second
+    run("rm", "acme/re")
+    run("add", str(lora_maker("second", 12)), "--name", "acme/re", "--base", BASE)
+    assert answer(served, "acme/re", tenant="acme") == second
 
 
 def _usage(server, model: str, tenant: str) -> dict:

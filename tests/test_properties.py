@@ -1,0 +1,151 @@
+"""Property tests of what users and Hubs send: every input is either accepted as valid or
+refused with zoo's own error (one line for the user), never a crash or a hang.
+
+The number of generated cases per property is EXAMPLES (the README reports it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zoo.catalog.home import MAX_NAME_LENGTH, split_variant, validate_name
+from zoo.catalog.registry import Catalog, read_catalog
+from zoo.core.files import read_safetensors_header
+from zoo.errors import FormatError, InvalidName, RegistryError, ZooError
+from zoo.hub.cards import read_manifest
+from zoo.models.adapters import inspect_lora
+from zoo.serve.policy import load_tenants
+
+EXAMPLES = 300
+FUZZ = settings(max_examples=EXAMPLES, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+NAME_SPEC = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?")
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+
+
+@FUZZ
+@given(st.text(max_size=120) | st.from_regex(NAME_SPEC, fullmatch=True))
+def test_names_are_exactly_the_documented_ones(name):
+    valid = bool(NAME_SPEC.fullmatch(name)) and len(name) <= MAX_NAME_LENGTH and \
+        ".." not in name.split("/") and "." not in name.split("/")
+    try:
+        assert validate_name(name) == name
+        assert valid, name
+        assert "\n" not in name and not name.startswith("/")
+    except InvalidName:
+        assert not valid, name
+
+
+@FUZZ
+@given(st.text(max_size=40))
+def test_variant_refs_parse_or_are_refused(ref):
+    try:
+        name, variant = split_variant(ref)
+    except InvalidName:
+        return
+    assert validate_name(name) == name
+    assert variant is None or re.fullmatch(r"[a-z0-9][a-z0-9._-]*", variant)
+
+
+@FUZZ
+@given(header=st.binary(max_size=300) | JSON.map(lambda v: json.dumps(v).encode()),
+       length=st.none() | st.integers(min_value=0, max_value=2**64 - 1),
+       tail=st.binary(max_size=64))
+def test_safetensors_headers_parse_or_are_format_errors(tmp_path, header, length, tail):
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + tail)
+    try:
+        table = read_safetensors_header(path)
+    except FormatError:
+        return
+    assert isinstance(table, dict)
+    for info in table.values():
+        start, end = info["data_offsets"]
+        assert 0 <= start <= end <= path.stat().st_size
+
+
+@FUZZ
+@given(JSON)
+def test_registry_files_load_or_are_registry_errors(tmp_path, data):
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps(data))
+    try:
+        catalog = read_catalog(path)
+    except RegistryError:
+        return
+    assert isinstance(catalog, Catalog)
+    for name in catalog.entries:  # touching an entry is where a malformed one is found
+        try:
+            catalog.entries[name]
+        except RegistryError:
+            pass
+
+
+@FUZZ
+@given(JSON | st.fixed_dictionaries({"tenants": st.dictionaries(
+    st.text(max_size=8), st.fixed_dictionaries({"keys": JSON, "adapters": JSON}), max_size=3)}))
+def test_keys_files_load_or_are_format_errors(tmp_path, data):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(data))
+    try:
+        tenants = load_tenants(path)
+    except FormatError:
+        return
+    for tenant in tenants:
+        assert tenant.keys and all(isinstance(k, str) and len(k) >= 8 for k in tenant.keys)
+        assert all(isinstance(p, str) for p in tenant.adapters)
+
+
+@pytest.fixture(scope="module")
+def lora_files(models):
+    path = models.lora("plain")
+    config = json.loads((path / "adapter_config.json").read_text())
+    from zoo.models.bases import module_weight_shapes
+
+    return path, config, module_weight_shapes(models.llama)
+
+
+CONFIG_FIELDS = st.dictionaries(
+    st.sampled_from(["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora",
+                     "use_dora", "fan_in_fan_out", "bias", "peft_type", "modules_to_save",
+                     "target_modules"]),
+    JSON | st.dictionaries(st.text(max_size=30), st.integers() | st.text(max_size=4),
+                           max_size=3),
+    max_size=4)
+
+
+@FUZZ
+@given(CONFIG_FIELDS)
+def test_adapter_configs_inspect_or_are_refused(lora_files, tmp_path_factory, changes):
+    path, config, base = lora_files
+    folder = tmp_path_factory.mktemp("fuzz-lora")
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    (folder / "adapter_model.safetensors").symlink_to(path / "adapter_model.safetensors")
+    try:
+        found = inspect_lora(folder, base, "tiny")
+    except ZooError:
+        return
+    assert found.rank >= 1 and found.details.max_rank >= found.rank
+
+
+@FUZZ
+@given(JSON | st.fixed_dictionaries({"entry": JSON, "files": JSON}))
+def test_hub_manifests_parse_or_are_refused(tmp_path, data):
+    path = tmp_path / "zoo.json"
+    path.write_text(json.dumps(data))
+    try:
+        manifest = read_manifest(Path(path), "evil/repo")
+    except ZooError:
+        return
+    assert validate_name(manifest.base) == manifest.base
+    assert manifest.training is None or all(isinstance(k, str) for k in manifest.training)
