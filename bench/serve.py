@@ -1,170 +1,262 @@
-"""zoo serve under load: one vLLM engine, the int8 base, many LoRAs, side by side.
+"""zoo serve with many customers at once: throughput against the number of active adapters.
 
-Run: .venv/bin/python bench/serve.py [--requests 32] [--tokens 32] [--quantization w8a8]
+Run: .venv/bin/python bench/serve.py [--catalog 1000] [--paths zoo,vllm] [--startup 3,1000,10000]
 
-(a) 32 concurrent requests on the base, (b) all on one adapter, (c) spread
-over 8 adapters, (d) spread over 32 adapters with --max-loras 8; output
-tokens/s and the ratio to (a). Then the time to first token of an adapter's
-first request after it was added to the registry (hot add) against one that
-is loaded, and the engine's resident memory with the base alone, with 32
-adapters loaded, and what 32 merged copies would take.
+One engine per LoRA path, started with zoo serve's defaults (no tuning flags), on
+the int8 base, with a catalog of --catalog registered rank-8 q/v LoRAs:
+
+* the curve: output tokens/s of --requests concurrent requests x --tokens tokens
+  spread over 1, 8, 32, 64 and 128 distinct adapters, each set used for the first
+  time (cold: loaded on first use) and then again (warm), against the base alone in
+  the same run; vLLM's own LoRA path on the same load (fewer points: it is slow);
+* time to first token of an adapter never used before (cold) and of a loaded one
+  (warm) while 63 other adapters keep the engine busy: p50 and p99;
+* start-up time (launch to /health) against catalog size;
+* bulk registration time of the catalog (zoo add DIR --many).
+
+Results go to bench/results/serve.json and a plot to docs/serve-curve.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
+import statistics
 import sys
 import time
-import urllib.request
+from pathlib import Path
 
-from common import BASE, bench_home, save, table, write_random_lora
+from common import BASE, ROOT, bench_home, save, table, write_random_lora
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+CURVE = (1, 8, 32, 64, 128)
+VLLM_CURVE = (8, 64)
+QV = ("q_proj", "v_proj")
 
 
-def engine_rss(pid: int) -> int:
-    import psutil
-
-    proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
-
-
-async def burst(url: str, models: list[str], tokens: int) -> dict:
+async def burst(url: str, models: list[str], tokens: int, concurrency: int) -> dict:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=900)
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=1800)
+    gate = asyncio.Semaphore(concurrency)
 
-    async def one(model: str) -> tuple[int, str]:
-        reply = await client.chat.completions.create(
-            model=model, messages=PROMPT, max_tokens=tokens, temperature=0,
-            extra_body={"min_tokens": tokens, "ignore_eos": True})
-        return reply.usage.completion_tokens, reply.choices[0].message.content
+    async def one(model: str) -> int:
+        async with gate:
+            reply = await client.chat.completions.create(
+                model=model, messages=PROMPT, max_tokens=tokens, temperature=0,
+                extra_body={"min_tokens": tokens, "ignore_eos": True})
+            return reply.usage.completion_tokens
 
     start = time.perf_counter()
-    replies = await asyncio.gather(*(one(m) for m in models))
+    produced = await asyncio.gather(*(one(m) for m in models))
     seconds = time.perf_counter() - start
     await client.close()
-    tokens_out = sum(n for n, _text in replies)
-    return {"tokens": tokens_out, "seconds": seconds, "tok_per_s": tokens_out / seconds,
-            "texts": [text for _n, text in replies]}
+    return {"tokens": sum(produced), "seconds": seconds, "tok_per_s": sum(produced) / seconds}
 
 
-async def first_token(url: str, model: str) -> float:
+async def ttft_under_load(url: str, busy: list[str], probes: list[str]) -> list[float]:
+    """First-token times of ``probes``, one after another, while ``busy`` adapters stream."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=900)
-    start = time.perf_counter()
-    stream = await client.chat.completions.create(model=model, messages=PROMPT, max_tokens=4,
-                                                  temperature=0, stream=True)
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break
-    seconds = time.perf_counter() - start
-    await stream.close()
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=1800)
+    stop = asyncio.Event()
+
+    async def keep_busy(model: str) -> None:
+        while not stop.is_set():
+            await client.chat.completions.create(
+                model=model, messages=PROMPT, max_tokens=48, temperature=0,
+                extra_body={"min_tokens": 48, "ignore_eos": True})
+
+    async def first_token(model: str) -> float:
+        start = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=model, messages=PROMPT, max_tokens=4, temperature=0, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        seconds = time.perf_counter() - start
+        await stream.close()
+        return seconds
+
+    workers = [asyncio.create_task(keep_busy(m)) for m in busy]
+    await asyncio.sleep(3)  # the busy adapters are loaded and decoding
+    times = [await first_token(m) for m in probes]
+    stop.set()
+    await asyncio.gather(*workers, return_exceptions=True)
     await client.close()
-    return seconds
+    return times
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def catalog(home: Path, registry, size: int, log) -> tuple[list[str], float | None]:
+    """``size`` rank-8 q/v adapters named cat/aNNNN, registered in one bulk add (timed)."""
+    from zoo.catalog.bulk import add_many
+
+    names = [f"cat/a{i:04d}" for i in range(size)]
+    present = {a.name for a in registry.load().adapters(base=BASE)}
+    if set(names) <= present:
+        return names, None
+    folder = home / "bench-catalog"
+    base_dir = home / "bases" / BASE
+    for i in range(size):
+        if not (folder / f"a{i:04d}").exists():
+            write_random_lora(folder / f"a{i:04d}", base_dir, seed=i, targets=QV, scale=0.05)
+    start = time.perf_counter()
+    result = add_many(folder, BASE, prefix="cat/", registry=registry)
+    seconds = time.perf_counter() - start
+    log(f"registered {len(result.added)} adapters in {seconds:.1f} s")
+    return names, seconds
+
+
+def startup_seconds(registry, log) -> float:
+    from zoo.serve.launch import ServeOptions, free_port, running_server
+
+    start = time.perf_counter()
+    with running_server(ServeOptions(base=BASE, port=free_port()), registry, log=log):
+        return time.perf_counter() - start
+
+
+def small_catalog_home(home: Path, size: int, log) -> Path:
+    """A home whose catalog is ``size`` tiny adapters (rank 1, one module): what start-up
+    must not grow with is the number of entries, not their bytes."""
+    from zoo.catalog.bulk import add_many
+    from zoo.catalog.registry import Registry
+
+    target = home.parent / f"{home.name}-catalog-{size}"
+    registry = Registry(target)
+    if len(registry.load().adapters(base=BASE)) >= size:
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(home / "bases", target / "bases", copy_function=os.link)
+    shutil.copy(home / "registry.json", target / "registry.json")
+    with registry.edit() as cat:  # keep the base and its variants, drop the adapters
+        for name in [a.name for a in cat.adapters()]:
+            del cat.entries[name]
+    folder = target / "incoming"
+    base_dir = home / "bases" / BASE
+    one = write_random_lora(folder / "t00000", base_dir, rank=1, targets=("q_proj",))
+    for i in range(1, size):
+        shutil.copytree(one, folder / f"t{i:05d}")
+    start = time.perf_counter()
+    add_many(folder, BASE, prefix="tiny/", registry=registry)
+    log(f"catalog of {size}: registered in {time.perf_counter() - start:.1f} s")
+    shutil.rmtree(folder)
+    return target
+
+
+def plot(curve_rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for path, state, style in (("zoo", "warm", "o-"), ("zoo", "cold", "o--"),
+                               ("vllm", "warm", "s-")):
+        points = [(r["adapters"], r["vs base"]) for r in curve_rows
+                  if r["lora path"] == path and r["state"] == state]
+        if points:
+            ax.plot(*zip(*points, strict=True), style, label=f"{path}'s LoRA path, {state}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distinct adapters among the concurrent requests")
+    ax.set_ylabel("output tokens/s vs the base alone")
+    ax.set_ylim(0, 1.2)
+    ax.legend()
+    ax.set_title("One engine, int8 SmolLM2-135M, 2 CPU cores")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--catalog", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--adapters", type=int, default=32)
-    parser.add_argument("--quantization", default="w8a8")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--paths", default="zoo,vllm",
-                        help="LoRA paths to measure, one engine each: zoo's and/or vLLM's own")
+    parser.add_argument("--paths", default="zoo,vllm")
+    parser.add_argument("--startup", default="3,1000,10000")
+    parser.add_argument("--ttft-samples", type=int, default=10)
+    parser.add_argument("--curve", default=",".join(map(str, CURVE)))
     args = parser.parse_args()
 
     from zoo.catalog.registry import Registry
-    from zoo.catalog.store import add, remove
     from zoo.serve.launch import ServeOptions, free_port, running_server
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
 
     home = bench_home()
     registry = Registry(home)
-    for entry in registry.load().adapters(base=BASE):
-        remove(entry.name, registry=registry)
-    base_dir = home / "bases" / BASE
-    scratch = home / "bench-loras"
-    shutil.rmtree(scratch, ignore_errors=True)
-    names = [f"bench/a{i:02d}" for i in range(args.adapters)]
-    for i, name in enumerate(names):
-        add(write_random_lora(scratch / name, base_dir, seed=i), name, BASE, registry=registry)
-    late = write_random_lora(scratch / "late", base_dir, seed=999)
-
+    names, bulk_seconds = catalog(home, registry, args.catalog, log)
     n = args.requests
-    rows, extra = [], {}
+    rows, ttft = [], {}
+    used = 0
+
+    def fresh(count: int) -> list[str]:  # adapters no engine of this run has loaded yet
+        nonlocal used
+        chosen = names[used:used + count]
+        used += count
+        return chosen
+
     for path in args.paths.split(","):
         os.environ["ZOO_FAST_LORA"] = "1" if path == "zoo" else "0"
-        options = ServeOptions(base=BASE, quantization=args.quantization, port=free_port(),
-                               max_loras=8, max_cpu_loras=args.adapters + 1, dtype=args.dtype)
-        with running_server(options, registry, log=lambda s: print(s, file=sys.stderr)) as srv:
-            url, pid = srv.url, srv.process.pid
-            rss_base = engine_rss(pid)
-            asyncio.run(burst(url, [BASE] * 4, 8))  # warm up the engine
-            for name in names:  # load every adapter once: loading is not in the timings
-                asyncio.run(burst(url, [name], 2))
-            workloads = [
-                ("a", "base only", [BASE] * n),
-                ("b", "1 adapter", [names[0]] * n),
-                ("c", "8 adapters", [names[i % 8] for i in range(n)]),
-                ("d", f"{args.adapters} adapters, max-loras 8",
-                 [names[i % args.adapters] for i in range(n)]),
-            ]
-            first = len(rows)
-            for key, label, models in workloads:
-                result = asyncio.run(burst(url, models, args.tokens))
-                rows.append({"lora path": path, "case": f"({key}) {label}", **result})
-            for row in rows[first:]:
-                row["vs (a)"] = row["tok_per_s"] / rows[first]["tok_per_s"]
-            if "ttft" not in extra:
-                loaded = asyncio.run(first_token(url, names[1]))
-                add(late, "bench/late", BASE, registry=registry)
-                hot = asyncio.run(first_token(url, "bench/late"))
-                extra["ttft"] = {"loaded": loaded, "hot_added": hot}
-                extra["rss"] = (rss_base, engine_rss(pid))
-                extra["weights"] = json.load(urllib.request.urlopen(
-                    url.removesuffix("/v1") + "/zoo/engine"))["weights"] or {}
-    texts = {}
-    for row in rows:
-        texts.setdefault(row["case"], []).append(row.pop("texts"))
-    same = {case: sum(a == b for a, b in zip(*runs, strict=True)) for case, runs in texts.items()
-            if len(runs) == 2}
-    adapter_bytes = sum(sum(f["size"] for f in a.files.values())
-                        for a in registry.load().adapters(base=BASE) if a.name in names)
-    base_bytes = extra["weights"].get("heap_bytes", 0)
-    memory = {
-        "base_weights_mb": base_bytes / 1e6,
-        "adapters": args.adapters,
-        "adapter_weights_mb": adapter_bytes / 1e6,
-        "one_engine_weights_mb": (base_bytes + adapter_bytes) / 1e6,
-        "merged_copies_weights_mb": args.adapters * base_bytes / 1e6,
-        "engine_rss_base_only_mb": extra["rss"][0] / 1e6,
-        "engine_rss_with_adapters_mb": extra["rss"][1] / 1e6,
-    }
-    ttft = extra["ttft"]
-    if same:
-        print("greedy answers identical between zoo's and vLLM's LoRA path: " + ", ".join(
-            f"{case.split(')')[0]}) {n}/{n_requests}" for case, n in same.items()
-            for n_requests in [args.requests]))
-    print(f"\n{n} concurrent requests x {args.tokens} output tokens, base {args.quantization}, "
-          f"dtype {args.dtype}, max-loras 8, rank-8 LoRAs on all 7 projections")
-    print(table(rows, ["lora path", "case", "tokens", "seconds", "tok_per_s", "vs (a)"]))
-    print(f"\ntime to first token: loaded adapter {ttft['loaded']:.2f} s, hot-added adapter "
-          f"{ttft['hot_added']:.2f} s (x{ttft['hot_added'] / ttft['loaded']:.1f})")
-    print(f"weights: base {memory['base_weights_mb']:.0f} MB + {args.adapters} adapters "
-          f"{memory['adapter_weights_mb']:.0f} MB = {memory['one_engine_weights_mb']:.0f} MB in "
-          f"one engine; {args.adapters} merged copies {memory['merged_copies_weights_mb']:.0f} MB "
-          f"(x{memory['merged_copies_weights_mb'] / memory['one_engine_weights_mb']:.1f})")
-    print(f"engine processes' resident memory (KV cache included): base alone "
-          f"{memory['engine_rss_base_only_mb']:.0f} MB, after loading {args.adapters} adapters "
-          f"{memory['engine_rss_with_adapters_mb']:.0f} MB")
-    save("serve", {"command": " ".join(sys.argv), "rows": rows, "ttft": ttft, "memory": memory,
-                   "identical_answers": same})
+        started = time.perf_counter()
+        with running_server(ServeOptions(base=BASE, port=free_port()), registry, log=log) as srv:
+            log(f"{path}: engine up in {time.perf_counter() - started:.0f} s, "
+                f"{srv.plan.max_loras} adapters per batch")
+            asyncio.run(burst(srv.url, [BASE] * 4, 8, 4))  # warm up
+            base = asyncio.run(burst(srv.url, [BASE] * n, args.tokens, n))
+            rows.append({"lora path": path, "adapters": 0, "state": "-", **base, "vs base": 1.0})
+            curve = [int(c) for c in args.curve.split(",")]
+            for count in curve if path == "zoo" else [c for c in curve if c in VLLM_CURVE]:
+                chosen = fresh(count)
+                models = [chosen[i % count] for i in range(max(n, count))]
+                for state in ("cold", "warm"):
+                    if path == "vllm" and state == "cold":
+                        asyncio.run(burst(srv.url, chosen, 2, n))  # load; not timed
+                        continue
+                    result = asyncio.run(burst(srv.url, models, args.tokens, n))
+                    rows.append({"lora path": path, "adapters": count, "state": state, **result,
+                                 "vs base": result["tok_per_s"] / base["tok_per_s"]})
+                    log(f"{path} {count} {state}: {result['tok_per_s']:.1f} tok/s "
+                        f"({rows[-1]['vs base']:.2f}x)")
+            if path == "zoo":
+                busy = fresh(63)
+                asyncio.run(burst(srv.url, busy, 2, n))
+                cold = asyncio.run(ttft_under_load(srv.url, busy, fresh(args.ttft_samples)))
+                warm = asyncio.run(ttft_under_load(srv.url, busy[1:], busy[:1] * args.ttft_samples))
+                ttft = {state: {"p50": percentile(v, 50), "p99": percentile(v, 99),
+                                "samples": len(v)} for state, v in (("cold", cold), ("warm", warm))}
+
+    startup = []
+    for size in (int(s) for s in args.startup.split(",") if s):
+        startup.append({"catalog": size, "seconds": startup_seconds(
+            Registry(small_catalog_home(home, size, log)), log)})
+    for row in startup:
+        row["vs smallest"] = row["seconds"] / startup[0]["seconds"]
+
+    print(f"\n{n} concurrent requests x {args.tokens} tokens, int8 base, zoo serve defaults, "
+          f"catalog of {args.catalog} rank-8 q/v LoRAs")
+    print(table(rows, ["lora path", "adapters", "state", "tokens", "seconds", "tok_per_s",
+                       "vs base"]))
+    if ttft:
+        print(f"\ntime to first token with 63 adapters busy: cold p50 {ttft['cold']['p50']:.2f} s, "
+              f"p99 {ttft['cold']['p99']:.2f} s; warm p50 {ttft['warm']['p50']:.2f} s, "
+              f"p99 {ttft['warm']['p99']:.2f} s")
+    if startup:
+        print("\nstart-up (launch to /health) against catalog size")
+        print(table(startup, ["catalog", "seconds", "vs smallest"]))
+    if bulk_seconds is not None:
+        print(f"\nbulk registration of {args.catalog} adapters: {bulk_seconds:.1f} s")
+    plot(rows, ROOT / "docs" / "serve-curve.png")
+    save("serve", {"command": " ".join(sys.argv), "rows": rows, "ttft": ttft,
+                   "startup": startup, "bulk_registration_seconds": bulk_seconds})
 
 
 if __name__ == "__main__":

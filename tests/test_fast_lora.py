@@ -122,3 +122,41 @@ def test_same_tokens_as_vllms_own_path(smollm2_home, tmp_path):
         assert max(abs(a - b) for a, b in zip(logprobs, their_logprobs, strict=True)) < 1e-3
     base_texts = {runs["1"][k][0] for k in runs["1"] if k.startswith("base")}
     assert all(runs["1"][k][0] not in base_texts for k in runs["1"] if not k.startswith("base"))
+
+
+def test_64_adapters_of_mixed_ranks_and_targets_match_vllm():
+    """A decode step of 64 adapters (and tokens without one) as a server sees it: adapters
+    of rank 4 and 8 in slots stacked at 16, some training only the first and last slice
+    (q and v of a fused q/k/v), against vLLM's own ops."""
+    slots, max_rank, hidden = 64, 16, 64
+    ids = list(range(1, slots + 1))
+    g = torch.Generator().manual_seed(1)
+    a = tuple(torch.zeros(slots, 1, max_rank, hidden) for _ in SLICES)
+    b = tuple(torch.zeros(slots, 1, s, max_rank) for s in SLICES)
+    for slot in range(slots):
+        rank = 4 if slot % 2 else 8
+        for i in range(len(SLICES)):
+            if i == 1 and slot % 3:  # most adapters skip the middle slice (k)
+                continue
+            a[i][slot, 0, :rank] = torch.randn(rank, hidden, generator=g)
+            b[i][slot, 0, :, :rank] = torch.randn(SLICES[i], rank, generator=g)
+    for tokens, prefill in (([*ids, 0, 0, 5, 9], False), (sorted(ids * 3) + [0] * 4, True),
+                            ([7] * 40 + [8] * 40, True)):
+        made = []
+        for cls in (PunicaWrapperCPU, GroupedPunicaWrapperCPU):
+            w = cls(max_num_batched_tokens=256, max_batches=slots + 8, device="cpu")
+            w.update_metadata(LoRAMapping(tokens, tokens, is_prefill=prefill), ids, slots, 256)
+            made.append(w)
+        x = torch.randn(len(tokens), hidden, generator=g)
+        base = torch.randn(len(tokens), sum(SLICES), generator=g)
+        outputs = []
+        for w in made:
+            y = base.clone()
+            w.add_lora_linear(y, x, a, b, 0.5, SLICES)
+            outputs.append(y)
+        # vLLM 0.32's torch ops index slot -1 (no adapter) as the last slot, so with every
+        # slot taken they add slot 63's adapter to tokens that have none; compare the rows
+        # with an adapter, and check that zoo leaves the others alone
+        rows = torch.tensor([t != 0 for t in tokens])
+        torch.testing.assert_close(outputs[1][rows], outputs[0][rows], rtol=1e-5, atol=1e-4)
+        assert (outputs[1] != base).any(dim=1).tolist() == rows.tolist()

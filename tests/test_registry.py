@@ -317,3 +317,32 @@ def test_console_script(tiny):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: no entry named 'missing'")
     assert proc.stderr.count("\n") == 1
+
+
+def test_add_many_registers_a_folder_of_adapters_in_one_write(tiny, tmp_path, zoo_home):
+    folder = tmp_path / "customers"
+    folder.mkdir()
+    for i in range(12):
+        shutil.copytree(tiny.lora("plain"), folder / f"c{i:02d}")
+    (folder / "broken").mkdir()  # no adapter inside
+    shutil.copytree(tiny.lora("plain"), folder / "Bad Name")
+    writes = []
+    import zoo.catalog.registry as registry_module
+
+    real = registry_module.write_json_atomic
+    registry_module.write_json_atomic = lambda path, data: (writes.append(1), real(path, data))
+    try:
+        result = zoo("add", folder, "--many", "--prefix", "cust/", "--base", "tiny-llama",
+                     ok=False)
+    finally:
+        registry_module.write_json_atomic = real
+    assert result.exit_code == 1  # some were refused: one line each
+    assert "added 12 adapters on tiny-llama, refused 2" in result.stdout
+    assert "refused broken:" in result.stderr and "refused Bad Name:" in result.stderr
+    assert len(writes) == 1
+    names = {e["name"] for e in zoo_json("list")}
+    assert {f"cust/c{i:02d}" for i in range(12)} <= names and len(names) == 13
+    assert zoo("verify").exit_code == 0
+    again = zoo("add", folder, "--many", "--prefix", "cust/", "--base", "tiny-llama", ok=False)
+    assert "already registered" in again.stderr and "added 0 adapters" in again.stdout
+    assert not list((zoo_home / "tmp").iterdir())

@@ -67,7 +67,12 @@ def served(smollm2_home, tmp_path_factory, lora_maker):
     add(lora_maker("dora", 4, use_dora=True), "shared/dora", BASE, registry=registry)
     add(lora_maker("broken", 6), "acme/broken-at-start", BASE, registry=registry)
     add(lora_maker("later", 7), "acme/broken-later", BASE, registry=registry)
-    corrupt(home / "adapters/acme/broken-at-start/adapter_model.safetensors")
+    # start-up checks sizes only (a stat per file, whatever the catalog's size); a change
+    # of content is found on the adapter's first request (the broken-later test)
+    truncated = home / "adapters/acme/broken-at-start/adapter_model.safetensors"
+    data = truncated.read_bytes()[:-64]
+    truncated.unlink()
+    truncated.write_bytes(data)
     keys = home.parent / "keys.json"
     keys.write_text(json.dumps({"tenants": {
         "acme": {"keys": [KEYS["acme"]]},

@@ -85,6 +85,15 @@ def claim_name(catalog: Catalog, name: str) -> None:
         raise NameCollision(name, others)
 
 
+def refuse_links(path: Path) -> None:
+    """FormatError when a folder handed to zoo holds symbolic links (never followed)."""
+    links = find_links(path)
+    if links:
+        raise FormatError(f"{path} holds symbolic links ({', '.join(links[:3])}); zoo copies "
+                          "regular files only", path=str(path),
+                          hint="Replace each link by the file it points to, if it belongs there.")
+
+
 def copy_files(src: Path, dst: Path) -> None:
     for rel in list_files(src):
         target = dst / rel
@@ -198,12 +207,15 @@ def _named_base(catalog: Catalog, registry: Registry, adapter_path: Path) -> str
         hint="Pass --base NAME (or NAME@nf4 for a QLoRA adapter); 'zoo list --kind base'.")
 
 
-def inspect_adapter(path: Path, base: BaseRef, registry: Registry) -> dict[str, Any]:
-    """Everything the registry records about an adapter, checked against its base."""
-    stored = registry.resolve(base.entry.path)
+def inspect_adapter(path: Path, base: BaseRef, registry: Registry,
+                    base_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Everything the registry records about an adapter, checked against its base
+    (``base_shapes``: the base's weight shapes, when the caller read them already)."""
     kind = detect_kind(path)
     if kind == "peft":
-        found = inspect_lora(path, module_weight_shapes(stored), base.entry.name)
+        if base_shapes is None:
+            base_shapes = module_weight_shapes(registry.resolve(base.entry.path))
+        found = inspect_lora(path, base_shapes, base.entry.name)
         why = vllm_servability("lora", found.details, base.entry.architecture,
                                found.init_lora_weights)
         return dict(kind="qlora" if base.variant == "nf4" else "lora", rank=found.rank,
@@ -221,27 +233,35 @@ def inspect_adapter(path: Path, base: BaseRef, registry: Registry) -> dict[str, 
                       hint="Register models without --base: 'zoo add PATH --name NAME'.")
 
 
+def adapter_entry(catalog: Catalog, registry: Registry, name: str, base: BaseRef,
+                  facts: dict[str, Any], files: dict[str, dict[str, Any]], source: dict[str, Any],
+                  training: dict[str, Any] | None = None,
+                  hub: dict[str, Any] | None = None) -> AdapterEntry:
+    """The registry entry of an inspected, hashed adapter; run under the registry lock,
+    it refuses a taken name and a base that changed since the adapter was inspected."""
+    claim_name(catalog, name)
+    current = catalog.base(base.entry.name)
+    if current.content_hash != base.entry.content_hash:
+        raise BaseMismatch(f"base {base.entry.name!r} changed while {name!r} was being added")
+    return AdapterEntry(
+        name=name, base=current.name, base_hash=current.content_hash, base_variant=base.variant,
+        path=_relative(registry, adapter_dir(registry.home, name)), files=files,
+        content_hash=content_hash(files),
+        percent_of_base=round(100.0 * facts["trainable_params"] / current.parameters, 4),
+        source=source, training=training, hub=hub, **facts)
+
+
 def register_adapter(registry: Registry, stage: Path, name: str, base: BaseRef,
                      source: dict[str, Any], training: dict[str, Any] | None = None,
                      hub: dict[str, Any] | None = None) -> AdapterEntry:
     """Inspect the adapter in ``stage`` against ``base`` and record it as ``name``."""
     facts = inspect_adapter(stage, base, registry)
     files = hash_tree_cached(stage, list_files(stage))
-    final = adapter_dir(registry.home, name)
-    base_name, base_hash = base.entry.name, base.entry.content_hash
 
     def build(catalog: Catalog) -> AdapterEntry:
-        claim_name(catalog, name)
-        current = catalog.base(base_name)
-        if current.content_hash != base_hash:
-            raise BaseMismatch(f"base {base_name!r} changed while {name!r} was being added")
-        return AdapterEntry(
-            name=name, base=base_name, base_hash=base_hash, base_variant=base.variant,
-            path=_relative(registry, final), files=files, content_hash=content_hash(files),
-            percent_of_base=round(100.0 * facts["trainable_params"] / current.parameters, 4),
-            source=source, training=training, hub=hub, **facts)
+        return adapter_entry(catalog, registry, name, base, facts, files, source, training, hub)
 
-    return commit_entry(registry, stage, final, build)
+    return commit_entry(registry, stage, adapter_dir(registry.home, name), build)
 
 
 def add(path: Path, name: str, base: str | None = None, home: Path | None = None,
@@ -251,11 +271,7 @@ def add(path: Path, name: str, base: str | None = None, home: Path | None = None
     validate_name(name)
     path = Path(path).absolute()
     kind = detect_kind(path)
-    links = find_links(path)
-    if links:
-        raise FormatError(f"{path} holds symbolic links ({', '.join(links[:3])}); zoo copies "
-                          "regular files only", path=str(path),
-                          hint="Replace each link by the file it points to, if it belongs there.")
+    refuse_links(path)
     catalog = registry.load()
     claim_name(catalog, name)
     source = {"type": "local", "path": str(path)}

@@ -35,12 +35,30 @@ def _echo_json(data) -> None:
 
 @cli.command("add")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--name", required=True, help="Registry name: NAME or ORG/NAME.")
+@click.option("--name", default=None, help="Registry name: NAME or ORG/NAME.")
 @click.option("--base", default=None, help="Base it belongs to (NAME, or NAME@nf4 for QLoRA).")
-def add_cmd(path: Path, name: str, base: str | None) -> None:
+@click.option("--many", is_flag=True,
+              help="PATH holds one adapter folder each: register them all, one transaction.")
+@click.option("--prefix", default="", help="With --many: prepended to each folder's name.")
+def add_cmd(path: Path, name: str | None, base: str | None, many: bool, prefix: str) -> None:
     """Inspect an adapter or model directory, copy it into the zoo and register it."""
+    if many:
+        from zoo.catalog.bulk import add_many
+
+        if name is not None or base is None:
+            raise click.UsageError("--many takes --base (and --prefix), not --name")
+        result = add_many(path, base, prefix)
+        for folder, reason in result.refused:
+            click.echo(f"refused {folder}: {reason}", err=True)
+        click.echo(f"added {len(result.added)} adapters on {base}"
+                   f"{f', refused {len(result.refused)}' if result.refused else ''}")
+        if result.refused:
+            sys.exit(1)
+        return
     from zoo.catalog.store import add
 
+    if name is None:
+        raise click.UsageError("Missing option '--name' (or --many for a folder of adapters).")
     entry = add(path, name, base)
     detail = f" on {entry.base}" if isinstance(entry, AdapterEntry) else ""
     click.echo(f"added {entry.name} ({entry.kind}{detail}, {len(entry.files)} files)")

@@ -20,10 +20,11 @@ from zoo.cli.app import DEBUG_VARIABLE, cli
               help="w8a8: int8 weights and activations; nf4: GPU only (vllm-bnb-plugin).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--max-loras", type=int, default=8, show_default=True,
-              help="Adapters in one batch.")
+@click.option("--max-loras", type=int, default=None,
+              help="Adapters in one batch (default: 64, fewer when their slots would take "
+                   "more than 10% of memory).")
 @click.option("--max-cpu-loras", type=int, default=None,
-              help="Adapters kept loaded (LRU); default: all of them.")
+              help="Adapters kept loaded (LRU); default: 4 x --max-loras.")
 @click.option("--api-keys", type=click.Path(path_type=Path), default=None,
               help="JSON file of tenants and their keys; without it the server is open.")
 @click.option("--dtype", default="float32", show_default=True,

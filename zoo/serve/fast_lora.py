@@ -1,32 +1,39 @@
-"""A faster multi-LoRA path for vLLM on the CPU: one matmul per adapter in the batch.
+"""A faster multi-LoRA path for vLLM on the CPU: work that grows with tokens, not adapters.
 
-vLLM's PyTorch-native punica ops (``vllm/lora/ops/torch_ops``) gather a full
-copy of the adapter weights for every token (``lora_b[indices]``) and run a
-per-token einsum: work and memory traffic that grow with tokens, not with
-adapters. This wrapper maps tokens to adapters once per step, then runs two
-dense matmuls per slice: for one adapter, on its tokens; for several, every
-token through all of the batch's A matrices at once, masked to its own (see
-``Batch``). It skips the LoRA pass of the logits when no adapter in the batch
-has weights for ``lm_head`` (it would add exact zeros). It keeps vLLM's dtypes:
-the shrink accumulates in float32, the expand runs in the output's dtype.
+vLLM's PyTorch-native punica ops (``vllm/lora/ops/torch_ops``) run every token
+through every projection's LoRA slot at ``--max-lora-rank``, whether or not
+the adapter trained that projection, with a per-token einsum. This wrapper
 
-zoo's plugin selects it on the CPU platform; ``ZOO_FAST_LORA=0`` restores
-vLLM's own. Tests compare the two on the same inputs.
+* skips a projection (a slice of a fused layer) when no adapter in the step
+  has weights there: a q/v adapter costs q and v only, not all seven;
+* computes each slice at the largest rank the step's adapters really use
+  (vLLM stacks every slot at ``--max-lora-rank``; the rows past an adapter's
+  own rank are zeros);
+* for a step of many adapters with few tokens each (decode), gathers each
+  token's own A and B and runs two batched matmuls: work and memory traffic
+  proportional to tokens x rank, the same for 1 or 128 adapters;
+* for few adapters with many tokens each (prefill, or one adapter), runs two
+  plain matmuls per adapter on its rows;
+* skips the LoRA pass of the logits when no adapter in the step has weights
+  for ``lm_head`` (it would add exact zeros).
+
+The shrink accumulates in float32 and the expand runs in the output's dtype,
+as vLLM's own ops do. zoo's plugin selects it on the CPU platform;
+``ZOO_FAST_LORA=0`` restores vLLM's own. Tests compare the two on the same
+inputs, and end to end on the real base.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
-# Below this many tokens per adapter (decode steps), per-group matmuls are too small
-# to pay for their overhead and the masked dense path is faster; above it (prefill),
-# the dense path's G-fold arithmetic costs more than the loop. Measured on 2 cores.
-DENSE_TOKENS_PER_GROUP = 16
+# At or above this many tokens per adapter in the step, per-adapter matmuls beat the
+# gathered batched matmul (whose gather copies each token's A and B). Measured on 2 cores.
+GROUP_TOKENS = 8
 Groups = list[tuple[int, torch.Tensor | None]]  # (adapter slot, token rows or None = all)
 
 
@@ -44,75 +51,64 @@ def group_rows(indices: torch.Tensor) -> Groups:
     return groups
 
 
-@dataclass(frozen=True)
-class Batch:
-    """The step's adapters and, per token, which of them applies (a 0/1 mask).
-
-    With several adapters in a batch, every token goes through all of their A
-    matrices in one dense matmul; the mask zeroes the results of the others,
-    so the expand matmul adds each token's own adapter only. That costs
-    G x the LoRA arithmetic (still a few percent of the base layer's) but two
-    well-shaped GEMMs instead of a per-token or per-group loop.
-    """
-
-    slots: torch.Tensor  # [G] adapter slots in the batch
-    mask: torch.Tensor  # [tokens, G * rank_max] 1 where the token uses that group
-
-
-def layout(groups: Groups, tokens: int, rank: int) -> Batch | None:
-    if len(groups) < 2:
-        return None
-    mask = torch.zeros(tokens, len(groups))
-    for g, (_slot, rows) in enumerate(groups):
-        mask[rows, g] = 1.0
-    return Batch(torch.tensor([s for s, _r in groups]), mask.repeat_interleave(rank, dim=1))
-
-
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def update_metadata(self, *args: Any, **kwargs: Any) -> None:
         super().update_metadata(*args, **kwargs)
         self._token_groups = group_rows(self.token_lora_indices)
-        self._token_batches: dict[int, Batch | None] = {}  # by rank, made on first use
         self._sampler_groups = group_rows(self.sampler_indices)
+        slots = [s for s, _rows in self._token_groups]
+        self._step_slots = torch.tensor(slots, dtype=torch.long)
+        self._ranks: dict[tuple[int, int], int] = {}  # (tensor id, version) -> rank in step
+        indices = self.token_lora_indices
+        with_adapter = indices >= 0
+        self._rows = None if bool(with_adapter.all()) else torch.nonzero(with_adapter).flatten()
+        self._row_slots = indices if self._rows is None else indices.index_select(0, self._rows)
+
+    def _step_rank(self, a: torch.Tensor) -> int:
+        """The largest rank any adapter of this step uses in this slice (0: none has it)."""
+        key = (id(a), a._version)
+        rank = self._ranks.get(key)
+        if rank is None:
+            rank = int(_slot_ranks(a).index_select(0, self._step_slots).max())
+            self._ranks[key] = rank
+        return rank
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor,
                         lora_a_stacked: tuple[torch.Tensor, ...],
                         lora_b_stacked: tuple[torch.Tensor, ...], scale: float,
                         output_slices: tuple[int, ...], *, buffer=None, **kwargs: Any) -> None:
+        groups = self._token_groups
+        if not groups:
+            return
         flat_y = y.view(-1, y.shape[-1])
         flat_x = x.view(-1, x.shape[-1])
-        if not self._token_groups:
-            return
-        groups = self._token_groups
-        if len(groups) == 1 or flat_x.shape[0] >= DENSE_TOKENS_PER_GROUP * len(groups):
-            # one adapter, or many tokens each (a prefill): matmuls on each group's rows
-            for slot, rows in groups:
-                xs = (flat_x if rows is None else flat_x.index_select(0, rows)).float()
-                parts = [(xs @ a[slot, 0].float().T * scale).to(flat_y.dtype)
-                         @ b[slot, 0].to(flat_y.dtype).T
-                         for a, b in zip(lora_a_stacked, lora_b_stacked, strict=True)]
-                delta = _join(parts, output_slices)
-                if rows is None:
-                    flat_y[:, : delta.shape[1]] += delta[:, : flat_y.shape[1]]
+        per_group = len(groups) == 1 or flat_x.shape[0] >= GROUP_TOKENS * len(groups)
+        xs = None
+        offset = 0
+        for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            rank = self._step_rank(a)
+            width = min(size, b.shape[2], flat_y.shape[1] - offset)
+            if rank and width > 0:
+                out = flat_y[:, offset:offset + width]
+                if per_group:
+                    for slot, rows in groups:
+                        _add_group(out, flat_x, rows, a[slot, 0, :rank], b[slot, 0, :width, :rank],
+                                   scale)
                 else:
-                    flat_y.index_add_(0, rows, _fit(delta, flat_y.shape[1]))
-            return
-        # several adapters: all tokens through all their A's, masked, then all B's
-        rank = lora_a_stacked[0].shape[2]
-        if rank not in self._token_batches:
-            self._token_batches[rank] = layout(self._token_groups, flat_x.shape[0], rank)
-        batch = self._token_batches[rank]
-        xs = flat_x.float()
-        parts = []
-        for a, b in zip(lora_a_stacked, lora_b_stacked, strict=True):
-            a_all = a.view(a.shape[0], a.shape[2], a.shape[3]).index_select(0, batch.slots)
-            shrunk = (xs @ a_all.view(-1, a.shape[-1]).float().T) * batch.mask  # [tokens, G*r]
-            if scale != 1.0:
-                shrunk = shrunk * scale
-            b_all = _rank_major(b).index_select(0, batch.slots).view(-1, b.shape[2])
-            parts.append(shrunk.to(flat_y.dtype) @ b_all.to(flat_y.dtype))  # [tokens, size]
-        delta = _join(parts, output_slices)
-        flat_y[:, : delta.shape[1]] += delta[:, : flat_y.shape[1]]
+                    if xs is None:
+                        xs = flat_x if self._rows is None else flat_x.index_select(0, self._rows)
+                        xs = xs.float().unsqueeze(2)  # [tokens, in, 1]
+                    a_tok = _rank_cut(a, rank).index_select(0, self._row_slots)  # [t, r, in]
+                    shrunk = torch.bmm(a_tok.float(), xs).transpose(1, 2)  # [t, 1, r]
+                    if scale != 1.0:
+                        shrunk = shrunk * scale
+                    b_tok = _rank_major(b, rank).index_select(0, self._row_slots)  # [t, r, out]
+                    delta = torch.bmm(shrunk.to(out.dtype), b_tok[:, :, :width].to(out.dtype))
+                    if self._rows is None:
+                        out += delta.squeeze(1)
+                    else:
+                        out.index_add_(0, self._rows, delta.squeeze(1))
+            offset += size
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                         lora_b_stacked: torch.Tensor, scale, *, buffer=None,
@@ -134,23 +130,18 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                 flat_y[rows, :width] += expanded[:, :width]
 
 
-def _join(parts: list[torch.Tensor], sizes: tuple[int, ...], dim: int = 1) -> torch.Tensor:
-    """Slices side by side along the last dim, each cut or zero-padded to its size
-    (an adapter and the model may pad a projection differently)."""
-    fitted = []
-    for part, size in zip(parts, sizes, strict=True):
-        width = part.shape[dim]
-        fitted.append(part.narrow(dim, 0, size) if width >= size
-                      else torch.nn.functional.pad(part, (0, size - width)))
-    return fitted[0] if len(fitted) == 1 else torch.cat(fitted, dim=dim)
-
-
-def _fit(delta: torch.Tensor, width: int) -> torch.Tensor:
-    if delta.shape[1] == width:
-        return delta
-    out = delta.new_zeros(delta.shape[0], width)
-    out[:, : min(width, delta.shape[1])] = delta[:, :width]
-    return out
+def _add_group(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, a: torch.Tensor,
+               b: torch.Tensor, scale: float) -> None:
+    """out[rows] += scale * (x[rows] @ a.T) @ b.T, the shrink in float32."""
+    xs = x if rows is None else x.index_select(0, rows)
+    shrunk = xs.float() @ a.float().T
+    if scale != 1.0:
+        shrunk = shrunk * scale
+    delta = shrunk.to(out.dtype) @ b.to(out.dtype).T
+    if rows is None:
+        out += delta
+    else:
+        out.index_add_(0, rows, delta)
 
 
 def _derived(stacked: torch.Tensor, name: str, make):
@@ -164,10 +155,26 @@ def _derived(stacked: torch.Tensor, name: str, make):
     return cached[1]
 
 
-def _rank_major(stacked_b: torch.Tensor) -> torch.Tensor:
-    """B as [slots, rank, out], contiguous, so the batch's B's gather into one
-    [G * rank, out] matrix without a strided copy."""
-    return _derived(stacked_b, "_zoo_rank_major", lambda b: b[:, 0].transpose(1, 2).contiguous())
+def _slot_ranks(stacked_a: torch.Tensor) -> torch.Tensor:
+    """Per slot, the rank its adapter uses: one past the last row of A that is not all
+    zeros (0 for an empty slot or a projection the adapter did not train)."""
+    def ranks(a: torch.Tensor) -> torch.Tensor:
+        used = a[:, 0].abs().amax(dim=2) > 0  # [slots, max_rank]
+        positions = torch.arange(1, used.shape[1] + 1)
+        return (used * positions).amax(dim=1)
+    return _derived(stacked_a, "_zoo_slot_ranks", ranks)
+
+
+def _rank_cut(stacked_a: torch.Tensor, rank: int) -> torch.Tensor:
+    """A as [slots, rank, in]: a view, no copy."""
+    return stacked_a[:, 0, :rank]
+
+
+def _rank_major(stacked_b: torch.Tensor, rank: int) -> torch.Tensor:
+    """B as [slots, rank, out], contiguous (made once per loaded set of adapters), so
+    gathering a token's B copies one contiguous block."""
+    full = _derived(stacked_b, "_zoo_rank_major", lambda b: b[:, 0].transpose(1, 2).contiguous())
+    return full[:, :rank]
 
 
 def _slots_with_weights(stacked: torch.Tensor) -> frozenset[int]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoo.catalog.home import staging_dir
-from zoo.catalog.integrity import ORIGINAL, changed_files, variant_path
+from zoo.catalog.integrity import ORIGINAL, variant_path
 from zoo.catalog.registry import Catalog, Registry
 from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import ServeError
@@ -40,6 +40,15 @@ DEFAULT_DTYPE = "float32"
 # vLLM's CPU backend reserves this share of a NUMA node for weights and KV cache;
 # its default (0.92) does not start on a 24 GiB machine.
 CPU_MEMORY_UTILIZATION = "0.5"
+# Adapters in one batch by default: enough for 64 concurrent customers, each on its own
+# adapter, when the LoRA slots (vLLM stacks every slot at --max-lora-rank on every
+# projection) fit in LORA_MEMORY_SHARE of the machine's memory; fewer when they do not.
+DEFAULT_MAX_LORAS = 64
+LORA_MEMORY_SHARE = 0.10
+# Adapters kept loaded (vLLM's LRU cache) per batch slot; the rest load on first use.
+CPU_LORAS_PER_SLOT = 4
+# Start-up lists at most this many adapters by name (catalogs run to thousands).
+LISTED_ADAPTERS = 20
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class ServeOptions:
     quantization: str = "w8a8"
     host: str = "127.0.0.1"
     port: int = 8000
-    max_loras: int = 8
+    max_loras: int | None = None  # default: sized for the machine (default_max_loras)
     max_cpu_loras: int | None = None
     api_keys: Path | None = None
     dtype: str = DEFAULT_DTYPE
@@ -63,6 +72,8 @@ class ServePlan:
     adapters: list[AdapterEntry]
     left_out: list[tuple[str, str]]
     max_lora_rank: int
+    max_loras: int
+    max_cpu_loras: int
     argv: list[str]
     env: dict[str, str] = field(repr=False)
 
@@ -122,14 +133,15 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
             served.append(adapter)
     ranks = [a.lora.max_rank for a in served if a.lora]
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
-    max_cpu_loras = options.max_cpu_loras or max(options.max_loras, len(served))
+    max_loras = options.max_loras or default_max_loras(model_path, max_rank, options.dtype)
+    max_cpu_loras = options.max_cpu_loras or CPU_LORAS_PER_SLOT * max_loras
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path), "--served-model-name", base.name,
         "--host", options.host, "--port", str(options.port),
         "--dtype", options.dtype, "--max-model-len", str(options.max_model_len),
         "--gpu-memory-utilization", CPU_MEMORY_UTILIZATION,
-        "--enable-lora", "--max-loras", str(options.max_loras),
+        "--enable-lora", "--max-loras", str(max_loras),
         "--max-cpu-loras", str(max_cpu_loras), "--max-lora-rank", str(max_rank),
         "--middleware", "zoo.serve.middleware.ZooMiddleware",
         "--disable-uvicorn-access-log",
@@ -150,7 +162,27 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
 
         load_tenants(options.api_keys)  # refuse a malformed file before starting anything
         run_env[env.KEYS_VARIABLE] = str(Path(options.api_keys).absolute())
-    return ServePlan(base, model_path, served, left_out, max_rank, argv, run_env)
+    return ServePlan(base, model_path, served, left_out, max_rank, max_loras, max_cpu_loras,
+                     argv, run_env)
+
+
+def lora_slot_bytes(model_path: Path, max_rank: int, dtype: str) -> int:
+    """What one LoRA slot costs: vLLM stacks A and B at ``max_rank`` for every linear
+    projection of every layer, in the activation dtype."""
+    from zoo.models.bases import module_weight_shapes
+
+    shapes = module_weight_shapes(model_path)
+    per_rank = sum(shape[0] + shape[1] for name, shape in shapes.items()
+                   if ".layers." in name and len(shape) == 2 and "embed" not in name)
+    return per_rank * max_rank * (2 if dtype in ("bfloat16", "float16", "half") else 4)
+
+
+def default_max_loras(model_path: Path, max_rank: int, dtype: str) -> int:
+    """DEFAULT_MAX_LORAS, or fewer when their slots would take more than
+    LORA_MEMORY_SHARE of this machine's memory."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = int(LORA_MEMORY_SHARE * memory // max(lora_slot_bytes(model_path, max_rank, dtype), 1))
+    return max(1, min(DEFAULT_MAX_LORAS, fits))
 
 
 def _why_not(adapter: AdapterEntry, registry: Registry) -> str | None:
@@ -158,10 +190,25 @@ def _why_not(adapter: AdapterEntry, registry: Registry) -> str | None:
         return adapter.servable_reason
     if adapter.lora and adapter.lora.max_rank > VLLM_LORA_RANKS[-1]:
         return f"rank {adapter.lora.max_rank} is above vLLM's limit {VLLM_LORA_RANKS[-1]}"
-    changed = changed_files(registry.home / adapter.path, adapter.files)
+    changed = missing_or_resized(registry.home / adapter.path, adapter.files)
     if changed:
         return f"files changed since registration: {', '.join(changed)} (re-add it)"
     return None
+
+
+def missing_or_resized(root: Path, files: dict) -> list[str]:
+    """The start-up check, a stat per file so that start-up does not grow with the
+    catalog; content is hashed on each adapter's first request (a 422 if it changed)."""
+    changed = []
+    for rel, info in sorted(files.items()):
+        try:
+            st = (root / rel).lstat()
+        except OSError:
+            changed.append(rel)
+            continue
+        if st.st_size != info["size"] or not (root / rel).is_file() or (root / rel).is_symlink():
+            changed.append(rel)
+    return changed
 
 
 def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
@@ -169,9 +216,12 @@ def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
     variant = "original" if options.quantization == "none" else options.quantization
     lines = [f"serving {plan.base.name} ({variant}) on http://{options.host}:{options.port}/v1 "
              f"with {len(plan.adapters)} adapters (max rank {plan.max_lora_rank}, "
-             f"{options.max_loras} per batch)"]
+             f"{plan.max_loras} per batch, {plan.max_cpu_loras} kept loaded; each loads on "
+             f"its first request)"]
     lines += [f"  adapter {a.name} ({a.kind}, rank {a.rank}, trained on "
-              f"{a.base_variant}, served on {variant})" for a in plan.adapters]
+              f"{a.base_variant}, served on {variant})" for a in plan.adapters[:LISTED_ADAPTERS]]
+    if len(plan.adapters) > LISTED_ADAPTERS:
+        lines.append(f"  ... and {len(plan.adapters) - LISTED_ADAPTERS} more ('zoo list')")
     lines += [f"  left out {name}: {reason}" for name, reason in plan.left_out]
     if options.api_keys is None:
         lines.append("  no --api-keys: the server is open to anyone who can reach it")

@@ -1,0 +1,52 @@
+"""zoo serve's plan, without starting vLLM: what start-up reads does not grow with the catalog."""
+
+from __future__ import annotations
+
+import shutil
+
+from tests.helpers import zoo
+from zoo.catalog import integrity
+from zoo.catalog.registry import Registry
+from zoo.serve.launch import (
+    DEFAULT_MAX_LORAS,
+    LISTED_ADAPTERS,
+    ServeOptions,
+    default_max_loras,
+    describe,
+    lora_slot_bytes,
+    plan_serve,
+)
+
+
+def test_planning_a_large_catalog_hashes_no_adapter_and_sizes_the_batch(models, tmp_path,
+                                                                        zoo_home, monkeypatch):
+    zoo("add", models.llama, "--name", "tiny")
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(LISTED_ADAPTERS + 10):
+        shutil.copytree(models.lora("plain"), folder / f"a{i:02d}")
+    zoo("add", folder, "--many", "--prefix", "cust/", "--base", "tiny")
+    hashed = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: (hashed.append(p), real(p))[1])
+    integrity._hashes.clear()
+    options = ServeOptions(base="tiny", quantization="none")
+    plan = plan_serve(options, Registry(zoo_home))
+    assert not [p for p in hashed if "/adapters/" in str(p)]  # a stat each, no hashing
+    assert len(plan.adapters) == LISTED_ADAPTERS + 10
+    assert plan.max_loras == DEFAULT_MAX_LORAS and plan.max_cpu_loras == 4 * DEFAULT_MAX_LORAS
+    argv = " ".join(plan.argv)
+    assert f"--max-loras {DEFAULT_MAX_LORAS}" in argv and "--lora-modules" not in argv
+    lines = describe(plan, options)
+    assert sum(line.startswith("  adapter ") for line in lines) == LISTED_ADAPTERS
+    assert any(line.startswith("  ... and 10 more") for line in lines)
+
+
+def test_the_batch_shrinks_when_slots_would_not_fit(models, monkeypatch):
+    per_slot = lora_slot_bytes(models.llama, 16, "float32")
+    # the tiny Llama (hidden 32, 2 of 4 heads for k/v, intermediate 64), 2 layers:
+    # q 32+32, k 32+16, v 32+16, o 32+32, gate 32+64, up 32+64, down 64+32; x rank 16 x 4 B
+    assert per_slot == 2 * (64 + 48 + 48 + 64 + 96 + 96 + 96) * 16 * 4
+    monkeypatch.setattr("os.sysconf", lambda name: {"SC_PAGE_SIZE": 1,
+                                                    "SC_PHYS_PAGES": 10 * 5 * per_slot}[name])
+    assert default_max_loras(models.llama, 16, "float32") == 5
