@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
