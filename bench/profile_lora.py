@@ -2,8 +2,8 @@
 
 Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--seconds 20] [--fast 1|0]
 
-Starts zoo serve (int8 base) with N rank-8 adapters on all seven projections,
-keeps 32 concurrent requests spread over them running, samples the engine's
+Starts zoo serve (int8 base) with N rank-8 adapters (q and v unless --targets),
+keeps 64 concurrent requests spread over them running, samples the engine's
 worker with py-spy and prints the functions with the largest share of samples
 (inclusive). ``--fast 0`` profiles vLLM's own LoRA path instead of zoo's.
 """
@@ -14,12 +14,13 @@ import argparse
 import asyncio
 import collections
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
-from common import BASE, bench_home, write_random_lora
+from common import ALL_PROJECTIONS, BASE, bench_home, write_random_lora
 
 
 def worker_pid(root: int) -> int:
@@ -54,8 +55,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--fast", default="1")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--targets", default="q_proj,v_proj",
+                        help="Projections the random adapters train (all seven: 'all').")
     args = parser.parse_args()
     os.environ["ZOO_FAST_LORA"] = args.fast
+    targets = ALL_PROJECTIONS if args.targets == "all" else tuple(args.targets.split(","))
     from serve import burst
 
     from zoo.catalog.registry import Registry
@@ -65,20 +69,23 @@ def main() -> None:
     home = bench_home()
     registry = Registry(home)
     for entry in registry.load().adapters(base=BASE):
-        remove(entry.name, registry=registry)
+        if entry.name.startswith("prof/"):
+            remove(entry.name, registry=registry)
     names = [f"prof/a{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
-        add(write_random_lora(home / "prof-loras" / name, home / "bases" / BASE, seed=i), name,
+        folder = home / "prof-loras" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        add(write_random_lora(folder, home / "bases" / BASE, seed=i, targets=targets), name,
             BASE, registry=registry)
-    options = ServeOptions(base=BASE, port=free_port(), max_cpu_loras=args.adapters)
+    options = ServeOptions(base=BASE, port=free_port())
     with running_server(options, registry) as server:
-        models = [names[i % len(names)] for i in range(32)] if names else [BASE] * 32
-        asyncio.run(burst(server.url, models, 8))
+        models = [names[i % len(names)] for i in range(64)] if names else [BASE] * 64
+        asyncio.run(burst(server.url, models, 8, 64))
         stop = threading.Event()
 
         def load() -> None:
             while not stop.is_set():
-                asyncio.run(burst(server.url, models, 32))
+                asyncio.run(burst(server.url, models, 32, 64))
 
         thread = threading.Thread(target=load)
         thread.start()

@@ -41,6 +41,7 @@ CASES = {
     "decode, mixed adapters and none": ([11, 22, 0, 33, 11, 0, 22, 22], False),
     "prefill, mixed": ([11, 11, 11, 22, 22, 0, 0, 33], True),
     "prefill, long groups": ([11] * 20 + [0] * 5 + [22] * 17 + [33] * 18, True),
+    "prefill, one long group beside short ones": ([11] * 40 + [0] * 3 + [22] + [33], True),
     "one adapter": ([22] * 8, False),
     "one adapter and none": ([22, 0, 22, 0, 0, 22, 22, 0], False),
     "no adapter": ([0] * 8, False),

@@ -31,9 +31,10 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
-# At or above this many tokens per adapter in the step, per-adapter matmuls beat the
-# gathered batched matmul (whose gather copies each token's A and B). Measured on 2 cores.
-GROUP_TOKENS = 8
+# Several adapters in a step: their tokens are padded to the longest group and run as
+# one batched matmul pair, unless padding would more than double the rows (a long
+# prefill beside short ones), where a matmul pair per adapter is cheaper.
+PADDING_LIMIT = 2
 Groups = list[tuple[int, torch.Tensor | None]]  # (adapter slot, token rows or None = all)
 
 
@@ -63,6 +64,23 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         with_adapter = indices >= 0
         self._rows = None if bool(with_adapter.all()) else torch.nonzero(with_adapter).flatten()
         self._row_slots = indices if self._rows is None else indices.index_select(0, self._rows)
+        # the rows with an adapter, sorted by adapter: group g is sorted rows [start, end)
+        if len(self._token_groups) > 1:
+            self._sorted = torch.cat([rows for _slot, rows in self._token_groups])
+            bounds, start = [], 0
+            for slot, rows in self._token_groups:
+                bounds.append((slot, start, start + len(rows)))
+                start += len(rows)
+            self._bounds = bounds
+            # the same rows padded to [adapters, longest group]: position -> sorted row,
+            # padding points at an extra zero row
+            longest = max(end - start for _slot, start, end in bounds)
+            self._padded_rows = longest * len(bounds)
+            index = torch.full((len(bounds), longest), start, dtype=torch.long)
+            for g, (_slot, begin, end) in enumerate(bounds):
+                index[g, : end - begin] = torch.arange(begin, end)
+            self._pad_index = index.flatten()
+            self._valid = index.flatten() < start  # positions that hold a real row
 
     def _step_rank(self, a: torch.Tensor) -> int:
         """The largest rank any adapter of this step uses in this slice (0: none has it)."""
@@ -82,32 +100,52 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             return
         flat_y = y.view(-1, y.shape[-1])
         flat_x = x.view(-1, x.shape[-1])
-        per_group = len(groups) == 1 or flat_x.shape[0] >= GROUP_TOKENS * len(groups)
-        xs = None
+        if len(groups) == 1:
+            path = "one"
+        elif self._padded_rows <= PADDING_LIMIT * len(self._sorted):
+            path = "batched"
+        else:
+            path = "sorted"
+        xs = None  # the inputs as the chosen path needs them, made once for all slices
         offset = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             rank = self._step_rank(a)
             width = min(size, b.shape[2], flat_y.shape[1] - offset)
             if rank and width > 0:
                 out = flat_y[:, offset:offset + width]
-                if per_group:
-                    for slot, rows in groups:
-                        _add_group(out, flat_x, rows, a[slot, 0, :rank], b[slot, 0, :width, :rank],
-                                   scale)
-                else:
+                if path == "one":
+                    slot, rows = groups[0]
                     if xs is None:
-                        xs = flat_x if self._rows is None else flat_x.index_select(0, self._rows)
-                        xs = xs.float().unsqueeze(2)  # [tokens, in, 1]
-                    a_tok = _rank_cut(a, rank).index_select(0, self._row_slots)  # [t, r, in]
-                    shrunk = torch.bmm(a_tok.float(), xs).transpose(1, 2)  # [t, 1, r]
+                        xs = (flat_x if rows is None else flat_x.index_select(0, rows)).float()
+                    delta = _shrink_expand(xs, a[slot, 0, :rank], b[slot, 0, :width, :rank],
+                                           scale, out.dtype)
+                    if rows is None:
+                        out += delta
+                    else:
+                        out.index_add_(0, rows, delta)
+                elif path == "sorted":  # many tokens per adapter: one matmul pair per adapter
+                    if xs is None:
+                        xs = flat_x.index_select(0, self._sorted).float()
+                    delta = out.new_empty(xs.shape[0], width)
+                    for slot, start, end in self._bounds:
+                        delta[start:end] = _shrink_expand(
+                            xs[start:end], a[slot, 0, :rank], b[slot, 0, :width, :rank], scale,
+                            out.dtype)
+                    out.index_add_(0, self._sorted, delta)
+                else:  # groups of similar size: one batched matmul pair over all adapters
+                    groups_n = len(self._bounds)
+                    if xs is None:
+                        rows = flat_x.index_select(0, self._sorted).float()
+                        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+                        xs = rows.index_select(0, self._pad_index).view(groups_n, -1, rows.shape[1])
+                    a_g = _rank_cut(a, rank).index_select(0, self._step_slots)  # [G, r, in]
+                    shrunk = torch.bmm(xs, a_g.float().transpose(1, 2))  # [G, n, r]
                     if scale != 1.0:
                         shrunk = shrunk * scale
-                    b_tok = _rank_major(b, rank).index_select(0, self._row_slots)  # [t, r, out]
-                    delta = torch.bmm(shrunk.to(out.dtype), b_tok[:, :, :width].to(out.dtype))
-                    if self._rows is None:
-                        out += delta.squeeze(1)
-                    else:
-                        out.index_add_(0, self._rows, delta.squeeze(1))
+                    b_g = _rank_major(b, rank).index_select(0, self._step_slots)  # [G, r, out]
+                    delta = torch.bmm(shrunk.to(out.dtype), b_g[:, :, :width].to(out.dtype))
+                    delta = delta.view(-1, width)[self._valid]  # sorted rows, padding dropped
+                    out.index_add_(0, self._sorted, delta)
             offset += size
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
@@ -130,18 +168,13 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                 flat_y[rows, :width] += expanded[:, :width]
 
 
-def _add_group(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, a: torch.Tensor,
-               b: torch.Tensor, scale: float) -> None:
-    """out[rows] += scale * (x[rows] @ a.T) @ b.T, the shrink in float32."""
-    xs = x if rows is None else x.index_select(0, rows)
-    shrunk = xs.float() @ a.float().T
+def _shrink_expand(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """scale * (xs @ a.T) @ b.T: the shrink in float32, the expand in the output's dtype."""
+    shrunk = xs @ a.float().T
     if scale != 1.0:
         shrunk = shrunk * scale
-    delta = shrunk.to(out.dtype) @ b.to(out.dtype).T
-    if rows is None:
-        out += delta
-    else:
-        out.index_add_(0, rows, delta)
+    return shrunk.to(dtype) @ b.to(dtype).T
 
 
 def _derived(stacked: torch.Tensor, name: str, make):
@@ -171,8 +204,8 @@ def _rank_cut(stacked_a: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _rank_major(stacked_b: torch.Tensor, rank: int) -> torch.Tensor:
-    """B as [slots, rank, out], contiguous (made once per loaded set of adapters), so
-    gathering a token's B copies one contiguous block."""
+    """B as [slots, rank, out], contiguous per slot (made again only when vLLM writes
+    into the stack), so gathering a token's B copies one block instead of a strided one."""
     full = _derived(stacked_b, "_zoo_rank_major", lambda b: b[:, 0].transpose(1, 2).contiguous())
     return full[:, :rank]
 
