@@ -12,7 +12,9 @@ the int8 base, with a catalog of --catalog registered rank-8 q/v LoRAs:
 * time to first token of an adapter never used before (cold) and of a loaded one
   (warm) while 63 other adapters keep the engine busy: p50 and p99;
 * start-up time (launch to /health) against catalog size;
-* bulk registration time of the catalog (zoo add DIR --many).
+* bulk registration time of the catalog (zoo add DIR --many);
+* "previous": the same load on zoo as it was before this round (--previous, a
+  commit: its own `zoo serve --multi-lora` defaults, run from a worktree of it).
 
 Results go to bench/results/serve.json and a plot to docs/serve-curve.png.
 """
@@ -23,15 +25,19 @@ import argparse
 import asyncio
 import os
 import shutil
+import subprocess
 import sys
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import BASE, ROOT, bench_home, save, table, write_random_lora
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 CURVE = (1, 8, 32, 64, 128)
-VLLM_CURVE = (8, 64)
+VLLM_CURVE = (8, 64)  # the slow paths get fewer points
+PREVIOUS = "d4e9273"  # zoo before this round
 QV = ("q_proj", "v_proj")
 
 
@@ -149,6 +155,41 @@ def small_catalog_home(home: Path, size: int, log) -> Path:
     return target
 
 
+@contextmanager
+def previous_zoo(commit: str, home: Path, log):
+    """``zoo serve --multi-lora`` of an earlier commit, on this home, with its defaults."""
+    from zoo.serve.launch import free_port
+
+    tree = Path(f"/tmp/zoo-previous-{commit}")
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", str(tree), commit],
+                       check=True, capture_output=True)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(tree), "ZOO_HOME": str(home), "ZOO_FAST_LORA": "1"}
+    log_file = open(home / "previous-vllm.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "zoo", "serve", "--multi-lora", "--port",
+                             str(port)], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(900):
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"previous zoo serve exited; see {log_file.name}") from None
+                time.sleep(1)
+        yield url + "/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log_file.close()
+
+
 def plot(curve_rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -157,11 +198,13 @@ def plot(curve_rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for path, state, style in (("zoo", "warm", "o-"), ("zoo", "cold", "o--"),
-                               ("vllm", "warm", "s-")):
+                               ("vllm", "warm", "s-"), ("previous", "warm", "^-")):
         points = [(r["adapters"], r["vs base"]) for r in curve_rows
                   if r["lora path"] == path and r["state"] == state]
         if points:
-            ax.plot(*zip(*points, strict=True), style, label=f"{path}'s LoRA path, {state}")
+            label = {"zoo": "zoo", "vllm": "vLLM's own LoRA path",
+                     "previous": "zoo before this round"}[path]
+            ax.plot(*zip(*points, strict=True), style, label=f"{label}, {state}")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("distinct adapters among the concurrent requests")
@@ -178,7 +221,8 @@ def main() -> None:
     parser.add_argument("--catalog", type=int, default=1000)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--paths", default="zoo,vllm")
+    parser.add_argument("--paths", default="zoo,vllm,previous")
+    parser.add_argument("--previous", default=PREVIOUS)
     parser.add_argument("--startup", default="3,1000,10000")
     parser.add_argument("--ttft-samples", type=int, default=10)
     parser.add_argument("--curve", default=",".join(map(str, CURVE)))
@@ -203,33 +247,43 @@ def main() -> None:
         used += count
         return chosen
 
-    for path in args.paths.split(","):
-        os.environ["ZOO_FAST_LORA"] = "1" if path == "zoo" else "0"
+    @contextmanager
+    def engine(path: str):
         started = time.perf_counter()
+        if path == "previous":
+            with previous_zoo(args.previous, home, log) as url:
+                log(f"previous: engine up in {time.perf_counter() - started:.0f} s")
+                yield url
+            return
+        os.environ["ZOO_FAST_LORA"] = "1" if path == "zoo" else "0"
         with running_server(ServeOptions(base=BASE, port=free_port()), registry, log=log) as srv:
             log(f"{path}: engine up in {time.perf_counter() - started:.0f} s, "
                 f"{srv.plan.max_loras} adapters per batch")
-            asyncio.run(burst(srv.url, [BASE] * 4, 8, 4))  # warm up
-            base = asyncio.run(burst(srv.url, [BASE] * n, args.tokens, n))
+            yield srv.url
+
+    for path in args.paths.split(","):
+        with engine(path) as url:
+            asyncio.run(burst(url, [BASE] * 4, 8, 4))  # warm up
+            base = asyncio.run(burst(url, [BASE] * n, args.tokens, n))
             rows.append({"lora path": path, "adapters": 0, "state": "-", **base, "vs base": 1.0})
             curve = [int(c) for c in args.curve.split(",")]
             for count in curve if path == "zoo" else [c for c in curve if c in VLLM_CURVE]:
                 chosen = fresh(count)
                 models = [chosen[i % count] for i in range(max(n, count))]
                 for state in ("cold", "warm"):
-                    if path == "vllm" and state == "cold":
-                        asyncio.run(burst(srv.url, chosen, 2, n))  # load; not timed
+                    if path != "zoo" and state == "cold":
+                        asyncio.run(burst(url, chosen, 2, n))  # load; not timed
                         continue
-                    result = asyncio.run(burst(srv.url, models, args.tokens, n))
+                    result = asyncio.run(burst(url, models, args.tokens, n))
                     rows.append({"lora path": path, "adapters": count, "state": state, **result,
                                  "vs base": result["tok_per_s"] / base["tok_per_s"]})
                     log(f"{path} {count} {state}: {result['tok_per_s']:.1f} tok/s "
                         f"({rows[-1]['vs base']:.2f}x)")
             if path == "zoo":
                 busy = fresh(63)
-                asyncio.run(burst(srv.url, busy, 2, n))
-                cold = asyncio.run(ttft_under_load(srv.url, busy, fresh(args.ttft_samples)))
-                warm = asyncio.run(ttft_under_load(srv.url, busy[1:], busy[:1] * args.ttft_samples))
+                asyncio.run(burst(url, busy, 2, n))
+                cold = asyncio.run(ttft_under_load(url, busy, fresh(args.ttft_samples)))
+                warm = asyncio.run(ttft_under_load(url, busy[1:], busy[:1] * args.ttft_samples))
                 ttft = {state: {"p50": percentile(v, 50), "p99": percentile(v, 99),
                                 "samples": len(v)} for state, v in (("cold", cold), ("warm", warm))}
 

@@ -94,6 +94,42 @@ def test_group_rows():
     assert group_rows(torch.tensor([-1, -1])) == []
 
 
+def _generate_both_ways(base, adapters, tmp_path) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("vllm_generate.py")
+    runs = {}
+    for fast in ("1", "0"):
+        out = tmp_path / f"out-{fast}.json"
+        subprocess.run([sys.executable, str(script), str(base), str(out), *adapters],
+                       env={**os.environ, "ZOO_FAST_LORA": fast}, check=True,
+                       capture_output=True)
+        runs[fast] = json.loads(out.read_text())
+    return runs
+
+
+@pytest.mark.vllm
+def test_64_adapters_mixed_with_the_base_give_vllms_tokens(smollm2_home, tmp_path):
+    """End to end, 64 rank-8 q/v adapters and the base in the same steps, on the 16-bit base:
+    zoo's path and vLLM's own give the same greedy tokens."""
+    from tests.factory import write_random_lora
+
+    base = smollm2_home / "bases" / "smollm2-135m-instruct"
+    adapters = [str(write_random_lora(tmp_path / f"l{i}", base, seed=i, scale=0.05,
+                                      targets=("q_proj", "v_proj"))) for i in range(64)]
+    runs = _generate_both_ways(base, adapters, tmp_path)
+    assert runs["1"].keys() == runs["0"].keys() and len(runs["1"]) == 2 * 65
+    differ = [key for key in runs["1"] if runs["1"][key][0] != runs["0"][key][0]]
+    assert not differ, differ[:3]
+    worst = max(abs(a - b) for key in runs["1"]
+                for a, b in zip(runs["1"][key][1], runs["0"][key][1], strict=True))
+    assert worst < 1e-3
+
+
 @pytest.mark.vllm
 def test_same_tokens_as_vllms_own_path(smollm2_home, tmp_path):
     """End to end, on the 16-bit base: zoo's path and vLLM's give the same greedy tokens."""
@@ -161,3 +197,32 @@ def test_64_adapters_of_mixed_ranks_and_targets_match_vllm():
         rows = torch.tensor([t != 0 for t in tokens])
         torch.testing.assert_close(outputs[1][rows], outputs[0][rows], rtol=1e-5, atol=1e-4)
         assert (outputs[1] != base).any(dim=1).tolist() == rows.tolist()
+
+
+def test_slot_caches_redo_only_the_slots_vllm_wrote():
+    """Loading an adapter into one slot recomputes that slot's rank and layout only; the
+    result equals a full recomputation, and a write zoo did not see recomputes all."""
+    from zoo.serve import fast_lora
+
+    class Layer:  # what reset_lora touches: the stacks of one layer
+        n_slices = 1
+
+        def __init__(self):
+            self.lora_a_stacked = (torch.zeros(8, 1, 16, 12),)
+            self.lora_b_stacked = (torch.zeros(8, 1, 20, 16),)
+
+    fast_lora.track_slot_writes()
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    layer = Layer()
+    a, b = layer.lora_a_stacked[0], layer.lora_b_stacked[0]
+    assert fast_lora._slot_ranks(a).tolist() == [0] * 8
+    fast_lora._rank_major(b, 16)
+    BaseLinearLayerWithLoRA.reset_lora(layer, 3)  # vLLM: reset, then copy the new weights
+    a[3, 0, :4] = torch.randn(4, 12)
+    b[3, 0, :, :4] = torch.randn(20, 4)
+    assert a._zoo_dirty == {3}
+    assert fast_lora._slot_ranks(a).tolist() == [0, 0, 0, 4, 0, 0, 0, 0]
+    torch.testing.assert_close(fast_lora._rank_major(b, 16), b[:, 0].transpose(1, 2))
+    a[5, 0, :2] = 1.0  # a write without reset_lora: everything is recomputed
+    assert fast_lora._slot_ranks(a).tolist() == [0, 0, 0, 4, 0, 2, 0, 0]

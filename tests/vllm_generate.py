@@ -17,7 +17,10 @@ if __name__ == "__main__":  # vLLM starts its workers with spawn
     from vllm.lora.request import LoRARequest
 
     base, out, adapters = sys.argv[1], sys.argv[2], sys.argv[3:]
-    llm = LLM(model=base, enable_lora=True, max_lora_rank=16, max_loras=4, dtype="float32",
+    # one slot more than adapters: vLLM 0.32's own CPU ops apply the last slot's adapter to
+    # tokens without one, so the reference path must never fill it
+    llm = LLM(model=base, enable_lora=True, max_lora_rank=16, max_loras=len(adapters) + 1,
+              dtype="float32",
               gpu_memory_utilization=0.5, max_model_len=1024, seed=0)
     requests = [(None, p) for p in PROMPTS] + [
         (LoRARequest(f"a{i}", i + 1, path), p) for i, path in enumerate(adapters) for p in PROMPTS]

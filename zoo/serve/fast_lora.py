@@ -177,10 +177,51 @@ def _shrink_expand(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
     return shrunk.to(dtype) @ b.to(dtype).T
 
 
+def track_slot_writes() -> None:
+    """Record which slot vLLM writes: every linear LoRA layer's ``set_lora`` (load)
+    starts with ``reset_lora(index)``, as does an eviction, so marking the index there
+    lets the per-slot caches below redo one slot instead of the whole stack."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    original = BaseLinearLayerWithLoRA.reset_lora
+    if getattr(original, "_zoo_tracks", False):
+        return
+
+    def reset_lora(self, index: int):
+        for stacked in (*self.lora_a_stacked, *self.lora_b_stacked):
+            dirty = getattr(stacked, "_zoo_dirty", None)
+            if dirty is not None:
+                dirty.add(index)
+        return original(self, index)
+
+    reset_lora._zoo_tracks = True
+    BaseLinearLayerWithLoRA.reset_lora = reset_lora
+
+
+def _per_slot(stacked: torch.Tensor, name: str, make_all, make_slots):
+    """A per-slot value derived from a stacked weight tensor, kept on the tensor. When vLLM
+    wrote into it (its ``_version`` moved), only the slots marked by ``reset_lora`` are
+    recomputed; a write zoo did not see recomputes every slot."""
+    cached = getattr(stacked, name, None)
+    dirty = getattr(stacked, "_zoo_dirty", None)
+    if cached is None or dirty is None:
+        stacked._zoo_dirty = set()
+        value = make_all(stacked)
+    elif cached[0] == stacked._version:
+        return cached[1]
+    elif dirty:
+        value = cached[1]
+        slots = torch.tensor(sorted(dirty), dtype=torch.long)
+        value[slots] = make_slots(stacked.index_select(0, slots))
+    else:
+        value = make_all(stacked)
+    setattr(stacked, name, (stacked._version, value))
+    stacked._zoo_dirty.clear()  # one per-slot value per stack: A has ranks, B rank-major
+    return value
+
+
 def _derived(stacked: torch.Tensor, name: str, make):
-    """A value computed from a stacked weight tensor, kept on the tensor itself and
-    recomputed only when vLLM writes into it (loading or evicting an adapter bumps
-    the tensor's ``_version``)."""
+    """A value computed from a whole stacked tensor, recomputed when vLLM writes into it."""
     cached = getattr(stacked, name, None)
     if cached is None or cached[0] != stacked._version:
         cached = (stacked._version, make(stacked))
@@ -188,14 +229,15 @@ def _derived(stacked: torch.Tensor, name: str, make):
     return cached[1]
 
 
+def _ranks_of(a: torch.Tensor) -> torch.Tensor:
+    used = a[:, 0].abs().amax(dim=2) > 0  # [slots, max_rank]
+    return (used * torch.arange(1, used.shape[1] + 1)).amax(dim=1)
+
+
 def _slot_ranks(stacked_a: torch.Tensor) -> torch.Tensor:
     """Per slot, the rank its adapter uses: one past the last row of A that is not all
     zeros (0 for an empty slot or a projection the adapter did not train)."""
-    def ranks(a: torch.Tensor) -> torch.Tensor:
-        used = a[:, 0].abs().amax(dim=2) > 0  # [slots, max_rank]
-        positions = torch.arange(1, used.shape[1] + 1)
-        return (used * positions).amax(dim=1)
-    return _derived(stacked_a, "_zoo_slot_ranks", ranks)
+    return _per_slot(stacked_a, "_zoo_slot_ranks", _ranks_of, _ranks_of)
 
 
 def _rank_cut(stacked_a: torch.Tensor, rank: int) -> torch.Tensor:
@@ -204,10 +246,11 @@ def _rank_cut(stacked_a: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _rank_major(stacked_b: torch.Tensor, rank: int) -> torch.Tensor:
-    """B as [slots, rank, out], contiguous per slot (made again only when vLLM writes
-    into the stack), so gathering a token's B copies one block instead of a strided one."""
-    full = _derived(stacked_b, "_zoo_rank_major", lambda b: b[:, 0].transpose(1, 2).contiguous())
-    return full[:, :rank]
+    """B as [slots, rank, out], contiguous per slot (a slot is redone when vLLM writes
+    it), so gathering an adapter's B copies one block instead of a strided one."""
+    def transposed(b: torch.Tensor) -> torch.Tensor:
+        return b[:, 0].transpose(1, 2).contiguous()
+    return _per_slot(stacked_b, "_zoo_rank_major", transposed, transposed)[:, :rank]
 
 
 def _slots_with_weights(stacked: torch.Tensor) -> frozenset[int]:

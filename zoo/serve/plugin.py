@@ -48,9 +48,10 @@ def _use_fast_lora() -> None:
     """On the CPU platform, run LoRA through zoo's grouped wrapper (fast_lora.py)."""
     from vllm.platforms import cpu
 
-    from zoo.serve.fast_lora import QUALNAME
+    from zoo.serve.fast_lora import QUALNAME, track_slot_writes
 
     cpu.CpuPlatform.get_punica_wrapper = classmethod(lambda cls: QUALNAME)
+    track_slot_writes()
 
 
 def _patch_weight_report(state: Path) -> None:
