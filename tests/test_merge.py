@@ -187,7 +187,7 @@ def test_a_wrong_merge_fails_verification(tiny, monkeypatch, tmp_path):
 @pytest.fixture
 def qlora(models):
     zoo("add", models.llama_blocks, "--name", "tiny")
-    zoo("quantize", "tiny", "--scheme", "nf4")
+    zoo("quantize", "tiny", "--scheme", "nf4", "--no-eval")
     adapter = models.lora("blocks", base=models.llama_blocks)
     zoo("add", adapter, "--name", "q", "--base", "tiny@nf4")
     return adapter

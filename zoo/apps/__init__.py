@@ -1,1 +1,2 @@
-"""Compositions of features: zoo pull (shipped recipes, Hub) and the demo."""
+"""Compositions of features: zoo pull (shipped recipes, Hub), zoo eval (a serve engine or
+transformers) and the demo."""

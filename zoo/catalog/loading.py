@@ -33,16 +33,17 @@ def load_model(registry: Registry, base: BaseEntry, variant: str = ORIGINAL,
     return model.eval()
 
 
-def load_adapted(registry: Registry, adapter: AdapterEntry, dtype: str = "fp32"):
+def load_adapted(registry: Registry, adapter: AdapterEntry, dtype: str = "fp32",
+                 variant: str | None = None):
     """Base + adapter, unmerged, the way the adapter was trained: ``(model, tokenizer)``.
 
     LoRA and QLoRA load through PEFT (QLoRA on the NF4 variant it was trained
-    on); bottleneck adapters through zoo's own hooks.
+    on, unless ``variant`` names another); bottleneck adapters through zoo's own hooks.
     """
     catalog = registry.load()
     base = catalog.base(adapter.base)
     adapter_path = require_intact(registry, adapter)
-    model = load_model(registry, base, adapter.base_variant, dtype)
+    model = load_model(registry, base, variant or adapter.base_variant, dtype)
     tokenizer = load_tokenizer(variant_path(registry, base, ORIGINAL))
     if adapter.kind == "bottleneck":
         from zoo.models.bottleneck import BottleneckSet

@@ -67,13 +67,56 @@ def generate_cmd(prompt: str, adapter: str | None, base: str | None, max_tokens:
 @click.option("--scheme", type=click.Choice(["nf4", "w8a8"]), required=True,
               help="nf4: QLoRA's base (bitsandbytes); w8a8: int8 for vLLM on CPU.")
 @click.option("--force", is_flag=True, help="Rebuild even when an intact variant exists.")
-def quantize_cmd(base: str, scheme: str, force: bool) -> None:
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="w8a8: text or JSONL to calibrate on (default: text that ships with zoo).")
+@click.option("--no-calibrate", is_flag=True,
+              help="w8a8: plain round-to-nearest, no SmoothQuant and no 16-bit layers.")
+@click.option("--eval/--no-eval", "evaluate_after", default=True, show_default=True,
+              help="Measure held-out perplexity of the base and the variant (zoo eval).")
+def quantize_cmd(base: str, scheme: str, force: bool, calibration: Path | None,
+                 no_calibrate: bool, evaluate_after: bool) -> None:
     """Write a quantized variant of a base and register it as BASE@SCHEME."""
     from zoo.quantize import quantize
 
-    variant = quantize(base, scheme, force=force, log=_log)
+    variant = quantize(base, scheme, force=force, log=_log, calibration=calibration,
+                       calibrate=not no_calibrate)
     size = sum(f["size"] for f in variant.files.values())
     click.echo(f"{base}@{scheme}: {len(variant.files)} files, {size / 1e6:.1f} MB")
+    kept = variant.quantization.get("kept_16bit")
+    if kept:
+        click.echo(f"kept in 16 bits (int8 error above {variant.quantization['keep_tolerance']}):"
+                   f" {', '.join(kept)}")
+    if evaluate_after:
+        from zoo.apps.evaluate import evaluate
+
+        full = evaluate(base, "original", log=_log)
+        cheap = evaluate(base, scheme, log=_log)
+        click.echo(f"held-out perplexity: {full.perplexity:.2f} (16-bit) -> "
+                   f"{cheap.perplexity:.2f} ({scheme}), x{cheap.perplexity / full.perplexity:.3f} "
+                   f"on {cheap.tokens} tokens of {cheap.data}")
+
+
+@cli.command("eval")
+@click.argument("name")
+@click.option("--variant", type=click.Choice(["original", "nf4", "w8a8"]), default=None,
+              help="Base variant to run on (default: the base's original, an adapter's own).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="JSONL of the training formats, or plain text (default: zoo's held-out text).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(name: str, variant: str | None, data: Path | None, as_json: bool) -> None:
+    """Held-out loss and perplexity of a base or an adapter (kept in 'zoo show')."""
+    import json
+
+    from zoo.apps.evaluate import evaluate
+
+    result = evaluate(name, variant, data, log=_log)
+    if as_json:
+        click.echo(json.dumps({"name": result.name, "variant": result.variant,
+                               **result.record()}, indent=2))
+        return
+    click.echo(f"{name} on {result.variant}: loss {result.loss:.4f}, perplexity "
+               f"{result.perplexity:.2f} over {result.tokens} tokens of {result.data} "
+               f"({result.engine})")
 
 
 @cli.command("merge")

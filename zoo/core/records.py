@@ -64,6 +64,7 @@ class BaseEntry:
     base: str | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
     created: str = field(default_factory=now)
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = _shallow(self)
@@ -127,6 +128,7 @@ class AdapterEntry:
     training: dict[str, Any] | None = None
     hub: dict[str, Any] | None = None
     created: str = field(default_factory=now)
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = _shallow(self)

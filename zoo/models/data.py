@@ -114,3 +114,41 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list
         inside = any(s <= start and end <= e and end > start for s, e in spans)
         labels.append(token if inside else IGNORE)
     return list(encoded["input_ids"]), labels
+
+
+PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
+CALIBRATION_TEXT = PACKAGE_DATA / "calibration.txt"
+HELDOUT_TEXT = PACKAGE_DATA / "heldout.txt"
+
+
+def calibration_texts(path: Path | None = None) -> list[str]:
+    """Text to calibrate quantization on: ``path`` (plain text, or JSONL of the training
+    formats), or what ships with zoo: English prose and the demo chat datasets."""
+    if path is not None:
+        return texts_of(Path(path))
+    texts = texts_of(CALIBRATION_TEXT)
+    for jsonl in sorted(PACKAGE_DATA.glob("*.jsonl")):
+        texts += texts_of(jsonl)[:16]
+    return texts
+
+
+def texts_of(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        dataset = load_dataset(path)
+        return ["\n".join(m["content"] for m in e.messages) for e in dataset.examples]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(f"cannot read {path} ({type(exc).__name__})", path=str(path)) from None
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def token_batches(tokenizer, texts: list[str], max_length: int = 512) -> list:
+    """Texts tokenized and packed into batches of one sequence of at most max_length."""
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+    return [torch.tensor([ids[i:i + max_length]]) for i in range(0, len(ids), max_length)
+            if len(ids[i:i + max_length]) > 1]

@@ -29,7 +29,8 @@ W8A8_SETTINGS = {"method": "compressed-tensors", "format": "int-quantized",
 
 
 def quantize(base: str, scheme: str, registry: Registry | None = None,
-             force: bool = False, log: Callable[[str], None] = lambda _: None) -> Variant:
+             force: bool = False, log: Callable[[str], None] = lambda _: None,
+             calibration: Path | None = None, calibrate: bool = True) -> Variant:
     """Write and register the ``scheme`` variant of ``base``; reuse an intact one."""
     registry = registry or Registry()
     if scheme not in SCHEMES:
@@ -40,10 +41,13 @@ def quantize(base: str, scheme: str, registry: Registry | None = None,
         if not changed_files(registry.home / existing.path, existing.files):
             return existing
     source = require_intact(registry, entry)
-    write, settings = {"nf4": (write_nf4, NF4_SETTINGS), "w8a8": (write_w8a8, W8A8_SETTINGS)}[scheme]
     log(f"quantizing {base} to {scheme}")
     with staging_dir(registry.home, f"{base}@{scheme}") as stage:
-        details = write(source, stage)
+        if scheme == "nf4":
+            details, settings = write_nf4(source, stage), NF4_SETTINGS
+        else:
+            details = write_w8a8(source, stage, calibrate=calibrate, calibration=calibration)
+            settings = W8A8_SETTINGS
         _copy_tokenizer(source, stage)
         return register_variant(registry, stage, base, scheme, {**settings, **details})
 

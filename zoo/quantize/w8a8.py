@@ -1,8 +1,17 @@
 """An int8 W8A8 compressed-tensors checkpoint of a base, for vLLM's CPU int8 kernel.
 
 Weights: int8, one symmetric scale per output channel (absmax / 127).
-Activations: int8, quantized per token at run time by vLLM (nothing to calibrate).
-Written with the compressed-tensors library alone; ``lm_head`` stays 16-bit.
+Activations: int8, quantized per token at run time by vLLM.
+
+Calibrated by default (``smooth.py``): SmoothQuant moves activation outliers into
+the weights, then each of vLLM's layers is measured under int8 on the calibration
+activations and the worst stay in 16 bits (compressed-tensors' ``ignore`` list,
+which vLLM honours layer by layer). ``calibrate=False`` writes the plain
+round-to-nearest checkpoint zoo wrote before.
+
+Written with the compressed-tensors library alone: llm-compressor, vLLM's
+calibration library, declares requirements that exclude this stack (0.14 wants
+transformers <= 5.17, 0.13 compressed-tensors 0.18, 0.12 torch <= 2.12).
 """
 
 from __future__ import annotations
@@ -10,8 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# Relative output error (||y_int8 - y|| / ||y|| on calibration inputs) above which a
+# layer stays in 16 bits, and at most this share of the layers: measured on SmolLM2
+# (docs/BENCHMARKS.md, bench/quantize.py).
+KEEP_TOLERANCE = 0.10
+KEEP_AT_MOST = 0.125
+SMOOTH_ALPHA = 0.5
 
-def write_w8a8(source: Path, out: Path) -> dict[str, Any]:
+
+def write_w8a8(source: Path, out: Path, calibrate: bool = True,
+               calibration: Path | None = None, alpha: float = SMOOTH_ALPHA,
+               tolerance: float = KEEP_TOLERANCE) -> dict[str, Any]:
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -19,13 +37,40 @@ def write_w8a8(source: Path, out: Path) -> dict[str, Any]:
         apply_quantization_config,
         preset_name_to_scheme,
     )
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    details: dict[str, Any] = {"calibrated": calibrate}
+    ignore = ["lm_head"]
+    if calibrate:
+        import zoo.quantize.smooth as smooth
+        from zoo.core.files import sha256_bytes
+        from zoo.models.data import calibration_texts, token_batches
+
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        texts = calibration_texts(calibration)
+        batches = token_batches(AutoTokenizer.from_pretrained(source), texts)
+        before = smooth.calibrate(model, batches)
+        worst_before = max(smooth.int8_errors(model, before).values())
+        smooth.smooth_llama(model, before, alpha)
+        after = smooth.calibrate(model, batches)  # the activations the int8 layers will see
+        errors = smooth.int8_errors(model, after)
+        limit = max(0, int(KEEP_AT_MOST * len(errors)))
+        keep = smooth.layers_to_keep(errors, tolerance, limit)
+        ignore += [m for layer in keep for m in smooth.members(layer)]
+        quantized = [e for layer, e in errors.items() if layer not in keep]
+        details.update({
+            "method": "smoothquant", "alpha": alpha, "calibration_tokens": after.tokens,
+            "calibration_sha256": sha256_bytes("\n\n".join(texts).encode()),
+            "kept_16bit": keep, "keep_tolerance": tolerance,
+            "worst_int8_error": round(max(quantized, default=0.0), 4),
+            "worst_int8_error_before_smoothing": round(worst_before, 4)})
+        model = model.to(torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("W8A8", ["Linear"])},
-                                ignore=["lm_head"])
+                                ignore=ignore)
     apply_quantization_config(model, config)
-    quantized = 0
+    quantized_modules = 0
     with torch.no_grad():
         for module in model.modules():
             scale = getattr(module, "weight_scale", None)
@@ -36,9 +81,10 @@ def write_w8a8(source: Path, out: Path) -> dict[str, Any]:
             zero = getattr(module, "weight_zero_point", None)
             if zero is not None:
                 zero.zero_()
-            quantized += 1
+            quantized_modules += 1
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
     compressor.compress_model(model)
     model.save_pretrained(out)
     compressor.update_config(str(out))
-    return {"quantized_modules": quantized}
+    details["quantized_modules"] = quantized_modules
+    return details
