@@ -99,23 +99,32 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def catalog(home: Path, registry, size: int, log) -> tuple[list[str], float | None]:
-    """``size`` rank-8 q/v adapters named cat/aNNNN, registered in one bulk add (timed)."""
+def catalog(home: Path, registry, size: int, log) -> tuple[list[str], float]:
+    """``size`` rank-8 q/v adapters named cat/aNNNN, registered in one bulk add; the bulk
+    add is timed on a fresh home every run."""
     from zoo.catalog.bulk import add_many
+    from zoo.catalog.registry import Registry
 
     names = [f"cat/a{i:04d}" for i in range(size)]
-    present = {a.name for a in registry.load().adapters(base=BASE)}
-    if set(names) <= present:
-        return names, None
     folder = home / "bench-catalog"
     base_dir = home / "bases" / BASE
     for i in range(size):
         if not (folder / f"a{i:04d}").exists():
             write_random_lora(folder / f"a{i:04d}", base_dir, seed=i, targets=QV, scale=0.05)
+    fresh = home.parent / f"{home.name}-bulk"
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.copytree(home / "bases", fresh / "bases", copy_function=os.link)
+    shutil.copy(home / "registry.json", fresh / "registry.json")
+    with Registry(fresh).edit() as cat:
+        for name in [a.name for a in cat.adapters()]:
+            del cat.entries[name]
     start = time.perf_counter()
-    result = add_many(folder, BASE, prefix="cat/", registry=registry)
+    result = add_many(folder, BASE, prefix="cat/", registry=Registry(fresh))
     seconds = time.perf_counter() - start
-    log(f"registered {len(result.added)} adapters in {seconds:.1f} s")
+    log(f"bulk registration: {len(result.added)} adapters in {seconds:.1f} s")
+    shutil.rmtree(fresh)
+    if not set(names) <= {a.name for a in registry.load().adapters(base=BASE)}:
+        add_many(folder, BASE, prefix="cat/", registry=registry)
     return names, seconds
 
 
@@ -135,8 +144,6 @@ def small_catalog_home(home: Path, size: int, log) -> Path:
 
     target = home.parent / f"{home.name}-catalog-{size}"
     registry = Registry(target)
-    if len(registry.load().adapters(base=BASE)) >= size:
-        return target
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(home / "bases", target / "bases", copy_function=os.link)
     shutil.copy(home / "registry.json", target / "registry.json")
@@ -150,9 +157,10 @@ def small_catalog_home(home: Path, size: int, log) -> Path:
         shutil.copytree(one, folder / f"t{i:05d}")
     start = time.perf_counter()
     add_many(folder, BASE, prefix="tiny/", registry=registry)
-    log(f"catalog of {size}: registered in {time.perf_counter() - start:.1f} s")
+    seconds = time.perf_counter() - start
+    log(f"catalog of {size}: registered in {seconds:.1f} s")
     shutil.rmtree(folder)
-    return target
+    return target, seconds
 
 
 @contextmanager
@@ -181,13 +189,29 @@ def previous_zoo(commit: str, home: Path, log):
                     raise RuntimeError(f"previous zoo serve exited; see {log_file.name}") from None
                 time.sleep(1)
         yield url + "/v1"
-    finally:
-        proc.terminate()
+    finally:  # the whole process group: that zoo serve leaves its vLLM child behind on SIGTERM
+        os.killpg(proc.pid, 15)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
         log_file.close()
+
+
+def keep(section: dict) -> None:
+    """Add a finished section to bench/results/serve.json (the others stay as they were)."""
+    import json
+
+    from common import RESULTS
+
+    path = RESULTS / "serve.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    save("serve", {**{k: v for k, v in old.items() if k not in ("measured", "machine")},
+                   **section})
 
 
 def plot(curve_rows: list[dict], out: Path) -> None:
@@ -226,6 +250,9 @@ def main() -> None:
     parser.add_argument("--startup", default="3,1000,10000")
     parser.add_argument("--ttft-samples", type=int, default=10)
     parser.add_argument("--curve", default=",".join(map(str, CURVE)))
+    parser.add_argument("--sections", default="curve,startup",
+                        help="curve (throughput, TTFT) and/or startup; each is kept in "
+                             "bench/results/serve.json as it finishes")
     args = parser.parse_args()
 
     from zoo.catalog.registry import Registry
@@ -261,7 +288,8 @@ def main() -> None:
                 f"{srv.plan.max_loras} adapters per batch")
             yield srv.url
 
-    for path in args.paths.split(","):
+    sections = args.sections.split(",")
+    for path in args.paths.split(",") if "curve" in sections else []:
         with engine(path) as url:
             asyncio.run(burst(url, [BASE] * 4, 8, 4))  # warm up
             base = asyncio.run(burst(url, [BASE] * n, args.tokens, n))
@@ -287,29 +315,34 @@ def main() -> None:
                 ttft = {state: {"p50": percentile(v, 50), "p99": percentile(v, 99),
                                 "samples": len(v)} for state, v in (("cold", cold), ("warm", warm))}
 
+    if "curve" in sections:
+        keep({"command": " ".join(sys.argv), "rows": rows, "ttft": ttft,
+              "bulk_registration_seconds": bulk_seconds})
+        plot(rows, ROOT / "docs" / "serve-curve.png")
     startup = []
-    for size in (int(s) for s in args.startup.split(",") if s):
-        startup.append({"catalog": size, "seconds": startup_seconds(
-            Registry(small_catalog_home(home, size, log)), log)})
+    for size in (int(s) for s in args.startup.split(",") if s and "startup" in sections):
+        target, registered = small_catalog_home(home, size, log)
+        startup.append({"catalog": size, "registration_s": registered,
+                        "seconds": startup_seconds(Registry(target), log)})
     for row in startup:
         row["vs smallest"] = row["seconds"] / startup[0]["seconds"]
 
     print(f"\n{n} concurrent requests x {args.tokens} tokens, int8 base, zoo serve defaults, "
           f"catalog of {args.catalog} rank-8 q/v LoRAs")
-    print(table(rows, ["lora path", "adapters", "state", "tokens", "seconds", "tok_per_s",
-                       "vs base"]))
+    if rows:
+        print(table(rows, ["lora path", "adapters", "state", "tokens", "seconds", "tok_per_s",
+                           "vs base"]))
     if ttft:
         print(f"\ntime to first token with 63 adapters busy: cold p50 {ttft['cold']['p50']:.2f} s, "
               f"p99 {ttft['cold']['p99']:.2f} s; warm p50 {ttft['warm']['p50']:.2f} s, "
               f"p99 {ttft['warm']['p99']:.2f} s")
     if startup:
         print("\nstart-up (launch to /health) against catalog size")
-        print(table(startup, ["catalog", "seconds", "vs smallest"]))
-    if bulk_seconds is not None:
-        print(f"\nbulk registration of {args.catalog} adapters: {bulk_seconds:.1f} s")
-    plot(rows, ROOT / "docs" / "serve-curve.png")
-    save("serve", {"command": " ".join(sys.argv), "rows": rows, "ttft": ttft,
-                   "startup": startup, "bulk_registration_seconds": bulk_seconds})
+        print(table(startup, ["catalog", "registration_s", "seconds", "vs smallest"]))
+    print(f"\nbulk registration of {args.catalog} rank-8 adapters (zoo add --many, one "
+          f"transaction): {bulk_seconds:.1f} s")
+    if startup:
+        keep({"startup_command": " ".join(sys.argv), "startup": startup})
 
 
 if __name__ == "__main__":

@@ -233,10 +233,17 @@ def run_server(plan: ServePlan, registry: Registry | None = None) -> int:
     registry = registry or Registry()
     with staging_dir(registry.home, "serve") as state:
         proc = subprocess.Popen(plan.argv, env={**plan.env, STATE_VARIABLE: str(state)})
+
+        def terminate(_signum, _frame):  # a service manager's SIGTERM: stop vLLM too
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, terminate)
         try:
             return proc.wait()
         except KeyboardInterrupt:
             return stop(proc)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
