@@ -103,3 +103,84 @@ def test_served_loss_matches_transformers_on_the_real_base(smollm2_home, tmp_pat
     total, count = nll_transformers(model, sequences(tokenizer, HELDOUT_TEXT))
     assert served.engine == "vllm" and served.tokens == count
     assert math.isclose(served.loss, total / count, rel_tol=2e-3), (served.loss, total / count)
+
+
+def test_adapters_adapted_to_the_smoothed_base_compute_what_they_did_on_the_original(
+        models, tmp_path):
+    """SmoothQuant changes what LoRA layers read and write; the rescaled adapter on the
+    smoothed base gives the original adapter's outputs on the original base (PEFT on both),
+    and the unadapted one does not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.factory import ALL_PROJECTIONS, write_random_lora
+    from zoo.models.smoothing import adapt_lora, load_scales, save_scales
+    from zoo.quantize import smooth
+
+    lora = write_random_lora(tmp_path / "lora", models.llama, rank=4, seed=3, scale=0.3,
+                             targets=ALL_PROJECTIONS)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(models.llama, dtype=torch.float32).eval()
+
+    def logits(model, adapter):
+        with torch.no_grad():
+            return PeftModel.from_pretrained(model, adapter).eval()(input_ids=ids).logits
+
+    smoothed = load()
+    # outlier channels, as real models have, so that the scales are far from 1
+    smoothed.model.layers[0].input_layernorm.weight.data[:4] *= 30
+    reference = load()
+    reference.model.layers[0].input_layernorm.weight.data[:4] *= 30
+    expected = logits(reference, lora)
+    scales = smooth.smooth_llama(smoothed, smooth.calibrate(smoothed, [ids]), alpha=0.8)
+    assert max(float(s.max() / s.min()) for s in scales.values()) > 2
+    save_scales(tmp_path, scales, smoothed.config)
+    adapted = adapt_lora(lora, load_scales(tmp_path), tmp_path / "adapted")
+    smoothed_again = load()
+    smoothed_again.model.layers[0].input_layernorm.weight.data[:4] *= 30
+    smooth.smooth_llama(smoothed_again, smooth.calibrate(smoothed_again, [ids]), alpha=0.8)
+    got = logits(smoothed_again, adapted)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    stale = logits(smoothed, lora)
+    assert (stale - expected).abs().max() > 100 * (got - expected).abs().max()
+
+
+def test_the_server_hands_vllm_adapted_copies_on_a_smoothed_base(models, tmp_path, zoo_home):
+    from zoo.models.smoothing import SCALES_FILE
+    from zoo.serve.policy import ServePolicy
+
+    zoo("add", models.llama, "--name", "tiny")
+    zoo("add", models.lora("plain"), "--name", "acme/a", "--base", "tiny")
+    registry = Registry(zoo_home)
+    entry = registry.load().adapter("acme/a")
+    stored = zoo_home / entry.path
+    plain = ServePolicy(registry, "tiny", 16, model_dir=zoo_home / "bases/tiny")
+    assert plain.lora_path("acme/a", stored, entry.content_hash) == stored
+    smoothed_dir = tmp_path / "smoothed"
+    smoothed_dir.mkdir()
+    from zoo.models.smoothing import save_scales
+
+    config = registry.load().base("tiny")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(models.llama)
+    scales = {}
+    for i in range(config.num_layers):
+        scales[f"layers.{i}.attn_in"] = torch.full((cfg.hidden_size,), 2.0)
+        scales[f"layers.{i}.mlp_in"] = torch.full((cfg.hidden_size,), 2.0)
+        scales[f"layers.{i}.v_out"] = torch.full((cfg.num_key_value_heads * 8,), 2.0)
+        scales[f"layers.{i}.down_in"] = torch.full((cfg.intermediate_size,), 2.0)
+    save_scales(smoothed_dir, scales, cfg)
+    assert (smoothed_dir / SCALES_FILE).exists()
+    policy = ServePolicy(registry, "tiny", 16, model_dir=smoothed_dir)
+    path = policy.lora_path("acme/a", stored, entry.content_hash)
+    assert path != stored and (path / "adapter_model.safetensors").exists()
+    assert policy.lora_path("acme/a", stored, entry.content_hash) == path  # made once
+    from safetensors.torch import load_file
+
+    before = load_file(stored / "adapter_model.safetensors")
+    after = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in before if "q_proj.lora_A" in k)
+    torch.testing.assert_close(after[key], before[key] * 2)

@@ -120,6 +120,7 @@ def evaluate(name: str, variant: str | None = None, data: Path | None = None,
     data = Path(data or HELDOUT_TEXT)
     tokenizer = load_tokenizer(variant_path(registry, base, ORIGINAL))
     seqs = sequences(tokenizer, data)
+    variant_path(registry, base, variant)  # present and intact: eval never quantizes
     served = variant in SERVED and (isinstance(entry, BaseEntry) or entry.servable)
     log(f"evaluating {name} on {base.name} ({variant}) through "
         f"{'vLLM' if served else 'transformers'}: {data.name}")

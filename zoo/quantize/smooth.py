@@ -84,13 +84,15 @@ def _smooth(previous_scale_into, linears: list[torch.nn.Linear], act_absmax: tor
     return s
 
 
-def smooth_llama(model, calibration: Calibration, alpha: float = 0.5) -> int:
+def smooth_llama(model, calibration: Calibration, alpha: float = 0.5) -> dict[str, torch.Tensor]:
     """SmoothQuant on a Llama-style model, in place: norms -> q/k/v and gate/up,
-    v_proj -> o_proj, up_proj -> down_proj. Returns the number of smoothed groups."""
+    v_proj -> o_proj, up_proj -> down_proj. Returns the scales by name
+    (``layers.{i}.{attn_in,mlp_in,v_out,down_in}``): adapters trained on the unsmoothed
+    model need them to stay exact on this one (``zoo.models.smoothing``)."""
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    groups = 0
+    scales: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
@@ -100,10 +102,12 @@ def smooth_llama(model, calibration: Calibration, alpha: float = 0.5) -> int:
                 norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
             return divide
 
-        _smooth(into_norm(layer.input_layernorm), [attn.q_proj, attn.k_proj, attn.v_proj],
-                calibration.input_absmax[f"{prefix}.self_attn.q_proj"], alpha)
-        _smooth(into_norm(layer.post_attention_layernorm), [mlp.gate_proj, mlp.up_proj],
-                calibration.input_absmax[f"{prefix}.mlp.gate_proj"], alpha)
+        scales[f"layers.{i}.attn_in"] = _smooth(
+            into_norm(layer.input_layernorm), [attn.q_proj, attn.k_proj, attn.v_proj],
+            calibration.input_absmax[f"{prefix}.self_attn.q_proj"], alpha)
+        scales[f"layers.{i}.mlp_in"] = _smooth(
+            into_norm(layer.post_attention_layernorm), [mlp.gate_proj, mlp.up_proj],
+            calibration.input_absmax[f"{prefix}.mlp.gate_proj"], alpha)
 
         # o_proj's input channel (head h, dim d) is v_proj's output row (h // group, d):
         # one scale per v row, shared by the query heads that read it
@@ -117,6 +121,7 @@ def smooth_llama(model, calibration: Calibration, alpha: float = 0.5) -> int:
             attn.v_proj.weight.dtype)
         if attn.v_proj.bias is not None:
             attn.v_proj.bias.data = (attn.v_proj.bias.data.float() / s_v).to(attn.v_proj.bias.dtype)
+        scales[f"layers.{i}.v_out"] = s_v
         s_o = s_v.view(kv_heads, 1, head_dim).expand(kv_heads, group, head_dim).flatten()
         attn.o_proj.weight.data = (attn.o_proj.weight.data.float() * s_o[None, :]).to(
             attn.o_proj.weight.dtype)
@@ -126,10 +131,10 @@ def smooth_llama(model, calibration: Calibration, alpha: float = 0.5) -> int:
                 up.weight.data = (up.weight.data.float() / s[:, None]).to(up.weight.dtype)
             return divide
 
-        _smooth(into_up(mlp.up_proj), [mlp.down_proj],
-                calibration.input_absmax[f"{prefix}.mlp.down_proj"], alpha)
-        groups += 4
-    return groups
+        scales[f"layers.{i}.down_in"] = _smooth(
+            into_up(mlp.up_proj), [mlp.down_proj],
+            calibration.input_absmax[f"{prefix}.mlp.down_proj"], alpha)
+    return scales
 
 
 def fake_w8a8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

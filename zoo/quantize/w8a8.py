@@ -6,8 +6,11 @@ Activations: int8, quantized per token at run time by vLLM.
 Calibrated by default (``smooth.py``): SmoothQuant moves activation outliers into
 the weights, then each of vLLM's layers is measured under int8 on the calibration
 activations and the worst stay in 16 bits (compressed-tensors' ``ignore`` list,
-which vLLM honours layer by layer). ``calibrate=False`` writes the plain
-round-to-nearest checkpoint zoo wrote before.
+which vLLM honours layer by layer). Smoothing rescales what some layers read and
+write, so LoRA adapters trained on the 16-bit base would see other inputs: the
+scales are saved beside the weights (``zoo_smoothing.safetensors``) and zoo serve
+hands vLLM each adapter rescaled to match (``zoo.models.smoothing``), exactly.
+``calibrate=False`` writes the plain round-to-nearest checkpoint zoo wrote before.
 
 Written with the compressed-tensors library alone: llm-compressor, vLLM's
 calibration library, declares requirements that exclude this stack (0.14 wants
@@ -51,7 +54,7 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
         batches = token_batches(AutoTokenizer.from_pretrained(source), texts)
         before = smooth.calibrate(model, batches)
         worst_before = max(smooth.int8_errors(model, before).values())
-        smooth.smooth_llama(model, before, alpha)
+        scales = smooth.smooth_llama(model, before, alpha)
         after = smooth.calibrate(model, batches)  # the activations the int8 layers will see
         errors = smooth.int8_errors(model, after)
         limit = max(0, int(KEEP_AT_MOST * len(errors)))
@@ -86,5 +89,9 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
     compressor.compress_model(model)
     model.save_pretrained(out)
     compressor.update_config(str(out))
+    if calibrate:  # what adapters need to stay exact on this base (zoo.models.smoothing)
+        from zoo.models.smoothing import save_scales
+
+        save_scales(out, scales, model.config)
     details["quantized_modules"] = quantized_modules
     return details

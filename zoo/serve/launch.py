@@ -154,6 +154,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         env.HOME_VARIABLE: str(registry.home),
         env.BASE_VARIABLE: base.name,
         env.RANK_VARIABLE: str(max_rank),
+        env.MODEL_VARIABLE: str(model_path),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # lets the registry resolver load adapters
     }
     run_env.pop(env.KEYS_VARIABLE, None)

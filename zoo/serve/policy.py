@@ -32,6 +32,7 @@ HOME_VARIABLE = "ZOO_HOME"
 BASE_VARIABLE = "ZOO_SERVE_BASE"
 KEYS_VARIABLE = "ZOO_SERVE_API_KEYS"
 RANK_VARIABLE = "ZOO_SERVE_MAX_LORA_RANK"
+MODEL_VARIABLE = "ZOO_SERVE_MODEL_DIR"  # the served checkpoint (its smoothing, if any)
 logger = logging.getLogger("zoo.serve")
 
 # The tenant of the request being handled, set by the middleware for the request's task;
@@ -139,6 +140,7 @@ class ServePolicy:
     max_lora_rank: int
     tenants: list[Tenant] | None = None
     keys_path: Path | None = None  # re-read when it changes; revoked keys stop working
+    model_dir: Path | None = None  # the served checkpoint; smoothed ones need adapted LoRAs
     _catalog: Catalog | None = field(default=None, repr=False)
     _stamp: tuple | None = field(default=None, repr=False)
     _keys_stamp: tuple | None = field(default=None, repr=False)
@@ -149,7 +151,35 @@ class ServePolicy:
         return cls(Registry(Path(os.environ[HOME_VARIABLE])), os.environ[BASE_VARIABLE],
                    int(os.environ.get(RANK_VARIABLE, "512")),
                    load_tenants(Path(keys)) if keys else None,
-                   Path(keys) if keys else None)
+                   Path(keys) if keys else None,
+                   Path(os.environ[MODEL_VARIABLE]) if os.environ.get(MODEL_VARIABLE) else None)
+
+    def lora_path(self, name: str, stored: Path, content_hash: str) -> Path:
+        """What vLLM should load for an adapter: its stored files, or on a SmoothQuant-ed
+        base a copy rescaled to match (made once per adapter content, then reused)."""
+        from zoo.models.smoothing import SCALES_FILE
+
+        if self.model_dir is None or not (self.model_dir / SCALES_FILE).exists():
+            return stored
+        from zoo.catalog.integrity import file_hash
+
+        scales = file_hash(self.model_dir / SCALES_FILE).removeprefix("sha256:")[:16]
+        cache = (self.registry.home / "cache" / "smoothed" / scales /
+                 content_hash.removeprefix("sha256:")[:32])
+        if not cache.exists():
+            from zoo.catalog.home import new_stage
+            from zoo.models.smoothing import adapt_lora, load_scales
+
+            stage = new_stage(self.registry.home / "tmp", f"smoothed-{name}")
+            adapt_lora(stored, load_scales(self.model_dir), stage)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(stage, cache)
+            except OSError:  # another process made it first: theirs is the same
+                import shutil
+
+                shutil.rmtree(stage, ignore_errors=True)
+        return cache
 
     def current_tenants(self) -> list[Tenant] | None:
         """The tenants, re-read when the keys file changed (None: the server is open).

@@ -34,6 +34,7 @@ class RegistryResolver(LoRAResolver):
         if decision.path is None:
             return None
         LOADED_HASHES[lora_name] = decision.content_hash
-        # vLLM replaces the id with its own counter; the path is the stored copy
-        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(decision.path))
+        path = self.policy.lora_path(lora_name, decision.path, decision.content_hash)
+        # vLLM replaces the id with its own counter
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 

@@ -1,0 +1,99 @@
+"""LoRA adapters on a SmoothQuant-ed base: the same function, rescaled.
+
+Smoothing (``zoo.quantize.smooth``) divides what some layers read by a per-channel
+``s`` and multiplies their weights' input columns by it, so the base computes
+the same thing. A LoRA adapter trained on the unsmoothed base reads and writes
+the same tensors and needs the same treatment, or it computes something else:
+
+* q/k/v read the attention norm's output, now ``x / s_attn``: ``A' = A diag(s_attn)``;
+* gate/up read the MLP norm's output, ``x / s_mlp``: ``A' = A diag(s_mlp)``;
+* v writes ``v / s_v``: ``B' = diag(1 / s_v) B``; o reads that: ``A' = A diag(s_o)``
+  (``s_v`` repeated for the query heads sharing each key/value head);
+* up writes ``up / s_down``: ``B' = diag(1 / s_down) B``; down reads it:
+  ``A' = A diag(s_down)``.
+
+With these the adapted adapter on the smoothed base gives the original adapter's
+outputs on the original base (tested against PEFT on both). The scales travel with
+the quantized variant as ``zoo_smoothing.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SCALES_FILE = "zoo_smoothing.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def save_scales(out: Path, scales: dict, config) -> None:
+    """Write the smoothing scales beside a checkpoint, with the head layout o_proj needs."""
+    import torch
+    from safetensors.torch import save_file
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    save_file({k: v.to(torch.float32).contiguous() for k, v in scales.items()},
+              str(out / SCALES_FILE),
+              metadata={"format": "zoo-smoothing", "heads": str(heads),
+                        "kv_heads": str(kv_heads)})
+
+
+def load_scales(model_dir: Path) -> dict | None:
+    """The scales saved with a smoothed checkpoint, or None for one that was not smoothed."""
+    from safetensors import safe_open
+
+    path = Path(model_dir) / SCALES_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        scales = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
+    scales["_kv_heads"] = int(meta["kv_heads"])
+    scales["_group"] = int(meta["heads"]) // int(meta["kv_heads"])
+    return scales
+
+
+def _layer_and_leaf(module: str) -> tuple[int, str] | None:
+    parts = module.split(".")
+    if "layers" not in parts:
+        return None
+    i = parts.index("layers")
+    return int(parts[i + 1]), parts[-1]
+
+
+def adapt_lora(adapter_dir: Path, scales: dict, out: Path) -> Path:
+    """Write ``adapter_dir``'s LoRA, rescaled for the smoothed base, into ``out``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    group, kv_heads = scales["_group"], scales["_kv_heads"]
+    adapted = {}
+    for key, value in tensors.items():
+        inner = key.removeprefix(PEFT_PREFIX)
+        role = "A" if ".lora_A." in inner else "B" if ".lora_B." in inner else None
+        where = _layer_and_leaf(inner.split(".lora_")[0]) if role else None
+        value = value.float()
+        if where is not None:
+            i, leaf = where
+            column = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                      "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
+                      "o_proj": "v_out"}.get(leaf)
+            row = {"v_proj": "v_out", "up_proj": "down_in"}.get(leaf)
+            if role == "A" and column:
+                s = scales[f"layers.{i}.{column}"]
+                if leaf == "o_proj":  # o reads every query head; s_v is per key/value head
+                    s = s.view(kv_heads, 1, -1).expand(kv_heads, group, -1).flatten()
+                value = value * s[None, :]
+            elif role == "B" and row:
+                value = value / scales[f"layers.{i}.{row}"][:, None]
+        adapted[key] = value.to(tensors[key].dtype).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapted, str(out / "adapter_model.safetensors"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    for extra in adapter_dir.iterdir():
+        if extra.name not in ("adapter_model.safetensors", "adapter_config.json") and extra.is_file():
+            shutil.copyfile(extra, out / extra.name)
+    return out
