@@ -190,15 +190,15 @@ def previous_zoo(commit: str, home: Path, log):
                 time.sleep(1)
         yield url + "/v1"
     finally:  # the whole process group: that zoo serve leaves its vLLM child behind on SIGTERM
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+        for sig in (15, 9):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                continue
         log_file.close()
 
 
@@ -210,6 +210,10 @@ def keep(section: dict) -> None:
 
     path = RESULTS / "serve.json"
     old = json.loads(path.read_text()) if path.exists() else {}
+    if "rows" in section and "rows" in old:  # a run of some paths replaces those paths' rows
+        paths = {r["lora path"] for r in section["rows"]}
+        section["rows"] = [r for r in old["rows"] if r.get("lora path") not in paths] + \
+            section["rows"]
     save("serve", {**{k: v for k, v in old.items() if k not in ("measured", "machine")},
                    **section})
 

@@ -28,6 +28,14 @@ def _shallow(record: Any) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
+def _without_empty_evaluations(data: dict[str, Any]) -> dict[str, Any]:
+    """``evaluations`` came after schema version 1's first readers: written only when there
+    is one, a registry without evaluations stays readable by them."""
+    if not data.get("evaluations"):
+        data.pop("evaluations", None)
+    return data
+
+
 def now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -69,7 +77,7 @@ class BaseEntry:
     def to_dict(self) -> dict[str, Any]:
         data = _shallow(self)
         data["variants"] = {k: _shallow(v) for k, v in self.variants.items()}
-        return data
+        return _without_empty_evaluations(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseEntry:
@@ -135,7 +143,7 @@ class AdapterEntry:
         for nested in ("lora", "bottleneck"):
             if data[nested] is not None:
                 data[nested] = _shallow(data[nested])
-        return data
+        return _without_empty_evaluations(data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterEntry:
