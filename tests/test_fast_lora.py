@@ -133,25 +133,12 @@ def test_64_adapters_mixed_with_the_base_give_vllms_tokens(smollm2_home, tmp_pat
 @pytest.mark.vllm
 def test_same_tokens_as_vllms_own_path(smollm2_home, tmp_path):
     """End to end, on the 16-bit base: zoo's path and vLLM's give the same greedy tokens."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from tests.factory import write_random_lora
 
     base = smollm2_home / "bases" / "smollm2-135m-instruct"
     adapters = [str(write_random_lora(tmp_path / f"l{i}", base, seed=i, scale=0.05))
                 for i in range(3)]
-    script = Path(__file__).with_name("vllm_generate.py")
-    runs = {}
-    for fast in ("1", "0"):
-        out = tmp_path / f"out-{fast}.json"
-        subprocess.run([sys.executable, str(script), str(base), str(out), *adapters],
-                       env={**os.environ, "ZOO_FAST_LORA": fast}, check=True,
-                       capture_output=True)
-        runs[fast] = json.loads(out.read_text())
+    runs = _generate_both_ways(base, adapters, tmp_path)
     assert runs["1"].keys() == runs["0"].keys() and len(runs["1"]) == 8
     for key, (text, logprobs) in runs["1"].items():
         their_text, their_logprobs = runs["0"][key]

@@ -3,9 +3,10 @@
 Weights: int8, one symmetric scale per output channel (absmax / 127).
 Activations: int8, quantized per token at run time by vLLM.
 
-Calibrated by default (``smooth.py``): SmoothQuant moves activation outliers into
-the weights, then each of vLLM's layers is measured under int8 on the calibration
-activations and the worst stay in 16 bits (compressed-tensors' ``ignore`` list,
+Calibrated by default (``smooth.py``, ``gptq.py``): SmoothQuant moves activation
+outliers into the weights, GPTQ rounds the weights with error compensation, and
+each of vLLM's layers is measured under int8 on the calibration activations: the
+worst stay in 16 bits (compressed-tensors' ``ignore`` list,
 which vLLM honours layer by layer). Smoothing rescales what some layers read and
 write, so LoRA adapters trained on the 16-bit base would see other inputs: the
 scales are saved beside the weights (``zoo_smoothing.safetensors``) and zoo serve
@@ -28,6 +29,17 @@ from typing import Any
 KEEP_TOLERANCE = 0.10
 KEEP_AT_MOST = 0.125
 SMOOTH_ALPHA = 0.5
+# The projections whose input the others share: q (with k, v), o, gate (with up), down.
+SHARED_INPUT = ("q_proj", "o_proj", "gate_proj", "down_proj")
+
+
+_SHARES_INPUT_WITH = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def _reader(module: str) -> str:
+    """The projection whose input (and so whose Hessian) ``module`` shares."""
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{_SHARES_INPUT_WITH.get(leaf, leaf)}"
 
 
 def write_w8a8(source: Path, out: Path, calibrate: bool = True,
@@ -44,7 +56,9 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
 
     details: dict[str, Any] = {"calibrated": calibrate}
     ignore = ["lm_head"]
+    scales_by_module: dict[str, torch.Tensor] = {}
     if calibrate:
+        import zoo.quantize.gptq as gptq
         import zoo.quantize.smooth as smooth
         from zoo.core.files import sha256_bytes
         from zoo.models.data import calibration_texts, token_batches
@@ -55,32 +69,53 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
         before = smooth.calibrate(model, batches)
         worst_before = max(smooth.int8_errors(model, before).values())
         scales = smooth.smooth_llama(model, before, alpha)
-        after = smooth.calibrate(model, batches)  # the activations the int8 layers will see
+        readers = {n for n, m in model.named_modules()  # one H per distinct input
+                   if isinstance(m, torch.nn.Linear) and n.endswith(SHARED_INPUT)}
+        hessians, hooks = gptq.hessian_hooks(model, readers)
+        try:
+            after = smooth.calibrate(model, batches)  # the activations int8 layers will see
+        finally:
+            for hook in hooks:
+                hook.remove()
         errors = smooth.int8_errors(model, after)
         limit = max(0, int(KEEP_AT_MOST * len(errors)))
         keep = smooth.layers_to_keep(errors, tolerance, limit)
         ignore += [m for layer in keep for m in smooth.members(layer)]
+        kept = set(ignore)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and ".layers." in name and name not in kept:
+                    reader = _reader(name)
+                    ints, scale = gptq.quantize_rows(module.weight, hessians[reader])
+                    module.weight.data = (ints * scale).to(module.weight.dtype)
+                    scales_by_module[name] = scale
         quantized = [e for layer, e in errors.items() if layer not in keep]
         details.update({
             "method": "smoothquant", "alpha": alpha, "calibration_tokens": after.tokens,
             "calibration_sha256": sha256_bytes("\n\n".join(texts).encode()),
             "kept_16bit": keep, "keep_tolerance": tolerance,
             "worst_int8_error": round(max(quantized, default=0.0), 4),
-            "worst_int8_error_before_smoothing": round(worst_before, 4)})
+            "worst_int8_error_before_smoothing": round(worst_before, 4),
+            "weight_rounding": "gptq"})
         model = model.to(torch.bfloat16)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme("W8A8", ["Linear"])},
                                 ignore=ignore)
     apply_quantization_config(model, config)
+    names = {module: name for name, module in model.named_modules()}
     quantized_modules = 0
     with torch.no_grad():
         for module in model.modules():
             scale = getattr(module, "weight_scale", None)
             if scale is None:
                 continue
-            absmax = module.weight.detach().float().abs().amax(dim=1, keepdim=True)
-            scale.copy_((absmax / 127.0).clamp(min=1e-8).to(scale.dtype))
+            name = names[module]
+            if name in scales_by_module:  # GPTQ chose integers on this scale: keep it exact
+                scale.copy_(scales_by_module[name].to(scale.dtype))
+            else:
+                absmax = module.weight.detach().float().abs().amax(dim=1, keepdim=True)
+                scale.copy_((absmax / 127.0).clamp(min=1e-8).to(scale.dtype))
             zero = getattr(module, "weight_zero_point", None)
             if zero is not None:
                 zero.zero_()
