@@ -346,3 +346,15 @@ def test_add_many_registers_a_folder_of_adapters_in_one_write(tiny, tmp_path, zo
     again = zoo("add", folder, "--many", "--prefix", "cust/", "--base", "tiny-llama", ok=False)
     assert "already registered" in again.stderr and "added 0 adapters" in again.stdout
     assert not list((zoo_home / "tmp").iterdir())
+
+
+def test_pulling_a_present_shipped_adapter_again_is_a_no_op(tiny, zoo_home, tmp_path, monkeypatch):
+    """A catalog recipe (here: train) already made in this home is not made again."""
+    zoo("add", tiny.lora("plain"), "--name", "demo/x", "--base", "tiny-llama")
+    entry = json.loads((zoo_home / "registry.json").read_text())["entries"]["demo/x"]
+    shipped = {"schema_version": 1, "entries": {"demo/x": {
+        **entry, "path": None, "source": {"type": "train", "data": "pirate.jsonl"}}}}
+    (tmp_path / "catalog.json").write_text(json.dumps(shipped))
+    monkeypatch.setenv("ZOO_CATALOG", str(tmp_path / "catalog.json"))
+    result = zoo("pull", "demo/x")
+    assert "already in the zoo (nothing to do)" in result.stdout

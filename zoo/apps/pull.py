@@ -39,7 +39,11 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
     name = name or repo.lower()  # Hub repo ids may have capitals; registry names do not
     validate_name(name)
     present = registry.load().entries.get(name)
-    other_repo = "/" in repo and present is not None and \
+    known = shipped_catalog().entries.get(repo.lower())
+    from_hub = known is None or known.source.get("type") == "hub"
+    # a Hub repo other than the one the present entry came from: the Hub decides below
+    # (the same content is a no-op, other content a conflict)
+    other_repo = from_hub and "/" in repo and present is not None and \
         str((present.hub or {}).get("repo", "")).lower() != repo.lower()
     if present is not None and present.path is not None and not other_repo:
         changed = changed_files(registry.home / present.path, present.files)
@@ -48,8 +52,7 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
                                  f"{', '.join(changed)}", files=changed)
         return PullResult(present, False, f"{name} is already in the zoo (nothing to do)")
 
-    known = shipped_catalog().entries.get(repo.lower())
-    if known is not None and known.source.get("type") != "hub":
+    if not from_hub:
         return PullResult(_make(known, registry, log), True, f"pulled {name}")
     if "/" in repo or known is not None:  # the Hub decides: same content, or a conflict
         from zoo.hub.pull import pull_from_hub
