@@ -201,3 +201,15 @@ def test_gptq_rounding_beats_nearest_on_the_calibration_inputs():
     gptq_error = (x @ (ints * scale).T - exact).norm()
     nearest_error = (x @ nearest.T - exact).norm()
     assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)
+
+
+def test_a_bottleneck_adapter_is_evaluated_through_transformers(tiny, tmp_path):
+    zoo("add", tiny.bottleneck(), "--name", "acme/bn", "--base", "tiny")
+    text = tmp_path / "held.txt"
+    text.write_text(TEXT)
+    result = json.loads(zoo("eval", "acme/bn", "--data", text, "--json").stdout)
+    base = json.loads(zoo("eval", "tiny", "--variant", "nf4", "--data", text, "--json",
+                          ok=False).stdout or "{}")
+    assert result["engine"] == "transformers" and result["variant"] == "original"
+    assert result["tokens"] > 10 and math.isfinite(result["loss"])
+    assert base == {}  # tiny has no nf4 variant: refused, nothing made

@@ -14,7 +14,7 @@ the same tensors and needs the same treatment, or it computes something else:
 
 With these the adapted adapter on the smoothed base gives the original adapter's
 outputs on the original base (tested against PEFT on both). The scales travel with
-the quantized variant as ``zoo_smoothing.safetensors``.
+the quantized variant as ``zoo_smoothing.scales``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SCALES_FILE = "zoo_smoothing.safetensors"
+# safetensors inside, but not named *.safetensors: vLLM loads every such file of a
+# checkpoint as model weights
+SCALES_FILE = "zoo_smoothing.scales"
 PEFT_PREFIX = "base_model.model."
 
 

@@ -9,7 +9,7 @@ each of vLLM's layers is measured under int8 on the calibration activations: the
 worst stay in 16 bits (compressed-tensors' ``ignore`` list,
 which vLLM honours layer by layer). Smoothing rescales what some layers read and
 write, so LoRA adapters trained on the 16-bit base would see other inputs: the
-scales are saved beside the weights (``zoo_smoothing.safetensors``) and zoo serve
+scales are saved beside the weights (``zoo_smoothing.scales``) and zoo serve
 hands vLLM each adapter rescaled to match (``zoo.models.smoothing``), exactly.
 ``calibrate=False`` writes the plain round-to-nearest checkpoint zoo wrote before.
 
