@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from hypothesis import settings
 
 from tests import factory
 
@@ -17,6 +18,12 @@ from tests import factory
 # choosing an endpoint sees, whatever order the tests run in: zoo reads HF_ENDPOINT per call.
 os.environ.pop("HF_ENDPOINT", None)
 import huggingface_hub.constants  # noqa: E402,F401  (the package itself loads lazily)
+
+# Property tests: fresh examples on a developer's run, the same ones in CI (a failure found
+# there can be re-run; one found locally is pinned as a test).
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "zoo/schema/registry.schema.json").read_text())
 

@@ -57,6 +57,17 @@ def _weights(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _names(config: dict, key: str, path: Path) -> list[str]:
+    """A config field that lists module names (PEFT also takes one name as a string)."""
+    value = config.get(key) or []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FormatError(f"{path / PEFT_CONFIG}: {key} must be a list of module names",
+                          path=str(path))
+    return value
+
+
 _PATTERN_KEY = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
@@ -161,7 +172,7 @@ def inspect_lora(path: Path, base_modules: dict[str, tuple[int, ...]], base_name
         alpha_pattern=alpha_pattern,
         bias=str(config.get("bias", "none")),
         lora_bias=bool(config.get("lora_bias", False)),
-        modules_to_save=list(config.get("modules_to_save") or []),
+        modules_to_save=_names(config, "modules_to_save", path),
         max_rank=max(ranks),
     )
     targets = sorted({m.rsplit(".", 1)[-1] for m in modules})

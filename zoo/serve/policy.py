@@ -59,6 +59,7 @@ class Decision:
 
 
 HASHED = "sha256:"
+TENANT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _HASHED_KEY = re.compile(re.escape(HASHED) + "[0-9a-f]{64}")
 
 
@@ -90,7 +91,7 @@ class Tenant:
 def add_key(path: Path, tenant: str, adapters: tuple[str, ...] = ()) -> str:
     """Make a new random key for TENANT (created when new), store only its hash in the keys
     file at PATH (created when missing), and return the key: the one time it is shown."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", tenant):
+    if not re.fullmatch(TENANT_NAME, tenant):
         raise ZooError(f"tenant name {tenant!r} is not valid",
                        hint="Use letters, digits, '.', '_' and '-'.")
     key = "sk-zoo-" + secrets.token_urlsafe(24)
@@ -116,9 +117,14 @@ def _read_keys_file(path: Path) -> tuple[dict, list[Tenant]]:
         data = json.loads(Path(path).read_text())
         tenants = []
         for name, spec in data["tenants"].items():
-            keys = tuple(str(k) for k in spec["keys"])
-            if not keys or any(len(k) < 8 for k in keys):
-                raise ValueError(f"tenant {name!r} needs keys of 8 characters or more")
+            if not re.fullmatch(TENANT_NAME, name):
+                raise ValueError(f"tenant name {name[:40]!r} is not valid")
+            keys = tuple(spec["keys"])
+            if not keys or any(not isinstance(k, str) or len(k) < 8 for k in keys):
+                raise ValueError(f"tenant {name!r} needs keys: strings of 8 characters or more")
+            patterns = spec.get("adapters") or []
+            if not isinstance(patterns, list) or not all(isinstance(a, str) for a in patterns):
+                raise ValueError(f"tenant {name!r}: adapters must be a list of name patterns")
             bad = [k for k in keys if k.startswith(HASHED) and not _HASHED_KEY.fullmatch(k)]
             if bad:
                 raise ValueError(f"tenant {name!r} has a {HASHED} key that is not 64 hex digits")
