@@ -53,7 +53,7 @@ class Evaluation:
 
 def sequences(tokenizer, data: Path) -> list[Sequence]:
     """What to score in ``data``: answers of a JSONL dataset, or all of a text file."""
-    from zoo.models.data import IGNORE, load_dataset, token_batches, tokenize_example
+    from zoo.models.data import IGNORE, load_dataset, texts_of, token_batches, tokenize_example
 
     if data.suffix == ".jsonl":
         out = []
@@ -61,8 +61,6 @@ def sequences(tokenizer, data: Path) -> list[Sequence]:
             ids, labels = tokenize_example(tokenizer, example, WINDOW)
             out.append((ids, labels))
         return out
-    from zoo.models.data import texts_of
-
     return [(ids, [IGNORE] + ids[1:]) for ids in
             (batch[0].tolist() for batch in token_batches(tokenizer, texts_of(data), WINDOW))]
 

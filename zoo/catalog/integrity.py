@@ -53,10 +53,13 @@ def hash_tree_cached(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
             for rel in names}
 
 
-def changed_files(root: Path, files: dict[str, dict[str, Any]], fresh: bool = False) -> list[str]:
+def changed_files(root: Path, files: dict[str, dict[str, Any]], fresh: bool = False,
+                  content: bool = True) -> list[str]:
     """Files under ``root`` whose content differs from the record, or that are gone.
 
     Symbolic links count as changed: a stored directory holds regular files only.
+    ``content=False`` checks presence and size only: a stat per file, for checks that
+    must not grow with the bytes (zoo serve's start-up over a whole catalog).
     """
     changed = []
     for rel, info in sorted(files.items()):
@@ -66,8 +69,8 @@ def changed_files(root: Path, files: dict[str, dict[str, Any]], fresh: bool = Fa
         except (FileNotFoundError, NotADirectoryError):
             changed.append(rel)
             continue
-        if not path.is_file() or path.is_symlink() or st.st_size != info["size"] or \
-                file_hash(path, fresh) != info["sha256"]:
+        if not path.is_file() or path.is_symlink() or st.st_size != info["size"] or (
+                content and file_hash(path, fresh) != info["sha256"]):
             changed.append(rel)
     return changed
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoo.catalog.home import staging_dir
-from zoo.catalog.integrity import ORIGINAL, variant_path
+from zoo.catalog.integrity import ORIGINAL, changed_files, variant_path
 from zoo.catalog.registry import Catalog, Registry
 from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import ServeError
@@ -191,25 +191,12 @@ def _why_not(adapter: AdapterEntry, registry: Registry) -> str | None:
         return adapter.servable_reason
     if adapter.lora and adapter.lora.max_rank > VLLM_LORA_RANKS[-1]:
         return f"rank {adapter.lora.max_rank} is above vLLM's limit {VLLM_LORA_RANKS[-1]}"
-    changed = missing_or_resized(registry.home / adapter.path, adapter.files)
+    # a stat per file, so start-up does not grow with the catalog; content is hashed on
+    # each adapter's first request (a 422 if it changed)
+    changed = changed_files(registry.home / adapter.path, adapter.files, content=False)
     if changed:
         return f"files changed since registration: {', '.join(changed)} (re-add it)"
     return None
-
-
-def missing_or_resized(root: Path, files: dict) -> list[str]:
-    """The start-up check, a stat per file so that start-up does not grow with the
-    catalog; content is hashed on each adapter's first request (a 422 if it changed)."""
-    changed = []
-    for rel, info in sorted(files.items()):
-        try:
-            st = (root / rel).lstat()
-        except OSError:
-            changed.append(rel)
-            continue
-        if st.st_size != info["size"] or not (root / rel).is_file() or (root / rel).is_symlink():
-            changed.append(rel)
-    return changed
 
 
 def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
