@@ -33,7 +33,7 @@ def child(mode: str, base_dir: Path, adapter: str, adapter_dir: Path, out: Path,
         from zoo.catalog.registry import Registry
         from zoo.merge import MergeOptions, merge
 
-        merge(MergeOptions(adapters=(adapter,), out=out, verify=False), Registry(home))
+        merge(MergeOptions(adapters=(adapter,), out=out, verify="none"), Registry(home))
     elif mode == "peft":
         import torch
         from peft import PeftModel

@@ -158,7 +158,7 @@ def test_merged_logits_match_peft_unmerged(tiny):
     zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
     result = merge(MergeOptions(adapters=("p",), name="p-bf16"), Registry())
     v = result.verification
-    assert v["max_abs_diff"] <= v["tolerance"] and v["tokens"] > 10
+    assert v["modules"] >= 2 and v["worst_vs_rounding_bound"] <= 1 and v["rows"] > 10
     # and independently of zoo's own check: PEFT's forward against the merged model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -182,6 +182,50 @@ def test_a_wrong_merge_fails_verification(tiny, monkeypatch, tmp_path):
         merge(MergeOptions(adapters=("p",), out=tmp_path / "bad"), Registry())
     assert not (tmp_path / "bad").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["zoo-home"]
+
+
+@pytest.mark.parametrize("mistake", ["transposed", "other layer", "scale x1.02"])
+def test_small_and_structural_mistakes_fail_verification_in_bf16(tiny, monkeypatch, tmp_path,
+                                                                  mistake):
+    """The module check runs in float64 against PEFT: a wrong delta fails even when the output
+    dtype's rounding is far larger than the mistake."""
+    zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
+    from zoo.merge import lora as lora_math
+    real_delta, real_modules = lora_math.LoraFile.delta, lora_math.LoraFile.modules
+    if mistake == "transposed":  # q_proj is square on the tiny llama
+        monkeypatch.setattr(lora_math.LoraFile, "delta", lambda self, m, r: (
+            real_delta(self, m, r).T if m.endswith("q_proj") else real_delta(self, m, r)))
+    elif mistake == "other layer":
+        def swapped(self):
+            found = dict(real_modules(self))
+            a, b = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+            found[a], found[b] = found[b], found[a]
+            return found
+        monkeypatch.setattr(lora_math.LoraFile, "modules", swapped)
+    else:
+        monkeypatch.setattr(lora_math.LoraFile, "delta",
+                            lambda self, m, r: real_delta(self, m, r) * 1.02)
+    with pytest.raises(VerificationFailed, match="PEFT's LoRA layer"):
+        merge(MergeOptions(adapters=("p",), out=tmp_path / "bad", dtype="bf16"), Registry())
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_a_large_valid_adapter_is_not_refused_in_16_bits(tiny, tmp_path, dtype):
+    """The case the old logit tolerance refused: rsLoRA on all seven projections with rank and
+    alpha patterns, moving the logits a lot. Both checks pass; the end-to-end one is asked for."""
+    adapter = tiny.lora("full", use_rslora=True, r=8, lora_alpha=16,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                        "up_proj", "down_proj"],
+                        rank_pattern={"down_proj": 4}, alpha_pattern={"o_proj": 32})
+    zoo("add", adapter, "--name", "full", "--base", "tiny")
+    result = merge(MergeOptions(adapters=("full",), out=tmp_path / dtype, dtype=dtype,
+                                verify="full"), Registry())
+    v = result.verification
+    assert v["mode"] == "full" and v["max_abs_diff"] <= v["tolerance"]
+    assert v["modules"]["modules"] == 14 and v["modules"]["worst_vs_rounding_bound"] <= 1
+    old_rule = {"bf16": 1e-2, "fp16": 2e-3}[dtype] * max(v["max_abs_logit"], 1.0)
+    assert v["max_abs_diff"] > old_rule  # the fixed relative tolerance refused this merge
 
 
 @pytest.fixture
@@ -337,7 +381,7 @@ from zoo.catalog.registry import Registry
 import torch, transformers, peft  # what a merge imports, before measuring the baseline
 baseline = peak_rss_bytes()
 if sys.argv[1] != "-":
-    merge(MergeOptions(adapters=(sys.argv[1],), out=Path(sys.argv[2]), verify=False), Registry())
+    merge(MergeOptions(adapters=(sys.argv[1],), out=Path(sys.argv[2])), Registry())  # verified
 print(baseline, peak_rss_bytes())
 """
 TENSOR = (4096, 2048)  # 32 MB in float32
@@ -382,8 +426,8 @@ def merge_peak(adapter: str, out: Path) -> tuple[int, int]:
 
 
 def test_merge_memory_does_not_grow_with_the_model(tmp_path, zoo_home):
-    """Merging streams tensor by tensor: a 4x larger model takes no more extra memory, and the
-    extra stays a few tensors, far below the model's size."""
+    """Merging and verifying stream tensor by tensor: a 4x larger model takes no more extra
+    memory, and the extra stays a few tensors, far below the model's size."""
     tensor_bytes = TENSOR[0] * TENSOR[1] * 4
     floor = max(merge_peak("-", tmp_path / "unused"))
     extra = {}

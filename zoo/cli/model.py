@@ -133,8 +133,12 @@ def eval_cmd(name: str, variant: str | None, data: Path | None, as_json: bool) -
               help="Fold a QLoRA into its dequantized NF4 base (what it was trained on) "
                    "or into the original 16-bit weights.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--no-verify", is_flag=True, help="Skip the logit check against PEFT.")
-def merge_cmd(adapters, weights, out, name, dtype, qlora_base, force, no_verify) -> None:
+@click.option("--verify", "verify", type=click.Choice(["modules", "full", "none"]),
+              default="modules", show_default=True,
+              help="modules: each merged weight against PEFT's LoRA layer, streamed; full: "
+                   "also the whole model's logits (holds two models in memory).")
+@click.option("--no-verify", is_flag=True, help="Same as --verify none.")
+def merge_cmd(adapters, weights, out, name, dtype, qlora_base, force, verify, no_verify) -> None:
     """Fold adapters into their base: standalone weights that load without PEFT."""
     from zoo.merge import MergeOptions, merge
 
@@ -146,7 +150,7 @@ def merge_cmd(adapters, weights, out, name, dtype, qlora_base, force, no_verify)
             raise click.BadParameter("comma-separated numbers", param_hint="--weights") from None
     result = merge(MergeOptions(adapters=tuple(adapters), weights=parsed, out=out, name=name,
                                 dtype=dtype, qlora_base=qlora_base, force=force,
-                                verify=not no_verify), log=_log)
+                                verify="none" if no_verify else verify), log=_log)
     _report_merge(result)
 
 
@@ -167,6 +171,6 @@ def _report_merge(result) -> None:
     where = f"registered as {result.entry.name}" if result.entry else "written"
     click.echo(f"{where}: {result.path} ({result.tensors['total_size'] / 1e6:.1f} MB)")
     if result.verification:
-        v = result.verification
-        click.echo(f"verified: max logit difference {v['max_abs_diff']:.3g} "
-                   f"(tolerance {v['tolerance']:.3g}, {v['tokens']} tokens)")
+        from zoo.merge import verification_line
+
+        click.echo(verification_line(result.verification))

@@ -25,6 +25,7 @@ from zoo.core.tables import DTYPES, TOKENIZER_FILES
 from zoo.errors import BaseMismatch, DuplicateEntry, NotSupported, OutputExists
 
 QloraBase = Literal["dequantized", "original"]
+Verify = Literal["modules", "full", "none"]
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -37,7 +38,7 @@ class MergeOptions:
     dtype: str | None = None  # bf16 | fp16 | fp32; default: the base's own
     qlora_base: QloraBase = "dequantized"
     force: bool = False
-    verify: bool = True
+    verify: Verify = "modules"  # streamed, per module; "full": also end-to-end logits
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
 
 
@@ -157,14 +158,22 @@ def _target(options: MergeOptions, registry: Registry, name: str | None = None) 
 
 def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
              log: Callable[[str], None]) -> MergeResult:
+    from zoo.merge.lora import LoraFile
     from zoo.merge.stream import plan_tensors
-    from zoo.merge.tensors import check_written, write_shards
+    from zoo.merge.tensors import TensorSource, check_written, write_shards
+    from zoo.merge.verify import ModuleCheck, real_activations
 
     source_dir = variant_path(registry, plan.base, plan.source_variant)
     original_dir = variant_path(registry, plan.base, ORIGINAL)
     stage = new_stage(plan.target.parent if plan.target else registry.home / "tmp", ".zoo-merge")
     try:
-        planned, scales, plan.untied_lm_head = plan_tensors(source_dir, plan.adapters, plan.dtype)
+        loras = [LoraFile.open(e.name, path, w) for e, path, w in plan.adapters]
+        check = None
+        if options.verify != "none" and loras:
+            log("verifying each merged weight against PEFT's LoRA layer as it is written")
+            check = ModuleCheck(loras, plan.dtype,
+                                real_activations(TensorSource(source_dir), original_dir))
+        planned, scales, plan.untied_lm_head = plan_tensors(source_dir, loras, plan.dtype, check)
         log(f"writing {len(planned)} tensors ({plan.dtype}) from {plan.base.name}"
             f"{'@nf4 (dequantized)' if plan.source_variant == 'nf4' else ''}"
             f" + {len(plan.adapters)} adapter(s)")
@@ -174,12 +183,13 @@ def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
         for name in TOKENIZER_FILES:
             if (original_dir / name).exists():
                 shutil.copyfile(original_dir / name, stage / name)
-        verification = None
-        if options.verify:
-            from zoo.merge.verify import verify_merge
+        verification = check.report() if check else None
+        if options.verify == "full":
+            from zoo.merge.verify import verify_full
 
-            log("verifying: merged model against base + adapters (PEFT, unmerged)")
-            verification = verify_merge(stage, source_dir, original_dir, plan, registry)
+            log("verifying end to end: merged model against base + adapters (PEFT, unmerged)")
+            verification = {"modules": verification,
+                            **verify_full(stage, source_dir, original_dir, plan)}
         _write_card(stage, plan, scales, verification, index)
         result = MergeResult(stage, None, scales, verification,
                              {"total_size": index["metadata"]["total_size"]})
@@ -227,7 +237,16 @@ def _write_card(out: Path, plan: _Plan, scales: dict, verification: dict | None,
                      f"{scales.get(entry.name, '')} |")
     lines += ["", f"Total tensor bytes: {index['metadata']['total_size']}."]
     if verification:
-        lines += ["", f"Verified against the unmerged base + adapters (PEFT): max logit "
-                      f"difference {verification['max_abs_diff']:.3g} over "
-                      f"{verification['tokens']} tokens (tolerance {verification['tolerance']:.3g})."]
+        lines += ["", verification_line(verification) + "."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def verification_line(v: dict) -> str:
+    """One sentence on what a merge's verification found."""
+    if v.get("mode") == "full":
+        return (f"verified end to end against base + adapters (PEFT): max logit difference "
+                f"{v['max_abs_diff']:.3g} over {v['tokens']} tokens (tolerance "
+                f"{v['tolerance']:.3g})")
+    return (f"verified {v['modules']} merged weights against PEFT's LoRA layer: worst "
+            f"{v['worst_vs_float32_bound']:.2g}x the float32 bound, "
+            f"{v['worst_vs_rounding_bound']:.2g}x the output dtype's rounding bound")

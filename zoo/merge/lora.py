@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -35,11 +36,12 @@ class LoraFile:
     config: dict
     tensors: TensorFile
     weight: float = 1.0
+    path: Path | None = None
 
     @classmethod
     def open(cls, name: str, path: Path, weight: float = 1.0) -> LoraFile:
         config = json.loads((path / PEFT_CONFIG).read_text())
-        return cls(name, config, TensorFile(path / PEFT_WEIGHTS), weight)
+        return cls(name, config, TensorFile(path / PEFT_WEIGHTS), weight, path)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -47,6 +49,10 @@ class LoraFile:
 
     def modules(self) -> dict[str, dict[str, str]]:
         """``{module path: {role: tensor name}}`` for every LoRA module in the file."""
+        return self._modules
+
+    @cached_property
+    def _modules(self) -> dict[str, dict[str, str]]:
         found: dict[str, dict[str, str]] = {}
         for key in self.tensors.names():
             inner = key.removeprefix(PEFT_PREFIX)
@@ -54,6 +60,12 @@ class LoraFile:
                 if inner.endswith(suffix):
                     found.setdefault(inner[: -len(suffix)], {})[role] = key
         return found
+
+    def has(self, module: str) -> bool:
+        return module in self.modules()
+
+    def is_embedding(self, module: str) -> bool:
+        return "embA" in self.modules().get(module, {})
 
     def saved_modules(self) -> dict[str, str]:
         """Whole tensors saved by ``modules_to_save``: ``{base tensor name: adapter tensor}``."""

@@ -20,12 +20,12 @@ from zoo.merge.tensors import PlannedTensor, TensorSource
 TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
 
-def plan_tensors(source_dir: Path, adapters, dtype: str
+def plan_tensors(source_dir: Path, loras: list[LoraFile], dtype: str, check=None
                  ) -> tuple[list[PlannedTensor], dict[str, float], bool]:
-    """``(planned tensors, scale per adapter, whether lm_head was untied)``."""
+    """``(planned tensors, scale per adapter, whether lm_head was untied)``; ``check`` is
+    called with each merged weight as it is made (``verify.ModuleCheck``)."""
     source = TensorSource(source_dir)
     out_dtype = getattr(torch, dtype)
-    loras = [LoraFile.open(entry.name, path, weight) for entry, path, weight in adapters]
     targets: dict[str, list[tuple[LoraFile, dict]]] = {}
     saved: dict[str, tuple[LoraFile, str]] = {}
     for lora in loras:
@@ -72,7 +72,8 @@ def plan_tensors(source_dir: Path, adapters, dtype: str
         copied = False
         if name.endswith(".weight") and module in targets:
             covered.add(module)
-            make = _folding(name, module, targets[module], base_value, out_dtype, shape_of(name))
+            make = _folding(name, module, targets[module], base_value, out_dtype, shape_of(name),
+                            check)
         elif name in saved:
             lora, key = saved[name]
             make = _saved(lora, key, out_dtype, shape_of(name))
@@ -102,9 +103,11 @@ def _check_shapes(name: str, shape: tuple[int, ...], contributions) -> None:
             raise ShapeMismatch(roles["B"], (out_f, b[1]), b, f"base of {lora.name}")
 
 
-def _folding(name, module, contributions, base_value, out_dtype, shape):
+def _folding(name, module, contributions, base_value, out_dtype, shape, check):
     def make() -> torch.Tensor:
         weight = base_value(name)
+        # fold() adds in place to a float32 weight: the check needs the base as it was
+        base = weight.clone() if check and weight.dtype == torch.float32 else weight
         first = contributions[0][0]
         deltas = (lora.delta(module, roles) for lora, roles in contributions)  # one at a time
         magnitude = None
@@ -114,7 +117,10 @@ def _folding(name, module, contributions, base_value, out_dtype, shape):
                       magnitude)
         if tuple(merged.shape) != shape:
             raise ShapeMismatch(name, shape, tuple(merged.shape), "merge")
-        return merged.to(out_dtype)
+        written = merged.to(out_dtype)
+        if check is not None:
+            check(module, base, merged, written)
+        return written
     return make
 
 

@@ -82,6 +82,9 @@ class TensorSource:
     def raw(self, name: str) -> bytes:
         return self._where[name].raw(name)
 
+    def path_of(self, name: str) -> Path:
+        return self._where[name].path
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 

@@ -1,25 +1,252 @@
-"""Check a merged model against the unmerged base + adapters, run by PEFT itself.
+"""Checks that a merge wrote what PEFT computes, module by module or end to end.
 
-Both run in float32 on the same token ids; the largest logit difference must
-stay within what rounding the merged weights to the output dtype explains (bf16's
-rounding for an NF4 reference: bitsandbytes' 4-bit GEMM computes through bf16).
+**Module check** (the default, streamed): every merged weight is checked
+while it is written, against PEFT's own LoRA layer on that module (built by
+``inject_adapter_in_model`` from each adapter's config, so PEFT decides the
+rank, alpha, rsLoRA and DoRA of the module, and the adapter's A, B and
+magnitude read by their PEFT names with safetensors' own reader). Both sides
+run in float64 on random, outlier-heavy and, where the width fits, real
+activations (token embeddings of a few prompts), in row blocks, so memory is
+a few blocks whatever the model's size. Two bounds, each derived from
+rounding, not tuned:
+
+- the merged weight in float32 must give PEFT's output to within the
+  float32 rounding of W + sum(w·s·B·A): ``(k + 2) · u32 · |x| · M`` per output
+  (M = |W| + sum |w·s|·|B|·|A|; k adapters), so a wrong scale, transpose or
+  module fails in any output dtype;
+- the weight as written must give it to within that plus the output dtype's
+  rounding of each weight: ``u_dtype · |x| · |W'|``, so no valid adapter is
+  refused in bf16 or fp16.
+
+**Full check** (``--verify full``, on request): the merged model's logits
+against the base + adapters run by PEFT, both whole in memory; the tolerance
+is four times what rounding the base's own weights to the output dtype moves
+its logits, measured on the same tokens.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
+import torch
+
 from zoo.errors import VerificationFailed
+from zoo.models.adapters import PEFT_PREFIX, PEFT_WEIGHTS
 from zoo.models.nf4 import load_nf4
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, a fox")
-# Relative to the largest reference logit: what rounding W' to the dtype can move.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 2e-3}
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+BLOCK_BYTES = 16 * 1024**2  # float64 bytes of one row block of a weight
+RANDOM_ROWS = 16
 
+
+class ModuleCheck:
+    """Checks each merged weight as the merge makes it; keeps the worst numbers."""
+
+    def __init__(self, loras, dtype: str, real_activations: dict[int, torch.Tensor] | None = None):
+        self.loras = loras  # zoo.merge.lora.LoraFile, with .path
+        self.unit = UNIT_ROUNDOFF[dtype]
+        self.real = real_activations or {}
+        self.modules = 0
+        self.worst = {"float32": 0.0, "written": 0.0, "max_abs_diff": 0.0}
+        self.rows = 0
+
+    def __call__(self, module: str, base: torch.Tensor, merged: torch.Tensor,
+                 written: torch.Tensor) -> None:
+        """``base``, ``merged`` (float32) and ``written`` in the stored layout ([out, in];
+        [in, out] for fan_in_fan_out; [num, dim] for an embedding)."""
+        contributions = [(i, lora) for i, lora in enumerate(self.loras) if lora.has(module)]
+        embedding = contributions[0][1].is_embedding(module)
+        transposed = not embedding and contributions[0][1].fan_in_fan_out
+        rows_view = (lambda t: t.T) if transposed else (lambda t: t)
+        w, m, out = rows_view(base), rows_view(merged), rows_view(written)
+        x = None if embedding else self._activations(w.shape[1])
+        block = max(1, BLOCK_BYTES // (8 * w.shape[1]))
+        for start in range(0, w.shape[0], block):
+            rows = slice(start, min(start + block, w.shape[0]))
+            self._check_block(module, contributions, w[rows], m[rows], out[rows], rows, x,
+                              embedding, transposed)
+        self.modules += 1
+
+    @torch.no_grad()
+    def _check_block(self, module, contributions, w, merged, written, rows, x, embedding,
+                     transposed) -> None:
+        layer = _peft_layer(module, w, contributions, rows, embedding, transposed)
+        if embedding:  # the rows are the table's: look up every one of them
+            ids = torch.arange(w.shape[0])
+            want = layer(ids)
+            got32, got = merged.double(), written.double()
+            bound = _bound_embedding(layer, w, contributions, self.unit, merged)
+        else:
+            want = layer(x)
+            got32 = x @ merged.double().T
+            got = x @ written.double().T
+            bound = _bound_linear(layer, x, w, contributions, merged, self.unit)
+        exact_bound, written_bound = bound
+        e32 = (got32 - want).abs()
+        ew = (got - want).abs()
+        r32 = float((e32 / exact_bound).max())
+        rw = float((ew / written_bound).max())
+        self.worst["float32"] = max(self.worst["float32"], r32)
+        self.worst["written"] = max(self.worst["written"], rw)
+        self.worst["max_abs_diff"] = max(self.worst["max_abs_diff"], float(ew.max()))
+        self.rows += int(want.shape[0])
+        if not (r32 <= 1.0 and rw <= 1.0):
+            which = "the merged float32 weight" if not r32 <= 1.0 else "the written weight"
+            raise VerificationFailed(
+                f"{module}: {which} differs from PEFT's LoRA layer by {max(r32, rw):.3g}x "
+                f"the rounding bound (rows {rows.start}-{rows.stop})")
+
+    def _activations(self, width: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        gaussian = torch.randn(RANDOM_ROWS, width, generator=generator, dtype=torch.float64)
+        outliers = torch.randn(4, width, generator=generator, dtype=torch.float64)
+        channels = torch.randint(0, width, (max(1, width // 64),), generator=generator)
+        outliers[:, channels] *= 30.0  # the few huge channels of real LLM activations
+        parts = [gaussian, outliers]
+        if width in self.real:
+            parts.append(self.real[width].double())
+        return torch.cat(parts)
+
+    def report(self) -> dict:
+        return {"mode": "modules", "modules": self.modules, "rows": self.rows,
+                "worst_vs_float32_bound": self.worst["float32"],
+                "worst_vs_rounding_bound": self.worst["written"],
+                "max_abs_diff": self.worst["max_abs_diff"],
+                "real_activations": sorted(self.real)}
+
+
+def _bound_linear(layer, x, w, contributions, merged, unit):
+    """Per output: what float32 rounding of W + deltas, and then the output dtype's rounding
+    of each weight, can move ``x @ W'.T``."""
+    magnitude = w.double().abs()
+    for i, _lora in contributions:
+        name = f"a{i}"
+        a, b = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
+        magnitude = magnitude + abs(layer.scaling[name]) * (b.abs() @ a.abs())
+    factor = len(contributions) + 2
+    dora = getattr(layer, "lora_magnitude_vector", None)
+    if dora is not None and len(dora):  # rows rescaled to m / ||W + s·B·A||
+        scale = (merged.double().norm(dim=1) / (w.double() + _delta(layer, contributions))
+                 .norm(dim=1)).abs()
+        magnitude = magnitude * scale.view(-1, 1)
+        factor += 4 + 2 * math.sqrt(w.shape[1])
+    ax = x.abs()
+    exact = factor * 2.0**-24 * (ax @ magnitude.T) + 1e-300
+    return exact, exact + unit * (ax @ merged.double().abs().T)
+
+
+def _bound_embedding(layer, w, contributions, unit, merged):
+    magnitude = w.double().abs()
+    for i, _lora in contributions:
+        name = f"a{i}"
+        a = layer.lora_embedding_A[name].double()  # [r, rows]
+        b = layer.lora_embedding_B[name].double()  # [dim, r]
+        magnitude = magnitude + abs(layer.scaling[name]) * (b.abs() @ a.abs()).T
+    exact = (len(contributions) + 2) * 2.0**-24 * magnitude + 1e-300
+    return exact, exact + unit * merged.double().abs()
+
+
+def _delta(layer, contributions) -> torch.Tensor:
+    total = 0
+    for i, _lora in contributions:
+        name = f"a{i}"
+        total = total + layer.scaling[name] * (layer.lora_B[name].weight.double()
+                                               @ layer.lora_A[name].weight.double())
+    return total
+
+
+def _peft_layer(module: str, w: torch.Tensor, contributions, rows: slice, embedding: bool,
+                transposed: bool):
+    """PEFT's LoRA layer for these rows of ``module``, with every contributing adapter active
+    at its user weight, in float64."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors import safe_open
+    from torch import nn
+
+    if embedding:
+        base = nn.Embedding(w.shape[0], w.shape[1], device="meta")
+    elif transposed:
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(w.shape[0], w.shape[1])
+    else:
+        base = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    base.weight = nn.Parameter(w.T.double() if transposed else w.double(), requires_grad=False)
+    root = nn.Module()
+    parent = root
+    parts = module.split(".")
+    for part in parts[:-1]:
+        child = nn.Module()
+        parent.add_module(part, child)
+        parent = child
+    parent.add_module(parts[-1], base)
+    names = []
+    for i, lora in contributions:
+        config = LoraConfig.from_pretrained(str(lora.path))  # PEFT's reading of the config
+        config.target_modules = {module}
+        config.exclude_modules = None
+        config.layers_to_transform = None
+        config.modules_to_save = None
+        config.inference_mode = True
+        with warnings.catch_warnings():  # patterns for other modules do not match this one
+            warnings.simplefilter("ignore")
+            inject_adapter_in_model(config, root, adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    layer = root.get_submodule(module).double()
+    for (_i, lora), name in zip(contributions, names, strict=True):
+        key = PEFT_PREFIX + module
+        with safe_open(str(lora.path / PEFT_WEIGHTS), framework="pt") as f:
+            if embedding:
+                layer.lora_embedding_A[name].data = f.get_tensor(
+                    f"{key}.lora_embedding_A").double()[:, rows]
+                layer.lora_embedding_B[name].data = f.get_tensor(f"{key}.lora_embedding_B").double()
+            else:
+                layer.lora_A[name].weight.data = f.get_tensor(f"{key}.lora_A.weight").double()
+                layer.lora_B[name].weight.data = f.get_tensor(
+                    f"{key}.lora_B.weight").double()[rows]
+                if name in getattr(layer, "lora_magnitude_vector", {}):
+                    layer.lora_magnitude_vector[name].weight.data = f.get_tensor(
+                        f"{key}.lora_magnitude_vector").double()[rows]
+        layer.scaling[name] *= lora.weight
+    layer.set_adapter(names)
+    return layer.eval()
+
+
+def real_activations(source, original_dir: Path) -> dict[int, torch.Tensor]:
+    """``{width: rows}``: the prompts' token embeddings, RMS-normalized as a layer's
+    input norm would, for modules as wide as the embedding. Read row by row."""
+    from safetensors import safe_open
+
+    from zoo.catalog.loading import load_tokenizer
+
+    name = next((n for n in ("model.embed_tokens.weight", "transformer.wte.weight")
+                 if n in source), None)
+    if name is None:
+        return {}
+    try:
+        tokenizer = load_tokenizer(original_dir)
+    except (OSError, ValueError, TypeError):
+        return {}
+    ids = sorted({int(t) for p in PROMPTS for t in tokenizer(p)["input_ids"]})
+    path = source.path_of(name)
+    with safe_open(str(path), framework="pt") as f:
+        table = f.get_slice(name)
+        vocab = table.get_shape()[0]
+        found = [table[i:i + 1].float() for i in ids if i < vocab]
+    if not found:
+        return {}
+    rows = torch.cat(found)
+    rows = rows / rows.pow(2).mean(dim=1, keepdim=True).add(1e-6).sqrt()
+    return {rows.shape[1]: rows}
+
+
+# -- end to end, on request ------------------------------------------------------------
 
 def reference_model(source_dir: Path, adapters, nf4: bool):
     """The base (NF4 computed in float32, or 16-bit upcast) with the adapters active."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -58,8 +285,6 @@ def reference_model(source_dir: Path, adapters, nf4: bool):
 def _inputs(original_dir: Path, vocab_size: int):
     """Token ids to compare on: the prompts through the base's tokenizer, and a fixed
     random sequence (all that is left for a model saved without a tokenizer)."""
-    import torch
-
     from zoo.catalog.loading import load_tokenizer
 
     batches = []
@@ -74,28 +299,46 @@ def _inputs(original_dir: Path, vocab_size: int):
     return batches
 
 
-def verify_merge(merged_dir: Path, source_dir: Path, original_dir: Path, plan, registry) -> dict:
-    import torch
+def verify_full(merged_dir: Path, source_dir: Path, original_dir: Path, plan) -> dict:
+    """Logits of the merged model against PEFT's unmerged base + adapters."""
     from transformers import AutoModelForCausalLM
 
     reference = reference_model(source_dir, plan.adapters, plan.source_variant == "nf4")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    worst, scale, tokens = 0.0, 0.0, 0
+    batches = _inputs(original_dir, merged.config.vocab_size)
+    worst, scale, tokens, wanted = 0.0, 0.0, 0, []
     with torch.no_grad():
-        for ids in _inputs(original_dir, merged.config.vocab_size):
+        for ids in batches:
             want = reference(input_ids=ids).logits.float()
             got = merged(input_ids=ids).logits.float()
             worst = max(worst, float((want - got).abs().max()))
             scale = max(scale, float(want.abs().max()))
             tokens += ids.shape[1]
-    # bitsandbytes' 4-bit GEMM (inference and training alike) rounds through bf16,
-    # so a reference on the NF4 base is only as exact as bf16, whatever we write.
-    precision = "bfloat16" if plan.source_variant == "nf4" else plan.dtype
-    tolerance = max(TOLERANCE[plan.dtype], TOLERANCE[precision]) * max(scale, 1.0)
-    result = {"max_abs_diff": worst, "tolerance": tolerance, "max_abs_logit": scale,
-              "tokens": tokens}
+            wanted.append(want)
+        del merged
+        noise = _rounding_noise(reference, batches, wanted, plan, scale)
+    tolerance = 4 * noise + 1e-4 * max(scale, 1.0)
+    result = {"mode": "full", "max_abs_diff": worst, "tolerance": tolerance,
+              "rounding_noise": noise, "max_abs_logit": scale, "tokens": tokens}
     if not worst <= tolerance:
         raise VerificationFailed(
             f"merged logits differ from base + adapters by {worst:.4g} (tolerance "
-            f"{tolerance:.4g} for {plan.dtype})")
+            f"{tolerance:.4g}: 4x what rounding PEFT's own merge to {plan.dtype} moves them)")
     return result
+
+
+def _rounding_noise(reference, batches, want, plan, scale: float) -> float:
+    """How far a correct merge written in the output dtype moves the logits: PEFT's own
+    ``merge_and_unload`` of the reference, in float32, rounded to the dtype, run on the same
+    tokens. (An NF4 reference computes through bf16 in bitsandbytes: its noise is bf16's.)"""
+    if plan.source_variant == "nf4":
+        return 2.5e-3 * max(scale, 1.0)
+    dtype = getattr(torch, plan.dtype)
+    if dtype == torch.float32:
+        return 0.0
+    model = reference.merge_and_unload() if hasattr(reference, "merge_and_unload") else reference
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype).float()
+    return max(float((model(input_ids=ids).logits.float() - w).abs().max())
+               for ids, w in zip(batches, want, strict=True))
