@@ -1,12 +1,14 @@
-"""zoo merge against PEFT's merge_and_unload + save_pretrained and a plain copy.
+"""zoo merge (verified, the default; and unverified) against PEFT's merge_and_unload +
+save_pretrained and a plain copy.
 
-Run: .venv/bin/python bench/merge.py [--skip-large]
+Run: .venv/bin/python bench/merge.py [--skip-large] [--skip-7b]
 
-Same base and adapter for all three, each in a fresh process (so the peak
+Same base and adapter for every contender, each in a fresh process (so the peak
 resident memory is its own), the base files read once beforehand so all read
 from the page cache. The plain copy of the base files is the I/O floor.
-Bases: the embedded SmolLM2-135M, and a synthetic bf16 Llama of about 1.5 B
-parameters written by this script (random weights; nothing is downloaded).
+Bases: the embedded SmolLM2-135M, and synthetic bf16 Llamas of about 1.5 B and
+6.7 B parameters (7B-shaped) written by this script (random weights; nothing is
+downloaded). PEFT is not run on the 7B-shaped model: it holds the whole model.
 """
 
 from __future__ import annotations
@@ -22,14 +24,26 @@ from pathlib import Path
 from common import BASE, bench_home, save, table, write_random_lora
 
 LARGE = "synthetic-llama-1.5b"
-LARGE_CONFIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=26,
-                    num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)
+HUGE = "synthetic-llama-7b"
+CONFIGS = {
+    LARGE: dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=26,
+                num_attention_heads=16, num_key_value_heads=16, vocab_size=32000),
+    HUGE: dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+}
+MODES = {"copy": "plain copy (I/O floor)", "zoo": "zoo merge, verified (default)",
+         "zoo-none": "zoo merge --verify none", "peft": "PEFT merge_and_unload + save_pretrained"}
 
 
 def child(mode: str, base_dir: Path, adapter: str, adapter_dir: Path, out: Path,
           home: Path) -> None:
     start = time.perf_counter()
     if mode == "zoo":
+        from zoo.catalog.registry import Registry
+        from zoo.merge import MergeOptions, merge
+
+        merge(MergeOptions(adapters=(adapter,), out=out), Registry(home))
+    elif mode == "zoo-none":
         from zoo.catalog.registry import Registry
         from zoo.merge import MergeOptions, merge
 
@@ -52,14 +66,14 @@ def child(mode: str, base_dir: Path, adapter: str, adapter_dir: Path, out: Path,
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_bytes() / 1e6}))
 
 
-def write_large_base(out: Path) -> None:
-    """A bf16 Llama checkpoint written tensor by tensor (random weights, ~3 GB)."""
+def write_large_base(out: Path, name: str) -> None:
+    """A bf16 Llama checkpoint written tensor by tensor (random weights)."""
     import torch
     from transformers import LlamaConfig
 
     from zoo.merge.tensors import PlannedTensor, write_shards
 
-    c = LlamaConfig(**LARGE_CONFIG, tie_word_embeddings=False)
+    c = LlamaConfig(**CONFIGS[name], tie_word_embeddings=False)
     d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     shapes = {"model.embed_tokens.weight": (v, d), "lm_head.weight": (v, d),
               "model.norm.weight": (d,)}
@@ -84,14 +98,14 @@ def write_large_base(out: Path) -> None:
 
 
 def measure(name: str, base_dir: Path, adapter: str, adapter_dir: Path, home: Path,
-            scratch: Path) -> list[dict]:
+            scratch: Path, modes) -> list[dict]:
     for f in base_dir.glob("*.safetensors"):  # warm the page cache for every contender
         with open(f, "rb") as fh:
             while fh.read(1 << 24):
                 pass
     rows = []
-    for mode, label in (("copy", "plain copy (I/O floor)"), ("zoo", "zoo merge (streamed)"),
-                        ("peft", "PEFT merge_and_unload + save_pretrained")):
+    for mode in modes:
+        label = MODES[mode]
         out = scratch / f"{name}-{mode}"
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
@@ -105,10 +119,12 @@ def measure(name: str, base_dir: Path, adapter: str, adapter_dir: Path, home: Pa
                      "process_s": time.perf_counter() - started,
                      "peak_rss_mb": result["peak_rss_mb"]})
         shutil.rmtree(out, ignore_errors=True)
-    copy_row, peft_row = rows[0], rows[2]
+    copy_row = rows[0]
+    peft_row = next((r for r in rows if r["method"] == MODES["peft"]), None)
     for row in rows:
-        row["time vs peft"] = row["work_s"] / peft_row["work_s"]
-        row["memory vs peft"] = row["peak_rss_mb"] / peft_row["peak_rss_mb"]
+        if peft_row:
+            row["time vs peft"] = row["work_s"] / peft_row["work_s"]
+            row["memory vs peft"] = row["peak_rss_mb"] / peft_row["peak_rss_mb"]
         row["time vs copy"] = row["work_s"] / copy_row["work_s"]
     return rows
 
@@ -119,6 +135,7 @@ def main() -> None:
         return child(mode, Path(base_dir), adapter, Path(adapter_dir), Path(out), Path(home))
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-7b", action="store_true")
     args = parser.parse_args()
 
     from zoo.catalog.registry import Registry
@@ -129,13 +146,15 @@ def main() -> None:
     scratch = home / "bench-merge"
     scratch.mkdir(exist_ok=True)
     rows = []
-    cases = [(BASE, 8)] + ([] if args.skip_large else [(LARGE, 16)])
-    for base, rank in cases:
+    everything = ("copy", "zoo", "zoo-none", "peft")
+    cases = [(BASE, 8, everything)] + ([] if args.skip_large else [(LARGE, 16, everything)]) \
+        + ([] if args.skip_7b else [(HUGE, 16, ("copy", "zoo"))])
+    for base, rank, modes in cases:
         catalog = registry.load()
         if base not in catalog.entries:
-            print(f"writing {LARGE} on disk (about 3 GB)", file=sys.stderr)
+            print(f"writing {base} on disk", file=sys.stderr)
             shutil.rmtree(scratch / base, ignore_errors=True)
-            write_large_base(scratch / base)
+            write_large_base(scratch / base, base)
             add(scratch / base, base, registry=registry)
             shutil.rmtree(scratch / base)
         base_dir = home / registry.load().base(base).path
@@ -145,7 +164,7 @@ def main() -> None:
                                      targets=("q_proj", "v_proj"))
             add(lora, adapter, base, registry=registry)
         adapter_dir = home / registry.load().adapter(adapter).path
-        rows += measure(base, base_dir, adapter, adapter_dir, home, scratch)
+        rows += measure(base, base_dir, adapter, adapter_dir, home, scratch, modes)
     print("\nmerging one LoRA (q_proj, v_proj) into a bf16 base; wall time of the work and "
           "peak resident memory of each process")
     print(table(rows, ["base", "method", "work_s", "time vs peft", "time vs copy",

@@ -1,4 +1,5 @@
-"""Model commands: train, generate, quantize, merge, dequantize."""
+"""Model commands: train, generate, quantize, merge, dequantize; adapter algebra: compress,
+extract, similarity (and merge --to-adapter)."""
 
 from __future__ import annotations
 
@@ -138,20 +139,115 @@ def eval_cmd(name: str, variant: str | None, data: Path | None, as_json: bool) -
               help="modules: each merged weight against PEFT's LoRA layer, streamed; full: "
                    "also the whole model's logits (holds two models in memory).")
 @click.option("--no-verify", is_flag=True, help="Same as --verify none.")
-def merge_cmd(adapters, weights, out, name, dtype, qlora_base, force, verify, no_verify) -> None:
-    """Fold adapters into their base: standalone weights that load without PEFT."""
+@click.option("--to-adapter", default=None, metavar="NAME",
+              help="Combine the adapters into one LoRA adapter NAME instead of a full model.")
+@click.option("--method", type=click.Choice(["linear", "svd", "ties", "dare_linear"]),
+              default="linear", show_default=True, help="How --to-adapter combines.")
+@click.option("--rank", type=int, default=None,
+              help="Rank of --to-adapter's result (linear: sum of ranks, exact; others: the "
+                   "largest rank).")
+@click.option("--density", type=float, default=0.5, show_default=True,
+              help="Share of each update ties / dare_linear keep.")
+@click.option("--seed", type=int, default=0, show_default=True, help="dare_linear's drops.")
+def merge_cmd(adapters, weights, out, name, dtype, qlora_base, force, verify, no_verify,
+              to_adapter, method, rank, density, seed) -> None:
+    """Fold adapters into their base (standalone weights that load without PEFT), or
+    combine them into one adapter with --to-adapter."""
+    parsed = _weights(weights)
+    if to_adapter is not None:
+        from zoo.merge.algebra import CombineOptions, combine
+
+        if out or name or dtype or force:
+            raise click.UsageError("--to-adapter registers an adapter: --out, --name, --dtype "
+                                   "and --force apply to full-model merges")
+        _report_algebra(combine(CombineOptions(
+            adapters=tuple(adapters), name=to_adapter, weights=parsed, method=method, rank=rank,
+            density=density, seed=seed), log=_log))
+        return
     from zoo.merge import MergeOptions, merge
 
-    parsed = None
-    if weights:
-        try:
-            parsed = tuple(float(w) for w in weights.split(","))
-        except ValueError:
-            raise click.BadParameter("comma-separated numbers", param_hint="--weights") from None
     result = merge(MergeOptions(adapters=tuple(adapters), weights=parsed, out=out, name=name,
                                 dtype=dtype, qlora_base=qlora_base, force=force,
                                 verify="none" if no_verify else verify), log=_log)
     _report_merge(result)
+
+
+def _weights(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise click.BadParameter("comma-separated numbers", param_hint="--weights") from None
+
+
+@cli.command("compress")
+@click.argument("name")
+@click.option("--rank", type=int, required=True, help="Rank of the result.")
+@click.option("--name", "new_name", default=None, help="Registry name (default NAME-rR).")
+def compress_cmd(name, rank, new_name) -> None:
+    """The best rank-R approximation of an adapter (a DoRA adapter becomes a plain LoRA)."""
+    from zoo.merge.algebra import compress
+
+    _report_algebra(compress(name, rank, new_name, log=_log))
+
+
+@cli.command("extract")
+@click.option("--model", required=True,
+              help="Fine-tuned or merged model: a registered name or a directory.")
+@click.option("--base", required=True, help="The registered base it was tuned from.")
+@click.option("--rank", type=int, required=True)
+@click.option("--name", required=True, help="Registry name of the new adapter.")
+def extract_cmd(model, base, rank, name) -> None:
+    """A LoRA adapter from a full fine-tune and its base (weight differences at rank R)."""
+    from zoo.merge.algebra import extract
+
+    _report_algebra(extract(model, base, rank, name, log=_log))
+
+
+@cli.command("similarity")
+@click.argument("first")
+@click.argument("second")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Heatmap PNG (default similarity-FIRST-SECOND.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def similarity_cmd(first, second, plot, as_json) -> None:
+    """Subspace similarity of two adapters' updates per module (LoRA paper's phi)."""
+    import json
+
+    from zoo.merge.algebra import similarity, similarity_plot, similarity_rows
+
+    result = similarity(first, second)
+    rows = similarity_rows(result)
+    plot = plot or Path(f"similarity-{first}-{second}.png".replace("/", "_"))
+    similarity_plot(result, plot)
+    if as_json:
+        click.echo(json.dumps({"ranks": list(result.ranks), "modules": rows, "plot": str(plot)},
+                              indent=2))
+        return
+    columns = list(rows[0])
+    width = max(len(r["module"]) for r in rows)
+    click.echo("  ".join([columns[0].ljust(width), *columns[1:]]))
+    for row in rows:
+        click.echo("  ".join([row["module"].ljust(width),
+                              *(f"{row[c]:.3f}".ljust(len(c)) for c in columns[1:])]))
+    mean = result.mean()
+    click.echo(f"mean phi(1,1) {float(mean[0, 0]):.3f}, phi({result.ranks[0]},{result.ranks[1]}) "
+               f"{float(mean[-1, -1]):.3f}; heatmap: {plot}")
+
+
+def _report_algebra(result) -> None:
+    entry = result.entry
+    serving = "servable by vLLM" if entry.servable else f"not servable: {entry.servable_reason}"
+    click.echo(f"registered {entry.name}: LoRA rank {result.rank} on {result.modules} modules, "
+               f"{serving}")
+    worst = f" (worst module {result.worst_module[0]}: {100 * result.worst_module[1]:.1f}%)" \
+        if result.worst_module and result.worst_module[1] < 0.9999 else ""
+    click.echo(f"energy kept: {100 * result.energy_kept:.2f}%{worst}")
+    if result.logits:
+        v = result.logits
+        click.echo(f"logit change: max {v['max_abs_diff']:.3g} (largest logit "
+                   f"{v['max_abs_logit']:.3g}) over {v['tokens']} tokens")
 
 
 @cli.command("dequantize")

@@ -78,17 +78,29 @@ class LoraFile:
                 saved[inner.replace(".modules_to_save.default", "")] = key
         return saved
 
+    def rank(self, module: str) -> int:
+        return int(match_pattern(self.config.get("rank_pattern") or {}, module)
+                   or self.config["r"])
+
     def scale(self, module: str) -> float:
-        rank = match_pattern(self.config.get("rank_pattern") or {}, module) or int(self.config["r"])
+        rank = self.rank(module)
         alpha = match_pattern(self.config.get("alpha_pattern") or {}, module)
         if alpha is None:
             alpha = self.config.get("lora_alpha", rank)
         return lora_scale(int(rank), float(alpha), bool(self.config.get("use_rslora", False)))
 
-    def delta(self, module: str, roles: dict[str, str]) -> torch.Tensor:
-        """This adapter's weighted update of ``module`` in float32, shaped [out, in]
+    def factors(self, module: str, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s·B, A)`` of a linear module in float32 (times the user's weight if
+        ``weighted``): their product is the update, [out, in]."""
+        roles = self.modules()[module]
+        factor = self.scale(module) * (self.weight if weighted else 1.0)
+        return (self.tensors.get(roles["B"]).float().mul_(factor),
+                self.tensors.get(roles["A"]).float())
+
+    def delta(self, module: str, roles: dict[str, str], weighted: bool = True) -> torch.Tensor:
+        """This adapter's (weighted) update of ``module`` in float32, shaped [out, in]
         ([num, dim] for an embedding)."""
-        factor = self.weight * self.scale(module)
+        factor = self.scale(module) * (self.weight if weighted else 1.0)
         if "embA" in roles:  # embeddings: B [dim, r] @ A [r, num], transposed to [num, dim]
             a, b = self.tensors.get(roles["embA"]).float(), self.tensors.get(roles["embB"]).float()
             return (b @ a).mul_(factor).T
