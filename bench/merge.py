@@ -1,7 +1,7 @@
 """zoo merge (verified, the default; and unverified) against PEFT's merge_and_unload +
 save_pretrained and a plain copy.
 
-Run: .venv/bin/python bench/merge.py [--skip-large] [--skip-7b]
+Run: .venv/bin/python bench/merge.py [--skip-large] [--skip-7b] [--section merge|algebra]
 
 Same base and adapter for every contender, each in a fresh process (so the peak
 resident memory is its own), the base files read once beforehand so all read
@@ -9,6 +9,12 @@ from the page cache. The plain copy of the base files is the I/O floor.
 Bases: the embedded SmolLM2-135M, and synthetic bf16 Llamas of about 1.5 B and
 6.7 B parameters (7B-shaped) written by this script (random weights; nothing is
 downloaded). PEFT is not run on the 7B-shaped model: it holds the whole model.
+
+The algebra section, on SmolLM2 with random rank-8 q/v adapters (the serving
+benchmark's catalog) and a random rank-16 adapter on all seven projections:
+``merge --to-adapter`` of 2, 8 and 32 adapters (exact rank and truncated),
+``compress`` and ``extract`` at several ranks: time, energy kept, and the largest
+logit change against PEFT running the inputs unmerged (the full merge's logits).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BASE, bench_home, save, table, write_random_lora
+from common import BASE, RESULTS, bench_home, save, table, write_random_lora
 
 LARGE = "synthetic-llama-1.5b"
 HUGE = "synthetic-llama-7b"
@@ -136,8 +142,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--skip-7b", action="store_true")
+    parser.add_argument("--section", choices=["merge", "algebra", "all"], default="all")
     args = parser.parse_args()
+    results = RESULTS / "merge.json"
+    saved = json.loads(results.read_text()) if results.exists() else {}
+    saved = {k: v for k, v in saved.items() if k in ("rows", "algebra", "commands")}
+    saved.setdefault("commands", {})
+    if args.section in ("merge", "all"):
+        saved["rows"] = merge_section(args)
+        saved["commands"]["merge"] = " ".join(sys.argv)
+    if args.section in ("algebra", "all"):
+        saved["algebra"] = algebra_section()
+        saved["commands"]["algebra"] = " ".join(sys.argv)
+    save("merge", saved)
 
+
+def merge_section(args) -> list[dict]:
     from zoo.catalog.registry import Registry
     from zoo.catalog.store import add
 
@@ -169,7 +189,77 @@ def main() -> None:
           "peak resident memory of each process")
     print(table(rows, ["base", "method", "work_s", "time vs peft", "time vs copy",
                        "peak_rss_mb", "memory vs peft"]))
-    save("merge", {"command": " ".join(sys.argv), "rows": rows})
+    return rows
+
+
+def algebra_section() -> list[dict]:
+    from zoo.catalog.registry import Registry
+    from zoo.catalog.store import add, remove
+    from zoo.merge import MergeOptions, merge
+    from zoo.merge.algebra import CombineOptions, combine, compress, extract
+
+    home = bench_home()
+    registry = Registry(home)
+    catalog = registry.load()
+    pool = sorted(n for n in catalog.entries if n.startswith("cat/"))[:32]
+    if len(pool) < 32:  # the serving benchmark's catalog; make what is missing
+        base_dir = home / catalog.base(BASE).path
+        for i in range(len(pool), 32):
+            path = write_random_lora(home / "bench-merge" / "pool" / str(i), base_dir, rank=8,
+                                     seed=1000 + i, targets=("q_proj", "v_proj"))
+            add(path, f"cat/p{i:04d}", BASE, registry=registry)
+        pool = sorted(n for n in registry.load().entries if n.startswith("cat/"))[:32]
+    wide = "bench/algebra-all7"
+    if wide not in registry.load().entries:
+        base_dir = home / catalog.base(BASE).path
+        add(write_random_lora(home / "bench-merge" / "all7", base_dir, rank=16, seed=5),
+            wide, BASE, registry=registry)
+
+    def fresh(name: str) -> str:
+        if name in registry.load().entries:
+            remove(name, registry=registry)
+        return name
+
+    rows = []
+
+    def record(operation: str, inputs: str, started: float, result) -> None:
+        rows.append({"operation": operation, "inputs": inputs, "rank": result.rank,
+                     "seconds": time.perf_counter() - started,
+                     "energy kept": result.energy_kept,
+                     "logit error": result.logits["max_abs_diff"],
+                     "largest logit": result.logits["max_abs_logit"]})
+        print(table(rows[-1:], list(rows[-1])), file=sys.stderr)
+
+    for count in (2, 8, 32):
+        for rank in (None, 16):
+            if rank is not None and rank >= 8 * count:
+                continue
+            started = time.perf_counter()
+            result = combine(CombineOptions(adapters=tuple(pool[:count]), rank=rank,
+                                            name=fresh(f"bench/combined-{count}-{rank}")),
+                             registry)
+            record("merge --to-adapter (linear)", f"{count} x rank-8 q,v", started, result)
+    for method in ("ties", "dare_linear"):
+        started = time.perf_counter()
+        result = combine(CombineOptions(adapters=tuple(pool[:8]), method=method, rank=16,
+                                        name=fresh(f"bench/combined-{method}")), registry)
+        record(f"merge --to-adapter ({method}, density 0.5)", "8 x rank-8 q,v", started, result)
+    for rank in (2, 4, 8, 16):
+        started = time.perf_counter()
+        result = compress(wide, rank, fresh(f"bench/compressed-{rank}"), registry)
+        record("compress", "rank-16, 7 projections", started, result)
+    for dtype in ("fp32", "bf16"):
+        merged = fresh(f"bench/merged-all7-{dtype}")
+        merge(MergeOptions(adapters=(wide,), name=merged, dtype=dtype, verify="none"), registry)
+        for rank in (8, 16, 32):
+            started = time.perf_counter()
+            result = extract(merged, BASE, rank, fresh(f"bench/extracted-{dtype}-{rank}"),
+                             registry)
+            record(f"extract from a {dtype} merge", "rank-16, 7 projections", started, result)
+    print("\nadapter algebra on SmolLM2-135M: time, energy of the update kept, largest logit "
+          "change against the inputs run unmerged by PEFT")
+    print(table(rows, list(rows[0])))
+    return rows
 
 
 if __name__ == "__main__":

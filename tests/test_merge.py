@@ -490,6 +490,28 @@ def test_merged_model_answers_like_vllm_with_the_adapter(bf16_server):
 
 
 
+@pytest.mark.vllm
+def test_algebra_results_are_served_like_their_source(bf16_server):
+    """An adapter re-factored by compress (at its own rank) and one extracted from its fp32
+    merge are hot-added and served by vLLM with the original's greedy answers."""
+    import openai
+
+    from zoo.merge.algebra import compress, extract
+
+    server, registry = bf16_server
+    rank = registry.load().adapter("fr").rank
+    compress("fr", rank, "fr-refactored", registry, logits=False)
+    merge(MergeOptions(adapters=("fr",), name="fr-fp32", dtype="fp32", verify="none"), registry)
+    extract("fr-fp32", "smollm2-135m-instruct", rank, "fr-extracted", registry, logits=False)
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+    for question in ("What is the capital of Italy?", "Name a colour."):
+        messages = [{"role": "user", "content": question}]
+        answers = {name: client.chat.completions.create(
+            model=name, messages=messages, max_tokens=12, temperature=0).choices[0].message.content
+            for name in ("fr", "fr-refactored", "fr-extracted")}
+        assert len(set(answers.values())) == 1, answers
+
+
 def test_a_merge_hashes_each_stored_file_at_most_once(tiny, tmp_path, monkeypatch):
     from collections import Counter
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from zoo.core.tables import SAFETENSORS_TORCH, numel
 
 TORCH_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_TORCH.items()}
 ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+COPY_CHUNK = 8 * 1024**2  # bytes copied through at a time
 
 
 class TensorFile:
@@ -43,11 +44,18 @@ class TensorFile:
     def dtype(self, name: str) -> torch.dtype:
         return TORCH_DTYPES[self.header[name]["dtype"]]
 
-    def raw(self, name: str) -> bytes:
+    def raw(self, name: str, chunk: int = COPY_CHUNK) -> Iterator[bytes]:
+        """The tensor's stored bytes, in pieces of at most ``chunk`` bytes."""
         start, end = self.header[name]["data_offsets"]
         with open(self.path, "rb") as f:
             f.seek(8 + self._header_len + start)
-            return f.read(end - start)
+            left = end - start
+            while left:
+                piece = f.read(min(chunk, left))
+                if not piece:
+                    raise OSError(f"{self.path}: {name} is truncated")
+                left -= len(piece)
+                yield piece
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read straight into its own memory (one copy, no memory map)."""
@@ -79,7 +87,7 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         return self._where[name].get(name)
 
-    def raw(self, name: str) -> bytes:
+    def raw(self, name: str) -> Iterator[bytes]:
         return self._where[name].raw(name)
 
     def path_of(self, name: str) -> Path:
@@ -99,8 +107,8 @@ class PlannedTensor:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    make: Callable[[], torch.Tensor | bytes]
-    computed: bool = True  # False: bytes copied verbatim from a checked source
+    make: Callable[[], torch.Tensor | Iterable[bytes]]
+    computed: bool = True  # False: bytes copied verbatim (in pieces) from a checked source
 
     @property
     def nbytes(self) -> int:
@@ -155,11 +163,14 @@ def write_file(tensors: Iterable[PlannedTensor], path: Path,
         f.write(raw_header)
         for t in tensors:
             value = t.make()
-            data = value if isinstance(value, bytes) else _tensor_bytes(value, t)
-            if len(data) != t.nbytes:
-                raise ValueError(f"{t.name}: made {len(data)} bytes, planned {t.nbytes}")
-            f.write(data)
-            del value, data
+            pieces = [_tensor_bytes(value, t)] if isinstance(value, torch.Tensor) else value
+            written = 0
+            for piece in pieces:
+                f.write(piece)
+                written += len(piece)
+            if written != t.nbytes:
+                raise ValueError(f"{t.name}: made {written} bytes, planned {t.nbytes}")
+            del value, pieces
             progress(t.name)
 
 

@@ -38,7 +38,7 @@ from zoo.models.nf4 import load_nf4
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, a fox")
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
-BLOCK_BYTES = 16 * 1024**2  # float64 bytes of one row block of a weight
+BLOCK_BYTES = 2 * 1024**2  # float64 bytes of one row block of a weight
 RANDOM_ROWS = 16
 
 
