@@ -191,10 +191,14 @@ def test_small_and_structural_mistakes_fail_verification_in_bf16(tiny, monkeypat
     dtype's rounding is far larger than the mistake."""
     zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
     from zoo.merge import lora as lora_math
-    real_delta, real_modules = lora_math.LoraFile.delta, lora_math.LoraFile.modules
+    real_add, real_modules = lora_math.LoraFile.add_update, lora_math.LoraFile.modules
+    real_scale = lora_math.LoraFile.scale
     if mistake == "transposed":  # q_proj is square on the tiny llama
-        monkeypatch.setattr(lora_math.LoraFile, "delta", lambda self, m, r: (
-            real_delta(self, m, r).T if m.endswith("q_proj") else real_delta(self, m, r)))
+        def transposed(self, weight, module, roles):
+            if not module.endswith("q_proj"):
+                return real_add(self, weight, module, roles)
+            weight.add_(self.delta(module, roles).T)
+        monkeypatch.setattr(lora_math.LoraFile, "add_update", transposed)
     elif mistake == "other layer":
         def swapped(self):
             found = dict(real_modules(self))
@@ -203,8 +207,7 @@ def test_small_and_structural_mistakes_fail_verification_in_bf16(tiny, monkeypat
             return found
         monkeypatch.setattr(lora_math.LoraFile, "modules", swapped)
     else:
-        monkeypatch.setattr(lora_math.LoraFile, "delta",
-                            lambda self, m, r: real_delta(self, m, r) * 1.02)
+        monkeypatch.setattr(lora_math.LoraFile, "scale", lambda self, m: real_scale(self, m) * 1.02)
     with pytest.raises(VerificationFailed, match="PEFT's LoRA layer"):
         merge(MergeOptions(adapters=("p",), out=tmp_path / "bad", dtype="bf16"), Registry())
     assert not (tmp_path / "bad").exists()

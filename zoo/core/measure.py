@@ -1,4 +1,5 @@
-"""Process memory, measured: for benchmarks, training records and the serve report."""
+"""Process memory, measured (benchmarks, training records, the serve report) and kept low
+(streaming commands)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,17 @@ def heap_in_use() -> int:
     libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_large_frees() -> None:
+    """Have glibc give blocks of 1 MB and more their own mappings, returned to the system
+    when freed. Its default threshold adapts upwards as large blocks are freed, after which
+    a streaming command's per-tensor buffers come from the heap and stay resident; a no-op
+    where the C library is not glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (AttributeError, OSError):
+        pass

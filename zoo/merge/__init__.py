@@ -20,6 +20,7 @@ from zoo.catalog.home import new_stage, publish_dir, validate_name
 from zoo.catalog.integrity import ORIGINAL, require_intact, variant_path
 from zoo.catalog.registry import Registry
 from zoo.catalog.store import register_base
+from zoo.core.measure import return_large_frees
 from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.core.tables import DTYPES, TOKENIZER_FILES
 from zoo.errors import BaseMismatch, DuplicateEntry, NotSupported, OutputExists
@@ -57,6 +58,7 @@ def merge(options: MergeOptions, registry: Registry | None = None,
     registry = registry or Registry()
     plan = _plan(options, registry)
     return _execute(plan, options, registry, log)
+
 
 
 def dequantize(base_ref: str, out: Path | None = None, name: str | None = None,
@@ -163,6 +165,7 @@ def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
     from zoo.merge.tensors import TensorSource, check_written, write_shards
     from zoo.merge.verify import ModuleCheck, real_activations
 
+    return_large_frees()  # per-tensor buffers go back to the system as the stream moves on
     source_dir = variant_path(registry, plan.base, plan.source_variant)
     original_dir = variant_path(registry, plan.base, ORIGINAL)
     stage = new_stage(plan.target.parent if plan.target else registry.home / "tmp", ".zoo-merge")

@@ -13,7 +13,6 @@ computed in float32 and rounded once to the output dtype.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -97,6 +96,17 @@ class LoraFile:
         return (self.tensors.get(roles["B"]).float().mul_(factor),
                 self.tensors.get(roles["A"]).float())
 
+    def add_update(self, weight: torch.Tensor, module: str, roles: dict[str, str]) -> None:
+        """Add this adapter's weighted update to ``weight`` (float32, [out, in]; [num, dim]
+        for an embedding) in place, without building the update on its own."""
+        factor = self.weight * self.scale(module)
+        if "embA" in roles:  # (B [dim, r] @ A [r, num]).T = A.T @ B.T
+            a, b = self.tensors.get(roles["embA"]).float(), self.tensors.get(roles["embB"]).float()
+            weight.addmm_(a.T, b.T, alpha=factor)
+        else:
+            a, b = self.tensors.get(roles["A"]).float(), self.tensors.get(roles["B"]).float()
+            weight.addmm_(b, a, alpha=factor)
+
     def delta(self, module: str, roles: dict[str, str], weighted: bool = True) -> torch.Tensor:
         """This adapter's (weighted) update of ``module`` in float32, shaped [out, in]
         ([num, dim] for an embedding)."""
@@ -108,15 +118,15 @@ class LoraFile:
         return (b @ a).mul_(factor)
 
 
-def fold(weight: torch.Tensor, deltas: Iterable[torch.Tensor], fan_in_fan_out: bool = False,
+def fold(weight: torch.Tensor, module: str, contributions, fan_in_fan_out: bool = False,
          magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """W + sum(deltas) in float32 (deltas are [out, in]); DoRA rescales the rows."""
-    merged = weight.float()  # a fresh tensor the caller owns: added to in place
-    if fan_in_fan_out:
-        merged = merged.T
-    for delta in deltas:
-        merged.add_(delta)
+    """W + the contributions' updates (``[(LoraFile, roles)]``) in float32; DoRA rescales
+    the rows. ``weight`` is not changed unless it is already a float32 tensor."""
+    merged = weight.float()
+    rows = merged.T if fan_in_fan_out else merged  # a view: [out, in]
+    for lora, roles in contributions:
+        lora.add_update(rows, module, roles)
     if magnitude is not None:
-        norm = torch.linalg.norm(merged, dim=1)
-        merged.mul_((magnitude.float() / norm).view(-1, 1))
-    return merged.T if fan_in_fan_out else merged
+        norm = torch.linalg.norm(rows, dim=1)
+        rows.mul_((magnitude.float() / norm).view(-1, 1))
+    return merged

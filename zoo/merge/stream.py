@@ -108,13 +108,11 @@ def _folding(name, module, contributions, base_value, out_dtype, shape, check):
         weight = base_value(name)
         # fold() adds in place to a float32 weight: the check needs the base as it was
         base = weight.clone() if check and weight.dtype == torch.float32 else weight
-        first = contributions[0][0]
-        deltas = (lora.delta(module, roles) for lora, roles in contributions)  # one at a time
-        magnitude = None
-        if "magnitude" in contributions[0][1]:
-            magnitude = first.tensors.get(contributions[0][1]["magnitude"])
-        merged = fold(weight, deltas, first.fan_in_fan_out and "embA" not in contributions[0][1],
-                      magnitude)
+        first, roles = contributions[0]
+        magnitude = first.tensors.get(roles["magnitude"]) if "magnitude" in roles else None
+        merged = fold(weight, module, contributions,
+                      first.fan_in_fan_out and "embA" not in roles, magnitude)
+        del weight
         if tuple(merged.shape) != shape:
             raise ShapeMismatch(name, shape, tuple(merged.shape), "merge")
         written = merged.to(out_dtype)

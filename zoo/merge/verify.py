@@ -64,16 +64,18 @@ class ModuleCheck:
         w, m, out = rows_view(base), rows_view(merged), rows_view(written)
         x = None if embedding else self._activations(w.shape[1])
         block = max(1, BLOCK_BYTES // (8 * w.shape[1]))
+        layer = _peft_layer(module, w[:block], contributions, embedding, transposed)
+        stored = _adapter_tensors(module, contributions, embedding)
         for start in range(0, w.shape[0], block):
             rows = slice(start, min(start + block, w.shape[0]))
-            self._check_block(module, contributions, w[rows], m[rows], out[rows], rows, x,
-                              embedding, transposed)
+            _load_rows(layer, stored, w[rows], rows, embedding, transposed)
+            self._check_block(layer, module, contributions, w[rows], m[rows], out[rows], rows,
+                              x, embedding)
         self.modules += 1
 
     @torch.no_grad()
-    def _check_block(self, module, contributions, w, merged, written, rows, x, embedding,
-                     transposed) -> None:
-        layer = _peft_layer(module, w, contributions, rows, embedding, transposed)
+    def _check_block(self, layer, module, contributions, w, merged, written, rows, x,
+                     embedding) -> None:
         if embedding:  # the rows are the table's: look up every one of them
             ids = torch.arange(w.shape[0])
             want = layer(ids)
@@ -158,12 +160,12 @@ def _delta(layer, contributions) -> torch.Tensor:
     return total
 
 
-def _peft_layer(module: str, w: torch.Tensor, contributions, rows: slice, embedding: bool,
+def _peft_layer(module: str, w: torch.Tensor, contributions, embedding: bool,
                 transposed: bool):
-    """PEFT's LoRA layer for these rows of ``module``, with every contributing adapter active
-    at its user weight, in float64."""
+    """PEFT's LoRA layer for ``module``, built by PEFT from each adapter's config around a
+    block of the base's rows, every contributing adapter active at its user weight, in
+    float64. ``_load_rows`` then points it at each block of rows in turn."""
     from peft import LoraConfig, inject_adapter_in_model
-    from safetensors import safe_open
     from torch import nn
 
     if embedding:
@@ -197,22 +199,40 @@ def _peft_layer(module: str, w: torch.Tensor, contributions, rows: slice, embedd
         names.append(f"a{i}")
     layer = root.get_submodule(module).double()
     for (_i, lora), name in zip(contributions, names, strict=True):
-        key = PEFT_PREFIX + module
-        with safe_open(str(lora.path / PEFT_WEIGHTS), framework="pt") as f:
-            if embedding:
-                layer.lora_embedding_A[name].data = f.get_tensor(
-                    f"{key}.lora_embedding_A").double()[:, rows]
-                layer.lora_embedding_B[name].data = f.get_tensor(f"{key}.lora_embedding_B").double()
-            else:
-                layer.lora_A[name].weight.data = f.get_tensor(f"{key}.lora_A.weight").double()
-                layer.lora_B[name].weight.data = f.get_tensor(
-                    f"{key}.lora_B.weight").double()[rows]
-                if name in getattr(layer, "lora_magnitude_vector", {}):
-                    layer.lora_magnitude_vector[name].weight.data = f.get_tensor(
-                        f"{key}.lora_magnitude_vector").double()[rows]
         layer.scaling[name] *= lora.weight
     layer.set_adapter(names)
-    return layer.eval()
+    return layer.eval().requires_grad_(False)
+
+
+def _adapter_tensors(module: str, contributions, embedding: bool) -> dict[str, dict]:
+    """Each adapter's tensors for ``module``, read by their PEFT names with safetensors' own
+    reader (not zoo's), in float64."""
+    from safetensors import safe_open
+
+    roles = ("lora_embedding_A", "lora_embedding_B") if embedding else (
+        "lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    found = {}
+    for i, lora in contributions:
+        with safe_open(str(lora.path / PEFT_WEIGHTS), framework="pt") as f:
+            keys = set(f.keys())
+            found[f"a{i}"] = {role: f.get_tensor(f"{PEFT_PREFIX}{module}.{role}").double()
+                              for role in roles if f"{PEFT_PREFIX}{module}.{role}" in keys}
+    return found
+
+
+def _load_rows(layer, stored: dict, w: torch.Tensor, rows: slice, embedding: bool,
+               transposed: bool) -> None:
+    """Point the layer at these rows of the base weight and of the adapters' tensors."""
+    layer.base_layer.weight.data = w.T.double() if transposed else w.double()
+    for name, tensors in stored.items():
+        if embedding:
+            layer.lora_embedding_A[name].data = tensors["lora_embedding_A"][:, rows]
+            layer.lora_embedding_B[name].data = tensors["lora_embedding_B"]
+            continue
+        layer.lora_A[name].weight.data = tensors["lora_A.weight"]
+        layer.lora_B[name].weight.data = tensors["lora_B.weight"][rows]
+        if "lora_magnitude_vector" in tensors:
+            layer.lora_magnitude_vector[name].weight.data = tensors["lora_magnitude_vector"][rows]
 
 
 def real_activations(source, original_dir: Path) -> dict[int, torch.Tensor]:
