@@ -151,10 +151,11 @@ def main() -> None:
     if args.section in ("merge", "all"):
         saved["rows"] = merge_section(args)
         saved["commands"]["merge"] = " ".join(sys.argv)
+        save("merge", saved)
     if args.section in ("algebra", "all"):
         saved["algebra"] = algebra_section()
         saved["commands"]["algebra"] = " ".join(sys.argv)
-    save("merge", saved)
+        save("merge", saved)
 
 
 def merge_section(args) -> list[dict]:
@@ -236,7 +237,7 @@ def algebra_section() -> list[dict]:
                 continue
             started = time.perf_counter()
             result = combine(CombineOptions(adapters=tuple(pool[:count]), rank=rank,
-                                            name=fresh(f"bench/combined-{count}-{rank}")),
+                                            name=fresh(f"bench/combined-{count}-r{rank or 8 * count}")),
                              registry)
             record("merge --to-adapter (linear)", f"{count} x rank-8 q,v", started, result)
     for method in ("ties", "dare_linear"):
