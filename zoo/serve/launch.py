@@ -270,18 +270,20 @@ def running_server(options: ServeOptions, registry: Registry | None = None,
                                     start_new_session=True)
         try:
             url = f"http://{options.host}:{options.port}"
-            _wait_healthy(url, proc, log_path, startup_timeout)
+            wait_healthy(url, proc, log_path, startup_timeout)
             yield RunningServer(url + "/v1", plan, proc, log_path)
         finally:
             stop(proc)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float,
+                 what: str = "vLLM") -> None:
+    """Until ``url/health`` answers 200; an error with the log's end if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").splitlines()[-15:]
-            raise ServeError("vLLM exited during start-up:\n  " + "\n  ".join(tail),
+            raise ServeError(f"{what} exited during start-up:\n  " + "\n  ".join(tail),
                              hint=f"The full log is {log_path}.")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as response:
@@ -290,7 +292,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: flo
         except OSError:
             pass
         time.sleep(1.0)
-    raise ServeError(f"vLLM did not answer within {timeout:.0f} s", hint=f"See {log_path}.")
+    raise ServeError(f"{what} did not answer within {timeout:.0f} s", hint=f"See {log_path}.")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
