@@ -191,14 +191,14 @@ def test_small_and_structural_mistakes_fail_verification_in_bf16(tiny, monkeypat
     dtype's rounding is far larger than the mistake."""
     zoo("add", tiny.lora("plain"), "--name", "p", "--base", "tiny")
     from zoo.merge import lora as lora_math
-    real_add, real_modules = lora_math.LoraFile.add_update, lora_math.LoraFile.modules
+    real_factors, real_modules = lora_math.LoraFile.factors, lora_math.LoraFile.modules
     real_scale = lora_math.LoraFile.scale
-    if mistake == "transposed":  # q_proj is square on the tiny llama
-        def transposed(self, weight, module, roles):
-            if not module.endswith("q_proj"):
-                return real_add(self, weight, module, roles)
-            weight.add_(self.delta(module, roles).T)
-        monkeypatch.setattr(lora_math.LoraFile, "add_update", transposed)
+    if mistake == "transposed":  # q_proj is square on the tiny llama: (B A)ᵀ = Aᵀ Bᵀ
+        def transposed(self, module, weighted=True):
+            left, right = real_factors(self, module, weighted)
+            return (right.T.contiguous(), left.T.contiguous()) if module.endswith("q_proj") \
+                else (left, right)
+        monkeypatch.setattr(lora_math.LoraFile, "factors", transposed)
     elif mistake == "other layer":
         def swapped(self):
             found = dict(real_modules(self))

@@ -277,7 +277,7 @@ def compress(name: str, rank: int, new_name: str | None = None, registry: Regist
         if dora:
             weight = _base_weight(source, module + ".weight")
             magnitude = lora.tensors.get(roles["magnitude"])
-            merged = fold(weight.clone(), module, [(lora, roles)], lora.fan_in_fan_out, magnitude)
+            merged = fold(weight, module, [(lora, roles)], lora.fan_in_fan_out, magnitude)
             delta = merged - weight.float()
             factors[module] = factor_dense(delta.T if lora.fan_in_fan_out else delta, rank)
         else:

@@ -23,6 +23,7 @@ from zoo.core.tables import LORA_SUFFIXES
 from zoo.merge.tensors import TensorFile
 from zoo.models.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, lora_scale, match_pattern
 
+FOLD_BLOCK_BYTES = 1024**2
 # bias is refused before a merge starts (adapters.vllm_servability / merge planning)
 ROLE_SUFFIXES = {role: s for role, s in LORA_SUFFIXES.items() if role != "bias"}
 
@@ -89,23 +90,16 @@ class LoraFile:
         return lora_scale(int(rank), float(alpha), bool(self.config.get("use_rslora", False)))
 
     def factors(self, module: str, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(s·B, A)`` of a linear module in float32 (times the user's weight if
-        ``weighted``): their product is the update, [out, in]."""
+        """``(left, right)`` in float32 whose product is this adapter's update of ``module``
+        in rows-first layout: ``(w·s·B, A)``, [out, in] for a linear layer; ``(w·s·Aᵀ, Bᵀ)``,
+        [num, dim] for an embedding (``w``, the user's weight, when ``weighted``)."""
         roles = self.modules()[module]
         factor = self.scale(module) * (self.weight if weighted else 1.0)
+        if "embA" in roles:
+            return (self.tensors.get(roles["embA"]).float().T.mul(factor),
+                    self.tensors.get(roles["embB"]).float().T)
         return (self.tensors.get(roles["B"]).float().mul_(factor),
                 self.tensors.get(roles["A"]).float())
-
-    def add_update(self, weight: torch.Tensor, module: str, roles: dict[str, str]) -> None:
-        """Add this adapter's weighted update to ``weight`` (float32, [out, in]; [num, dim]
-        for an embedding) in place, without building the update on its own."""
-        factor = self.weight * self.scale(module)
-        if "embA" in roles:  # (B [dim, r] @ A [r, num]).T = A.T @ B.T
-            a, b = self.tensors.get(roles["embA"]).float(), self.tensors.get(roles["embB"]).float()
-            weight.addmm_(a.T, b.T, alpha=factor)
-        else:
-            a, b = self.tensors.get(roles["A"]).float(), self.tensors.get(roles["B"]).float()
-            weight.addmm_(b, a, alpha=factor)
 
     def delta(self, module: str, roles: dict[str, str], weighted: bool = True) -> torch.Tensor:
         """This adapter's (weighted) update of ``module`` in float32, shaped [out, in]
@@ -118,15 +112,26 @@ class LoraFile:
         return (b @ a).mul_(factor)
 
 
+def rows_per_block(width: int) -> int:
+    """Rows of a weight folded (and checked) at a time: about 1 MB of float32."""
+    return max(1, FOLD_BLOCK_BYTES // (4 * width))
+
+
+def fold_rows(rows: torch.Tensor, factors, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of W plus the updates ``left @ right`` for them, in a new float32 tensor; DoRA
+    rescales each row to its magnitude."""
+    merged = rows.to(torch.float32, copy=True)
+    for left, right in factors:
+        merged.addmm_(left, right)
+    if magnitude is not None:
+        merged.mul_((magnitude / torch.linalg.norm(merged, dim=1)).view(-1, 1))
+    return merged
+
+
 def fold(weight: torch.Tensor, module: str, contributions, fan_in_fan_out: bool = False,
          magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """W + the contributions' updates (``[(LoraFile, roles)]``) in float32; DoRA rescales
-    the rows. ``weight`` is not changed unless it is already a float32 tensor."""
-    merged = weight.float()
-    rows = merged.T if fan_in_fan_out else merged  # a view: [out, in]
-    for lora, roles in contributions:
-        lora.add_update(rows, module, roles)
-    if magnitude is not None:
-        norm = torch.linalg.norm(rows, dim=1)
-        rows.mul_((magnitude.float() / norm).view(-1, 1))
-    return merged
+    """W + the contributions' (``[(LoraFile, roles)]``) updates in float32, in W's layout."""
+    rows = weight.T if fan_in_fan_out else weight
+    merged = fold_rows(rows, [lora.factors(module) for lora, _roles in contributions],
+                       None if magnitude is None else magnitude.float())
+    return merged.T if fan_in_fan_out else merged

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from zoo.errors import ShapeMismatch
-from zoo.merge.lora import LoraFile, fold
+from zoo.merge.lora import LoraFile, fold_rows, rows_per_block
 from zoo.merge.nf4 import STATE_SUFFIX, dequantize_from, is_aux, quantized_weights, read_state
 from zoo.merge.tensors import PlannedTensor, TensorSource
 
@@ -104,20 +104,29 @@ def _check_shapes(name: str, shape: tuple[int, ...], contributions) -> None:
 
 
 def _folding(name, module, contributions, base_value, out_dtype, shape, check):
+    """Make the merged weight block of rows by block of rows: each block is the base's rows
+    in float32 plus every adapter's update for them, DoRA-rescaled, rounded once into the
+    output, and checked while it is at hand. The float32 copy is never the whole weight."""
     def make() -> torch.Tensor:
         weight = base_value(name)
-        # fold() adds in place to a float32 weight: the check needs the base as it was
-        base = weight.clone() if check and weight.dtype == torch.float32 else weight
+        if tuple(weight.shape) != shape:
+            raise ShapeMismatch(name, shape, tuple(weight.shape), "merge")
         first, roles = contributions[0]
-        magnitude = first.tensors.get(roles["magnitude"]) if "magnitude" in roles else None
-        merged = fold(weight, module, contributions,
-                      first.fan_in_fan_out and "embA" not in roles, magnitude)
-        del weight
-        if tuple(merged.shape) != shape:
-            raise ShapeMismatch(name, shape, tuple(merged.shape), "merge")
-        written = merged.to(out_dtype)
-        if check is not None:
-            check(module, base, merged, written)
+        transposed = first.fan_in_fan_out and "embA" not in roles
+        written = torch.empty(shape, dtype=out_dtype)
+        w, out = (weight.T, written.T) if transposed else (weight, written)  # rows: outputs
+        factors = [lora.factors(module) for lora, _roles in contributions]
+        magnitude = first.tensors.get(roles["magnitude"]).float() if "magnitude" in roles \
+            else None
+        session = check.module(module, w) if check is not None else None
+        step = rows_per_block(w.shape[1])
+        for start in range(0, w.shape[0], step):
+            rows = slice(start, min(start + step, w.shape[0]))
+            merged = fold_rows(w[rows], [(left[rows], right) for left, right in factors],
+                               None if magnitude is None else magnitude[rows])
+            out[rows] = merged  # rounded once to the output dtype
+            if session is not None:
+                session.check(rows, w[rows], merged, out[rows])
         return written
     return make
 

@@ -6,8 +6,8 @@ while it is written, against PEFT's own LoRA layer on that module (built by
 rank, alpha, rsLoRA and DoRA of the module, and the adapter's A, B and
 magnitude read by their PEFT names with safetensors' own reader). Both sides
 run in float64 on random, outlier-heavy and, where the width fits, real
-activations (token embeddings of a few prompts), in row blocks, so memory is
-a few blocks whatever the model's size. Two bounds, each derived from
+activations (token embeddings of a few prompts), one block of rows at a time
+as the merge makes them, so memory is a few blocks whatever the model's size. Two bounds, each derived from
 rounding, not tuned:
 
 - the merged weight in float32 must give PEFT's output to within the
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +39,6 @@ from zoo.models.nf4 import load_nf4
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, a fox")
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
-BLOCK_BYTES = 2 * 1024**2  # float64 bytes of one row block of a weight
 RANDOM_ROWS = 16
 
 
@@ -53,29 +53,21 @@ class ModuleCheck:
         self.worst = {"float32": 0.0, "written": 0.0, "max_abs_diff": 0.0}
         self.rows = 0
 
-    def __call__(self, module: str, base: torch.Tensor, merged: torch.Tensor,
-                 written: torch.Tensor) -> None:
-        """``base``, ``merged`` (float32) and ``written`` in the stored layout ([out, in];
-        [in, out] for fan_in_fan_out; [num, dim] for an embedding)."""
+    def module(self, module: str, weight: torch.Tensor) -> _ModuleCheck:
+        """Start checking ``module``, whose base weight, rows first, is ``weight`` ([out, in];
+        [num, dim] for an embedding): build PEFT's layer and read the adapters' tensors."""
         contributions = [(i, lora) for i, lora in enumerate(self.loras) if lora.has(module)]
         embedding = contributions[0][1].is_embedding(module)
         transposed = not embedding and contributions[0][1].fan_in_fan_out
-        rows_view = (lambda t: t.T) if transposed else (lambda t: t)
-        w, m, out = rows_view(base), rows_view(merged), rows_view(written)
-        x = None if embedding else self._activations(w.shape[1])
-        block = max(1, BLOCK_BYTES // (8 * w.shape[1]))
-        layer = _peft_layer(module, w[:block], contributions, embedding, transposed)
+        x = None if embedding else self._activations(weight.shape[1])
+        layer = _peft_layer(module, weight[:1], contributions, embedding, transposed)
         stored = _adapter_tensors(module, contributions, embedding)
-        for start in range(0, w.shape[0], block):
-            rows = slice(start, min(start + block, w.shape[0]))
-            _load_rows(layer, stored, w[rows], rows, embedding, transposed)
-            self._check_block(layer, module, contributions, w[rows], m[rows], out[rows], rows,
-                              x, embedding)
         self.modules += 1
+        return _ModuleCheck(self, module, contributions, layer, stored, x, embedding, transposed)
 
     @torch.no_grad()
-    def _check_block(self, layer, module, contributions, w, merged, written, rows, x,
-                     embedding) -> None:
+    def check_block(self, layer, module, contributions, w, merged, written, rows, x,
+                    embedding) -> None:
         if embedding:  # the rows are the table's: look up every one of them
             ids = torch.arange(w.shape[0])
             want = layer(ids)
@@ -118,6 +110,26 @@ class ModuleCheck:
                 "worst_vs_rounding_bound": self.worst["written"],
                 "max_abs_diff": self.worst["max_abs_diff"],
                 "real_activations": sorted(self.real)}
+
+
+@dataclass
+class _ModuleCheck:
+    owner: ModuleCheck
+    module: str
+    contributions: list
+    layer: object
+    stored: dict
+    x: torch.Tensor | None
+    embedding: bool
+    transposed: bool
+
+    def check(self, rows: slice, base: torch.Tensor, merged: torch.Tensor,
+              written: torch.Tensor) -> None:
+        """These rows (first dimension: outputs, or the table's entries) of the base, the
+        merged weight in float32 and the weight as written."""
+        _load_rows(self.layer, self.stored, base, rows, self.embedding, self.transposed)
+        self.owner.check_block(self.layer, self.module, self.contributions, base, merged,
+                               written, rows, self.x, self.embedding)
 
 
 def _bound_linear(layer, x, w, contributions, merged, unit):
@@ -224,6 +236,8 @@ def _load_rows(layer, stored: dict, w: torch.Tensor, rows: slice, embedding: boo
                transposed: bool) -> None:
     """Point the layer at these rows of the base weight and of the adapters' tensors."""
     layer.base_layer.weight.data = w.T.double() if transposed else w.double()
+    if transposed:  # transformers' Conv1D shapes its output by the width it was built with
+        layer.base_layer.nf = w.shape[0]
     for name, tensors in stored.items():
         if embedding:
             layer.lora_embedding_A[name].data = tensors["lora_embedding_A"][:, rows]
