@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from zoo.cli.app import DEBUG_VARIABLE, cli
+from zoo.core.tables import DEFAULT_ROUTER_POLICY as DEFAULT_POLICY
+from zoo.core.tables import ROUTER_POLICIES as POLICIES
 
 
 @cli.command("serve", context_settings={"ignore_unknown_options": True})
@@ -29,15 +31,26 @@ from zoo.cli.app import DEBUG_VARIABLE, cli
               help="JSON file of tenants and their keys; without it the server is open.")
 @click.option("--dtype", default="float32", show_default=True,
               help="Activation dtype (float32 is fastest on CPUs without bf16).")
+@click.option("--replicas", type=int, default=1, show_default=True,
+              help="Engines of the same base behind vllm-router on --port (each with its "
+                   "share of the cores, or its own GPU with --gpus).")
+@click.option("--router-policy", type=click.Choice(POLICIES), default=DEFAULT_POLICY,
+              show_default=True, help="How vllm-router spreads requests over --replicas.")
+@click.option("--gpus", type=int, default=0, help="GPUs to spread --replicas over (0: CPU).")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_loras, api_keys,
-              dtype, vllm_args) -> None:
+              dtype, replicas, router_policy, gpus, vllm_args) -> None:
     """Serve a base and its adapters with vLLM (OpenAI API); extra options go to vLLM."""
     from zoo.serve.launch import ServeOptions, describe, plan_serve, prepare_base, run_server
 
     options = ServeOptions(base=base, quantization=quantization, host=host, port=port,
                            max_loras=max_loras, max_cpu_loras=max_cpu_loras, api_keys=api_keys,
                            dtype=dtype, extra_args=tuple(vllm_args))
+    if replicas != 1:
+        from zoo.serve.replicas import serve_replicas
+
+        sys.exit(serve_replicas(options, replicas, router_policy, gpus=gpus,
+                                log=lambda line: click.echo(line, err=True)))
     prepare_base(options, log=lambda line: click.echo(line, err=True))
     plan = plan_serve(options)
     for line in describe(plan, options):
@@ -45,6 +58,22 @@ def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_lor
     if os.environ.get(DEBUG_VARIABLE):
         click.echo("vLLM command: " + " ".join(plan.argv), err=True)
     sys.exit(run_server(plan))
+
+
+@cli.command("route")
+@click.option("--worker", "workers", multiple=True, required=True,
+              help="URL of a running 'zoo serve' (repeatable), e.g. http://10.0.0.2:8000.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--policy", type=click.Choice(POLICIES), default=DEFAULT_POLICY,
+              show_default=True)
+def route_cmd(workers, host, port, policy) -> None:
+    """vLLM's router alone, in front of 'zoo serve' instances on other machines."""
+    from zoo.serve.replicas import route
+
+    click.echo(f"vllm-router ({policy}) on http://{host}:{port}/v1 in front of "
+               f"{', '.join(workers)}", err=True)
+    sys.exit(route(list(workers), host, port, policy))
 
 
 @cli.group("keys")

@@ -44,3 +44,10 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, DTYPES[name])
+
+# vllm-router's load-balancing policies that apply to zoo's replicas (its own list has
+# kv_aware too, which needs KV events vLLM's CPU build does not publish); the default is
+# measured (docs/BENCHMARKS.md, bench/scale.py).
+ROUTER_POLICIES = ("consistent_hash", "round_robin", "power_of_two", "cache_aware", "random",
+                   "sticky_least_loaded")
+DEFAULT_ROUTER_POLICY = "consistent_hash"

@@ -23,7 +23,7 @@ from zoo.core.tables import LORA_SUFFIXES
 from zoo.merge.tensors import TensorFile
 from zoo.models.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS, lora_scale, match_pattern
 
-FOLD_BLOCK_BYTES = 1024**2
+FOLD_BLOCK_BYTES = 256 * 1024
 # bias is refused before a merge starts (adapters.vllm_servability / merge planning)
 ROLE_SUFFIXES = {role: s for role, s in LORA_SUFFIXES.items() if role != "bias"}
 
@@ -113,7 +113,7 @@ class LoraFile:
 
 
 def rows_per_block(width: int) -> int:
-    """Rows of a weight folded (and checked) at a time: about 1 MB of float32."""
+    """Rows of a weight folded (and checked) at a time: about 256 KB of float32."""
     return max(1, FOLD_BLOCK_BYTES // (4 * width))
 
 

@@ -135,21 +135,22 @@ class _ModuleCheck:
 def _bound_linear(layer, x, w, contributions, merged, unit):
     """Per output: what float32 rounding of W + deltas, and then the output dtype's rounding
     of each weight, can move ``x @ W'.T``."""
-    magnitude = w.double().abs()
+    magnitude = w.double().abs_()
     for i, _lora in contributions:
         name = f"a{i}"
-        a, b = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
-        magnitude = magnitude + abs(layer.scaling[name]) * (b.abs() @ a.abs())
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        magnitude.addmm_(b.abs(), a.abs(), alpha=abs(layer.scaling[name]))
     factor = len(contributions) + 2
     dora = getattr(layer, "lora_magnitude_vector", None)
     if dora is not None and len(dora):  # rows rescaled to m / ||W + s·B·A||
         scale = (merged.double().norm(dim=1) / (w.double() + _delta(layer, contributions))
                  .norm(dim=1)).abs()
-        magnitude = magnitude * scale.view(-1, 1)
+        magnitude.mul_(scale.view(-1, 1))
         factor += 4 + 2 * math.sqrt(w.shape[1])
     ax = x.abs()
-    exact = factor * 2.0**-24 * (ax @ magnitude.T) + 1e-300
-    return exact, exact + unit * (ax @ merged.double().abs().T)
+    exact = (ax @ magnitude.T).mul_(factor * 2.0**-24).add_(1e-300)
+    del magnitude
+    return exact, (ax @ merged.double().abs_().T).mul_(unit).add_(exact)
 
 
 def _bound_embedding(layer, w, contributions, unit, merged):

@@ -23,13 +23,12 @@ from pathlib import Path
 
 from zoo.catalog.home import staging_dir
 from zoo.catalog.registry import Registry
+from zoo.core.tables import DEFAULT_ROUTER_POLICY as DEFAULT_POLICY
+from zoo.core.tables import ROUTER_POLICIES as POLICIES
 from zoo.errors import ServeError
 from zoo.serve.launch import ServeOptions, ServePlan, free_port, plan_serve, stop, wait_healthy
 from zoo.serve.plugin import STATE_VARIABLE
 
-POLICIES = ("consistent_hash", "round_robin", "power_of_two", "cache_aware", "random",
-            "sticky_least_loaded")
-DEFAULT_POLICY = "consistent_hash"
 # The share of this machine's memory all replicas' KV caches may take together.
 KV_MEMORY_SHARE = 0.25
 MIN_KV_GIB = 1
@@ -105,8 +104,9 @@ def plan_replicas(options: ServeOptions, replicas: int, registry: Registry,
     planned = []
     for i in range(replicas):
         port = free_port()
-        extra = ("--kv-cache-memory-bytes", str(kv_cache_gib(replicas) * 1024**3)) \
-            if not gpus else ()
+        sized = gpus or "--kv-cache-memory-bytes" in options.extra_args  # the user's own
+        extra = () if sized else ("--kv-cache-memory-bytes",
+                                  str(kv_cache_gib(replicas) * 1024**3))
         plan = plan_serve(replace(options, port=port, host="127.0.0.1", max_loras=max_loras,
                                   extra_args=(*options.extra_args, *extra)), registry)
         run_env = dict(plan.env)
