@@ -49,7 +49,11 @@ def post(url: str, model: str, key: str | None = KEYS["ops"], session: str | Non
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        text = error.read().decode(errors="replace")
+        try:
+            return error.code, json.loads(text or "{}")
+        except ValueError:  # the router's own errors are plain text
+            return error.code, {"error": text}
 
 
 def get(url: str, key: str | None = KEYS["ops"]) -> dict:

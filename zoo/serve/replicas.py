@@ -74,7 +74,10 @@ def router_argv(workers: list[str], host: str, port: int, policy: str) -> list[s
             "--health-check-interval-secs", str(HEALTH_INTERVAL_S),
             "--health-check-timeout-secs", str(HEALTH_TIMEOUT_S),
             "--health-failure-threshold", "1", "--health-success-threshold", "1",
-            "--worker-startup-timeout-secs", "900", "--log-level", "warning"]
+            "--worker-startup-timeout-secs", "900", "--log-level", "warning",
+            # its Prometheus exporter binds a fixed port (29000) by default: a second router
+            # on the host would fail to start
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     return argv
 
 
