@@ -178,24 +178,33 @@ def _shrink_expand(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
 
 
 def track_slot_writes() -> None:
-    """Record which slot vLLM writes: every linear LoRA layer's ``set_lora`` (load)
-    starts with ``reset_lora(index)``, as does an eviction, so marking the index there
-    lets the per-slot caches below redo one slot instead of the whole stack."""
+    """Record which slot vLLM writes: every LoRA layer's ``set_lora`` (load) starts with
+    ``reset_lora(index)``, as does an eviction or the activation of an adapter that does
+    not train that layer, so marking the index there lets the per-slot caches below redo
+    one slot instead of the whole stack (the lm_head's stack alone is 64 slots x vocab x
+    rank: 200 MB for SmolLM2)."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
 
-    original = BaseLinearLayerWithLoRA.reset_lora
+    for layer_class in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA):
+        _track(layer_class)
+
+
+def _track(layer_class) -> None:
+    original = layer_class.reset_lora
     if getattr(original, "_zoo_tracks", False):
         return
 
     def reset_lora(self, index: int):
-        for stacked in (*self.lora_a_stacked, *self.lora_b_stacked):
+        stacks = (self.lora_a_stacked, self.lora_b_stacked)
+        for stacked in (t for s in stacks for t in (s if isinstance(s, (tuple, list)) else (s,))):
             dirty = getattr(stacked, "_zoo_dirty", None)
             if dirty is not None:
                 dirty.add(index)
         return original(self, index)
 
     reset_lora._zoo_tracks = True
-    BaseLinearLayerWithLoRA.reset_lora = reset_lora
+    layer_class.reset_lora = reset_lora
 
 
 def _per_slot(stacked: torch.Tensor, name: str, make_all, make_slots):
@@ -218,15 +227,6 @@ def _per_slot(stacked: torch.Tensor, name: str, make_all, make_slots):
     setattr(stacked, name, (stacked._version, value))
     stacked._zoo_dirty.clear()  # one per-slot value per stack: A has ranks, B rank-major
     return value
-
-
-def _derived(stacked: torch.Tensor, name: str, make):
-    """A value computed from a whole stacked tensor, recomputed when vLLM writes into it."""
-    cached = getattr(stacked, name, None)
-    if cached is None or cached[0] != stacked._version:
-        cached = (stacked._version, make(stacked))
-        setattr(stacked, name, cached)
-    return cached[1]
 
 
 def _ranks_of(a: torch.Tensor) -> torch.Tensor:
@@ -254,8 +254,9 @@ def _rank_major(stacked_b: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _slots_with_weights(stacked: torch.Tensor) -> frozenset[int]:
-    """Adapter slots whose weights are not all zero."""
-    def live(t: torch.Tensor) -> frozenset[int]:
-        nonzero = t.flatten(1).abs().amax(dim=1) > 0
-        return frozenset(int(i) for i in torch.nonzero(nonzero).flatten())
-    return _derived(stacked, "_zoo_live_slots", live)
+    """Adapter slots whose weights are not all zero (only the slots vLLM wrote are
+    looked at again)."""
+    def nonzero(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).abs().amax(dim=1) > 0
+    live = _per_slot(stacked, "_zoo_live_slots", nonzero, nonzero)
+    return frozenset(int(i) for i in torch.nonzero(live).flatten())
