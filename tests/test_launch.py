@@ -50,3 +50,43 @@ def test_the_batch_shrinks_when_slots_would_not_fit(models, monkeypatch):
     monkeypatch.setattr("os.sysconf", lambda name: {"SC_PAGE_SIZE": 1,
                                                     "SC_PHYS_PAGES": 10 * 5 * per_slot}[name])
     assert default_max_loras(models.llama, 16, "float32") == 5
+
+
+def test_replicas_split_the_cores_and_the_kv_memory(monkeypatch):
+    import os
+
+    import pytest
+
+    from zoo.errors import ServeError
+    from zoo.serve.replicas import cpu_shares, kv_cache_gib
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 5})
+    assert cpu_shares(1) == ["0,1,2,3,5"]
+    assert cpu_shares(2) == ["0,1", "2,3"]  # equal shares; a core left over stays free
+    with pytest.raises(ServeError, match="6 replicas on 5 cores"):
+        cpu_shares(6)
+    monkeypatch.setattr("os.sysconf", lambda name: {"SC_PAGE_SIZE": 1,
+                                                    "SC_PHYS_PAGES": 32 * 1024**3}[name])
+    assert kv_cache_gib(2) == 4 and kv_cache_gib(8) == 1 and kv_cache_gib(100) == 1
+
+
+def test_the_router_command_line(monkeypatch):
+    import pytest
+
+    from zoo.errors import ServeError
+    from zoo.serve import replicas
+
+    monkeypatch.setattr(replicas, "router_command", lambda: "vllm-router")
+    first = replicas.router_argv(["http://a:1", "http://b:2"], "0.0.0.0", 8000, "round_robin")
+    assert first[first.index("--worker-urls") + 1:first.index("--worker-urls") + 3] == \
+        ["http://a:1", "http://b:2"]
+    assert first[first.index("--policy") + 1] == "round_robin"
+    second = replicas.router_argv(["http://a:1"], "0.0.0.0", 8001, "consistent_hash")
+    port = lambda argv: argv[argv.index("--prometheus-port") + 1]  # noqa: E731
+    assert port(first) != port(second)  # two routers on one host both start
+    with pytest.raises(ServeError, match="unknown router policy"):
+        replicas.router_argv(["http://a:1"], "h", 1, "fastest")
+    with pytest.raises(ServeError, match="no worker URLs"):
+        replicas.router_argv([], "h", 1, "round_robin")
+    assert zoo("route", "--worker", "http://a:1", "--policy", "fastest", ok=False).exit_code == 2
+    assert zoo("serve", "--multi-lora", "--replicas", "0", ok=False).exit_code == 2

@@ -31,12 +31,13 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
               help="JSON file of tenants and their keys; without it the server is open.")
 @click.option("--dtype", default="float32", show_default=True,
               help="Activation dtype (float32 is fastest on CPUs without bf16).")
-@click.option("--replicas", type=int, default=1, show_default=True,
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Engines of the same base behind vllm-router on --port (each with its "
                    "share of the cores, or its own GPU with --gpus).")
 @click.option("--router-policy", type=click.Choice(POLICIES), default=DEFAULT_POLICY,
               show_default=True, help="How vllm-router spreads requests over --replicas.")
-@click.option("--gpus", type=int, default=0, help="GPUs to spread --replicas over (0: CPU).")
+@click.option("--gpus", type=click.IntRange(min=0), default=0,
+              help="GPUs to spread --replicas over (0: CPU).")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_loras, api_keys,
               dtype, replicas, router_policy, gpus, vllm_args) -> None:

@@ -35,8 +35,6 @@ MIN_KV_GIB = 1
 # How often the router probes each engine, and how fast it gives up on a dead one.
 HEALTH_INTERVAL_S = 2
 HEALTH_TIMEOUT_S = 2
-# Header vLLM's router hashes first under consistent_hash (an adapter's name, for affinity).
-AFFINITY_HEADER = "X-Session-ID"
 
 
 @dataclass
