@@ -511,8 +511,10 @@ def test_algebra_results_are_served_like_their_source(bf16_server):
         messages = [{"role": "user", "content": question}]
         answers = {name: client.chat.completions.create(
             model=name, messages=messages, max_tokens=12, temperature=0).choices[0].message.content
-            for name in ("fr", "fr-refactored", "fr-extracted")}
+            for name in ("fr", "fr-refactored", "fr-extracted", "smollm2-135m-instruct")}
+        base = answers.pop("smollm2-135m-instruct")
         assert len(set(answers.values())) == 1, answers
+        assert base not in answers.values()  # the adapters are really applied
 
 
 def test_a_merge_hashes_each_stored_file_at_most_once(tiny, tmp_path, monkeypatch):

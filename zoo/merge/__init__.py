@@ -60,7 +60,6 @@ def merge(options: MergeOptions, registry: Registry | None = None,
     return _execute(plan, options, registry, log)
 
 
-
 def dequantize(base_ref: str, out: Path | None = None, name: str | None = None,
                dtype: str | None = None, force: bool = False, registry: Registry | None = None,
                log: Callable[[str], None] = lambda _: None) -> MergeResult:
@@ -93,12 +92,8 @@ class _Plan:
 def _plan(options: MergeOptions, registry: Registry) -> _Plan:
     if not options.adapters:
         raise NotSupported("no adapter given", hint="Pass --adapter NAME (repeatable).")
-    weights = options.weights or tuple(1.0 for _ in options.adapters)
-    if len(weights) != len(options.adapters):
-        raise NotSupported(f"{len(weights)} weights for {len(options.adapters)} adapters",
-                           hint="Give one --weights value per --adapter, comma-separated.")
-    catalog = registry.load()
-    entries = [catalog.adapter(name) for name in options.adapters]
+    entries, weights, base = adapters_of_one_base(registry.load(), options.adapters,
+                                                  options.weights)
     for entry in entries:
         if entry.kind == "bottleneck":
             raise NotSupported(
@@ -109,14 +104,6 @@ def _plan(options: MergeOptions, registry: Registry) -> _Plan:
         details = entry.lora
         if details and (details.lora_bias or details.bias != "none"):
             raise NotSupported(f"{entry.name!r} trains biases; zoo merges weight updates only")
-    bases = {e.base for e in entries}
-    if len(bases) != 1:
-        raise BaseMismatch(f"the adapters belong to different bases: {', '.join(sorted(bases))}")
-    base = catalog.base(bases.pop())
-    for entry in entries:
-        if entry.base_hash != base.content_hash:
-            raise BaseMismatch(f"{entry.name!r} was registered against another version of "
-                               f"{base.name!r} (base hash differs)")
     dora = [e.name for e in entries if e.lora and e.lora.use_dora]
     if dora and len(entries) > 1:
         raise NotSupported(f"DoRA adapter {dora[0]!r} can only be merged on its own")
@@ -134,6 +121,26 @@ def _plan(options: MergeOptions, registry: Registry) -> _Plan:
         name = f"{entries[0].name}-merged"
     return _Plan(base, source, resolved, _target(options, registry, name), _dtype(options.dtype, base),
                  name)
+
+
+def adapters_of_one_base(catalog, names, weights=None
+                         ) -> tuple[list[AdapterEntry], tuple[float, ...], BaseEntry]:
+    """The entries of ``names``, one weight each (1 by default), and the one base they all
+    belong to, in the version they were registered against."""
+    weights = weights or tuple(1.0 for _ in names)
+    if len(weights) != len(names):
+        raise NotSupported(f"{len(weights)} weights for {len(names)} adapters",
+                           hint="Give one --weights value per --adapter, comma-separated.")
+    entries = [catalog.adapter(name) for name in names]
+    bases = {e.base for e in entries}
+    if len(bases) != 1:
+        raise BaseMismatch(f"the adapters belong to different bases: {', '.join(sorted(bases))}")
+    base = catalog.base(bases.pop())
+    for entry in entries:
+        if entry.base_hash != base.content_hash:
+            raise BaseMismatch(f"{entry.name!r} was registered against another version of "
+                               f"{base.name!r} (base hash differs)")
+    return entries, tuple(weights), base
 
 
 def _dtype(requested: str | None, base: BaseEntry) -> str:
@@ -170,13 +177,13 @@ def _execute(plan: _Plan, options: MergeOptions, registry: Registry,
     original_dir = variant_path(registry, plan.base, ORIGINAL)
     stage = new_stage(plan.target.parent if plan.target else registry.home / "tmp", ".zoo-merge")
     try:
+        source = TensorSource(source_dir)
         loras = [LoraFile.open(e.name, path, w) for e, path, w in plan.adapters]
         check = None
         if options.verify != "none" and loras:
             log("verifying each merged weight against PEFT's LoRA layer as it is written")
-            check = ModuleCheck(loras, plan.dtype,
-                                real_activations(TensorSource(source_dir), original_dir))
-        planned, scales, plan.untied_lm_head = plan_tensors(source_dir, loras, plan.dtype, check)
+            check = ModuleCheck(loras, plan.dtype, real_activations(source, original_dir))
+        planned, scales, plan.untied_lm_head = plan_tensors(source, loras, plan.dtype, check)
         log(f"writing {len(planned)} tensors ({plan.dtype}) from {plan.base.name}"
             f"{'@nf4 (dequantized)' if plan.source_variant == 'nf4' else ''}"
             f" + {len(plan.adapters)} adapter(s)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +31,7 @@ from zoo.catalog.registry import Registry
 from zoo.catalog.store import BaseRef, claim_name, register_adapter
 from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import BaseMismatch, NotSupported, ShapeMismatch
+from zoo.merge import adapters_of_one_base
 from zoo.merge.lora import LoraFile, fold
 from zoo.merge.nf4 import dequantize_from, quantized_weights
 from zoo.merge.tensors import TensorSource
@@ -50,7 +51,6 @@ class AlgebraResult:
     modules: int
     logits: dict | None = None  # PEFT with the inputs against PEFT with the result
     worst_module: tuple[str, float] | None = None
-    details: dict = field(default_factory=dict)
 
 
 # -- factoring -------------------------------------------------------------------------
@@ -102,26 +102,17 @@ def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> 
 def _lora_entries(registry: Registry, names, weights=None) -> tuple[list[LoraFile], BaseEntry,
                                                                     str]:
     """Open LoRA adapters of one base (and variant) for algebra; refuse what cannot be."""
-    catalog = registry.load()
-    entries = [catalog.adapter(n) for n in names]
-    weights = weights or tuple(1.0 for _ in entries)
-    if len(weights) != len(entries):
-        raise NotSupported(f"{len(weights)} weights for {len(entries)} adapters",
-                           hint="Give one --weights value per --adapter, comma-separated.")
+    entries, weights, base = adapters_of_one_base(registry.load(), names, weights)
     for e in entries:
         if e.kind == "bottleneck":
             raise NotSupported(f"{e.name!r} is a bottleneck adapter: it has no low-rank update")
         if e.lora and (e.lora.lora_bias or e.lora.bias != "none" or e.lora.modules_to_save):
             raise NotSupported(f"{e.name!r} trains biases or whole modules, which a LoRA "
                                "adapter cannot carry as a low-rank update")
-    if len({(e.base, e.base_variant) for e in entries}) != 1:
-        raise BaseMismatch("the adapters belong to different bases: "
-                           + ", ".join(sorted({f"{e.base}@{e.base_variant}" for e in entries})))
-    base = catalog.base(entries[0].base)
-    for e in entries:
-        if e.base_hash != base.content_hash:
-            raise BaseMismatch(f"{e.name!r} was registered against another version of "
-                               f"{base.name!r} (base hash differs)")
+    if len({e.base_variant for e in entries}) != 1:
+        raise BaseMismatch("the adapters were trained on different variants of "
+                           f"{base.name}: "
+                           + ", ".join(sorted({e.base_variant for e in entries})))
     loras = [LoraFile.open(e.name, require_intact(registry, e), w)
              for e, w in zip(entries, weights, strict=True)]
     for lora in loras:
@@ -221,8 +212,7 @@ def combine(options: CombineOptions, registry: Registry | None = None,
                 factors[module] = factor_product(
                     [lora.factors(module, weighted=True) for lora in present], rank)
                 continue
-            deltas = [lora.delta(module, lora.modules()[module], weighted=False)
-                      for lora in present]
+            deltas = [lora.delta(module, weighted=False) for lora in present]
             weights = torch.tensor([lora.weight for lora in present])
             if options.method == "ties":
                 combined = ties(deltas, weights, options.density, "total")
@@ -277,7 +267,7 @@ def compress(name: str, rank: int, new_name: str | None = None, registry: Regist
         if dora:
             weight = _base_weight(source, module + ".weight")
             magnitude = lora.tensors.get(roles["magnitude"])
-            merged = fold(weight, module, [(lora, roles)], lora.fan_in_fan_out, magnitude)
+            merged = fold(weight, module, [lora], lora.fan_in_fan_out, magnitude)
             delta = merged - weight.float()
             factors[module] = factor_dense(delta.T if lora.fan_in_fan_out else delta, rank)
         else:
@@ -311,10 +301,10 @@ def extract(model: str, base_ref: str, rank: int, name: str, registry: Registry 
     _check_new_name(registry, name)
     catalog = registry.load()
     base_name, variant = split_variant(base_ref)
-    base = catalog.base(base_name)
-    base_dir = variant_path(registry, base, variant or ORIGINAL)
-    if (variant or ORIGINAL) != ORIGINAL:
+    if variant is not None:
         raise NotSupported("extract from the 16-bit base", hint=f"Use --base {base_name}.")
+    base = catalog.base(base_name)
+    base_dir = variant_path(registry, base, ORIGINAL)
     model_dir = Path(model) if Path(model).is_dir() else require_intact(
         registry, catalog.base(model))
     tuned, original = TensorSource(model_dir), TensorSource(base_dir)
@@ -354,12 +344,12 @@ def logit_change(registry: Registry, base: BaseEntry, variant: str, loras: list[
                  result: AdapterEntry) -> dict:
     """PEFT on the base with the input adapters (at their weights) against PEFT with the
     result, on the verification prompts: ``{max_abs_diff, max_abs_logit, tokens}``."""
-    from zoo.merge.verify import _inputs, reference_model
+    from zoo.merge.verify import reference_model, token_inputs
 
     source_dir = variant_path(registry, base, variant)
     adapters = [(None, lora.path, lora.weight) for lora in loras]
     model = reference_model(source_dir, adapters, variant == "nf4")
-    batches = _inputs(variant_path(registry, base, ORIGINAL), model.config.vocab_size)
+    batches = token_inputs(variant_path(registry, base, ORIGINAL), model.config.vocab_size)
     with torch.no_grad():
         want = [model(input_ids=ids).logits.float() for ids in batches]
         model.load_adapter(registry.resolve(result.path), adapter_name="result")
@@ -374,10 +364,10 @@ def model_logit_change(model_dir: Path, base_dir: Path, registry: Registry,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from zoo.merge.verify import _inputs
+    from zoo.merge.verify import token_inputs
 
     tuned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    batches = _inputs(base_dir, tuned.config.vocab_size)
+    batches = token_inputs(base_dir, tuned.config.vocab_size)
     with torch.no_grad():
         want = [tuned(input_ids=ids).logits.float() for ids in batches]
     del tuned

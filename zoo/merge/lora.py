@@ -87,7 +87,7 @@ class LoraFile:
         alpha = match_pattern(self.config.get("alpha_pattern") or {}, module)
         if alpha is None:
             alpha = self.config.get("lora_alpha", rank)
-        return lora_scale(int(rank), float(alpha), bool(self.config.get("use_rslora", False)))
+        return lora_scale(rank, float(alpha), bool(self.config.get("use_rslora", False)))
 
     def factors(self, module: str, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(left, right)`` in float32 whose product is this adapter's update of ``module``
@@ -101,15 +101,10 @@ class LoraFile:
         return (self.tensors.get(roles["B"]).float().mul_(factor),
                 self.tensors.get(roles["A"]).float())
 
-    def delta(self, module: str, roles: dict[str, str], weighted: bool = True) -> torch.Tensor:
-        """This adapter's (weighted) update of ``module`` in float32, shaped [out, in]
-        ([num, dim] for an embedding)."""
-        factor = self.scale(module) * (self.weight if weighted else 1.0)
-        if "embA" in roles:  # embeddings: B [dim, r] @ A [r, num], transposed to [num, dim]
-            a, b = self.tensors.get(roles["embA"]).float(), self.tensors.get(roles["embB"]).float()
-            return (b @ a).mul_(factor).T
-        a, b = self.tensors.get(roles["A"]).float(), self.tensors.get(roles["B"]).float()
-        return (b @ a).mul_(factor)
+    def delta(self, module: str, weighted: bool = True) -> torch.Tensor:
+        """This adapter's (weighted) update of ``module``, dense, rows first."""
+        left, right = self.factors(module, weighted)
+        return left @ right
 
 
 def rows_per_block(width: int) -> int:
@@ -128,10 +123,10 @@ def fold_rows(rows: torch.Tensor, factors, magnitude: torch.Tensor | None = None
     return merged
 
 
-def fold(weight: torch.Tensor, module: str, contributions, fan_in_fan_out: bool = False,
+def fold(weight: torch.Tensor, module: str, loras: list[LoraFile], fan_in_fan_out: bool = False,
          magnitude: torch.Tensor | None = None) -> torch.Tensor:
-    """W + the contributions' (``[(LoraFile, roles)]``) updates in float32, in W's layout."""
+    """W + the adapters' updates of ``module`` in float32, in W's layout."""
     rows = weight.T if fan_in_fan_out else weight
-    merged = fold_rows(rows, [lora.factors(module) for lora, _roles in contributions],
+    merged = fold_rows(rows, [lora.factors(module) for lora in loras],
                        None if magnitude is None else magnitude.float())
     return merged.T if fan_in_fan_out else merged

@@ -8,8 +8,6 @@ A and B for that module. Untouched tensors are copied through as bytes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from zoo.errors import ShapeMismatch
@@ -20,11 +18,10 @@ from zoo.merge.tensors import PlannedTensor, TensorSource
 TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
 
-def plan_tensors(source_dir: Path, loras: list[LoraFile], dtype: str, check=None
+def plan_tensors(source: TensorSource, loras: list[LoraFile], dtype: str, check=None
                  ) -> tuple[list[PlannedTensor], dict[str, float], bool]:
     """``(planned tensors, scale per adapter, whether lm_head was untied)``; ``check`` is
     called with each merged weight as it is made (``verify.ModuleCheck``)."""
-    source = TensorSource(source_dir)
     out_dtype = getattr(torch, dtype)
     targets: dict[str, list[tuple[LoraFile, dict]]] = {}
     saved: dict[str, tuple[LoraFile, str]] = {}

@@ -7,8 +7,8 @@ rank, alpha, rsLoRA and DoRA of the module, and the adapter's A, B and
 magnitude read by their PEFT names with safetensors' own reader). Both sides
 run in float64 on random, outlier-heavy and, where the width fits, real
 activations (token embeddings of a few prompts), one block of rows at a time
-as the merge makes them, so memory is a few blocks whatever the model's size. Two bounds, each derived from
-rounding, not tuned:
+as the merge makes them, so memory is a few blocks whatever the model's size.
+Two bounds, each derived from rounding, not tuned:
 
 - the merged weight in float32 must give PEFT's output to within the
   float32 rounding of W + sum(w·s·B·A): ``(k + 2) · u32 · |x| · M`` per output
@@ -20,8 +20,8 @@ rounding, not tuned:
 
 **Full check** (``--verify full``, on request): the merged model's logits
 against the base + adapters run by PEFT, both whole in memory; the tolerance
-is four times what rounding the base's own weights to the output dtype moves
-its logits, measured on the same tokens.
+is four times what rounding PEFT's own ``merge_and_unload`` to the output
+dtype moves them, measured on the same tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from zoo.errors import VerificationFailed
+from zoo.merge.stream import TIED_EMBEDDINGS
 from zoo.models.adapters import PEFT_PREFIX, PEFT_WEIGHTS
 from zoo.models.nf4 import load_nf4
 
@@ -65,33 +66,12 @@ class ModuleCheck:
         self.modules += 1
         return _ModuleCheck(self, module, contributions, layer, stored, x, embedding, transposed)
 
-    @torch.no_grad()
-    def check_block(self, layer, module, contributions, w, merged, written, rows, x,
-                    embedding) -> None:
-        if embedding:  # the rows are the table's: look up every one of them
-            ids = torch.arange(w.shape[0])
-            want = layer(ids)
-            got32, got = merged.double(), written.double()
-            bound = _bound_embedding(layer, w, contributions, self.unit, merged)
-        else:
-            want = layer(x)
-            got32 = x @ merged.double().T
-            got = x @ written.double().T
-            bound = _bound_linear(layer, x, w, contributions, merged, self.unit)
-        exact_bound, written_bound = bound
-        e32 = (got32 - want).abs()
-        ew = (got - want).abs()
-        r32 = float((e32 / exact_bound).max())
-        rw = float((ew / written_bound).max())
-        self.worst["float32"] = max(self.worst["float32"], r32)
-        self.worst["written"] = max(self.worst["written"], rw)
-        self.worst["max_abs_diff"] = max(self.worst["max_abs_diff"], float(ew.max()))
-        self.rows += int(want.shape[0])
-        if not (r32 <= 1.0 and rw <= 1.0):
-            which = "the merged float32 weight" if not r32 <= 1.0 else "the written weight"
-            raise VerificationFailed(
-                f"{module}: {which} differs from PEFT's LoRA layer by {max(r32, rw):.3g}x "
-                f"the rounding bound (rows {rows.start}-{rows.stop})")
+    def record(self, vs_float32: float, vs_rounding: float, max_abs_diff: float,
+               rows: int) -> None:
+        self.worst["float32"] = max(self.worst["float32"], vs_float32)
+        self.worst["written"] = max(self.worst["written"], vs_rounding)
+        self.worst["max_abs_diff"] = max(self.worst["max_abs_diff"], max_abs_diff)
+        self.rows += rows
 
     def _activations(self, width: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
@@ -123,13 +103,32 @@ class _ModuleCheck:
     embedding: bool
     transposed: bool
 
+    @torch.no_grad()
     def check(self, rows: slice, base: torch.Tensor, merged: torch.Tensor,
               written: torch.Tensor) -> None:
         """These rows (first dimension: outputs, or the table's entries) of the base, the
         merged weight in float32 and the weight as written."""
-        _load_rows(self.layer, self.stored, base, rows, self.embedding, self.transposed)
-        self.owner.check_block(self.layer, self.module, self.contributions, base, merged,
-                               written, rows, self.x, self.embedding)
+        layer, unit = self.layer, self.owner.unit
+        _load_rows(layer, self.stored, base, rows, self.embedding, self.transposed)
+        if self.embedding:  # the rows are the table's: look up every one of them
+            want = layer(torch.arange(base.shape[0]))
+            got32, got = merged.double(), written.double()
+            exact_bound, written_bound = _bound_embedding(layer, base, self.contributions,
+                                                          unit, merged)
+        else:
+            want = layer(self.x)
+            got32, got = self.x @ merged.double().T, self.x @ written.double().T
+            exact_bound, written_bound = _bound_linear(layer, self.x, base, self.contributions,
+                                                       merged, unit)
+        r32 = float(((got32 - want).abs() / exact_bound).max())
+        errors = (got - want).abs()
+        rw = float((errors / written_bound).max())
+        self.owner.record(r32, rw, float(errors.max()), int(want.shape[0]))
+        if not (r32 <= 1.0 and rw <= 1.0):
+            which = "the merged float32 weight" if not r32 <= 1.0 else "the written weight"
+            raise VerificationFailed(
+                f"{self.module}: {which} differs from PEFT's LoRA layer by {max(r32, rw):.3g}x "
+                f"the rounding bound (rows {rows.start}-{rows.stop})")
 
 
 def _bound_linear(layer, x, w, contributions, merged, unit):
@@ -257,8 +256,7 @@ def real_activations(source, original_dir: Path) -> dict[int, torch.Tensor]:
 
     from zoo.catalog.loading import load_tokenizer
 
-    name = next((n for n in ("model.embed_tokens.weight", "transformer.wte.weight")
-                 if n in source), None)
+    name = next((n for n in TIED_EMBEDDINGS if n in source), None)
     if name is None:
         return {}
     try:
@@ -317,7 +315,7 @@ def reference_model(source_dir: Path, adapters, nf4: bool):
     return peft.eval()
 
 
-def _inputs(original_dir: Path, vocab_size: int):
+def token_inputs(original_dir: Path, vocab_size: int):
     """Token ids to compare on: the prompts through the base's tokenizer, and a fixed
     random sequence (all that is left for a model saved without a tokenizer)."""
     from zoo.catalog.loading import load_tokenizer
@@ -340,7 +338,7 @@ def verify_full(merged_dir: Path, source_dir: Path, original_dir: Path, plan) ->
 
     reference = reference_model(source_dir, plan.adapters, plan.source_variant == "nf4")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    batches = _inputs(original_dir, merged.config.vocab_size)
+    batches = token_inputs(original_dir, merged.config.vocab_size)
     worst, scale, tokens, wanted = 0.0, 0.0, 0, []
     with torch.no_grad():
         for ids in batches:

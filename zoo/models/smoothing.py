@@ -19,13 +19,13 @@ the quantized variant as ``zoo_smoothing.scales``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from zoo.models.adapters import PEFT_PREFIX, PEFT_WEIGHTS
 
 # safetensors inside, but not named *.safetensors: vLLM loads every such file of a
 # checkpoint as model weights
 SCALES_FILE = "zoo_smoothing.scales"
-PEFT_PREFIX = "base_model.model."
 
 
 def save_scales(out: Path, scales: dict, config) -> None:
@@ -69,7 +69,7 @@ def adapt_lora(adapter_dir: Path, scales: dict, out: Path) -> Path:
 
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    tensors = load_file(str(adapter_dir / PEFT_WEIGHTS))
     group, kv_heads = scales["_group"], scales["_kv_heads"]
     adapted = {}
     for key, value in tensors.items():
@@ -92,10 +92,8 @@ def adapt_lora(adapter_dir: Path, scales: dict, out: Path) -> Path:
                 value = value / scales[f"layers.{i}.{row}"][:, None]
         adapted[key] = value.to(tensors[key].dtype).contiguous()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapted, str(out / "adapter_model.safetensors"))
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    for extra in adapter_dir.iterdir():
-        if extra.name not in ("adapter_model.safetensors", "adapter_config.json") and extra.is_file():
-            shutil.copyfile(extra, out / extra.name)
+    save_file(adapted, str(out / PEFT_WEIGHTS))
+    for other in adapter_dir.iterdir():  # the config and anything else, as they are
+        if other.name != PEFT_WEIGHTS and other.is_file():
+            shutil.copyfile(other, out / other.name)
     return out

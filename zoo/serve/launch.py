@@ -135,20 +135,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
     max_loras = options.max_loras or default_max_loras(model_path, max_rank, options.dtype)
     max_cpu_loras = options.max_cpu_loras or CPU_LORAS_PER_SLOT * max_loras
-    argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_path), "--served-model-name", base.name,
-        "--host", options.host, "--port", str(options.port),
-        "--dtype", options.dtype, "--max-model-len", str(options.max_model_len),
-        "--gpu-memory-utilization", CPU_MEMORY_UTILIZATION,
-        "--enable-lora", "--max-loras", str(max_loras),
-        "--max-cpu-loras", str(max_cpu_loras), "--max-lora-rank", str(max_rank),
-        "--middleware", "zoo.serve.middleware.ZooMiddleware",
-        "--disable-uvicorn-access-log",
-    ]
-    if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU
-        argv += ["--quantization", "bitsandbytes"]
-    argv += list(options.extra_args)
+    argv = vllm_argv(options, base, model_path, max_rank, max_loras, max_cpu_loras)
     run_env = {
         **os.environ,
         env.HOME_VARIABLE: str(registry.home),
@@ -165,6 +152,25 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         run_env[env.KEYS_VARIABLE] = str(Path(options.api_keys).absolute())
     return ServePlan(base, model_path, served, left_out, max_rank, max_loras, max_cpu_loras,
                      argv, run_env)
+
+
+def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank: int,
+              max_loras: int, max_cpu_loras: int) -> list[str]:
+    """vLLM's OpenAI server command line for these options and LoRA sizes."""
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path), "--served-model-name", base.name,
+        "--host", options.host, "--port", str(options.port),
+        "--dtype", options.dtype, "--max-model-len", str(options.max_model_len),
+        "--gpu-memory-utilization", CPU_MEMORY_UTILIZATION,
+        "--enable-lora", "--max-loras", str(max_loras),
+        "--max-cpu-loras", str(max_cpu_loras), "--max-lora-rank", str(max_rank),
+        "--middleware", "zoo.serve.middleware.ZooMiddleware",
+        "--disable-uvicorn-access-log",
+    ]
+    if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU
+        argv += ["--quantization", "bitsandbytes"]
+    return argv + list(options.extra_args)
 
 
 def lora_slot_bytes(model_path: Path, max_rank: int, dtype: str) -> int:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zoo.catalog.home import staging_dir
@@ -26,7 +27,18 @@ from zoo.catalog.registry import Registry
 from zoo.core.tables import DEFAULT_ROUTER_POLICY as DEFAULT_POLICY
 from zoo.core.tables import ROUTER_POLICIES as POLICIES
 from zoo.errors import ServeError
-from zoo.serve.launch import ServeOptions, ServePlan, free_port, plan_serve, stop, wait_healthy
+from zoo.serve.launch import (
+    CPU_LORAS_PER_SLOT,
+    ServeOptions,
+    ServePlan,
+    describe,
+    free_port,
+    plan_serve,
+    prepare_base,
+    stop,
+    vllm_argv,
+    wait_healthy,
+)
 from zoo.serve.plugin import STATE_VARIABLE
 
 # The share of this machine's memory all replicas' KV caches may take together.
@@ -41,8 +53,7 @@ HEALTH_TIMEOUT_S = 2
 class Replica:
     index: int
     port: int
-    plan: ServePlan
-    env: dict[str, str] = field(repr=False)
+    plan: ServePlan  # its argv and env are this replica's own
     log_path: Path
     process: subprocess.Popen | None = None
     restarts: int = 0
@@ -96,35 +107,39 @@ def kv_cache_gib(replicas: int) -> int:
 
 def plan_replicas(options: ServeOptions, replicas: int, registry: Registry,
                   state: Path, gpus: int = 0) -> list[Replica]:
-    """One plan per replica: its port, cores (or GPU), KV cache and share of LoRA slots."""
+    """One plan per replica: its port, cores (or GPU), KV cache and share of LoRA slots.
+    The catalog is read and checked once (``plan_serve``); replicas differ in argv and env."""
     if replicas < 1:
         raise ServeError("--replicas must be at least 1")
-    base = plan_serve(options, registry)
-    max_loras = options.max_loras or max(1, base.max_loras // replicas)
+    shared = plan_serve(options, registry)
+    max_loras = options.max_loras or max(1, shared.max_loras // replicas)
+    max_cpu_loras = options.max_cpu_loras or CPU_LORAS_PER_SLOT * max_loras
+    sized = gpus or "--kv-cache-memory-bytes" in options.extra_args  # the user's own
+    kv = () if sized else ("--kv-cache-memory-bytes", str(kv_cache_gib(replicas) * 1024**3))
     shares = cpu_shares(replicas) if not gpus else [""] * replicas
     planned = []
     for i in range(replicas):
         port = free_port()
-        sized = gpus or "--kv-cache-memory-bytes" in options.extra_args  # the user's own
-        extra = () if sized else ("--kv-cache-memory-bytes",
-                                  str(kv_cache_gib(replicas) * 1024**3))
-        plan = plan_serve(replace(options, port=port, host="127.0.0.1", max_loras=max_loras,
-                                  extra_args=(*options.extra_args, *extra)), registry)
-        run_env = dict(plan.env)
+        own = replace(options, port=port, host="127.0.0.1",
+                      extra_args=(*options.extra_args, *kv))
+        argv = vllm_argv(own, shared.base, shared.model_path, shared.max_lora_rank, max_loras,
+                         max_cpu_loras)
+        replica_state = state / f"replica-{i}"
+        replica_state.mkdir()
+        run_env = {**shared.env, STATE_VARIABLE: str(replica_state)}
         if gpus:
             run_env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         else:
             run_env["VLLM_CPU_OMP_THREADS_BIND"] = shares[i]
-        replica_state = state / f"replica-{i}"
-        replica_state.mkdir()
-        run_env[STATE_VARIABLE] = str(replica_state)
-        planned.append(Replica(i, port, plan, run_env, replica_state / "vllm.log"))
+        plan = replace(shared, argv=argv, env=run_env, max_loras=max_loras,
+                       max_cpu_loras=max_cpu_loras)
+        planned.append(Replica(i, port, plan, replica_state / "vllm.log"))
     return planned
 
 
 def start_replica(replica: Replica) -> None:
     with open(replica.log_path, "ab") as out:
-        replica.process = subprocess.Popen(replica.plan.argv, env=replica.env, stdout=out,
+        replica.process = subprocess.Popen(replica.plan.argv, env=replica.plan.env, stdout=out,
                                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -136,7 +151,6 @@ class Fleet:
     replicas: list[Replica]
     router: subprocess.Popen
     router_log: Path
-    events: list[str] = field(default_factory=list)
 
 
 def _supervise(fleet: Fleet, stopping: threading.Event, log: Callable[[str], None],
@@ -149,16 +163,14 @@ def _supervise(fleet: Fleet, stopping: threading.Event, log: Callable[[str], Non
                 continue
             _kill_group(process)  # its engine processes, if any are left
             replica.restarts += 1
-            line = (f"replica {replica.index} ({replica.url}) exited with code "
-                    f"{process.returncode}: restarting it (restart {replica.restarts})")
-            fleet.events.append(line)
-            log(line)
+            log(f"replica {replica.index} ({replica.url}) exited with code "
+                f"{process.returncode}: restarting it (restart {replica.restarts})")
             start_replica(replica)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
     try:
-        os.killpg(process.pid, 9)
+        os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -166,15 +178,12 @@ def _kill_group(process: subprocess.Popen) -> None:
 @contextmanager
 def running_fleet(options: ServeOptions, replicas: int, policy: str = DEFAULT_POLICY,
                   registry: Registry | None = None, gpus: int = 0,
-                  startup_timeout: float = 900, log: Callable[[str], None] = lambda _: None,
-                  state_dir: Path | None = None) -> Iterator[Fleet]:
+                  startup_timeout: float = 900, log: Callable[[str], None] = lambda _: None
+                  ) -> Iterator[Fleet]:
     """Start ``replicas`` engines and the router on ``options.port``; stop all on exit."""
-    from zoo.serve.launch import describe, prepare_base
-
     registry = registry or Registry()
     prepare_base(options, registry, log)
-    with ExitStack() as stack:
-        state = state_dir or stack.enter_context(staging_dir(registry.home, "serve"))
+    with staging_dir(registry.home, "serve") as state:
         planned = plan_replicas(options, replicas, registry, state, gpus)
         for line in describe(planned[0].plan, options)[:1]:
             log(line)
@@ -182,7 +191,7 @@ def running_fleet(options: ServeOptions, replicas: int, policy: str = DEFAULT_PO
             for replica in planned:
                 start_replica(replica)
                 log(f"replica {replica.index}: {replica.url} (cores "
-                    f"{replica.env.get('VLLM_CPU_OMP_THREADS_BIND', '-')}, log "
+                    f"{replica.plan.env.get('VLLM_CPU_OMP_THREADS_BIND', '-')}, log "
                     f"{replica.log_path})")
             for replica in planned:
                 wait_healthy(replica.url, replica.process, replica.log_path, startup_timeout)
@@ -217,8 +226,6 @@ def serve_replicas(options: ServeOptions, replicas: int, policy: str,
                    registry: Registry | None = None, gpus: int = 0,
                    log: Callable[[str], None] = lambda _: None) -> int:
     """Run the fleet in the foreground until Ctrl-C or SIGTERM."""
-    import signal
-
     def terminate(_signum, _frame):
         raise KeyboardInterrupt
 
