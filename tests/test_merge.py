@@ -441,6 +441,35 @@ def test_merge_memory_does_not_grow_with_the_model(tmp_path, zoo_home):
     assert extra[16] < 16 * tensor_bytes / 3, {k: v / 1e6 for k, v in extra.items()}
 
 
+def test_tensor_files_read_rows_blocks_and_pieces_like_safetensors(tmp_path):
+    """zoo's streaming reader against safetensors' own: rows, blocks of rows and byte pieces
+    (read into one reused buffer) of every dtype and shape, scalars and empty tensors too."""
+    from safetensors.torch import save_file
+
+    from zoo.merge.tensors import TensorFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(37, 5, 3, generator=g).to(torch.bfloat16),
+               "v": torch.randn(11, generator=g), "i": torch.arange(9, dtype=torch.int64),
+               "s": torch.tensor(2.5, dtype=torch.float16), "e": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    reference, f = load_file(tmp_path / "t.safetensors"), TensorFile(tmp_path / "t.safetensors")
+    for name, want in reference.items():
+        assert torch.equal(f.get(name), want), name
+        assert b"".join(bytes(piece) for piece in f.raw(name, chunk=7)) == \
+            want.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), name
+        blocks = list(f.row_blocks(name, max_bytes=40))
+        if want.dim() == 0:
+            assert [b.item() for b in blocks] == [want.item()]
+        elif len(want) == 0:
+            assert blocks == [], name
+        else:
+            assert torch.equal(torch.cat(blocks), want), name
+        if want.dim() and len(want) > 3:
+            assert torch.equal(f.rows(name, 2, len(want) - 1), want[2:-1]), name
+            assert len(blocks) > 1, name
+
+
 @pytest.fixture(scope="module")
 def bf16_server(smollm2_home, tmp_path_factory, engine_reports):
     """vLLM serving the 16-bit real base (float32 compute) and a LoRA trained on it."""

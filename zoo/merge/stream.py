@@ -8,12 +8,15 @@ A and B for that module. Untouched tensors are copied through as bytes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
+from zoo.core.tables import numel
 from zoo.errors import ShapeMismatch
 from zoo.merge.lora import LoraFile, fold_rows, rows_per_block
 from zoo.merge.nf4 import STATE_SUFFIX, dequantize_from, is_aux, quantized_weights, read_state
-from zoo.merge.tensors import PlannedTensor, TensorSource
+from zoo.merge.tensors import PlannedTensor, TensorSource, tensor_bytes
 
 TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
 
@@ -42,14 +45,18 @@ def plan_tensors(source: TensorSource, loras: list[LoraFile], dtype: str, check=
             raise ShapeMismatch("lm_head.weight", (), (), "base (no lm_head or tied embedding)")
         names.append("lm_head.weight")
 
+    def stored(name: str) -> str:
+        return embedding if name == "lm_head.weight" and untied else name
+
     def base_value(name: str) -> torch.Tensor:
-        if name == "lm_head.weight" and untied:
-            name = embedding
+        name = stored(name)
         return dequantize_from(source, name) if name in nf4 else source.get(name)
 
+    def base_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        return source.rows(stored(name), start, stop)
+
     def shape_of(name: str) -> tuple[int, ...]:
-        if name == "lm_head.weight" and untied:
-            name = embedding
+        name = stored(name)
         return tuple(nf4[name].shape) if name in nf4 else source.shape(name)
 
     def dtype_of(name: str) -> torch.dtype:
@@ -69,8 +76,9 @@ def plan_tensors(source: TensorSource, loras: list[LoraFile], dtype: str, check=
         copied = False
         if name.endswith(".weight") and module in targets:
             covered.add(module)
-            make = _folding(name, module, targets[module], base_value, out_dtype, shape_of(name),
-                            check)
+            rows = None if stored(name) in nf4 else base_rows
+            make = _folding(name, module, targets[module], base_value, rows, out_dtype,
+                            shape_of(name), check)
         elif name in saved:
             lora, key = saved[name]
             make = _saved(lora, key, out_dtype, shape_of(name))
@@ -100,32 +108,52 @@ def _check_shapes(name: str, shape: tuple[int, ...], contributions) -> None:
             raise ShapeMismatch(roles["B"], (out_f, b[1]), b, f"base of {lora.name}")
 
 
-def _folding(name, module, contributions, base_value, out_dtype, shape, check):
+def _folding(name, module, contributions, base_value, base_rows, out_dtype, shape, check):
     """Make the merged weight block of rows by block of rows: each block is the base's rows
-    in float32 plus every adapter's update for them, DoRA-rescaled, rounded once into the
-    output, and checked while it is at hand. The float32 copy is never the whole weight."""
-    def make() -> torch.Tensor:
-        weight = base_value(name)
-        if tuple(weight.shape) != shape:
-            raise ShapeMismatch(name, shape, tuple(weight.shape), "merge")
+    in float32 plus every adapter's update for them, DoRA-rescaled, rounded once to the
+    output dtype and checked while it is at hand. Where the base's rows are stored rows
+    (``base_rows``: not NF4, not Conv1D's transposed layout) they are read, and the blocks
+    written, one at a time: no copy of the whole weight is held. Otherwise the base is read
+    whole and the output assembled before it is written."""
+    def make() -> Iterator[memoryview]:
         first, roles = contributions[0]
-        transposed = first.fan_in_fan_out and "embA" not in roles
-        written = torch.empty(shape, dtype=out_dtype)
-        w, out = (weight.T, written.T) if transposed else (weight, written)  # rows: outputs
         factors = [lora.factors(module) for lora, _roles in contributions]
         magnitude = first.tensors.get(roles["magnitude"]).float() if "magnitude" in roles \
             else None
-        session = check.module(module, w) if check is not None else None
-        step = rows_per_block(w.shape[1])
-        for start in range(0, w.shape[0], step):
-            rows = slice(start, min(start + step, w.shape[0]))
-            merged = fold_rows(w[rows], [(left[rows], right) for left, right in factors],
-                               None if magnitude is None else magnitude[rows])
-            out[rows] = merged  # rounded once to the output dtype
-            if session is not None:
-                session.check(rows, w[rows], merged, out[rows])
-        return written
+        transposed = first.fan_in_fan_out and "embA" not in roles
+        if base_rows is not None and not transposed:
+            blocks = _fold_blocks(lambda rows: base_rows(name, rows.start, rows.stop),
+                                  shape[0], numel(shape[1:]), module, factors, magnitude,
+                                  out_dtype, check)
+            for _rows, block in blocks:
+                yield tensor_bytes(block)
+            return
+        weight = base_value(name)
+        if tuple(weight.shape) != shape:
+            raise ShapeMismatch(name, shape, tuple(weight.shape), "merge")
+        written = torch.empty(shape, dtype=out_dtype)
+        w, out = (weight.T, written.T) if transposed else (weight, written)  # rows: outputs
+        for rows, block in _fold_blocks(lambda rows: w[rows], w.shape[0], w.shape[1], module,
+                                        factors, magnitude, out_dtype, check):
+            out[rows] = block
+        yield tensor_bytes(written)
     return make
+
+
+def _fold_blocks(read, count: int, width: int, module: str, factors, magnitude, out_dtype,
+                 check) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, merged rows in the output dtype)``, about 256 KB of float32 at a time."""
+    session = check.module(module, read(slice(0, 1))) if check is not None else None
+    step = rows_per_block(width)
+    for start in range(0, count, step):
+        rows = slice(start, min(start + step, count))
+        base = read(rows)
+        merged = fold_rows(base, [(left[rows], right) for left, right in factors],
+                           None if magnitude is None else magnitude[rows])
+        block = merged.to(out_dtype)  # rounded once
+        if session is not None:
+            session.check(rows, base, merged, block)
+        yield rows, block
 
 
 def _saved(lora: LoraFile, key: str, out_dtype, shape):

@@ -23,7 +23,7 @@ from zoo.core.tables import SAFETENSORS_TORCH, numel
 
 TORCH_DTYPES = {code: getattr(torch, name) for code, name in SAFETENSORS_TORCH.items()}
 ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-COPY_CHUNK = 8 * 1024**2  # bytes copied through at a time
+COPY_CHUNK = 1024**2  # bytes copied through (or checked) at a time: the peak grows by twice this
 
 
 class TensorFile:
@@ -44,29 +44,55 @@ class TensorFile:
     def dtype(self, name: str) -> torch.dtype:
         return TORCH_DTYPES[self.header[name]["dtype"]]
 
-    def raw(self, name: str, chunk: int = COPY_CHUNK) -> Iterator[bytes]:
-        """The tensor's stored bytes, in pieces of at most ``chunk`` bytes."""
+    def raw(self, name: str, chunk: int = COPY_CHUNK) -> Iterator[memoryview]:
+        """The tensor's stored bytes, in pieces of at most ``chunk`` bytes, read into one
+        buffer: each piece is valid until the next one is asked for."""
         start, end = self.header[name]["data_offsets"]
+        left = end - start
+        if not left:
+            return
+        buffer = memoryview(bytearray(min(chunk, left)))
         with open(self.path, "rb") as f:
             f.seek(8 + self._header_len + start)
-            left = end - start
             while left:
-                piece = f.read(min(chunk, left))
-                if not piece:
+                got = f.readinto(buffer[:min(chunk, left)])
+                if not got:
                     raise OSError(f"{self.path}: {name} is truncated")
-                left -= len(piece)
-                yield piece
+                left -= got
+                yield buffer[:got]
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read straight into its own memory (one copy, no memory map)."""
+        shape = self.shape(name)
+        return self.rows(name, 0, shape[0] if shape else 0)
+
+    def row_blocks(self, name: str, max_bytes: int = COPY_CHUNK) -> Iterator[torch.Tensor]:
+        """The tensor, a block of rows (first dimension) of at most ``max_bytes`` at a time
+        (one row at least); a scalar is one block."""
+        shape = self.shape(name)
+        if not shape:
+            yield self.get(name)
+            return
+        start, end = self.header[name]["data_offsets"]
+        step = max(1, max_bytes // max(1, (end - start) // max(1, shape[0])))
+        for first in range(0, shape[0], step):
+            yield self.rows(name, first, min(first + step, shape[0]))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of a tensor, read into their own memory."""
         info = self.header[name]
-        start, end = info["data_offsets"]
-        tensor = torch.empty(info["shape"], dtype=self.dtype(name))
-        if end > start:
+        shape = list(info["shape"])
+        begin, end = info["data_offsets"]
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else end - begin
+        if shape:
+            shape[0] = stop - start
+        tensor = torch.empty(shape, dtype=self.dtype(name))
+        size = tensor.numel() * tensor.element_size()
+        if size:
             with open(self.path, "rb") as f:
-                f.seek(8 + self._header_len + start)
+                f.seek(8 + self._header_len + begin + start * row_bytes)
                 view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-                if f.readinto(view) != end - start:
+                if f.readinto(view) != size:
                     raise OSError(f"{self.path}: {name} is truncated")
         return tensor
 
@@ -87,8 +113,11 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         return self._where[name].get(name)
 
-    def raw(self, name: str) -> Iterator[bytes]:
+    def raw(self, name: str) -> Iterator[memoryview]:
         return self._where[name].raw(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._where[name].rows(name, start, stop)
 
     def path_of(self, name: str) -> Path:
         return self._where[name].path
@@ -107,7 +136,7 @@ class PlannedTensor:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    make: Callable[[], torch.Tensor | Iterable[bytes]]
+    make: Callable[[], torch.Tensor | Iterable[bytes | memoryview]]
     computed: bool = True  # False: bytes copied verbatim (in pieces) from a checked source
 
     @property
@@ -162,23 +191,24 @@ def write_file(tensors: Iterable[PlannedTensor], path: Path,
         f.write(struct.pack("<Q", len(raw_header)))
         f.write(raw_header)
         for t in tensors:
-            value = t.make()
-            pieces = [_tensor_bytes(value, t)] if isinstance(value, torch.Tensor) else value
+            pieces = t.make()
+            if isinstance(pieces, torch.Tensor):
+                if tuple(pieces.shape) != t.shape or pieces.dtype != t.dtype:
+                    raise ValueError(f"{t.name}: made {pieces.dtype}{list(pieces.shape)}, "
+                                     f"planned {t.dtype}{list(t.shape)}")
+                pieces = [tensor_bytes(pieces)]
             written = 0
             for piece in pieces:
                 f.write(piece)
                 written += len(piece)
             if written != t.nbytes:
                 raise ValueError(f"{t.name}: made {written} bytes, planned {t.nbytes}")
-            del value, pieces
+            del pieces
             progress(t.name)
 
 
-def _tensor_bytes(value: torch.Tensor, planned: PlannedTensor) -> memoryview:
-    """The tensor's bytes, without copying them."""
-    if tuple(value.shape) != planned.shape or value.dtype != planned.dtype:
-        raise ValueError(f"{planned.name}: made {value.dtype}{list(value.shape)}, planned "
-                         f"{planned.dtype}{list(planned.shape)}")
+def tensor_bytes(value: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without copying them (a contiguous tensor)."""
     flat = value.contiguous().view(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -200,10 +230,9 @@ def check_written(out: Path, planned: list[PlannedTensor]) -> None:
                 seen.add(name)
         reader = TensorFile(path)  # plain reads: no memory map swelling the resident set
         for name in reader.names():
-            if not want[name].computed:
+            if not want[name].computed or not reader.dtype(name).is_floating_point:
                 continue
-            value = reader.get(name)
-            if value.is_floating_point() and not torch.isfinite(value).all():
+            if not all(torch.isfinite(rows).all() for rows in reader.row_blocks(name)):
                 raise ValueError(f"{path.name}: tensor {name} has NaN or Inf")
     if seen != set(want):
         raise ValueError(f"tensors missing from the output: {sorted(set(want) - seen)[:3]}")
