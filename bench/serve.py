@@ -1,6 +1,7 @@
 """zoo serve with many customers at once: throughput against the number of active adapters.
 
 Run: .venv/bin/python bench/serve.py [--catalog 1000] [--paths zoo,vllm] [--startup 3,1000,10000]
+     [--sections curve,ttft,startup] [--ttft-samples 10]
 
 One engine per LoRA path, started with zoo serve's defaults (no tuning flags), on
 the int8 base, with a catalog of --catalog registered rank-8 q/v LoRAs:
@@ -10,7 +11,9 @@ the int8 base, with a catalog of --catalog registered rank-8 q/v LoRAs:
   time (cold: loaded on first use) and then again (warm), against the base alone in
   the same run; vLLM's own LoRA path on the same load (fewer points: it is slow);
 * time to first token of an adapter never used before (cold) and of a loaded one
-  (warm) while 63 other adapters keep the engine busy: p50 and p99;
+  (warm) while 63 other adapters keep the engine busy: p50 and p99, with vLLM's
+  first-use path (ZOO_FAST_FIRST_USE=0: the API server awaits the load) and zoo's
+  (zoo/serve/first_use.py), one engine each;
 * start-up time (launch to /health) against catalog size;
 * bulk registration time of the catalog (zoo add DIR --many);
 * "previous": the same load on zoo as it was before this round (--previous, a
@@ -39,6 +42,8 @@ CURVE = (1, 8, 32, 64, 128)
 VLLM_CURVE = (8, 64)  # the slow paths get fewer points
 PREVIOUS = "d4e9273"  # zoo before this round
 QV = ("q_proj", "v_proj")
+FIRST_USE = {"0": "vLLM's (awaits the load, then submits)",  # ZOO_FAST_FIRST_USE
+             "1": "zoo's (submits at once, loaded on arrival)"}
 
 
 async def burst(url: str, models: list[str], tokens: int, concurrency: int) -> dict:
@@ -254,8 +259,8 @@ def main() -> None:
     parser.add_argument("--startup", default="3,1000,10000")
     parser.add_argument("--ttft-samples", type=int, default=10)
     parser.add_argument("--curve", default=",".join(map(str, CURVE)))
-    parser.add_argument("--sections", default="curve,startup",
-                        help="curve (throughput, TTFT) and/or startup; each is kept in "
+    parser.add_argument("--sections", default="curve,ttft,startup",
+                        help="curve (throughput), ttft and/or startup; each is kept in "
                              "bench/results/serve.json as it finishes")
     args = parser.parse_args()
 
@@ -311,18 +316,24 @@ def main() -> None:
                                  "vs base": result["tok_per_s"] / base["tok_per_s"]})
                     log(f"{path} {count} {state}: {result['tok_per_s']:.1f} tok/s "
                         f"({rows[-1]['vs base']:.2f}x)")
-            if path == "zoo":
-                busy = fresh(63)
-                asyncio.run(burst(url, busy, 2, n))
-                cold = asyncio.run(ttft_under_load(url, busy, fresh(args.ttft_samples)))
-                warm = asyncio.run(ttft_under_load(url, busy[1:], busy[:1] * args.ttft_samples))
-                ttft = {state: {"p50": percentile(v, 50), "p99": percentile(v, 99),
-                                "samples": len(v)} for state, v in (("cold", cold), ("warm", warm))}
 
     if "curve" in sections:
-        keep({"command": " ".join(sys.argv), "rows": rows, "ttft": ttft,
+        keep({"command": " ".join(sys.argv), "rows": rows,
               "bulk_registration_seconds": bulk_seconds})
         plot(rows, ROOT / "docs" / "serve-curve.png")
+    for first_use, label in FIRST_USE.items() if "ttft" in sections else ():
+        os.environ["ZOO_FAST_FIRST_USE"] = first_use
+        with engine("zoo") as url:
+            busy = fresh(63)
+            asyncio.run(burst(url, busy, 2, n))
+            cold = asyncio.run(ttft_under_load(url, busy, fresh(args.ttft_samples)))
+            warm = asyncio.run(ttft_under_load(url, busy[1:], busy[:1] * args.ttft_samples))
+        ttft[label] = {state: {"p50": percentile(v, 50), "p99": percentile(v, 99),
+                               "samples": len(v)} for state, v in (("cold", cold), ("warm", warm))}
+        log(f"{label}: cold p50 {ttft[label]['cold']['p50']:.2f} s")
+    os.environ.pop("ZOO_FAST_FIRST_USE", None)
+    if ttft:
+        keep({"ttft_command": " ".join(sys.argv), "ttft": ttft})
     startup = []
     for size in (int(s) for s in args.startup.split(",") if s and "startup" in sections):
         target, registered = small_catalog_home(home, size, log)
@@ -337,9 +348,13 @@ def main() -> None:
         print(table(rows, ["lora path", "adapters", "state", "tokens", "seconds", "tok_per_s",
                            "vs base"]))
     if ttft:
-        print(f"\ntime to first token with 63 adapters busy: cold p50 {ttft['cold']['p50']:.2f} s, "
-              f"p99 {ttft['cold']['p99']:.2f} s; warm p50 {ttft['warm']['p50']:.2f} s, "
-              f"p99 {ttft['warm']['p99']:.2f} s")
+        print("\ntime to first token (s) with 63 adapters busy, one engine per row")
+        print(table([{"first use": label, **{f"{state} {p}": ttft[label][state][p]
+                                             for state in ("cold", "warm") for p in ("p50", "p99")}}
+                     for label in ttft], ["first use", "cold p50", "cold p99", "warm p50",
+                                          "warm p99"]))
+        first, last = list(ttft.values())[0], list(ttft.values())[-1]
+        print(f"cold p50: {last['cold']['p50'] / first['cold']['p50']:.2f}x vLLM's first use")
     if startup:
         print("\nstart-up (launch to /health) against catalog size")
         print(table(startup, ["catalog", "registration_s", "seconds", "vs smallest"]))

@@ -139,11 +139,15 @@ def test_start_up_lists_what_is_served_and_what_is_left_out(served):
 
 
 def test_base_and_two_adapters_concurrently(served):
-    alone = {m: answer(served, m) for m in (BASE, "acme/a", "globex/b")}
+    """Mixed batches give each request its own adapter. Compared over the first 8 tokens:
+    a batch's shape changes the int8 kernels' summation order, and these random adapters'
+    babble has near-ties that flip later in a long answer (seen once in ~10 runs)."""
+    alone = {m: answer(served, m, max_tokens=8) for m in (BASE, "acme/a", "globex/b")}
     assert "Paris" in alone[BASE]
     assert len(set(alone.values())) == 3, alone  # each adapter changes the answer
     with ThreadPoolExecutor(6) as pool:
-        jobs = [(m, pool.submit(answer, served, m)) for m in 2 * [BASE, "acme/a", "globex/b"]]
+        jobs = [(m, pool.submit(answer, served, m, "ops", 8))
+                for m in 2 * [BASE, "acme/a", "globex/b"]]
         for model, job in jobs:
             assert job.result() == alone[model], model
 
@@ -211,6 +215,27 @@ def test_adapter_broken_while_serving_is_refused_and_others_keep_serving(served)
     assert "files changed" in str(err.value) and "adapter_model.safetensors" in str(err.value)
     assert "Paris" in answer(served, BASE)
     assert answer(served, "acme/a")
+
+
+def test_an_adapter_the_engine_cannot_load_fails_its_request_only(served, lora_maker):
+    """A cold adapter's request goes to the engine with its load (zoo/serve/first_use.py):
+    one the registry wrongly calls servable fails that request, not the engine, and the
+    name is tried afresh next time."""
+    import dataclasses
+
+    registry = Registry(served.home)
+    add(lora_maker("dora-forced", 9, use_dora=True), "ops/dora-forced", BASE, registry=registry)
+    with registry.edit() as catalog:  # as if zoo misjudged it: vLLM refuses DoRA
+        entry = catalog.entries["ops/dora-forced"]
+        catalog.entries[entry.name] = dataclasses.replace(entry, servable=True,
+                                                          servable_reason=None)
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            answer(served, "ops/dora-forced")
+    assert "Paris" in answer(served, BASE)
+    assert answer(served, "acme/a") == answer(served, "acme/a")
+    log = served.log.read_text()
+    assert "adapter 'ops/dora-forced' could not be loaded" in log and "DoRA" in log
 
 
 def test_usage_is_counted_per_adapter_and_tenant(served):
