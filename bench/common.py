@@ -29,6 +29,18 @@ def bench_home() -> Path:
     return home
 
 
+def worktree(commit: str) -> Path:
+    """A checkout of an earlier commit of this repository, kept under /tmp between runs:
+    the "before" of a benchmark, run side by side with the current code."""
+    import subprocess
+
+    tree = Path(f"/tmp/zoo-previous-{commit}")
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", str(tree), commit],
+                       check=True, capture_output=True)
+    return tree
+
+
 @contextmanager
 def timed():
     box = {}

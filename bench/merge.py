@@ -5,7 +5,8 @@ Run: .venv/bin/python bench/merge.py [--skip-large] [--skip-7b] [--section merge
 
 Same base and adapter for every contender, each in a fresh process (so the peak
 resident memory is its own), the base files read once beforehand so all read
-from the page cache. The plain copy of the base files is the I/O floor.
+from the page cache; "before" is the verified merge of an earlier commit
+(PREVIOUS), run from a git worktree of it in the same run. The plain copy of the base files is the I/O floor.
 Bases: the embedded SmolLM2-135M, and synthetic bf16 Llamas of about 1.5 B and
 6.7 B parameters (7B-shaped) written by this script (random weights; nothing is
 downloaded). PEFT is not run on the 7B-shaped model: it holds the whole model.
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BASE, RESULTS, bench_home, save, table, write_random_lora
+from common import BASE, RESULTS, bench_home, save, table, worktree, write_random_lora
 
 LARGE = "synthetic-llama-1.5b"
 HUGE = "synthetic-llama-7b"
@@ -37,7 +38,9 @@ CONFIGS = {
     HUGE: dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
 }
+PREVIOUS = "1c18764"  # zoo before the merge streamed base rows and copied in 1 MB pieces
 MODES = {"copy": "plain copy (I/O floor)", "zoo": "zoo merge, verified (default)",
+         "zoo-before": f"zoo merge, verified, before ({PREVIOUS})",
          "zoo-none": "zoo merge --verify none", "peft": "PEFT merge_and_unload + save_pretrained"}
 
 
@@ -115,8 +118,11 @@ def measure(name: str, base_dir: Path, adapter: str, adapter_dir: Path, home: Pa
         out = scratch / f"{name}-{mode}"
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, str(base_dir), adapter,
-                               str(adapter_dir), str(out), str(home)],
+        script, child_mode = __file__, mode
+        if mode == "zoo-before":  # the earlier commit's own script and package
+            script, child_mode = worktree(PREVIOUS) / "bench" / "merge.py", "zoo"
+        proc = subprocess.run([sys.executable, str(script), "--child", child_mode, str(base_dir),
+                               adapter, str(adapter_dir), str(out), str(home)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
@@ -167,9 +173,9 @@ def merge_section(args) -> list[dict]:
     scratch = home / "bench-merge"
     scratch.mkdir(exist_ok=True)
     rows = []
-    everything = ("copy", "zoo", "zoo-none", "peft")
+    everything = ("copy", "zoo", "zoo-before", "zoo-none", "peft")
     cases = [(BASE, 8, everything)] + ([] if args.skip_large else [(LARGE, 16, everything)]) \
-        + ([] if args.skip_7b else [(HUGE, 16, ("copy", "zoo"))])
+        + ([] if args.skip_7b else [(HUGE, 16, ("copy", "zoo", "zoo-before"))])
     for base, rank, modes in cases:
         catalog = registry.load()
         if base not in catalog.entries:

@@ -73,24 +73,28 @@ async def ttft_under_load(url: str, busy: list[str], probes: list[str]) -> list[
     client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=1800)
     stop = asyncio.Event()
 
-    async def keep_busy(model: str) -> None:
+    async def keep_busy(model: str, tokens: int) -> None:
         while not stop.is_set():
             await client.chat.completions.create(
-                model=model, messages=PROMPT, max_tokens=48, temperature=0,
-                extra_body={"min_tokens": 48, "ignore_eos": True})
+                model=model, messages=PROMPT, max_tokens=tokens, temperature=0,
+                extra_body={"min_tokens": tokens, "ignore_eos": True})
 
     async def first_token(model: str) -> float:
-        start = time.perf_counter()
+        """Seconds to the first streamed text. The stream is read to its end (4 tokens), so
+        the next probe starts with exactly the busy adapters running: closing it at the
+        first token aborts the request, and until the engine has processed the abort its
+        adapter still holds one of the --max-loras places (the 65th adapter then waits)."""
+        start, seconds = time.perf_counter(), None
         stream = await client.chat.completions.create(
             model=model, messages=PROMPT, max_tokens=4, temperature=0, stream=True)
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                break
-        seconds = time.perf_counter() - start
-        await stream.close()
+            if seconds is None and chunk.choices and chunk.choices[0].delta.content:
+                seconds = time.perf_counter() - start
         return seconds
 
-    workers = [asyncio.create_task(keep_busy(m)) for m in busy]
+    # 40-55 tokens each: requests of one length would all end, and all start again with
+    # a prefill, in the same engine step (a 2-3 s step every 48 tokens, unlike real traffic)
+    workers = [asyncio.create_task(keep_busy(m, 40 + i % 16)) for i, m in enumerate(busy)]
     await asyncio.sleep(3)  # the busy adapters are loaded and decoding
     times = [await first_token(m) for m in probes]
     stop.set()
