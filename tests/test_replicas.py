@@ -206,7 +206,12 @@ def test_zoo_route_serves_two_homes_kept_in_step_by_sync(fleet, smollm2_home, ad
                 replies = [post(url + "/v1", "acme/a") for _ in range(4)]
                 assert all(status == 200 for status, _ in replies), replies
                 assert usage(server_b.url.removesuffix("/v1")).get("acme/a", 0) >= 1
+                children = Path(f"/proc/{router.pid}/task/{router.pid}/children").read_text()
+                assert children.split(), "zoo route runs vllm-router as its child"
             finally:
                 stop(router, timeout=10)
+            for pid in map(int, children.split()):  # SIGTERM to zoo route stops the router
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
     finally:
         hub.shutdown()

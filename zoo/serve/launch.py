@@ -227,17 +227,25 @@ def run_server(plan: ServePlan, registry: Registry | None = None) -> int:
     registry = registry or Registry()
     with staging_dir(registry.home, "serve") as state:
         proc = subprocess.Popen(plan.argv, env={**plan.env, STATE_VARIABLE: str(state)})
+        with sigterm_interrupts():
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                return stop(proc)
 
-        def terminate(_signum, _frame):  # a service manager's SIGTERM: stop vLLM too
-            raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, terminate)
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            return stop(proc)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within, a service manager's SIGTERM interrupts like Ctrl-C, so that a foreground
+    command stops the processes it started instead of leaving them running."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from zoo.serve.launch import (
     free_port,
     plan_serve,
     prepare_base,
+    sigterm_interrupts,
     stop,
     vllm_argv,
     wait_healthy,
@@ -226,20 +227,16 @@ def serve_replicas(options: ServeOptions, replicas: int, policy: str,
                    registry: Registry | None = None, gpus: int = 0,
                    log: Callable[[str], None] = lambda _: None) -> int:
     """Run the fleet in the foreground until Ctrl-C or SIGTERM."""
-    def terminate(_signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        with running_fleet(options, replicas, policy, registry, gpus, log=log) as fleet:
-            while fleet.router.poll() is None:
-                time.sleep(1.0)
-            log(f"vllm-router exited with code {fleet.router.returncode}; see {fleet.router_log}")
-            return fleet.router.returncode or 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_interrupts():
+        try:
+            with running_fleet(options, replicas, policy, registry, gpus, log=log) as fleet:
+                while fleet.router.poll() is None:
+                    time.sleep(1.0)
+                log(f"vllm-router exited with code {fleet.router.returncode}; "
+                    f"see {fleet.router_log}")
+                return fleet.router.returncode or 1
+        except KeyboardInterrupt:
+            return 0
 
 
 def route(workers: list[str], host: str, port: int, policy: str) -> int:
@@ -247,7 +244,8 @@ def route(workers: list[str], host: str, port: int, policy: str) -> int:
     argv = router_argv([w.rstrip("/").removesuffix("/v1") for w in workers], host, port,
                        policy)
     process = subprocess.Popen(argv)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        return stop(process, timeout=10)
+    with sigterm_interrupts():  # a SIGTERM must not leave the router running
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            return stop(process, timeout=10)
