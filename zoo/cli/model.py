@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from zoo.cli.app import cli
-
-METHODS = ("lora", "qlora", "bottleneck")
+from zoo.core.tables import COMBINE_METHODS, TRAIN_METHODS, VERIFY_MODES
 
 
 def _log(line: str) -> None:
@@ -18,7 +17,7 @@ def _log(line: str) -> None:
 
 @cli.command("train")
 @click.option("--base", required=True, help="Registered base to train on.")
-@click.option("--method", type=click.Choice(METHODS), required=True)
+@click.option("--method", type=click.Choice(TRAIN_METHODS), required=True)
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="JSONL: {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...}.")
 @click.option("--name", required=True, help="Registry name of the new adapter.")
@@ -134,14 +133,14 @@ def eval_cmd(name: str, variant: str | None, data: Path | None, as_json: bool) -
               help="Fold a QLoRA into its dequantized NF4 base (what it was trained on) "
                    "or into the original 16-bit weights.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--verify", "verify", type=click.Choice(["modules", "full", "none"]),
+@click.option("--verify", "verify", type=click.Choice(VERIFY_MODES),
               default="modules", show_default=True,
               help="modules: each merged weight against PEFT's LoRA layer, streamed; full: "
                    "also the whole model's logits (holds two models in memory).")
 @click.option("--no-verify", is_flag=True, help="Same as --verify none.")
 @click.option("--to-adapter", default=None, metavar="NAME",
               help="Combine the adapters into one LoRA adapter NAME instead of a full model.")
-@click.option("--method", type=click.Choice(["linear", "svd", "ties", "dare_linear"]),
+@click.option("--method", type=click.Choice(COMBINE_METHODS),
               default="linear", show_default=True, help="How --to-adapter combines.")
 @click.option("--rank", type=int, default=None,
               help="Rank of --to-adapter's result (linear: sum of ranks, exact; others: the "

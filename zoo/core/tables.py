@@ -34,6 +34,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt")
 
 
+# The choices a command offers, here so the CLI can list them without importing its feature.
+TRAIN_METHODS = ("lora", "qlora", "bottleneck")
+COMBINE_METHODS = ("linear", "svd", "ties", "dare_linear")  # merge --to-adapter
+VERIFY_MODES = ("modules", "full", "none")  # merge --verify
+
+
 def numel(shape: Iterable[int]) -> int:
     """Elements in a tensor of ``shape`` (1 for a scalar)."""
     return math.prod(shape)

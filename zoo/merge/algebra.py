@@ -30,6 +30,7 @@ from zoo.catalog.integrity import ORIGINAL, require_intact, variant_path
 from zoo.catalog.registry import Registry
 from zoo.catalog.store import BaseRef, claim_name, register_adapter
 from zoo.core.records import AdapterEntry, BaseEntry
+from zoo.core.tables import COMBINE_METHODS
 from zoo.errors import BaseMismatch, NotSupported, ShapeMismatch
 from zoo.merge import adapters_of_one_base
 from zoo.merge.lora import LoraFile, fold
@@ -38,7 +39,6 @@ from zoo.merge.tensors import TensorSource
 from zoo.models.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
 Method = Literal["linear", "svd", "ties", "dare_linear"]
-METHODS = ("linear", "svd", "ties", "dare_linear")
 DENSE_SVD_LIMIT = 2048  # larger modules use a randomized SVD (torch.svd_lowrank)
 NOT_EXTRACTED = ("embed_tokens", "lm_head", "wte", "wpe")
 
@@ -187,8 +187,9 @@ def combine(options: CombineOptions, registry: Registry | None = None,
     from peft.utils.merge_utils import dare_linear, ties
 
     registry = registry or Registry()
-    if options.method not in METHODS:
-        raise NotSupported(f"unknown method {options.method!r}", hint=f"Use {', '.join(METHODS)}.")
+    if options.method not in COMBINE_METHODS:
+        raise NotSupported(f"unknown method {options.method!r}",
+                           hint=f"Use {', '.join(COMBINE_METHODS)}.")
     if not 0.0 < options.density <= 1.0:
         raise NotSupported(f"density {options.density} is not in (0, 1]")
     _check_new_name(registry, options.name)
@@ -424,11 +425,8 @@ def similarity(a: str, b: str, registry: Registry | None = None) -> Similarity:
 
 
 def _directions(lora: LoraFile, module: str, rank: int) -> torch.Tensor:
-    b, a = lora.factors(module, weighted=True)
-    _qb, rb = torch.linalg.qr(b.float())
-    qa, ra = torch.linalg.qr(a.float().T)
-    _u, _s, vh = torch.linalg.svd(rb @ ra.T)
-    return (vh @ qa.T)[:rank]
+    """The update's top ``rank`` right singular vectors: A' of its exact factorization."""
+    return factor_product([lora.factors(module, weighted=True)], rank).a
 
 
 def similarity_rows(result: Similarity) -> list[dict]:

@@ -119,9 +119,6 @@ class TensorSource:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self._where[name].rows(name, start, stop)
 
-    def path_of(self, name: str) -> Path:
-        return self._where[name].path
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
 

@@ -252,8 +252,6 @@ def _load_rows(layer, stored: dict, w: torch.Tensor, rows: slice, embedding: boo
 def real_activations(source, original_dir: Path) -> dict[int, torch.Tensor]:
     """``{width: rows}``: the prompts' token embeddings, RMS-normalized as a layer's
     input norm would, for modules as wide as the embedding. Read row by row."""
-    from safetensors import safe_open
-
     from zoo.catalog.loading import load_tokenizer
 
     name = next((n for n in TIED_EMBEDDINGS if n in source), None)
@@ -264,11 +262,8 @@ def real_activations(source, original_dir: Path) -> dict[int, torch.Tensor]:
     except (OSError, ValueError, TypeError):
         return {}
     ids = sorted({int(t) for p in PROMPTS for t in tokenizer(p)["input_ids"]})
-    path = source.path_of(name)
-    with safe_open(str(path), framework="pt") as f:
-        table = f.get_slice(name)
-        vocab = table.get_shape()[0]
-        found = [table[i:i + 1].float() for i in ids if i < vocab]
+    vocab = source.shape(name)[0]
+    found = [source.rows(name, i, i + 1).float() for i in ids if i < vocab]
     if not found:
         return {}
     rows = torch.cat(found)

@@ -22,11 +22,11 @@ from zoo.catalog.registry import Registry
 from zoo.catalog.store import BaseRef, register_adapter
 from zoo.core.measure import peak_rss_bytes
 from zoo.core.records import AdapterEntry
+from zoo.core.tables import TRAIN_METHODS
 from zoo.errors import DuplicateEntry, NotSupported
 from zoo.models.data import IGNORE, Dataset, load_dataset, tokenize_example
 
 Method = Literal["lora", "qlora", "bottleneck"]
-METHODS: tuple[str, ...] = ("lora", "qlora", "bottleneck")
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # as in the LoRA paper
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3}
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -64,8 +64,9 @@ def train(options: TrainOptions, registry: Registry | None = None,
 
     registry = registry or Registry()
     validate_name(options.name)
-    if options.method not in METHODS:
-        raise NotSupported(f"unknown method {options.method!r}", hint=f"Use {', '.join(METHODS)}.")
+    if options.method not in TRAIN_METHODS:
+        raise NotSupported(f"unknown method {options.method!r}",
+                           hint=f"Use {', '.join(TRAIN_METHODS)}.")
     catalog = registry.load()
     if register and options.name in catalog.entries:
         raise DuplicateEntry(options.name)
