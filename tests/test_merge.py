@@ -159,6 +159,7 @@ def test_merged_logits_match_peft_unmerged(tiny):
     result = merge(MergeOptions(adapters=("p",), name="p-bf16"), Registry())
     v = result.verification
     assert v["modules"] >= 2 and v["worst_vs_rounding_bound"] <= 1 and v["rows"] > 10
+    assert v["real_activations"], "the prompts' token embeddings are among the inputs"
     # and independently of zoo's own check: PEFT's forward against the merged model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
