@@ -58,7 +58,8 @@ def test_replicas_split_the_cores_and_the_kv_memory(monkeypatch):
     import pytest
 
     from zoo.errors import ServeError
-    from zoo.serve.replicas import cpu_shares, kv_cache_gib
+    from zoo.serve.launch import kv_cache_gib
+    from zoo.serve.replicas import cpu_shares
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 5})
     assert cpu_shares(1) == ["0,1,2,3,5"]
@@ -90,3 +91,35 @@ def test_the_router_command_line(monkeypatch):
         replicas.router_argv([], "h", 1, "round_robin")
     assert zoo("route", "--worker", "http://a:1", "--policy", "fastest", ok=False).exit_code == 2
     assert zoo("serve", "--multi-lora", "--replicas", "0", ok=False).exit_code == 2
+
+
+def test_activation_dtype_follows_the_cpu():
+    """AMX's int8 kernel takes bf16/fp16 activations only (float32 fails at the first
+    request), and bf16 is native with AVX-512 BF16; elsewhere float32 measured fastest."""
+    from zoo.serve.launch import activation_dtype
+
+    assert activation_dtype("auto", frozenset({"avx2", "amx_tile", "amx_int8"})) == "bfloat16"
+    assert activation_dtype("auto", frozenset({"avx2", "avx512f", "avx512_bf16"})) == "bfloat16"
+    assert activation_dtype("auto", frozenset({"avx2", "avx512f"})) == "float32"
+    assert activation_dtype("float16", frozenset({"amx_tile"})) == "float16"  # the user's own
+
+
+def test_the_kv_cache_is_sized_unless_the_user_sized_it(models, zoo_home):
+    from tests.helpers import zoo
+    from zoo.catalog.registry import Registry
+    from zoo.serve.launch import ServeOptions, kv_cache_gib, vllm_argv
+
+    zoo("add", models.llama, "--name", "tiny")
+    base = Registry().load().base("tiny")
+
+    def kv(argv):
+        return [argv[i + 1] for i, a in enumerate(argv) if a == "--kv-cache-memory-bytes"]
+
+    plain = vllm_argv(ServeOptions(), base, models.llama, 16, 4, 16)
+    assert kv(plain) == [str(kv_cache_gib(1) * 1024**3)]
+    assert kv(vllm_argv(ServeOptions(), base, models.llama, 16, 4, 16, engines=2)) == [
+        str(kv_cache_gib(2) * 1024**3)]
+    assert kv(vllm_argv(ServeOptions(), base, models.llama, 16, 4, 16, gpu=True)) == []
+    own = ServeOptions(extra_args=("--kv-cache-memory-bytes=123",))
+    assert kv(vllm_argv(own, base, models.llama, 16, 4, 16)) == []
+    assert "--dtype" in plain and plain[plain.index("--dtype") + 1] in ("bfloat16", "float32")

@@ -29,8 +29,9 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
               help="Adapters kept loaded (LRU); default: 4 x --max-loras.")
 @click.option("--api-keys", type=click.Path(path_type=Path), default=None,
               help="JSON file of tenants and their keys; without it the server is open.")
-@click.option("--dtype", default="float32", show_default=True,
-              help="Activation dtype (float32 is fastest on CPUs without bf16).")
+@click.option("--dtype", default="auto", show_default=True,
+              help="Activation dtype; auto: bfloat16 on CPUs with AMX or AVX-512 BF16 (the "
+                   "int8 AMX kernel needs it), float32 on others (fastest there).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Engines of the same base behind vllm-router on --port (each with its "
                    "share of the cores, or its own GPU with --gpus).")

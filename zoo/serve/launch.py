@@ -17,7 +17,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from zoo.catalog.home import staging_dir
@@ -34,12 +34,17 @@ QUANTIZATIONS = ("w8a8", "none", "nf4")
 # Leaves room for adapters added while the server runs (a rank above it is refused
 # with a message saying to restart); raised to the largest registered rank.
 MIN_MAX_LORA_RANK = 16
-# This CPU has no native bf16 arithmetic: float32 activations measured fastest here
-# (field notes: int8 base 70 tok/s in float32 against 51 in bfloat16).
-DEFAULT_DTYPE = "float32"
+# "auto": the activation dtype is chosen from the CPU's features (activation_dtype).
+DEFAULT_DTYPE = "auto"
 # vLLM's CPU backend reserves this share of a NUMA node for weights and KV cache;
 # its default (0.92) does not start on a 24 GiB machine.
 CPU_MEMORY_UTILIZATION = "0.5"
+# On the CPU zoo sizes the KV cache itself (--kv-cache-memory-bytes): all engines on the
+# host together take this share of its memory. vLLM's own sizing (a share of a NUMA
+# node, checked against what is free at start) took 11.8 GiB on a one-node 24 GiB
+# machine, and a second engine on the host (a replica, an evaluation) could not start.
+KV_MEMORY_SHARE = 0.25
+MIN_KV_GIB = 1
 # Adapters in one batch by default: enough for 64 concurrent customers, each on its own
 # adapter, when the LoRA slots (vLLM stacks every slot at --max-lora-rank on every
 # projection) fit in LORA_MEMORY_SHARE of the machine's memory; fewer when they do not.
@@ -76,6 +81,7 @@ class ServePlan:
     max_cpu_loras: int
     argv: list[str]
     env: dict[str, str] = field(repr=False)
+    dtype: str = "float32"  # the activation dtype chosen (options.dtype may say auto)
 
 
 def choose_base(catalog: Catalog, requested: str | None) -> BaseEntry:
@@ -133,6 +139,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
             served.append(adapter)
     ranks = [a.lora.max_rank for a in served if a.lora]
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
+    options = replace(options, dtype=activation_dtype(options.dtype))
     max_loras = options.max_loras or default_max_loras(model_path, max_rank, options.dtype)
     max_cpu_loras = options.max_cpu_loras or CPU_LORAS_PER_SLOT * max_loras
     argv = vllm_argv(options, base, model_path, max_rank, max_loras, max_cpu_loras)
@@ -151,17 +158,58 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         load_tenants(options.api_keys)  # refuse a malformed file before starting anything
         run_env[env.KEYS_VARIABLE] = str(Path(options.api_keys).absolute())
     return ServePlan(base, model_path, served, left_out, max_rank, max_loras, max_cpu_loras,
-                     argv, run_env)
+                     argv, run_env, options.dtype)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def activation_dtype(requested: str = DEFAULT_DTYPE, flags: frozenset[str] | None = None) -> str:
+    """The dtype vLLM computes activations in: ``requested``, or for ``auto`` the one this
+    CPU runs fastest, which the int8 kernels also require.
+
+    On a CPU with AMX (``amx_tile``) vLLM's int8 W8A8 kernel is the AMX one, which takes
+    bfloat16 or float16 activations only (float32 fails at the first request), and bf16
+    arithmetic is native; with AVX-512 BF16 it is native too. Without either, bf16 is
+    emulated and float32 measured fastest (field notes: int8 base 70 tok/s in float32
+    against 51 in bfloat16). docs/BENCHMARKS.md has both machines' numbers.
+    """
+    if requested != "auto":
+        return requested
+    flags = cpu_flags() if flags is None else flags
+    return "bfloat16" if {"amx_tile", "avx512_bf16"} & flags else "float32"
+
+
+def kv_cache_gib(engines: int = 1) -> int:
+    """Each engine's KV cache when ``engines`` share this host's memory."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return max(MIN_KV_GIB, int(KV_MEMORY_SHARE * memory / engines))
+
+
+def _memory_set_by_user(extra_args: tuple[str, ...]) -> bool:
+    options = {arg.partition("=")[0] for arg in extra_args}
+    return bool(options & {"--kv-cache-memory-bytes", "--gpu-memory-utilization"})
 
 
 def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank: int,
-              max_loras: int, max_cpu_loras: int) -> list[str]:
-    """vLLM's OpenAI server command line for these options and LoRA sizes."""
+              max_loras: int, max_cpu_loras: int, engines: int = 1,
+              gpu: bool = False) -> list[str]:
+    """vLLM's OpenAI server command line for these options and LoRA sizes (``engines``:
+    how many share this host's memory; on a GPU vLLM sizes its own cache)."""
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path), "--served-model-name", base.name,
         "--host", options.host, "--port", str(options.port),
-        "--dtype", options.dtype, "--max-model-len", str(options.max_model_len),
+        "--dtype", activation_dtype(options.dtype), "--max-model-len", str(options.max_model_len),
         "--gpu-memory-utilization", CPU_MEMORY_UTILIZATION,
         "--enable-lora", "--max-loras", str(max_loras),
         "--max-cpu-loras", str(max_cpu_loras), "--max-lora-rank", str(max_rank),
@@ -170,6 +218,8 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
     ]
     if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU
         argv += ["--quantization", "bitsandbytes"]
+    if not gpu and not _memory_set_by_user(options.extra_args):
+        argv += ["--kv-cache-memory-bytes", str(kv_cache_gib(engines) * 1024**3)]
     return argv + list(options.extra_args)
 
 
@@ -211,7 +261,7 @@ def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
     lines = [f"serving {plan.base.name} ({variant}) on http://{options.host}:{options.port}/v1 "
              f"with {len(plan.adapters)} adapters (max rank {plan.max_lora_rank}, "
              f"{plan.max_loras} per batch, {plan.max_cpu_loras} kept loaded; each loads on "
-             f"its first request)"]
+             f"its first request; activations in {plan.dtype})"]
     lines += [f"  adapter {a.name} ({a.kind}, rank {a.rank}, trained on "
               f"{a.base_variant}, served on {variant})" for a in plan.adapters[:LISTED_ADAPTERS]]
     if len(plan.adapters) > LISTED_ADAPTERS:

@@ -42,9 +42,6 @@ from zoo.serve.launch import (
 )
 from zoo.serve.plugin import STATE_VARIABLE
 
-# The share of this machine's memory all replicas' KV caches may take together.
-KV_MEMORY_SHARE = 0.25
-MIN_KV_GIB = 1
 # How often the router probes each engine, and how fast it gives up on a dead one.
 HEALTH_INTERVAL_S = 2
 HEALTH_TIMEOUT_S = 2
@@ -101,11 +98,6 @@ def cpu_shares(replicas: int) -> list[str]:
     return [",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(replicas)]
 
 
-def kv_cache_gib(replicas: int) -> int:
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    return max(MIN_KV_GIB, int(KV_MEMORY_SHARE * memory / replicas))
-
-
 def plan_replicas(options: ServeOptions, replicas: int, registry: Registry,
                   state: Path, gpus: int = 0) -> list[Replica]:
     """One plan per replica: its port, cores (or GPU), KV cache and share of LoRA slots.
@@ -115,16 +107,13 @@ def plan_replicas(options: ServeOptions, replicas: int, registry: Registry,
     shared = plan_serve(options, registry)
     max_loras = options.max_loras or max(1, shared.max_loras // replicas)
     max_cpu_loras = options.max_cpu_loras or CPU_LORAS_PER_SLOT * max_loras
-    sized = gpus or "--kv-cache-memory-bytes" in options.extra_args  # the user's own
-    kv = () if sized else ("--kv-cache-memory-bytes", str(kv_cache_gib(replicas) * 1024**3))
     shares = cpu_shares(replicas) if not gpus else [""] * replicas
     planned = []
     for i in range(replicas):
         port = free_port()
-        own = replace(options, port=port, host="127.0.0.1",
-                      extra_args=(*options.extra_args, *kv))
+        own = replace(options, port=port, host="127.0.0.1")
         argv = vllm_argv(own, shared.base, shared.model_path, shared.max_lora_rank, max_loras,
-                         max_cpu_loras)
+                         max_cpu_loras, engines=replicas, gpu=bool(gpus))
         replica_state = state / f"replica-{i}"
         replica_state.mkdir()
         run_env = {**shared.env, STATE_VARIABLE: str(replica_state)}
