@@ -138,18 +138,43 @@ def test_start_up_lists_what_is_served_and_what_is_left_out(served):
     assert models == {BASE, "acme/a", "globex/b", "acme/q", "acme/broken-later"}
 
 
+SCORED = ("Question: What is the capital of France?\nAnswer: The capital of France is Paris, "
+          "a city on the Seine known for the Eiffel Tower and the Louvre.")
+
+
+def scored(server, model: str) -> list[float]:
+    """The log-probability ``model`` gives each token of SCORED (teacher-forced: one
+    request's numbers never depend on what it generated, so there are no near-ties
+    to flip)."""
+    reply = client(server).completions.create(model=model, prompt=SCORED, max_tokens=1,
+                                              temperature=0, extra_body={"prompt_logprobs": 0})
+    positions = reply.choices[0].model_extra["prompt_logprobs"][1:]  # the first has none
+    assert all(len(step) == 1 for step in positions)  # 0 asked: the scored token alone
+    return [next(iter(step.values()))["logprob"] for step in positions]
+
+
+def distance(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
 def test_base_and_two_adapters_concurrently(served):
-    """Mixed batches give each request its own adapter. Compared over the first 8 tokens:
-    a batch's shape changes the int8 kernels' summation order, and these random adapters'
-    babble has near-ties that flipped a later token once here."""
-    alone = {m: answer(served, m, max_tokens=8) for m in (BASE, "acme/a", "globex/b")}
-    assert "Paris" in alone[BASE]
-    assert len(set(alone.values())) == 3, alone  # each adapter changes the answer
+    """Mixed batches give each request its own adapter: each model's log-probabilities of
+    one text, scored in concurrent batches, against the same model scored alone. A batch's
+    shape changes the kernels' summation order, so the two differ by rounding (the noise);
+    another model differs by far more (the separation). Each concurrent result must be
+    nearer its own model than half the separation: with two adapters swapped, it fails."""
+    models = (BASE, "acme/a", "globex/b")
+    alone = {m: scored(served, m) for m in models}
     with ThreadPoolExecutor(6) as pool:
-        jobs = [(m, pool.submit(answer, served, m, "ops", 8))
-                for m in 2 * [BASE, "acme/a", "globex/b"]]
-        for model, job in jobs:
-            assert job.result() == alone[model], model
+        jobs = [(m, pool.submit(scored, served, m)) for m in 2 * models]
+        together = [(m, job.result()) for m, job in jobs]
+    separation = min(distance(alone[m], alone[o]) for m in models for o in models if m < o)
+    noise = max(distance(got, alone[m]) for m, got in together)
+    print(f"log-probability noise {noise:.4f}, separation {separation:.4f}")
+    assert noise < separation / 2, (noise, separation)
+    for m, got in together:  # the comparison tells a swapped adapter apart
+        nearest = min(models, key=lambda o: distance(got, alone[o]))
+        assert nearest == m, (m, nearest)
 
 
 def test_qlora_adapter_is_served_on_the_int8_base(served):

@@ -1,18 +1,25 @@
-"""Greedy generations with vLLM's offline engine, for tests that compare LoRA paths.
+"""Scores and greedy answers from vLLM's offline engine, for tests that compare LoRA paths.
 
     python tests/vllm_generate.py BASE_DIR OUT.json ADAPTER_DIR [ADAPTER_DIR ...]
 
-One batch mixes the base and every adapter (so several adapters share steps);
-writes ``{"name": [text, [logprob, ...]]}``. The LoRA path follows
-``ZOO_FAST_LORA`` (zoo's plugin reads it in every vLLM process).
+One batch mixes the base and every adapter (so many adapters share steps; vLLM's own
+path scores one model at a time, below). For each model it writes the log-probability of every token of one fixed text (teacher-forced, so a
+result never depends on an earlier near-tie) and a short greedy answer:
+``{"model": {"scores": [...], "text": "..."}}``. The LoRA path follows ``ZOO_FAST_LORA``
+(zoo's plugin reads it in every vLLM process); the engine runs in this process, so what
+the plugin logs (which path is in use) is in this script's output.
 """
 
 import json
+import os
 import sys
 
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Name three colours."]
+SCORED = ("Question: Name three colours.\nAnswer: Red, green and blue are three colours; "
+          "a lighthouse keeper paints the tower red and white.")
+PROMPT = "Name three colours."
 
 if __name__ == "__main__":  # vLLM starts its workers with spawn
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -20,17 +27,25 @@ if __name__ == "__main__":  # vLLM starts its workers with spawn
     # one slot more than adapters: vLLM 0.32's own CPU ops apply the last slot's adapter to
     # tokens without one, so the reference path must never fill it
     llm = LLM(model=base, enable_lora=True, max_lora_rank=16, max_loras=len(adapters) + 1,
-              dtype="float32",
-              gpu_memory_utilization=0.5, max_model_len=1024, seed=0)
-    requests = [(None, p) for p in PROMPTS] + [
-        (LoRARequest(f"a{i}", i + 1, path), p) for i, path in enumerate(adapters) for p in PROMPTS]
-    params = SamplingParams(temperature=0, max_tokens=24, logprobs=1)
-    results = llm.chat([[{"role": "user", "content": p}] for _, p in requests], params,
-                       lora_request=[lora for lora, _ in requests])
+              dtype="float32", gpu_memory_utilization=0.5, max_model_len=1024, seed=0)
+    loras = [None] + [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(adapters)]
+    names = ["base"] + [lora.lora_name for lora in loras[1:]]
+    scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    if os.environ.get("ZOO_FAST_LORA", "1") != "0":  # zoo's path: one mixed batch
+        scored = llm.generate([SCORED] * len(loras), scoring, lora_request=loras)
+    else:  # vLLM 0.32's own CPU path fails prompt log-probabilities of a mixed LoRA batch
+        # (its logits LoRA indexes sequences, not prompt tokens): one request at a time
+        scored = [llm.generate([SCORED], scoring, lora_request=[lora], use_tqdm=False)[0]
+                  for lora in loras]
+    answering = SamplingParams(temperature=0, max_tokens=16)
+    answers = llm.chat([[{"role": "user", "content": PROMPT}]] * len(loras), answering,
+                       lora_request=loras)
     report = {}
-    for (lora, prompt), result in zip(requests, results, strict=True):
-        completion = result.outputs[0]
-        logprobs = [next(iter(step.values())).logprob for step in completion.logprobs]
-        report[f"{lora.lora_name if lora else 'base'}: {prompt}"] = [completion.text, logprobs]
+    for name, score, answer in zip(names, scored, answers, strict=True):
+        steps = score.prompt_logprobs[1:]  # the first token has none
+        ids = score.prompt_token_ids[1:]
+        report[name] = {"scores": [step[token].logprob for step, token in zip(steps, ids,
+                                                                               strict=True)],
+                        "text": answer.outputs[0].text}
     with open(out, "w") as f:
         json.dump(report, f)

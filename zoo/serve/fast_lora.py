@@ -18,9 +18,12 @@ the adapter trained that projection, with a per-token einsum. This wrapper
   for ``lm_head`` (it would add exact zeros).
 
 The shrink accumulates in float32 and the expand runs in the output's dtype,
-as vLLM's own ops do. zoo's plugin selects it on the CPU platform;
-``ZOO_FAST_LORA=0`` restores vLLM's own. Tests compare the two on the same
-inputs, and end to end on the real base.
+as vLLM's own ops do. zoo's plugin selects it on the CPU platform (a guarded patch,
+``patches.py``); ``ZOO_FAST_LORA=0`` restores vLLM's own. A call this path was not
+written for goes to vLLM's own ops instead: a keyword it does not know, a torch
+compile in progress (one step's grouping must never be baked into a graph), or a
+token-to-slot mapping outside -1 (no adapter) .. slots - 1. Tests compare the two on
+the same inputs, and end to end on the real base.
 """
 
 from __future__ import annotations
@@ -52,9 +55,20 @@ def group_rows(indices: torch.Tensor) -> Groups:
     return groups
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
-    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
-        super().update_metadata(*args, **kwargs)
+    def update_metadata(self, mapping, lora_index_to_id, max_loras: int, vocab_size: int,
+                        **kwargs: Any) -> None:
+        super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        # the mapping zoo was written for: -1 (no adapter) or a slot of the stack
+        self._grouped = all(_valid_slots(i, max_loras) for i in
+                            (self.token_lora_indices, self.sampler_indices))
+        if not self._grouped:
+            return
         self._token_groups = group_rows(self.token_lora_indices)
         self._sampler_groups = group_rows(self.sampler_indices)
         slots = [s for s, _rows in self._token_groups]
@@ -95,6 +109,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                         lora_a_stacked: tuple[torch.Tensor, ...],
                         lora_b_stacked: tuple[torch.Tensor, ...], scale: float,
                         output_slices: tuple[int, ...], *, buffer=None, **kwargs: Any) -> None:
+        if kwargs or not self._grouped or _compiling():
+            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
+                                           output_slices, buffer=buffer, **kwargs)
         groups = self._token_groups
         if not groups:
             return
@@ -151,10 +168,18 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                         lora_b_stacked: torch.Tensor, scale, *, buffer=None,
                         **kwargs: Any) -> None:
+        if kwargs or not self._grouped or _compiling():
+            return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale,
+                                           buffer=buffer, **kwargs)
         live = _slots_with_weights(lora_b_stacked)
         groups = [(s, r) for s, r in self._sampler_groups if s in live]
         if not groups:
             return  # every adapter in the batch has zero lm_head weights: nothing to add
+        if x.view(-1, x.shape[-1]).shape[0] != self.sampler_indices.numel():
+            # prompt log-probabilities give a row per prompt token, not per sequence: the
+            # sequence-to-slot mapping does not say which adapter each row is for
+            return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale,
+                                           buffer=buffer, **kwargs)
         flat_y = y.view(-1, y.shape[-1])
         flat_x = x.view(-1, x.shape[-1])
         for slot, rows in groups:
@@ -166,6 +191,13 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                 flat_y[:, :width] += expanded[:, :width]
             else:
                 flat_y[rows, :width] += expanded[:, :width]
+
+
+def _valid_slots(indices: torch.Tensor, slots: int) -> bool:
+    if indices.numel() == 0:
+        return True
+    return indices.dtype in (torch.int32, torch.int64) and int(indices.min()) >= -1 and \
+        int(indices.max()) < slots
 
 
 def _shrink_expand(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,

@@ -74,7 +74,7 @@ def install_core_side() -> None:
     if getattr(original, "_zoo", False):
         return
 
-    def add_request(self, request, request_wave: int = 0):
+    def add_request(self, request, *args, **kwargs):
         lora = request.lora_request
         loaded = self.__dict__.setdefault("_zoo_loaded_loras", set())
         if lora is not None and lora.lora_int_id not in loaded:
@@ -89,7 +89,7 @@ def install_core_side() -> None:
                 fail([request.request_id], request.client_index)
                 return None
             loaded.add(lora.lora_int_id)
-        return original(self, request, request_wave)
+        return original(self, request, *args, **kwargs)
 
     add_request._zoo = True
     EngineCore.add_request = add_request

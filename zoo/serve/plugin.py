@@ -2,51 +2,106 @@
 
 vLLM calls :func:`register` in every process it starts. It
 
-* selects zoo's grouped multi-LoRA path on the CPU (``fast_lora.py``;
-  ``ZOO_FAST_LORA=0`` keeps vLLM's own);
-* fixes vLLM 0.32's LoRA device lookup on layers whose kernel released
-  ``weight`` after prepacking (the CPU int8 W8A8 kernel sets it to None, and
-  every LoRA layer on it died with ``'NoneType' object has no attribute
-  'device'``);
-* registers the registry-backed LoRA resolver when ``zoo serve`` started the
-  process (``ZOO_SERVE_BASE`` is set), so adapters added to the registry while
-  the server runs are served on their first request, one engine step sooner
-  than vLLM would (``first_use.py``; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way);
-* reports, from the worker, what the loaded weights cost: the resident memory
-  that loading them added and the bytes of each tensor dtype
-  (``$ZOO_SERVE_STATE/weights.json``, served as ``/zoo/engine``).
+* makes the process die with its parent (an engine core whose API server was killed,
+  a worker whose engine core was, would otherwise run on, holding a whole engine's
+  memory);
+* applies zoo's guarded patches (``patches.py``; each checks the vLLM version, the
+  platform and the signatures it relies on, and stays off with one log line when they
+  differ): the grouped CPU LoRA path (``fast_lora.py``; ``ZOO_FAST_LORA=0`` keeps vLLM's
+  own), the LoRA device lookup on layers whose kernel released ``weight`` (the CPU
+  int8 W8A8 kernel sets it to None), a cold adapter served one step sooner
+  (``first_use.py``; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way), and the report of
+  what the loaded weights cost (``$ZOO_SERVE_STATE/weights.json``, ``/zoo/engine``);
+* registers the registry-backed LoRA resolver (an extension point, not a patch) when
+  ``zoo serve`` started the process (``ZOO_SERVE_BASE`` is set).
 
-It changes installed files in no way: all are runtime registrations.
+It changes installed files in no way, and it never raises: vLLM calls it without a
+try/except, so an exception here would kill every vLLM process.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
+
+from zoo.serve.patches import Patch, Report, has, install, parameters
 
 SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
 FAST_LORA_VARIABLE = "ZOO_FAST_LORA"
 STATE_VARIABLE = "ZOO_SERVE_STATE"
 FIRST_USE_VARIABLE = "ZOO_FAST_FIRST_USE"
 WEIGHTS_REPORT = "weights.json"
+logger = logging.getLogger("zoo.serve")
+REPORT = Report()  # what this process's register() did (the contract test reads it)
 
 
 def register() -> None:
-    _patch_lora_device()
+    try:
+        _log_to_stderr()
+        die_with_parent()
+        install(zoo_patches(), REPORT)
+        if os.environ.get(SERVE_BASE_VARIABLE):
+            from vllm.lora.resolver import LoRAResolverRegistry
+
+            from zoo.serve.resolver import RegistryResolver
+
+            LoRAResolverRegistry.register_resolver("zoo", RegistryResolver.from_environment())
+    except Exception as error:  # noqa: BLE001 - never kill vLLM from a plugin
+        logger.error("zoo: plugin registration failed, vLLM runs without zoo's additions "
+                     "in this process: %s: %s", type(error).__name__, error)
+
+
+def zoo_patches() -> list[Patch]:
+    """The patches this process should have, by the environment zoo serve set."""
+    patches = [LORA_DEVICE]
     if os.environ.get(FAST_LORA_VARIABLE, "1") != "0":
-        _use_fast_lora()
-    if os.environ.get(SERVE_BASE_VARIABLE):
-        from vllm.lora.resolver import LoRAResolverRegistry
-
-        from zoo.serve.resolver import RegistryResolver
-
-        LoRAResolverRegistry.register_resolver("zoo", RegistryResolver.from_environment())
-        if os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
-            _serve_first_use_sooner()
+        patches.append(FAST_LORA)
+    if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
+        patches.append(FIRST_USE)
     if os.environ.get(STATE_VARIABLE):
-        _patch_weight_report(Path(os.environ[STATE_VARIABLE]))
+        patches.append(WEIGHT_REPORT)
+    return patches
 
+
+def _log_to_stderr() -> None:
+    """zoo's lines beside vLLM's in the server's log (vLLM configures its own loggers only)."""
+    root = logging.getLogger("zoo")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"(zoo pid={os.getpid()}) %(levelname)s "
+                                               "%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def die_with_parent() -> None:
+    """In a process vLLM started (engine core, worker), ask Linux for SIGKILL when the
+    parent dies, however it dies (SIGKILL included, where no handler runs)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is None:
+        return  # the API server: zoo serve arranges its own (launch.py)
+    set_parent_death_signal()
+
+
+def set_parent_death_signal(signal_number: int | None = None) -> None:
+    """``prctl(PR_SET_PDEATHSIG)``: this process gets the signal when its parent exits
+    (Linux only; elsewhere nothing is done)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, int(signal_number or signal.SIGKILL), 0, 0, 0)
+
+
+# -- the patches -----------------------------------------------------------------------
 
 def _use_fast_lora() -> None:
     """On the CPU platform, run LoRA through zoo's grouped wrapper (fast_lora.py)."""
@@ -58,10 +113,80 @@ def _use_fast_lora() -> None:
     track_slot_writes()
 
 
+_PUNICA = "vllm.lora.punica_wrapper.punica_cpu"
+FAST_LORA = Patch(
+    name="fast_lora", cpu_only=True, apply=_use_fast_lora,
+    why="vLLM's CPU punica ops run every token through every slot at --max-lora-rank on "
+        "all projections, with per-token gathers: 40-50% of throughput",
+    retire_when="vLLM's CPU LoRA ops group tokens by adapter and skip untrained slices",
+    checks=(
+        has("vllm.platforms.cpu", "CpuPlatform", "get_punica_wrapper"),
+        has("vllm.lora.punica_wrapper.punica_selector", "get_punica_wrapper"),
+        parameters(_PUNICA, "PunicaWrapperCPU", "add_lora_linear",
+                   names=("y", "x", "lora_a_stacked", "lora_b_stacked", "scale",
+                          "output_slices", "buffer", "kwargs"), exact=True),
+        parameters(_PUNICA, "PunicaWrapperCPU", "add_lora_logits",
+                   names=("y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "buffer",
+                          "kwargs"), exact=True),
+        parameters(_PUNICA, "PunicaWrapperCPU", "update_metadata",
+                   names=("mapping", "lora_index_to_id", "max_loras", "vocab_size")),
+        has(_PUNICA, "PunicaWrapperCPU", "token_lora_indices"),
+        has(_PUNICA, "PunicaWrapperCPU", "sampler_indices"),
+        parameters("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA", "reset_lora",
+                   names=("index",), exact=True),
+        parameters("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA",
+                   "reset_lora", names=("index",), exact=True),
+    ))
+
+
+def lora_device(base_layer):
+    """Where to put a layer's LoRA weights: vLLM's answer, or the device of any tensor
+    the layer still holds when its ``weight`` was released (else the platform's)."""
+    import torch
+
+    weight = getattr(base_layer, "weight", None)
+    if hasattr(base_layer, "weight") and weight is None:
+        for tensor in (*base_layer.parameters(recurse=False), *base_layer.buffers(recurse=False)):
+            return tensor.device
+        from vllm.platforms import current_platform
+
+        return torch.device(current_platform.device_type)
+    return _original_lora_device(base_layer)
+
+
+_original_lora_device = None
+_LORA_LAYERS = ("vllm.lora.layers.utils", "vllm.lora.layers.base_linear",
+                "vllm.lora.layers.fused_moe")
+
+
+def _patch_lora_device() -> None:
+    global _original_lora_device
+    import importlib
+
+    if _original_lora_device is not None:  # plugins may be loaded more than once
+        return
+    from vllm.lora.layers import utils
+
+    _original_lora_device = utils._get_lora_device
+    for name in _LORA_LAYERS:
+        module = importlib.import_module(name)
+        if getattr(module, "_get_lora_device", None) is _original_lora_device:
+            module._get_lora_device = lora_device
+
+
+LORA_DEVICE = Patch(
+    name="lora_device", apply=_patch_lora_device,
+    why="vLLM 0.32 reads base_layer.weight.device; the CPU int8 kernel sets weight to None "
+        "after prepacking, and every LoRA layer on it died at start",
+    retire_when="vllm/lora/layers/utils.py::_get_lora_device handles a released weight",
+    checks=(parameters("vllm.lora.layers.utils", "_get_lora_device", names=("base_layer",),
+                       exact=True),
+            has("vllm.lora.layers.base_linear", "_get_lora_device")))
+
+
 def _serve_first_use_sooner() -> None:
-    """A cold adapter's first request skips a step (``first_use.py``): the engine core
-    loads the adapter on arrival, and the API server (the process vLLM did not start
-    itself) submits the request without waiting for the load."""
+    """The engine core loads a cold adapter on its request's arrival, and the API server
+    (the process vLLM did not start itself) submits the request without waiting."""
     import multiprocessing
 
     from zoo.serve import first_use
@@ -71,9 +196,44 @@ def _serve_first_use_sooner() -> None:
         first_use.install_api_side()
 
 
-def _patch_weight_report(state: Path) -> None:
+_CORE = "vllm.v1.engine.core"
+_MODELS = "vllm.entrypoints.openai.models.serving"
+# both sides in one patch: every process runs the same checks, so they apply together or
+# not at all
+FIRST_USE = Patch(
+    name="first_use", apply=_serve_first_use_sooner,
+    why="the API server awaits add_lora on the engine core, which answers between steps "
+        "only: a cold adapter's first token waited one more engine step",
+    retire_when="vLLM's engine core loads a request's adapter on arrival (no add_lora "
+                "round trip before submitting)",
+    checks=(
+        parameters(_CORE, "EngineCore", "add_request", names=("request", "request_wave")),
+        parameters(_CORE, "EngineCore", "add_lora", names=("lora_request",)),
+        parameters(_CORE, "EngineCoreProc", "_send_error_outputs_to_client",
+                   names=("req_ids", "client_index"), exact=True),
+        parameters(_MODELS, "OpenAIServingModels", "resolve_lora", names=("lora_name",),
+                   exact=True),
+        lambda: _init_sets(_MODELS, "OpenAIServingModels", "lora_requests",
+                           "lora_resolver_lock", "lora_resolvers", "lora_id_counter",
+                           "engine_client", "model_config"),
+        has("vllm.lora.request", "LoRARequest", "lora_int_id"),
+    ))
+
+
+def _init_sets(module: str, cls: str, *attributes: str) -> str | None:
+    """Instance attributes are set in ``__init__``: read its source for them."""
+    import importlib
+    import inspect
+
+    source = inspect.getsource(getattr(importlib.import_module(module), cls).__init__)
+    missing = [a for a in attributes if f"self.{a}" not in source]
+    return f"{module}.{cls} no longer sets {', '.join(missing)}" if missing else None
+
+
+def _patch_weight_report() -> None:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+    state = Path(os.environ[STATE_VARIABLE])
     original = BaseModelLoader.load_model
     if getattr(original, "_zoo_report", False):
         return
@@ -83,13 +243,24 @@ def _patch_weight_report(state: Path) -> None:
 
         before = heap_in_use()
         model = original(self, *args, **kwargs)
-        report = weight_report(model, heap_in_use() - before)
-        state.mkdir(parents=True, exist_ok=True)
-        (state / WEIGHTS_REPORT).write_text(json.dumps(report, indent=2))
+        try:
+            report = weight_report(model, heap_in_use() - before)
+            state.mkdir(parents=True, exist_ok=True)
+            (state / WEIGHTS_REPORT).write_text(json.dumps(report, indent=2))
+        except Exception as error:  # noqa: BLE001 - a report must not stop the engine
+            logger.warning("zoo: could not write the weights report: %s", error)
         return model
 
     load_model._zoo_report = True
     BaseModelLoader.load_model = load_model
+
+
+WEIGHT_REPORT = Patch(
+    name="weight_report", apply=_patch_weight_report,
+    why="what the loaded weights cost (heap and bytes per dtype), read in the worker",
+    retire_when="vLLM reports its weights' memory by dtype (it logs one total only)",
+    checks=(has("vllm.model_executor.model_loader.base_loader", "BaseModelLoader",
+                "load_model"),))
 
 
 def weight_report(model, heap_delta: int) -> dict:
@@ -107,30 +278,3 @@ def weight_report(model, heap_delta: int) -> dict:
             schemes[type(scheme).__name__] = schemes.get(type(scheme).__name__, 0) + 1
     return {"heap_bytes": heap_delta, "tensor_bytes_by_dtype": by_dtype,
             "quantized_layers": schemes}
-
-
-def lora_device(base_layer):
-    """Where to put a layer's LoRA weights: vLLM's answer, or the device of any
-    tensor the layer still holds when its ``weight`` was released."""
-    import torch
-
-    weight = getattr(base_layer, "weight", None)
-    if hasattr(base_layer, "weight") and weight is None:
-        for tensor in (*base_layer.parameters(recurse=False), *base_layer.buffers(recurse=False)):
-            return tensor.device
-        return torch.device("cpu")
-    return _original_lora_device(base_layer)
-
-
-_original_lora_device = None
-
-
-def _patch_lora_device() -> None:
-    global _original_lora_device
-    from vllm.lora.layers import base_linear, fused_moe, utils
-
-    if _original_lora_device is not None:  # plugins may be loaded more than once
-        return
-    _original_lora_device = utils._get_lora_device
-    for module in (utils, base_linear, fused_moe):
-        module._get_lora_device = lora_device

@@ -1,0 +1,132 @@
+"""zoo's runtime patches of vLLM internals, each guarded before it applies.
+
+A patch of an internal is a fork zoo maintains, so each one here says why it exists,
+which vLLM versions it was tested on, what it relies on (attributes and parameters,
+checked by name before anything changes) and what upstream change would retire it
+(docs/ARCHITECTURE.md lists them). :func:`install` applies those whose checks pass;
+one that fails its checks, or raises while applying, leaves vLLM's own behaviour and
+logs one line saying which patch is off and why. It never raises: vLLM calls plugins'
+``register()`` without a try/except, so an exception here would kill every vLLM process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("zoo.serve")
+
+TESTED_VLLM = ("0.32.0",)
+Check = Callable[[], str | None]  # None when satisfied, else why not
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    why: str
+    retire_when: str
+    apply: Callable[[], None]
+    checks: tuple[Check, ...] = ()
+    cpu_only: bool = False
+    versions: tuple[str, ...] = TESTED_VLLM
+
+
+@dataclass
+class Report:
+    """What :func:`install` did, by patch name: ``applied`` or the reason it is off."""
+
+    outcome: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def applied(self) -> list[str]:
+        return [name for name, why in self.outcome.items() if why == "applied"]
+
+
+def install(patches: list[Patch], report: Report | None = None) -> Report:
+    report = report or Report()
+    for patch in patches:
+        reason = _refusal(patch)
+        if reason is None:
+            try:
+                patch.apply()
+            except Exception as error:  # noqa: BLE001 - never let vLLM's process die here
+                reason = f"applying it raised {type(error).__name__}: {error}"
+        if reason is None:
+            report.outcome[patch.name] = "applied"
+        else:
+            report.outcome[patch.name] = reason
+            logger.warning("zoo: patch %s is off (%s); vLLM's own behaviour is used",
+                           patch.name, reason)
+    return report
+
+
+def _refusal(patch: Patch) -> str | None:
+    try:
+        version = vllm_version()
+        if version not in patch.versions:
+            return f"vLLM {version} is not a version it was tested on " \
+                   f"({', '.join(patch.versions)})"
+        if patch.cpu_only and not on_cpu():
+            return "it is for vLLM's CPU platform only"
+        for check in patch.checks:
+            reason = check()
+            if reason is not None:
+                return reason
+    except Exception as error:  # noqa: BLE001 - a check that cannot run is a failed check
+        return f"its checks raised {type(error).__name__}: {error}"
+    return None
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+# -- checks: each names what it relies on ----------------------------------------------
+
+def has(module: str, *path: str) -> Check:
+    """``module.path...`` exists (an attribute path, imported lazily)."""
+    def check() -> str | None:
+        import importlib
+
+        try:
+            obj = importlib.import_module(module)
+        except ImportError as error:
+            return f"{module} does not import ({error})"
+        for i, name in enumerate(path):
+            if not hasattr(obj, name):
+                return f"{module}.{'.'.join(path[:i + 1])} is gone"
+            obj = getattr(obj, name)
+        return None
+    return check
+
+
+def parameters(module: str, *path: str, names: tuple[str, ...], exact: bool = False) -> Check:
+    """The callable ``module.path`` takes parameters ``names`` in that order (after
+    ``self``); with ``exact``, no others."""
+    def check() -> str | None:
+        import importlib
+
+        missing = has(module, *path)()
+        if missing:
+            return missing
+        obj = importlib.import_module(module)
+        for name in path:
+            obj = getattr(obj, name)
+        found = [p for p in inspect.signature(obj).parameters if p != "self"]
+        where = f"{module}.{'.'.join(path)}"
+        if found[:len(names)] != list(names):
+            return f"{where} takes ({', '.join(found)}), not ({', '.join(names)}, ...)"
+        if exact and len(found) != len(names):
+            return f"{where} takes ({', '.join(found)}), more than ({', '.join(names)})"
+        return None
+    return check
