@@ -3,8 +3,9 @@
     python tests/vllm_generate.py BASE_DIR OUT.json ADAPTER_DIR [ADAPTER_DIR ...]
 
 One batch mixes the base and every adapter (so many adapters share steps; vLLM's own
-path scores one model at a time, below). For each model it writes the log-probability of every token of one fixed text (teacher-forced, so a
-result never depends on an earlier near-tie) and a short greedy answer:
+path scores one model at a time, below). For each model it writes the log-probability
+of every token of one fixed text (teacher-forced, so a result never depends on an
+earlier near-tie) and a short greedy answer:
 ``{"model": {"scores": [...], "text": "..."}}``. The LoRA path follows ``ZOO_FAST_LORA``
 (zoo's plugin reads it in every vLLM process); the engine runs in this process, so what
 the plugin logs (which path is in use) is in this script's output.
