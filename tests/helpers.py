@@ -30,3 +30,46 @@ def zoo_process(*args: str, env: dict | None = None, **kw) -> subprocess.Complet
     exe = Path(sys.executable).with_name("zoo")
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, **kw)
+
+
+def processes_with_env(name: str, prefix: str) -> set[int]:
+    """Pids of the live processes whose environment has ``name`` starting with ``prefix``
+    (every process zoo serve starts inherits its ZOO_HOME and ZOO_SERVE_STATE)."""
+    wanted = f"{name}={prefix}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(v.startswith(wanted) for v in environ.split(b"\0")):
+            found.add(int(entry.name))
+    return found
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and its live descendants."""
+    tree, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        tree.add(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return {p for p in tree if Path(f"/proc/{p}").exists()}
+
+
+def wait_until(condition, timeout: float = 30, interval: float = 0.5) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()

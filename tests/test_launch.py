@@ -123,3 +123,59 @@ def test_the_kv_cache_is_sized_unless_the_user_sized_it(models, zoo_home):
     own = ServeOptions(extra_args=("--kv-cache-memory-bytes=123",))
     assert kv(vllm_argv(own, base, models.llama, 16, 4, 16)) == []
     assert "--dtype" in plain and plain[plain.index("--dtype") + 1] in ("bfloat16", "float32")
+
+
+CHILD = """
+import multiprocessing, sys, time
+from zoo.serve.plugin import die_with_parent
+
+def engine():
+    die_with_parent()  # what zoo's plugin does in every process vLLM starts
+    open(sys.argv[1], "w").close()
+    time.sleep(600)
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    child = multiprocessing.Process(target=engine)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_processes_zoo_starts_die_with_their_parent(tmp_path):
+    """An engine core whose API server was killed (SIGKILL: no handler runs) dies too,
+    and so does an API server whose zoo process was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import wait_until
+    from zoo.serve.launch import die_with_us
+
+    script = tmp_path / "server.py"
+    script.write_text(CHILD)
+    ready = tmp_path / "ready"
+    server = subprocess.Popen([sys.executable, str(script), str(ready)], stdout=subprocess.PIPE,
+                              text=True, preexec_fn=die_with_us)
+    engine = int(server.stdout.readline())
+    assert wait_until(ready.exists, 30)
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{engine}") or
+                      open(f"/proc/{engine}/stat").read().split(") ")[1][0] == "Z", 10)
+    # one level up: a parent (zoo serve) killed takes the server started with die_with_us
+    outer = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "from zoo.serve.launch import die_with_us\n"
+        f"p = subprocess.Popen([sys.executable, {str(script)!r}, {str(tmp_path / 'r2')!r}],"
+        " preexec_fn=die_with_us,"
+        " stdout=subprocess.DEVNULL)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    inner = int(outer.stdout.readline())
+    os.kill(outer.pid, signal.SIGKILL)
+    outer.wait()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{inner}") or
+                      open(f"/proc/{inner}/stat").read().split(") ")[1][0] == "Z", 10)

@@ -24,9 +24,10 @@ import pytest
 
 from tests.conftest import linked_home
 from tests.factory import save_lora
+from tests.helpers import process_tree, processes_with_env, wait_until
 from zoo.catalog.registry import Registry
 from zoo.catalog.store import add
-from zoo.serve.launch import ServeOptions, free_port, running_server, stop, wait_healthy
+from zoo.serve.launch import ServeOptions, free_port, stop, wait_healthy
 
 pytestmark = pytest.mark.vllm
 
@@ -100,6 +101,8 @@ def fleet(smollm2_home, tmp_path_factory, adapters):
     with running_fleet(options, 2, "consistent_hash", registry, log=lines.append) as running:
         yield SimpleNamespace(fleet=running, url=running.url, lines=lines, registry=registry,
                               home=home)
+    # stopped: no process of any replica is left
+    assert wait_until(lambda: not processes_with_env("ZOO_HOME", str(home)), timeout=60)
 
 
 def spread(fleet, model: str, key: str = KEYS["ops"], sessions=("s1", "s2", "s3", "s4")):
@@ -147,16 +150,42 @@ def test_an_adapter_added_while_running_is_served_through_the_router(fleet, adap
     assert all(usage(r.url).get("acme/late", 0) > 0 for r in fleet.fleet.replicas)
 
 
+def in_flight(replica) -> int:
+    """Requests the replica's engine is running or has queued, from vLLM's own gauges."""
+    request = urllib.request.Request(replica.url + "/metrics",
+                                     headers={"Authorization": f"Bearer {KEYS['ops']}"})
+    text = urllib.request.urlopen(request, timeout=30).read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting"))))
+
+
+def fleet_processes(fleet) -> dict[int, set[int]]:
+    """Every live process started for each replica (they inherit its state directory)."""
+    return {r.index: processes_with_env("ZOO_SERVE_STATE", str(r.log_path.parent))
+            for r in fleet.fleet.replicas}
+
+
 def test_a_killed_replica_costs_at_most_its_running_requests(fleet):
+    """SIGKILL to one replica's API server alone (as in the report of an engine that
+    outlived its server): no more requests fail than the replica was running, its engine
+    processes die with it, zoo restarts it, and then the fleet's processes are exactly the
+    running replicas' trees."""
     victim = fleet.fleet.replicas[0]
+    before = fleet_processes(fleet)
+    assert before[victim.index] == process_tree(victim.process.pid)
+    assert len(before[victim.index]) >= 3  # API server, engine core, worker
+    old_pid = victim.process.pid
     sessions = [f"k{i}" for i in range(24)]
     with ThreadPoolExecutor(8) as pool:
         running = [pool.submit(post, fleet.url, "acme/a", KEYS["ops"], s, 24) for s in sessions]
-        time.sleep(2.0)
-        os.killpg(victim.process.pid, signal.SIGKILL)  # the replica and its engine process
+        assert wait_until(lambda: in_flight(victim) > 0, timeout=60)
+        victims_requests = in_flight(victim)
+        os.kill(old_pid, signal.SIGKILL)
         during = [f.result() for f in running]
     failed = [r for r in during if r[0] != 200]
-    assert len(failed) <= 8, failed  # at most what the dead replica was running
+    assert victims_requests > 0 and len(failed) <= victims_requests, (victims_requests, failed)
+    assert wait_until(lambda: not before[victim.index] & set().union(
+        *fleet_processes(fleet).values()), timeout=60), "the old engine outlived its server"
     time.sleep(6)  # the router's health check (every 2 s) drops the dead replica
     after = [post(fleet.url, "acme/a", session=f"after-{i}") for i in range(12)]
     assert all(status == 200 for status, _ in after), after
@@ -167,6 +196,10 @@ def test_a_killed_replica_costs_at_most_its_running_requests(fleet):
                for line in fleet.lines), fleet.lines
     wait_healthy(victim.url, victim.process, victim.log_path, 600)
     assert post(victim.url + "/v1", "acme/a")[0] == 200
+    now = fleet_processes(fleet)
+    for replica in fleet.fleet.replicas:
+        assert now[replica.index] == process_tree(replica.process.pid), replica.index
+    assert not before[victim.index] & now[victim.index]
 
 
 def test_zoo_route_serves_two_homes_kept_in_step_by_sync(fleet, smollm2_home, adapters,
@@ -189,15 +222,25 @@ def test_zoo_route_serves_two_homes_kept_in_step_by_sync(fleet, smollm2_home, ad
         sync("acme/index", registry=Registry(home_b))
         assert Registry(home_b).load().adapter("acme/a").content_hash == \
             fleet.registry.load().adapter("acme/a").content_hash
-        options = ServeOptions(base=BASE, port=free_port(), max_loras=2, extra_args=SMALL)
-        with running_server(options, Registry(home_b),
-                            log_file=tmp_path / "vllm-b.log") as server_b:
+        # home B's server is `zoo serve` itself, killed with SIGKILL at the end: nothing of
+        # it may be left running
+        serve_port = free_port()
+        with open(tmp_path / "serve-b.log", "wb") as out:
+            serving = subprocess.Popen(
+                [str(Path(sys.executable).with_name("zoo")), "serve", "--multi-lora",
+                 "--base", BASE, "--port", str(serve_port), "--max-loras", "2", *SMALL],
+                env={**os.environ, "ZOO_HOME": str(home_b)}, stdout=out,
+                stderr=subprocess.STDOUT)
+        server_b = f"http://127.0.0.1:{serve_port}"
+        try:
+            wait_healthy(server_b, serving, tmp_path / "serve-b.log", 900, "zoo serve")
+            assert len(processes_with_env("ZOO_HOME", str(home_b))) >= 4  # + API, core, worker
             worker_a = fleet.fleet.replicas[1].url
             port = free_port()
             with open(tmp_path / "route.log", "wb") as out:
                 router = subprocess.Popen(
                     [str(Path(sys.executable).with_name("zoo")), "route", "--worker",
-                     server_b.url, "--worker", worker_a, "--port", str(port),
+                     server_b, "--worker", worker_a, "--port", str(port),
                      "--policy", "round_robin"],
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             try:
@@ -205,7 +248,7 @@ def test_zoo_route_serves_two_homes_kept_in_step_by_sync(fleet, smollm2_home, ad
                 wait_healthy(url, router, tmp_path / "route.log", 60, "zoo route")
                 replies = [post(url + "/v1", "acme/a") for _ in range(4)]
                 assert all(status == 200 for status, _ in replies), replies
-                assert usage(server_b.url.removesuffix("/v1")).get("acme/a", 0) >= 1
+                assert usage(server_b).get("acme/a", 0) >= 1
                 children = Path(f"/proc/{router.pid}/task/{router.pid}/children").read_text()
                 assert children.split(), "zoo route runs vllm-router as its child"
             finally:
@@ -213,5 +256,10 @@ def test_zoo_route_serves_two_homes_kept_in_step_by_sync(fleet, smollm2_home, ad
             for pid in map(int, children.split()):  # SIGTERM to zoo route stops the router
                 with pytest.raises(ProcessLookupError):
                     os.kill(pid, 0)
+        finally:
+            serving.kill()
+            serving.wait()
+        assert wait_until(lambda: not processes_with_env("ZOO_HOME", str(home_b)), 60), \
+            "vLLM processes outlived zoo serve's SIGKILL"
     finally:
         hub.shutdown()

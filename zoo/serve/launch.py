@@ -27,7 +27,7 @@ from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import ServeError
 from zoo.models.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
 from zoo.serve import policy as env
-from zoo.serve.plugin import STATE_VARIABLE
+from zoo.serve.plugin import STATE_VARIABLE, set_parent_death_signal
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 QUANTIZATIONS = ("w8a8", "none", "nf4")
@@ -276,12 +276,20 @@ def run_server(plan: ServePlan, registry: Registry | None = None) -> int:
     """Run vLLM's server in the foreground until it exits (Ctrl-C stops it)."""
     registry = registry or Registry()
     with staging_dir(registry.home, "serve") as state:
-        proc = subprocess.Popen(plan.argv, env={**plan.env, STATE_VARIABLE: str(state)})
+        proc = subprocess.Popen(plan.argv, env={**plan.env, STATE_VARIABLE: str(state)},
+                                preexec_fn=die_with_us)
         with sigterm_interrupts():
             try:
                 return proc.wait()
             except KeyboardInterrupt:
                 return stop(proc)
+
+
+def die_with_us() -> None:
+    """``preexec_fn`` of every process zoo starts: it gets SIGKILL when the thread that
+    started it dies, however (zoo's own SIGKILL included). Its engine processes die with
+    it in turn (the plugin sets the same for them), so nothing outlives zoo."""
+    set_parent_death_signal(signal.SIGKILL)
 
 
 @contextmanager
@@ -331,7 +339,7 @@ def running_server(options: ServeOptions, registry: Registry | None = None,
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(plan.argv, env={**plan.env, STATE_VARIABLE: str(state)},
                                     stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=die_with_us)
         try:
             url = f"http://{options.host}:{options.port}"
             wait_healthy(url, proc, log_path, startup_timeout)

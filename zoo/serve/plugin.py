@@ -74,7 +74,6 @@ def _log_to_stderr() -> None:
                                                "%(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-        root.propagate = False
 
 
 def die_with_parent() -> None:

@@ -32,6 +32,7 @@ from zoo.serve.launch import (
     ServeOptions,
     ServePlan,
     describe,
+    die_with_us,
     free_port,
     plan_serve,
     prepare_base,
@@ -130,7 +131,8 @@ def plan_replicas(options: ServeOptions, replicas: int, registry: Registry,
 def start_replica(replica: Replica) -> None:
     with open(replica.log_path, "ab") as out:
         replica.process = subprocess.Popen(replica.plan.argv, env=replica.plan.env, stdout=out,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+                                           preexec_fn=die_with_us)
 
 
 @dataclass
@@ -158,9 +160,16 @@ def _supervise(fleet: Fleet, stopping: threading.Event, log: Callable[[str], Non
             start_replica(replica)
 
 
-def _kill_group(process: subprocess.Popen) -> None:
+def _kill_group(process: subprocess.Popen, timeout: float = 10) -> None:
+    """End what is left of a dead replica's process group (its engine core and workers
+    die with their parent anyway: plugin.die_with_parent) and wait until it is gone, so
+    the restart never runs beside the old engine's memory."""
+    deadline = time.monotonic() + timeout
     try:
         os.killpg(process.pid, signal.SIGKILL)
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            os.killpg(process.pid, 0)  # ProcessLookupError once the last one is reaped
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -189,7 +198,8 @@ def running_fleet(options: ServeOptions, replicas: int, policy: str = DEFAULT_PO
             with open(router_log, "ab") as out:
                 router = subprocess.Popen(
                     router_argv([r.url for r in planned], options.host, options.port, policy),
-                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=die_with_us)
             url = f"http://{options.host}:{options.port}"
             try:
                 wait_healthy(url, router, router_log, 60, "vllm-router")
@@ -232,7 +242,7 @@ def route(workers: list[str], host: str, port: int, policy: str) -> int:
     """``zoo route``: the router alone, in the foreground, in front of running servers."""
     argv = router_argv([w.rstrip("/").removesuffix("/v1") for w in workers], host, port,
                        policy)
-    process = subprocess.Popen(argv)
+    process = subprocess.Popen(argv, preexec_fn=die_with_us)
     with sigterm_interrupts():  # a SIGTERM must not leave the router running
         try:
             return process.wait()

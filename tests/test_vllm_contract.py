@@ -1,0 +1,186 @@
+"""The vLLM contract: every vLLM symbol, signature and behaviour zoo relies on, in one place.
+
+An upgrade of vLLM fails here first, and each failure names the zoo feature that depends
+on what changed. The guarded patches (zoo/serve/patches.py) turn themselves off when their
+own checks fail; this module makes sure that never happens silently in CI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+from zoo.serve import patches, plugin
+
+
+def feature(name: str) -> str:
+    return f"zoo's {name} depends on it"
+
+
+def test_the_plugin_is_registered_for_vllm():
+    found = [e for e in entry_points(group="vllm.general_plugins") if e.name == "zoo"]
+    assert found and found[0].value == "zoo.serve.plugin:register", feature("vLLM plugin")
+
+
+@pytest.mark.parametrize("patch", [plugin.LORA_DEVICE, plugin.FAST_LORA, plugin.FIRST_USE,
+                                   plugin.WEIGHT_REPORT], ids=lambda p: p.name)
+def test_every_patch_applies_to_the_pinned_vllm(patch):
+    """Each patch's own checks (version, platform, signatures) pass on this vLLM."""
+    assert patches._refusal(patch) is None, feature(f"{patch.name} patch ({patch.why})")
+
+
+def test_a_patch_whose_checks_fail_stays_off_with_one_line(caplog):
+    applied = []
+    refused = patches.Patch("p", "why", "never", apply=lambda: applied.append(1),
+                            checks=(patches.has("vllm.v1.engine.core", "EngineCore", "nope"),))
+    bad_version = patches.Patch("v", "why", "never", apply=lambda: applied.append(2),
+                                versions=("0.0.1",))
+    raising = patches.Patch("r", "why", "never", apply=lambda: 1 / 0)
+    gpu = patches.Patch("g", "why", "never", apply=lambda: applied.append(3), cpu_only=True)
+    with caplog.at_level(logging.WARNING, logger="zoo.serve"):
+        report = patches.install([refused, bad_version, raising])
+    assert applied == [] and report.applied == []
+    assert "EngineCore.nope is gone" in report.outcome["p"]
+    assert "not a version it was tested on" in report.outcome["v"]
+    assert "ZeroDivisionError" in report.outcome["r"]
+    assert len([r for r in caplog.records if "is off" in r.getMessage()]) == 3
+    signature = patches.parameters("vllm.v1.engine.core", "EngineCore", "add_request",
+                                   names=("req", "wave"))
+    assert "takes (request, request_wave)" in signature()
+    original = patches.on_cpu
+    try:
+        patches.on_cpu = lambda: False  # as on a GPU build: CPU-only patches never apply
+        assert "CPU platform only" in patches.install([gpu]).outcome["g"]
+    finally:
+        patches.on_cpu = original
+    assert applied == []
+
+
+def test_register_never_raises(monkeypatch, caplog):
+    def boom():
+        raise ImportError("vllm moved everything")
+
+    monkeypatch.setattr(plugin, "zoo_patches", boom)
+    with caplog.at_level(logging.ERROR, logger="zoo.serve"):
+        plugin.register()
+    assert "plugin registration failed" in caplog.text
+
+
+def test_a_slot_is_reset_before_vllm_writes_it():
+    """fast_lora's per-slot caches redo the slots marked by reset_lora; vLLM's set_lora
+    must call it first (else zoo would recompute every slot: slower, never wrong)."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+
+    for layer_class in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA):
+        source = inspect.getsource(layer_class.set_lora)
+        assert "self.reset_lora(index)" in source, feature("fast LoRA slot caches")
+
+
+def test_minus_one_means_no_adapter_in_the_token_mapping():
+    """fast_lora leaves rows of slot -1 untouched: vLLM must mean 'no adapter' by it."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    wrapper = PunicaWrapperCPU(max_num_batched_tokens=16, max_batches=4, device="cpu")
+    wrapper.update_metadata(LoRAMapping([0, 5, 0, 7], [0, 5, 0, 7], is_prefill=False),
+                            [5, 7, None], 3, 64)
+    assert wrapper.token_lora_indices.tolist() == [-1, 0, -1, 1], feature("grouped LoRA path")
+    assert wrapper.sampler_indices.tolist() == [-1, 0, -1, 1], feature("grouped LoRA path")
+
+
+def test_vllm_reads_the_platforms_punica_wrapper():
+    """The fast LoRA patch works by the platform naming the wrapper class."""
+    from vllm.lora.punica_wrapper import punica_selector
+    from vllm.platforms import cpu
+
+    source = inspect.getsource(punica_selector.get_punica_wrapper)
+    assert "current_platform.get_punica_wrapper()" in source, feature("grouped LoRA path")
+    assert "Using %s" in source, feature("tests that read which LoRA path ran")
+    assert isinstance(cpu.CpuPlatform.get_punica_wrapper(), str)
+
+
+def test_the_extension_points_zoo_builds_on():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    assert callable(LoRAResolverRegistry.register_resolver), feature("registry resolver")
+    assert inspect.iscoroutinefunction(LoRAResolver.resolve_lora), feature("registry resolver")
+    parser = make_arg_parser(FlexibleArgumentParser())
+    options = {o for action in parser._actions for o in action.option_strings}
+    for option in ("--middleware", "--enable-lora", "--max-loras", "--max-cpu-loras",
+                   "--max-lora-rank", "--served-model-name", "--kv-cache-memory-bytes",
+                   "--gpu-memory-utilization", "--disable-uvicorn-access-log", "--dtype"):
+        assert option in options, feature(f"zoo serve's command line ({option})")
+    assert "kv_cache_memory_bytes" in inspect.signature(AsyncEngineArgs).parameters
+    importlib.import_module("vllm.entrypoints.openai.api_server")  # what zoo serve runs
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+    assert "lora_name" in UnloadLoRAAdapterRequest.model_fields, feature("hot remove")
+
+
+def test_the_request_fields_zoo_reads_and_writes():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    for request in (ChatCompletionRequest, CompletionRequest):
+        assert "model" in request.model_fields, feature("middleware's model check")
+    assert "prompt_logprobs" in CompletionRequest.model_fields, feature("zoo eval (served)")
+
+
+def test_the_cpu_int8_kernel_needs_what_zoo_gives_it():
+    """activation_dtype: the AMX int8 kernel takes bf16/fp16 activations; the lora_device
+    patch: the oneDNN one releases ``weight`` after prepacking."""
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu
+
+    source = inspect.getsource(cpu)
+    assert "setattr(layer, w_q_name, None)" in source, feature("lora_device patch")
+    assert "_is_amx_tile_supported" in inspect.getsource(
+        importlib.import_module("vllm.model_executor.layers.utils").check_cpu_sgl_kernel), \
+        feature("activation dtype choice")
+
+
+def test_the_grouped_path_gives_way_to_vllms_own(monkeypatch):
+    """Calls the grouped path was not written for go to vLLM's ops: an unknown keyword,
+    a torch compile in progress, a mapping outside -1 .. slots - 1."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
+
+    calls = []
+    own = PunicaWrapperCPU.add_lora_linear
+    monkeypatch.setattr(PunicaWrapperCPU, "add_lora_linear",
+                        lambda self, *a, **k: calls.append(sorted(k)) or own(self, *a, **k))
+
+    def run(wrapper, **extra):
+        a = (torch.randn(2, 1, 4, 8),)
+        b = (torch.randn(2, 1, 8, 4),)
+        wrapper.add_lora_linear(torch.zeros(3, 8), torch.randn(3, 8), a, b, 1.0, (8,), **extra)
+
+    w = GroupedPunicaWrapperCPU(max_num_batched_tokens=8, max_batches=4, device="cpu")
+    w.update_metadata(LoRAMapping([1, 2, 1], [1, 2, 1], is_prefill=False), [1, 2], 2, 64)
+    run(w)
+    assert calls == []  # zoo's own path
+    run(w, future_option=True)
+    assert calls == [["buffer", "future_option"]]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    run(w)
+    assert len(calls) == 2
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    w._token_lora_indices[:3] = torch.tensor([0, -2, 1])  # a meaning zoo does not know
+    w._grouped = False
+    w.update_metadata(LoRAMapping([1, 2, 1], [1, 2, 1], is_prefill=False), [1, 2], 2, 64)
+    assert w._grouped
+    monkeypatch.setattr(type(w), "token_lora_indices", property(lambda self: torch.tensor([0, -2, 1])))
+    w.update_metadata(LoRAMapping([1, 2, 1], [1, 2, 1], is_prefill=False), [1, 2], 2, 64)
+    assert not w._grouped
+    run(w)
+    assert len(calls) == 3
