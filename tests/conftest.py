@@ -91,3 +91,31 @@ def real_home(smollm2_home, tmp_path, monkeypatch) -> Path:
 def engine_reports() -> dict:
     """What each vLLM engine the session started reported about its weights (/zoo/engine)."""
     return {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every zoo home the session made matches the schema (the per-test home is checked by
+    its fixture; this covers the session's, the served, replica and Hub ones), and no test
+    was skipped: vLLM's tests run everywhere the suite does (a broken vLLM install fails
+    the bootstrap, and a test that skips itself fails the run)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and exitstatus == 0:
+        invalid = []
+        # a registry zoo wrote has its writers' lock beside it (tests that damage one on
+        # purpose write the file alone)
+        for lock in factory.getbasetemp().rglob("registry.json.lock"):
+            try:
+                check_registry(lock.with_suffix(""))
+            except (jsonschema.ValidationError, AssertionError, ValueError, OSError) as error:
+                invalid.append(f"{lock.with_suffix('')}: {str(error).splitlines()[0]}")
+        if invalid:
+            reporter.write_line("error: registries that do not match the schema:\n  " +
+                                "\n  ".join(invalid), red=True)
+            session.exitstatus = 1
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped and session.exitstatus == 0:
+        names = ", ".join(getattr(r, "nodeid", "?") for r in skipped[:5])
+        reporter.write_line(f"error: {len(skipped)} tests were skipped ({names}); the suite "
+                            "runs every test", red=True)
+        session.exitstatus = 1

@@ -109,7 +109,6 @@ def test_sagemaker_invocations_cannot_reach_another_tenants_adapter(gate):
 
 
 def test_resolver_loads_only_for_a_vetted_request_of_a_tenant_that_may_use_it(gate):
-    pytest.importorskip("vllm")
     from zoo.serve.resolver import RegistryResolver
 
     middleware, _, _ = gate
