@@ -84,3 +84,9 @@ def beyond(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor | float) -
     """Whether any element is outside its bound: what a wrong result must show."""
     diff = (got.double() - want.double()).abs()
     return bool((diff > torch.as_tensor(bound, dtype=torch.float64)).any())
+
+
+def reported_loss_bound(loss: float, tokens: int, decimals: int = 4) -> float:
+    """How far a mean loss zoo rounded to ``decimals`` places may sit from one recomputed
+    in float32: the rounding, plus the float32 sum of ``tokens`` per-token losses."""
+    return 0.5 * 10 ** -decimals + gamma(tokens) * abs(loss)

@@ -73,3 +73,33 @@ def wait_until(condition, timeout: float = 30, interval: float = 0.5) -> bool:
             return True
         time.sleep(interval)
     return condition()
+
+
+def houlsby_forward(base_dir: Path, adapter_dir: Path):
+    """A transformers model of ``base_dir`` with the bottleneck adapter of ``adapter_dir``
+    applied by hooks written here from the paper's formula, h + up(relu(down(h))) on each
+    attention and MLP output, reading the tensors by their documented names: a reference
+    for zoo's own BottleneckSet."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((adapter_dir / "zoo_adapter.json").read_text())
+    assert config["non_linearity"] == "relu"
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    blocks = {"attention": "self_attn", "feed_forward": "mlp"}
+    for i in config["layers"]:
+        for position in config["positions"]:
+            key = f"layers.{i}.{position}"
+            w = {name: tensors[f"{key}.{name}"].float() for name in
+                 ("down.weight", "down.bias", "up.weight", "up.bias")}
+
+            def hook(_module, _inputs, output, w=w):
+                h = output[0] if isinstance(output, tuple) else output
+                z = torch.relu(h @ w["down.weight"].T + w["down.bias"])
+                h = h + z @ w["up.weight"].T + w["up.bias"]
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            getattr(model.model.layers[i], blocks[position]).register_forward_hook(hook)
+    return model

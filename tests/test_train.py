@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bounds import reported_loss_bound
 from tests.helpers import zoo, zoo_json
 from zoo.catalog.registry import Registry
 from zoo.train import PACKAGE_DATA, TrainOptions, train
@@ -33,6 +34,45 @@ def test_each_method_lowers_the_loss(tiny, method):
     assert t["data_sha256"] == entry["source"]["data_sha256"]
     assert t["data_sha256"].startswith("sha256:") and t["seconds"] > 0
     assert entry["kind"] == method
+    loss, tokens = held_out_loss(tiny, entry)
+    assert abs(loss - t["eval_loss"]) <= reported_loss_bound(loss, tokens), (loss, t)
+
+
+def held_out_loss(tiny, entry) -> tuple[float, int]:
+    """The trained adapter's loss on the held-out split, recomputed without zoo's training
+    code: PEFT's own loading (or a Houlsby forward written from the formula) and
+    transformers' own loss, one example at a time."""
+    import random
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import houlsby_forward
+    from zoo.catalog.loading import load_model
+    from zoo.train import IGNORE, TrainOptions, _split, load_dataset
+
+    registry = Registry()
+    tokenizer = AutoTokenizer.from_pretrained(tiny.llama)
+    options = TrainOptions(base="tiny", method=entry["kind"], data=DATA, name="x",
+                           eval_split=0.2)
+    random.seed(0)
+    _train, held = _split(load_dataset(DATA), options, tokenizer)
+    stored = Path(entry["path"])
+    if entry["kind"] == "bottleneck":
+        model = houlsby_forward(tiny.llama, stored)
+    else:
+        base = registry.load().base("tiny")
+        plain = AutoModelForCausalLM.from_pretrained(tiny.llama, dtype=torch.float32) \
+            if entry["kind"] == "lora" else load_model(registry, base, "nf4")
+        model = PeftModel.from_pretrained(plain, stored).eval()
+    total = tokens = 0
+    with torch.no_grad():
+        for ids, labels in held:
+            n = sum(label != IGNORE for label in labels[1:])
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            total, tokens = total + float(out.loss) * n, tokens + n
+    return total / tokens, tokens
 
 
 def test_lora_starts_from_the_base(tiny):
