@@ -69,6 +69,46 @@ def test_an_adapter_folder_with_a_symlink_is_refused(tiny, tmp_path, zoo_home):
     assert not (zoo_home / "adapters").exists() or not any((zoo_home / "adapters").rglob("*.txt"))
 
 
+def test_a_stored_file_that_became_a_link_counts_as_changed(tiny, tmp_path, zoo_home):
+    """Even a link to identical bytes: the registry vouches for the files it stored."""
+    from zoo.catalog.registry import Registry
+    from zoo.serve.policy import ServePolicy
+
+    zoo("add", tiny.lora("plain"), "--name", "acme/x", "--base", "tiny")
+    stored = zoo_home / "adapters/acme/x" / WEIGHTS
+    copy = tmp_path / "elsewhere.safetensors"
+    copy.write_bytes(stored.read_bytes())
+    stored.unlink()
+    stored.symlink_to(copy)
+    result = zoo("verify", "acme/x", ok=False)
+    assert result.exit_code == 1 and WEIGHTS in result.stdout + result.stderr
+    decision = ServePolicy(Registry(zoo_home), "tiny", 16).adapter("acme/x")
+    assert decision.status == 422 and WEIGHTS in decision.message
+
+
+def test_non_finite_alphas_are_refused(tiny, tmp_path, zoo_home):
+    for i, alpha in enumerate((float("nan"), float("inf"), -float("inf"))):
+        folder = copy_adapter(tiny.lora("plain"), tmp_path / f"alpha{i}",
+                              config={"lora_alpha": alpha})
+        result = zoo("add", folder, "--name", f"acme/a{i}", "--base", "tiny", ok=False)
+        assert result.exit_code == 1 and "alpha" in result.stderr, result.stderr
+    patterned = copy_adapter(tiny.lora("plain"), tmp_path / "pattern",
+                             config={"alpha_pattern": {"q_proj": float("nan")}})
+    result = zoo("add", patterned, "--name", "acme/p", "--base", "tiny", ok=False)
+    assert result.exit_code == 1 and "alpha" in result.stderr, result.stderr
+    assert not (zoo_home / "adapters").exists() or not any((zoo_home / "adapters").iterdir())
+
+
+def test_a_deeply_nested_adapter_config_is_a_format_error(tiny, tmp_path, zoo_home):
+    folder = copy_adapter(tiny.lora("plain"), tmp_path / "deep")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    text = json.dumps(config)[:-1] + ', "junk": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (folder / "adapter_config.json").write_text(text)
+    result = zoo("add", folder, "--name", "acme/deep", "--base", "tiny", ok=False)
+    assert result.exit_code == 1 and result.stderr.startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # 7. rm deletes under the lock: an add of the same name in between keeps its files ------
 
 def test_rm_racing_an_add_of_the_same_name_keeps_the_new_files(tiny, zoo_home, monkeypatch):

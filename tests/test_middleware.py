@@ -103,7 +103,8 @@ def test_sagemaker_invocations_cannot_reach_another_tenants_adapter(gate):
                         headers=[(b"x-amzn-sagemaker-adapter-identifier", b"globex/b")])
     assert status == 403 and "not served by zoo" in body["error"]["message"]
     for path in ("/v1/responses/resp_123", "/pooling", "/v1/audio/transcriptions",
-                 "/v1/batches", "/score", "/v1/load_lora_adapter"):
+                 "/v1/batches", "/score", "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+                 "/adapters", "/adapters/acme/a"):
         assert call(middleware, path, chat("tiny"), KEYS["ops"])[0] == 403, path
     assert app.reached == []
 
