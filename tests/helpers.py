@@ -103,3 +103,36 @@ def houlsby_forward(base_dir: Path, adapter_dir: Path):
 
             getattr(model.model.layers[i], blocks[position]).register_forward_hook(hook)
     return model
+
+
+SCORED_TEXT = ("Question: What is the capital of France?\nAnswer: The capital of France is Paris, "
+               "a city on the Seine known for the Eiffel Tower and the Louvre.")
+
+
+def served_scores(url: str, model: str, prompt, key: str = "x") -> list[float]:
+    """The log-probability a served ``model`` gives each token of ``prompt`` (a text, or
+    token ids) after the first: teacher-forced, so a result never depends on a near-tie
+    earlier in a generation."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=300)
+    reply = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0,
+                                      extra_body={"prompt_logprobs": 0})
+    positions = reply.choices[0].model_extra["prompt_logprobs"][1:]  # the first has none
+    assert all(len(step) == 1 for step in positions)  # 0 asked: the scored token alone
+    return [next(iter(step.values()))["logprob"] for step in positions]
+
+
+def transformers_scores(model, ids: list[int]) -> list[float]:
+    """The same from a transformers model, in float32."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
+
+def distance(a: list[float], b: list[float]) -> float:
+    """The largest per-token difference of two score lists."""
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import linked_home
 from tests.factory import save_lora
-from tests.helpers import zoo
+from tests.helpers import SCORED_TEXT, distance, served_scores, zoo
 from zoo.catalog.registry import Registry
 from zoo.catalog.store import add
 from zoo.serve.launch import ServeOptions, free_port, running_server
@@ -138,23 +138,8 @@ def test_start_up_lists_what_is_served_and_what_is_left_out(served):
     assert models == {BASE, "acme/a", "globex/b", "acme/q", "acme/broken-later"}
 
 
-SCORED = ("Question: What is the capital of France?\nAnswer: The capital of France is Paris, "
-          "a city on the Seine known for the Eiffel Tower and the Louvre.")
-
-
 def scored(server, model: str) -> list[float]:
-    """The log-probability ``model`` gives each token of SCORED (teacher-forced: one
-    request's numbers never depend on what it generated, so there are no near-ties
-    to flip)."""
-    reply = client(server).completions.create(model=model, prompt=SCORED, max_tokens=1,
-                                              temperature=0, extra_body={"prompt_logprobs": 0})
-    positions = reply.choices[0].model_extra["prompt_logprobs"][1:]  # the first has none
-    assert all(len(step) == 1 for step in positions)  # 0 asked: the scored token alone
-    return [next(iter(step.values()))["logprob"] for step in positions]
-
-
-def distance(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+    return served_scores(server.url, model, SCORED_TEXT, KEYS["ops"])
 
 
 def test_base_and_two_adapters_concurrently(served):
