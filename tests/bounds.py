@@ -90,3 +90,24 @@ def reported_loss_bound(loss: float, tokens: int, decimals: int = 4) -> float:
     """How far a mean loss zoo rounded to ``decimals`` places may sit from one recomputed
     in float32: the rounding, plus the float32 sum of ``tokens`` per-token losses."""
     return 0.5 * 10 ** -decimals + gamma(tokens) * abs(loss)
+
+
+def forward_bound(max_abs_logit: float, widest: int, layers: int, ops_per_layer: int = 8,
+                  dtype: torch.dtype = F32) -> float:
+    """First-order bound on how far two computations of a model's logits may differ when
+    their weights are equal up to rounding (the same update factored two ways) or their
+    sums run in another order: each of a layer's ``ops_per_layer`` products perturbs the
+    hidden state by at most gamma(widest reduction) relative, layer after layer."""
+    return 2 * layers * ops_per_layer * gamma(widest, dtype) * max(max_abs_logit, 1.0)
+
+
+def truncation_bound(update: torch.Tensor, rank: int, extra: int = 0) -> float:
+    """Elementwise bound on how far a rank-``rank`` truncated SVD of ``update`` computed in
+    float32 may sit from the exact one: the float32 error ``E`` of forming and factoring it
+    (gamma of the reduction times its norm) moves the truncation by at most
+    ``|E| (1 + 2 s1 / gap)`` (Wedin's theorem), ``gap`` between the singular values kept
+    and the first dropped."""
+    s = torch.linalg.svdvals(update.double())
+    gap = float(s[rank - 1] - (s[rank] if rank < len(s) else 0.0))
+    error = gamma(sum(update.shape) + extra) * float(s[0])
+    return error * (1 + 2 * float(s[0]) / gap)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.bounds import assert_within, fold_bound, gamma
 from tests.helpers import zoo, zoo_json
 from zoo.catalog.registry import Registry
 from zoo.errors import VerificationFailed
@@ -31,11 +32,22 @@ def lora_of(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def expected(base: dict, lora: dict, module: str, scale: float, prefix="base_model.model.",
              transpose=False, weight=1.0) -> torch.Tensor:
-    """W + w * s * B @ A, from the raw tensors, in float32 (the independent formula)."""
-    a = lora[f"{prefix}{module}.lora_A.weight"].float()
-    b = lora[f"{prefix}{module}.lora_B.weight"].float()
+    """W + w * s * B @ A, from the raw tensors, in float64 (the independent formula)."""
+    a = lora[f"{prefix}{module}.lora_A.weight"].double()
+    b = lora[f"{prefix}{module}.lora_B.weight"].double()
     delta = weight * scale * (b @ a)
-    return base[f"{module}.weight"].float() + (delta.T if transpose else delta)
+    return base[f"{module}.weight"].double() + (delta.T if transpose else delta)
+
+
+def assert_fold(got: torch.Tensor, base: dict, lora: dict, module: str, scale: float,
+                transpose=False, weight=1.0) -> None:
+    """``got`` is W + w * s * B @ A within the rounding of computing it in float32."""
+    a = lora[f"base_model.model.{module}.lora_A.weight"]
+    b = lora[f"base_model.model.{module}.lora_B.weight"]
+    w = base[f"{module}.weight"]
+    bound = fold_bound(w.T if transpose else w, [(weight * scale, b, a)])
+    assert_within(got, expected(base, lora, module, scale, transpose=transpose, weight=weight),
+                  bound.T if transpose else bound, module)
 
 
 @pytest.fixture
@@ -52,8 +64,7 @@ def test_lora_weights_match_the_formula(tiny, tmp_path):
     for layer in range(2):
         for proj in ("q_proj", "v_proj"):
             module = f"model.layers.{layer}.self_attn.{proj}"
-            torch.testing.assert_close(merged[f"{module}.weight"],
-                                       expected(base, lora, module, 8 / 4), rtol=0, atol=1e-6)
+            assert_fold(merged[f"{module}.weight"], base, lora, module, 8 / 4)
     # untouched tensors are copied through, as they were (upcast to the output dtype)
     assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
                        base["model.layers.0.mlp.up_proj.weight"].float())
@@ -71,13 +82,11 @@ def test_rslora_and_patterns_use_their_own_scales(tiny, tmp_path):
     zoo("merge", "--adapter", "pat", "--out", tmp_path / "pat", "--dtype", "fp32")
     base = weights_of(tiny.llama)
     module_q, module_v = "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
-    torch.testing.assert_close(weights_of(tmp_path / "rs")[f"{module_q}.weight"],
-                               expected(base, lora_of(rs), module_q, 8 / 4 ** 0.5), atol=1e-6, rtol=0)
+    assert_fold(weights_of(tmp_path / "rs")[f"{module_q}.weight"], base, lora_of(rs), module_q,
+                8 / 4 ** 0.5)
     merged = weights_of(tmp_path / "pat")
-    torch.testing.assert_close(merged[f"{module_q}.weight"],
-                               expected(base, lora_of(pat), module_q, 8 / 4), atol=1e-6, rtol=0)
-    torch.testing.assert_close(merged[f"{module_v}.weight"],
-                               expected(base, lora_of(pat), module_v, 16 / 2), atol=1e-6, rtol=0)
+    assert_fold(merged[f"{module_q}.weight"], base, lora_of(pat), module_q, 8 / 4)
+    assert_fold(merged[f"{module_v}.weight"], base, lora_of(pat), module_v, 16 / 2)
 
 
 def test_gpt2_fan_in_fan_out(models, tmp_path):
@@ -89,9 +98,7 @@ def test_gpt2_fan_in_fan_out(models, tmp_path):
     merged, base = weights_of(tmp_path / "m"), weights_of(models.gpt2)
     module = "transformer.h.0.attn.c_attn"
     assert merged[f"{module}.weight"].shape == (32, 96)  # Conv1D: [in, out]
-    torch.testing.assert_close(merged[f"{module}.weight"],
-                               expected(base, lora_of(adapter), module, 2.0, transpose=True),
-                               atol=1e-6, rtol=0)
+    assert_fold(merged[f"{module}.weight"], base, lora_of(adapter), module, 2.0, transpose=True)
 
 
 def test_dora_rescales_rows_to_the_magnitude(tiny, tmp_path):
@@ -102,11 +109,18 @@ def test_dora_rescales_rows_to_the_magnitude(tiny, tmp_path):
     lora, base = lora_of(adapter), weights_of(tiny.llama)
     module = "model.layers.0.self_attn.q_proj"
     combined = expected(base, lora, module, 2.0)
-    magnitude = lora[f"base_model.model.{module}.lora_magnitude_vector"].float()
+    magnitude = lora[f"base_model.model.{module}.lora_magnitude_vector"].double()
     want = combined * (magnitude / combined.norm(dim=1)).view(-1, 1)
     got = weights_of(tmp_path / "m")[f"{module}.weight"]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got.norm(dim=1), magnitude, atol=1e-4, rtol=0)
+    # the fold's error (relative to each row's size), the row norm's (a sum of d squares)
+    # and the rescaling's rounding, all relative to the rescaled row
+    a, b = (lora[f"base_model.model.{module}.lora_{x}.weight"] for x in "AB")
+    fold = fold_bound(base[f"{module}.weight"], [(2.0, b, a)])
+    relative = (fold.norm(dim=1) / combined.norm(dim=1)).view(-1, 1)
+    bound = (2 * relative + gamma(combined.shape[1] + 3)) * want.abs().amax(dim=1, keepdim=True)
+    assert_within(got, want, bound, module)
+    assert_within(got.norm(dim=1), magnitude, bound.view(-1) * combined.shape[1] ** 0.5 +
+                  gamma(combined.shape[1] + 1) * magnitude, "row norms")
 
 
 def test_embedding_lora_folds_into_the_table(tiny, tmp_path):
@@ -117,9 +131,9 @@ def test_embedding_lora_folds_into_the_table(tiny, tmp_path):
     lora, base = lora_of(adapter), weights_of(tiny.llama)
     a = lora["base_model.model.model.embed_tokens.lora_embedding_A"]  # [r, vocab]
     b = lora["base_model.model.model.embed_tokens.lora_embedding_B"]  # [dim, r]
-    want = base["model.embed_tokens.weight"] + 2.0 * (b @ a).T
-    torch.testing.assert_close(weights_of(tmp_path / "m")["model.embed_tokens.weight"], want,
-                               atol=1e-6, rtol=0)
+    want = base["model.embed_tokens.weight"].double() + 2.0 * (b.double() @ a.double()).T
+    bound = fold_bound(base["model.embed_tokens.weight"].T, [(2.0, b, a)]).T
+    assert_within(weights_of(tmp_path / "m")["model.embed_tokens.weight"], want, bound)
 
 
 def test_embedding_lora_on_a_tied_base_unties_the_head(models, tmp_path):
@@ -150,8 +164,11 @@ def test_two_adapters_combine_as_a_weighted_sum(tiny, tmp_path):
     merged, base = weights_of(Path(entry["path"])), weights_of(tiny.llama)
     module = "model.layers.1.self_attn.v_proj"
     want = expected(base, lora_of(a), module, 2.0, weight=0.7) + \
-        expected(base, lora_of(b), module, 2.0, weight=0.3) - base[f"{module}.weight"].float()
-    torch.testing.assert_close(merged[f"{module}.weight"], want, atol=1e-6, rtol=0)
+        expected(base, lora_of(b), module, 2.0, weight=0.3) - base[f"{module}.weight"].double()
+    terms = [(w * 2.0, lora[f"base_model.model.{module}.lora_B.weight"],
+              lora[f"base_model.model.{module}.lora_A.weight"])
+             for w, lora in ((0.7, lora_of(a)), (0.3, lora_of(b)))]
+    assert_within(merged[f"{module}.weight"], want, fold_bound(base[f"{module}.weight"], terms))
 
 
 def test_merged_logits_match_peft_unmerged(tiny):
@@ -273,10 +290,8 @@ def test_qlora_folds_into_the_dequantized_base_by_default(models, qlora, tmp_pat
     dequantized = {k: v.float() for k, v in _bnb_dequantized(nf4_dir).items()}
     original, lora = weights_of(models.llama_blocks), lora_of(qlora)
     module = "model.layers.0.self_attn.q_proj"
-    torch.testing.assert_close(weights_of(tmp_path / "dq")[f"{module}.weight"],
-                               expected(dequantized, lora, module, 2.0), atol=1e-6, rtol=0)
-    torch.testing.assert_close(weights_of(tmp_path / "orig")[f"{module}.weight"],
-                               expected(original, lora, module, 2.0), atol=1e-6, rtol=0)
+    assert_fold(weights_of(tmp_path / "dq")[f"{module}.weight"], dequantized, lora, module, 2.0)
+    assert_fold(weights_of(tmp_path / "orig")[f"{module}.weight"], original, lora, module, 2.0)
     # untouched NF4 weights come back dequantized, never re-quantized
     torch.testing.assert_close(weights_of(tmp_path / "dq")["model.layers.0.mlp.up_proj.weight"],
                                dequantized["model.layers.0.mlp.up_proj.weight"], atol=0, rtol=0)

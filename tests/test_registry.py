@@ -60,7 +60,7 @@ def test_add_lora_inspects_the_files(tiny, zoo_home):
     assert entry["trainable_params"] == 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4))
     base_params = zoo_json("show", "tiny-llama")["parameters"]
     assert entry["percent_of_base"] == pytest.approx(100 * entry["trainable_params"] / base_params,
-                                                     abs=1e-4)
+                                                     abs=0.5e-4)  # written to 4 decimals
     assert entry["servable"] is True and entry["servable_reason"] is None
     stored = zoo_home / "adapters" / "acme" / "plain"
     assert entry["path"] == str(stored)

@@ -119,11 +119,17 @@ def test_bottleneck_default_size_and_near_identity_start(tiny):
     assert adapter.config["bottleneck_size"] == 32 // 16
     adapter.attach(model)
     after = model(input_ids=ids).logits
-    assert torch.allclose(before, after, atol=1e-3)
     with torch.no_grad():  # the hooks really run: a big up-projection changes the output
         for block in adapter.blocks.values():
             block.up.weight.normal_(std=1.0)
-    assert not torch.allclose(before, model(input_ids=ids).logits, atol=1e-2)
+    big = float((model(input_ids=ids).logits - before).abs().max())
+    small = float((after - before).abs().max())
+    # to first order each block's contribution scales with its up-projection: at
+    # UP_INIT_STD instead of 1.0 the change shrinks by that factor (10x slack for the
+    # nonlinearity between), and it is not nothing
+    from zoo.models.bottleneck import UP_INIT_STD
+
+    assert 0 < small <= 10 * UP_INIT_STD * big, (small, big)
     adapter.detach()
     assert torch.equal(before, model(input_ids=ids).logits)
 
