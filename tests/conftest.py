@@ -17,6 +17,10 @@ from tests import factory
 # Import it now, with no HF_ENDPOINT, so every test sees what a process that imported it before
 # choosing an endpoint sees, whatever order the tests run in: zoo reads HF_ENDPOINT per call.
 os.environ.pop("HF_ENDPOINT", None)
+# With hf_xet installed, huggingface_hub uploads through Xet, which the test Hub does not
+# speak; without it, through the Git LFS protocol the test Hub implements (and the real
+# Hub accepts). Read at import, like the endpoint.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
 import huggingface_hub.constants  # noqa: E402,F401  (the package itself loads lazily)
 
 # Property tests: fresh examples on a developer's run, the same ones in CI (a failure found

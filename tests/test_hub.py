@@ -52,6 +52,8 @@ def test_round_trip(hub, homes, models, tmp_path):
     assert "pushed acme/plain to acme/plain" in result.stdout
     pushed = zoo_json("show", "acme/plain")
     assert pushed["hub"]["repo"] == "acme/plain" and len(pushed["hub"]["commit"]) == 40
+    # the weights went through the Git LFS protocol, as real pushes of weights do
+    assert hub.lfs_batches >= 1 and any(u.startswith("acme/plain:") for u in hub.lfs_uploads)
     card = (Path(pushed["path"]) / "README.md").read_text()
     assert "base_model: tiny" in card and "library_name: peft" in card and "- zoo" in card
     assert "| rank | 4 |" in card

@@ -2,9 +2,14 @@
 
 No Hub is reachable from the machines zoo is tested on, so this server speaks
 the part of the Hub's HTTP API that ``huggingface_hub`` uses for zoo's calls:
-repo creation and info, file trees, branches, preupload and commit (regular,
-non-LFS files only), YAML validation, ``whoami`` and file download with
-``Range`` (resume). Point the real client at it with ``HF_ENDPOINT``.
+repo creation and info (with file metadata: sizes, git blob ids, LFS sha256), file
+trees, branches, preupload and commit, the Git LFS upload protocol for weight files
+(preupload answers ``lfs`` for ``*.safetensors``, ``*.bin``, ``*.pt`` and files over
+10 MB; the batch API hands out upload and verify URLs; the commit names the object by
+its sha256, as the Hub does), YAML validation, ``whoami`` and file download with
+``Range`` (resume) and the Hub's ETag headers. Point the real client at it with
+``HF_ENDPOINT``. (With ``hf_xet`` installed, huggingface_hub uploads to the real Hub
+through Xet instead; ``HF_HUB_DISABLE_XET=1`` makes it use LFS, which the Hub accepts too.)
 
     python -m zoo.testing.hub --root DIR --port P [--token WRITE] [--read-token READ]
 
@@ -29,6 +34,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+LFS_MIN_SIZE = 10 * 1024 * 1024
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\n"
+            f"size {size}\n").encode()
 _REPO = r"(?P<type>model|dataset)s/(?P<repo>[^/]+/[^/]+)"
 
 
@@ -92,7 +104,7 @@ class Store:
     def blob(self, kind: str, repo: str, digest: str) -> Path:
         return self.repo_dir(kind, repo) / "blobs" / digest
 
-    def add_commit(self, kind: str, repo: str, branch: str, files: dict[str, bytes],
+    def add_commit(self, kind: str, repo: str, branch: str, files: dict[str, bytes | tuple],
                    deleted: list[str], message: str, parent: str | None) -> str:
         with self.lock:
             head = self.resolve(kind, repo, branch)
@@ -113,6 +125,15 @@ class Store:
             for p in doomed:
                 del tree[p]
         for path, data in files.items():
+            if isinstance(data, tuple):  # ("lfs", sha256): an object uploaded through LFS
+                digest = data[1]
+                blob = self.blob(kind, repo, digest)
+                if not blob.exists():
+                    raise HubError(400, f"LFS object {digest} of {path} was never uploaded")
+                size = blob.stat().st_size
+                tree[path] = {"sha256": digest, "size": size,
+                              "oid": git_oid(lfs_pointer(digest, size)), "lfs": True}
+                continue
             digest = hashlib.sha256(data).hexdigest()
             self.blob(kind, repo, digest).write_bytes(data)
             tree[path] = {"sha256": digest, "size": len(data), "oid": git_oid(data)}
@@ -195,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
             headers["X-Error-Message"] = err.message
             self._json(err.status, {"error": err.message}, headers)
 
-    do_GET = do_HEAD = do_POST = do_DELETE = lambda self: self._dispatch()  # noqa: E731
+    do_GET = do_HEAD = do_POST = do_DELETE = do_PUT = lambda self: self._dispatch()  # noqa: E731
 
     # -- routes --------------------------------------------------------------------------
     def _route(self, url) -> None:
@@ -224,6 +245,14 @@ class Handler(BaseHTTPRequestHandler):
             rest = urllib.parse.unquote(m["rest"] or "")
             handler = getattr(self, "_" + m["verb"].replace("-", "_"))
             return handler(kind, repo, rest, query)
+        m = re.fullmatch(r"/(?:(?P<ds>datasets)/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch",
+                         url.path)
+        if m and method == "POST":
+            return self._lfs_batch("dataset" if m["ds"] else "model", urllib.parse.unquote(m["repo"]))
+        m = re.fullmatch(r"/lfs/(?P<type>model|dataset)/(?P<repo>[^/]+/[^/]+)/(?P<verb>upload|verify)"
+                         r"/(?P<oid>[0-9a-f]{64})", url.path)
+        if m and method in ("PUT", "POST"):
+            return self._lfs_object(m["type"], urllib.parse.unquote(m["repo"]), m["verb"], m["oid"])
         m = re.fullmatch(r"/(?:(?P<ds>datasets)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rest>.+)",
                          url.path)
         if m and method in ("GET", "HEAD"):
@@ -245,7 +274,10 @@ class Handler(BaseHTTPRequestHandler):
     def _info(self, kind: str, repo: str, revision: str) -> None:
         meta = self._may_read(kind, repo)
         sha, tree = self.server.store.tree(kind, repo, revision)
-        siblings = [{"rfilename": p, "size": f["size"], "blobId": f["oid"]}
+        siblings = [{"rfilename": p, "size": f["size"], "blobId": f["oid"],
+                     **({"lfs": {"sha256": f["sha256"], "size": f["size"],
+                                 "pointerSize": len(lfs_pointer(f["sha256"], f["size"]))}}
+                        if f.get("lfs") else {})}
                     for p, f in tree.items()]
         self._json(200, {"id": repo, "sha": sha, "private": meta["private"],
                          "siblings": siblings, "tags": [], "downloads": 0, "likes": 0,
@@ -264,7 +296,7 @@ class Handler(BaseHTTPRequestHandler):
             if "/" in inner and not recursive:
                 dirs.add((prefix.rstrip("/") + "/" if prefix else "") + inner.split("/")[0])
                 continue
-            entries.append({"type": "file", "path": p, "size": f["size"], "oid": f["oid"]})
+            entries.append(_file_record(p, f))
         entries += [{"type": "directory", "path": d, "oid": "0" * 40} for d in sorted(dirs)]
         self._json(200, entries)
 
@@ -276,8 +308,7 @@ class Handler(BaseHTTPRequestHandler):
             paths = json.loads(body)["paths"]
         except (json.JSONDecodeError, KeyError):
             paths = urllib.parse.parse_qs(body).get("paths", [])
-        self._json(200, [{"type": "file", "path": p, "size": tree[p]["size"], "oid": tree[p]["oid"]}
-                         for p in paths if p in tree])
+        self._json(200, [_file_record(p, tree[p]) for p in paths if p in tree])
 
     def _refs(self, kind: str, repo: str, rest: str, query) -> None:
         meta = self._may_read(kind, repo)
@@ -296,9 +327,9 @@ class Handler(BaseHTTPRequestHandler):
         self._may_read(kind, repo)
         _sha, tree = self.server.store.tree(kind, repo, rest or "main")
         files = json.loads(self._body())["files"]
-        self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+        self._json(200, {"files": [{"path": f["path"], "uploadMode": _upload_mode(f),
                                     "shouldIgnore": False,
-                                    "oid": tree.get(f["path"], {}).get("oid")} for f in files]})
+                                    "oid": _remote_oid(tree.get(f["path"]))} for f in files]})
 
     def _commit(self, kind: str, repo: str, rest: str, query) -> None:
         self._may_write()
@@ -313,6 +344,10 @@ class Handler(BaseHTTPRequestHandler):
                 header = value
             elif key == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                if value.get("algo", "sha256") != "sha256":
+                    raise HubError(400, f"unsupported LFS hash algorithm {value.get('algo')}")
+                files[value["path"]] = ("lfs", value["oid"])
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"])
             else:
@@ -331,9 +366,15 @@ class Handler(BaseHTTPRequestHandler):
         file_path = urllib.parse.unquote(file_path)
         if file_path not in tree:
             raise HubError(404, f"Entry not found: {file_path}", "EntryNotFound")
-        data = self.server.store.blob(kind, repo, tree[file_path]["sha256"]).read_bytes()
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{tree[file_path]["oid"]}"',
-                   "Accept-Ranges": "bytes"}
+        record = tree[file_path]
+        data = self.server.store.blob(kind, repo, record["sha256"]).read_bytes()
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{record["oid"]}"', "Accept-Ranges": "bytes"}
+        if record.get("lfs"):  # as the Hub: the object's sha256 is its ETag
+            headers.update({"ETag": f'"{record["sha256"]}"',
+                            "X-Linked-Etag": f'"{record["sha256"]}"',
+                            "X-Linked-Size": str(record["size"])})
+        if self.server.tamper.get(f"{repo}/{file_path}"):  # other bytes than listed
+            data = self.server.tamper[f"{repo}/{file_path}"]
         self.server.downloads.append((self.command, f"{repo}/{file_path}",
                                       self.headers.get("Range")))
         if self.command == "GET" and self.server.cut_short.pop(f"{repo}/{file_path}", None):
@@ -346,6 +387,45 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(206, data[start:end + 1], headers, "application/octet-stream")
         self._send(200, data, headers, "application/octet-stream")
 
+
+    def _lfs_batch(self, kind: str, repo: str) -> None:
+        """The Git LFS batch API: an upload and a verify action per object not stored yet."""
+        self._may_write()
+        self._may_read(kind, repo)
+        request = json.loads(self._body() or b"{}")
+        if request.get("operation") != "upload":
+            raise HubError(400, "this test Hub answers LFS uploads only")
+        objects = []
+        for obj in request.get("objects", []):
+            oid, size = obj["oid"], int(obj["size"])
+            if not re.fullmatch(r"[0-9a-f]{64}", oid):
+                objects.append({"oid": oid, "size": size,
+                                "error": {"code": 422, "message": "invalid oid"}})
+                continue
+            record = {"oid": oid, "size": size, "authenticated": True}
+            if not self.server.store.blob(kind, repo, oid).exists():
+                base = f"{self.server.url}/lfs/{kind}/{repo}"
+                record["actions"] = {"upload": {"href": f"{base}/upload/{oid}"},
+                                     "verify": {"href": f"{base}/verify/{oid}"}}
+            objects.append(record)
+        self.server.lfs_batches += 1
+        self._json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+
+    def _lfs_object(self, kind: str, repo: str, verb: str, oid: str) -> None:
+        """PUT of an object's bytes (checked against its sha256), then POST to verify it."""
+        self.server.store.meta(kind, repo)
+        blob = self.server.store.blob(kind, repo, oid)
+        if verb == "upload":
+            if hashlib.sha256(self.body).hexdigest() != oid:
+                raise HubError(400, "the uploaded bytes do not hash to the object id")
+            blob.write_bytes(self.body)
+            self.server.lfs_uploads.append(f"{repo}:{oid[:12]}")
+            return self._send(200)
+        self._may_write()
+        size = json.loads(self._body() or b"{}").get("size")
+        if not blob.exists() or (size is not None and blob.stat().st_size != size):
+            raise HubError(404, f"LFS object {oid} is not stored (or its size differs)")
+        self._json(200, {})
 
     def _cut_short(self, data: bytes, headers: dict) -> None:
         """Promise the whole file, send half, drop the connection: a broken download."""
@@ -361,9 +441,33 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.shutdown(2)
 
 
+def _file_record(path: str, f: dict) -> dict:
+    record = {"type": "file", "path": path, "size": f["size"], "oid": f["oid"]}
+    if f.get("lfs"):
+        record["lfs"] = {"oid": f["sha256"], "size": f["size"],
+                         "pointerSize": len(lfs_pointer(f["sha256"], f["size"]))}
+    return record
+
+
+def _remote_oid(f: dict | None) -> str | None:
+    """What preupload calls a stored file's oid: its sha256 when in LFS, else its git blob id
+    (the client compares it with its own file's to skip unchanged ones)."""
+    if f is None:
+        return None
+    return f["sha256"] if f.get("lfs") else f["oid"]
+
+
+def _upload_mode(file: dict) -> str:
+    """As the Hub's default .gitattributes: weights and large files go through LFS."""
+    large = int(file.get("size") or 0) >= LFS_MIN_SIZE
+    return "lfs" if large or file["path"].endswith(LFS_SUFFIXES) else "regular"
+
+
 class HubServer(ThreadingHTTPServer):
     """The server; ``cut_short`` ("ORG/NAME/path" -> True) breaks the next download of a
-    file halfway, and ``downloads`` records (method, file, Range header) of each one."""
+    file halfway, ``tamper`` ("ORG/NAME/path" -> bytes) serves other bytes than the file
+    the listing describes, ``downloads`` records (method, file, Range header) of each one,
+    ``lfs_uploads`` each object uploaded through LFS."""
 
     daemon_threads = True
 
@@ -375,7 +479,10 @@ class HubServer(ThreadingHTTPServer):
         self.open = not self.write_tokens and not self.read_tokens
         self.url = f"http://{host}:{self.server_address[1]}"
         self.cut_short: dict[str, bool] = {}
+        self.tamper: dict[str, bytes] = {}  # "ORG/NAME/path" -> bytes served instead
         self.downloads: list[tuple[str, str, str | None]] = []
+        self.lfs_batches = 0
+        self.lfs_uploads: list[str] = []
 
     def start(self) -> HubServer:
         threading.Thread(target=self.serve_forever, daemon=True).start()
