@@ -18,7 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from zoo.catalog.home import sweep_stale, zoo_home
-from zoo.core.files import write_json_atomic
+from zoo.core.files import write_bytes_atomic, write_json_atomic
 from zoo.core.records import (
     ADAPTER_KINDS,
     BASE_KINDS,
@@ -31,6 +31,11 @@ from zoo.core.records import (
 from zoo.errors import RegistryError, UnknownEntry
 
 REGISTRY_FILE = "registry.json"
+# Registries of these schema versions open; an older one is upgraded in memory, and a
+# home's file is rewritten in the current version (the old file kept beside it).
+# 1 -> 2 changes no existing field: every new one (versions, aliases, canary, history,
+# a base's hub identity) has a default that means what version 1 meant.
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
 
 
 class Entries(MutableMapping[str, Entry]):
@@ -124,27 +129,42 @@ class Catalog:
         if not isinstance(data, dict) or "schema_version" not in data:
             raise RegistryError(f"{origin} is not a zoo registry (no schema_version)")
         version = data["schema_version"]
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise RegistryError(
-                f"{origin} has schema_version {version}; this zoo reads {SCHEMA_VERSION}",
+                f"{origin} has schema_version {version}; this zoo reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}",
                 hint="Upgrade zoo, or point ZOO_HOME elsewhere.")
         raw = data.get("entries")
         if not isinstance(raw, dict) or not all(isinstance(e, dict) for e in raw.values()):
             raise RegistryError(f"{origin} has a malformed 'entries' table")
+        if version == 1:
+            raw = {name: _from_version_1(entry) for name, entry in raw.items()}
         return cls(Entries(raw))
+
+
+def _from_version_1(entry: dict) -> dict:
+    """A version-1 entry in version 2: an adapter's one artifact is its version 1."""
+    if entry.get("kind") in ADAPTER_KINDS and "version" not in entry:
+        return {**entry, "version": 1}
+    return entry
 
 
 def read_catalog(path: Path) -> Catalog:
     """Load a registry file; a missing file is an empty catalog."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[Catalog, int | None]:
+    """The catalog in a registry file and the schema version it was written in."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return Catalog()
+        return Catalog(), None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RegistryError(f"{path} is not valid JSON ({exc})") from None
-    return Catalog.from_dict(data, str(path))
+    return Catalog.from_dict(data, str(path)), data.get("schema_version")
 
 
 class Registry:
@@ -156,7 +176,27 @@ class Registry:
         self._lock = FileLock(str(self.path) + ".lock")
 
     def load(self) -> Catalog:
-        return read_catalog(self.path)
+        catalog, version = _read(self.path)
+        if version is not None and version != SCHEMA_VERSION:
+            return self._upgrade(version) or catalog
+        return catalog
+
+    def _upgrade(self, old: int) -> Catalog | None:
+        """Rewrite a registry written by an older zoo in the current schema, under the lock
+        and atomically, keeping the old file beside it as ``registry.json.vOLD``. A home
+        that cannot be written (read-only) is read as upgraded in memory only."""
+        backup = self.path.with_name(f"{REGISTRY_FILE}.v{old}")
+        try:
+            with self._lock:
+                catalog, version = _read(self.path)
+                if version == SCHEMA_VERSION:  # another process upgraded it meanwhile
+                    return catalog
+                if not backup.exists():
+                    write_bytes_atomic(backup, self.path.read_bytes())
+                write_json_atomic(self.path, catalog.to_dict())
+                return catalog
+        except OSError:
+            return None
 
     @contextmanager
     def edit(self) -> Iterator[Catalog]:

@@ -54,4 +54,4 @@ def build_shipped_base(name: str, registry: Registry,
     log(f"building {name} from {known.source['file']} (about a minute)")
     with staging_dir(registry.home, name) as stage:
         source = build_from_gguf(known.source, stage)
-        return register_base(registry, stage, name, source)
+        return register_base(registry, stage, name, source, hub=known.hub)

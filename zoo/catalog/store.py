@@ -105,7 +105,7 @@ def copy_files(src: Path, dst: Path) -> None:
 
 def register_base(registry: Registry, stage: Path, name: str, source: dict[str, Any],
                   kind: str = "base", parent: str | None = None,
-                  replace_merged: bool = False) -> BaseEntry:
+                  replace_merged: bool = False, hub: dict[str, Any] | None = None) -> BaseEntry:
     """Record a complete model directory in ``stage`` as the base ``name``.
 
     With ``replace_merged``, an existing merged model of that name (and no
@@ -134,7 +134,7 @@ def register_base(registry: Registry, stage: Path, name: str, source: dict[str, 
             content_hash=content_hash(files), architecture=facts.architecture,
             model_type=facts.model_type, hidden_size=facts.hidden_size,
             num_layers=facts.num_layers, vocab_size=facts.vocab_size, dtype=facts.dtype,
-            parameters=facts.parameters, source=source, base=parent)
+            parameters=facts.parameters, source=source, base=parent, hub=hub)
 
     entry = commit_entry(registry, stage, final, build)
     for rel in old_variants:

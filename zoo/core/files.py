@@ -164,10 +164,14 @@ def load_json(path: Path, what: str) -> dict:
 
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to a temporary file beside ``path``, fsync it, rename it over."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Write bytes to a temporary file beside ``path``, fsync it, rename it over."""
     tmp = path.with_name(f".{path.name}.pid{os.getpid()}.tmp")
-    payload = json.dumps(data, indent=2, sort_keys=False) + "\n"
     try:
-        with open(tmp, "w") as f:
+        with open(tmp, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())

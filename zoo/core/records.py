@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+# 2: adapters have numbered versions, aliases, a canary and a history; bases may record
+# their Hub identity. A version-1 registry is upgraded when opened (catalog/registry.py).
+SCHEMA_VERSION = 2
 
 BaseKind = Literal["base", "merged"]
 AdapterKind = Literal["lora", "qlora", "bottleneck"]
@@ -28,11 +30,15 @@ def _shallow(record: Any) -> dict[str, Any]:
     return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
 
 
-def _without_empty_evaluations(data: dict[str, Any]) -> dict[str, Any]:
-    """``evaluations`` came after schema version 1's first readers: written only when there
-    is one, a registry without evaluations stays readable by them."""
-    if not data.get("evaluations"):
-        data.pop("evaluations", None)
+OPTIONAL = ("evaluations", "hub", "versions", "aliases", "canary", "history")
+
+
+def _without_empty(data: dict[str, Any]) -> dict[str, Any]:
+    """Optional fields are written only when they hold something: a registry stays as small
+    and as readable as the entries in it need."""
+    for key in OPTIONAL:
+        if key in data and not data[key]:
+            del data[key]
     return data
 
 
@@ -73,11 +79,19 @@ class BaseEntry:
     variants: dict[str, Variant] = field(default_factory=dict)
     created: str = field(default_factory=now)
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # where it lives on a Hub: {"repo", "revision", "commit", "endpoint"} when pulled from
+    # one; the embedded base names its repo and says its weights were built here
+    hub: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = _shallow(self)
         data["variants"] = {k: _shallow(v) for k, v in self.variants.items()}
-        return _without_empty_evaluations(data)
+        return _without_empty(data)
+
+    @property
+    def hub_id(self) -> str | None:
+        repo = (self.hub or {}).get("repo")
+        return repo if isinstance(repo, str) else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseEntry:
@@ -111,9 +125,18 @@ class BottleneckDetails:
     modules: int
 
 
+VERSION_FIELDS = ("versions", "aliases", "canary", "history")  # the name's, not a version's
+
+
 @dataclass(frozen=True)
 class AdapterEntry:
-    """One adapter, bound to the exact base (name and content hash) it belongs to."""
+    """One adapter, bound to the exact base (name and content hash) it belongs to.
+
+    The record of a name is its current version's (``version``); the name's other
+    versions are in ``versions`` (number -> record), with its ``aliases`` (alias ->
+    number), the ``canary`` share ({"version", "percent"}) and the ``history`` of
+    promotions and rollbacks. A version's files never change once registered.
+    """
 
     name: str
     kind: AdapterKind
@@ -137,13 +160,26 @@ class AdapterEntry:
     hub: dict[str, Any] | None = None
     created: str = field(default_factory=now)
     evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    version: int = 1
+    versions: dict[int, AdapterEntry] = field(default_factory=dict)
+    aliases: dict[str, int] = field(default_factory=dict)
+    canary: dict[str, int] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = _shallow(self)
         for nested in ("lora", "bottleneck"):
             if data[nested] is not None:
                 data[nested] = _shallow(data[nested])
-        return _without_empty_evaluations(data)
+        data["versions"] = {str(n): v.version_dict() for n, v in sorted(self.versions.items())}
+        return _without_empty(data)
+
+    def version_dict(self) -> dict[str, Any]:
+        """This version's record alone (what a name's ``versions`` holds)."""
+        data = self.to_dict()
+        for key in ("name", *VERSION_FIELDS):
+            data.pop(key, None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterEntry:
@@ -152,7 +188,19 @@ class AdapterEntry:
             data["lora"] = LoraDetails(**data["lora"])
         if data.get("bottleneck") is not None:
             data["bottleneck"] = BottleneckDetails(**data["bottleneck"])
+        data["versions"] = {int(n): cls.from_dict({**v, "name": data["name"]})
+                            for n, v in (data.get("versions") or {}).items()}
         return cls(**data)
+
+    # -- versions -------------------------------------------------------------------------
+    def all_versions(self) -> dict[int, AdapterEntry]:
+        """Every version of the name, by number (the current one included), each a record
+        of its own (no versions inside)."""
+        current = dataclasses.replace(self, versions={}, aliases={}, canary=None, history=[])
+        return {**self.versions, self.version: current}
+
+    def latest(self) -> int:
+        return max(self.all_versions())
 
 
 Entry = BaseEntry | AdapterEntry
