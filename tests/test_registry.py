@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -358,3 +359,63 @@ def test_pulling_a_present_shipped_adapter_again_is_a_no_op(tiny, zoo_home, tmp_
     monkeypatch.setenv("ZOO_CATALOG", str(tmp_path / "catalog.json"))
     result = zoo("pull", "demo/x")
     assert "already in the zoo (nothing to do)" in result.stdout
+
+
+# The last release that wrote schema version 1 (stop 17); its zoo package is read from git.
+RELEASE_BEFORE = "19336d0"
+
+
+def previous_release(tmp_path: Path) -> dict:
+    """The previous release's zoo package, extracted from git, as an environment that runs
+    it (its ``import zoo`` finds that package first)."""
+    import io
+    import os
+    import subprocess
+    import tarfile
+
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(root), "archive", RELEASE_BEFORE, "zoo"],
+                             capture_output=True, check=True).stdout
+    old = tmp_path / "previous-release"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(old, filter="data")
+    return {**os.environ, "PYTHONPATH": str(old)}
+
+
+def test_a_home_the_previous_release_wrote_is_upgraded_and_every_command_works(
+        models, tmp_path, zoo_home):
+    import subprocess
+    import sys
+
+    env = previous_release(tmp_path)
+
+    def old_zoo(*args):
+        return subprocess.run([sys.executable, "-m", "zoo", *map(str, args)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True)
+
+    for args in (("add", models.llama, "--name", "tiny"),
+                 ("add", models.lora("plain"), "--name", "acme/a", "--base", "tiny"),
+                 ("add", models.bottleneck(), "--name", "acme/neck", "--base", "tiny")):
+        done = old_zoo(*args)
+        assert done.returncode == 0, done.stderr
+    written = (zoo_home / "registry.json").read_text()
+    assert json.loads(written)["schema_version"] == 1
+    listed = zoo_json("list")  # the first open upgrades it
+    assert {e["name"] for e in listed} == {"tiny", "acme/a", "acme/neck"}
+    assert (zoo_home / "registry.json.v1").read_text() == written  # the old file kept
+    data = check_registry(zoo_home / "registry.json")
+    assert data["schema_version"] == 2 and data["entries"]["acme/a"]["version"] == 1
+    assert zoo_json("show", "acme/a")["content_hash"] == json.loads(written)["entries"][
+        "acme/a"]["content_hash"]
+    assert zoo("verify").exit_code == 0
+    zoo("merge", "--adapter", "acme/a", "--out", tmp_path / "merged", "--dtype", "fp32")
+    zoo("add", models.lora("second", r=2, lora_alpha=4, seed=9), "--name", "acme/b",
+        "--base", "tiny")
+    zoo("generate", "hello", "--adapter", "acme/neck", "--max-tokens", "3")
+    zoo("rm", "acme/a")
+    check_registry(zoo_home / "registry.json")
+    # the previous release refuses the new file with a clear line, and changes nothing
+    before = (zoo_home / "registry.json").read_text()
+    refused = old_zoo("list")
+    assert refused.returncode == 1 and "schema_version 2" in refused.stderr
+    assert (zoo_home / "registry.json").read_text() == before
