@@ -116,7 +116,21 @@ def test_tampered_file_is_refused(hub, homes, models):
     blob.write_bytes(bytes(data))
     homes("b")
     result = zoo("pull", "acme/plain", ok=False)
-    assert result.exit_code == 1
+    assert result.exit_code == 1  # the Hub's own listing says other bytes
+    assert "adapter_model.safetensors changed between listing and download" in result.stderr
+    assert "acme/plain" not in [e["name"] for e in zoo_json("list")]
+    # a repo whose listing agrees with its bytes but not with its zoo.json
+    from huggingface_hub import HfApi
+
+    manifest = json.loads((hub.store.root / "models/acme/plain").joinpath(
+        "blobs", hub.store.tree("model", "acme/plain", "main")[1]["zoo.json"]["sha256"]
+    ).read_text())
+    manifest["files"]["adapter_model.safetensors"]["sha256"] = "sha256:" + "0" * 64
+    HfApi(endpoint=hub.url, token=WRITE).upload_file(
+        path_or_fileobj=json.dumps(manifest).encode(), path_in_repo="zoo.json",
+        repo_id="acme/plain")
+    blob.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 0xFF])))  # the listed bytes again
+    result = zoo("pull", "acme/plain", ok=False)
     assert "do not match their zoo.json hashes: adapter_model.safetensors" in result.stderr
     assert "acme/plain" not in [e["name"] for e in zoo_json("list")]
 

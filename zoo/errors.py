@@ -69,6 +69,16 @@ class FormatError(ZooError, ValueError):
         self.path = path
 
 
+class BaseNotRegistered(FormatError):
+    """An adapter names a base this zoo does not have (``hub_id``: the Hub repo it names,
+    when it names one)."""
+
+    def __init__(self, message: str, *, named: str | None, hub_id: str | None,
+                 hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.named, self.hub_id = named, hub_id
+
+
 class ShapeMismatch(ZooError, ValueError):
     hint = "The adapter was trained on another base: pass the right one with --base."
 
@@ -88,8 +98,9 @@ class IntegrityError(ZooError, ValueError):
 
     hint = "Re-add or re-pull the entry; the stored copy was changed or damaged."
 
-    def __init__(self, message: str, *, files: list[str] | None = None):
-        super().__init__(message)
+    def __init__(self, message: str, *, files: list[str] | None = None,
+                 hint: str | None = None):
+        super().__init__(message, hint=hint)
         self.files = files or []
 
 

@@ -29,10 +29,13 @@ class PullResult:
 
 def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
          log: Callable[[str], None] = lambda _: None, token: str | None = None,
-         name: str | None = None) -> PullResult:
+         name: str | None = None, base: str | None = None,
+         with_base: bool = False) -> PullResult:
     """Make ``ref`` present and intact in the home; a no-op when it already is.
 
-    ``name`` registers a Hub repo under another local name (default: the repo id).
+    ``name`` registers a Hub repo under another local name (default: the repo id);
+    ``base`` names an adapter's base (as ``zoo add --base``), ``with_base`` pulls an
+    adapter's base from the Hub too when this zoo does not have it.
     """
     registry = registry or Registry(home)
     repo, _, revision = ref.partition("@")
@@ -58,8 +61,10 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
         from zoo.hub.pull import pull_from_hub
 
         repo = known.source["repo"] if known is not None else repo
-        entry = pull_from_hub(repo, revision or None, registry, token=token, log=log, name=name)
-        return PullResult(entry, True, f"pulled {entry.name} from {repo}")
+        entry = pull_from_hub(repo, revision or None, registry, token=token, log=log, name=name,
+                              base=base, with_base=with_base)
+        what = "base" if entry.kind in ("base", "merged") else entry.kind
+        return PullResult(entry, True, f"pulled {entry.name} ({what}) from {repo}")
     names = ", ".join(sorted(shipped_catalog().entries))
     raise UnknownEntry(name, "catalog entry", hint=f"Short names zoo knows: {names}; "
                        "anything else is pulled from the Hub as ORG/NAME.")

@@ -29,7 +29,14 @@ from zoo.catalog.integrity import ORIGINAL, changed_files, hash_tree_cached
 from zoo.catalog.registry import Catalog, Registry
 from zoo.core.files import content_hash, find_links, list_files, load_json
 from zoo.core.records import AdapterEntry, BaseEntry, Entry, Variant, replace
-from zoo.errors import BaseMismatch, DuplicateEntry, FormatError, NameCollision, UnknownEntry
+from zoo.errors import (
+    BaseMismatch,
+    BaseNotRegistered,
+    DuplicateEntry,
+    FormatError,
+    NameCollision,
+    UnknownEntry,
+)
 from zoo.models.adapters import (
     BOTTLENECK_CONFIG,
     PEFT_CONFIG,
@@ -187,11 +194,15 @@ def resolve_base(catalog: Catalog, registry: Registry, ref: str | None,
 
 
 def _named_base(catalog: Catalog, registry: Registry, adapter_path: Path) -> str:
+    """The base an adapter's own config names: a registered name (or its stored path), or
+    the Hub id a base records (named as the id, or by a local or cache path ending in it,
+    as PEFT writes after training on a downloaded model)."""
     config_file = adapter_path / PEFT_CONFIG
     if not config_file.exists():
         config_file = adapter_path / BOTTLENECK_CONFIG
     config = load_json(config_file, "adapter config")
     named = config.get("base_model_name_or_path") or config.get("base_model")
+    hub_id = None
     if named:
         named = str(named)
         for base in catalog.bases():
@@ -201,10 +212,35 @@ def _named_base(catalog: Catalog, registry: Registry, adapter_path: Path) -> str
                 stored = registry.resolve(v.path)
                 if stored is not None and Path(named).absolute() == stored:
                     return base.name if variant is None else f"{base.name}@{variant}"
-    raise FormatError(
-        f"cannot tell which base {adapter_path} belongs to (its config names "
-        f"{named!r}, which is not a registered base)",
-        hint="Pass --base NAME (or NAME@nf4 for a QLoRA adapter); 'zoo list --kind base'.")
+        hub_id = hub_id_named(named)
+        path = named.rstrip("/").lower()
+        for base in catalog.bases():
+            if not base.hub_id:
+                continue
+            known = base.hub_id.lower()
+            if (hub_id or "").lower() == known or path.endswith("/" + known):
+                return base.name
+    raise BaseNotRegistered(
+        f"cannot tell which base {adapter_path.name} belongs to (its config names "
+        f"{named!r}, which is not a registered base"
+        f"{'' if not hub_id else ' nor the Hub id of one'})", named=named, hub_id=hub_id,
+        hint=(f"Get the base with 'zoo pull {hub_id}' (or pull the adapter with "
+              f"--with-base), or pass --base NAME; 'zoo list --kind base'." if hub_id else
+              "Pass --base NAME (or NAME@nf4 for a QLoRA adapter); 'zoo list --kind base'."))
+
+
+def hub_id_named(named: str) -> str | None:
+    """The Hub id ``ORG/NAME`` a config's ``base_model_name_or_path`` names outright: the
+    id itself, or a Hugging Face cache path (``.../models--ORG--NAME/snapshots/SHA``). (A
+    local path ending in a registered base's id matches that base too, above.)"""
+    import re
+
+    cached = re.search(r"models--([^/]+?)--([^/]+)(?:/snapshots/[^/]+)?/?$", named)
+    if cached:
+        return f"{cached[1]}/{cached[2]}"
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", named):
+        return named
+    return None
 
 
 def inspect_adapter(path: Path, base: BaseRef, registry: Registry,

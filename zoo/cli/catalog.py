@@ -155,9 +155,16 @@ def rm_cmd(name: str) -> None:
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN). Never stored.")
 @click.option("--name", default=None,
               help="Register a Hub repo under this name (default: the repo id).")
-def pull_cmd(ref: str, token: str | None, name: str | None) -> None:
-    """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub)."""
+@click.option("--base", default=None,
+              help="The base of an adapter repo (NAME or NAME@nf4), as on 'zoo add'.")
+@click.option("--with-base", is_flag=True,
+              help="Also pull an adapter's base from the Hub when this zoo lacks it.")
+def pull_cmd(ref: str, token: str | None, name: str | None, base: str | None,
+             with_base: bool) -> None:
+    """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub:
+    a PEFT or zoo adapter, a base model or a merged one)."""
     from zoo.apps.pull import pull
 
-    result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name)
+    result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name,
+                  base=base, with_base=with_base)
     click.echo(result.message)

@@ -48,10 +48,11 @@ class Manifest:
     against. Everything in it is untrusted; the name it claims is never used."""
 
     files: dict[str, dict[str, Any]]
-    base: str
+    base: str | None  # an adapter's base, a merged model's parent (None: a plain base)
     base_variant: str
     base_hash: str | None
     training: dict[str, Any] | None
+    kind: str = "lora"
 
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -71,8 +72,12 @@ def read_manifest(path: Path, repo: str) -> Manifest:
             if not (isinstance(rel, str) and isinstance(info, dict)
                     and isinstance(info.get("sha256"), str) and isinstance(info.get("size"), int)):
                 raise ValueError(f"file record {str(rel)[:60]!r} is malformed")
-        base = entry["base"]
-        validate_name(base)
+        kind = entry.get("kind")
+        if kind not in ("lora", "qlora", "bottleneck", "base", "merged"):
+            raise ValueError(f"kind {str(kind)[:20]!r} is not one zoo knows")
+        base = entry.get("base")
+        if base is not None or kind not in ("base", "merged"):
+            validate_name(base)
         variant = entry.get("base_variant", ORIGINAL)
         if variant not in (ORIGINAL, "nf4"):
             raise ValueError(f"base_variant {str(variant)[:20]!r} is not original or nf4")
@@ -86,7 +91,7 @@ def read_manifest(path: Path, repo: str) -> Manifest:
                        hint="Ask its publisher to push it again with 'zoo push'.") from None
     return Manifest(files=files, base=base, base_variant=variant,
                     base_hash=base_hash if isinstance(base_hash, str) else None,
-                    training=training)
+                    training=training, kind=kind)
 
 
 def manifest(entry: AdapterEntry) -> dict[str, Any]:

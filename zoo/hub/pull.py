@@ -1,69 +1,98 @@
-"""``zoo pull ORG/NAME``: an adapter from the Hub, checked against its manifest and base."""
+"""``zoo pull ORG/NAME[@REV]``: whatever the repo is, checked before it is registered.
+
+A PEFT adapter (with zoo's ``zoo.json`` or without), a zoo bottleneck adapter, or a
+transformers model (a base, or a model zoo merged). The listing is read first and
+pinned to its commit; only the files zoo uses are downloaded; each is checked against
+the listing's hash, and against ``zoo.json`` when the repo has one; an adapter is
+checked against its base's shapes like ``zoo add`` does. Nothing is registered until
+everything has passed.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from zoo.catalog.home import staging_dir, validate_name
-from zoo.catalog.integrity import ORIGINAL, file_hash, hash_tree_cached
+from zoo.catalog.integrity import ORIGINAL, file_hash
 from zoo.catalog.registry import Catalog, Registry
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
-from zoo.catalog.store import BaseRef, register_adapter, resolve_base
+from zoo.catalog.store import BaseRef, register_adapter, register_base, resolve_base
 from zoo.core.files import content_hash
-from zoo.core.records import AdapterEntry
-from zoo.errors import DuplicateEntry, HubError, IntegrityError
-from zoo.hub.cards import MANIFEST, SKIPPED, Manifest, read_manifest
-from zoo.hub.client import HubContext, Log, download
+from zoo.core.records import Entry
+from zoo.errors import BaseNotRegistered, DuplicateEntry, FormatError, HubError, IntegrityError
+from zoo.hub.cards import MANIFEST, Manifest, read_manifest
+from zoo.hub.client import HubContext, Log, hub_errors
+from zoo.hub.repos import (
+    PEFT_PICKLE,
+    PEFT_WEIGHTS,
+    Listing,
+    Plan,
+    check_against_listing,
+    pickled_to_safetensors,
+    plan_fetch,
+)
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    repo: str
+    revision: str | None = None
+    name: str | None = None  # default: the repo id, lowercased
+    base: str | None = None  # an adapter's base, as --base on zoo add
+    with_base: bool = False  # pull an adapter's base from the Hub when missing
+    token: str | None = None
+    expect_hash: str | None = None  # from a sync index: the files' content hash
 
 
 def pull_from_hub(repo: str, revision: str | None, registry: Registry,
                   token: str | None = None, log: Log = lambda _: None, name: str | None = None,
-                  expect_hash: str | None = None) -> AdapterEntry:
-    """Download an adapter, check it against its manifest and base, then register it.
+                  expect_hash: str | None = None, base: str | None = None,
+                  with_base: bool = False) -> Entry:
+    """Download a repo, check it, and register what it is.
 
-    It is registered as ``name`` (default: the repo id, lowercased), never as
-    what the repo's own ``zoo.json`` says: a repo does not choose where it
-    lands. A name already registered with other content is refused.
-    ``expect_hash`` (from a sync index) must equal the files' content hash.
+    It is registered as ``name`` (default: the repo id, lowercased), never as what the
+    repo's own ``zoo.json`` says: a repo does not choose where it lands. A name already
+    registered with other content is refused.
     """
-    name = name or repo.lower()
+    options = PullOptions(repo, revision, name, base, with_base, token, expect_hash)
+    return _pull(options, registry, log)
+
+
+def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
+    name = options.name or options.repo.lower()
     validate_name(name)
-    ctx = HubContext.from_environment(token)
-    snapshot, commit = download(ctx, repo, revision)
-    files = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
-    payload = sorted(files - SKIPPED)
-    manifest = read_manifest(snapshot / MANIFEST, repo) if MANIFEST in files else None
+    ctx = HubContext.from_environment(options.token)
+    listing, snapshot, plan = _fetch(ctx, options)
+    manifest = read_manifest(snapshot / MANIFEST, options.repo) if plan.manifest else None
+    payload = [f for f in plan.files if f != MANIFEST]
     if manifest is not None:
-        bad = [f for f in payload if f not in manifest.files
-               or file_hash(snapshot / f) != manifest.files[f]["sha256"]]
-        bad += [f for f in manifest.files if f not in files]
-        if bad:
-            raise IntegrityError(f"{repo}: files do not match their {MANIFEST} hashes: "
-                                 f"{', '.join(sorted(bad))}; nothing was registered",
-                                 files=sorted(bad))
-        incoming = content_hash(manifest.files)
-    else:
-        incoming = content_hash(hash_tree_cached(snapshot, payload))
-    if expect_hash is not None and incoming != expect_hash:
-        raise IntegrityError(f"{repo} holds other content than the index lists for {name!r}; "
-                             "nothing was registered")
+        _check_manifest(options.repo, snapshot, payload, manifest)
+    hub = {"repo": options.repo, "revision": options.revision or "main",
+           "commit": listing.commit, "endpoint": ctx.endpoint}
     catalog = registry.load()
-    if name in catalog.entries:
-        present = catalog.entries[name]
-        if present.content_hash == incoming:
-            log(f"{name} is already in the zoo (same content)")
-            return present
-        raise DuplicateEntry(name)
-    base = _base_for(manifest, catalog, registry, snapshot, log)
-    hub = {"repo": repo, "revision": revision or "main", "commit": commit,
-           "endpoint": ctx.endpoint}
     with staging_dir(registry.home, name) as stage:
-        for f in payload:
-            (stage / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(snapshot / f, stage / f)
-        entry = register_adapter(registry, stage, name, base,
-                                 source={"type": "hub", "repo": repo, "commit": commit},
+        converted = _stage(snapshot, payload, stage)
+        incoming = content_hash({f: {"sha256": file_hash(stage / f), "size": (stage / f).stat(
+        ).st_size} for f in sorted(os.listdir(stage))})
+        if options.expect_hash is not None and incoming != options.expect_hash:
+            raise IntegrityError(f"{options.repo} holds other content than the index lists "
+                                 f"for {name!r}; nothing was registered")
+        present = catalog.entries.get(name)
+        if present is not None:
+            if present.content_hash == incoming:
+                log(f"{name} is already in the zoo (same content)")
+                return present
+            raise DuplicateEntry(name)
+        source = {"type": "hub", "repo": options.repo, "commit": listing.commit}
+        if converted:
+            source["converted"] = converted
+        if plan.kind == "model":
+            return _register_model(registry, stage, name, source, hub, listing, manifest, log)
+        ref = _base_for(options, manifest, catalog, registry, stage, log)
+        entry = register_adapter(registry, stage, name, ref, source=source,
                                  training=manifest.training if manifest else None, hub=hub)
     if manifest and manifest.base_hash and entry.base_hash != manifest.base_hash:
         log(f"note: {name} was published against another build of {entry.base} "
@@ -71,20 +100,143 @@ def pull_from_hub(repo: str, revision: str | None, registry: Registry,
     return entry
 
 
-def _base_for(manifest: Manifest | None, catalog: Catalog, registry: Registry,
-              snapshot: Path, log: Log) -> BaseRef:
-    """The base an incoming adapter names, built when the shipped catalog knows how."""
-    if manifest is None:
-        return resolve_base(catalog, registry, None, snapshot)
-    base_name, variant = manifest.base, manifest.base_variant
-    if base_name not in catalog.entries:
-        if base_name not in shipped_catalog().entries:
-            raise HubError(f"the adapter's base {base_name!r} is not in this zoo",
-                           hint=f"Add or pull {base_name} first.")
-        log(f"pulling its base {base_name}")
-        build_shipped_base(base_name, registry, log)
-    if variant != ORIGINAL:
+def _fetch(ctx: HubContext, options: PullOptions) -> tuple[Listing, Path, Plan]:
+    """The repo's listing pinned to a commit, and the files zoo uses downloaded from that
+    commit and checked against it (offline: the cached snapshot, checked against
+    ``zoo.json`` only)."""
+    from huggingface_hub import snapshot_download
+
+    repo, revision = options.repo, options.revision
+    if ctx.offline:
+        cached = _cached_snapshot(ctx, repo, revision)
+        names = {p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()}
+        return Listing(repo, cached.name, {}), cached, plan_fetch(repo, names)
+    with hub_errors(ctx, repo, revision):
+        info = ctx.api().model_info(repo, revision=revision, files_metadata=True)
+        listing = Listing.from_info(repo, info)
+        plan = plan_fetch(repo, set(listing.files))
+        # by commit (the listing's), so a push in between cannot mix two commits' files;
+        # the cache also learns the revision's name, for offline use
+        snapshot = Path(snapshot_download(repo, revision=listing.commit, endpoint=ctx.endpoint,
+                                          token=ctx.token or False, cache_dir=ctx.cache_dir,
+                                          allow_patterns=plan.files))
+        if revision != listing.commit:
+            _remember_revision(ctx, repo, revision or "main", listing.commit)
+    try:
+        check_against_listing(listing, snapshot, plan.files, file_hash)
+    except IntegrityError as bad:  # never leave the bad bytes in the cache for a retry
+        for name in bad.files:
+            cached = snapshot / name
+            if cached.exists():
+                cached.resolve().unlink(missing_ok=True)
+            cached.unlink(missing_ok=True)
+        raise
+    return listing, snapshot, plan
+
+
+def _cached_snapshot(ctx: HubContext, repo: str, revision: str | None) -> Path:
+    """The snapshot an earlier pull left in the cache for this revision (offline)."""
+    import re
+
+    folder = ctx.cache_dir / f"models--{repo.replace('/', '--')}"
+    revision = revision or "main"
+    refs = folder / "refs" / revision
+    commit = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else (
+        refs.read_text().strip() if refs.is_file() else None)
+    snapshot = folder / "snapshots" / commit if commit else None
+    if snapshot is None or not snapshot.is_dir():
+        raise HubError(f"HF_HUB_OFFLINE is set and {repo} is not in the local cache",
+                       hint="Unset HF_HUB_OFFLINE, or pull it once while online.")
+    return snapshot
+
+
+def _remember_revision(ctx: HubContext, repo: str, revision: str, commit: str) -> None:
+    """Record in the cache that ``revision`` is ``commit`` (huggingface_hub's refs file),
+    so an offline pull of REPO@REVISION finds the snapshot."""
+    refs = ctx.cache_dir / f"models--{repo.replace('/', '--')}" / "refs" / revision
+    refs.parent.mkdir(parents=True, exist_ok=True)
+    refs.write_text(commit)
+
+
+def _check_manifest(repo: str, snapshot: Path, payload: list[str], manifest: Manifest) -> None:
+    bad = [f for f in payload if f not in manifest.files
+           or file_hash(snapshot / f) != manifest.files[f]["sha256"]]
+    bad += [f for f in manifest.files if f not in payload]
+    if bad:
+        raise IntegrityError(f"{repo}: files do not match their {MANIFEST} hashes: "
+                             f"{', '.join(sorted(bad))}; nothing was registered",
+                             files=sorted(bad))
+
+
+def _stage(snapshot: Path, payload: list[str], stage: Path) -> str | None:
+    """Put the payload in the stage (hard links to the cache's objects where the file
+    system allows: no copy, and the hashes already computed stay cached); a pickled PEFT
+    adapter is converted to safetensors on the way. What was converted, if anything."""
+    converted = None
+    for rel in payload:
+        source = (snapshot / rel).resolve()  # the cache's snapshot holds links to objects
+        target = stage / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if rel == PEFT_PICKLE:
+            count = pickled_to_safetensors(source, stage / PEFT_WEIGHTS)
+            converted = (f"{PEFT_PICKLE} -> {PEFT_WEIGHTS} ({count} tensors, PyTorch's "
+                         "weights-only loader)")
+            continue
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    return converted
+
+
+def _register_model(registry: Registry, stage: Path, name: str, source: dict, hub: dict,
+                    listing: Listing, manifest: Manifest | None, log: Log) -> Entry:
+    """A model repo: a base with its Hub identity (or a merged model whose parent is here)."""
+    from zoo.models.bases import read_config
+
+    if "quantization_config" in read_config(stage):
+        raise FormatError(f"{listing.repo} is a quantized model; nothing was registered",
+                          hint="Pull the 16-bit model, then 'zoo quantize NAME --scheme ...'.")
+    kind, parent = "base", None
+    if manifest is not None and manifest.kind == "merged":
+        if manifest.base in registry.load().entries:
+            kind, parent = "merged", manifest.base
+        else:
+            log(f"note: {name} was merged from {manifest.base}, which is not in this zoo; "
+                "it is registered as a base")
+    identity = {**hub, **({"license": listing.license} if listing.license else {})}
+    return register_base(registry, stage, name, source, kind=kind, parent=parent, hub=identity)
+
+
+def _base_for(options: PullOptions, manifest: Manifest | None, catalog: Catalog,
+              registry: Registry, stage: Path, log: Log) -> BaseRef:
+    """The base an incoming adapter belongs to: --base, its zoo.json, or what its config
+    names (a registered name or a base's Hub id); built when the shipped catalog knows how,
+    pulled from the Hub with --with-base."""
+    if options.base is not None:
+        return resolve_base(catalog, registry, options.base, stage)
+    if manifest is not None and manifest.base in catalog.entries:
+        return _variant_of(registry, manifest.base, manifest.base_variant, log)
+    if manifest is not None and manifest.base in shipped_catalog().entries:
+        log(f"pulling its base {manifest.base}")
+        build_shipped_base(manifest.base, registry, log)
+        return _variant_of(registry, manifest.base, manifest.base_variant, log)
+    try:  # what its config names: a registered name, or a registered base's Hub id
+        ref = resolve_base(catalog, registry, None, stage)
+    except BaseNotRegistered as missing:
+        if not (options.with_base and missing.hub_id):
+            raise
+        log(f"pulling its base {missing.hub_id}")
+        _pull(PullOptions(missing.hub_id, token=options.token), registry, log)
+        ref = resolve_base(registry.load(), registry, None, stage)
+    if manifest is not None and manifest.base_variant != ORIGINAL:
+        return _variant_of(registry, ref.entry.name, manifest.base_variant, log)
+    return ref
+
+
+def _variant_of(registry: Registry, base: str, variant: str, log: Log) -> BaseRef:
+    if variant != ORIGINAL:  # a QLoRA adapter: its NF4 base, made here when missing
         from zoo.quantize import quantize
 
-        quantize(base_name, variant, registry, log=log)
-    return BaseRef(registry.load().base(base_name), variant)
+        quantize(base, variant, registry, log=log)
+    return BaseRef(registry.load().base(base), variant)
