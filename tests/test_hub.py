@@ -55,7 +55,9 @@ def test_round_trip(hub, homes, models, tmp_path):
     # the weights went through the Git LFS protocol, as real pushes of weights do
     assert hub.lfs_batches >= 1 and any(u.startswith("acme/plain:") for u in hub.lfs_uploads)
     card = (Path(pushed["path"]) / "README.md").read_text()
-    assert "base_model: tiny" in card and "library_name: peft" in card and "- zoo" in card
+    # the base has no Hub id: no base_model is invented for it (the Hub links Hub ids only)
+    assert "base_model" not in card and "library_name: peft" in card and "- zoo" in card
+    assert "pipeline_tag: text-generation" in card and "http" not in card
     assert "| rank | 4 |" in card
 
     homes("b")

@@ -1,4 +1,4 @@
-"""What zoo publishes beside an adapter's files: the Hub model card and ``zoo.json``."""
+"""What zoo publishes beside an entry's files: the Hub model card and ``zoo.json``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from zoo.catalog.home import validate_name
 from zoo.catalog.integrity import ORIGINAL, file_hash
 from zoo.catalog.registry import Registry
 from zoo.core.files import content_hash, hash_tree, sha256_bytes
-from zoo.core.records import AdapterEntry
+from zoo.core.records import AdapterEntry, BaseEntry, Variant
 from zoo.errors import HubError, ZooError
 
 MANIFEST = "zoo.json"
@@ -20,26 +20,67 @@ CARD = "README.md"
 SKIPPED = {".gitattributes", MANIFEST}
 
 
-def model_card(entry: AdapterEntry) -> str:
-    """The Hub model card of an adapter: Hub metadata in YAML, then what zoo knows."""
+RELATIONS = {"lora": "adapter", "qlora": "adapter", "bottleneck": "adapter",
+             "merged": "merge", "variant": "quantized"}
+
+
+def model_card(entry: AdapterEntry | BaseEntry, base: BaseEntry | None,
+               variant: Variant | None = None) -> str:
+    """The Hub model card: the Hub's own metadata fields in YAML (``base_model`` as a Hub
+    id, so the Hub's model tree links it; ``base_model_relation``, ``library_name``,
+    ``pipeline_tag``, license, tags), then what zoo knows. ``base``: the model it was made
+    from (an adapter's base, a merged model's parent, a variant's own base)."""
     from huggingface_hub import ModelCardData
 
-    data = ModelCardData(base_model=entry.base,
-                         library_name="peft" if entry.kind in ("lora", "qlora") else None,
-                         tags=["zoo", entry.kind, *([] if entry.kind == "bottleneck" else ["lora"])])
+    kind = "variant" if variant is not None else entry.kind
+    hub_base = base.hub_id if base is not None else None
+    license_ = (base.hub or {}).get("license") if base is not None else None
+    if isinstance(entry, BaseEntry) and variant is None and entry.kind == "base":
+        hub_base, license_ = None, (entry.hub or {}).get("license")  # a base is no one's child
+    adapter = isinstance(entry, AdapterEntry)
+    tags = ["zoo", *([entry.kind] if adapter else []),
+            *(["lora"] if adapter and entry.kind != "bottleneck" else []),
+            *(["merge"] if kind == "merged" else []),
+            *(["quantized", variant.scheme] if variant is not None else [])]
+    data = ModelCardData(
+        base_model=hub_base, base_model_relation=RELATIONS.get(kind) if hub_base else None,
+        library_name="peft" if adapter and entry.kind != "bottleneck" else (
+            None if adapter else "transformers"),
+        pipeline_tag="text-generation", license=license_, tags=tags)
+    rows = _adapter_rows(entry) if adapter else _model_rows(entry, variant)
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v not in (None, ""))
+    what = {"variant": f"The {variant.scheme if variant else ''} quantized form of {entry.name}",
+            "merged": f"{entry.name}: adapters folded into {entry.base}",
+            "base": f"The base model {entry.name}"}.get(kind, f"A {entry.kind} adapter")
+    return (f"---\n{data.to_yaml()}\n---\n\n# {entry.name}\n\n{what}, catalogued and "
+            f"published by zoo. `zoo pull` checks every file against `{MANIFEST}` before "
+            f"registering it.\n\n| | |\n|---|---|\n{table}\n")
+
+
+def _adapter_rows(entry: AdapterEntry) -> list[tuple[str, Any]]:
     training = entry.training or {}
-    rows = [("kind", entry.kind), ("base", f"{entry.base} ({entry.base_hash})"),
-            ("trained on", f"the {entry.base_variant} base"),
+    return [("kind", entry.kind), ("base", f"{entry.base} ({entry.base_hash})"),
+            ("version", entry.version), ("trained on", f"the {entry.base_variant} base"),
             ("rank" if entry.kind != "bottleneck" else "bottleneck size", entry.rank),
             ("alpha", entry.alpha), ("target modules", ", ".join(entry.target_modules)),
             ("trainable parameters", f"{entry.trainable_params} "
                                      f"({entry.percent_of_base}% of the base)"),
             ("training data", training.get("data_sha256") or entry.source.get("data_sha256")),
             ("servable by vLLM", "yes" if entry.servable else f"no: {entry.servable_reason}")]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows if v not in (None, ""))
-    return (f"---\n{data.to_yaml()}\n---\n\n# {entry.name}\n\nA {entry.kind} adapter catalogued "
-            f"and published by [zoo](https://zoo.invalid). `zoo pull` checks every file against "
-            f"`{MANIFEST}` before registering it.\n\n| | |\n|---|---|\n{table}\n")
+
+
+def _model_rows(entry: BaseEntry, variant: Variant | None) -> list[tuple[str, Any]]:
+    rows = [("architecture", entry.architecture), ("parameters", entry.parameters),
+            ("layers", entry.num_layers), ("hidden size", entry.hidden_size),
+            ("weights", entry.dtype if variant is None else variant.scheme),
+            ("content hash", entry.content_hash if variant is None else variant.content_hash)]
+    if entry.kind == "merged":
+        adapters = entry.source.get("adapters") or []
+        rows.append(("merged from", ", ".join(f"{a.get('name')} x{a.get('weight')}"
+                                              for a in adapters if isinstance(a, dict))))
+    if variant is not None:
+        rows.append(("quantization", json.dumps(variant.quantization)[:300]))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -94,23 +135,58 @@ def read_manifest(path: Path, repo: str) -> Manifest:
                     training=training, kind=kind)
 
 
-def manifest(entry: AdapterEntry) -> dict[str, Any]:
-    portable = replace(entry, path=None, hub=None).to_dict()
-    return {"format": "zoo-hub", "format_version": 1, "entry": portable, "files": entry.files}
+def manifest(entry: AdapterEntry | BaseEntry, files: dict[str, dict[str, Any]],
+             variant: Variant | None = None) -> dict[str, Any]:
+    """``zoo.json``: the entry as this zoo knows it (no local paths) and every file's hash."""
+    if isinstance(entry, AdapterEntry):
+        portable = replace(entry, path=None, hub=None, versions={}, aliases={}, canary=None,
+                           history=[]).to_dict()
+    else:
+        portable = replace(entry, path=None, variants={}, evaluations={}).to_dict()
+        if variant is not None:
+            portable["variant"] = variant.scheme
+    return {"format": "zoo-hub", "format_version": 1, "entry": portable, "files": files}
 
 
-def adopt_card(registry: Registry, entry: AdapterEntry) -> AdapterEntry:
-    """Make the stored README.md the Hub card, so the registry and the Hub hold the
-    same files (and the same content hash) on every machine."""
-    card = model_card(entry).encode()
+def adopt_hub_files(registry: Registry, entry: AdapterEntry,
+                    base: BaseEntry) -> AdapterEntry:
+    """Make the stored adapter what PEFT, transformers and the Hub expect, so the registry
+    and the Hub hold the same files (and content hash) on every machine: README.md is the
+    Hub card, and the config names the base by its Hub id when the base has one (PEFT's
+    AutoPeftModel loads the base by that name)."""
     stored = registry.home / entry.path
-    if (stored / CARD).exists() and file_hash(stored / CARD) == sha256_bytes(card):
+    changed = _write_if_other(stored / CARD, model_card(entry, base).encode())
+    if base.hub_id:
+        config_name = CONFIG_FILES.get(entry.kind)
+        config = json.loads((stored / config_name).read_text())
+        key = "base_model" if entry.kind == "bottleneck" else "base_model_name_or_path"
+        if config.get(key) != base.hub_id:
+            config[key] = base.hub_id
+            changed |= _write_if_other(stored / config_name,
+                                       (json.dumps(config, indent=2) + "\n").encode())
+    if not changed:
         return entry
-    tmp = stored / f".{CARD}.tmp"
-    tmp.write_bytes(card)
-    os.replace(tmp, stored / CARD)
     with registry.edit() as catalog:
         files = hash_tree(stored)
-        entry = replace(catalog.adapter(entry.name), files=files, content_hash=content_hash(files))
-        catalog.entries[entry.name] = entry
+        current = catalog.adapter(entry.name)
+        entry = replace(entry, files=files, content_hash=content_hash(files))
+        if current.version == entry.version:
+            catalog.entries[entry.name] = replace(current, files=files,
+                                                  content_hash=entry.content_hash)
+        else:
+            catalog.entries[entry.name] = replace(current, versions={
+                **current.versions, entry.version: entry})
     return entry
+
+
+CONFIG_FILES = {"lora": "adapter_config.json", "qlora": "adapter_config.json",
+                "bottleneck": "zoo_adapter.json"}
+
+
+def _write_if_other(path: Path, data: bytes) -> bool:
+    if path.exists() and file_hash(path) == sha256_bytes(data):
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return True

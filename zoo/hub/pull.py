@@ -117,9 +117,16 @@ def _fetch(ctx: HubContext, options: PullOptions) -> tuple[Listing, Path, Plan]:
         plan = plan_fetch(repo, set(listing.files))
         # by commit (the listing's), so a push in between cannot mix two commits' files;
         # the cache also learns the revision's name, for offline use
-        snapshot = Path(snapshot_download(repo, revision=listing.commit, endpoint=ctx.endpoint,
-                                          token=ctx.token or False, cache_dir=ctx.cache_dir,
-                                          allow_patterns=plan.files))
+        try:
+            snapshot = Path(snapshot_download(
+                repo, revision=listing.commit, endpoint=ctx.endpoint, token=ctx.token or False,
+                cache_dir=ctx.cache_dir, allow_patterns=plan.files))
+        except OSError as error:  # huggingface_hub's own size check of what arrived
+            if "onsistency check failed" not in str(error):
+                raise
+            raise IntegrityError(f"{repo}: a file changed between listing and download "
+                                 f"(commit {listing.commit[:12]}: {str(error)[:200]}); "
+                                 "nothing was registered") from None
         if revision != listing.commit:
             _remember_revision(ctx, repo, revision or "main", listing.commit)
     try:

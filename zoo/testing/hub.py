@@ -279,9 +279,27 @@ class Handler(BaseHTTPRequestHandler):
                                  "pointerSize": len(lfs_pointer(f["sha256"], f["size"]))}}
                         if f.get("lfs") else {})}
                     for p, f in tree.items()]
-        self._json(200, {"id": repo, "sha": sha, "private": meta["private"],
-                         "siblings": siblings, "tags": [], "downloads": 0, "likes": 0,
-                         "lastModified": self.server.store.commit(kind, repo, sha)["date"]})
+        info = {"id": repo, "sha": sha, "private": meta["private"],
+                "siblings": siblings, "tags": [], "downloads": 0, "likes": 0,
+                "lastModified": self.server.store.commit(kind, repo, sha)["date"]}
+        card = self._card_data(kind, repo, tree)
+        if card is not None:  # as the Hub: the README's YAML metadata, parsed
+            info["cardData"] = card
+        self._json(200, info)
+
+    def _card_data(self, kind: str, repo: str, tree: dict) -> dict | None:
+        import yaml
+
+        if "README.md" not in tree:
+            return None
+        text = self.server.store.blob(kind, repo, tree["README.md"]["sha256"]).read_text(
+            errors="replace")
+        found = re.match(r"---\n(.*?)\n---", text, re.S)
+        try:
+            data = yaml.safe_load(found[1]) if found else None
+        except yaml.YAMLError:
+            return None
+        return data if isinstance(data, dict) else None
 
     def _tree(self, kind: str, repo: str, rest: str, query) -> None:
         self._may_read(kind, repo)
