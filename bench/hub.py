@@ -2,17 +2,21 @@
 
 Run: .venv/bin/python bench/hub.py [--adapters 50]
 
-Pull: `zoo pull` of N adapters (download, hash checks against zoo.json,
-shape checks against the base, registration) against `snapshot_download` of
-the same N repos, each into an empty cache. Push: `zoo push` of one adapter
-(card, manifest, no-op detection, registry update) against `upload_folder`
-of the same files, each to a new repo, median of 5. The server runs in its
-own process so it does not share the client's interpreter.
+Pull: `zoo pull` of N adapters (listing pinned to a commit, download of the files zoo
+uses, hash checks against the listing and zoo.json, shape checks against the base,
+registration) against `snapshot_download` of the same N repos, each into an empty
+cache: once for repos zoo pushed, once for plain PEFT repos (adapter_config.json naming
+the base by Hub id, adapter_model.safetensors, a README and a training_args.bin, no
+zoo.json), as people publish them. Push: `zoo push` of one adapter (card, manifest,
+no-op detection, registry update) against `upload_folder` of the same files, each to a
+new repo, median of 5. The server runs in its own process so it does not share the
+client's interpreter. Uploads take the Git LFS path (HF_HUB_DISABLE_XET).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -22,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BASE, bench_home, save, table, write_random_lora
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # the Hub double speaks LFS; read at import
+
+from common import BASE, bench_home, save, table, write_random_lora  # noqa: E402
 
 TOKEN = "hf_bench_token_0001"
 
@@ -30,6 +36,8 @@ TOKEN = "hf_bench_token_0001"
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=50)
+    parser.add_argument("--before", default="19336d0",
+                        help="the commit whose zoo pull is timed beside (the release before)")
     args = parser.parse_args()
     from zoo.catalog.registry import Registry
     from zoo.catalog.store import add
@@ -66,17 +74,34 @@ def main() -> None:
                                   targets=("q_proj", "v_proj")), name, BASE, registry=pusher)
             push(name, registry=pusher)
 
-        with_zoo = time.perf_counter()
-        for name in names:
-            pull(name, registry=Registry(homes["puller"]))
-        with_zoo = time.perf_counter() - with_zoo
-        plain = time.perf_counter()
-        for name in names:
-            snapshot_download(name, cache_dir=work / "plain-cache", endpoint=os.environ["HF_ENDPOINT"],
-                              token=TOKEN)
-        plain = time.perf_counter() - plain
-
         api = HfApi(endpoint=os.environ["HF_ENDPOINT"], token=TOKEN)
+        peft_names = [f"people/p{i:02d}" for i in range(args.adapters)]
+        for i, name in enumerate(peft_names):  # published the way PEFT users do
+            folder = write_random_lora(work / "peft" / name, base_dir, rank=8, seed=1000 + i,
+                                       targets=("q_proj", "v_proj"))
+            config = json.loads((folder / "adapter_config.json").read_text())
+            config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+            (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# an adapter\n")
+            (folder / "training_args.bin").write_bytes(os.urandom(5000))
+            api.create_repo(name)
+            api.upload_folder(folder_path=folder, repo_id=name)
+
+        def timed_pulls(repos: list[str], cache: str) -> tuple[float, float]:
+            start = time.perf_counter()
+            for name in repos:
+                pull(name, registry=Registry(homes["puller"]))
+            with_zoo = time.perf_counter() - start
+            start = time.perf_counter()
+            for name in repos:
+                snapshot_download(name, cache_dir=work / cache,
+                                  endpoint=os.environ["HF_ENDPOINT"], token=TOKEN)
+            return with_zoo, time.perf_counter() - start
+
+        with_zoo, plain = timed_pulls(names, "plain-cache")
+        peft_zoo, peft_plain = timed_pulls(peft_names, "plain-peft-cache")
+        before = previous_pulls(args.before, names, work, homes["puller"])
+
         folder = homes["pusher"] / "adapters" / names[0]
         push_zoo, push_plain = [], []
         for i in range(5):
@@ -93,8 +118,14 @@ def main() -> None:
         server.wait()
         shutil.rmtree(work, ignore_errors=True)
     rows = [
-        {"operation": f"pull {args.adapters} adapters", "zoo_s": with_zoo, "plain_s": plain,
-         "plain": "snapshot_download", "zoo / plain": with_zoo / plain},
+        {"operation": f"pull {args.adapters} adapters zoo pushed", "zoo_s": with_zoo,
+         "plain_s": plain, "plain": "snapshot_download", "zoo / plain": with_zoo / plain},
+        {"operation": f"pull {args.adapters} adapters zoo pushed, {args.before}",
+         "zoo_s": before, "plain_s": plain, "plain": "snapshot_download",
+         "zoo / plain": before / plain},
+        {"operation": f"pull {args.adapters} plain PEFT repos", "zoo_s": peft_zoo,
+         "plain_s": peft_plain, "plain": "snapshot_download",
+         "zoo / plain": peft_zoo / peft_plain},
         {"operation": "push 1 adapter (median of 5)", "zoo_s": statistics.median(push_zoo),
          "plain_s": statistics.median(push_plain), "plain": "create_repo + upload_folder",
          "zoo / plain": statistics.median(push_zoo) / statistics.median(push_plain)},
@@ -102,6 +133,27 @@ def main() -> None:
     print(f"\nlocal Hub double, {args.adapters} rank-8 LoRAs of {BASE} (~1.8 MB each)")
     print(table(rows, ["operation", "zoo_s", "plain_s", "zoo / plain", "plain"]))
     save("hub", {"command": " ".join(sys.argv), "rows": rows})
+
+
+def previous_pulls(commit: str, names: list[str], work: Path, puller: Path) -> float:
+    """The same pulls with the zoo of ``commit`` (a git worktree), timed in its process."""
+    from common import worktree
+
+    home = work / "puller-before"
+    shutil.copytree(puller / "bases", home / "bases", copy_function=os.link)
+    registry = json.loads((puller / "registry.json").read_text())
+    registry["schema_version"] = 1  # what that release reads: the base entry alone
+    registry["entries"] = {BASE: registry["entries"][BASE]}
+    registry["entries"][BASE].pop("hub", None)
+    (home / "registry.json").write_text(json.dumps(registry))
+    code = ("import sys, time\nfrom zoo.apps.pull import pull\nfrom zoo.catalog.registry "
+            "import Registry\nstart = time.perf_counter()\nfor name in sys.argv[1:]:\n"
+            "    pull(name, registry=Registry())\nprint(time.perf_counter() - start)\n")
+    done = subprocess.run([sys.executable, "-c", code, *names], cwd=work, capture_output=True,
+                          text=True, env={**os.environ, "ZOO_HOME": str(home),
+                                          "HF_HOME": str(work / "hf-before"),
+                                          "PYTHONPATH": str(worktree(commit))}, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
