@@ -314,3 +314,18 @@ def test_sync_carries_adapters_pulled_without_zoo_json(hub, base_repo, models, t
     b = zoo_json("show", "someone/plain-lora")
     monkeypatch.setenv("ZOO_HOME", str(homes["a"]))
     assert b["content_hash"] == zoo_json("show", "someone/plain-lora")["content_hash"]
+
+
+def test_a_pushed_nf4_variant_loads_with_from_pretrained(hub, models, tmp_path, zoo_home):
+    zoo("add", models.llama_blocks, "--name", "blocks")
+    zoo("quantize", "blocks", "--scheme", "nf4", "--no-eval")
+    zoo("push", "blocks@nf4", "--repo", "acme/blocks-nf4")
+    code = """
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("acme/blocks-nf4", device_map="cpu")
+print(type(model.model.layers[0].self_attn.q_proj.weight).__name__)
+"""
+    assert run_elsewhere(hub, tmp_path, code).strip() == "Params4bit"
+    card = api(hub).model_info("acme/blocks-nf4").card_data
+    assert card.get("base_model") is None  # blocks has no Hub id: nothing is invented
+    assert "quantized" in card.tags and "nf4" in card.tags
