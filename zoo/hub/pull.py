@@ -231,6 +231,13 @@ def _base_for(options: PullOptions, manifest: Manifest | None, catalog: Catalog,
     try:  # what its config names: a registered name, or a registered base's Hub id
         ref = resolve_base(catalog, registry, None, stage)
     except BaseNotRegistered as missing:
+        known = [b for b in shipped_catalog().bases() if missing.hub_id and b.hub_id and
+                 b.hub_id.lower() == missing.hub_id.lower()]
+        if known:  # a base zoo ships (built here, or built before it recorded its Hub id)
+            if known[0].name not in catalog.entries:
+                log(f"pulling its base {known[0].name} ({missing.hub_id})")
+                build_shipped_base(known[0].name, registry, log)
+            return resolve_base(registry.load(), registry, known[0].name, stage)
         if not (options.with_base and missing.hub_id):
             raise
         log(f"pulling its base {missing.hub_id}")
