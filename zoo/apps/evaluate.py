@@ -102,15 +102,17 @@ def nll_served(url: str, model: str, seqs: list[Sequence]) -> tuple[float, int]:
 
 def evaluate(name: str, variant: str | None = None, data: Path | None = None,
              registry: Registry | None = None, log: Callable[[str], None] = lambda _: None,
-             record: bool = True) -> Evaluation:
-    """Held-out loss of a base or an adapter on ``variant`` of its base (default: the
-    base's original, an adapter's own training variant)."""
+             record: bool = True, engine: str = "auto") -> Evaluation:
+    """Held-out loss of a base or an adapter (``NAME:vN`` for one of its versions) on
+    ``variant`` of its base (default: the base's original, an adapter's own training
+    variant); ``engine="transformers"`` skips the serving engine even where one serves."""
+    from zoo.catalog import versions
     from zoo.catalog.loading import load_tokenizer
     from zoo.models.data import HELDOUT_TEXT
 
     registry = registry or Registry()
     catalog = registry.load()
-    entry = catalog.get(name)
+    entry = versions.resolve(catalog, name) if versions.SEPARATOR in name else catalog.get(name)
     base = entry if isinstance(entry, BaseEntry) else catalog.base(entry.base)
     variant = variant or (entry.base_variant if isinstance(entry, AdapterEntry) else ORIGINAL)
     if variant not in VARIANTS:
@@ -119,7 +121,8 @@ def evaluate(name: str, variant: str | None = None, data: Path | None = None,
     tokenizer = load_tokenizer(variant_path(registry, base, ORIGINAL))
     seqs = sequences(tokenizer, data)
     variant_path(registry, base, variant)  # present and intact: eval never quantizes
-    served = variant in SERVED and (isinstance(entry, BaseEntry) or entry.servable)
+    served = engine != "transformers" and variant in SERVED and (
+        isinstance(entry, BaseEntry) or entry.servable)
     log(f"evaluating {name} on {base.name} ({variant}) through "
         f"{'vLLM' if served else 'transformers'}: {data.name}")
     if served:
@@ -132,9 +135,13 @@ def evaluate(name: str, variant: str | None = None, data: Path | None = None,
                         "vllm" if served else "transformers", now())
     if record:
         with registry.edit() as fresh:
-            current = fresh.get(name)
-            fresh.entries[name] = replace(current, evaluations={
-                **current.evaluations, variant: result.record()})
+            if isinstance(entry, AdapterEntry):
+                versions.update_version(fresh, entry.name, entry.version, lambda r: replace(
+                    r, evaluations={**r.evaluations, variant: result.record()}))
+            else:
+                current = fresh.get(name)
+                fresh.entries[name] = replace(current, evaluations={
+                    **current.evaluations, variant: result.record()})
     return result
 
 
@@ -144,7 +151,10 @@ def _served(registry, base, entry, variant, seqs, log) -> tuple[float, int]:
     options = ServeOptions(base=base.name, port=free_port(),
                            quantization="none" if variant == ORIGINAL else variant)
     with running_server(options, registry, log=log) as server:
-        return nll_served(server.url, entry.name, seqs)
+        from zoo.catalog.versions import label
+
+        model = entry.name if isinstance(entry, BaseEntry) else label(entry.name, entry.version)
+        return nll_served(server.url, model, seqs)
 
 
 def _model(registry, base: BaseEntry, entry, variant: str):

@@ -29,13 +29,14 @@ class PullResult:
 
 def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
          log: Callable[[str], None] = lambda _: None, token: str | None = None,
-         name: str | None = None, base: str | None = None,
-         with_base: bool = False) -> PullResult:
+         name: str | None = None, base: str | None = None, with_base: bool = False,
+         new_version: bool = False) -> PullResult:
     """Make ``ref`` present and intact in the home; a no-op when it already is.
 
     ``name`` registers a Hub repo under another local name (default: the repo id);
     ``base`` names an adapter's base (as ``zoo add --base``), ``with_base`` pulls an
-    adapter's base from the Hub too when this zoo does not have it.
+    adapter's base from the Hub too when this zoo does not have it; ``new_version`` takes
+    a repo's other content for a name already registered as that name's next version.
     """
     registry = registry or Registry(home)
     repo, _, revision = ref.partition("@")
@@ -48,7 +49,8 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
     # (the same content is a no-op, other content a conflict)
     other_repo = from_hub and "/" in repo and present is not None and \
         str((present.hub or {}).get("repo", "")).lower() != repo.lower()
-    if present is not None and present.path is not None and not other_repo:
+    if present is not None and present.path is not None and not other_repo and \
+            not (new_version and from_hub and "/" in repo):
         changed = changed_files(registry.home / present.path, present.files)
         if changed:
             raise IntegrityError(f"{name!r} is registered but its files changed: "
@@ -62,9 +64,11 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
 
         repo = known.source["repo"] if known is not None else repo
         entry = pull_from_hub(repo, revision or None, registry, token=token, log=log, name=name,
-                              base=base, with_base=with_base)
+                              base=base, with_base=with_base, new_version=new_version)
         what = "base" if entry.kind in ("base", "merged") else entry.kind
-        return PullResult(entry, True, f"pulled {entry.name} ({what}) from {repo}")
+        label = entry.name if getattr(entry, "version", 1) == 1 else \
+            f"{entry.name}:v{entry.version}"
+        return PullResult(entry, True, f"pulled {label} ({what}) from {repo}")
     names = ", ".join(sorted(shipped_catalog().entries))
     raise UnknownEntry(name, "catalog entry", hint=f"Short names zoo knows: {names}; "
                        "anything else is pulled from the Hub as ORG/NAME.")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from zoo.catalog import versions
 from zoo.catalog.home import (
     adapter_dir,
     base_dir,
@@ -271,45 +272,77 @@ def inspect_adapter(path: Path, base: BaseRef, registry: Registry,
 
 def adapter_entry(catalog: Catalog, registry: Registry, name: str, base: BaseRef,
                   facts: dict[str, Any], files: dict[str, dict[str, Any]], source: dict[str, Any],
-                  training: dict[str, Any] | None = None,
-                  hub: dict[str, Any] | None = None) -> AdapterEntry:
+                  training: dict[str, Any] | None = None, hub: dict[str, Any] | None = None,
+                  version: int = 1) -> AdapterEntry:
     """The registry entry of an inspected, hashed adapter; run under the registry lock,
-    it refuses a taken name and a base that changed since the adapter was inspected."""
-    claim_name(catalog, name)
+    it refuses a taken name (for a first version) and a base that changed since the
+    adapter was inspected."""
+    if version == 1:
+        claim_name(catalog, name)
     current = catalog.base(base.entry.name)
     if current.content_hash != base.entry.content_hash:
         raise BaseMismatch(f"base {base.entry.name!r} changed while {name!r} was being added")
     return AdapterEntry(
         name=name, base=current.name, base_hash=current.content_hash, base_variant=base.variant,
-        path=_relative(registry, adapter_dir(registry.home, name)), files=files,
-        content_hash=content_hash(files),
+        path=_relative(registry, versions.version_dir(registry.home, name, version)),
+        files=files, content_hash=content_hash(files),
         percent_of_base=round(100.0 * facts["trainable_params"] / current.parameters, 4),
-        source=source, training=training, hub=hub, **facts)
+        source=source, training=training, hub=hub, version=version, **facts)
 
 
 def register_adapter(registry: Registry, stage: Path, name: str, base: BaseRef,
                      source: dict[str, Any], training: dict[str, Any] | None = None,
-                     hub: dict[str, Any] | None = None) -> AdapterEntry:
-    """Inspect the adapter in ``stage`` against ``base`` and record it as ``name``."""
+                     hub: dict[str, Any] | None = None,
+                     new_version: bool = False) -> AdapterEntry:
+    """Inspect the adapter in ``stage`` against ``base`` and record it as ``name``.
+
+    With ``new_version``, a name already registered gets it as its next version (serving
+    nobody until promoted); the same content as one of its versions is that version, and
+    nothing changes. Without it, a taken name is refused.
+    """
     facts = inspect_adapter(stage, base, registry)
     files = hash_tree_cached(stage, list_files(stage))
+    present = registry.load().entries.get(name)
+    if not (new_version and isinstance(present, AdapterEntry)):
+        def build(catalog: Catalog) -> AdapterEntry:
+            return adapter_entry(catalog, registry, name, base, facts, files, source,
+                                 training, hub)
 
-    def build(catalog: Catalog) -> AdapterEntry:
-        return adapter_entry(catalog, registry, name, base, facts, files, source, training, hub)
+        return commit_entry(registry, stage, adapter_dir(registry.home, name), build)
+    same = versions.same_content(present, content_hash(files))
+    if same is not None:
+        return same
+    if present.base != base.entry.name:
+        raise BaseMismatch(f"{name!r} belongs to {present.base!r}; a new version cannot be "
+                           f"an adapter of {base.entry.name!r}",
+                           hint="Register it under another name.")
+    number = present.latest() + 1
 
-    return commit_entry(registry, stage, adapter_dir(registry.home, name), build)
+    def build_version(catalog: Catalog) -> AdapterEntry:
+        if catalog.adapter(name).latest() + 1 != number:
+            raise DuplicateEntry(versions.label(name, number))  # a concurrent add took it
+        return adapter_entry(catalog, registry, name, base, facts, files, source, training,
+                             hub, version=number)
+
+    def record(catalog: Catalog, entry: Entry) -> None:
+        catalog.entries[name] = versions.with_version(catalog.adapter(name), entry)
+
+    return commit_entry(registry, stage, versions.version_dir(registry.home, name, number),
+                        build_version, record)
 
 
 def add(path: Path, name: str, base: str | None = None, home: Path | None = None,
-        registry: Registry | None = None) -> Entry:
-    """Inspect the directory at ``path``, copy it into the home and register it."""
+        registry: Registry | None = None, new_version: bool = False) -> Entry:
+    """Inspect the directory at ``path``, copy it into the home and register it (with
+    ``new_version``, as the next version of an adapter name already registered)."""
     registry = registry or Registry(home)
     validate_name(name)
     path = Path(path).absolute()
     kind = detect_kind(path)
     refuse_links(path)
     catalog = registry.load()
-    claim_name(catalog, name)
+    if not (new_version and isinstance(catalog.entries.get(name), AdapterEntry)):
+        claim_name(catalog, name)
     source = {"type": "local", "path": str(path)}
     with staging_dir(registry.home, name) as stage:
         if kind == "model":
@@ -322,20 +355,30 @@ def add(path: Path, name: str, base: str | None = None, home: Path | None = None
             describe_model(path)  # refuse a broken model before copying gigabytes
             copy_files(path, stage)
             return register_base(registry, stage, name, source)
+        present = catalog.entries.get(name)
+        if base is None and isinstance(present, AdapterEntry) and new_version:
+            base = present.base if present.base_variant == ORIGINAL else \
+                f"{present.base}@{present.base_variant}"
         ref = resolve_base(catalog, registry, base, path)
         inspect_adapter(path, ref, registry)  # refuse before copying anything
         copy_files(path, stage)
-        return register_adapter(registry, stage, name, ref, source)
+        return register_adapter(registry, stage, name, ref, source, new_version=new_version)
 
 
 def remove(name: str, home: Path | None = None, registry: Registry | None = None) -> Entry:
-    """Unregister ``name`` and delete its files (and a base's variants).
+    """Unregister ``name`` and delete its files (every version of an adapter, a base's
+    variants); ``NAME:vN`` removes that version only (never the current one).
 
     The directories are renamed out of place under the registry lock, in the
     same transaction that drops the entry, and deleted after it: an add of the
     same name, in any order, never finds its new files deleted.
     """
     registry = registry or Registry(home)
+    if versions.SEPARATOR in name:
+        entry_name, _ = versions.split_ref(name)
+        record = versions.resolve(registry.load(), name)
+        versions.remove_versions(registry, entry_name, [record.version])
+        return record
     trash = new_stage(registry.home / "tmp", f"rm-{name}")
     try:
         with registry.edit() as catalog:
@@ -347,7 +390,8 @@ def remove(name: str, home: Path | None = None, registry: Registry | None = None
                                        hint="Remove those adapters first.")
             del catalog.entries[name]
             paths = [entry.path] + ([v.path for v in entry.variants.values()]
-                                    if isinstance(entry, BaseEntry) else [])
+                                    if isinstance(entry, BaseEntry) else
+                                    [v.path for v in entry.versions.values()])
             for i, rel in enumerate(p for p in paths if p):
                 if (registry.home / rel).exists():
                     os.replace(registry.home / rel, trash / str(i))
@@ -377,6 +421,10 @@ def verify(name: str | None = None, home: Path | None = None,
         if entry.path is None:
             continue
         changed = changed_files(registry.home / entry.path, entry.files, fresh=True)
+        if isinstance(entry, AdapterEntry):
+            for number, record in sorted(entry.versions.items()):
+                changed += [f"{versions.SEPARATOR}v{number}/{f}" for f in changed_files(
+                    registry.home / record.path, record.files, fresh=True)]
         if isinstance(entry, BaseEntry):
             for scheme, v in sorted(entry.variants.items()):
                 changed += [f"@{scheme}/{f}"

@@ -5,7 +5,7 @@ functions that need them, so ``zoo --help`` and ``zoo list`` start fast. The
 group lives in ``app``; each module beside it adds its commands to it.
 """
 
-from zoo.cli import catalog, hub, model, serve  # noqa: F401  (each registers its commands)
+from zoo.cli import catalog, hub, model, serve, versions  # noqa: F401  (each registers its commands)
 from zoo.cli.app import cli
 
 

@@ -11,6 +11,14 @@ import click
 from zoo.errors import ZooError
 
 DEBUG_VARIABLE = "ZOO_DEBUG"
+NEW_VERSION_HELP = ("Add it as the next version of an adapter name already registered "
+                    "(it serves nobody until 'zoo promote'); the same content is a no-op.")
+
+
+def version_label(entry) -> str:
+    """``NAME``, or ``NAME:vN`` for a version after the first."""
+    version = getattr(entry, "version", 1)
+    return entry.name if version == 1 else f"{entry.name}:v{version}"
 
 
 def fail(message: str, code: int = 1) -> None:

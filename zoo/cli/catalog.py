@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from zoo.catalog.registry import Registry, filter_entries
-from zoo.cli.app import cli
+from zoo.cli.app import NEW_VERSION_HELP, cli, version_label
 from zoo.core.records import ADAPTER_KINDS, BASE_KINDS, AdapterEntry, BaseEntry, Entry
 
 KIND_CHOICES = click.Choice(["base", "merged", "adapter", *ADAPTER_KINDS])
@@ -40,7 +40,9 @@ def _echo_json(data) -> None:
 @click.option("--many", is_flag=True,
               help="PATH holds one adapter folder each: register them all, one transaction.")
 @click.option("--prefix", default="", help="With --many: prepended to each folder's name.")
-def add_cmd(path: Path, name: str | None, base: str | None, many: bool, prefix: str) -> None:
+@click.option("--new-version", is_flag=True, help=NEW_VERSION_HELP)
+def add_cmd(path: Path, name: str | None, base: str | None, many: bool, prefix: str,
+            new_version: bool) -> None:
     """Inspect an adapter or model directory, copy it into the zoo and register it."""
     if many:
         from zoo.catalog.bulk import add_many
@@ -59,9 +61,11 @@ def add_cmd(path: Path, name: str | None, base: str | None, many: bool, prefix: 
 
     if name is None:
         raise click.UsageError("Missing option '--name' (or --many for a folder of adapters).")
-    entry = add(path, name, base)
+    entry = add(path, name, base, new_version=new_version)
     detail = f" on {entry.base}" if isinstance(entry, AdapterEntry) else ""
-    click.echo(f"added {entry.name} ({entry.kind}{detail}, {len(entry.files)} files)")
+    click.echo(f"added {version_label(entry)} ({entry.kind}{detail}, {len(entry.files)} files)")
+    if isinstance(entry, AdapterEntry) and entry.version > 1:
+        click.echo(f"it serves nobody until 'zoo promote {entry.name} v{entry.version}'")
     if isinstance(entry, AdapterEntry) and not entry.servable:
         click.echo(f"note: vLLM cannot serve it: {entry.servable_reason}")
 
@@ -112,10 +116,13 @@ def _human(n: int) -> str:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def show_cmd(name: str, as_json: bool) -> None:
-    """Show everything the registry knows about one entry."""
+    """Show everything the registry knows about one entry (NAME:vN: one version)."""
+    from zoo.catalog import versions
+
     registry = Registry()
     catalog = registry.load()
-    view = entry_view(catalog.get(name), registry, catalog)
+    entry = versions.resolve(catalog, name) if versions.SEPARATOR in name else catalog.get(name)
+    view = entry_view(entry, registry, catalog)
     if as_json:
         _echo_json(view)
         return
@@ -143,11 +150,11 @@ def verify_cmd(name: str | None) -> None:
 @cli.command("rm")
 @click.argument("name")
 def rm_cmd(name: str) -> None:
-    """Unregister an entry and delete its stored files."""
+    """Unregister an entry and delete its stored files (every version; NAME:vN: one)."""
     from zoo.catalog.store import remove
 
     entry = remove(name)
-    click.echo(f"removed {entry.name} ({entry.kind})")
+    click.echo(f"removed {version_label(entry) if ':' in name else entry.name} ({entry.kind})")
 
 
 @cli.command("pull")
@@ -159,12 +166,13 @@ def rm_cmd(name: str) -> None:
               help="The base of an adapter repo (NAME or NAME@nf4), as on 'zoo add'.")
 @click.option("--with-base", is_flag=True,
               help="Also pull an adapter's base from the Hub when this zoo lacks it.")
+@click.option("--new-version", is_flag=True, help="For an adapter repo: " + NEW_VERSION_HELP)
 def pull_cmd(ref: str, token: str | None, name: str | None, base: str | None,
-             with_base: bool) -> None:
+             with_base: bool, new_version: bool) -> None:
     """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub:
     a PEFT or zoo adapter, a base model or a merged one)."""
     from zoo.apps.pull import pull
 
     result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name,
-                  base=base, with_base=with_base)
+                  base=base, with_base=with_base, new_version=new_version)
     click.echo(result.message)

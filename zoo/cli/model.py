@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from zoo.cli.app import cli
+from zoo.cli.app import NEW_VERSION_HELP, cli, version_label
 from zoo.core.tables import COMBINE_METHODS, TRAIN_METHODS, VERIFY_MODES
 
 
@@ -32,8 +32,9 @@ def _log(line: str) -> None:
 @click.option("--eval-split", type=float, default=0.1, show_default=True,
               help="Fraction of examples held out for the eval loss.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--new-version", is_flag=True, help=NEW_VERSION_HELP)
 def train_cmd(base, method, data, name, rank, alpha, targets, epochs, steps, lr, seed,
-              eval_split, batch_size) -> None:
+              eval_split, batch_size, new_version) -> None:
     """Train a LoRA, QLoRA or bottleneck adapter and register it when it finishes."""
     from zoo.train import TrainOptions, train
 
@@ -42,10 +43,11 @@ def train_cmd(base, method, data, name, rank, alpha, targets, epochs, steps, lr,
     options = TrainOptions(base=base, method=method, data=data, name=name, rank=rank,
                            alpha=alpha, targets=tuple(t for t in targets.split(",") if t),
                            epochs=epochs, steps=steps, lr=lr, seed=seed, eval_split=eval_split,
-                           batch_size=batch_size)
+                           batch_size=batch_size, new_version=new_version)
     result = train(options, log=_log)
     m = result.metrics
-    click.echo(f"registered {name}: {m['steps']} steps in {m['seconds']} s, train loss "
+    click.echo(f"registered {version_label(result.entry)}: {m['steps']} steps in "
+               f"{m['seconds']} s, train loss "
                f"{m['train_loss_first']} -> {m['train_loss']}, eval loss "
                f"{m['eval_loss_before']} -> {m['eval_loss']}")
 
@@ -148,8 +150,9 @@ def eval_cmd(name: str, variant: str | None, data: Path | None, as_json: bool) -
 @click.option("--density", type=float, default=0.5, show_default=True,
               help="Share of each update ties / dare_linear keep.")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare_linear's drops.")
+@click.option("--new-version", is_flag=True, help="With --to-adapter: " + NEW_VERSION_HELP)
 def merge_cmd(adapters, weights, out, name, dtype, qlora_base, force, verify, no_verify,
-              to_adapter, method, rank, density, seed) -> None:
+              to_adapter, method, rank, density, seed, new_version) -> None:
     """Fold adapters into their base (standalone weights that load without PEFT), or
     combine them into one adapter with --to-adapter."""
     parsed = _weights(weights)
@@ -161,7 +164,7 @@ def merge_cmd(adapters, weights, out, name, dtype, qlora_base, force, verify, no
                                    "and --force apply to full-model merges")
         _report_algebra(combine(CombineOptions(
             adapters=tuple(adapters), name=to_adapter, weights=parsed, method=method, rank=rank,
-            density=density, seed=seed), log=_log))
+            density=density, seed=seed, new_version=new_version), log=_log))
         return
     from zoo.merge import MergeOptions, merge
 
@@ -184,11 +187,12 @@ def _weights(text: str | None) -> tuple[float, ...] | None:
 @click.argument("name")
 @click.option("--rank", type=int, required=True, help="Rank of the result.")
 @click.option("--name", "new_name", default=None, help="Registry name (default NAME-rR).")
-def compress_cmd(name, rank, new_name) -> None:
+@click.option("--new-version", is_flag=True, help=NEW_VERSION_HELP)
+def compress_cmd(name, rank, new_name, new_version) -> None:
     """The best rank-R approximation of an adapter (a DoRA adapter becomes a plain LoRA)."""
     from zoo.merge.algebra import compress
 
-    _report_algebra(compress(name, rank, new_name, log=_log))
+    _report_algebra(compress(name, rank, new_name, log=_log, new_version=new_version))
 
 
 @cli.command("extract")
@@ -238,8 +242,8 @@ def similarity_cmd(first, second, plot, as_json) -> None:
 def _report_algebra(result) -> None:
     entry = result.entry
     serving = "servable by vLLM" if entry.servable else f"not servable: {entry.servable_reason}"
-    click.echo(f"registered {entry.name}: LoRA rank {result.rank} on {result.modules} modules, "
-               f"{serving}")
+    click.echo(f"registered {version_label(entry)}: LoRA rank {result.rank} on "
+               f"{result.modules} modules, {serving}")
     worst = f" (worst module {result.worst_module[0]}: {100 * result.worst_module[1]:.1f}%)" \
         if result.worst_module and result.worst_module[1] < 0.9999 else ""
     click.echo(f"energy kept: {100 * result.energy_kept:.2f}%{worst}")

@@ -15,13 +15,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from zoo.catalog import versions
 from zoo.catalog.home import staging_dir, validate_name
 from zoo.catalog.integrity import ORIGINAL, file_hash
 from zoo.catalog.registry import Catalog, Registry
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
 from zoo.catalog.store import BaseRef, register_adapter, register_base, resolve_base
 from zoo.core.files import content_hash
-from zoo.core.records import Entry
+from zoo.core.records import AdapterEntry, Entry
 from zoo.errors import BaseNotRegistered, DuplicateEntry, FormatError, HubError, IntegrityError
 from zoo.hub.cards import MANIFEST, Manifest, read_manifest
 from zoo.hub.client import HubContext, Log, hub_errors
@@ -45,19 +46,21 @@ class PullOptions:
     with_base: bool = False  # pull an adapter's base from the Hub when missing
     token: str | None = None
     expect_hash: str | None = None  # from a sync index: the files' content hash
+    new_version: bool = False  # other content for a registered adapter: its next version
 
 
 def pull_from_hub(repo: str, revision: str | None, registry: Registry,
                   token: str | None = None, log: Log = lambda _: None, name: str | None = None,
                   expect_hash: str | None = None, base: str | None = None,
-                  with_base: bool = False) -> Entry:
+                  with_base: bool = False, new_version: bool = False) -> Entry:
     """Download a repo, check it, and register what it is.
 
     It is registered as ``name`` (default: the repo id, lowercased), never as what the
     repo's own ``zoo.json`` says: a repo does not choose where it lands. A name already
     registered with other content is refused.
     """
-    options = PullOptions(repo, revision, name, base, with_base, token, expect_hash)
+    options = PullOptions(repo, revision, name, base, with_base, token, expect_hash,
+                          new_version)
     return _pull(options, registry, log)
 
 
@@ -82,10 +85,13 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
                                  f"for {name!r}; nothing was registered")
         present = catalog.entries.get(name)
         if present is not None:
-            if present.content_hash == incoming:
+            same = versions.same_content(present, incoming) if isinstance(
+                present, AdapterEntry) else (present if present.content_hash == incoming else None)
+            if same is not None:
                 log(f"{name} is already in the zoo (same content)")
-                return present
-            raise DuplicateEntry(name)
+                return same
+            if not (options.new_version and isinstance(present, AdapterEntry)):
+                raise DuplicateEntry(name)
         source = {"type": "hub", "repo": options.repo, "commit": listing.commit}
         if converted:
             source["converted"] = converted
@@ -93,7 +99,8 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
             return _register_model(registry, stage, name, source, hub, listing, manifest, log)
         ref = _base_for(options, manifest, catalog, registry, stage, log)
         entry = register_adapter(registry, stage, name, ref, source=source,
-                                 training=manifest.training if manifest else None, hub=hub)
+                                 training=manifest.training if manifest else None, hub=hub,
+                                 new_version=options.new_version)
     if manifest and manifest.base_hash and entry.base_hash != manifest.base_hash:
         log(f"note: {name} was published against another build of {entry.base} "
             f"(base hash differs); its shapes fit this one")

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from zoo.catalog import versions
 from zoo.catalog.home import split_variant
 from zoo.catalog.integrity import require_intact
 from zoo.catalog.registry import Catalog, Registry
@@ -47,9 +48,13 @@ def push(name: str, repo: str | None = None, private: bool = False,
 
     registry = registry or Registry()
     ctx = HubContext.from_environment(token)
-    entry_name, scheme = split_variant(name)
     catalog = registry.load()
-    entry = catalog.get(entry_name)
+    if versions.SEPARATOR in name:  # one version of an adapter: NAME:vN
+        entry_name, scheme = versions.split_ref(name)[0], None
+        entry = versions.resolve(catalog, name)
+    else:
+        entry_name, scheme = split_variant(name)
+        entry = catalog.get(entry_name)
     upload, entry = _prepare(registry, catalog, entry, scheme)
     api = ctx.api()
     with hub_errors(ctx, repo or name, revision):
@@ -71,10 +76,12 @@ def push(name: str, repo: str | None = None, private: bool = False,
     changed = info.oid != before
     hub = {"repo": repo, "revision": revision or "main", "commit": info.oid,
            "endpoint": ctx.endpoint}
-    if isinstance(entry, AdapterEntry):
+    if isinstance(entry, AdapterEntry):  # the version pushed records its commit
+        number = entry.version
         with registry.edit() as fresh:
-            entry = replace(fresh.adapter(entry_name), hub=hub)
-            fresh.entries[entry_name] = entry
+            updated = versions.update_version(fresh, entry_name, number,
+                                              lambda record: replace(record, hub=hub))
+        entry = updated.all_versions()[number]
     log(f"{'pushed' if changed else 'unchanged, no new commit:'} {name} -> {repo}@{info.oid[:10]}")
     return PushResult(entry, repo, info.oid, changed)
 

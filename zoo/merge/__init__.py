@@ -131,7 +131,10 @@ def adapters_of_one_base(catalog, names, weights=None
     if len(weights) != len(names):
         raise NotSupported(f"{len(weights)} weights for {len(names)} adapters",
                            hint="Give one --weights value per --adapter, comma-separated.")
-    entries = [catalog.adapter(name) for name in names]
+    from zoo.catalog.versions import SEPARATOR, resolve
+
+    entries = [resolve(catalog, name) if SEPARATOR in name else catalog.adapter(name)
+               for name in names]
     bases = {e.base for e in entries}
     if len(bases) != 1:
         raise BaseMismatch(f"the adapters belong to different bases: {', '.join(sorted(bases))}")

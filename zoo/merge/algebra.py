@@ -113,8 +113,9 @@ def _lora_entries(registry: Registry, names, weights=None) -> tuple[list[LoraFil
         raise BaseMismatch("the adapters were trained on different variants of "
                            f"{base.name}: "
                            + ", ".join(sorted({e.base_variant for e in entries})))
-    loras = [LoraFile.open(e.name, require_intact(registry, e), w)
-             for e, w in zip(entries, weights, strict=True)]
+    # named as asked (NAME, or NAME:vN for one version), so provenance names that version
+    loras = [LoraFile.open(ref, require_intact(registry, e), w)
+             for ref, e, w in zip(names, entries, weights, strict=True)]
     for lora in loras:
         if any(lora.is_embedding(m) for m in lora.modules()):
             raise NotSupported(f"{lora.name!r} adapts an embedding: algebra covers linear layers")
@@ -139,7 +140,7 @@ def _ordered(modules, order: dict[str, int]) -> list[str]:
 
 def _register(registry: Registry, name: str, base: BaseEntry, variant: str,
               factors: dict[str, Factored], rank: int, template: dict, source: dict,
-              fan_in_fan_out: bool = False) -> AdapterEntry:
+              fan_in_fan_out: bool = False, new_version: bool = False) -> AdapterEntry:
     from safetensors.torch import save_file
 
     tensors = {}
@@ -159,11 +160,14 @@ def _register(registry: Registry, name: str, base: BaseEntry, variant: str,
     with staging_dir(registry.home, name) as stage:
         save_file(tensors, str(stage / PEFT_WEIGHTS), metadata={"format": "pt"})
         (stage / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        return register_adapter(registry, stage, name, BaseRef(base, variant), source)
+        return register_adapter(registry, stage, name, BaseRef(base, variant), source,
+                                new_version=new_version)
 
 
-def _check_new_name(registry: Registry, name: str) -> None:
+def _check_new_name(registry: Registry, name: str, new_version: bool = False) -> None:
     validate_name(name)
+    if new_version and isinstance(registry.load().entries.get(name), AdapterEntry):
+        return  # its next version
     claim_name(registry.load(), name)  # refused before any work
 
 
@@ -179,6 +183,7 @@ class CombineOptions:
     density: float = 0.5
     seed: int = 0
     logits: bool = True
+    new_version: bool = False  # the next version of an existing adapter name
 
 
 def combine(options: CombineOptions, registry: Registry | None = None,
@@ -192,7 +197,7 @@ def combine(options: CombineOptions, registry: Registry | None = None,
                            hint=f"Use {', '.join(COMBINE_METHODS)}.")
     if not 0.0 < options.density <= 1.0:
         raise NotSupported(f"density {options.density} is not in (0, 1]")
-    _check_new_name(registry, options.name)
+    _check_new_name(registry, options.name, options.new_version)
     loras, base, variant = _lora_entries(registry, options.adapters, options.weights)
     if len({lora.fan_in_fan_out for lora in loras}) != 1:
         raise NotSupported("the adapters disagree on fan_in_fan_out")
@@ -223,13 +228,22 @@ def combine(options: CombineOptions, registry: Registry | None = None,
     source = {"type": "combine", "method": options.method, "rank": rank,
               "density": options.density if options.method in ("ties", "dare_linear") else None,
               "seed": options.seed if options.method == "dare_linear" else None,
-              "adapters": [{"name": lora.name, "weight": lora.weight} for lora in loras]}
+              "adapters": [{"name": lora.name.partition(":")[0], "weight": lora.weight,
+                            **_provenance(registry, lora.name)} for lora in loras]}
     entry = _register(registry, options.name, base, variant, factors, rank, loras[0].config,
-                      source, loras[0].fan_in_fan_out)
+                      source, loras[0].fan_in_fan_out, options.new_version)
     result = _result(entry, rank, factors)
     if options.logits:
         result.logits = logit_change(registry, base, variant, loras, entry)
     return result
+
+
+def _provenance(registry: Registry, ref: str) -> dict:
+    """Which version of an adapter a result was derived from, and its content."""
+    from zoo.catalog.versions import resolve
+
+    record = resolve(registry.load(), ref)
+    return {"version": record.version, "content_hash": record.content_hash}
 
 
 def _check_rank(rank: int) -> None:
@@ -249,13 +263,14 @@ def _result(entry: AdapterEntry, rank: int, factors: dict[str, Factored]) -> Alg
 # -- compress --------------------------------------------------------------------------
 
 def compress(name: str, rank: int, new_name: str | None = None, registry: Registry | None = None,
-             logits: bool = True, log: Callable[[str], None] = lambda _: None) -> AlgebraResult:
+             logits: bool = True, log: Callable[[str], None] = lambda _: None,
+             new_version: bool = False) -> AlgebraResult:
     """The best rank-``rank`` approximation of an adapter's update, registered. A DoRA
     adapter's magnitude is folded in first: the result is a plain, servable LoRA."""
     registry = registry or Registry()
     _check_rank(rank)
-    new_name = new_name or f"{name}-r{rank}"
-    _check_new_name(registry, new_name)
+    new_name = new_name or f"{name.partition(':')[0]}-r{rank}"
+    _check_new_name(registry, new_name, new_version)
     (lora,), base, variant = _lora_entries(registry, (name,))
     dora = bool(lora.config.get("use_dora"))
     source = TensorSource(variant_path(registry, base, variant)) if dora else None
@@ -273,10 +288,12 @@ def compress(name: str, rank: int, new_name: str | None = None, registry: Regist
             factors[module] = factor_dense(delta.T if lora.fan_in_fan_out else delta, rank)
         else:
             factors[module] = factor_product([lora.factors(module, weighted=True)], rank)
-    source_record = {"type": "compress", "from": name, "rank": rank, "dora_folded": dora,
-                     "from_hash": registry.load().adapter(name).content_hash}
+    origin = _provenance(registry, name)
+    source_record = {"type": "compress", "from": name.partition(":")[0], "rank": rank,
+                     "dora_folded": dora, "from_version": origin["version"],
+                     "from_hash": origin["content_hash"]}
     entry = _register(registry, new_name, base, variant, factors, rank, lora.config,
-                      source_record, lora.fan_in_fan_out)
+                      source_record, lora.fan_in_fan_out, new_version)
     result = _result(entry, rank, factors)
     if logits:
         result.logits = logit_change(registry, base, variant, [lora], entry)

@@ -48,6 +48,7 @@ class TrainOptions:
     eval_split: float = 0.1
     batch_size: int = 4
     max_length: int = 256
+    new_version: bool = False  # the next version of an existing adapter name
 
 
 @dataclass
@@ -68,7 +69,9 @@ def train(options: TrainOptions, registry: Registry | None = None,
         raise NotSupported(f"unknown method {options.method!r}",
                            hint=f"Use {', '.join(TRAIN_METHODS)}.")
     catalog = registry.load()
-    if register and options.name in catalog.entries:
+    present = catalog.entries.get(options.name)
+    if register and present is not None and not (options.new_version and
+                                                 isinstance(present, AdapterEntry)):
         raise DuplicateEntry(options.name)
     dataset = load_dataset(options.data)  # refuse bad data before loading any model
     base = catalog.base(options.base)
@@ -104,7 +107,8 @@ def train(options: TrainOptions, registry: Registry | None = None,
         source = {"type": "train", "method": options.method, "data": options.data.name,
                   "data_sha256": dataset.sha256, **_recipe(options)}
         entry = register_adapter(registry, stage, options.name, BaseRef(base, variant),
-                                 source=source, training=metrics)
+                                 source=source, training=metrics,
+                                 new_version=options.new_version)
     return TrainResult(entry, metrics)
 
 

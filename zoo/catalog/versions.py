@@ -1,0 +1,304 @@
+"""Numbered, immutable versions of an adapter name, its aliases, canary and history.
+
+A reference to a version is ``NAME:vN`` (by number) or ``NAME:ALIAS`` (``current``,
+``canary``, ``previous``, or an alias the operator set); ``NAME`` alone means the
+current version. The colon cannot appear in a name, a base's ``@nf4`` variant or a Hub
+``@revision``, so no reference means two things. Version 1 lives in
+``adapters/NAME/``, version N in ``adapters/NAME@vN/``; a version's files never change.
+
+Everything here edits the registry in one locked transaction; nothing here evaluates
+(``zoo promote``'s gate lives with ``zoo eval``, in ``apps/rollout.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from zoo.catalog.home import adapter_dir, new_stage, validate_name
+from zoo.catalog.registry import Catalog, Registry
+from zoo.core.records import AdapterEntry, now
+from zoo.errors import NotSupported, UnknownEntry
+
+SEPARATOR = ":"
+BUILTIN_ALIASES = ("current", "canary", "previous")
+_NUMBER = re.compile(r"v?([1-9][0-9]{0,5})")
+_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``'acme/x:v2'`` -> ``('acme/x', 'v2')``; ``'acme/x'`` -> ``('acme/x', None)``."""
+    name, sep, which = ref.partition(SEPARATOR)
+    validate_name(name)
+    if sep and not (_NUMBER.fullmatch(which) or _ALIAS.fullmatch(which)):
+        raise UnknownEntry(ref, "version", hint="Write NAME:vN or NAME:ALIAS "
+                           "(current, canary, previous, or one set with 'zoo alias').")
+    return name, (which or None)
+
+
+def label(name: str, version: int) -> str:
+    """How a version is named in requests, usage rows and logs: ``NAME:vN``."""
+    return f"{name}{SEPARATOR}v{version}"
+
+
+def version_dir(home: Path, name: str, version: int) -> Path:
+    base = adapter_dir(home, name)
+    return base if version == 1 else base.with_name(f"{base.name}@v{version}")
+
+
+def number_of(entry: AdapterEntry, which: str | None) -> int:
+    """The version number a reference's part after the colon names (None: current)."""
+    if which in (None, "current"):
+        return entry.version
+    found = _NUMBER.fullmatch(which)
+    if found:
+        number = int(found[1])
+        if number not in entry.all_versions():
+            raise UnknownEntry(label(entry.name, number), "version",
+                               hint=f"'zoo versions {entry.name}' lists them.")
+        return number
+    if which == "canary":
+        if entry.canary is None:
+            raise UnknownEntry(f"{entry.name}:canary", "version",
+                               hint=f"{entry.name} has no canary now.")
+        return int(entry.canary["version"])
+    if which in entry.aliases:
+        return entry.aliases[which]
+    raise UnknownEntry(f"{entry.name}{SEPARATOR}{which}", "version",
+                       hint=f"'zoo versions {entry.name}' lists versions and aliases.")
+
+
+def resolve(catalog: Catalog, ref: str) -> AdapterEntry:
+    """The record of the version ``ref`` names (``NAME`` alone: the current one)."""
+    name, which = split_ref(ref)
+    entry = catalog.adapter(name)
+    return entry.all_versions()[number_of(entry, which)]
+
+
+def with_version(entry: AdapterEntry, record: AdapterEntry) -> AdapterEntry:
+    """``entry`` with ``record`` added as one of its (non-current) versions."""
+    return replace(entry, versions={**entry.versions, record.version: record})
+
+
+def update_version(catalog: Catalog, name: str, number: int, change) -> AdapterEntry:
+    """Apply ``change`` (record -> record) to one version of ``name``, current or not."""
+    entry = catalog.adapter(name)
+    if number == entry.version:
+        entry = change(entry)
+    else:
+        entry = replace(entry, versions={**entry.versions, number: change(entry.versions[number])})
+    catalog.entries[name] = entry
+    return entry
+
+
+def same_content(entry: AdapterEntry, content_hash: str) -> AdapterEntry | None:
+    """The version of ``entry`` holding exactly this content, if one does."""
+    for record in entry.all_versions().values():
+        if record.content_hash == content_hash:
+            return record
+    return None
+
+
+# -- rollout: which version answers --------------------------------------------------
+
+def _make_current(entry: AdapterEntry, number: int, **name_fields: Any) -> AdapterEntry:
+    """The name's record with version ``number`` as its current one."""
+    every = entry.all_versions()
+    fields = {"aliases": entry.aliases, "canary": entry.canary, "history": entry.history,
+              **name_fields}
+    return replace(every[number], versions={n: r for n, r in every.items() if n != number},
+                   **fields)
+
+
+def promote(registry: Registry, ref: str, canary: float | None = None,
+            record: dict[str, Any] | None = None) -> AdapterEntry:
+    """Make a version current (the old current becomes ``previous``), or with ``canary``
+    send that share (percent) of the name's requests to it; ``record`` (the evaluation
+    gate's numbers, ``forced``) goes into the history."""
+    name, which = split_ref(ref)
+    with registry.edit() as catalog:
+        entry = catalog.adapter(name)
+        number = number_of(entry, which)
+        event = {"at": now(), "version": number, **(record or {})}
+        if canary is not None:
+            if not 0 < canary <= 100:
+                raise NotSupported(f"a canary share is above 0 and at most 100, not {canary}")
+            if number == entry.version:
+                raise NotSupported(f"{label(name, number)} is already current",
+                                   hint="A canary is another version than the current one.")
+            entry = replace(entry, canary={"version": number, "percent": canary},
+                            history=[*entry.history, {**event, "action": "canary",
+                                                      "percent": canary}])
+        elif number == entry.version:
+            raise NotSupported(f"{label(name, number)} is already current")
+        else:
+            old = entry.version
+            entry = _make_current(entry, number, aliases={**entry.aliases, "previous": old},
+                                  canary=None, history=[*entry.history, {
+                                      **event, "action": "promote", "from": old}])
+        catalog.entries[name] = entry
+    return entry
+
+
+def end_canary(registry: Registry, name: str) -> AdapterEntry:
+    with registry.edit() as catalog:
+        entry = catalog.adapter(name)
+        if entry.canary is None:
+            raise NotSupported(f"{name} has no canary")
+        entry = replace(entry, canary=None, history=[*entry.history, {
+            "at": now(), "action": "canary-end", "version": entry.canary["version"]}])
+        catalog.entries[name] = entry
+    return entry
+
+
+def rollback(registry: Registry, name: str) -> AdapterEntry:
+    """Back to the previous current version in one step (a canary is ended too)."""
+    with registry.edit() as catalog:
+        entry = catalog.adapter(name)
+        previous = entry.aliases.get("previous")
+        if previous is None or previous not in entry.all_versions():
+            raise NotSupported(f"{name} has no previous version to roll back to",
+                               hint=f"'zoo versions {name}'; 'zoo promote {name} vN' picks one.")
+        old = entry.version
+        entry = _make_current(entry, previous, aliases={**entry.aliases, "previous": old},
+                              canary=None, history=[*entry.history, {
+                                  "at": now(), "action": "rollback", "version": previous,
+                                  "from": old}])
+        catalog.entries[name] = entry
+    return entry
+
+
+def set_alias(registry: Registry, ref: str, alias: str) -> AdapterEntry:
+    if not _ALIAS.fullmatch(alias) or alias in ("current", "canary") or _NUMBER.fullmatch(alias):
+        raise NotSupported(f"{alias!r} cannot be an alias",
+                           hint="Use lowercase letters, digits, '-' and '_' (not current, "
+                                "canary or vN).")
+    name, which = split_ref(ref)
+    with registry.edit() as catalog:
+        entry = catalog.adapter(name)
+        number = number_of(entry, which)
+        entry = replace(entry, aliases={**entry.aliases, alias: number},
+                        history=[*entry.history, {"at": now(), "action": "alias",
+                                                  "alias": alias, "version": number}])
+        catalog.entries[name] = entry
+    return entry
+
+
+def describe(entry: AdapterEntry) -> dict[str, Any]:
+    """A name's versions, newest first, with their aliases (what ``zoo versions`` shows)."""
+    names: dict[int, list[str]] = {}
+    names.setdefault(entry.version, []).append("current")
+    if entry.canary:
+        names.setdefault(int(entry.canary["version"]), []).append("canary")
+    for alias, number in sorted(entry.aliases.items()):
+        names.setdefault(number, []).append(alias)
+    rows = []
+    for number, record in sorted(entry.all_versions().items(), reverse=True):
+        source = record.source.get("type", "?")
+        if source == "hub":
+            source = f"hub {record.source.get('repo')}@{str(record.source.get('commit'))[:10]}"
+        rows.append({"version": number, "label": label(entry.name, number),
+                     "aliases": names.get(number, []), "content_hash": record.content_hash,
+                     "created": record.created, "source": source, "path": record.path,
+                     "evaluations": record.evaluations})
+    return {"name": entry.name, "current": entry.version, "canary": entry.canary,
+            "aliases": entry.aliases, "versions": rows, "history": entry.history}
+
+
+# -- what running servers answer with ------------------------------------------------
+
+RUN_DIR = "run"
+
+
+def record_in_use(home: Path, labels: set[str]) -> None:
+    """A running server's lease: the versions it has loaded, in ``home/run/serve-PID.json``
+    (rewritten atomically; ``zoo gc`` keeps what any live server lists)."""
+
+    from zoo.core.files import write_json_atomic
+
+    folder = home / RUN_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"serve-{os.getpid()}.json",
+                      {"pid": os.getpid(), "versions": sorted(labels)})
+
+
+def in_use(home: Path) -> set[str]:
+    """The versions any live server on this home has loaded (leases of dead ones ignored)."""
+    import json
+
+    found: set[str] = set()
+    for lease in (home / RUN_DIR).glob("serve-*.json"):
+        try:
+            data = json.loads(lease.read_text())
+            os.kill(int(data["pid"]), 0)
+        except ProcessLookupError:
+            lease.unlink(missing_ok=True)
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.update(v for v in data.get("versions", []) if isinstance(v, str))
+    return found
+
+
+# -- retention -------------------------------------------------------------------------
+
+def protected(entry: AdapterEntry, in_use: set[str]) -> dict[int, str]:
+    """The versions that must stay, and why: current, canary, aliased, or answering."""
+    keep = {entry.version: "current"}
+    if entry.canary:
+        keep.setdefault(int(entry.canary["version"]), "canary")
+    for alias, number in entry.aliases.items():
+        keep.setdefault(number, f"alias {alias}")
+    for number in entry.all_versions():
+        if label(entry.name, number) in in_use:
+            keep.setdefault(number, "a running server answers with it")
+    return keep
+
+
+def remove_versions(registry: Registry, name: str, numbers: list[int] | None,
+                    keep: int | None = None, in_use: set[str] = frozenset()) -> list[int]:
+    """Remove some versions of ``name`` (``numbers``), or all but the newest ``keep``;
+    never a protected one. Their folders are moved out inside the registry transaction
+    and deleted after it (as ``zoo rm`` does). The numbers removed."""
+    trash = new_stage(registry.home / "tmp", f"gc-{name}")
+    removed: list[int] = []
+    try:
+        with registry.edit() as catalog:
+            entry = catalog.adapter(name)
+            guard = protected(entry, in_use)
+            every = entry.all_versions()
+            if numbers is not None:
+                for number in numbers:
+                    if number not in every:
+                        raise UnknownEntry(label(name, number), "version")
+                    if number in guard:
+                        raise NotSupported(f"{label(name, number)} cannot be removed: it is "
+                                           f"{guard[number]}", hint=_unprotect_hint(name, guard[number]))
+                doomed = numbers
+            else:
+                newest = sorted(every, reverse=True)[:max(keep or 0, 0)]
+                doomed = [n for n in every if n not in guard and n not in newest]
+            for i, number in enumerate(sorted(doomed)):
+                path = every[number].path
+                if path and (registry.home / path).exists():
+                    os.replace(registry.home / path, trash / str(i))
+                removed.append(number)
+            versions = {n: r for n, r in entry.versions.items() if n not in removed}
+            aliases = {a: n for a, n in entry.aliases.items() if n not in removed}
+            catalog.entries[name] = replace(entry, versions=versions, aliases=aliases)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+    return removed
+
+
+def _unprotect_hint(name: str, why: str) -> str:
+    if why == "current":
+        return f"Promote another version first ('zoo promote {name} vN'), or 'zoo rm {name}'."
+    if why == "canary":
+        return f"End the canary first ('zoo promote {name} --end-canary')."
+    return "Wait until no running server uses it." if "server" in why else \
+        "Point the alias elsewhere first ('zoo alias')."
