@@ -163,7 +163,7 @@ def test_usage_is_counted_on_every_model_route(gate):
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
         assert call(middleware, path, chat("acme/a"), KEYS["acme"])[0] == 200
     rows = call(middleware, "/zoo/usage", key=KEYS["acme"])[1]["usage"]
-    assert rows == [{"model": "acme/a", "tenant": "acme", "requests": 4, "prompt_tokens": 12,
+    assert rows == [{"model": "acme/a:v1", "tenant": "acme", "requests": 4, "prompt_tokens": 12,
                      "completion_tokens": 8}]
 
 
@@ -209,5 +209,111 @@ def test_fuzzed_requests_reach_the_engine_only_for_what_the_tenant_may_use(gate,
             model = json.loads(seen).get("model")
         except (ValueError, AttributeError, UnicodeDecodeError):
             continue  # not a JSON object: vLLM refuses it before choosing a model
-        # an empty or absent model is the base to vLLM
-        assert model in (None, "", "tiny", "acme/a") or not isinstance(model, str), (status, seen)
+        # an empty or absent model is the base to vLLM; acme/a reaches it as its version
+        assert model in (None, "", "tiny", "acme/a:v1") or not isinstance(model, str), \
+            (status, seen)
+
+
+# versions: which one answers, the canary share, and the prefix cache's salt ------------
+
+def _reached_model(app) -> dict:
+    return json.loads(app.reached[-1][1])
+
+
+def test_a_name_reaches_the_engine_as_the_version_that_answers(gate, models, tmp_path):
+    middleware, app, _ = gate
+    zoo("add", models.lora("gate-v2", seed=40), "--name", "acme/a", "--new-version")
+    assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    assert _reached_model(app)["model"] == "acme/a:v1"  # v2 serves nobody until promoted
+    assert call(middleware, "/v1/chat/completions", chat("acme/a:v2"), KEYS["acme"])[0] == 200
+    assert _reached_model(app)["model"] == "acme/a:v2"  # asked by number
+    assert call(middleware, "/v1/chat/completions", chat("acme/a:v9"), KEYS["acme"])[0] == 404
+    assert call(middleware, "/v1/chat/completions", chat("acme/a:v2"), KEYS["globex"])[0] == 403
+    zoo("promote", "acme/a", "v2", "--force")
+    assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    assert _reached_model(app)["model"] == "acme/a:v2"  # the next request after promote
+    assert call(middleware, "/v1/chat/completions", chat("acme/a:previous"),
+                KEYS["acme"])[0] == 200
+    assert _reached_model(app)["model"] == "acme/a:v1"
+    names = {m["id"] for m in call(middleware, "/v1/models", None, KEYS["acme"])[1]["data"]}
+    assert names == {"tiny", "acme/a"}  # names, not every version ...
+    scope_query = _list_with_versions(middleware, KEYS["acme"])
+    assert {"acme/a:v1", "acme/a:v2"} <= scope_query  # ... unless asked
+
+
+def _list_with_versions(middleware, key) -> set[str]:
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/models", "method": "GET", "query_string":
+             b"versions=true", "headers": [(b"authorization", f"Bearer {key}".encode())]}
+    asyncio.run(middleware(scope, receive, send))
+    raw = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return {m["id"] for m in json.loads(raw)["data"]}
+
+
+def test_a_canary_gets_its_share_sticky_per_end_user(gate, models):
+    middleware, app, _ = gate
+    zoo("add", models.lora("gate-v2", seed=40), "--name", "acme/a", "--new-version")
+    zoo("promote", "acme/a", "v2", "--canary", "20", "--force")
+    answered = {}
+    for i in range(1000):
+        body = json.dumps({"model": "acme/a", "user": f"user-{i}",
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        assert call(middleware, "/v1/chat/completions", body, KEYS["acme"])[0] == 200
+        answered[i] = _reached_model(app)["model"]
+    share = sum(v == "acme/a:v2" for v in answered.values()) / len(answered)
+    assert abs(share - 0.20) <= 0.03, share
+    for i in range(0, 1000, 97):  # one person stays on one version
+        body = json.dumps({"model": "acme/a", "user": f"user-{i}"}).encode()
+        call(middleware, "/v1/chat/completions", body, KEYS["acme"])
+        assert _reached_model(app)["model"] == answered[i]
+
+
+def test_cached_prefixes_never_cross_tenants_or_weights(gate, models):
+    """The engine's prefix cache is keyed by the salt zoo sets: one per tenant and per set of
+    weights, whatever the client sent."""
+    middleware, app, _ = gate
+
+    def salt(model, key, client_salt=None):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        if client_salt:
+            body["cache_salt"] = client_salt
+        assert call(middleware, "/v1/chat/completions", json.dumps(body).encode(), key)[0] == 200
+        return _reached_model(app)["cache_salt"]
+
+    acme_base, globex_base = salt("tiny", KEYS["acme"]), salt("tiny", KEYS["globex"])
+    assert acme_base != globex_base and acme_base == salt("tiny", KEYS["acme"])
+    assert salt("tiny", KEYS["globex"], client_salt=acme_base) == globex_base  # overridden
+    v1 = salt("acme/a", KEYS["acme"])
+    zoo("add", models.lora("gate-v2", seed=40), "--name", "acme/a", "--new-version")
+    assert salt("acme/a:v2", KEYS["acme"]) != v1 != acme_base
+    # the same name removed and added again with other weights: other cache keys
+    zoo("rm", "acme/a")
+    zoo("add", models.lora("gate-v2", seed=40), "--name", "acme/a", "--base", "tiny")
+    assert salt("acme/a", KEYS["acme"]) != v1
+
+
+def test_the_response_says_which_version_answered(gate):
+    middleware, _, _ = gate
+    sent = []
+    body = chat("acme/a")
+    scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST",
+             "headers": [(b"authorization", f"Bearer {KEYS['acme']}".encode()),
+                         (b"content-length", str(len(body)).encode())]}
+    queue = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(middleware(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert (b"x-zoo-model", b"acme/a:v1") in start["headers"]

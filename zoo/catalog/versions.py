@@ -72,6 +72,21 @@ def number_of(entry: AdapterEntry, which: str | None) -> int:
                        hint=f"'zoo versions {entry.name}' lists versions and aliases.")
 
 
+def answering(entry: AdapterEntry, sticky: str | None = None) -> int:
+    """The version that answers a request for the name alone: the canary for its share of
+    end users, the current one for the rest. ``sticky`` (the end user or session) keeps
+    one person on one version; without it each request is a fresh draw."""
+    if not entry.canary:
+        return entry.version
+    import hashlib
+    import secrets
+
+    key = f"{entry.name}\0{sticky}" if sticky else secrets.token_hex(8)
+    draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return int(entry.canary["version"]) if draw * 100 < float(entry.canary["percent"]) \
+        else entry.version
+
+
 def resolve(catalog: Catalog, ref: str) -> AdapterEntry:
     """The record of the version ``ref`` names (``NAME`` alone: the current one)."""
     name, which = split_ref(ref)

@@ -23,13 +23,17 @@ For every request it
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import json
 import logging
 import os
+import secrets
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from zoo.catalog.versions import label, record_in_use
 from zoo.serve.policy import LOADED_HASHES, REQUEST_TENANT, Decision, ServePolicy, Tenant
 
 logger = logging.getLogger("zoo.serve")
@@ -41,6 +45,7 @@ MODEL_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1
                "/v1/messages", "/tokenize", "/detokenize")
 ZOO_PATHS = ("/zoo/usage", "/zoo/engine", "/v1/models", "/metrics")
 MAX_BODY = 32 * 1024 * 1024
+VERSION_HEADER = b"x-zoo-model"  # which model, which adapter version, answered
 
 
 class Usage:
@@ -87,6 +92,7 @@ class ZooMiddleware:
         self.policy = policy or ServePolicy.from_environment()
         self.usage = Usage()
         self._loaded_stamp = None
+        self._secret = secrets.token_bytes(32)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -126,19 +132,40 @@ class ZooMiddleware:
             if body is None:
                 return await _send_error(send, Decision(413, f"The request body is larger than "
                                                              f"{MAX_BODY // 2**20} MiB."))
-        model = _model_of(body)
+        data = _json_object(body)
+        model = data.get("model") if data is not None else None
+        model = model if isinstance(model, str) else None
+        served_as, content = self.policy.base, "base"
         if model and model != self.policy.base:
             decision = self.policy.authorize(tenant, model)
             if decision.ok:
-                decision = self.policy.adapter(model)
+                decision = self.policy.adapter(model, sticky=_end_user(data, scope))
             if not decision.ok:
                 return await _send_error(send, decision)
-            await self._unload_if_replaced(scope, model, decision.content_hash)
-        replay = _replayer(body, receive) if scope["method"] == "POST" else receive
+            await self._unload_if_replaced(scope, decision.label, decision.content_hash)
+            served_as, content = decision.label, decision.content_hash
+        replay = receive
         if scope["method"] == "POST":
-            send = self._counting(send, model or self.policy.base,
+            if data is not None:
+                # the version that answers is named to vLLM (its own LoRA and cache keys),
+                # and the prefix cache is salted per tenant and content: cached prompts never
+                # cross tenants or weights, whatever salt the client sent
+                if model:
+                    data["model"] = served_as
+                if path not in ("/tokenize", "/detokenize"):
+                    data["cache_salt"] = self._salt(tenant, served_as, content)
+                body = json.dumps(data).encode()
+                scope = _with_length(scope, len(body))
+            replay = _replayer(body, receive)
+            send = self._counting(send, served_as if model else self.policy.base,
                                   tenant.name if tenant else "-")
         return await self.app(scope, replay, send)
+
+    def _salt(self, tenant: Tenant | None, model: str, content: str | None) -> str:
+        """The prefix-cache salt of one tenant on one set of weights (the base, or an adapter
+        version's content): unguessable, since it is keyed with this server's secret."""
+        key = f"{tenant.name if tenant else '-'}\0{model}\0{content}".encode()
+        return hmac.new(self._secret, key, hashlib.sha256).hexdigest()[:32]
 
     async def _unload_if_replaced(self, scope, name: str, content_hash: str | None) -> None:
         """A name re-registered with other content: drop the engine's copy, so vLLM asks the
@@ -178,40 +205,50 @@ class ZooMiddleware:
             return
         from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 
-        servable = {a.name for a in self.policy.served_adapters()}
-        for name in list(models.lora_requests):
-            if name not in servable:
-                await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
-                LOADED_HASHES.pop(name, None)
-                logger.info("zoo: unloaded %s (no longer in the registry)", name)
+        servable = self.policy.served_versions()
+        gone = [name for name in list(models.lora_requests) if name not in servable]
+        for name in gone:
+            await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+            LOADED_HASHES.pop(name, None)
+            logger.info("zoo: unloaded %s (no longer in the registry)", name)
+        if gone:
+            record_in_use(self.policy.registry.home, set(LOADED_HASHES))
 
     async def _list_models(self, scope, receive, send, tenant: Tenant | None):
         status, headers, body = await _capture(self.app, scope, receive)
         if status != 200:
             return await _send_raw(send, status, headers, body)
         listing = json.loads(body)
-        listed = {card["id"] for card in listing["data"]}
-        for adapter in self.policy.served_adapters():
-            if adapter.name not in listed:
-                listing["data"].append({
-                    "id": adapter.name, "object": "model", "owned_by": "zoo",
-                    "root": adapter.name, "parent": self.policy.base,
-                    "created": listing["data"][0].get("created")})
-        for card in listing["data"]:  # vLLM puts the server's own paths here
+        created = listing["data"][0].get("created") if listing["data"] else None
+        with_versions = b"versions=true" in scope.get("query_string", b"")
+        cards = [card for card in listing["data"] if card["id"] == self.policy.base]
+        for adapter in self.policy.served_adapters():  # names; their versions when asked
+            if tenant is not None and not tenant.may_use(adapter.name):
+                continue
+            cards.append({"id": adapter.name, "object": "model", "owned_by": "zoo",
+                          "parent": self.policy.base, "created": created,
+                          "version": label(adapter.name, adapter.version)})
+            if with_versions:
+                cards += [{"id": label(adapter.name, n), "object": "model", "owned_by": "zoo",
+                           "parent": adapter.name, "created": created}
+                          for n, record in sorted(adapter.all_versions().items())
+                          if record.servable]
+        for card in cards:  # vLLM puts the server's own paths here
             card["root"] = card["id"]
-        servable = {a.name for a in self.policy.served_adapters()} | {self.policy.base}
-        listing["data"] = [c for c in listing["data"] if c["id"] in servable and (
-            tenant is None or c["id"] == self.policy.base or tenant.may_use(c["id"]))]
+        listing["data"] = cards
         return await _send_json(send, 200, listing)
 
     def _counting(self, send, model: str, tenant: str):
-        """Wrap ``send`` to read token usage from the response (JSON or SSE stream)."""
+        """Wrap ``send`` to read token usage from the response (JSON or SSE stream), and say
+        in a header which model (which version of an adapter) answered."""
         state = {"status": 200, "buffer": b"", "prompt": 0, "completion": 0, "chunks": 0,
                  "usage": False}
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (VERSION_HEADER, model.encode())]}
             elif message["type"] == "http.response.body":
                 state["buffer"] += message.get("body", b"")
                 if not message.get("more_body", False):
@@ -259,13 +296,31 @@ def _bearer(scope) -> str | None:
     return None
 
 
-def _model_of(body: bytes) -> str | None:
+def _json_object(body: bytes) -> dict | None:
+    """The request body when it is a JSON object (vLLM answers anything else itself)."""
     try:
         data = json.loads(body) if body else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # vLLM answers malformed bodies itself
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _end_user(data: dict | None, scope) -> str | None:
+    """Who a request is for, to keep one person on one version of an adapter: the OpenAI
+    ``user`` field, else a session or user header; None when nothing says."""
+    user = data.get("user") if data else None
+    if isinstance(user, str) and user:
+        return f"user:{user}"
+    for name, value in scope.get("headers", []):
+        if name in (b"x-session-id", b"x-user-id") and value:
+            return f"{name.decode()}:{value.decode('latin-1')}"
+    return None
+
+
+def _with_length(scope, length: int):
+    """The scope with its content-length header made to match a rewritten body."""
+    headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-length"]
+    return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
 
 
 def _serving_models(scope):

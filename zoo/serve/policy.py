@@ -24,6 +24,7 @@ from filelock import FileLock
 
 from zoo.catalog.integrity import changed_files
 from zoo.catalog.registry import Catalog, Registry
+from zoo.catalog.versions import SEPARATOR, answering, label, number_of, split_ref
 from zoo.core.files import write_json_atomic
 from zoo.core.records import AdapterEntry
 from zoo.errors import FormatError, ZooError
@@ -46,12 +47,14 @@ LOADED_HASHES: dict[str, str] = {}
 
 @dataclass(frozen=True)
 class Decision:
-    """The answer for one model name: HTTP status, message, and the adapter's path."""
+    """The answer for one model name: HTTP status, message, and for an adapter the version
+    that answers (``label``, ``NAME:vN``), its files and content hash."""
 
     status: int
     message: str = ""
     path: Path | None = None
     content_hash: str | None = None
+    label: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -150,6 +153,7 @@ class ServePolicy:
     _catalog: Catalog | None = field(default=None, repr=False)
     _stamp: tuple | None = field(default=None, repr=False)
     _keys_stamp: tuple | None = field(default=None, repr=False)
+    _versions: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def from_environment(cls) -> ServePolicy:
@@ -221,32 +225,56 @@ class ServePolicy:
         return self._catalog
 
     def served_adapters(self) -> list[AdapterEntry]:
-        """Adapters of the base that can be served now: servable, fitting, intact."""
+        """Adapters of the base that can be served now (their current versions): servable,
+        fitting, intact."""
         return [a for a in self.catalog().adapters(base=self.base)
                 if a.servable and self.adapter(a.name).ok]
 
-    def adapter(self, name: str) -> Decision:
-        """Whether ``name`` is an adapter this server serves, and where its files are."""
+    def served_versions(self) -> dict[str, str]:
+        """Every version of the served adapters by label (``NAME:vN``) -> content hash: what
+        the engine may have loaded while it stays registered (once per registry change)."""
+        catalog = self.catalog()
+        if self._versions is None or self._versions[0] is not catalog:
+            self._versions = (catalog, {
+                label(a.name, n): r.content_hash for a in catalog.adapters(base=self.base)
+                for n, r in a.all_versions().items() if r.servable})
+        return self._versions[1]
+
+    def adapter(self, ref: str, sticky: str | None = None) -> Decision:
+        """Whether ``ref`` (``NAME``, ``NAME:vN`` or ``NAME:ALIAS``) is an adapter version
+        this server serves, which one answers, and where its files are. ``NAME`` alone is
+        its current version, or its canary for the share of end users (``sticky``: who the
+        request is for; None: a coin toss) the canary is set to."""
+        try:
+            name, which = split_ref(ref)
+        except ZooError:
+            return Decision(404, f"The model `{ref[:120]}` does not exist.")
         entry = self.catalog().entries.get(name)
         if not isinstance(entry, AdapterEntry):
             return Decision(404, f"The model `{name}` does not exist: it is neither the base "
                                  f"`{self.base}` nor an adapter registered for it.")
-        if entry.base != self.base:
-            return Decision(404, f"The model `{name}` is an adapter of `{entry.base}`; this "
+        try:
+            number = number_of(entry, which) if which else answering(entry, sticky)
+        except ZooError as exc:
+            return Decision(404, f"The model `{ref[:120]}` does not exist: {exc.message}.")
+        record = entry.all_versions()[number]
+        tag = label(name, number)
+        if record.base != self.base:
+            return Decision(404, f"The model `{ref}` is an adapter of `{record.base}`; this "
                                  f"server serves `{self.base}`.")
-        if not entry.servable:
-            return Decision(404, f"The model `{name}` is registered but vLLM cannot serve it: "
-                                 f"{entry.servable_reason}.")
-        rank = entry.lora.max_rank if entry.lora else entry.rank
+        if not record.servable:
+            return Decision(404, f"The model `{tag}` is registered but vLLM cannot serve it: "
+                                 f"{record.servable_reason}.")
+        rank = record.lora.max_rank if record.lora else record.rank
         if rank > self.max_lora_rank:
-            return Decision(400, f"Adapter `{name}` has rank {rank}, above this server's "
+            return Decision(400, f"Adapter `{tag}` has rank {rank}, above this server's "
                                  f"--max-lora-rank {self.max_lora_rank}; restart zoo serve.")
-        path = self.registry.home / entry.path
-        changed = changed_files(path, entry.files)
+        path = self.registry.home / record.path
+        changed = changed_files(path, record.files)
         if changed:
-            return Decision(422, f"Adapter `{name}` cannot be served: its files changed since "
+            return Decision(422, f"Adapter `{tag}` cannot be served: its files changed since "
                                  f"it was registered ({', '.join(changed)}). Re-add or re-pull it.")
-        return Decision(200, path=path, content_hash=entry.content_hash)
+        return Decision(200, path=path, content_hash=record.content_hash, label=tag)
 
     def tenant_for(self, key: str | None) -> Tenant | None:
         tenants = self.current_tenants()
@@ -263,6 +291,7 @@ class ServePolicy:
             return Decision(200)
         if tenant is None:
             return Decision(401, "Missing or unknown API key.")
+        model = model.partition(SEPARATOR)[0]  # a version is its name's
         if not tenant.may_use(model):
             return Decision(403, f"Tenant `{tenant.name}` may not use `{model}`: only the base "
                                  f"and its own adapters ({', '.join(tenant.adapters)}).")

@@ -5,8 +5,12 @@ not loaded. It answers only for servable LoRA/QLoRA adapters of the served
 base whose files are intact, and, when the server has tenants, only for a
 request the middleware vetted whose tenant may use that adapter (the
 middleware's decision travels in a context variable); anything else is None,
-and vLLM answers 404. What it loads is remembered by content hash, so a name
-re-registered with other weights is reloaded, not served stale.
+and vLLM answers 404. The names it is asked for are versions (``NAME:vN``: the
+middleware turns a request for ``NAME`` into the version that answers it), so
+two versions are two LoRAs to vLLM, with cache keys of their own. What it loads
+is remembered by content hash, so a name re-registered with other weights is
+reloaded, not served stale, and listed in the server's lease in the home
+(``zoo gc`` keeps the versions a running server answers with).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
+from zoo.catalog.versions import record_in_use
 from zoo.serve.policy import LOADED_HASHES, NOT_VETTED, REQUEST_TENANT, ServePolicy
 
 
@@ -34,6 +39,7 @@ class RegistryResolver(LoRAResolver):
         if decision.path is None:
             return None
         LOADED_HASHES[lora_name] = decision.content_hash
+        record_in_use(self.policy.registry.home, set(LOADED_HASHES))
         path = self.policy.lora_path(lora_name, decision.path, decision.content_hash)
         # vLLM replaces the id with its own counter
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
