@@ -68,8 +68,9 @@ def get(url: str, key: str | None = KEYS["ops"]) -> dict:
 def usage(replica_url: str) -> dict[str, int]:
     rows = get(replica_url + "/zoo/usage")["usage"]
     found: dict[str, int] = {}
-    for row in rows:
-        found[row["model"]] = found.get(row["model"], 0) + row["requests"]
+    for row in rows:  # rows are per version (NAME:vN): added up by name
+        name = row["model"].partition(":")[0]
+        found[name] = found.get(name, 0) + row["requests"]
     return found
 
 

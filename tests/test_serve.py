@@ -245,18 +245,18 @@ def test_an_adapter_the_engine_cannot_load_fails_its_request_only(served, lora_m
     assert "Paris" in answer(served, BASE)
     assert answer(served, "acme/a") == answer(served, "acme/a")
     log = served.log.read_text()
-    assert "adapter 'ops/dora-forced' could not be loaded" in log and "DoRA" in log
+    assert "adapter 'ops/dora-forced:v1' could not be loaded" in log and "DoRA" in log
 
 
 def test_usage_is_counted_per_adapter_and_tenant(served):
-    before = _usage(served, "globex/b", "globex")
+    before = _usage(served, "globex/b:v1", "globex")  # rows are per version
     reply = client(served, "globex").chat.completions.create(
         model="globex/b", messages=QUESTION, max_tokens=5, temperature=0)
     stream = client(served, "globex").chat.completions.create(
         model="globex/b", messages=QUESTION, max_tokens=5, temperature=0, stream=True,
         stream_options={"include_usage": True})
     streamed_usage = [chunk.usage for chunk in stream if chunk.usage][-1]
-    after = _usage(served, "globex/b", "globex")
+    after = _usage(served, "globex/b:v1", "globex")
     assert after["requests"] - before["requests"] == 2
     assert after["completion_tokens"] - before["completion_tokens"] == (
         reply.usage.completion_tokens + streamed_usage.completion_tokens)
@@ -265,7 +265,7 @@ def test_usage_is_counted_per_adapter_and_tenant(served):
     assert {r["tenant"] for r in json.loads(get(served, "/zoo/usage", KEYS["globex"]))["usage"]} \
         == {"globex"}
     metrics = get(served, "/metrics", key=KEYS["ops"])  # an operator's key (issue 10)
-    assert 'zoo_adapter_requests_total{model="globex/b",tenant="globex"}' in metrics
+    assert 'zoo_adapter_requests_total{model="globex/b:v1",tenant="globex"}' in metrics
     assert "vllm:" in metrics
     for key, status in ((None, 401), (KEYS["globex"], 403)):
         with pytest.raises(urllib.error.HTTPError) as err:
