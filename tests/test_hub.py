@@ -367,3 +367,45 @@ def test_a_sync_index_cannot_map_a_name_onto_another_repo(hub, homes, models, tm
     assert "globex/secret" in result.stdout and "does not match its name" in result.stdout
     assert "globex/secret" not in {e["name"] for e in zoo_json("list")}
     assert "evil/x" in {e["name"] for e in zoo_json("list")}
+
+
+def test_versions_travel_with_push_pull_and_sync(hub, homes, models, tmp_path):
+    """A version is a commit of the name's repo; a newer commit pulls in as a new version when
+    asked; sync carries every version, the current one and the aliases."""
+    from safetensors.torch import load_file, save_file
+
+    src = models.lora("plain")
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in
+               load_file(src / "adapter_model.safetensors").items()},
+              second / "adapter_model.safetensors")
+    zoo("add", src, "--name", "acme/v", "--base", "tiny")
+    zoo("push", "acme/v")
+    zoo("add", second, "--name", "acme/v", "--new-version")
+    zoo("push", "acme/v:v2")
+    pushed = zoo_json("show", "acme/v:v2")
+    assert pushed["hub"]["commit"] != zoo_json("show", "acme/v")["hub"]["commit"]
+    zoo("promote", "acme/v", "v2", "--force")
+    zoo("alias", "acme/v:v1", "stable")
+    first_commit = zoo_json("show", "acme/v:v1")["hub"]["commit"]
+    homes("b")  # the repo at its first commit, then its newer one as a new version
+    zoo("pull", f"acme/v@{first_commit}")
+    assert "already registered" in zoo("pull", "acme/v", ok=False).stderr
+    assert "acme/v:v2" in zoo("pull", "acme/v", "--new-version").stdout
+    assert zoo_json("show", "acme/v:v2")["content_hash"] == pushed["content_hash"]
+    homes("a")
+    zoo("sync", "--repo", "acme/index")
+    homes("b")
+    zoo("rm", "acme/v")
+    zoo("sync", "--repo", "acme/index")
+    synced = zoo_json("versions", "acme/v")
+    contents = {v["content_hash"] for v in synced["versions"]}
+    homes("a")
+    mine = zoo_json("versions", "acme/v")
+    assert contents == {v["content_hash"] for v in mine["versions"]}
+    homes("b")
+    current = zoo_json("show", "acme/v")
+    assert current["content_hash"] == pushed["content_hash"]  # v2 is current there too
+    assert zoo_json("show", "acme/v:stable")["content_hash"] != pushed["content_hash"]

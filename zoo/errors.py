@@ -40,7 +40,8 @@ class UnknownEntry(ZooError, KeyError):
 
 
 class DuplicateEntry(ZooError, FileExistsError):
-    hint = "Pick another --name, or remove the old one first with 'zoo rm NAME'."
+    hint = ("Pick another --name; for an adapter, --new-version adds this content as the "
+            "name's next version.")
 
     def __init__(self, name: str):
         super().__init__(f"{name!r} is already registered")

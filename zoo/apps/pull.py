@@ -45,12 +45,9 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
     present = registry.load().entries.get(name)
     known = shipped_catalog().entries.get(repo.lower())
     from_hub = known is None or known.source.get("type") == "hub"
-    # a Hub repo other than the one the present entry came from: the Hub decides below
-    # (the same content is a no-op, other content a conflict)
-    other_repo = from_hub and "/" in repo and present is not None and \
-        str((present.hub or {}).get("repo", "")).lower() != repo.lower()
-    if present is not None and present.path is not None and not other_repo and \
-            not (new_version and from_hub and "/" in repo):
+    # a Hub repo is always asked: the same content is a no-op below, a newer commit a new
+    # version (--new-version) or a refusal
+    if present is not None and present.path is not None and not (from_hub and "/" in repo):
         changed = changed_files(registry.home / present.path, present.files)
         if changed:
             raise IntegrityError(f"{name!r} is registered but its files changed: "
@@ -68,6 +65,12 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
         what = "base" if entry.kind in ("base", "merged") else entry.kind
         label = entry.name if getattr(entry, "version", 1) == 1 else \
             f"{entry.name}:v{entry.version}"
+        had = {present.content_hash} if present is not None else set()
+        if isinstance(present, AdapterEntry):
+            had = {v.content_hash for v in present.all_versions().values()}
+        if entry.content_hash in had:
+            return PullResult(entry, False, f"{label} is already in the zoo (same content as "
+                                            f"{repo}; nothing to do)")
         return PullResult(entry, True, f"pulled {label} ({what}) from {repo}")
     names = ", ".join(sorted(shipped_catalog().entries))
     raise UnknownEntry(name, "catalog entry", hint=f"Short names zoo knows: {names}; "

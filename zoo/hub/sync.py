@@ -8,6 +8,7 @@ from pathlib import Path
 
 from zoo.catalog.registry import Catalog, Registry, read_catalog
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
+from zoo.catalog.versions import label, promote
 from zoo.core.records import AdapterEntry, BaseEntry, Entry
 from zoo.errors import HubError, IndexChanged, IntegrityError
 from zoo.hub.client import HubContext, Log, ensure_repo, hub_errors
@@ -52,13 +53,16 @@ def sync(index: str, registry: Registry | None = None, token: str | None = None,
             head = api.repo_info(index, repo_type="dataset").sha
         remote = _read_index(ctx, index, head)
         for adapter in registry.load().adapters():  # share what has no repo yet
-            if adapter.hub is None or adapter.hub.get("endpoint") != ctx.endpoint:
-                if adapter.name in remote.entries:
-                    continue  # a conflict or already known: decided below
-                repo = adapter.name if "/" in adapter.name else f"{org}/{adapter.name}"
-                push(adapter.name, repo=repo, private=True, token=token, registry=registry,
-                     log=log)
-                result.pushed.append(adapter.name)
+            if adapter.name in remote.entries:
+                continue  # a conflict or already known: decided below
+            repo = adapter.name if "/" in adapter.name else f"{org}/{adapter.name}"
+            for number, record in sorted(adapter.all_versions().items()):
+                if record.hub is None or record.hub.get("endpoint") != ctx.endpoint:
+                    # each version a commit of the name's repo
+                    push(label(adapter.name, number), repo=repo, private=True, token=token,
+                         registry=registry, log=log)
+                    result.pushed.append(label(adapter.name, number) if adapter.versions
+                                         else adapter.name)
         local = registry.load()
         merged = Catalog()
         merged.entries.update({n: remote.entries[n] for n in remote.entries})
@@ -92,6 +96,9 @@ def sync(index: str, registry: Registry | None = None, token: str | None = None,
 def _portable(entry: Entry) -> Entry:
     """What the index may say of a local entry: no paths of this machine."""
     source = {k: v for k, v in entry.source.items() if k != "path"}
+    if isinstance(entry, AdapterEntry):
+        versions = {n: _portable(v) for n, v in entry.versions.items()}
+        return replace(entry, path=None, source=source, versions=versions)
     return replace(entry, path=None, source=source)
 
 
@@ -127,10 +134,32 @@ def _fetch(theirs: Entry, org: str, registry: Registry, token: str | None,
         # the index may not map a name onto another namespace's repo
         result.unavailable.append((theirs.name, f"its repo {repo} does not match its name"))
         return
-    commit = theirs.hub.get("commit")
     try:
-        pull_from_hub(repo, commit if isinstance(commit, str) else None, registry, token, log,
-                      name=theirs.name, expect_hash=theirs.content_hash)
+        # every version the index lists with a commit, oldest first, each checked against
+        # its content hash; then the current version and the aliases, by content
+        here: dict[str, int] = {}
+        for _number, record in sorted(theirs.all_versions().items()):
+            commit = (record.hub or {}).get("commit")
+            if (record.hub or {}).get("repo", repo) != repo or not isinstance(commit, str):
+                continue
+            entry = pull_from_hub(repo, commit, registry, token, log, name=theirs.name,
+                                  expect_hash=record.content_hash, new_version=True)
+            here[record.content_hash] = entry.version
+        _follow(registry, theirs, here)
         result.pulled.append(theirs.name)
     except (HubError, IntegrityError) as exc:
         result.unavailable.append((theirs.name, exc.message))
+
+
+def _follow(registry: Registry, theirs: AdapterEntry, here: dict[str, int]) -> None:
+    """Make the local copy's current version and aliases those of the index's entry
+    (versions matched by content: the numbers may differ between machines)."""
+    every = theirs.all_versions()
+    with registry.edit() as catalog:
+        entry = catalog.adapter(theirs.name)
+        aliases = {alias: here[every[n].content_hash] for alias, n in theirs.aliases.items()
+                   if n in every and every[n].content_hash in here}
+        catalog.entries[theirs.name] = replace(entry, aliases={**entry.aliases, **aliases})
+    current = here.get(theirs.content_hash)
+    if current is not None and current != registry.load().adapter(theirs.name).version:
+        promote(registry, label(theirs.name, current), record={"action_by": "zoo sync"})
