@@ -164,7 +164,10 @@ def test_usage_is_counted_on_every_model_route(gate):
         assert call(middleware, path, chat("acme/a"), KEYS["acme"])[0] == 200
     rows = call(middleware, "/zoo/usage", key=KEYS["acme"])[1]["usage"]
     assert rows == [{"model": "acme/a:v1", "tenant": "acme", "requests": 4, "prompt_tokens": 12,
-                     "completion_tokens": 8}]
+                     "completion_tokens": 8, "ok": 4}]
+    # durable in the home: another middleware (a restart, a replica) reads the same rows
+    other = ZooMiddleware(FakeVllm(), middleware.policy)
+    assert call(other, "/zoo/usage", key=KEYS["acme"])[1]["usage"] == rows
 
 
 def test_a_revoked_key_stops_working_without_a_restart(gate):
@@ -317,3 +320,77 @@ def test_the_response_says_which_version_answered(gate):
     asyncio.run(middleware(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     assert (b"x-zoo-model", b"acme/a:v1") in start["headers"]
+
+
+# limits per tenant -------------------------------------------------------------------
+
+def _limited(gate, limits: dict, weight: float | None = None):
+    middleware, app, keys = gate
+    data = json.loads(keys.read_text())
+    data["tenants"]["acme"]["limits"] = limits
+    keys.write_text(json.dumps(data))
+    time.sleep(0.01)
+    return middleware, app
+
+
+def _call_with_headers(middleware, body: bytes, key: str):
+    sent = []
+    scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST",
+             "headers": [(b"authorization", f"Bearer {key}".encode())]}
+    queue = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(middleware(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}
+
+
+def test_requests_per_minute_are_limited_across_a_tenants_keys_and_adapters(gate):
+    middleware, app = _limited(gate, {"requests_per_minute": 3})
+    statuses = [_call_with_headers(middleware, chat(m), KEYS["acme"])
+                for m in ("acme/a", "tiny", "acme/a", "tiny")]
+    assert [s for s, _ in statuses] == [200, 200, 200, 429]
+    status, headers = statuses[-1]
+    assert headers["x-ratelimit-limit-requests"] == "3"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert 0 < int(headers["retry-after"]) <= 60
+    assert statuses[0][1]["x-ratelimit-remaining-requests"] == "2"
+    reached = len(app.reached)
+    _call_with_headers(middleware, chat("acme/a"), KEYS["acme"])
+    assert len(app.reached) == reached  # refused before any work reached the engine
+    assert _call_with_headers(middleware, chat("globex/b"), KEYS["globex"])[0] == 200
+
+
+def test_tokens_are_limited_per_minute_and_per_month(gate):
+    middleware, _ = _limited(gate, {"tokens_per_minute": 400})
+    body = json.dumps({"model": "acme/a", "max_tokens": 150,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    # each reserves its prompt (~25 tokens) and max_tokens, then uses what it used (5)
+    assert _call_with_headers(middleware, body, KEYS["acme"])[0] == 200
+    big = json.dumps({"model": "acme/a", "max_tokens": 500,
+                      "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, headers = _call_with_headers(middleware, big, KEYS["acme"])
+    assert status == 429 and headers["x-ratelimit-limit-tokens"] == "400"
+    middleware, _ = _limited(gate, {"tokens_per_month": 300})
+    assert _call_with_headers(middleware, body, KEYS["acme"])[0] == 200  # 5 used + 187 asked
+    status, headers = _call_with_headers(middleware, big, KEYS["acme"])
+    assert status == 429 and int(headers["retry-after"]) > 60  # the month's end
+
+
+def test_concurrent_requests_are_limited_and_freed(gate, zoo_home):
+    from zoo.serve.meter import Meter
+
+    middleware, _ = _limited(gate, {"concurrent": 2})
+    meter = Meter(zoo_home)
+    for i in range(2):  # two of acme's requests in flight (as another replica would hold)
+        assert meter.admit(f"held-{i}", "acme", {"concurrent": 2}, 10).ok
+    assert _call_with_headers(middleware, chat("acme/a"), KEYS["acme"])[0] == 429
+    meter.record("held-0", "acme", "acme/a:v1", 1, 1, 200)
+    assert _call_with_headers(middleware, chat("acme/a"), KEYS["acme"])[0] == 200
+    # the held one and the admitted one are metered; the refused one never reached vLLM
+    assert sum(r["requests"] for r in meter.report(tenant="acme")) == 2

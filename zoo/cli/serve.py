@@ -32,6 +32,10 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
 @click.option("--dtype", default="auto", show_default=True,
               help="Activation dtype; auto: bfloat16 on CPUs with AMX or AVX-512 BF16 (the "
                    "int8 AMX kernel needs it), float32 on others (fastest there).")
+@click.option("--scheduling", type=click.Choice(["fair", "fcfs"]), default="fair",
+              show_default=True,
+              help="fair: requests admitted by tenant, in proportion to their weights "
+                   "(virtual token counter); fcfs: vLLM's first come, first served.")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Engines of the same base behind vllm-router on --port (each with its "
                    "share of the cores, or its own GPU with --gpus).")
@@ -41,13 +45,13 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
               help="GPUs to spread --replicas over (0: CPU).")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_loras, api_keys,
-              dtype, replicas, router_policy, gpus, vllm_args) -> None:
+              dtype, scheduling, replicas, router_policy, gpus, vllm_args) -> None:
     """Serve a base and its adapters with vLLM (OpenAI API); extra options go to vLLM."""
     from zoo.serve.launch import ServeOptions, describe, plan_serve, prepare_base, run_server
 
     options = ServeOptions(base=base, quantization=quantization, host=host, port=port,
                            max_loras=max_loras, max_cpu_loras=max_cpu_loras, api_keys=api_keys,
-                           dtype=dtype, extra_args=tuple(vllm_args))
+                           dtype=dtype, scheduling=scheduling, extra_args=tuple(vllm_args))
     if replicas != 1:
         from zoo.serve.replicas import serve_replicas
 
@@ -96,3 +100,39 @@ def keys_add_cmd(tenant: str, path: Path, adapters: tuple[str, ...]) -> None:
     key = add_key(path, tenant, adapters)
     click.echo(key)
     click.echo(f"added a key for {tenant} to {path}; it is shown only now", err=True)
+
+
+@cli.command("usage")
+@click.option("--tenant", default=None, help="One tenant's rows only.")
+@click.option("--since", default=None,
+              help="From this date (YYYY-MM-DD) or this long ago (30m, 12h, 7d).")
+@click.option("--by", type=click.Choice(["adapter", "tenant", "day"]), default="adapter",
+              show_default=True, help="Group by adapter version and tenant, tenant, or day.")
+@click.option("--csv", "as_csv", is_flag=True, help="Comma-separated values.")
+def usage_cmd(tenant, since, by, as_csv) -> None:
+    """Requests and tokens served, from the home's durable meter (every server, every
+    replica, across restarts)."""
+    import csv
+    import io
+
+    from zoo.catalog.registry import Registry
+    from zoo.serve.meter import Meter, parse_since
+
+    meter = Meter(Registry().home, server=0)
+    rows = meter.report(tenant=tenant, since=parse_since(since), by=by)
+    if as_csv:
+        out = io.StringIO()
+        if rows:
+            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        click.echo(out.getvalue(), nl=False)
+        return
+    if not rows:
+        click.echo("no usage recorded", err=True)
+        return
+    columns = list(rows[0])
+    table = [columns, *[[str(r[c]) for c in columns] for r in rows]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

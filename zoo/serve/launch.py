@@ -45,6 +45,9 @@ CPU_MEMORY_UTILIZATION = "0.5"
 # machine, and a second engine on the host (a replica, an evaluation) could not start.
 KV_MEMORY_SHARE = 0.25
 MIN_KV_GIB = 1
+# vLLM's scheduler with a fair queue between tenants (zoo/serve/fair.py)
+FAIR_SCHEDULER = "zoo.serve.fair.FairScheduler"
+FAIR_ASYNC_SCHEDULER = "zoo.serve.fair.FairAsyncScheduler"
 # Adapters in one batch by default: enough for 64 concurrent customers, each on its own
 # adapter, when the LoRA slots (vLLM stacks every slot at --max-lora-rank on every
 # projection) fit in LORA_MEMORY_SHARE of the machine's memory; fewer when they do not.
@@ -67,6 +70,7 @@ class ServeOptions:
     api_keys: Path | None = None
     dtype: str = DEFAULT_DTYPE
     max_model_len: int = 2048
+    scheduling: str = "fair"  # fair: zoo/serve/fair.py between tenants; fcfs: vLLM's own
     extra_args: tuple[str, ...] = ()
 
 
@@ -220,6 +224,11 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
         argv += ["--quantization", "bitsandbytes"]
     if not gpu and not _memory_set_by_user(options.extra_args):
         argv += ["--kv-cache-memory-bytes", str(kv_cache_gib(engines) * 1024**3)]
+    if options.scheduling == "fair" and "--scheduler-cls" not in options.extra_args:
+        # (a GPU engine schedules asynchronously: its fair scheduler is the async one)
+        argv += ["--scheduler-cls", FAIR_ASYNC_SCHEDULER if gpu else FAIR_SCHEDULER]
+    elif options.scheduling not in ("fair", "fcfs"):
+        raise ServeError(f"unknown scheduling {options.scheduling!r}", hint="Use fair or fcfs.")
     return argv + list(options.extra_args)
 
 

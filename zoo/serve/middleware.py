@@ -22,6 +22,7 @@ For every request it
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -29,12 +30,22 @@ import json
 import logging
 import os
 import secrets
-from collections import defaultdict
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from zoo.catalog.versions import label, record_in_use
-from zoo.serve.policy import LOADED_HASHES, REQUEST_TENANT, Decision, ServePolicy, Tenant
+from zoo.serve.policy import (
+    ANONYMOUS,
+    LOADED_HASHES,
+    REQUEST_TENANT,
+    Decision,
+    ServePolicy,
+    Tenant,
+    salt_for,
+)
 
 logger = logging.getLogger("zoo.serve")
 OPEN_PATHS = ("/health", "/ping", "/version")
@@ -49,26 +60,41 @@ VERSION_HEADER = b"x-zoo-model"  # which model, which adapter version, answered
 
 
 class Usage:
-    """Per-(model, tenant) request and token counts, mirrored to Prometheus."""
+    """Every request's usage, durable in the home's meter (``meter.py``: SQLite, shared by
+    the replicas of a home, read by ``zoo usage``) and mirrored to this process's
+    Prometheus counters. The meter's connection lives in one thread of its own, so the
+    event loop never waits on the disk."""
 
-    def __init__(self):
-        self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(
-            lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+    def __init__(self, home: Path):
+        self.home = home
         self._prometheus = _prometheus_counters()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="zoo-meter")
+        self._local = threading.local()
 
-    def record(self, model: str, tenant: str, prompt: int, completion: int) -> None:
-        row = self.counts[(model, tenant)]
-        row["requests"] += 1
-        row["prompt_tokens"] += prompt
-        row["completion_tokens"] += completion
-        if self._prometheus:
+    def _meter(self):
+        from zoo.serve.meter import Meter
+
+        meter = getattr(self._local, "meter", None)
+        if meter is None:
+            meter = self._local.meter = Meter(self.home)
+        return meter
+
+    async def call(self, method: str, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._thread, lambda: getattr(self._meter(), method)(*args, **kwargs))
+
+    async def record(self, request_id: str | None, model: str, tenant: str, prompt: int,
+                     completion: int, status: int) -> None:
+        await self.call("record", request_id, tenant, model, prompt, completion, status)
+        if self._prometheus and status == 200:
             requests, prompt_tokens, completion_tokens = self._prometheus
             requests.labels(model, tenant).inc()
             prompt_tokens.labels(model, tenant).inc(prompt)
             completion_tokens.labels(model, tenant).inc(completion)
 
-    def as_json(self) -> list[dict[str, Any]]:
-        return [{"model": m, "tenant": t, **row} for (m, t), row in sorted(self.counts.items())]
+    async def as_json(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        return await self.call("report", tenant=tenant, by="adapter")
 
 
 @functools.cache
@@ -90,7 +116,7 @@ class ZooMiddleware:
     def __init__(self, app, policy: ServePolicy | None = None):
         self.app = app
         self.policy = policy or ServePolicy.from_environment()
-        self.usage = Usage()
+        self.usage = Usage(self.policy.registry.home)
         self._loaded_stamp = None
         self._secret = secrets.token_bytes(32)
 
@@ -118,7 +144,7 @@ class ZooMiddleware:
                                                              "adapters: an operator key reads them."))
             return await self.app(scope, receive, send)
         if path == "/zoo/usage":
-            rows = [r for r in self.usage.as_json() if tenant is None or r["tenant"] == tenant.name]
+            rows = await self.usage.as_json(tenant.name if tenant else None)
             return await _send_json(send, 200, {"usage": rows})
         if path == "/zoo/engine":
             return await _send_json(send, 200, self._engine_report(tenant))
@@ -145,27 +171,43 @@ class ZooMiddleware:
             await self._unload_if_replaced(scope, decision.label, decision.content_hash)
             served_as, content = decision.label, decision.content_hash
         replay = receive
-        if scope["method"] == "POST":
-            if data is not None:
-                # the version that answers is named to vLLM (its own LoRA and cache keys),
-                # and the prefix cache is salted per tenant and content: cached prompts never
-                # cross tenants or weights, whatever salt the client sent
-                if model:
-                    data["model"] = served_as
-                if path not in ("/tokenize", "/detokenize"):
-                    data["cache_salt"] = self._salt(tenant, served_as, content)
-                body = json.dumps(data).encode()
-                scope = _with_length(scope, len(body))
-            replay = _replayer(body, receive)
-            send = self._counting(send, served_as if model else self.policy.base,
-                                  tenant.name if tenant else "-")
-        return await self.app(scope, replay, send)
+        if scope["method"] != "POST":
+            return await self.app(scope, replay, send)
+        name = tenant.name if tenant else ANONYMOUS
+        request_id = uuid.uuid4().hex
+        admission = await self.usage.call("admit", request_id, name,
+                                          tenant.limits if tenant else {}, _reserve(data, body))
+        if not admission.ok:
+            return await _send_error(send, Decision(429, f"Rate limit reached for tenant "
+                                                         f"`{name}`: {admission.reason}."),
+                                     {**admission.headers,
+                                      "retry-after": str(int(admission.retry_after))})
+        if data is not None:
+            # the version that answers is named to vLLM (its own LoRA and cache keys),
+            # and the prefix cache is salted per tenant and content: cached prompts never
+            # cross tenants or weights, whatever salt the client sent (the salt also tells
+            # the engine's fair scheduler whose request it is)
+            if model:
+                data["model"] = served_as
+            if path not in ("/tokenize", "/detokenize"):
+                data["cache_salt"] = self._salt(tenant, served_as, content)
+            body = json.dumps(data).encode()
+            scope = _with_length(scope, len(body))
+        replay = _replayer(body, receive)
+        counted = self._counting(send, served_as if model else self.policy.base, name,
+                                 request_id, admission.headers)
+        try:
+            return await self.app(scope, replay, counted)
+        finally:
+            if not counted.recorded:  # never answered (the client went away, an error)
+                await self.usage.call("release", request_id)
 
     def _salt(self, tenant: Tenant | None, model: str, content: str | None) -> str:
         """The prefix-cache salt of one tenant on one set of weights (the base, or an adapter
         version's content): unguessable, since it is keyed with this server's secret."""
-        key = f"{tenant.name if tenant else '-'}\0{model}\0{content}".encode()
-        return hmac.new(self._secret, key, hashlib.sha256).hexdigest()[:32]
+        name = tenant.name if tenant else ANONYMOUS
+        key = f"{name}\0{model}\0{content}".encode()
+        return salt_for(name, hmac.new(self._secret, key, hashlib.sha256).hexdigest()[:32])
 
     async def _unload_if_replaced(self, scope, name: str, content_hash: str | None) -> None:
         """A name re-registered with other content: drop the engine's copy, so vLLM asks the
@@ -238,30 +280,35 @@ class ZooMiddleware:
         listing["data"] = cards
         return await _send_json(send, 200, listing)
 
-    def _counting(self, send, model: str, tenant: str):
-        """Wrap ``send`` to read token usage from the response (JSON or SSE stream), and say
-        in a header which model (which version of an adapter) answered."""
-        state = {"status": 200, "buffer": b"", "prompt": 0, "completion": 0, "chunks": 0,
-                 "usage": False}
+    def _counting(self, send, model: str, tenant: str, request_id: str,
+                  headers: dict[str, str]):
+        """Wrap ``send`` to read token usage from the response (JSON or SSE stream) and make
+        it durable before the response's last message goes out, and to say in headers which
+        model (which version of an adapter) answered and where the tenant's limits stand."""
+        state = {"status": 200, "buffer": b""}
+        extra = [(VERSION_HEADER, model.encode()),
+                 *((k.encode(), v.encode()) for k, v in headers.items())]
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (VERSION_HEADER, model.encode())]}
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body":
                 state["buffer"] += message.get("body", b"")
-                if not message.get("more_body", False):
+                if not message.get("more_body", False) and not counting_send.recorded:
+                    prompt = completion = 0
                     if state["status"] == 200:
                         try:
                             prompt, completion = _tokens_of(state["buffer"])
                         except (ValueError, TypeError, AttributeError):
                             logger.warning("zoo: could not read token usage of a response")
-                            prompt = completion = 0
-                        self.usage.record(model, tenant, prompt, completion)
+                    await self.usage.record(request_id, model, tenant, prompt, completion,
+                                            state["status"])
+                    counting_send.recorded = True
                     state["buffer"] = b""
             await send(message)
 
+        counting_send.recorded = False
         return counting_send
 
 
@@ -385,11 +432,27 @@ async def _send_json(send, status: int, data) -> None:
 
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-               404: "NotFoundError", 413: "RequestTooLargeError", 422: "UnprocessableEntityError"}
+               404: "NotFoundError", 413: "RequestTooLargeError", 422: "UnprocessableEntityError",
+               429: "RateLimitError"}
+DEFAULT_RESERVE = 256  # tokens a request without max_tokens is assumed to generate
 
 
-async def _send_error(send, decision: Decision) -> None:
+def _reserve(data: dict | None, body: bytes) -> int:
+    """The tokens a request may use, for the per-minute and per-month limits before it
+    runs: its prompt (about 4 bytes a token) and what it may generate."""
+    limit = None
+    if data is not None:
+        limit = data.get("max_completion_tokens") or data.get("max_tokens")
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 \
+        else DEFAULT_RESERVE
+    return len(body) // 4 + limit
+
+
+async def _send_error(send, decision: Decision, headers: dict[str, str] | None = None) -> None:
     """An error in the OpenAI format, so the openai client raises the matching exception."""
-    await _send_json(send, decision.status, {"error": {
+    body = json.dumps({"error": {
         "message": decision.message, "type": ERROR_TYPES.get(decision.status, "Error"),
-        "param": "model", "code": decision.status}})
+        "param": "model", "code": decision.status}}).encode()
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await _send_raw(send, decision.status, [(b"content-type", b"application/json"), *extra],
+                    body)

@@ -61,6 +61,23 @@ class Decision:
         return self.status == 200
 
 
+# The prefix-cache salt the middleware sets on every request also tells the engine's
+# scheduler whose request it is (zoo/serve/fair.py): ``zoo1.TENANT.HMAC``.
+SALT_PREFIX = "zoo1."
+ANONYMOUS = "-"
+
+
+def salt_for(tenant: str, secret_hash: str) -> str:
+    return f"{SALT_PREFIX}{tenant}.{secret_hash}"
+
+
+def tenant_of_salt(salt) -> str:
+    if isinstance(salt, str) and salt.startswith(SALT_PREFIX):
+        tenant, _, _ = salt[len(SALT_PREFIX):].rpartition(".")
+        return tenant or ANONYMOUS
+    return ANONYMOUS
+
+
 HASHED = "sha256:"
 TENANT_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _HASHED_KEY = re.compile(re.escape(HASHED) + "[0-9a-f]{64}")
@@ -71,11 +88,16 @@ def hash_key(key: str) -> str:
     return HASHED + hashlib.sha256(key.encode()).hexdigest()
 
 
+LIMITS = ("concurrent", "requests_per_minute", "tokens_per_minute", "tokens_per_month")
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
     keys: tuple[str, ...]  # plain keys, or their hash_key()
     adapters: tuple[str, ...]  # fnmatch patterns; "NAME/*" by default
+    weight: float = 1.0  # its share of the engine when tenants wait (fair.py)
+    limits: dict[str, int] = field(default_factory=dict)  # LIMITS, each optional
 
     def may_use(self, adapter: str) -> bool:
         return any(fnmatch.fnmatchcase(adapter, pattern) for pattern in self.adapters)
@@ -109,8 +131,10 @@ def add_key(path: Path, tenant: str, adapters: tuple[str, ...] = ()) -> str:
 
 
 def load_tenants(path: Path) -> list[Tenant]:
-    """Read an API keys file: ``{"tenants": {NAME: {"keys": [...], "adapters": [...]}}}``,
-    each key given plain or as ``sha256:HEX`` of the key."""
+    """Read an API keys file: ``{"tenants": {NAME: {"keys": [...], "adapters": [...],
+    "weight": W, "limits": {...}}}}``, each key given plain or as ``sha256:HEX`` of the key;
+    ``weight`` (default 1) is the tenant's share when tenants wait, ``limits`` any of
+    ``concurrent``, ``requests_per_minute``, ``tokens_per_minute``, ``tokens_per_month``."""
     return _read_keys_file(path)[1]
 
 
@@ -132,7 +156,17 @@ def _read_keys_file(path: Path) -> tuple[dict, list[Tenant]]:
             if bad:
                 raise ValueError(f"tenant {name!r} has a {HASHED} key that is not 64 hex digits")
             adapters = tuple(spec.get("adapters") or [f"{name}/*"])
-            tenants.append(Tenant(name, keys, adapters))
+            weight = spec.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or \
+                    not 0 < weight <= 1000:
+                raise ValueError(f"tenant {name!r}: weight must be a number in (0, 1000]")
+            limits = spec.get("limits") or {}
+            if not isinstance(limits, dict) or any(
+                    k not in LIMITS or isinstance(v, bool) or not isinstance(v, int) or v < 1
+                    for k, v in limits.items()):
+                raise ValueError(f"tenant {name!r}: limits are positive integers among "
+                                 f"{', '.join(LIMITS)}")
+            tenants.append(Tenant(name, keys, adapters, float(weight), dict(limits)))
     except FileNotFoundError:
         raise FormatError(f"API keys file {path} not found", path=str(path)) from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -1,0 +1,131 @@
+"""The fair waiting queue (virtual token counter) without an engine, the meter's durability,
+and `zoo usage`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from tests.helpers import zoo
+from zoo.serve.fair import DECODE_COST, PREFILL_COST, FairQueue, tenant_of
+from zoo.serve.meter import Meter
+from zoo.serve.policy import salt_for
+
+
+def request(tenant: str, i: int):
+    return SimpleNamespace(request_id=f"{tenant}-{i}", cache_salt=salt_for(tenant, "0123abcd"))
+
+
+def serve(queue: FairQueue, steps: int, tokens_of=lambda r: 10) -> list[str]:
+    """Admit one request per step and charge its tokens, as the scheduler would."""
+    order = []
+    for _ in range(steps):
+        if not queue:
+            break
+        r = queue.peek_request()
+        assert queue.pop_request() is r  # peek and pop agree
+        order.append(tenant_of(r))
+        queue.charge(tenant_of(r), tokens_of(r))
+    return order
+
+
+def test_the_tenant_travels_in_the_salt_the_middleware_sets():
+    assert tenant_of(request("acme.corp", 1)) == "acme.corp"
+    assert tenant_of(SimpleNamespace(cache_salt=None)) == "-"
+    assert tenant_of(SimpleNamespace(cache_salt="client-chosen")) == "-"
+
+
+def test_a_noisy_neighbour_does_not_make_others_wait_for_its_queue():
+    queue = FairQueue(lambda t: 1.0)
+    for i in range(300):
+        queue.add_request(request("noisy", i))
+    serve(queue, 50)  # noisy has been served a while
+    queue.add_request(request("quiet", 0))
+    assert serve(queue, 1) == ["quiet"]  # next in line, not behind 250 requests
+
+
+def test_backlogged_tenants_are_served_in_proportion_to_their_weights():
+    queue = FairQueue(lambda t: {"light": 1.0, "heavy": 3.0}[t])
+    for i in range(4000):
+        queue.add_request(request("light", i))
+        queue.add_request(request("heavy", i))
+    order = serve(queue, 2000)
+    share = order.count("heavy") / order.count("light")
+    assert abs(share - 3.0) / 3.0 <= 0.01, share
+
+
+def test_an_idle_tenant_banks_no_credit_and_its_share_goes_to_others():
+    queue = FairQueue(lambda t: 1.0)
+    for i in range(100):
+        queue.add_request(request("a", i))
+    assert serve(queue, 60) == ["a"] * 60  # b idle: a gets everything (work-conserving)
+    for i in range(100):
+        queue.add_request(request("b", i))
+    order = serve(queue, 40)  # b rejoins at a's counter: alternate, no burst of b
+    assert order.count("b") in (20, 21)
+
+
+def test_skipped_and_preempted_requests_keep_their_place():
+    queue = FairQueue(lambda t: 1.0)
+    first = [request("a", i) for i in range(3)]
+    for r in first:
+        queue.add_request(r)
+    taken = [queue.pop_request(), queue.pop_request()]
+    queue.prepend_requests(taken)
+    assert [queue.pop_request() for _ in range(3)] == first
+    queue.prepend_request(first[0])
+    queue.remove_requests([first[0]])
+    assert len(queue) == 0 and not queue
+
+
+def test_prompt_and_generated_tokens_are_charged_as_vtc_does():
+    assert DECODE_COST == 2 * PREFILL_COST
+
+
+def test_metered_usage_survives_a_process_killed_right_after(tmp_path):
+    """A row is durable when record() returns: kill -9 the writer, the row is there."""
+    code = f"""
+import os, sys
+from pathlib import Path
+from zoo.serve.meter import Meter
+m = Meter(Path({str(tmp_path)!r}))
+for i in range(200):
+    m.record(f"r{{i}}", "acme", "acme/a:v1", 5, 7, 200)
+    print(i, flush=True)
+os.kill(os.getpid(), 9)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL
+    acknowledged = len(done.stdout.split())
+    rows = Meter(tmp_path).report(tenant="acme")
+    assert rows[0]["requests"] == acknowledged == 200
+    assert rows[0]["completion_tokens"] == 7 * 200
+
+
+def test_dead_servers_free_their_inflight_rows(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
+    meter = Meter(tmp_path, server=int(dead.stdout))
+    assert meter.admit("x", "acme", {"concurrent": 1}, 10).ok
+    alive = Meter(tmp_path)
+    assert alive.admit("y", "acme", {"concurrent": 1}, 10).ok  # the dead one's row is gone
+
+
+def test_zoo_usage_reports_by_adapter_tenant_and_day(zoo_home):
+    meter = Meter(zoo_home)
+    meter.record(None, "acme", "acme/a:v1", 3, 4, 200)
+    meter.record(None, "acme", "acme/a:v2", 3, 5, 200)
+    meter.record(None, "globex", "tiny", 1, 2, 200)
+    out = zoo("usage", "--by", "tenant", "--csv").stdout.splitlines()
+    assert out[0] == "tenant,requests,prompt_tokens,completion_tokens,ok"
+    assert out[1] == "acme,2,6,9,2" and out[2] == "globex,1,1,2,1"
+    assert "acme/a:v2" in zoo("usage", "--tenant", "acme").stdout
+    assert zoo("usage", "--since", "1d", "--by", "day").exit_code == 0
+    bad = zoo("usage", "--since", "yesterday", ok=False)
+    assert bad.exit_code == 1 and "neither a date nor a span" in bad.stderr
+    assert json.loads(json.dumps(meter.report(by="day")))[0]["day"]
+    assert os.path.exists(zoo_home / "usage.db")

@@ -1,0 +1,196 @@
+"""Fair sharing of one engine between tenants: vLLM's scheduler with a virtual token counter.
+
+vLLM admits waiting requests first come, first served: a tenant with 300 requests queued
+makes every other tenant wait behind all of them. ``FairScheduler`` (vLLM's own extension
+point, ``--scheduler-cls``) keeps vLLM's scheduling and replaces its waiting queue with
+one queue per tenant, served by the Virtual Token Counter (Sheng et al., "Fairness in
+Serving Large Language Models", OSDI 2024):
+
+* every token the engine schedules is charged to its tenant's counter, a prompt token
+  ``PREFILL_COST`` and a generated one ``DECODE_COST``, divided by the tenant's weight
+  (``"weight"`` in the keys file; base requests count for their tenant too);
+* the next request admitted is the head of the backlogged tenant with the lowest
+  counter, so backlogged tenants receive service in proportion to their weights;
+* a tenant that was idle rejoins at the lowest counter of those waiting (it cannot bank
+  credit while idle), and an idle tenant's share goes to the others (work-conserving).
+
+Which tenant a request belongs to travels from the middleware to the engine inside
+``cache_salt`` (``zoo1.TENANT.HMAC``), which the middleware always overwrites: a client
+cannot forge it, and it reaches the engine from every generating route. A request
+without one (a server without tenants) belongs to ``-``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import RequestQueue
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from zoo.serve.policy import tenant_of_salt
+
+logger = logging.getLogger("zoo.serve")
+
+PREFILL_COST = 1.0  # VTC's w_p and w_q: a generated token costs twice a prompt token
+DECODE_COST = 2.0
+WEIGHTS_REFRESH_S = 2.0
+
+
+def tenant_of(request) -> str:
+    return tenant_of_salt(getattr(request, "cache_salt", None))
+
+
+class Weights:
+    """Tenant weights from the server's keys file (re-read when it changes; 1 by default)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.weights: dict[str, float] = {}
+        self._checked = 0.0
+        self._stamp = None
+
+    def __call__(self, tenant: str) -> float:
+        now = time.monotonic()
+        if self.path and now - self._checked > WEIGHTS_REFRESH_S:
+            self._checked = now
+            self._reload()
+        return self.weights.get(tenant, 1.0)
+
+    def _reload(self) -> None:
+        from zoo.serve.policy import load_tenants
+
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp != self._stamp:
+                self.weights = {t.name: t.weight for t in load_tenants(self.path)}
+                self._stamp = stamp
+        except Exception as error:  # noqa: BLE001 - keep the last weights, never stop the engine
+            logger.warning("zoo: tenant weights not re-read (%s); keeping the last ones", error)
+
+
+class FairQueue(RequestQueue):
+    """vLLM's waiting queue, one FIFO per tenant, served lowest virtual counter first.
+
+    ``peek_request`` and the ``pop_request`` after it return the same request (the choice
+    depends on the queues and counters only, which a peek does not change)."""
+
+    def __init__(self, weight_of):
+        self.queues: dict[str, deque] = {}
+        self.counters: dict[str, float] = {}
+        self.weight_of = weight_of
+        self.size = 0
+        self.joined: dict[str, int] = {}  # when each tenant last became backlogged
+        self._joins = 0
+
+    # service accounting
+    def charge(self, tenant: str, cost: float) -> None:
+        weight = max(self.weight_of(tenant), 1e-6)
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / weight
+
+    def _next_tenant(self) -> str:
+        # lowest counter first; on a tie, the tenant that became backlogged last (one that
+        # just rejoined at the others' level goes before them, not after all of them)
+        waiting = [(self.counters.get(t, 0.0), -self.joined.get(t, 0), t)
+                   for t, q in self.queues.items() if q]
+        if not waiting:
+            raise IndexError("pop from an empty queue")
+        return min(waiting)[2]
+
+    def _queue(self, request) -> deque:
+        tenant = tenant_of(request)
+        queue = self.queues.get(tenant)
+        if queue is None:
+            queue = self.queues[tenant] = deque()
+        if not queue:  # rejoins: no credit for the time it was idle
+            waiting = [self.counters.get(t, 0.0) for t, q in self.queues.items() if q]
+            if waiting:
+                self.counters[tenant] = max(self.counters.get(tenant, 0.0), min(waiting))
+            self._joins += 1
+            self.joined[tenant] = self._joins
+        return queue
+
+    # vLLM's RequestQueue
+    def add_request(self, request) -> None:
+        self._queue(request).append(request)
+        self.size += 1
+
+    def pop_request(self):
+        request = self.queues[self._next_tenant()].popleft()
+        self.size -= 1
+        return request
+
+    def peek_request(self):
+        return self.queues[self._next_tenant()][0]
+
+    def prepend_request(self, request) -> None:
+        self._queue(request).appendleft(request)
+        self.size += 1
+
+    def prepend_requests(self, requests: Iterable) -> None:
+        for request in reversed(list(requests)):  # they keep their order, at the front
+            self.prepend_request(request)
+
+    def remove_request(self, request) -> None:
+        self.queues[tenant_of(request)].remove(request)
+        self.size -= 1
+
+    def remove_requests(self, requests: Iterable) -> None:
+        doomed = {id(r) for r in requests}
+        for tenant, queue in self.queues.items():
+            kept = deque(r for r in queue if id(r) not in doomed)
+            self.size -= len(queue) - len(kept)
+            self.queues[tenant] = kept
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator:
+        for queue in list(self.queues.values()):
+            yield from list(queue)
+
+
+class _Fair:
+    """What both schedulers add: the fair waiting queue and the charging of tokens."""
+
+    def _make_fair(self) -> None:
+        if len(self.waiting):  # pragma: no cover - vLLM builds it empty
+            raise RuntimeError("the waiting queue is not empty at start")
+        self.waiting = FairQueue(Weights(os.environ.get("ZOO_SERVE_API_KEYS")))
+        logger.info("zoo: fair scheduling between tenants (virtual token counter)")
+
+    def _update_after_schedule(self, scheduler_output) -> None:
+        for request_id, tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests[request_id]
+            prefill = max(0, min(tokens, request.num_prompt_tokens - request.num_computed_tokens))
+            self.waiting.charge(tenant_of(request),
+                                prefill * PREFILL_COST + (tokens - prefill) * DECODE_COST)
+        super()._update_after_schedule(scheduler_output)
+
+
+class FairScheduler(_Fair, Scheduler):
+    """For engines without async scheduling (vLLM's CPU platform)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._make_fair()
+
+
+class FairAsyncScheduler(_Fair, AsyncScheduler):
+    """For engines with async scheduling (GPUs)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._make_fair()
+
+
+FAIR_SCHEDULER = f"{__name__}.FairScheduler"
+FAIR_ASYNC_SCHEDULER = f"{__name__}.FairAsyncScheduler"
