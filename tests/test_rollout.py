@@ -1,6 +1,8 @@
-"""Versions served live by one real engine: a canary set, promoted and rolled back under
-load, without a restart or a failed request; and vLLM's prefix cache never shared between
-two versions of a name, or two tenants, measured by the engine's own cached-token count."""
+"""One real engine shared by tenants and versions: a canary set, promoted and rolled back
+under load, without a restart or a failed request; vLLM's prefix cache never shared
+between two versions of a name, or two tenants (the engine's own cached-token count); and
+the fair scheduler: a tenant is not served behind another's queue, and backlogged tenants
+are served in proportion to their weights (orders of completion, not timings)."""
 
 from __future__ import annotations
 
@@ -41,9 +43,12 @@ def served(smollm2_home, tmp_path_factory):
                                  targets=("q_proj", "v_proj"))
         add(lora, "acme/x", BASE, registry=registry, new_version=version > 1)
     keys = home.parent / "keys.json"
-    keys.write_text(json.dumps({"tenants": {t: {"keys": [k]} for t, k in KEYS.items()}}))
+    keys.write_text(json.dumps({"tenants": {
+        "acme": {"keys": [KEYS["acme"]], "weight": 1},
+        "globex": {"keys": [KEYS["globex"]], "weight": 3}}}))
+    # a few sequences at a time, so that requests queue and the order of admission shows
     options = ServeOptions(base=BASE, quantization="none", port=free_port(), api_keys=keys,
-                           extra_args=("--enable-prompt-tokens-details",))
+                           extra_args=("--enable-prompt-tokens-details", "--max-num-seqs", "8"))
     with running_server(options, registry, log_file=home.parent / "vllm.log") as server:
         yield SimpleNamespace(url=server.url, registry=registry, home=home)
 
@@ -138,3 +143,45 @@ def test_cached_prefixes_never_cross_versions_or_tenants(served):
     cached(BASE)
     assert cached(BASE) >= 128
     assert cached(BASE, key=KEYS["globex"]) == 0
+
+
+def test_a_tenant_is_not_served_behind_another_tenants_queue(served):
+    """acme queues 64 requests (8 run at a time); globex then asks one: it is admitted as
+    soon as a place frees, not after acme's whole queue (first come, first served would
+    finish it last)."""
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def one(who: str, key: str):
+        status, _, _ = ask(served.url, BASE, prompt="Tell me about lighthouses.", key=key,
+                           max_tokens=16)
+        with lock:
+            finished.append(who)
+        return status
+
+    with ThreadPoolExecutor(65) as pool:
+        noisy = [pool.submit(one, f"acme-{i}", KEYS["acme"]) for i in range(64)]
+        time.sleep(1.0)  # acme's requests are all queued
+        quiet = pool.submit(one, "globex", KEYS["globex"])
+        assert quiet.result() == 200 and all(f.result() == 200 for f in noisy)
+    assert finished.index("globex") < 32, finished.index("globex")
+
+
+def test_backlogged_tenants_are_served_by_weight(served):
+    """Both tenants keep 40 requests queued; globex weighs 3, acme 1: while both wait,
+    globex gets about three of every four places."""
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def one(who: str):
+        status, _, _ = ask(served.url, BASE, prompt="Tell me about ships.", key=KEYS[who],
+                           max_tokens=16)
+        with lock:
+            finished.append(who)
+        return status
+
+    with ThreadPoolExecutor(80) as pool:
+        jobs = [pool.submit(one, who) for i in range(40) for who in ("acme", "globex")]
+        assert all(f.result() == 200 for f in jobs)
+    first = finished[:40]  # both were backlogged the whole time
+    assert first.count("globex") >= 2 * first.count("acme"), first

@@ -184,3 +184,43 @@ def test_the_grouped_path_gives_way_to_vllms_own(monkeypatch):
     assert not w._grouped
     run(w)
     assert len(calls) == 3
+
+
+def test_the_scheduler_internals_the_fair_queue_relies_on():
+    """zoo/serve/fair.py replaces the scheduler's waiting queue and charges scheduled
+    tokens; the tenant arrives in the request's cache salt."""
+    from vllm.v1.core.sched.request_queue import RequestQueue
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import Request
+
+    from zoo.serve.fair import FairQueue
+
+    source = inspect.getsource(Scheduler.__init__)
+    assert "self.waiting = create_request_queue" in source, feature("fair scheduler")
+    assert list(inspect.signature(Scheduler._update_after_schedule).parameters) == [
+        "self", "scheduler_output"], feature("fair scheduler's token accounting")
+    assert "num_scheduled_tokens" in inspect.getsource(Scheduler._update_after_schedule)
+    init = inspect.getsource(Request.__init__)
+    for attribute in ("self.cache_salt", "self.num_prompt_tokens", "self.num_computed_tokens"):
+        assert attribute in init, feature(f"fair scheduler ({attribute})")
+    abstract = {n for n, f in vars(RequestQueue).items() if getattr(f, "__isabstractmethod__", 0)}
+    assert abstract <= set(vars(FairQueue)), feature("fair scheduler's queue")
+    FairQueue(lambda t: 1.0)  # instantiable: every abstract method implemented
+
+
+def test_every_generating_route_takes_the_cache_salt():
+    """The middleware sets cache_salt on every generating route: it keys the prefix cache
+    per tenant and weights, and carries the tenant to the fair scheduler."""
+    routes = {"chat": ("vllm.entrypoints.openai.chat_completion.protocol",
+                       "ChatCompletionRequest"),
+              "completions": ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+              "responses": ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest"),
+              "messages": ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest"),
+              "embeddings": ("vllm.entrypoints.pooling.embed.protocol",
+                             "EmbeddingCompletionRequest")}
+    for route, (module, name) in routes.items():
+        request = getattr(importlib.import_module(module), name)
+        assert "cache_salt" in request.model_fields, feature(f"cache isolation ({route})")
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert "scheduler_cls" in inspect.signature(EngineArgs).parameters, feature("fair scheduler")
