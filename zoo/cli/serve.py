@@ -136,3 +136,17 @@ def usage_cmd(tenant, since, by, as_csv) -> None:
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     for r in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+@cli.command("ui")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-keys", type=click.Path(path_type=Path), default=None,
+              help="Keys file: visitors sign in and see their own adapters and usage.")
+def ui_cmd(host: str, port: int, api_keys: Path | None) -> None:
+    """The catalog pages alone, without an engine (zoo serve shows them under /zoo/ui/)."""
+    from zoo.catalog.registry import Registry
+    from zoo.ui.web import serve_pages
+
+    click.echo(f"zoo's pages on http://{host}:{port}/ (read-only; Ctrl-C stops)", err=True)
+    serve_pages(Registry().home, host, port, api_keys)

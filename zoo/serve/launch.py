@@ -218,6 +218,8 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
         "--enable-lora", "--max-loras", str(max_loras),
         "--max-cpu-loras", str(max_cpu_loras), "--max-lora-rank", str(max_rank),
         "--middleware", "zoo.serve.middleware.ZooMiddleware",
+        # outermost (vLLM wraps each added middleware around the previous ones): the pages
+        "--middleware", "zoo.ui.web.Pages",
         "--disable-uvicorn-access-log",
     ]
     if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU

@@ -43,6 +43,7 @@ REQUEST_TENANT: ContextVar = ContextVar("zoo_request_tenant", default=NOT_VETTED
 # Content hash of each adapter as the resolver handed it to the engine (by name): a name
 # re-registered with other content is unloaded before its next request (middleware).
 LOADED_HASHES: dict[str, str] = {}
+LOAD_COUNT = [0]  # adapter versions the resolver handed the engine (cold loads), this process
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from zoo.catalog.versions import record_in_use
-from zoo.serve.policy import LOADED_HASHES, NOT_VETTED, REQUEST_TENANT, ServePolicy
+from zoo.serve.policy import LOAD_COUNT, LOADED_HASHES, NOT_VETTED, REQUEST_TENANT, ServePolicy
 
 
 class RegistryResolver(LoRAResolver):
@@ -39,6 +39,7 @@ class RegistryResolver(LoRAResolver):
         if decision.path is None:
             return None
         LOADED_HASHES[lora_name] = decision.content_hash
+        LOAD_COUNT[0] += 1
         record_in_use(self.policy.registry.home, set(LOADED_HASHES))
         path = self.policy.lora_path(lora_name, decision.path, decision.content_hash)
         # vLLM replaces the id with its own counter
