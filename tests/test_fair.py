@@ -10,14 +10,24 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tests.helpers import zoo
 from zoo.serve.fair import DECODE_COST, PREFILL_COST, FairQueue, tenant_of
 from zoo.serve.meter import Meter
 from zoo.serve.policy import salt_for
 
 
-def request(tenant: str, i: int):
-    return SimpleNamespace(request_id=f"{tenant}-{i}", cache_salt=salt_for(tenant, "0123abcd"))
+class Request:
+    """What the queue reads of vLLM's Request (hashed by identity, as vLLM's is)."""
+
+    def __init__(self, request_id: str, cache_salt: str):
+        self.request_id, self.cache_salt = request_id, cache_salt
+
+
+def request(tenant: str, i: int) -> Request:
+    return Request(f"{tenant}-{i}", salt_for(tenant, "0123abcd"))
 
 
 def serve(queue: FairQueue, steps: int, tokens_of=lambda r: 10) -> list[str]:
@@ -69,17 +79,54 @@ def test_an_idle_tenant_banks_no_credit_and_its_share_goes_to_others():
     assert order.count("b") in (20, 21)
 
 
-def test_skipped_and_preempted_requests_keep_their_place():
+def test_a_tenant_that_finds_the_queue_empty_banks_no_credit_either():
+    """a is served alone until its queue empties; b arrives first into the empty queue,
+    then a: b was lifted to a's counter, so they alternate rather than b taking 100 in a row."""
     queue = FairQueue(lambda t: 1.0)
-    first = [request("a", i) for i in range(3)]
-    for r in first:
-        queue.add_request(r)
-    taken = [queue.pop_request(), queue.pop_request()]
-    queue.prepend_requests(taken)
-    assert [queue.pop_request() for _ in range(3)] == first
-    queue.prepend_request(first[0])
-    queue.remove_requests([first[0]])
-    assert len(queue) == 0 and not queue
+    for i in range(100):
+        queue.add_request(request("a", i))
+    assert serve(queue, 100) == ["a"] * 100
+    for i in range(50):
+        queue.add_request(request("b", i))
+        queue.add_request(request("a", 100 + i))
+    assert serve(queue, 20).count("b") in (10, 11)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "pop", "prepend", "prepend_many", "remove",
+                                           "remove_many"]), st.integers(0, 3)), max_size=40))
+def test_one_tenant_queues_exactly_as_vllms_own_fcfs_queue(operations):
+    """With one tenant the fair queue is vLLM's FCFS queue: the same operations, the same
+    order (skipped requests come back through prepend_requests in vLLM's reversed order)."""
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+
+    fair, fcfs = FairQueue(lambda t: 1.0), FCFSRequestQueue()
+    made, out = iter(range(10_000)), []
+    for operation, n in operations:
+        if operation == "add":
+            r = request("a", next(made))
+            fair.add_request(r)
+            fcfs.add_request(r)
+        elif operation == "pop" and fcfs:
+            assert fair.peek_request() is fcfs.peek_request()
+            out.append(fair.pop_request())
+            assert fcfs.pop_request() is out[-1]
+        elif operation == "prepend" and out:
+            fair.prepend_request(out[-1])
+            fcfs.prepend_request(out.pop())
+        elif operation == "prepend_many" and out:
+            back = [out.pop() for _ in range(min(n + 1, len(out)))]
+            fair.prepend_requests(back)
+            fcfs.prepend_requests(back)
+        elif operation == "remove" and fcfs:
+            victim = list(fcfs)[n % len(fcfs)]
+            fair.remove_request(victim)
+            fcfs.remove_request(victim)
+        elif operation == "remove_many" and fcfs:
+            victims = list(fcfs)[::n + 1]
+            fair.remove_requests(victims)
+            fcfs.remove_requests(victims)
+        assert list(fair) == list(fcfs) and len(fair) == len(fcfs) and bool(fair) == bool(fcfs)
 
 
 def test_prompt_and_generated_tokens_are_charged_as_vtc_does():

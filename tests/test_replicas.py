@@ -65,8 +65,10 @@ def get(url: str, key: str | None = KEYS["ops"]) -> dict:
         return json.loads(response.read())
 
 
-def usage(replica_url: str) -> dict[str, int]:
-    rows = get(replica_url + "/zoo/usage")["usage"]
+def usage(replica_url: str, here: bool = True) -> dict[str, int]:
+    """Requests per adapter answered by this replica (or, not ``here``, by the whole home:
+    the replicas share one meter)."""
+    rows = get(replica_url + "/zoo/usage" + ("?server=this" if here else ""))["usage"]
     found: dict[str, int] = {}
     for row in rows:  # rows are per version (NAME:vN): added up by name
         name = row["model"].partition(":")[0]
@@ -121,6 +123,9 @@ def test_the_router_serves_the_base_and_every_adapter_from_both_replicas(fleet):
     for model in ("acme/a", "acme/b", "globex/c"):  # rows add up to what was sent
         assert sum(u.get(model, 0) for u in per_replica) == 6
     assert all(sum(u.values()) > 0 for u in per_replica)  # both replicas served
+    home_wide = [usage(r.url, here=False) for r in fleet.fleet.replicas]
+    assert home_wide[0] == home_wide[1]  # one meter for the home: each replica reads it all
+    assert all(home_wide[0][m] == 6 for m in ("acme/a", "acme/b", "globex/c"))
 
 
 def test_the_same_adapter_and_session_land_on_one_replica(fleet):

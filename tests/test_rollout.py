@@ -32,9 +32,10 @@ def served(tenant_engine):
 
 
 def ask(url: str, model: str, user: str | None = None, prompt: str = "Hi", key=KEYS["acme"],
-        max_tokens: int = 1) -> tuple[int, str | None, dict]:
+        max_tokens: int = 1, **sampling) -> tuple[int, str | None, dict]:
     """(status, the version that answered, usage) of one completion."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            **sampling}
     if user:
         body["user"] = user
     request = urllib.request.Request(url + "/completions", data=json.dumps(body).encode(),
@@ -124,25 +125,27 @@ def test_cached_prefixes_never_cross_versions_or_tenants(served):
 
 
 def test_a_tenant_is_not_served_behind_another_tenants_queue(served):
-    """acme queues 64 requests (8 run at a time); globex then asks one: it is admitted as
-    soon as a place frees, not after acme's whole queue (first come, first served would
-    finish it last)."""
+    """acme queues 64 requests of 32 tokens each (8 run at a time); once the first of them
+    is answered (the rest wait), globex asks one: it is admitted as soon as a place frees,
+    not after acme's whole queue (first come, first served would finish it last)."""
     finished: list[str] = []
     lock = threading.Lock()
+    first_done = threading.Event()
 
     def one(who: str, key: str):
-        status, _, _ = ask(served.url, BASE, prompt="Tell me about lighthouses.", key=key,
-                           max_tokens=16)
+        status, _, usage = ask(served.url, BASE, prompt="Tell me about lighthouses.", key=key,
+                               max_tokens=32, ignore_eos=True)
         with lock:
             finished.append(who)
-        return status
+        first_done.set()
+        return status, usage.get("completion_tokens")
 
     with ThreadPoolExecutor(65) as pool:
         noisy = [pool.submit(one, f"acme-{i}", KEYS["acme"]) for i in range(64)]
-        time.sleep(1.0)  # acme's requests are all queued
+        assert first_done.wait(120)
         quiet = pool.submit(one, "globex", KEYS["globex"])
-        assert quiet.result() == 200 and all(f.result() == 200 for f in noisy)
-    assert finished.index("globex") < 32, finished.index("globex")
+        assert quiet.result() == (200, 32) and all(f.result() == (200, 32) for f in noisy)
+    assert 1 <= finished.index("globex") < 32, finished.index("globex")
 
 
 def test_backlogged_tenants_are_served_by_weight(served):
@@ -153,7 +156,7 @@ def test_backlogged_tenants_are_served_by_weight(served):
 
     def one(who: str):
         status, _, _ = ask(served.url, BASE, prompt="Tell me about ships.", key=KEYS[who],
-                           max_tokens=16)
+                           max_tokens=16, ignore_eos=True)
         with lock:
             finished.append(who)
         return status

@@ -11,8 +11,9 @@ Serving Large Language Models", OSDI 2024):
   (``"weight"`` in the keys file; base requests count for their tenant too);
 * the next request admitted is the head of the backlogged tenant with the lowest
   counter, so backlogged tenants receive service in proportion to their weights;
-* a tenant that was idle rejoins at the lowest counter of those waiting (it cannot bank
-  credit while idle), and an idle tenant's share goes to the others (work-conserving).
+* a tenant that was idle rejoins at the lowest counter of those waiting, or when nobody
+  waits at the counter of the last tenant served (it cannot bank credit while idle), and
+  an idle tenant's share goes to the others (work-conserving).
 
 Which tenant a request belongs to travels from the middleware to the engine inside
 ``cache_salt`` (``zoo1.TENANT.HMAC``), which the middleware always overwrites: a client
@@ -87,6 +88,7 @@ class FairQueue(RequestQueue):
         self.size = 0
         self.joined: dict[str, int] = {}  # when each tenant last became backlogged
         self._joins = 0
+        self.last_served: str | None = None
 
     # service accounting
     def charge(self, tenant: str, cost: float) -> None:
@@ -109,6 +111,8 @@ class FairQueue(RequestQueue):
             queue = self.queues[tenant] = deque()
         if not queue:  # rejoins: no credit for the time it was idle
             waiting = [self.counters.get(t, 0.0) for t, q in self.queues.items() if q]
+            if not waiting and self.last_served is not None:  # nobody waits: VTC lifts it
+                waiting = [self.counters.get(self.last_served, 0.0)]  # to the last one served
             if waiting:
                 self.counters[tenant] = max(self.counters.get(tenant, 0.0), min(waiting))
             self._joins += 1
@@ -121,7 +125,8 @@ class FairQueue(RequestQueue):
         self.size += 1
 
     def pop_request(self):
-        request = self.queues[self._next_tenant()].popleft()
+        self.last_served = self._next_tenant()
+        request = self.queues[self.last_served].popleft()
         self.size -= 1
         return request
 
@@ -133,7 +138,8 @@ class FairQueue(RequestQueue):
         self.size += 1
 
     def prepend_requests(self, requests: Iterable) -> None:
-        for request in reversed(list(requests)):  # they keep their order, at the front
+        # as vLLM's FCFS queue (extendleft): the scheduler hands them over reversed
+        for request in requests:
             self.prepend_request(request)
 
     def remove_request(self, request) -> None:

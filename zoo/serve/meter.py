@@ -183,9 +183,9 @@ class Meter:
         self.db.execute("DELETE FROM inflight WHERE id = ?", (request_id,))
 
     def report(self, tenant: str | None = None, since: float | None = None,
-               by: str = "adapter") -> list[dict]:
+               by: str = "adapter", server: int | None = None) -> list[dict]:
         """Requests and tokens, grouped by ``adapter`` (model version and tenant),
-        ``tenant`` or ``day``."""
+        ``tenant`` or ``day``; ``server``: only what that server process answered."""
         groups = {"adapter": "model, tenant", "tenant": "tenant",
                   "day": "date(at, 'unixepoch'), tenant"}
         if by not in groups:
@@ -197,6 +197,9 @@ class Meter:
         if since is not None:
             where.append("at >= ?")
             args.append(since)
+        if server is not None:
+            where.append("server = ?")
+            args.append(server)
         keys = {"adapter": ["model", "tenant"], "tenant": ["tenant"], "day": ["day", "tenant"]}[by]
         sql = (f"SELECT {groups[by]}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), "
                f"SUM(status = 200) FROM usage {'WHERE ' + ' AND '.join(where) if where else ''} "

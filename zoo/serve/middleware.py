@@ -93,8 +93,11 @@ class Usage:
             prompt_tokens.labels(model, tenant).inc(prompt)
             completion_tokens.labels(model, tenant).inc(completion)
 
-    async def as_json(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        return await self.call("report", tenant=tenant, by="adapter")
+    async def as_json(self, tenant: str | None = None,
+                      here: bool = False) -> list[dict[str, Any]]:
+        """The home's usage (every server sharing it), or ``here``: this server's alone."""
+        return await self.call("report", tenant=tenant, by="adapter",
+                               server=os.getpid() if here else None)
 
 
 @functools.cache
@@ -144,7 +147,8 @@ class ZooMiddleware:
                                                              "adapters: an operator key reads them."))
             return await self.app(scope, receive, send)
         if path == "/zoo/usage":
-            rows = await self.usage.as_json(tenant.name if tenant else None)
+            here = b"server=this" in scope.get("query_string", b"").split(b"&")
+            rows = await self.usage.as_json(tenant.name if tenant else None, here=here)
             return await _send_json(send, 200, {"usage": rows})
         if path == "/zoo/engine":
             return await _send_json(send, 200, self._engine_report(tenant))

@@ -70,6 +70,10 @@ async function streamAnswer(model, prompt, box, maxTokens) {
     box.dataset.state = "error";
     return;
   }
+  // which version of the name answered (a canary may answer some people)
+  box.dataset.answeredBy = response.headers.get("x-zoo-model") || model;
+  const title = box.parentElement.querySelector("h2");
+  if (title && box.dataset.answeredBy !== model) title.textContent = model + " → " + box.dataset.answeredBy;
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let pending = "";
