@@ -12,11 +12,11 @@ demo: bootstrap
 	$(PY) -m zoo.apps.demo
 
 test: bootstrap
-	$(VENV)/bin/ruff check zoo tests bench
+	$(VENV)/bin/ruff check zoo tests bench scripts
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: bootstrap
-	$(VENV)/bin/ruff check zoo tests bench
+	$(VENV)/bin/ruff check zoo tests bench scripts
 
 bench: bootstrap
-	cd bench && ../$(PY) registry.py && ../$(PY) train.py && ../$(PY) merge.py && ../$(PY) hub.py && ../$(PY) serve.py
+	cd bench && ../$(PY) registry.py && ../$(PY) train.py && ../$(PY) merge.py && ../$(PY) hub.py && ../$(PY) serve.py && ../$(PY) versions.py && ../$(PY) fairness.py && ../$(PY) ui.py

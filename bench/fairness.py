@@ -3,8 +3,9 @@
 Run: .venv/bin/python bench/fairness.py [--noisy 300] [--probes 10] [--window 60]
 
 The 16-bit base (`--quantization none`; nothing here depends on the base), two tenants A
-and B (weights 1 and 3 in the keys file), one engine per scheduling policy, each measured
-in the same run:
+and B (weights 1 and 3 in the keys file), one engine per scheduling policy with 64
+sequences a batch (`--max-num-seqs 64`, so that 300 clients queue), each measured in the
+same run:
 
 1. noisy neighbour: A's --noisy clients send 16-token requests back to back; B sends one
    request at a time: B's time to first token, in seconds and in engine steps (one step:
@@ -38,7 +39,8 @@ from common import BASE, bench_home, save, table
 
 KEYS = {"a": "sk-bench-tenant-a", "b": "sk-bench-tenant-b"}
 LONG = " ".join(f"Clause {i}: the keeper logs weather, ships and the lamp's oil, in ink."
-                for i in range(120))  # about 1,200 words
+                for i in range(90))  # about 1,000 words, 1,500 tokens (the context is 2,048)
+SEQS = 64  # sequences in a batch: with more clients than this, requests queue
 
 
 def client(url: str, tenant: str):
@@ -61,16 +63,24 @@ async def stream(api, prompt: str, tokens: int) -> tuple[float, list[float]]:
 
 
 async def noisy_neighbour(url: str, noisy: int, probes: int) -> dict:
+    """A's clients ask back to back, 8 of them streamed (their token gaps are the engine's
+    step at this load), the rest not (so the API server's streaming work is not what is
+    measured); B then asks one request at a time, streamed."""
     a, b = client(url, "a"), client(url, "b")
     stop = asyncio.Event()
     gaps: list[float] = []
 
-    async def flood():
+    async def flood(streamed: bool):
         while not stop.is_set():
-            _, times = await stream(a, "Tell me about the sea.", 16)
-            gaps.extend(t2 - t1 for t1, t2 in zip(times, times[1:], strict=False))
+            if streamed:
+                _, times = await stream(a, "Tell me about the sea.", 16)
+                gaps.extend(t2 - t1 for t1, t2 in zip(times, times[1:], strict=False))
+            else:
+                await a.completions.create(model=BASE, prompt="Tell me about the sea.",
+                                           max_tokens=16, temperature=0,
+                                           extra_body={"min_tokens": 16, "ignore_eos": True})
 
-    floods = [asyncio.create_task(flood()) for _ in range(noisy)]
+    floods = [asyncio.create_task(flood(i < 8)) for i in range(noisy)]
     await asyncio.sleep(20)  # A's queue builds up
     ttfts, rates = [], []
     for _ in range(probes):
@@ -209,7 +219,7 @@ def main() -> None:
     results: dict = {}
     for scheduling in ("fair", "fcfs"):
         options = ServeOptions(base=BASE, quantization="none", port=free_port(), api_keys=keys,
-                               scheduling=scheduling)
+                               scheduling=scheduling, extra_args=("--max-num-seqs", str(SEQS)))
         with running_server(options, registry, log=log) as server:
             got = results[scheduling] = {}
             if "noisy" in sections:

@@ -94,9 +94,7 @@ def main() -> None:
             for model in (BASE, "acme/support", "globex/pirate"):
                 page.check(f"input[name=model][value='{model}']")
             page.click("#run")
-            page.wait_for_function(
-                "document.querySelectorAll('pre.answer[data-state=done]').length == 3",
-                timeout=120_000)
+            page.locator("pre.answer[data-state=done]").nth(2).wait_for(timeout=120_000)
             page.screenshot(path=args.out / "ui-playground.png")
             browser.close()
     shutil.rmtree(home.parent, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -109,11 +110,16 @@ def test_a_tenant_sees_its_own_adapters_and_usage_only(page_for, tenant_engine):
     for path in ("/zoo/ui/", "/zoo/ui/usage", "/zoo/ui/playground"):  # the raw HTML too
         status, html = raw(tenant_engine, path, cookie)
         assert status == 200 and "globex" not in html, path
+        # nothing inline for the CSP to allow: scripts come from the server's one file
+        assert not re.search(r"<script(?![^>]*\bsrc=)|\son[a-z]+=", html), path
     assert raw(tenant_engine, "/zoo/ui/entry/globex/g", cookie)[0] == 404
     assert raw(tenant_engine, "/zoo/ui/", None)[0] in (303, 200)  # urllib follows to sign in
     assert "Sign in" in raw(tenant_engine, "/zoo/ui/", None)[1]
     assert raw(tenant_engine, "/zoo/ui/", "zoo_session=acme|forged|9999999999|00")[1].count(
         "Sign in") >= 1
+    with urllib.request.urlopen(tenant_engine.root + "/zoo/ui/login", timeout=60) as response:
+        policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self';" in policy and "unsafe" not in policy
     assert page.elsewhere == []
 
 

@@ -20,6 +20,14 @@ from zoo.catalog.shipped import shipped_catalog
 from zoo.serve.launch import ServeOptions, free_port, running_server
 
 QUESTIONS = ("What is the capital of Germany?", "How many legs does a dog have?")
+# what the base answers them (in any of the demo adapters' styles and languages): an
+# adapter is there to change the style, never the fact
+FACTS = {QUESTIONS[0]: ("berlin",), QUESTIONS[1]: ("four", "4", "quatre")}
+
+
+def keeps_fact(question: str, answer: str) -> bool:
+    words = answer.lower().replace('"', " ").replace(".", " ").replace(",", " ").split()
+    return any(fact in words for fact in FACTS[question])
 
 
 def log(line: str) -> None:
@@ -50,7 +58,9 @@ def main() -> int:
                 reply = client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": question}],
                     max_tokens=48, temperature=0)
-                print(f"  [{model}] {reply.choices[0].message.content.strip()}")
+                answer = reply.choices[0].message.content.strip()
+                mark = "" if keeps_fact(question, answer) else "   <- not the base's fact"
+                print(f"  [{model}] {answer}{mark}")
             print()
         report = json.load(urllib.request.urlopen(server.url.removesuffix("/v1") + "/zoo/engine"))
     print_memory(report, len(demo))

@@ -346,7 +346,7 @@ def playground_page(viewer: Viewer, base: str, adapters: list[str]) -> str:
                     for i, m in enumerate(choices))
     body = (f"<h1>Playground</h1><p class=muted>One prompt, answered by each model you pick, "
             f"side by side as they are generated, through this server's OpenAI API with your "
-            f"key.</p><form class=card onsubmit=\"return runPlayground(this)\">"
+            f"key.</p><form class=card id=playground>"
             f'<textarea name="prompt" rows="3" cols="80">What is the capital of France?</textarea>'
             f'<p>{boxes}</p><p>max tokens <input type="number" name="max_tokens" value="48" '
             f'min="1" max="512"> <button id="run">Run</button></p></form>'
@@ -357,7 +357,7 @@ def playground_page(viewer: Viewer, base: str, adapters: list[str]) -> str:
 def login_page(error: str | None = None) -> str:
     message = f'<p class="warn">{escape(error)}</p>' if error else ""
     body = (f"<h1>Sign in</h1>{message}<form class=card method=post action=\"{href('login')}\" "
-            f'onsubmit="rememberKey(this)"><p>Your API key (the one you call the API with)</p>'
+            f'id=login><p>Your API key (the one you call the API with)</p>'
             f'<p><input type="password" name="key" size="48" autocomplete="off"> '
             f"<button>Sign in</button></p></form>")
     return page("Sign in", body, Viewer(None, (), signed_in=False), "", served=False)

@@ -207,7 +207,7 @@ async def _respond(send, status: int, body: bytes, content_type: str, cache: boo
     extra = [(b"cache-control", b"max-age=300" if cache else b"no-store"),
              (b"x-content-type-options", b"nosniff"),
              (b"content-security-policy",
-              b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self'; "
+              b"default-src 'self'; script-src 'self'; style-src 'self'; "
               b"img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'")]
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()),

@@ -41,6 +41,14 @@ function sortTable(th) {
 document.addEventListener("input", (e) => {
   if (e.target.matches("input[data-table]")) filterTable(e.target);
 });
+document.addEventListener("submit", (e) => {  // no inline handlers: the CSP allows none
+  if (e.target.id === "playground") {
+    e.preventDefault();
+    runPlayground(e.target);
+  } else if (e.target.id === "login") {
+    rememberKey(e.target);
+  }
+});
 document.addEventListener("click", (e) => {
   if (e.target.matches("th[data-sort]")) sortTable(e.target);
 });
@@ -114,5 +122,4 @@ function runPlayground(form) {
     answers.append(card);
     streamAnswer(model, prompt, box, Number(form.max_tokens.value) || 64);
   }
-  return false;
 }
