@@ -130,10 +130,11 @@ async def throughput(url: str) -> float:
 async def prefix_probe(url: str) -> dict:
     a, b = client(url, "a"), client(url, "b")
     results = {}
+    # each probe's prompt differs from its first token: no probe finds another's prefix
     for label, first, second, prompt in (
-            ("fresh prompt, B", None, b, LONG + " (fresh 1)"),
-            ("A's prompt, then B", a, b, LONG + " (shared 1)"),
-            ("A's prompt, then A again", a, a, LONG + " (shared 2)")):
+            ("fresh prompt, B", None, b, "Probe one. " + LONG),
+            ("A's prompt, then B", a, b, "Probe two. " + LONG),
+            ("A's prompt, then A again", a, a, "Probe three. " + LONG)):
         if first is not None:
             await stream(first, prompt, 1)
         ttft, _ = await stream(second, prompt, 1)
@@ -201,6 +202,9 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--window", type=float, default=60)
     parser.add_argument("--sections", default="noisy,weights,throughput,prefix,metering")
+    parser.add_argument("--order", default="fair,fcfs",
+                        help="engines, in the order they are started: fair,fcfs,fair,fcfs "
+                             "alternates them (the first engine of a run can be slower)")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     from zoo.catalog.registry import Registry
@@ -217,11 +221,11 @@ def main() -> None:
     registry = Registry(home)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     results: dict = {}
-    for scheduling in ("fair", "fcfs"):
+    for scheduling in args.order.split(","):
         options = ServeOptions(base=BASE, quantization="none", port=free_port(), api_keys=keys,
                                scheduling=scheduling, extra_args=("--max-num-seqs", str(SEQS)))
         with running_server(options, registry, log=log) as server:
-            got = results[scheduling] = {}
+            got = results.setdefault(scheduling, {})
             if "noisy" in sections:
                 got["noisy"] = asyncio.run(noisy_neighbour(server.url, args.noisy, args.probes))
                 log(f"{scheduling} noisy: {got['noisy']}")
@@ -229,8 +233,11 @@ def main() -> None:
                 got["weights"] = asyncio.run(weights(server.url, args.window))
                 log(f"{scheduling} weights: {got['weights']}")
             if "throughput" in sections:
-                got["throughput"] = statistics.median(
-                    asyncio.run(throughput(server.url)) for _ in range(3))
+                asyncio.run(throughput(server.url))  # warm-up
+                got.setdefault("throughputs", []).extend(
+                    asyncio.run(throughput(server.url)) for _ in range(5))
+                got["throughput"] = statistics.median(got["throughputs"])
+                log(f"{scheduling} throughput: {got['throughputs']}")
             if "prefix" in sections and scheduling == "fair":
                 got["prefix"] = asyncio.run(prefix_probe(server.url))
     if "metering" in sections:
@@ -253,7 +260,7 @@ def main() -> None:
                      "fair / fcfs": results["fair"]["throughput"] / results["fcfs"]["throughput"]})
     if "prefix" in sections:
         for key, value in results["fair"]["prefix"].items():
-            rows.append({"measure": f"TTFT on a 1,200-word prompt: {key} (s)", "fair": value})
+            rows.append({"measure": f"TTFT on a 1,000-word prompt: {key} (s)", "fair": value})
     if "metering" in sections:
         for key, value in results["metering"].items():
             rows.append({"measure": f"SIGKILL under load: {key}", "fair": value})
