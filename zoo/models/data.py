@@ -118,17 +118,20 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list
 
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 CALIBRATION_TEXT = PACKAGE_DATA / "calibration.txt"
+# chat examples for calibration, frozen: the demo datasets' first 16 examples as they were
+# when the default int8 base was tuned (a new demo example must not change the base)
+CALIBRATION_CHATS = PACKAGE_DATA / "calibration"
 HELDOUT_TEXT = PACKAGE_DATA / "heldout.txt"
 
 
 def calibration_texts(path: Path | None = None) -> list[str]:
     """Text to calibrate quantization on: ``path`` (plain text, or JSONL of the training
-    formats), or what ships with zoo: English prose and the demo chat datasets."""
+    formats), or what ships with zoo: English prose and chat examples."""
     if path is not None:
         return texts_of(Path(path))
     texts = texts_of(CALIBRATION_TEXT)
-    for jsonl in sorted(PACKAGE_DATA.glob("*.jsonl")):
-        texts += texts_of(jsonl)[:16]
+    for jsonl in sorted(CALIBRATION_CHATS.glob("*.jsonl")):
+        texts += texts_of(jsonl)
     return texts
 
 
