@@ -179,3 +179,34 @@ def test_processes_zoo_starts_die_with_their_parent(tmp_path):
     outer.wait()
     assert wait_until(lambda: not os.path.exists(f"/proc/{inner}") or
                       open(f"/proc/{inner}/stat").read().split(") ")[1][0] == "Z", 10)
+
+
+def test_the_served_variant_is_made_in_a_process_of_its_own(models, zoo_home, monkeypatch):
+    """Calibrating the int8 base loads the 16-bit model and its activations (2.8 GB for
+    SmolLM2): zoo serve makes the variant in a child process, so it keeps none of it; the
+    child's errors come back as zoo's errors."""
+    import pytest
+
+    from zoo import quantize as quantizing
+    from zoo.errors import ZooError
+    from zoo.serve.launch import prepare_base
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("quantized in zoo serve's own process")
+
+    monkeypatch.setattr(quantizing, "quantize", not_here)
+    zoo("add", models.llama, "--name", "tiny")
+    registry = Registry(zoo_home)
+    lines: list[str] = []
+    base = prepare_base(ServeOptions(base="tiny", quantization="w8a8"), registry, lines.append)
+    assert "w8a8" in base.variants and lines == ["quantizing tiny to w8a8 (in a process of its own)"]
+    assert not integrity.changed_files(zoo_home / base.variants["w8a8"].path,
+                                       base.variants["w8a8"].files)
+    assert prepare_base(ServeOptions(base="tiny", quantization="w8a8"), registry, lines.append)
+    assert len(lines) == 1  # an intact variant is reused, no child
+    shutil.rmtree(zoo_home / base.variants["w8a8"].path)
+    weights = zoo_home / registry.load().base("tiny").path / "model.safetensors"
+    weights.unlink()
+    weights.write_bytes(b"not the registered weights")
+    with pytest.raises(ZooError, match="changed|tiny"):
+        prepare_base(ServeOptions(base="tiny", quantization="w8a8"), registry)

@@ -24,7 +24,7 @@ from zoo.catalog.home import staging_dir
 from zoo.catalog.integrity import ORIGINAL, changed_files, variant_path
 from zoo.catalog.registry import Catalog, Registry
 from zoo.core.records import AdapterEntry, BaseEntry
-from zoo.errors import ServeError
+from zoo.errors import ServeError, ZooError
 from zoo.models.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
 from zoo.serve import policy as env
 from zoo.serve.plugin import STATE_VARIABLE, set_parent_death_signal
@@ -113,15 +113,44 @@ def served_variant(options: ServeOptions) -> str:
 def prepare_base(options: ServeOptions, registry: Registry | None = None,
                  log: Callable[[str], None] = lambda _: None) -> BaseEntry:
     """The step before planning: make the served variant of the base when it is missing
-    (an intact one is reused). ``plan_serve`` itself only reads."""
-    from zoo.quantize import quantize
+    (an intact one is reused). ``plan_serve`` itself only reads.
 
+    The variant is made in a process of its own: calibrating loads the 16-bit model, its
+    activations and the quantizer (2.8 GB for SmolLM2), which a long-lived ``zoo serve``
+    would otherwise keep for its whole life."""
     registry = registry or Registry()
     base = choose_base(registry.load(), options.base)
     variant = served_variant(options)
-    if variant != ORIGINAL:
-        quantize(base.name, variant, registry, log=log)
+    existing = base.variants.get(variant)
+    if variant != ORIGINAL and (existing is None or changed_files(registry.home / existing.path,
+                                                                   existing.files)):
+        import json
+
+        log(f"quantizing {base.name} to {variant} (in a process of its own)")
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys; from zoo.serve.launch import _make_variant; "
+             "print(_make_variant(*sys.argv[1:]))", str(registry.home), base.name, variant],
+            stdout=subprocess.PIPE, text=True)
+        lines = child.stdout.strip().splitlines()
+        failed = json.loads(lines[-1]) if child.returncode == 0 and lines else {
+            "message": f"quantizing {base.name} to {variant} failed (exit {child.returncode})",
+            "hint": f"Run 'zoo quantize {base.name} --scheme {variant}' to see why."}
+        if failed:
+            raise ZooError(failed["message"], hint=failed["hint"])
     return registry.load().base(base.name)
+
+
+def _make_variant(home: str, base: str, variant: str) -> str:
+    """``quantize`` in the child process: JSON ``null``, or a user's error as JSON."""
+    import json
+
+    from zoo.quantize import quantize
+
+    try:
+        quantize(base, variant, Registry(Path(home)))
+    except ZooError as error:
+        return json.dumps({"message": error.message, "hint": error.hint})
+    return "null"
 
 
 def plan_serve(options: ServeOptions, registry: Registry | None = None) -> ServePlan:
