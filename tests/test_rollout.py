@@ -164,5 +164,7 @@ def test_backlogged_tenants_are_served_by_weight(served):
     with ThreadPoolExecutor(80) as pool:
         jobs = [pool.submit(one, who) for i in range(40) for who in ("acme", "globex")]
         assert all(f.result() == 200 for f in jobs)
-    first = finished[:40]  # both were backlogged the whole time
-    assert first.count("globex") >= 2 * first.count("acme"), first
+    # the first 8 places were taken as the requests arrived, before any queue formed; the
+    # next 40 were given while both tenants waited
+    backlogged = finished[8:48]
+    assert backlogged.count("globex") >= 2 * backlogged.count("acme"), finished
