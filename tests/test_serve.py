@@ -316,7 +316,9 @@ def test_served_base_really_is_int8(served, engine_reports, smollm2_home, tmp_pa
     assert int8["quantized_layers"] == {"CompressedTensorsW8A8Int8": 30 * 4}  # qkv, o, gate_up, down
     if "bf16" not in engine_reports:  # test_merge's 16-bit engine measured it already
         home = linked_home(smollm2_home, tmp_path_factory.mktemp("bf16-only") / "home")
-        options = ServeOptions(base=BASE, quantization="none", port=free_port())
+        # a small KV cache: other modules' engines (the session's tenant engine) may be up
+        options = ServeOptions(base=BASE, quantization="none", port=free_port(),
+                               extra_args=("--kv-cache-memory-bytes", str(2**30)))
         with running_server(options, Registry(home)) as server:
             engine_reports["bf16"] = json.loads(urllib.request.urlopen(
                 server.url.removesuffix("/v1") + "/zoo/engine").read())
