@@ -29,6 +29,24 @@ def bench_home() -> Path:
     return home
 
 
+def scratch_home(home: Path, adapters: bool = False) -> Path:
+    """A home at ``home`` with the benchmarks' base (hard links, no copy of the weights),
+    and without its adapters unless ``adapters``."""
+    import shutil
+
+    from zoo.catalog.registry import Registry
+
+    source = bench_home()
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.copytree(source / "bases", home / "bases", copy_function=os.link)
+    shutil.copy(source / "registry.json", home / "registry.json")
+    if not adapters:
+        with Registry(home).edit() as catalog:
+            for name in [a.name for a in catalog.adapters()]:
+                del catalog.entries[name]
+    return home
+
+
 def worktree(commit: str) -> Path:
     """A checkout of an earlier commit of this repository, kept under /tmp between runs:
     the "before" of a benchmark, run side by side with the current code."""

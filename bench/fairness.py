@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BASE, bench_home, save, table
+from common import BASE, bench_home, save, scratch_home, table
 
 KEYS = {"a": "sk-bench-tenant-a", "b": "sk-bench-tenant-b"}
 LONG = " ".join(f"Clause {i}: the keeper logs weather, ships and the lamp's oil, in ink."
@@ -210,11 +210,7 @@ def main() -> None:
     from zoo.catalog.registry import Registry
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
-    source = bench_home()
-    home = source.parent / "zoo-bench-fairness"
-    shutil.rmtree(home, ignore_errors=True)
-    shutil.copytree(source / "bases", home / "bases", copy_function=os.link)
-    shutil.copy(source / "registry.json", home / "registry.json")
+    home = scratch_home(bench_home().parent / "zoo-bench-fairness", adapters=True)
     keys = home.parent / "fairness-keys.json"
     keys.write_text(json.dumps({"tenants": {
         "a": {"keys": [KEYS["a"]], "weight": 1}, "b": {"keys": [KEYS["b"]], "weight": 3}}}))

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import sys
 import time
 import urllib.request
 
-from common import BASE, bench_home, save, table, write_random_lora
+from common import BASE, bench_home, save, scratch_home, table, write_random_lora
 
 
 def ask(url: str, model: str, user: str) -> str:
@@ -70,15 +69,8 @@ def main() -> None:
     from zoo.catalog.versions import end_canary, promote
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
-    home = bench_home().parent / "zoo-bench-versions"
-    shutil.rmtree(home, ignore_errors=True)
-    source = bench_home()
-    shutil.copytree(source / "bases", home / "bases", copy_function=os.link)
-    shutil.copy(source / "registry.json", home / "registry.json")
+    home = scratch_home(bench_home().parent / "zoo-bench-versions")
     registry = Registry(home)
-    with registry.edit() as catalog:
-        for name in [a.name for a in catalog.adapters()]:
-            del catalog.entries[name]
     for version in (1, 2):
         lora = write_random_lora(home / "src" / f"v{version}", home / "bases" / BASE, seed=version,
                                  targets=("q_proj", "v_proj"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
-    from common import bench_home
+    from common import scratch_home
     from playwright.sync_api import sync_playwright
 
     from tests.factory import write_random_lora
@@ -40,14 +39,8 @@ def main() -> None:
     from zoo.merge.algebra import CombineOptions, combine
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
-    source = bench_home()
-    home = Path(tempfile.mkdtemp(prefix="zoo-screens.")) / "home"
-    shutil.copytree(source / "bases", home / "bases", copy_function=os.link)
-    shutil.copy(source / "registry.json", home / "registry.json")
+    home = scratch_home(Path(tempfile.mkdtemp(prefix="zoo-screens.")) / "home")
     registry = Registry(home)
-    with registry.edit() as catalog:
-        for name in [a.name for a in catalog.adapters()]:
-            del catalog.entries[name]
     base_dir = home / "bases" / BASE
     for i, (name, targets) in enumerate((("acme/support", ("q_proj", "v_proj")),
                                          ("acme/legal", ("q_proj", "k_proj", "v_proj", "o_proj")),

@@ -304,22 +304,8 @@ def test_cached_prefixes_never_cross_tenants_or_weights(gate, models):
 
 def test_the_response_says_which_version_answered(gate):
     middleware, _, _ = gate
-    sent = []
-    body = chat("acme/a")
-    scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST",
-             "headers": [(b"authorization", f"Bearer {KEYS['acme']}".encode()),
-                         (b"content-length", str(len(body)).encode())]}
-    queue = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        return queue.pop(0) if queue else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    asyncio.run(middleware(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    assert (b"x-zoo-model", b"acme/a:v1") in start["headers"]
+    _, headers = _call_with_headers(middleware, chat("acme/a"), KEYS["acme"])
+    assert headers["x-zoo-model"] == "acme/a:v1"
 
 
 # limits per tenant -------------------------------------------------------------------
