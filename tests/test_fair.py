@@ -22,8 +22,9 @@ from zoo.serve.policy import salt_for
 class Request:
     """What the queue reads of vLLM's Request (hashed by identity, as vLLM's is)."""
 
-    def __init__(self, request_id: str, cache_salt: str):
+    def __init__(self, request_id: str, cache_salt: str, prompt_tokens: int = 5):
         self.request_id, self.cache_salt = request_id, cache_salt
+        self.num_prompt_tokens, self.num_computed_tokens = prompt_tokens, 0
 
 
 def request(tenant: str, i: int) -> Request:
@@ -40,6 +41,7 @@ def serve(queue: FairQueue, steps: int, tokens_of=lambda r: 10) -> list[str]:
         assert queue.pop_request() is r  # peek and pop agree
         order.append(tenant_of(r))
         queue.charge(tenant_of(r), tokens_of(r))
+        queue.settle()
     return order
 
 
@@ -66,6 +68,19 @@ def test_backlogged_tenants_are_served_in_proportion_to_their_weights():
     order = serve(queue, 2000)
     share = order.count("heavy") / order.count("light")
     assert abs(share - 3.0) / 3.0 <= 0.01, share
+
+
+def test_the_requests_admitted_in_one_step_are_shared_by_weight():
+    """vLLM pops several requests in one step before any token is charged: each counts for
+    its prompt at once, so eight seats freed together go 6:2 to weights 3:1, not 8:0."""
+    queue = FairQueue(lambda t: {"light": 1.0, "heavy": 3.0}[t])
+    for i in range(20):
+        queue.add_request(request("light", i))
+        queue.add_request(request("heavy", i))
+    step = [tenant_of(queue.pop_request()) for _ in range(8)]
+    assert step.count("heavy") == 6, step
+    queue.settle()  # the step's tokens are charged by the scheduler, the estimates go
+    assert queue.in_step == {}
 
 
 def test_an_idle_tenant_banks_no_credit_and_its_share_goes_to_others():

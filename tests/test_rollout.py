@@ -148,9 +148,29 @@ def test_a_tenant_is_not_served_behind_another_tenants_queue(served):
     assert 1 <= finished.index("globex") < 32, finished.index("globex")
 
 
+def engine_queue(served) -> tuple[int, int]:
+    """(running, waiting) requests, from vLLM's own gauges (an operator reads /metrics)."""
+    request = urllib.request.Request(served.root + "/metrics",
+                                     headers={"Authorization": f"Bearer {KEYS['ops']}"})
+    text = urllib.request.urlopen(request, timeout=30).read().decode()
+
+    def gauge(name: str) -> int:
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(name + "{")))
+    return gauge("vllm:num_requests_running"), gauge("vllm:num_requests_waiting")
+
+
+def until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
 def test_backlogged_tenants_are_served_by_weight(served):
-    """Both tenants keep 40 requests queued; globex weighs 3, acme 1: while both wait,
-    globex gets about three of every four places."""
+    """globex weighs 3, acme 1. An operator's eight long requests hold every place while
+    both tenants queue 40 each; then they are cancelled, and the places go about three of
+    every four to globex while both wait (orders of completion: all take 16 tokens)."""
     finished: list[str] = []
     lock = threading.Lock()
 
@@ -161,10 +181,27 @@ def test_backlogged_tenants_are_served_by_weight(served):
             finished.append(who)
         return status
 
-    with ThreadPoolExecutor(80) as pool:
-        jobs = [pool.submit(one, who) for i in range(40) for who in ("acme", "globex")]
-        assert all(f.result() == 200 for f in jobs)
-    # the first 8 places were taken as the requests arrived, before any queue formed; the
-    # next 40 were given while both tenants waited
-    backlogged = finished[8:48]
-    assert backlogged.count("globex") >= 2 * backlogged.count("acme"), finished
+    blockers = []
+    for _ in range(8):  # streamed, so that closing the connection cancels it
+        body = {"model": BASE, "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True,
+                "stream": True}
+        request = urllib.request.Request(
+            served.url + "/completions", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json",
+                     "Authorization": f"Bearer {KEYS['ops']}"})
+        blockers.append(urllib.request.urlopen(request, timeout=300))
+    try:
+        until(lambda: engine_queue(served) == (8, 0), 60, "the operator's requests run")
+        with ThreadPoolExecutor(80) as pool:
+            jobs = [pool.submit(one, who) for i in range(40) for who in ("acme", "globex")]
+            until(lambda: engine_queue(served) == (8, 80), 60,
+                  f"all 80 queued behind the operator's 8: {engine_queue(served)}")
+            for blocker in blockers:
+                blocker.close()
+            blockers = []
+            assert all(f.result() == 200 for f in jobs)
+    finally:
+        for blocker in blockers:
+            blocker.close()
+    first = finished[:40]  # places given while both tenants waited (globex has 40)
+    assert first.count("globex") >= 2 * first.count("acme"), finished

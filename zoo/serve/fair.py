@@ -10,7 +10,9 @@ Serving Large Language Models", OSDI 2024):
   ``PREFILL_COST`` and a generated one ``DECODE_COST``, divided by the tenant's weight
   (``"weight"`` in the keys file; base requests count for their tenant too);
 * the next request admitted is the head of the backlogged tenant with the lowest
-  counter, so backlogged tenants receive service in proportion to their weights;
+  counter, so backlogged tenants receive service in proportion to their weights; a request
+  admitted counts at once for its prompt (VTC charges a prompt on admission), so that the
+  several admitted in one step are shared by weight too, not all given to one tenant;
 * a tenant that was idle rejoins at the lowest counter of those waiting, or when nobody
   waits at the counter of the last tenant served (it cannot bank credit while idle), and
   an idle tenant's share goes to the others (work-conserving).
@@ -89,16 +91,26 @@ class FairQueue(RequestQueue):
         self.joined: dict[str, int] = {}  # when each tenant last became backlogged
         self._joins = 0
         self.last_served: str | None = None
+        # the prompts of the requests popped in this scheduling step, charged once the
+        # step's tokens are (settle): until then they count towards the next choice
+        self.in_step: dict[str, float] = {}
 
     # service accounting
     def charge(self, tenant: str, cost: float) -> None:
         weight = max(self.weight_of(tenant), 1e-6)
         self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / weight
 
+    def settle(self) -> None:
+        """The step's tokens have been charged (prompts included): forget the estimates."""
+        self.in_step.clear()
+
+    def _counter(self, tenant: str) -> float:
+        return self.counters.get(tenant, 0.0) + self.in_step.get(tenant, 0.0)
+
     def _next_tenant(self) -> str:
         # lowest counter first; on a tie, the tenant that became backlogged last (one that
         # just rejoined at the others' level goes before them, not after all of them)
-        waiting = [(self.counters.get(t, 0.0), -self.joined.get(t, 0), t)
+        waiting = [(self._counter(t), -self.joined.get(t, 0), t)
                    for t, q in self.queues.items() if q]
         if not waiting:
             raise IndexError("pop from an empty queue")
@@ -110,9 +122,9 @@ class FairQueue(RequestQueue):
         if queue is None:
             queue = self.queues[tenant] = deque()
         if not queue:  # rejoins: no credit for the time it was idle
-            waiting = [self.counters.get(t, 0.0) for t, q in self.queues.items() if q]
+            waiting = [self._counter(t) for t, q in self.queues.items() if q]
             if not waiting and self.last_served is not None:  # nobody waits: VTC lifts it
-                waiting = [self.counters.get(self.last_served, 0.0)]  # to the last one served
+                waiting = [self._counter(self.last_served)]  # to the last one served
             if waiting:
                 self.counters[tenant] = max(self.counters.get(tenant, 0.0), min(waiting))
             self._joins += 1
@@ -125,9 +137,12 @@ class FairQueue(RequestQueue):
         self.size += 1
 
     def pop_request(self):
-        self.last_served = self._next_tenant()
-        request = self.queues[self.last_served].popleft()
+        tenant = self.last_served = self._next_tenant()
+        request = self.queues[tenant].popleft()
         self.size -= 1
+        prompt = max(1, request.num_prompt_tokens - request.num_computed_tokens)
+        weight = max(self.weight_of(tenant), 1e-6)
+        self.in_step[tenant] = self.in_step.get(tenant, 0.0) + prompt * PREFILL_COST / weight
         return request
 
     def peek_request(self):
@@ -179,6 +194,7 @@ class _Fair:
             prefill = max(0, min(tokens, request.num_prompt_tokens - request.num_computed_tokens))
             self.waiting.charge(tenant_of(request),
                                 prefill * PREFILL_COST + (tokens - prefill) * DECODE_COST)
+        self.waiting.settle()
         super()._update_after_schedule(scheduler_output)
 
 
