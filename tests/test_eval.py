@@ -253,3 +253,71 @@ def test_a_bottleneck_adapter_is_evaluated_through_transformers(tiny, tmp_path):
     without = sum(hf_loss(plain, ids, labels) * n for (ids, labels), (_, n) in
                   zip(seqs, losses, strict=True)) / tokens
     assert abs(without - reference) > reported_loss_bound(reference, tokens, 5)  # it matters
+
+
+def test_the_held_out_domains_are_never_calibrated_on():
+    """Every domain the issue names ships, each long enough to measure (two windows of the
+    real base's tokenizer would need the base; a thousand words of text is the floor
+    here), and no paragraph of them is in what the int8 calibration reads."""
+    from zoo.apps.evaluate import held_out_domains
+    from zoo.models.data import calibration_texts, texts_of
+
+    domains = held_out_domains()
+    assert set(domains) == {"zoo", "prose", "dialogue", "code", "formal", "technical",
+                            "spanish"}
+    calibration = "\n\n".join(calibration_texts())
+    for domain, path in domains.items():
+        paragraphs = texts_of(path)
+        assert sum(len(p) for p in paragraphs) >= 2500, domain
+        assert not [p for p in paragraphs if p in calibration], domain
+    code = texts_of(domains["code"])
+    assert any(p.startswith("    ") for p in code)  # paragraphs keep their indentation
+
+
+def test_a_quantized_base_is_compared_with_its_original_on_every_domain(tiny, tmp_path,
+                                                                        zoo_home):
+    """zoo eval --domains: each held-out text's perplexity on the NF4 variant over the
+    original's, checked against transformers' own loss on both models (the NF4 one loaded
+    by transformers from the variant's directory, computing with bitsandbytes' own
+    dequantization on zoo's portable path), worst first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoo.apps.evaluate import held_out_domains
+    from zoo.models.nf4 import load_nf4
+
+    made = zoo("quantize", "tiny", "--scheme", "nf4").stdout  # and measured on every domain
+    rows = json.loads(zoo("eval", "tiny", "--variant", "nf4", "--domains", "--json").stdout)
+    assert sorted(r["domain"] for r in rows) == sorted(held_out_domains())
+    assert [r["ratio"] for r in rows] == sorted((r["ratio"] for r in rows), reverse=True)
+    nf4_dir = zoo_home / Registry(zoo_home).load().base("tiny").variants["nf4"].path
+    tokenizer = AutoTokenizer.from_pretrained(tiny.llama)
+    models = {"original": AutoModelForCausalLM.from_pretrained(tiny.llama,
+                                                               dtype=torch.float32).eval(),
+              "variant": load_nf4(nf4_dir)}
+    for row in (rows[0], rows[-1]):  # the worst and the best
+        seqs = sequences(tokenizer, held_out_domains()[row["domain"]])
+        for which, model in models.items():
+            losses = [(hf_loss(model, ids, labels), len(ids) - 1) for ids, labels in seqs]
+            count = sum(n for _, n in losses)
+            reference = math.exp(sum(loss * n for loss, n in losses) / count)
+            # the same float32 sums in another order, and 4 decimals in the JSON
+            assert abs(row[which] - reference) <= gamma(count) * count * reference + 1e-4, \
+                (row["domain"], which, row[which], reference)
+        assert row["tokens"] == count
+    assert len({r["ratio"] for r in rows}) > 1  # measured, not one number for all
+    assert f"worst: {rows[0]['domain']}, x{rows[0]['ratio']:.3f}" in made
+
+
+def test_eval_of_a_variant_reports_its_ratio_to_the_original(tiny, tmp_path, zoo_home):
+    zoo("quantize", "tiny", "--scheme", "nf4", "--no-eval")
+    text = tmp_path / "held.txt"
+    text.write_text(TEXT)
+    cheap = json.loads(zoo("eval", "tiny", "--variant", "nf4", "--data", text, "--json").stdout)
+    full = zoo_json("show", "tiny")["evaluations"]["original"]  # measured for the ratio
+    assert full["data_sha256"] == cheap["data_sha256"] and full["engine"] == "transformers"
+    assert abs(cheap["ratio"] - cheap["perplexity"] / full["perplexity"]) <= 1e-3
+    again = zoo("eval", "tiny", "--variant", "nf4", "--data", text).stdout
+    assert f"x{cheap['ratio']:.3f} the original's perplexity" in again
+    assert zoo_json("show", "tiny")["evaluations"]["original"]["at"] == full["at"]  # reused
+    refused = zoo("eval", "tiny", "--domains", ok=False)
+    assert refused.exit_code == 2 and "--variant nf4 or w8a8" in refused.stderr

@@ -7,6 +7,11 @@ transformers, the way they were trained. Data is a JSONL of the training formats
 (only the answers' tokens count) or plain text (every token after the first of
 each 512-token window). The result is kept in the entry (``zoo show``), one per
 variant.
+
+A quantized variant is also compared with its original, domain by domain
+(``compare_domains``): prose, dialogue, code, formal writing, technical
+documentation and a second language that zoo ships and never calibrates on, plus
+zoo's own held-out text. A quantized base is as good as its worst domain.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +55,27 @@ class Evaluation:
         return {"data": self.data, "data_sha256": self.data_sha256, "tokens": self.tokens,
                 "loss": round(self.loss, 5), "perplexity": round(self.perplexity, 4),
                 "engine": self.engine, "at": self.at}
+
+
+@dataclass(frozen=True)
+class DomainRatio:
+    """A variant's perplexity against its original's on one held-out text."""
+
+    domain: str
+    tokens: int
+    original: float
+    variant: float
+
+    @property
+    def ratio(self) -> float:
+        return self.variant / self.original
+
+
+def held_out_domains() -> dict[str, Path]:
+    """The held-out texts a quantized variant is measured on, by domain."""
+    from zoo.models.data import HELDOUT_DOMAINS, HELDOUT_TEXT
+
+    return {"zoo": HELDOUT_TEXT, **{p.stem: p for p in sorted(HELDOUT_DOMAINS.glob("*.txt"))}}
 
 
 def sequences(tokenizer, data: Path) -> list[Sequence]:
@@ -121,18 +148,13 @@ def evaluate(name: str, variant: str | None = None, data: Path | None = None,
     tokenizer = load_tokenizer(variant_path(registry, base, ORIGINAL))
     seqs = sequences(tokenizer, data)
     variant_path(registry, base, variant)  # present and intact: eval never quantizes
-    served = engine != "transformers" and variant in SERVED and (
-        isinstance(entry, BaseEntry) or entry.servable)
-    log(f"evaluating {name} on {base.name} ({variant}) through "
-        f"{'vLLM' if served else 'transformers'}: {data.name}")
-    if served:
-        total, count = _served(registry, base, entry, variant, seqs, log)
-    else:
-        total, count = nll_transformers(_model(registry, base, entry, variant), seqs)
+    log(f"evaluating {name} on {base.name} ({variant}): {data.name}")
+    with scorer(registry, base, entry, variant, log, engine) as (score, used):
+        total, count = score(seqs)
     if count == 0:
         raise NotSupported(f"{data} has nothing to score", hint="Give answers or longer text.")
     result = Evaluation(name, variant, data.name, sha256_file(data), count, total / count,
-                        "vllm" if served else "transformers", now())
+                        used, now())
     if record:
         with registry.edit() as fresh:
             if isinstance(entry, AdapterEntry):
@@ -145,16 +167,78 @@ def evaluate(name: str, variant: str | None = None, data: Path | None = None,
     return result
 
 
-def _served(registry, base, entry, variant, seqs, log) -> tuple[float, int]:
+def versus_original(name: str, result: Evaluation, data: Path | None,
+                    registry: Registry | None = None,
+                    log: Callable[[str], None] = lambda _: None) -> Evaluation | None:
+    """For a base's quantized variant: the original's evaluation on the same text and
+    engine (the one kept in the entry when it matches, else measured now); else None."""
+    registry = registry or Registry()
+    entry = registry.load().get(name)
+    if not isinstance(entry, BaseEntry) or result.variant == ORIGINAL:
+        return None
+    kept = entry.evaluations.get(ORIGINAL) or {}
+    if (kept.get("data_sha256") == result.data_sha256 and kept.get("engine") == result.engine
+            and kept.get("tokens") == result.tokens):
+        return Evaluation(name, ORIGINAL, kept["data"], kept["data_sha256"], kept["tokens"],
+                          kept["loss"], kept["engine"], kept["at"])
+    engine = "transformers" if result.engine == "transformers" else "auto"
+    return evaluate(name, ORIGINAL, data, registry=registry, log=log, engine=engine)
+
+
+def compare_domains(base: str, variant: str, texts: dict[str, Path] | None = None,
+                    registry: Registry | None = None,
+                    log: Callable[[str], None] = lambda _: None,
+                    engine: str = "auto") -> list[DomainRatio]:
+    """``variant`` of ``base`` against its original on each held-out text (default: every
+    domain zoo ships), worst ratio first: one engine (or model) per variant for them all."""
+    from zoo.catalog.loading import load_tokenizer
+
+    registry = registry or Registry()
+    entry = registry.load().base(base)
+    if variant == ORIGINAL or variant not in VARIANTS:
+        raise NotSupported(f"compare a quantized variant with the original, not {variant!r}",
+                           hint="Use nf4 or w8a8.")
+    texts = texts or held_out_domains()
+    tokenizer = load_tokenizer(variant_path(registry, entry, ORIGINAL))
+    seqs = {domain: sequences(tokenizer, Path(path)) for domain, path in texts.items()}
+    variant_path(registry, entry, variant)  # present and intact: eval never quantizes
+    if variant not in SERVED:  # both through the same engine
+        engine = "transformers"
+    scored: dict[str, dict[str, tuple[float, int]]] = {}
+    for which in (ORIGINAL, variant):
+        log(f"scoring {len(seqs)} held-out texts on {base} ({which})")
+        with scorer(registry, entry, entry, which, log, engine) as (score, _):
+            scored[which] = {domain: score(s) for domain, s in seqs.items()}
+    rows = []
+    for domain in seqs:
+        (full, count), (cheap, _) = scored[ORIGINAL][domain], scored[variant][domain]
+        if count == 0:
+            raise NotSupported(f"{texts[domain]} has nothing to score",
+                               hint="Give answers or longer text.")
+        rows.append(DomainRatio(domain, count, math.exp(full / count), math.exp(cheap / count)))
+    return sorted(rows, key=lambda r: r.ratio, reverse=True)
+
+
+@contextmanager
+def scorer(registry, base: BaseEntry, entry, variant: str, log,
+           engine: str = "auto") -> Iterator[tuple[Callable[[list[Sequence]], tuple[float, int]],
+                                                    str]]:
+    """(score, engine): score(sequences) is their summed NLL and count, through the engine
+    that serves ``variant`` where one does (zoo serve), else transformers."""
+    served = engine != "transformers" and variant in SERVED and (
+        isinstance(entry, BaseEntry) or entry.servable)
+    if not served:
+        model = _model(registry, base, entry, variant)
+        yield (lambda seqs: nll_transformers(model, seqs)), "transformers"
+        return
+    from zoo.catalog.versions import label
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
     options = ServeOptions(base=base.name, port=free_port(),
                            quantization="none" if variant == ORIGINAL else variant)
+    model = entry.name if isinstance(entry, BaseEntry) else label(entry.name, entry.version)
     with running_server(options, registry, log=log) as server:
-        from zoo.catalog.versions import label
-
-        model = entry.name if isinstance(entry, BaseEntry) else label(entry.name, entry.version)
-        return nll_served(server.url, model, seqs)
+        yield (lambda seqs: nll_served(server.url, model, seqs)), "vllm"
 
 
 def _model(registry, base: BaseEntry, entry, variant: str):

@@ -89,13 +89,19 @@ def quantize_cmd(base: str, scheme: str, force: bool, calibration: Path | None,
         click.echo(f"kept in 16 bits (int8 error above {variant.quantization['keep_tolerance']}):"
                    f" {', '.join(kept)}")
     if evaluate_after:
-        from zoo.apps.evaluate import evaluate
+        from zoo.apps.evaluate import compare_domains
 
-        full = evaluate(base, "original", log=_log)
-        cheap = evaluate(base, scheme, log=_log)
-        click.echo(f"held-out perplexity: {full.perplexity:.2f} (16-bit) -> "
-                   f"{cheap.perplexity:.2f} ({scheme}), x{cheap.perplexity / full.perplexity:.3f} "
-                   f"on {cheap.tokens} tokens of {cheap.data}")
+        _echo_domains(compare_domains(base, scheme, log=_log), scheme)
+
+
+def _echo_domains(rows, variant: str) -> None:
+    """Each held-out text's perplexity in 16 bits and in ``variant``, worst ratio first."""
+    click.echo(f"{'held-out text':<14} {'tokens':>6} {'16-bit':>8} {variant:>8} {'ratio':>7}")
+    for row in rows:
+        click.echo(f"{row.domain:<14} {row.tokens:>6} {row.original:>8.2f} {row.variant:>8.2f}"
+                   f" {row.ratio:>7.3f}")
+    worst = rows[0]
+    click.echo(f"worst: {worst.domain}, x{worst.ratio:.3f} the 16-bit perplexity")
 
 
 @cli.command("eval")
@@ -104,21 +110,44 @@ def quantize_cmd(base: str, scheme: str, force: bool, calibration: Path | None,
               help="Base variant to run on (default: the base's original, an adapter's own).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="JSONL of the training formats, or plain text (default: zoo's held-out text).")
+@click.option("--domains", is_flag=True,
+              help="A base's quantized variant against its original on every held-out domain "
+                   "zoo ships (prose, dialogue, code, formal, technical, Spanish).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(name: str, variant: str | None, data: Path | None, as_json: bool) -> None:
-    """Held-out loss and perplexity of a base or an adapter (kept in 'zoo show')."""
+def eval_cmd(name: str, variant: str | None, data: Path | None, domains: bool,
+             as_json: bool) -> None:
+    """Held-out loss and perplexity of a base or an adapter (kept in 'zoo show'); a base's
+    quantized variant is also compared with its original on the same text."""
     import json
 
-    from zoo.apps.evaluate import evaluate
+    from zoo.apps.evaluate import compare_domains, evaluate, versus_original
 
+    if domains:
+        if data is not None or variant in (None, "original"):
+            raise click.UsageError("--domains takes a base and --variant nf4 or w8a8, no --data")
+        rows = compare_domains(name, variant, log=_log)
+        if as_json:
+            click.echo(json.dumps([{"domain": r.domain, "tokens": r.tokens,
+                                    "original": round(r.original, 4),
+                                    "variant": round(r.variant, 4), "ratio": round(r.ratio, 4)}
+                                   for r in rows], indent=2))
+        else:
+            _echo_domains(rows, variant)
+        return
     result = evaluate(name, variant, data, log=_log)
+    original = versus_original(name, result, data, log=_log)
     if as_json:
+        extra = {"original_perplexity": round(original.perplexity, 4),
+                 "ratio": round(result.perplexity / original.perplexity, 4)} if original else {}
         click.echo(json.dumps({"name": result.name, "variant": result.variant,
-                               **result.record()}, indent=2))
+                               **result.record(), **extra}, indent=2))
         return
     click.echo(f"{name} on {result.variant}: loss {result.loss:.4f}, perplexity "
                f"{result.perplexity:.2f} over {result.tokens} tokens of {result.data} "
                f"({result.engine})")
+    if original:
+        click.echo(f"x{result.perplexity / original.perplexity:.3f} the original's perplexity "
+                   f"({original.perplexity:.2f}) on the same text")
 
 
 @cli.command("merge")

@@ -122,6 +122,7 @@ CALIBRATION_TEXT = PACKAGE_DATA / "calibration.txt"
 # when the default int8 base was tuned (a new demo example must not change the base)
 CALIBRATION_CHATS = PACKAGE_DATA / "calibration"
 HELDOUT_TEXT = PACKAGE_DATA / "heldout.txt"
+HELDOUT_DOMAINS = PACKAGE_DATA / "domains"  # one text per domain, never calibrated on
 
 
 def calibration_texts(path: Path | None = None) -> list[str]:
@@ -143,7 +144,8 @@ def texts_of(path: Path) -> list[str]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise FormatError(f"cannot read {path} ({type(exc).__name__})", path=str(path)) from None
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    # paragraphs keep their first line's indentation (code)
+    return [p.lstrip("\n").rstrip() for p in text.split("\n\n") if p.strip()]
 
 
 def token_batches(tokenizer, texts: list[str], max_length: int = 512) -> list:
