@@ -33,10 +33,15 @@ PIRATE = "demo/pirate"
 PIRATE_DATA = ROOT / "bench" / "data" / "pirate-heldout.jsonl"
 
 
-def variant_home(home: Path, label: str, calibrate: bool, log) -> Path:
-    """A home sharing the base's files (hard links) whose w8a8 variant is ``label``'s."""
+def variant_home(home: Path, label: str, calibrate: bool, log, **settings) -> Path:
+    """A home sharing the base's files (hard links) whose w8a8 variant is ``label``'s,
+    written with ``settings`` of the W8A8 writer (alpha, tolerance) where given."""
+    import functools
+
+    import zoo.quantize
     from zoo.catalog.registry import Registry
     from zoo.quantize import quantize
+    from zoo.quantize.w8a8 import write_w8a8
 
     target = home.parent / f"{home.name}-{label}"
     if not (target / "registry.json").exists():
@@ -53,7 +58,11 @@ def variant_home(home: Path, label: str, calibrate: bool, log) -> Path:
                 k: v for k, v in base.variants.items() if k != "w8a8"})
             for name in [a.name for a in catalog.adapters() if a.name != PIRATE]:
                 del catalog.entries[name]
-        quantize(BASE, "w8a8", registry, calibrate=calibrate, log=log)
+        zoo.quantize.write_w8a8 = functools.partial(write_w8a8, **settings)
+        try:
+            quantize(BASE, "w8a8", registry, calibrate=calibrate, log=log)
+        finally:
+            zoo.quantize.write_w8a8 = write_w8a8
     return target
 
 
