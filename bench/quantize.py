@@ -48,6 +48,8 @@ def variant_home(home: Path, label: str, calibrate: bool, log, **settings) -> Pa
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         for sub in ("bases", f"adapters/{PIRATE}"):
+            if not (home / sub).exists():  # the pirate: only where it was pulled
+                continue
             shutil.copytree(home / sub, target / sub, copy_function=os.link,
                             ignore=shutil.ignore_patterns("*@w8a8"))
         shutil.copy(home / "registry.json", target / "registry.json")
@@ -58,9 +60,11 @@ def variant_home(home: Path, label: str, calibrate: bool, log, **settings) -> Pa
                 k: v for k, v in base.variants.items() if k != "w8a8"})
             for name in [a.name for a in catalog.adapters() if a.name != PIRATE]:
                 del catalog.entries[name]
+        calibration = settings.pop("calibration", None)  # quantize() passes its own
         zoo.quantize.write_w8a8 = functools.partial(write_w8a8, **settings)
         try:
-            quantize(BASE, "w8a8", registry, calibrate=calibrate, log=log)
+            quantize(BASE, "w8a8", registry, calibrate=calibrate, log=log,
+                     calibration=calibration)
         finally:
             zoo.quantize.write_w8a8 = write_w8a8
     return target

@@ -118,8 +118,9 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> tuple[list
 
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 CALIBRATION_TEXT = PACKAGE_DATA / "calibration.txt"
-# chat examples for calibration, frozen: the demo datasets' first 16 examples as they were
-# when the default int8 base was tuned (a new demo example must not change the base)
+# more calibration, frozen: chat examples (the demo datasets' first 16 examples as they
+# were when the default int8 base was tuned: a new demo example must not change the
+# base), and text in other languages, code and everyday writing (*.txt)
 CALIBRATION_CHATS = PACKAGE_DATA / "calibration"
 HELDOUT_TEXT = PACKAGE_DATA / "heldout.txt"
 HELDOUT_DOMAINS = PACKAGE_DATA / "domains"  # one text per domain, never calibrated on
@@ -127,12 +128,15 @@ HELDOUT_DOMAINS = PACKAGE_DATA / "domains"  # one text per domain, never calibra
 
 def calibration_texts(path: Path | None = None) -> list[str]:
     """Text to calibrate quantization on: ``path`` (plain text, or JSONL of the training
-    formats), or what ships with zoo: English prose and chat examples."""
+    formats), or what ships with zoo: English prose, chat examples, four other languages,
+    code in four languages and everyday writing (none of the held-out domains' texts)."""
     if path is not None:
         return texts_of(Path(path))
     texts = texts_of(CALIBRATION_TEXT)
     for jsonl in sorted(CALIBRATION_CHATS.glob("*.jsonl")):
         texts += texts_of(jsonl)
+    for text in sorted(CALIBRATION_CHATS.glob("*.txt")):  # other languages, code, letters
+        texts += texts_of(text)
     return texts
 
 

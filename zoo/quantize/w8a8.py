@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 # Relative output error (||y_int8 - y|| / ||y|| on calibration inputs) above which a
-# layer stays in 16 bits, and at most this share of the layers: measured on SmolLM2
-# (docs/BENCHMARKS.md, bench/quantize.py).
-KEEP_TOLERANCE = 0.10
+# layer stays in 16 bits, and at most this share of the layers: measured on SmolLM2 on
+# six held-out domains (docs/BENCHMARKS.md, bench/domains.py): at 0.10 no layer stayed
+# and Spanish and formal text lost up to 4%; at 0.025 the worst eighth stays (+6% file).
+KEEP_TOLERANCE = 0.025
 KEEP_AT_MOST = 0.125
 SMOOTH_ALPHA = 0.5
 # The projections whose input the others share: q (with k, v), o, gate (with up), down.

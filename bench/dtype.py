@@ -1,0 +1,74 @@
+"""The activation dtype on this machine: one stream and 64, float32 against bfloat16.
+
+Run: .venv/bin/python bench/dtype.py [--rounds 3]
+
+Each engine serves the real base: the 16-bit base with float32 and with bfloat16
+activations, and the int8 W8A8 base with bfloat16 (the dtype zoo's default `--dtype
+auto` picks where the CPU has AMX or AVX-512 BF16; vLLM's AMX int8 kernel refuses
+float32 there). Measured per engine: one request alone (64 tokens) and 64 concurrent
+requests (32 tokens each), output tokens/s, the median of --rounds each, after a warm-up.
+The engines run one after another in the order given and then again in reverse, and
+each row is the median over both passes (engines started later can measure faster on
+this machine). Results in bench/results/dtype.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+
+from common import BASE, bench_home, save, table
+from serve import burst
+
+ENGINES = {  # label: (quantization, dtype)
+    "16-bit, float32": ("none", "float32"),
+    "16-bit, bfloat16": ("none", "bfloat16"),
+    "int8, bfloat16 (default here)": ("w8a8", "bfloat16"),
+}
+
+
+def measure(home, quantization: str, dtype: str, rounds: int, log) -> dict:
+    from zoo.catalog.registry import Registry
+    from zoo.serve.launch import ServeOptions, free_port, running_server
+
+    options = ServeOptions(base=BASE, quantization=quantization, dtype=dtype, port=free_port())
+    with running_server(options, Registry(home), log=log) as server:
+        asyncio.run(burst(server.url, [BASE] * 8, 8, 8))  # warm-up
+        one = [asyncio.run(burst(server.url, [BASE], 64, 1))["tok_per_s"] for _ in range(rounds)]
+        many = [asyncio.run(burst(server.url, [BASE] * 64, 32, 64))["tok_per_s"]
+                for _ in range(rounds)]
+    return {"one": one, "many": many}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    home = bench_home()
+    samples: dict[str, dict[str, list[float]]] = {label: {"one": [], "many": []}
+                                                  for label in ENGINES}
+    for label in [*ENGINES, *reversed(ENGINES)]:
+        got = measure(home, *ENGINES[label], args.rounds, log)
+        for key in ("one", "many"):
+            samples[label][key] += got[key]
+    reference = statistics.median(samples["16-bit, float32"]["one"]), \
+        statistics.median(samples["16-bit, float32"]["many"])
+    rows = []
+    for label, got in samples.items():
+        one, many = statistics.median(got["one"]), statistics.median(got["many"])
+        rows.append({"engine": label, "1 stream tok/s": one, "vs fp32 (1)": one / reference[0],
+                     "64 streams tok/s": many, "vs fp32 (64)": many / reference[1]})
+    print("\noutput tokens/s, one request alone (64 tokens) and 64 at once (32 tokens each)")
+    print(table(rows, ["engine", "1 stream tok/s", "vs fp32 (1)", "64 streams tok/s",
+                       "vs fp32 (64)"]))
+    save("dtype", {"command": " ".join(sys.argv), "rows": rows, "samples": samples})
+
+
+if __name__ == "__main__":
+    main()
