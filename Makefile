@@ -19,4 +19,4 @@ lint: bootstrap
 	$(VENV)/bin/ruff check zoo tests bench scripts
 
 bench: bootstrap
-	cd bench && ../$(PY) registry.py && ../$(PY) train.py && ../$(PY) merge.py && ../$(PY) hub.py && ../$(PY) serve.py && ../$(PY) versions.py && ../$(PY) fairness.py && ../$(PY) ui.py
+	cd bench && ../$(PY) registry.py && ../$(PY) train.py && ../$(PY) merge.py && ../$(PY) hub.py && ../$(PY) serve.py && ../$(PY) versions.py && ../$(PY) fairness.py && ../$(PY) ui.py && ../$(PY) domains.py && ../$(PY) dtype.py
