@@ -88,6 +88,12 @@ def require_intact(registry: Registry, entry: Entry) -> Path:
     return root
 
 
+def has_intact_variant(registry: Registry, base: BaseEntry, variant: str) -> bool:
+    """Whether ``base`` has its ``variant`` registered with every file as registered."""
+    v = base.variants.get(variant)
+    return v is not None and not changed_files(registry.home / v.path, v.files)
+
+
 def variant_path(registry: Registry, base: BaseEntry, variant: str) -> Path:
     """The intact directory of ``base`` or of one of its quantized variants."""
     if variant == ORIGINAL:

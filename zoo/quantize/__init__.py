@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from zoo.catalog.home import staging_dir
-from zoo.catalog.integrity import changed_files, require_intact
+from zoo.catalog.integrity import has_intact_variant, require_intact
 from zoo.catalog.registry import Registry
 from zoo.catalog.store import register_variant
 from zoo.core.records import Variant
@@ -36,10 +36,8 @@ def quantize(base: str, scheme: str, registry: Registry | None = None,
     if scheme not in SCHEMES:
         raise NotSupported(f"unknown scheme {scheme!r}", hint=f"Use one of {', '.join(SCHEMES)}.")
     entry = registry.load().base(base)
-    existing = entry.variants.get(scheme)
-    if existing is not None and not force:
-        if not changed_files(registry.home / existing.path, existing.files):
-            return existing
+    if not force and has_intact_variant(registry, entry, scheme):
+        return entry.variants[scheme]
     source = require_intact(registry, entry)
     log(f"quantizing {base} to {scheme}")
     with staging_dir(registry.home, f"{base}@{scheme}") as stage:

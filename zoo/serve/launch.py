@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from zoo.catalog.home import staging_dir
-from zoo.catalog.integrity import ORIGINAL, changed_files, variant_path
+from zoo.catalog.integrity import ORIGINAL, changed_files, has_intact_variant, variant_path
 from zoo.catalog.registry import Catalog, Registry
 from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import ServeError, ZooError
@@ -121,9 +121,7 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     registry = registry or Registry()
     base = choose_base(registry.load(), options.base)
     variant = served_variant(options)
-    existing = base.variants.get(variant)
-    if variant != ORIGINAL and (existing is None or changed_files(registry.home / existing.path,
-                                                                   existing.files)):
+    if variant != ORIGINAL and not has_intact_variant(registry, base, variant):
         import json
 
         log(f"quantizing {base.name} to {variant} (in a process of its own)")
