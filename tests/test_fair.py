@@ -8,13 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import zoo
-from zoo.serve.fair import DECODE_COST, PREFILL_COST, FairQueue, tenant_of
+from zoo.serve.fair import (
+    DECODE_COST,
+    PREFILL_COST,
+    FairQueue,
+    prefill_tokens,
+    tenant_of,
+    tenant_to_make_room,
+)
 from zoo.serve.meter import Meter
 from zoo.serve.policy import salt_for
 
@@ -146,6 +154,63 @@ def test_one_tenant_queues_exactly_as_vllms_own_fcfs_queue(operations):
 
 def test_prompt_and_generated_tokens_are_charged_as_vtc_does():
     assert DECODE_COST == 2 * PREFILL_COST
+
+    def state(prompt: int, output: int, computed: int):
+        return SimpleNamespace(num_prompt_tokens=prompt, num_output_tokens=output,
+                               num_tokens=prompt + output, num_computed_tokens=computed)
+    assert prefill_tokens(state(10, 0, 0), 10) == 10  # a whole prompt
+    assert prefill_tokens(state(10, 0, 4), 3) == 3  # a chunk of one
+    assert prefill_tokens(state(10, 5, 14), 1) == 0  # a generated token
+    # preempted after 5 tokens, computed again: 14 tokens are input, the 15th generates
+    assert prefill_tokens(state(10, 5, 0), 15) == 14
+
+
+def test_a_tenant_holding_every_place_makes_room_for_one_below_its_share():
+    one = lambda t: 1.0  # noqa: E731
+    assert tenant_to_make_room("b", Counter(a=64), ["a", "b"], one, 64) == "a"
+    # a hundred tenants, each's share below one place: the first request still gets one
+    waiting = [f"t{i}" for i in range(100)]
+    assert tenant_to_make_room("t7", Counter(a=64), waiting, one, 64) == "a"
+    # the one furthest above its share gives, not the first or the largest by name
+    assert tenant_to_make_room("c", Counter(a=30, b=34), ["c"], one, 64) == "b"
+
+
+def test_no_room_is_made_for_a_tenant_at_its_share_or_from_one_that_would_fall_below():
+    one = lambda t: 1.0  # noqa: E731
+    weights = {"light": 1.0, "heavy": 3.0}.get
+    assert tenant_to_make_room("a", Counter(a=64), ["a"], one, 64) is None  # alone
+    assert tenant_to_make_room("b", Counter(a=32, b=32), ["a", "b"], one, 64) is None
+    assert tenant_to_make_room("light", Counter(light=2, heavy=6), ["light"], weights, 8) is None
+    assert tenant_to_make_room("heavy", Counter(light=2, heavy=6), ["light"], weights, 8) is None
+    assert tenant_to_make_room("heavy", Counter(light=3, heavy=5), ["light"], weights, 8) == "light"
+    # light's share of 8 places is 2: it keeps both rather than go below
+    assert tenant_to_make_room("heavy", Counter(light=2, heavy=5), ["heavy"], weights, 7) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from("abcdef"), st.integers(1, 5), min_size=1),
+       st.integers(1, 64), st.data())
+def test_making_room_moves_places_towards_the_shares_and_stops(weights, places, data):
+    """However the places start, each preemption takes one from a tenant that keeps at
+    least its share and gives it to one below its share; repeated for whoever is next in
+    line, in any order, no more than ``places`` preemptions happen."""
+    tenants = sorted(weights)
+    held = data.draw(st.lists(st.sampled_from(tenants), min_size=places, max_size=places))
+    seats = Counter(held)
+    total = sum(weights.values())
+    share = {t: places * weights[t] / total for t in tenants}
+    preemptions = 0
+    for _ in range(3 * places):
+        next_in_line = data.draw(st.sampled_from(tenants))
+        victim = tenant_to_make_room(next_in_line, seats, tenants, weights.get, places)
+        if victim is not None:
+            assert seats[next_in_line] < share[next_in_line]
+            assert seats[victim] - 1 >= share[victim]
+            seats[victim] -= 1
+            seats[next_in_line] += 1
+            preemptions += 1
+    assert preemptions <= places  # no place goes back and forth
+    assert sum(seats.values()) == places
 
 
 def test_metered_usage_survives_a_process_killed_right_after(tmp_path):

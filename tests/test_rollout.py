@@ -1,7 +1,7 @@
 """One real engine shared by tenants and versions: a canary set, promoted and rolled back
 under load, without a restart or a failed request; vLLM's prefix cache never shared
 between two versions of a name, or two tenants (the engine's own cached-token count); and
-the fair scheduler: a tenant is not served behind another's queue, and backlogged tenants
+the fair scheduler: a tenant is not served behind another's queue or full batch, and backlogged tenants
 are served in proportion to their weights (orders of completion, not timings)."""
 
 from __future__ import annotations
@@ -124,40 +124,72 @@ def test_cached_prefixes_never_cross_versions_or_tenants(served):
     assert cached(BASE, key=KEYS["globex"]) == 0
 
 
-def test_a_tenant_is_not_served_behind_another_tenants_queue(served):
-    """acme queues 64 requests of 32 tokens each (8 run at a time); once the first of them
-    is answered (the rest wait), globex asks one: it is admitted as soon as a place frees,
-    not after acme's whole queue (first come, first served would finish it last)."""
-    finished: list[str] = []
-    lock = threading.Lock()
-    first_done = threading.Event()
+def test_a_tenant_is_not_served_behind_another_tenants_batch(served):
+    """acme holds every place (8) with long requests and queues more; globex asks one: it is
+    answered while all of acme's still run, by vLLM's own preemption of acme's newest (first
+    come, first served would keep globex waiting until one of acme's 1,500 tokens ended)."""
+    before = successes(served)
+    blockers = hold_places(served, {"acme": 8})
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            queued = [pool.submit(ask, served.url, BASE, None, "Hi", KEYS["acme"], 16,
+                                  ignore_eos=True) for _ in range(8)]
+            until(lambda: engine_queue(served) == (8, 8), 60, "acme's 8 more queue")
+            status, _, usage = ask(served.url, BASE, prompt="Tell me about lighthouses.",
+                                   key=KEYS["globex"], max_tokens=16, ignore_eos=True)
+            answered = successes(served)
+            close(blockers)
+            assert all(f.result()[0] == 200 for f in queued)
+    finally:
+        close(blockers)
+    assert (status, usage.get("completion_tokens")) == (200, 16)
+    # none of acme's ended and none was cancelled: a place was made by preempting one
+    assert answered - before == 1  # globex's
 
-    def one(who: str, key: str):
-        status, _, usage = ask(served.url, BASE, prompt="Tell me about lighthouses.", key=key,
-                               max_tokens=32, ignore_eos=True)
-        with lock:
-            finished.append(who)
-        first_done.set()
-        return status, usage.get("completion_tokens")
 
-    with ThreadPoolExecutor(65) as pool:
-        noisy = [pool.submit(one, f"acme-{i}", KEYS["acme"]) for i in range(64)]
-        assert first_done.wait(120)
-        quiet = pool.submit(one, "globex", KEYS["globex"])
-        assert quiet.result() == (200, 32) and all(f.result() == (200, 32) for f in noisy)
-    assert 1 <= finished.index("globex") < 32, finished.index("globex")
+def hold_places(served, holders: dict[str, int]) -> list:
+    """Long streamed requests (closing one cancels it) holding the engine's places."""
+    blockers = []
+    for tenant, count in holders.items():
+        for _ in range(count):
+            body = {"model": BASE, "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True,
+                    "stream": True}
+            request = urllib.request.Request(
+                served.url + "/completions", data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json",
+                         "Authorization": f"Bearer {KEYS[tenant]}"})
+            blockers.append(urllib.request.urlopen(request, timeout=300))
+    until(lambda: engine_queue(served) == (len(blockers), 0), 60, "the long requests run")
+    return blockers
+
+
+def close(blockers: list) -> None:
+    while blockers:
+        blockers.pop().close()
+
+
+def metrics(served) -> str:
+    request = urllib.request.Request(served.root + "/metrics",
+                                     headers={"Authorization": f"Bearer {KEYS['ops']}"})
+    return urllib.request.urlopen(request, timeout=30).read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a vLLM gauge's or counter's series (counters end in _total)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + "_total{")))
+
+
+def successes(served) -> float:
+    """Requests the engine has finished (not cancelled), by vLLM's own counter."""
+    return metric(metrics(served), "vllm:request_success")
 
 
 def engine_queue(served) -> tuple[int, int]:
     """(running, waiting) requests, from vLLM's own gauges (an operator reads /metrics)."""
-    request = urllib.request.Request(served.root + "/metrics",
-                                     headers={"Authorization": f"Bearer {KEYS['ops']}"})
-    text = urllib.request.urlopen(request, timeout=30).read().decode()
-
-    def gauge(name: str) -> int:
-        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith(name + "{")))
-    return gauge("vllm:num_requests_running"), gauge("vllm:num_requests_waiting")
+    text = metrics(served)
+    return (int(metric(text, "vllm:num_requests_running")),
+            int(metric(text, "vllm:num_requests_waiting")))
 
 
 def until(condition, timeout: float, what: str) -> None:
@@ -168,9 +200,10 @@ def until(condition, timeout: float, what: str) -> None:
 
 
 def test_backlogged_tenants_are_served_by_weight(served):
-    """globex weighs 3, acme 1. An operator's eight long requests hold every place while
-    both tenants queue 40 each; then they are cancelled, and the places go about three of
-    every four to globex while both wait (orders of completion: all take 16 tokens)."""
+    """globex weighs 3, acme 1. Long requests hold every place, each tenant its share (2 and
+    6: nobody is preempted), while both queue 40 more; then they are cancelled, and the
+    places go about three of every four to globex while both wait (orders of completion:
+    all take 16 tokens)."""
     finished: list[str] = []
     lock = threading.Lock()
 
@@ -181,27 +214,15 @@ def test_backlogged_tenants_are_served_by_weight(served):
             finished.append(who)
         return status
 
-    blockers = []
-    for _ in range(8):  # streamed, so that closing the connection cancels it
-        body = {"model": BASE, "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True,
-                "stream": True}
-        request = urllib.request.Request(
-            served.url + "/completions", data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json",
-                     "Authorization": f"Bearer {KEYS['ops']}"})
-        blockers.append(urllib.request.urlopen(request, timeout=300))
+    blockers = hold_places(served, {"acme": 2, "globex": 6})
     try:
-        until(lambda: engine_queue(served) == (8, 0), 60, "the operator's requests run")
         with ThreadPoolExecutor(80) as pool:
             jobs = [pool.submit(one, who) for i in range(40) for who in ("acme", "globex")]
             until(lambda: engine_queue(served) == (8, 80), 60,
-                  f"all 80 queued behind the operator's 8: {engine_queue(served)}")
-            for blocker in blockers:
-                blocker.close()
-            blockers = []
+                  f"all 80 queued behind the long requests: {engine_queue(served)}")
+            close(blockers)
             assert all(f.result() == 200 for f in jobs)
     finally:
-        for blocker in blockers:
-            blocker.close()
+        close(blockers)
     first = finished[:40]  # places given while both tenants waited (globex has 40)
     assert first.count("globex") >= 2 * first.count("acme"), finished

@@ -187,8 +187,8 @@ def test_the_grouped_path_gives_way_to_vllms_own(monkeypatch):
 
 
 def test_the_scheduler_internals_the_fair_queue_relies_on():
-    """zoo/serve/fair.py replaces the scheduler's waiting queue and charges scheduled
-    tokens; the tenant arrives in the request's cache salt."""
+    """zoo/serve/fair.py replaces the scheduler's waiting queue, charges scheduled tokens and
+    makes room by vLLM's own preemption; the tenant arrives in the request's cache salt."""
     from vllm.v1.core.sched.request_queue import RequestQueue
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import Request
@@ -200,6 +200,16 @@ def test_the_scheduler_internals_the_fair_queue_relies_on():
     assert list(inspect.signature(Scheduler._update_after_schedule).parameters) == [
         "self", "scheduler_output"], feature("fair scheduler's token accounting")
     assert "num_scheduled_tokens" in inspect.getsource(Scheduler._update_after_schedule)
+    assert list(inspect.signature(Scheduler._preempt_request).parameters)[:3] == [
+        "self", "request", "timestamp"], feature("fair scheduler's preemption")
+    assert "prepend_request" in inspect.getsource(Scheduler._preempt_request)
+    assert list(inspect.signature(Scheduler._request_blocks_can_be_freed).parameters) == [
+        "self", "request"], feature("fair scheduler's preemption")
+    for attribute in ("self.running", "self.max_num_active_reqs",
+                      "self.num_waiting_for_streaming_input"):
+        assert attribute in source, feature(f"fair scheduler ({attribute})")
+    for name in ("num_tokens", "num_output_tokens"):
+        assert isinstance(getattr(Request, name), property), feature(f"fair scheduler ({name})")
     init = inspect.getsource(Request.__init__)
     for attribute in ("self.cache_salt", "self.num_prompt_tokens", "self.num_computed_tokens"):
         assert attribute in init, feature(f"fair scheduler ({attribute})")
