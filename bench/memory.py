@@ -1,0 +1,168 @@
+"""The server's memory over a long life: cycling thousands of distinct adapters.
+
+Run: .venv/bin/python bench/memory.py [--adapters 10000] [--batch 64] [--every 320]
+
+`zoo serve --multi-lora` with its defaults (int8 base, 64 adapters a batch, 256 kept
+loaded on the CPU) on a home whose catalog holds --adapters rank-8 q/v LoRAs (bf16 files:
+vLLM holds them in the model's dtype whichever the file's). Requests of 4 tokens go to
+--batch distinct adapters at a time, each adapter used once, in order, so that every
+request after the first 256 adapters makes vLLM evict one and load another. Every
+--every adapters the resident memory (RSS) of each process of the server is read:
+`zoo serve` itself (the supervisor), vLLM's API server, its engine core and its worker.
+Flat means: the last reading within 5% of the reading after the warm-up (twice the
+adapters kept loaded), for every process and for their sum.
+
+Results go to bench/results/memory.json and docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import BASE, bench_home, save, scratch_home, table, write_random_lora
+
+CHUNK = 500  # adapters written and registered at a time (zoo add copies them into the home)
+
+
+def catalog(home: Path, count: int, log) -> list[str]:
+    """``count`` distinct rank-8 q/v LoRAs registered as mem/aNNNNN."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from zoo.catalog.bulk import add_many
+    from zoo.catalog.registry import Registry
+
+    registry = Registry(home)
+    base_dir = home / "bases" / BASE
+    incoming = home.parent / "memory-incoming"
+    template = write_random_lora(home.parent / "memory-template", base_dir,
+                                 targets=("q_proj", "v_proj"))
+    shapes = {k: v.shape for k, v in load_file(template / "adapter_model.safetensors").items()}
+    config = (template / "adapter_config.json").read_text()
+    started = time.perf_counter()
+    for first in range(0, count, CHUNK):
+        shutil.rmtree(incoming, ignore_errors=True)
+        for i in range(first, min(first + CHUNK, count)):
+            generator = torch.Generator().manual_seed(i)
+            folder = incoming / f"a{i:05d}"
+            folder.mkdir(parents=True)
+            save_file({k: (torch.randn(s, generator=generator) * 0.05).to(torch.bfloat16)
+                       for k, s in shapes.items()}, folder / "adapter_model.safetensors")
+            (folder / "adapter_config.json").write_text(config)
+        add_many(incoming, BASE, prefix="mem/", registry=registry)
+        log(f"catalog: {min(first + CHUNK, count)} of {count} registered "
+            f"({time.perf_counter() - started:.0f} s)")
+    shutil.rmtree(incoming, ignore_errors=True)
+    return [f"mem/a{i:05d}" for i in range(count)]
+
+
+def processes(root_pid: int) -> dict[str, int]:
+    """Resident bytes of the server's processes by role."""
+    import psutil
+
+    roles = {}
+    root = psutil.Process(root_pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            line = " ".join(proc.cmdline())
+            name = proc.name()
+            rss = proc.memory_info().rss
+        except psutil.Error:
+            continue
+        if proc.pid == root_pid:
+            role = "zoo serve"
+        elif "EngineCore" in name or "EngineCore" in line:
+            role = "engine core"
+        elif "Worker" in name or "Worker" in line:
+            role = "worker"
+        elif "api_server" in line or "vllm" in line:
+            role = "api server"
+        else:
+            continue  # vLLM's resource tracker and the like: a few MB
+        roles[role] = roles.get(role, 0) + rss
+    return roles
+
+
+async def cycle(url: str, names: list[str], batch: int, every: int, read, log) -> list[dict]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    readings, failed, started = [], 0, time.perf_counter()
+
+    async def one(model: str) -> bool:
+        try:
+            await client.completions.create(model=model, prompt="Hello", max_tokens=4,
+                                            temperature=0)
+            return True
+        except Exception as error:  # noqa: BLE001 - counted, and the first few said
+            if failed < 3:
+                log(f"failed: {model}: {error}")
+            return False
+
+    readings.append({"adapters": 0, "seconds": 0.0, **read()})
+    for first in range(0, len(names), batch):
+        done = await asyncio.gather(*(one(m) for m in names[first:first + batch]))
+        failed += done.count(False)
+        used = min(first + batch, len(names))
+        if used % every == 0 or used == len(names):
+            readings.append({"adapters": used, "seconds": time.perf_counter() - started,
+                             "failed": failed, **read()})
+            log(f"{used} adapters: " + ", ".join(
+                f"{k} {v / 2**20:.0f} MB" for k, v in readings[-1].items()
+                if k not in ("adapters", "seconds", "failed")))
+    await client.close()
+    return readings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--adapters", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--every", type=int, default=320)
+    args = parser.parse_args()
+    from zoo.serve.launch import free_port, stop, wait_healthy
+
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    home = scratch_home(bench_home().parent / "zoo-bench-memory")
+    names = catalog(home, args.adapters, log)
+    port = free_port()
+    server_log = home.parent / "memory-serve.log"
+    argv = [str(Path(sys.executable).with_name("zoo")), "serve", "--multi-lora", "--base", BASE,
+            "--port", str(port)]
+    with open(server_log, "wb") as out:
+        serving = subprocess.Popen(argv, env={**os.environ, "ZOO_HOME": str(home)}, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", serving, server_log, 1800, "zoo serve")
+
+        def read() -> dict:
+            roles = processes(serving.pid)
+            return {**roles, "all": sum(roles.values())}
+
+        readings = asyncio.run(cycle(f"http://127.0.0.1:{port}/v1", names, args.batch,
+                                     args.every, read, log))
+    finally:
+        stop(serving)
+    shutil.rmtree(home, ignore_errors=True)
+    kept_loaded = 256
+    warm = next(r for r in readings if r["adapters"] >= 2 * kept_loaded)
+    last = readings[-1]
+    roles = [k for k in last if k not in ("adapters", "seconds", "failed")]
+    rows = [{"process": role, "after warm-up (MB)": warm[role] / 2**20,
+             "at the end (MB)": last[role] / 2**20, "end / warm": last[role] / warm[role]}
+            for role in roles]
+    print(f"{last['adapters']} adapters in {last['seconds']:.0f} s, {last['failed']} failed; "
+          f"warm-up reading at {warm['adapters']} adapters")
+    print(table(rows, ["process", "after warm-up (MB)", "at the end (MB)", "end / warm"]))
+    save("memory", {"command": " ".join(sys.argv), "readings": readings, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
