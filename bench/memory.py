@@ -1,6 +1,7 @@
 """The server's memory over a long life: cycling thousands of distinct adapters.
 
 Run: .venv/bin/python bench/memory.py [--adapters 10000] [--batch 64] [--every 320]
+                                      [--variants zoo,vllm-lora-info]
 
 `zoo serve --multi-lora` with its defaults (int8 base, 64 adapters a batch, 256 kept
 loaded on the CPU) on a home whose catalog holds --adapters rank-8 q/v LoRAs (bf16 files:
@@ -11,6 +12,12 @@ request after the first 256 adapters makes vLLM evict one and load another. Ever
 `zoo serve` itself (the supervisor), vLLM's API server, its engine core and its worker.
 Flat means: the last reading within 5% of the reading after the warm-up (twice the
 adapters kept loaded), for every process and for their sum.
+
+--variants runs one server after another on the same catalog, each through every adapter:
+`zoo` (zoo serve's defaults) and `vllm-lora-info` (the same with ZOO_LORA_INFO=0: vLLM's
+own vllm:lora_requests_info gauge, which keeps a series for every set of adapters it
+ever reported). The catalog is kept between runs (ZOO_BENCH_HOME's sibling
+zoo-bench-memory; about 0.9 MB an adapter).
 
 Results go to bench/results/memory.json and docs/BENCHMARKS.md.
 """
@@ -32,7 +39,7 @@ CHUNK = 500  # adapters written and registered at a time (zoo add copies them in
 
 
 def catalog(home: Path, count: int, log) -> list[str]:
-    """``count`` distinct rank-8 q/v LoRAs registered as mem/aNNNNN."""
+    """``count`` distinct rank-8 q/v LoRAs registered as mem/aNNNNN (those missing)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -40,6 +47,8 @@ def catalog(home: Path, count: int, log) -> list[str]:
     from zoo.catalog.registry import Registry
 
     registry = Registry(home)
+    names = [f"mem/a{i:05d}" for i in range(count)]
+    have = {a.name for a in registry.load().adapters()}
     base_dir = home / "bases" / BASE
     incoming = home.parent / "memory-incoming"
     template = write_random_lora(home.parent / "memory-template", base_dir,
@@ -48,8 +57,11 @@ def catalog(home: Path, count: int, log) -> list[str]:
     config = (template / "adapter_config.json").read_text()
     started = time.perf_counter()
     for first in range(0, count, CHUNK):
+        missing = [i for i in range(first, min(first + CHUNK, count)) if names[i] not in have]
+        if not missing:
+            continue
         shutil.rmtree(incoming, ignore_errors=True)
-        for i in range(first, min(first + CHUNK, count)):
+        for i in missing:
             generator = torch.Generator().manual_seed(i)
             folder = incoming / f"a{i:05d}"
             folder.mkdir(parents=True)
@@ -60,7 +72,7 @@ def catalog(home: Path, count: int, log) -> list[str]:
         log(f"catalog: {min(first + CHUNK, count)} of {count} registered "
             f"({time.perf_counter() - started:.0f} s)")
     shutil.rmtree(incoming, ignore_errors=True)
-    return [f"mem/a{i:05d}" for i in range(count)]
+    return names
 
 
 def processes(root_pid: int) -> dict[str, int]:
@@ -121,24 +133,19 @@ async def cycle(url: str, names: list[str], batch: int, every: int, read, log) -
     return readings
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--adapters", type=int, default=10_000)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--every", type=int, default=320)
-    args = parser.parse_args()
+VARIANTS = {"zoo": {}, "vllm-lora-info": {"ZOO_LORA_INFO": "0"}}
+
+
+def serve_and_cycle(home: Path, names: list[str], env: dict, args, log) -> list[dict]:
     from zoo.serve.launch import free_port, stop, wait_healthy
 
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    home = scratch_home(bench_home().parent / "zoo-bench-memory")
-    names = catalog(home, args.adapters, log)
     port = free_port()
     server_log = home.parent / "memory-serve.log"
     argv = [str(Path(sys.executable).with_name("zoo")), "serve", "--multi-lora", "--base", BASE,
             "--port", str(port)]
     with open(server_log, "wb") as out:
-        serving = subprocess.Popen(argv, env={**os.environ, "ZOO_HOME": str(home)}, stdout=out,
-                                   stderr=subprocess.STDOUT)
+        serving = subprocess.Popen(argv, env={**os.environ, "ZOO_HOME": str(home), **env},
+                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", serving, server_log, 1800, "zoo serve")
 
@@ -146,22 +153,39 @@ def main() -> None:
             roles = processes(serving.pid)
             return {**roles, "all": sum(roles.values())}
 
-        readings = asyncio.run(cycle(f"http://127.0.0.1:{port}/v1", names, args.batch,
-                                     args.every, read, log))
+        return asyncio.run(cycle(f"http://127.0.0.1:{port}/v1", names, args.batch, args.every,
+                                 read, log))
     finally:
         stop(serving)
-    shutil.rmtree(home, ignore_errors=True)
-    kept_loaded = 256
-    warm = next(r for r in readings if r["adapters"] >= 2 * kept_loaded)
-    last = readings[-1]
-    roles = [k for k in last if k not in ("adapters", "seconds", "failed")]
-    rows = [{"process": role, "after warm-up (MB)": warm[role] / 2**20,
-             "at the end (MB)": last[role] / 2**20, "end / warm": last[role] / warm[role]}
-            for role in roles]
-    print(f"{last['adapters']} adapters in {last['seconds']:.0f} s, {last['failed']} failed; "
-          f"warm-up reading at {warm['adapters']} adapters")
-    print(table(rows, ["process", "after warm-up (MB)", "at the end (MB)", "end / warm"]))
-    save("memory", {"command": " ".join(sys.argv), "readings": readings, "rows": rows})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--adapters", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--every", type=int, default=320)
+    parser.add_argument("--variants", default="zoo")
+    args = parser.parse_args()
+
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    home = bench_home().parent / "zoo-bench-memory"
+    if not (home / "registry.json").exists():
+        scratch_home(home)
+    names = catalog(home, args.adapters, log)
+    kept_loaded, rows, results = 256, [], {}
+    for variant in args.variants.split(","):
+        log(f"{variant}: cycling {len(names)} adapters")
+        readings = results[variant] = serve_and_cycle(home, names, VARIANTS[variant], args, log)
+        warm = next(r for r in readings if r["adapters"] >= 2 * kept_loaded)
+        last = readings[-1]
+        log(f"{variant}: {last['adapters']} adapters in {last['seconds']:.0f} s, "
+            f"{last['failed']} failed; warm-up reading at {warm['adapters']} adapters")
+        rows += [{"server": variant, "process": role, "after warm-up (MB)": warm[role] / 2**20,
+                  "at the end (MB)": last[role] / 2**20, "end / warm": last[role] / warm[role]}
+                 for role in last if role not in ("adapters", "seconds", "failed")]
+    print(table(rows, ["server", "process", "after warm-up (MB)", "at the end (MB)",
+                       "end / warm"]))
+    save("memory", {"command": " ".join(sys.argv), "readings": results, "rows": rows})
 
 
 if __name__ == "__main__":

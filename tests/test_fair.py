@@ -191,6 +191,28 @@ def test_no_room_is_made_for_a_tenant_near_its_share_or_from_one_that_would_fall
     assert tenant_to_make_room("b", Counter(a=1), ["a", "b"], one, 1) is None
 
 
+def test_no_room_is_made_for_a_request_whose_adapter_has_no_slot():
+    """vLLM skips a waiting request whose adapter cannot join the batch's adapters: making
+    a place for it would only hand that place to someone else."""
+    from zoo.serve.fair import FairScheduler
+
+    def running(*ids):
+        return [SimpleNamespace(lora_request=SimpleNamespace(lora_int_id=i) if i else None)
+                for i in ids]
+
+    def fits(lora_id, ids, max_loras=2):
+        scheduler = SimpleNamespace(running=running(*ids),
+                                    lora_config=SimpleNamespace(max_loras=max_loras))
+        request = SimpleNamespace(lora_request=SimpleNamespace(lora_int_id=lora_id)
+                                  if lora_id else None)
+        return FairScheduler._adapter_fits(scheduler, request)
+
+    assert fits(None, [1, 2])  # the base needs no slot
+    assert fits(3, [1, None])  # a slot is free
+    assert fits(2, [1, 2, 2])  # its adapter already runs
+    assert not fits(3, [1, 2, 1])  # both slots taken by others
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from("abcdef"), st.integers(1, 5), min_size=1),
        st.integers(1, 64), st.data())

@@ -147,6 +147,18 @@ def test_a_tenant_is_not_served_behind_another_tenants_batch(served):
     assert answered - before == 1  # globex's
 
 
+def test_the_adapters_gauge_keeps_one_series_however_many_mixes_it_saw(served):
+    """vllm:lora_requests_info names the running and waiting adapters in its labels; vLLM
+    keeps a series for every mix it ever reported (memory and /metrics growing with each
+    new one): zoo's lora_info patch keeps the current one."""
+    for model in ("acme/x", "globex/g", "acme/x", BASE):
+        key = KEYS["globex"] if model.startswith("globex") else KEYS["acme"]
+        assert ask(served.url, model, key=key, max_tokens=2)[0] == 200
+    series = [line for line in metrics(served).splitlines()
+              if line.startswith("vllm:lora_requests_info{")]
+    assert len(series) == 1, series
+
+
 def hold_places(served, holders: dict[str, int]) -> list:
     """Long streamed requests (closing one cancels it) holding the engine's places."""
     blockers = []

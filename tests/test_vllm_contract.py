@@ -28,7 +28,7 @@ def test_the_plugin_is_registered_for_vllm():
 
 
 @pytest.mark.parametrize("patch", [plugin.LORA_DEVICE, plugin.FAST_LORA, plugin.FIRST_USE,
-                                   plugin.WEIGHT_REPORT], ids=lambda p: p.name)
+                                   plugin.WEIGHT_REPORT, plugin.LORA_INFO], ids=lambda p: p.name)
 def test_every_patch_applies_to_the_pinned_vllm(patch):
     """Each patch's own checks (version, platform, signatures) pass on this vLLM."""
     assert patches._refusal(patch) is None, feature(f"{patch.name} patch ({patch.why})")
@@ -205,7 +205,7 @@ def test_the_scheduler_internals_the_fair_queue_relies_on():
     assert "prepend_request" in inspect.getsource(Scheduler._preempt_request)
     assert list(inspect.signature(Scheduler._request_blocks_can_be_freed).parameters) == [
         "self", "request"], feature("fair scheduler's preemption")
-    for attribute in ("self.running", "self.max_num_active_reqs",
+    for attribute in ("self.running", "self.max_num_active_reqs", "self.lora_config",
                       "self.num_waiting_for_streaming_input"):
         assert attribute in source, feature(f"fair scheduler ({attribute})")
     for name in ("num_tokens", "num_output_tokens"):

@@ -243,13 +243,22 @@ class _Fair:
         seats = Counter(tenant_of(r) for r in self.running)
         victim = tenant_to_make_room(self.waiting.next_tenant(), seats, self.waiting.backlogged(),
                                      self.waiting.weight_of, self.max_num_active_reqs)
-        if victim is None:
+        if victim is None or not self._adapter_fits(self.waiting.peek_request()):
             return
         for request in reversed(self.running):  # its newest: the least work to compute again
             if tenant_of(request) == victim and self._request_blocks_can_be_freed(request):
                 self.running.remove(request)
                 self._preempt_request(request, time.monotonic())
                 return
+
+    def _adapter_fits(self, request) -> bool:
+        """Whether the request's adapter has a slot in the batch as it runs (vLLM skips a
+        request whose adapter has none: a place made for it would go to another)."""
+        lora = getattr(request, "lora_request", None)
+        if lora is None or self.lora_config is None:
+            return True
+        running = {r.lora_request.lora_int_id for r in self.running if r.lora_request}
+        return lora.lora_int_id in running or len(running) < self.lora_config.max_loras
 
     def _update_after_schedule(self, scheduler_output) -> None:
         for request_id, tokens in scheduler_output.num_scheduled_tokens.items():

@@ -32,6 +32,7 @@ SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
 FAST_LORA_VARIABLE = "ZOO_FAST_LORA"
 STATE_VARIABLE = "ZOO_SERVE_STATE"
 FIRST_USE_VARIABLE = "ZOO_FAST_FIRST_USE"
+LORA_INFO_VARIABLE = "ZOO_LORA_INFO"
 WEIGHTS_REPORT = "weights.json"
 logger = logging.getLogger("zoo.serve")
 REPORT = Report()  # what this process's register() did (the contract test reads it)
@@ -62,6 +63,8 @@ def zoo_patches() -> list[Patch]:
         patches.append(FIRST_USE)
     if os.environ.get(STATE_VARIABLE):
         patches.append(WEIGHT_REPORT)
+    if os.environ.get(LORA_INFO_VARIABLE, "1") != "0":
+        patches.append(LORA_INFO)
     return patches
 
 
@@ -260,6 +263,49 @@ WEIGHT_REPORT = Patch(
     retire_when="vLLM reports its weights' memory by dtype (it logs one total only)",
     checks=(has("vllm.model_executor.model_loader.base_loader", "BaseModelLoader",
                 "load_model"),))
+
+
+def _keep_one_lora_info_series() -> None:
+    """vllm:lora_requests_info holds the adapters running and waiting in its labels, and
+    vLLM sets it with the labels of every report: each new set of adapters adds a series
+    that is never removed. Cleared before each report that sets it, it keeps the current
+    one only (the one its readers take: the latest timestamp)."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    original = PrometheusStatLogger.record
+    if getattr(original, "_zoo_one_series", False):
+        return
+
+    def record(self, scheduler_stats, *args, **kwargs):
+        gauge = getattr(self, "gauge_lora_info", None)
+        if gauge is not None and scheduler_stats is not None:
+            gauge.clear()
+        return original(self, scheduler_stats, *args, **kwargs)
+
+    record._zoo_one_series = True
+    PrometheusStatLogger.record = record
+
+
+def _sets_lora_info_per_report() -> str | None:
+    import inspect
+
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    source = inspect.getsource(PrometheusStatLogger.record)
+    if "self.gauge_lora_info.labels(" not in source or "if scheduler_stats is not None" not in source:
+        return "PrometheusStatLogger.record no longer sets gauge_lora_info from scheduler_stats"
+    return None
+
+
+_LOGGERS = "vllm.v1.metrics.loggers"
+LORA_INFO = Patch(
+    name="lora_info", apply=_keep_one_lora_info_series,
+    why="vllm:lora_requests_info keeps a series for every set of running and waiting adapters "
+        "it ever reported: the API server's memory and /metrics grow with every new mix",
+    retire_when="vLLM removes the previous series when it sets vllm:lora_requests_info",
+    checks=(parameters(_LOGGERS, "PrometheusStatLogger", "record",
+                       names=("scheduler_stats", "iteration_stats")),
+            _sets_lora_info_per_report))
 
 
 def weight_report(model, heap_delta: int) -> dict:
