@@ -1,7 +1,7 @@
 """The server's memory over a long life: cycling thousands of distinct adapters.
 
 Run: .venv/bin/python bench/memory.py [--adapters 10000] [--batch 64] [--every 320]
-                                      [--variants zoo,vllm-lora-info]
+                                      [--variants before,zoo,vllm-lora-info]
 
 `zoo serve --multi-lora` with its defaults (int8 base, 64 adapters a batch, 256 kept
 loaded on the CPU) on a home whose catalog holds --adapters rank-8 q/v LoRAs (bf16 files:
@@ -13,11 +13,15 @@ request after the first 256 adapters makes vLLM evict one and load another. Ever
 Flat means: the last reading within 5% of the reading after the warm-up (twice the
 adapters kept loaded), for every process and for their sum.
 
---variants runs one server after another on the same catalog, each through every adapter:
-`zoo` (zoo serve's defaults) and `vllm-lora-info` (the same with ZOO_LORA_INFO=0: vLLM's
-own vllm:lora_requests_info gauge, which keeps a series for every set of adapters it
-ever reported). The catalog is kept between runs (ZOO_BENCH_HOME's sibling
-zoo-bench-memory; about 0.9 MB an adapter).
+--variants runs one server after another on the same catalog, each through every adapter
+and each from the same state (the copies of the adapters rescaled for the int8 base,
+which the API server makes on an adapter's first use, removed before each): `zoo`
+(zoo serve's defaults), `vllm-lora-info` (the same with ZOO_LORA_INFO=0: vLLM's own
+vllm:lora_requests_info gauge, which keeps a series for every set of adapters it ever
+reported) and `before` (zoo serve of commit --before, from a git worktree of it: the
+adapters read through safetensors' mmap reader). The catalog is kept between runs
+(ZOO_BENCH_HOME's sibling zoo-bench-memory; about 0.9 MB an adapter, as much again for
+the rescaled copies).
 
 Results go to bench/results/memory.json and docs/BENCHMARKS.md.
 """
@@ -33,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BASE, bench_home, save, scratch_home, table, write_random_lora
+from common import BASE, bench_home, save, scratch_home, table, worktree, write_random_lora
 
 CHUNK = 500  # adapters written and registered at a time (zoo add copies them into the home)
 
@@ -133,15 +137,23 @@ async def cycle(url: str, names: list[str], batch: int, every: int, read, log) -
     return readings
 
 
-VARIANTS = {"zoo": {}, "vllm-lora-info": {"ZOO_LORA_INFO": "0"}}
+def variant_env(variant: str, before: str) -> dict:
+    if variant == "zoo":
+        return {}
+    if variant == "vllm-lora-info":
+        return {"ZOO_LORA_INFO": "0"}
+    if variant == "before":
+        return {"PYTHONPATH": str(worktree(before))}
+    raise SystemExit(f"unknown variant {variant}")
 
 
 def serve_and_cycle(home: Path, names: list[str], env: dict, args, log) -> list[dict]:
     from zoo.serve.launch import free_port, stop, wait_healthy
 
+    shutil.rmtree(home / "cache" / "smoothed", ignore_errors=True)
     port = free_port()
     server_log = home.parent / "memory-serve.log"
-    argv = [str(Path(sys.executable).with_name("zoo")), "serve", "--multi-lora", "--base", BASE,
+    argv = [sys.executable, "-m", "zoo", "serve", "--multi-lora", "--base", BASE,
             "--port", str(port)]
     with open(server_log, "wb") as out:
         serving = subprocess.Popen(argv, env={**os.environ, "ZOO_HOME": str(home), **env},
@@ -165,6 +177,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--every", type=int, default=320)
     parser.add_argument("--variants", default="zoo")
+    parser.add_argument("--before", default="e26279d", help="the commit `before` runs")
     args = parser.parse_args()
 
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -175,7 +188,8 @@ def main() -> None:
     kept_loaded, rows, results = 256, [], {}
     for variant in args.variants.split(","):
         log(f"{variant}: cycling {len(names)} adapters")
-        readings = results[variant] = serve_and_cycle(home, names, VARIANTS[variant], args, log)
+        env = variant_env(variant, args.before)
+        readings = results[variant] = serve_and_cycle(home, names, env, args, log)
         warm = next(r for r in readings if r["adapters"] >= 2 * kept_loaded)
         last = readings[-1]
         log(f"{variant}: {last['adapters']} adapters in {last['seconds']:.0f} s, "

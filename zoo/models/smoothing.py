@@ -47,7 +47,7 @@ def load_scales(model_dir: Path) -> dict | None:
     path = Path(model_dir) / SCALES_FILE
     if not path.exists():
         return None
-    with safe_open(str(path), "pt") as f:
+    with safe_open(str(path), "pt", backend="pread") as f:  # pread: see adapt_lora
         meta = f.metadata()
         scales = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iter
     scales["_kv_heads"] = int(meta["kv_heads"])
@@ -69,7 +69,10 @@ def adapt_lora(adapter_dir: Path, scales: dict, out: Path) -> Path:
 
     from safetensors.torch import load_file, save_file
 
-    tensors = load_file(str(adapter_dir / PEFT_WEIGHTS))
+    # pread: safetensors 0.8.0's mmap backend keeps two small Python objects per tensor it
+    # reads, for good (~7 KB for a rank-8 q/v LoRA of SmolLM2), and the API server does
+    # this for every new adapter of its life (bench/memory.py)
+    tensors = load_file(str(adapter_dir / PEFT_WEIGHTS), backend="pread")
     group, kv_heads = scales["_group"], scales["_kv_heads"]
     adapted = {}
     for key, value in tensors.items():
