@@ -282,3 +282,26 @@ def test_zoo_usage_reports_by_adapter_tenant_and_day(zoo_home):
     assert bad.exit_code == 1 and "neither a date nor a span" in bad.stderr
     assert json.loads(json.dumps(meter.report(by="day")))[0]["day"]
     assert os.path.exists(zoo_home / "usage.db")
+
+
+def test_the_per_model_series_are_kept_for_the_pairs_used_last():
+    """A server cycling through thousands of adapters keeps a bounded /metrics: the
+    zoo_adapter_* series of the pairs used longest ago go (the meter keeps every request)."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from zoo.serve.middleware import RecentSeries
+
+    registry = CollectorRegistry()
+    counters = [Counter(name, name, ["model", "tenant"], registry=registry)
+                for name in ("requests", "prompt", "completion")]
+    series = RecentSeries(*counters, limit=3)
+    for i in range(5):
+        series.count(f"a{i}", "acme", prompt=10, completion=2)
+    series.count("a2", "acme", prompt=10, completion=2)  # used again: the newest now
+    series.count("a5", "acme", prompt=10, completion=2)
+    text = generate_latest(registry).decode()
+    kept = sorted({line.split('model="')[1].split('"')[0] for line in text.splitlines()
+                   if line.startswith("requests_total{")})
+    assert kept == ["a2", "a4", "a5"]
+    assert 'requests_total{model="a2",tenant="acme"} 2.0' in text
+    assert 'prompt_total{model="a5",tenant="acme"} 10.0' in text
