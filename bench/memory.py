@@ -8,7 +8,8 @@ loaded on the CPU) on a home whose catalog holds --adapters rank-8 q/v LoRAs (bf
 vLLM holds them in the model's dtype whichever the file's). Requests of 4 tokens go to
 --batch distinct adapters at a time, each adapter used once, in order, so that every
 request after the first 256 adapters makes vLLM evict one and load another. Every
---every adapters the resident memory (RSS) of each process of the server is read:
+--every adapters the resident anonymous memory (RssAnon) of each process of the server
+is read:
 `zoo serve` itself (the supervisor), vLLM's API server, its engine core and its worker.
 Flat means: the last reading within 5% of the reading after the warm-up (twice the
 adapters kept loaded), for every process and for their sum.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -79,8 +81,20 @@ def catalog(home: Path, count: int, log) -> list[str]:
     return names
 
 
+def anonymous_bytes(pid: int) -> int:
+    """A process's resident anonymous memory (RssAnon): what a leak grows. Its file-backed
+    pages (libraries, mapped weights) come and go as the page cache is pressed (20 GB of
+    adapter files go through it here), so RSS as a whole drops at times without any
+    change in the process."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no RssAnon for process {pid}")
+
+
 def processes(root_pid: int) -> dict[str, int]:
-    """Resident bytes of the server's processes by role."""
+    """Resident anonymous bytes of the server's processes by role."""
     import psutil
 
     roles = {}
@@ -89,8 +103,8 @@ def processes(root_pid: int) -> dict[str, int]:
         try:
             line = " ".join(proc.cmdline())
             name = proc.name()
-            rss = proc.memory_info().rss
-        except psutil.Error:
+            rss = anonymous_bytes(proc.pid)
+        except (psutil.Error, OSError):
             continue
         if proc.pid == root_pid:
             role = "zoo serve"
@@ -171,6 +185,31 @@ def serve_and_cycle(home: Path, names: list[str], env: dict, args, log) -> list[
         stop(serving)
 
 
+def plot(results: dict, out: Path) -> None:
+    """Each process's resident memory against the adapters cycled through, per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles = ("worker", "api server", "engine core", "zoo serve")
+    fig, axes = plt.subplots(1, len(roles), figsize=(12, 3.4))
+    for ax, role in zip(axes, roles, strict=True):
+        for variant, readings in results.items():
+            points = [(r["adapters"], r[role] / 2**20) for r in readings
+                      if r["adapters"] > 0 and role in r]
+            ax.plot(*zip(*points, strict=True), ".-", label=variant)
+        low = min(r[role] for readings in results.values() for r in readings if role in r)
+        ax.set_ylim(0.9 * low / 2**20, 1.1 * low / 2**20 * 1.1)
+        ax.set_title(role)
+        ax.set_xlabel("distinct adapters served")
+    axes[0].set_ylabel("resident anonymous MB")
+    axes[0].legend()
+    fig.suptitle("zoo serve --multi-lora, int8 SmolLM2-135M: 64 new adapters at a time")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=10_000)
@@ -178,7 +217,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=320)
     parser.add_argument("--variants", default="zoo")
     parser.add_argument("--before", default="e26279d", help="the commit `before` runs")
+    parser.add_argument("--plot", type=Path, help="only draw docs/memory-curve.png from a "
+                                                  "results file of this bench")
     args = parser.parse_args()
+    curve = Path(__file__).resolve().parent.parent / "docs" / "memory-curve.png"
+    if args.plot:
+        plot(json.loads(args.plot.read_text())["readings"], curve)
+        return
 
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     home = bench_home().parent / "zoo-bench-memory"
@@ -200,6 +245,7 @@ def main() -> None:
     print(table(rows, ["server", "process", "after warm-up (MB)", "at the end (MB)",
                        "end / warm"]))
     save("memory", {"command": " ".join(sys.argv), "readings": results, "rows": rows})
+    plot(results, curve)
 
 
 if __name__ == "__main__":
