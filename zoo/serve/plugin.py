@@ -301,7 +301,7 @@ _LOGGERS = "vllm.v1.metrics.loggers"
 LORA_INFO = Patch(
     name="lora_info", apply=_keep_one_lora_info_series,
     why="vllm:lora_requests_info keeps a series for every set of running and waiting adapters "
-        "it ever reported: the API server's memory and /metrics grow with every new mix",
+        "it ever reported: /metrics grows with every new mix (109 after 6,720 adapters)",
     retire_when="vLLM removes the previous series when it sets vllm:lora_requests_info",
     checks=(parameters(_LOGGERS, "PrometheusStatLogger", "record",
                        names=("scheduler_stats", "iteration_stats")),
