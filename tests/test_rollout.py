@@ -149,8 +149,8 @@ def test_a_tenant_is_not_served_behind_another_tenants_batch(served):
 
 def test_the_adapters_gauge_keeps_one_series_however_many_mixes_it_saw(served):
     """vllm:lora_requests_info names the running and waiting adapters in its labels; vLLM
-    keeps a series for every mix it ever reported (memory and /metrics growing with each
-    new one): zoo's lora_info patch keeps the current one."""
+    keeps a series for every mix it ever reported (/metrics growing with each new one):
+    zoo's lora_info patch keeps the current one."""
     for model in ("acme/x", "globex/g", "acme/x", BASE):
         key = KEYS["globex"] if model.startswith("globex") else KEYS["acme"]
         assert ask(served.url, model, key=key, max_tokens=2)[0] == 200

@@ -52,6 +52,10 @@ def test_a_patch_whose_checks_fail_stays_off_with_one_line(caplog):
     signature = patches.parameters("vllm.v1.engine.core", "EngineCore", "add_request",
                                    names=("req", "wave"))
     assert "takes (request, request_wave)" in signature()
+    source = patches.mentions("vllm.v1.engine.core", "EngineCore", "add_request",
+                              snippets=("self.", "zoo-never-wrote-this"))
+    assert source() == "vllm.v1.engine.core.EngineCore.add_request no longer has " \
+                       "zoo-never-wrote-this"
     original = patches.on_cpu
     try:
         patches.on_cpu = lambda: False  # as on a GPU build: CPU-only patches never apply

@@ -130,3 +130,23 @@ def parameters(module: str, *path: str, names: tuple[str, ...], exact: bool = Fa
             return f"{where} takes ({', '.join(found)}), more than ({', '.join(names)})"
         return None
     return check
+
+
+def mentions(module: str, *path: str, snippets: tuple[str, ...]) -> Check:
+    """The source of ``module.path`` holds every one of ``snippets`` (what a signature
+    cannot show: the attributes an ``__init__`` sets, the branch a method takes)."""
+    def check() -> str | None:
+        import importlib
+
+        missing = has(module, *path)()
+        if missing:
+            return missing
+        obj = importlib.import_module(module)
+        for name in path:
+            obj = getattr(obj, name)
+        source = inspect.getsource(obj)
+        absent = [s for s in snippets if s not in source]
+        if absent:
+            return f"{module}.{'.'.join(path)} no longer has {', '.join(absent)}"
+        return None
+    return check

@@ -26,7 +26,7 @@ import logging
 import os
 from pathlib import Path
 
-from zoo.serve.patches import Patch, Report, has, install, parameters
+from zoo.serve.patches import Patch, Report, has, install, mentions, parameters
 
 SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
 FAST_LORA_VARIABLE = "ZOO_FAST_LORA"
@@ -215,21 +215,11 @@ FIRST_USE = Patch(
                    names=("req_ids", "client_index"), exact=True),
         parameters(_MODELS, "OpenAIServingModels", "resolve_lora", names=("lora_name",),
                    exact=True),
-        lambda: _init_sets(_MODELS, "OpenAIServingModels", "lora_requests",
-                           "lora_resolver_lock", "lora_resolvers", "lora_id_counter",
-                           "engine_client", "model_config"),
+        mentions(_MODELS, "OpenAIServingModels", "__init__", snippets=tuple(
+            f"self.{a}" for a in ("lora_requests", "lora_resolver_lock", "lora_resolvers",
+                                  "lora_id_counter", "engine_client", "model_config"))),
         has("vllm.lora.request", "LoRARequest", "lora_int_id"),
     ))
-
-
-def _init_sets(module: str, cls: str, *attributes: str) -> str | None:
-    """Instance attributes are set in ``__init__``: read its source for them."""
-    import importlib
-    import inspect
-
-    source = inspect.getsource(getattr(importlib.import_module(module), cls).__init__)
-    missing = [a for a in attributes if f"self.{a}" not in source]
-    return f"{module}.{cls} no longer sets {', '.join(missing)}" if missing else None
 
 
 def _patch_weight_report() -> None:
@@ -286,17 +276,6 @@ def _keep_one_lora_info_series() -> None:
     PrometheusStatLogger.record = record
 
 
-def _sets_lora_info_per_report() -> str | None:
-    import inspect
-
-    from vllm.v1.metrics.loggers import PrometheusStatLogger
-
-    source = inspect.getsource(PrometheusStatLogger.record)
-    if "self.gauge_lora_info.labels(" not in source or "if scheduler_stats is not None" not in source:
-        return "PrometheusStatLogger.record no longer sets gauge_lora_info from scheduler_stats"
-    return None
-
-
 _LOGGERS = "vllm.v1.metrics.loggers"
 LORA_INFO = Patch(
     name="lora_info", apply=_keep_one_lora_info_series,
@@ -305,7 +284,8 @@ LORA_INFO = Patch(
     retire_when="vLLM removes the previous series when it sets vllm:lora_requests_info",
     checks=(parameters(_LOGGERS, "PrometheusStatLogger", "record",
                        names=("scheduler_stats", "iteration_stats")),
-            _sets_lora_info_per_report))
+            mentions(_LOGGERS, "PrometheusStatLogger", "record",
+                     snippets=("if scheduler_stats is not None", "self.gauge_lora_info.labels("))))
 
 
 def weight_report(model, heap_delta: int) -> dict:
