@@ -47,7 +47,6 @@ CHUNK = 500  # adapters written and registered at a time (zoo add copies them in
 def catalog(home: Path, count: int, log) -> list[str]:
     """``count`` distinct rank-8 q/v LoRAs registered as mem/aNNNNN (those missing)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     from zoo.catalog.bulk import add_many
     from zoo.catalog.registry import Registry
@@ -57,10 +56,6 @@ def catalog(home: Path, count: int, log) -> list[str]:
     have = {a.name for a in registry.load().adapters()}
     base_dir = home / "bases" / BASE
     incoming = home.parent / "memory-incoming"
-    template = write_random_lora(home.parent / "memory-template", base_dir,
-                                 targets=("q_proj", "v_proj"))
-    shapes = {k: v.shape for k, v in load_file(template / "adapter_model.safetensors").items()}
-    config = (template / "adapter_config.json").read_text()
     started = time.perf_counter()
     for first in range(0, count, CHUNK):
         missing = [i for i in range(first, min(first + CHUNK, count)) if names[i] not in have]
@@ -68,12 +63,8 @@ def catalog(home: Path, count: int, log) -> list[str]:
             continue
         shutil.rmtree(incoming, ignore_errors=True)
         for i in missing:
-            generator = torch.Generator().manual_seed(i)
-            folder = incoming / f"a{i:05d}"
-            folder.mkdir(parents=True)
-            save_file({k: (torch.randn(s, generator=generator) * 0.05).to(torch.bfloat16)
-                       for k, s in shapes.items()}, folder / "adapter_model.safetensors")
-            (folder / "adapter_config.json").write_text(config)
+            write_random_lora(incoming / f"a{i:05d}", base_dir, seed=i,
+                              targets=("q_proj", "v_proj"), scale=0.05, dtype=torch.bfloat16)
         add_many(incoming, BASE, prefix="mem/", registry=registry)
         log(f"catalog: {min(first + CHUNK, count)} of {count} registered "
             f"({time.perf_counter() - started:.0f} s)")

@@ -113,8 +113,9 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 def write_random_lora(out: Path, base_dir: Path, rank: int = 8, seed: int = 0,
-                      targets=ALL_PROJECTIONS, scale: float = 0.02) -> Path:
-    """A PEFT-format LoRA with random A and B (fast: no model is loaded)."""
+                      targets=ALL_PROJECTIONS, scale: float = 0.02, dtype=None) -> Path:
+    """A PEFT-format LoRA with random A and B (fast: no model is loaded), in float32 or
+    ``dtype``."""
     import torch
     from safetensors.torch import save_file
 
@@ -130,6 +131,8 @@ def write_random_lora(out: Path, base_dir: Path, rank: int = 8, seed: int = 0,
         key = f"base_model.model.{module}"
         tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) * scale
         tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * scale
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps({
