@@ -19,8 +19,9 @@ def wrappers(index_mapping, prompt_mapping, prefill):
     made = []
     for cls in (PunicaWrapperCPU, GroupedPunicaWrapperCPU):
         w = cls(max_num_batched_tokens=128, max_batches=8, device="cpu")
+        # as vLLM's model manager calls it: one more than the slots in the stacks
         w.update_metadata(LoRAMapping(index_mapping, prompt_mapping, is_prefill=prefill),
-                          IDS, SLOTS, 256)
+                          IDS, SLOTS + 1, 256)
         made.append(w)
     return made
 
@@ -37,6 +38,7 @@ def stacked(dtype, zero_slots=(3,)):
 
 CASES = {
     "decode, mixed adapters and none": ([11, 22, 0, 33, 11, 0, 22, 22], False),
+    "two of the four slots": ([22, 0, 22, 33, 0, 0, 0, 0], False),  # weights gathered
     "prefill, mixed": ([11, 11, 11, 22, 22, 0, 0, 33], True),
     "prefill, long groups": ([11] * 20 + [0] * 5 + [22] * 17 + [33] * 18, True),
     "prefill, one long group beside short ones": ([11] * 40 + [0] * 3 + [22] + [33], True),
@@ -123,6 +125,25 @@ def test_group_rows():
     assert group_rows(torch.tensor([-1, -1])) == []
 
 
+def test_each_kind_of_step_gets_its_plan():
+    """The cases above compare outputs; this checks that they reach every plan."""
+    from zoo.serve.fast_lora import _Batched, _One, _plan, _Sorted
+
+    def plan(indices: list[int], stack_slots: int = 4):
+        made = _plan(group_rows(torch.tensor(indices)), len(indices))
+        if isinstance(made, _Batched):
+            made.inputs(torch.zeros(len(indices), 2), stack_slots)
+        return made
+
+    assert plan([-1, -1]) is None
+    assert isinstance(plan([2, -1, 2]), _One)
+    assert isinstance(plan([0] * 40 + [1, 2]), _Sorted)  # padding: 120 rows for 42
+    decode = plan([0, 1, 2, 3, -1])  # four adapters of four slots: the stack itself
+    assert isinstance(decode, _Batched) and decode.step_slots is None
+    assert plan([1, -1, -1, 3, -1, -1], 8).step_slots.tolist() == [1, 3]  # two of eight
+    assert plan([1, -1, 1, 2, -1, -1, -1, -1]).step_slots.tolist() == [1, 2]  # a case above
+
+
 def _generate_both_ways(base, adapters, tmp_path) -> dict:
     import json
     import os
@@ -201,7 +222,8 @@ def test_64_adapters_of_mixed_ranks_and_targets_match_vllm():
         made = []
         for cls in (PunicaWrapperCPU, GroupedPunicaWrapperCPU):
             w = cls(max_num_batched_tokens=256, max_batches=slots + 8, device="cpu")
-            w.update_metadata(LoRAMapping(tokens, tokens, is_prefill=prefill), ids, slots, 256)
+            w.update_metadata(LoRAMapping(tokens, tokens, is_prefill=prefill), ids, slots + 1,
+                              256)
             made.append(w)
         x = torch.randn(len(tokens), hidden, generator=g)
         base = torch.randn(len(tokens), sum(SLICES), generator=g)
@@ -239,12 +261,20 @@ def test_slot_caches_redo_only_the_slots_vllm_wrote():
     layer = Layer()
     a, b = layer.lora_a_stacked[0], layer.lora_b_stacked[0]
     assert fast_lora._slot_ranks(a).tolist() == [0] * 8
-    fast_lora._rank_major(b, 16)
+    a[2, 0, :4] = torch.randn(4, 12)  # a write before the caches exist
+    b[2, 0, :, :4] = torch.randn(20, 4)
+    assert fast_lora._float_a(a).shape == (8, 4, 12)
+    fast_lora._float_b(b, 4)
     BaseLinearLayerWithLoRA.reset_lora(layer, 3)  # vLLM: reset, then copy the new weights
-    a[3, 0, :4] = torch.randn(4, 12)
-    b[3, 0, :, :4] = torch.randn(20, 4)
-    assert a._zoo_dirty == {3}
-    assert fast_lora._slot_ranks(a).tolist() == [0, 0, 0, 4, 0, 0, 0, 0]
-    torch.testing.assert_close(fast_lora._rank_major(b, 16), b[:, 0].transpose(1, 2))
-    a[5, 0, :2] = 1.0  # a write without reset_lora: everything is recomputed
-    assert fast_lora._slot_ranks(a).tolist() == [0, 0, 0, 4, 0, 2, 0, 0]
+    a[3, 0, :3] = torch.randn(3, 12)
+    b[3, 0, :, :3] = torch.randn(20, 3)
+    # every value derived from a stack has its own marks: using one leaves the others'
+    assert a._zoo_dirty == {"_zoo_slot_ranks": {3}, "_zoo_float_a": {3}}
+    assert fast_lora._slot_ranks(a).tolist() == [0, 0, 4, 3, 0, 0, 0, 0]
+    assert a._zoo_dirty["_zoo_float_a"] == {3}
+    torch.testing.assert_close(fast_lora._float_a(a), a[:, 0, :4])
+    torch.testing.assert_close(fast_lora._float_b(b, 4), b[:, 0, :, :4].transpose(1, 2))
+    assert a._zoo_dirty == {"_zoo_slot_ranks": set(), "_zoo_float_a": set()}
+    a[5, 0, :6] = 1.0  # a write without reset_lora, past the cut: everything is recomputed
+    assert fast_lora._slot_ranks(a).tolist() == [0, 0, 4, 3, 0, 6, 0, 0]
+    torch.testing.assert_close(fast_lora._float_a(a), a[:, 0, :6])

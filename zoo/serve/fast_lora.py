@@ -9,17 +9,21 @@ the adapter trained that projection, with a per-token einsum. This wrapper
 * computes each slice at the largest rank the step's adapters really use
   (vLLM stacks every slot at ``--max-lora-rank``; the rows past an adapter's
   own rank are zeros);
-* for a step of many adapters with few tokens each (decode), gathers each
-  token's own A and B and runs two batched matmuls: work and memory traffic
-  proportional to tokens x rank, the same for 1 or 128 adapters;
+* for a step of many adapters with few tokens each (decode), runs two batched
+  matmuls over the adapters, each one's tokens padded to the longest group; when
+  the step's adapters fill most of the stack, over the stack itself, so no
+  adapter's weights are gathered;
 * for few adapters with many tokens each (prefill, or one adapter), runs two
   plain matmuls per adapter on its rows;
 * skips the LoRA pass of the logits when no adapter in the step has weights
   for ``lm_head`` (it would add exact zeros).
 
-The shrink accumulates in float32 and the expand runs in the output's dtype,
-as vLLM's own ops do. zoo's plugin selects it on the CPU platform (a guarded patch,
-``patches.py``); ``ZOO_FAST_LORA=0`` restores vLLM's own. A call this path was not
+Both matmuls run in float32 on float32 copies of the slots (cut at the largest
+rank any slot uses; a slot is copied again only when vLLM rewrites it): on the
+CPU small and batched matmuls are several times faster in float32 than in bf16,
+and the result is rounded once, when it is added to the output. zoo's plugin
+selects it on the CPU platform (a guarded patch, ``patches.py``);
+``ZOO_FAST_LORA=0`` restores vLLM's own. A call this path was not
 written for goes to vLLM's own ops instead: a keyword it does not know, a torch
 compile in progress (one step's grouping must never be baked into a graph), or a
 token-to-slot mapping outside -1 (no adapter) .. slots - 1. Tests compare the two on
@@ -71,30 +75,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             return
         self._token_groups = group_rows(self.token_lora_indices)
         self._sampler_groups = group_rows(self.sampler_indices)
-        slots = [s for s, _rows in self._token_groups]
-        self._step_slots = torch.tensor(slots, dtype=torch.long)
+        self._step_slots = torch.tensor([s for s, _rows in self._token_groups], dtype=torch.long)
         self._ranks: dict[tuple[int, int], int] = {}  # (tensor id, version) -> rank in step
-        indices = self.token_lora_indices
-        with_adapter = indices >= 0
-        self._rows = None if bool(with_adapter.all()) else torch.nonzero(with_adapter).flatten()
-        self._row_slots = indices if self._rows is None else indices.index_select(0, self._rows)
-        # the rows with an adapter, sorted by adapter: group g is sorted rows [start, end)
-        if len(self._token_groups) > 1:
-            self._sorted = torch.cat([rows for _slot, rows in self._token_groups])
-            bounds, start = [], 0
-            for slot, rows in self._token_groups:
-                bounds.append((slot, start, start + len(rows)))
-                start += len(rows)
-            self._bounds = bounds
-            # the same rows padded to [adapters, longest group]: position -> sorted row,
-            # padding points at an extra zero row
-            longest = max(end - start for _slot, start, end in bounds)
-            self._padded_rows = longest * len(bounds)
-            index = torch.full((len(bounds), longest), start, dtype=torch.long)
-            for g, (_slot, begin, end) in enumerate(bounds):
-                index[g, : end - begin] = torch.arange(begin, end)
-            self._pad_index = index.flatten()
-            self._valid = index.flatten() < start  # positions that hold a real row
+        self._plan = _plan(self._token_groups, self.token_lora_indices.numel())
 
     def _step_rank(self, a: torch.Tensor) -> int:
         """The largest rank any adapter of this step uses in this slice (0: none has it)."""
@@ -112,57 +95,26 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if kwargs or not self._grouped or _compiling():
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
                                            output_slices, buffer=buffer, **kwargs)
-        groups = self._token_groups
-        if not groups:
+        plan = self._plan
+        if plan is None:
             return
         flat_y = y.view(-1, y.shape[-1])
         flat_x = x.view(-1, x.shape[-1])
-        if len(groups) == 1:
-            path = "one"
-        elif self._padded_rows <= PADDING_LIMIT * len(self._sorted):
-            path = "batched"
-        else:
-            path = "sorted"
-        xs = None  # the inputs as the chosen path needs them, made once for all slices
+        if flat_x.shape[0] != self.token_lora_indices.numel():  # not a row per token
+            return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
+                                           output_slices, buffer=buffer, **kwargs)
+        xs = None  # the inputs in float32, arranged as the plan needs them, once for all slices
         offset = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             rank = self._step_rank(a)
             width = min(size, b.shape[2], flat_y.shape[1] - offset)
             if rank and width > 0:
-                out = flat_y[:, offset:offset + width]
-                if path == "one":
-                    slot, rows = groups[0]
-                    if xs is None:
-                        xs = (flat_x if rows is None else flat_x.index_select(0, rows)).float()
-                    delta = _shrink_expand(xs, a[slot, 0, :rank], b[slot, 0, :width, :rank],
-                                           scale, out.dtype)
-                    if rows is None:
-                        out += delta
-                    else:
-                        out.index_add_(0, rows, delta)
-                elif path == "sorted":  # many tokens per adapter: one matmul pair per adapter
-                    if xs is None:
-                        xs = flat_x.index_select(0, self._sorted).float()
-                    delta = out.new_empty(xs.shape[0], width)
-                    for slot, start, end in self._bounds:
-                        delta[start:end] = _shrink_expand(
-                            xs[start:end], a[slot, 0, :rank], b[slot, 0, :width, :rank], scale,
-                            out.dtype)
-                    out.index_add_(0, self._sorted, delta)
-                else:  # groups of similar size: one batched matmul pair over all adapters
-                    groups_n = len(self._bounds)
-                    if xs is None:
-                        rows = flat_x.index_select(0, self._sorted).float()
-                        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-                        xs = rows.index_select(0, self._pad_index).view(groups_n, -1, rows.shape[1])
-                    a_g = _rank_cut(a, rank).index_select(0, self._step_slots)  # [G, r, in]
-                    shrunk = torch.bmm(xs, a_g.float().transpose(1, 2))  # [G, n, r]
-                    if scale != 1.0:
-                        shrunk = shrunk * scale
-                    b_g = _rank_major(b, rank).index_select(0, self._step_slots)  # [G, r, out]
-                    delta = torch.bmm(shrunk.to(out.dtype), b_g[:, :, :width].to(out.dtype))
-                    delta = delta.view(-1, width)[self._valid]  # sorted rows, padding dropped
-                    out.index_add_(0, self._sorted, delta)
+                if xs is None:
+                    xs = plan.inputs(flat_x, a.shape[0])
+                a32 = _float_a(a)
+                b32 = _float_b(b, a32.shape[1])
+                plan.add(flat_y[:, offset:offset + width], xs, a32[:, :rank],
+                         b32[:, :rank, :width], scale)
             offset += size
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
@@ -193,20 +145,136 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                 flat_y[rows, :width] += expanded[:, :width]
 
 
+class _One:
+    """Every token with an adapter uses the same one: a matmul pair on its rows."""
+
+    def __init__(self, slot: int, rows: torch.Tensor | None, tokens: int):
+        self.slot, self.rows = slot, rows
+        self.positions = None if rows is None else _token_positions(rows, tokens)
+
+    def inputs(self, x: torch.Tensor, stack_slots: int) -> torch.Tensor:
+        return (x if self.rows is None else x.index_select(0, self.rows)).float()
+
+    def add(self, out, xs, a, b, scale: float) -> None:
+        if self.rows is None:
+            out.add_(_lora(xs, a[self.slot], b[self.slot], scale))
+            return
+        delta = _with_zero_row(len(self.rows), b.shape[2])
+        _lora(xs, a[self.slot], b[self.slot], scale, into=delta[:-1])
+        out.add_(delta.index_select(0, self.positions))
+
+
+class _Sorted:
+    """Many tokens per adapter (a long prefill beside short ones): a matmul pair per
+    adapter on its rows, the rows sorted by adapter."""
+
+    def __init__(self, groups: Groups, tokens: int):
+        self.rows = torch.cat([rows for _slot, rows in groups])
+        self.positions = _token_positions(self.rows, tokens)
+        self.bounds, start = [], 0
+        for slot, rows in groups:
+            self.bounds.append((slot, start, start + len(rows)))
+            start += len(rows)
+
+    def inputs(self, x: torch.Tensor, stack_slots: int) -> torch.Tensor:
+        return x.index_select(0, self.rows).float()
+
+    def add(self, out, xs, a, b, scale: float) -> None:
+        delta = _with_zero_row(len(self.rows), b.shape[2])
+        for slot, start, end in self.bounds:
+            _lora(xs[start:end], a[slot], b[slot], scale, into=delta[start:end])
+        out.add_(delta.index_select(0, self.positions))
+
+
+class _Batched:
+    """Adapters with few tokens each (decode): one batched matmul pair over all of them,
+    each adapter's tokens padded to the longest group. When the step's adapters fill most
+    of the stack, the batch is the stack itself: no weights are gathered, and the slots
+    without tokens are all padding."""
+
+    def __init__(self, groups: Groups, tokens: int):
+        self.groups, self.tokens = groups, tokens
+        self.real = sum(len(rows) for _slot, rows in groups)
+        self.longest = max(len(rows) for _slot, rows in groups)
+        self.stack_slots = None  # the layout below is for stacks of this many slots
+
+    def _arrange(self, stack_slots: int) -> None:
+        whole = max(slot for slot, _rows in self.groups) < stack_slots and \
+            stack_slots * self.longest <= PADDING_LIMIT * self.real
+        self.step_slots = None if whole else torch.tensor([s for s, _rows in self.groups])
+        self.shape = (stack_slots if whole else len(self.groups), self.longest)
+        padded = self.shape[0] * self.longest
+        # position in the padded batch -> token row; padding reads token 0, its output is
+        # never read; token row -> position in the padded batch (none: the zero row after)
+        self.padded_rows = torch.zeros(padded, dtype=torch.long)
+        self.positions = torch.full((self.tokens,), padded, dtype=torch.long)
+        for g, (slot, rows) in enumerate(self.groups):
+            start = (slot if whole else g) * self.longest
+            rows = torch.arange(self.tokens) if rows is None else rows
+            self.padded_rows[start:start + len(rows)] = rows
+            self.positions[rows] = torch.arange(start, start + len(rows))
+        self.stack_slots = stack_slots
+
+    def inputs(self, x: torch.Tensor, stack_slots: int) -> torch.Tensor:
+        if stack_slots != self.stack_slots:
+            self._arrange(stack_slots)
+        return x.index_select(0, self.padded_rows).float().view(*self.shape, x.shape[1])
+
+    def add(self, out, xs, a, b, scale: float) -> None:
+        if self.step_slots is not None:
+            a, b = a.index_select(0, self.step_slots), b.index_select(0, self.step_slots)
+        shrunk = torch.bmm(xs, a.transpose(1, 2))  # [adapters, tokens, rank]
+        if scale != 1.0:
+            shrunk = shrunk * scale
+        delta = _with_zero_row(xs.shape[0] * xs.shape[1], b.shape[2])
+        torch.bmm(shrunk, b, out=delta[:-1].view(*xs.shape[:2], b.shape[2]))
+        out.add_(delta.index_select(0, self.positions))
+
+
+def _plan(groups: Groups, tokens: int):
+    """How this step's ``tokens`` rows meet their adapters (None: no row has one)."""
+    if not groups:
+        return None
+    if len(groups) == 1:
+        return _One(*groups[0], tokens)
+    longest = max(len(rows) for _slot, rows in groups)
+    if len(groups) * longest > PADDING_LIMIT * sum(len(rows) for _slot, rows in groups):
+        return _Sorted(groups, tokens)
+    return _Batched(groups, tokens)
+
+
+def _token_positions(rows: torch.Tensor, tokens: int) -> torch.Tensor:
+    """For each of ``tokens`` rows, its index in ``rows``; len(rows) (the zero row that
+    follows the deltas) for a row without an adapter."""
+    positions = torch.full((tokens,), len(rows), dtype=torch.long)
+    positions[rows] = torch.arange(len(rows))
+    return positions
+
+
+def _with_zero_row(rows: int, width: int) -> torch.Tensor:
+    """A float32 buffer for ``rows`` deltas and, after them, a row of zeros: the deltas
+    are then added to the output in token order by one gather and one add (an
+    ``index_add_`` into a bf16 column slice is several times slower)."""
+    delta = torch.empty(rows + 1, width)
+    delta[rows].zero_()
+    return delta
+
+
+def _lora(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+          into: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * (xs @ a.T) @ b for one adapter's rows, all in float32 (a: [rank, in],
+    b: [rank, out]), written ``into`` a buffer if given."""
+    shrunk = xs @ a.T
+    if scale != 1.0:
+        shrunk = shrunk * scale
+    return torch.matmul(shrunk, b, out=into) if into is not None else shrunk @ b
+
+
 def _valid_slots(indices: torch.Tensor, slots: int) -> bool:
     if indices.numel() == 0:
         return True
     return indices.dtype in (torch.int32, torch.int64) and int(indices.min()) >= -1 and \
         int(indices.max()) < slots
-
-
-def _shrink_expand(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """scale * (xs @ a.T) @ b.T: the shrink in float32, the expand in the output's dtype."""
-    shrunk = xs @ a.float().T
-    if scale != 1.0:
-        shrunk = shrunk * scale
-    return shrunk.to(dtype) @ b.to(dtype).T
 
 
 def track_slot_writes() -> None:
@@ -230,8 +298,7 @@ def _track(layer_class) -> None:
     def reset_lora(self, index: int):
         stacks = (self.lora_a_stacked, self.lora_b_stacked)
         for stacked in (t for s in stacks for t in (s if isinstance(s, (tuple, list)) else (s,))):
-            dirty = getattr(stacked, "_zoo_dirty", None)
-            if dirty is not None:
+            for dirty in getattr(stacked, "_zoo_dirty", {}).values():
                 dirty.add(index)
         return original(self, index)
 
@@ -239,25 +306,25 @@ def _track(layer_class) -> None:
     layer_class.reset_lora = reset_lora
 
 
-def _per_slot(stacked: torch.Tensor, name: str, make_all, make_slots):
+def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
     """A per-slot value derived from a stacked weight tensor, kept on the tensor. When vLLM
-    wrote into it (its ``_version`` moved), only the slots marked by ``reset_lora`` are
-    recomputed; a write zoo did not see recomputes every slot."""
+    wrote into it (its ``_version`` moved), only the slots marked by ``reset_lora`` (each
+    value has its own marks) are recomputed; a write zoo did not see, or a new ``key``
+    (the value's shape), recomputes every slot."""
+    if not hasattr(stacked, "_zoo_dirty"):
+        stacked._zoo_dirty = {}
     cached = getattr(stacked, name, None)
-    dirty = getattr(stacked, "_zoo_dirty", None)
-    if cached is None or dirty is None:
-        stacked._zoo_dirty = set()
-        value = make_all(stacked)
-    elif cached[0] == stacked._version:
+    dirty = stacked._zoo_dirty.get(name)
+    if cached is not None and cached[2] == key and cached[0] == stacked._version:
         return cached[1]
-    elif dirty:
+    if cached is not None and cached[2] == key and dirty:
         value = cached[1]
         slots = torch.tensor(sorted(dirty), dtype=torch.long)
-        value[slots] = make_slots(stacked.index_select(0, slots))
+        value[slots] = make(stacked.index_select(0, slots))
     else:
-        value = make_all(stacked)
-    setattr(stacked, name, (stacked._version, value))
-    stacked._zoo_dirty.clear()  # one per-slot value per stack: A has ranks, B rank-major
+        value = make(stacked)
+    setattr(stacked, name, (stacked._version, value, key))
+    stacked._zoo_dirty[name] = set()
     return value
 
 
@@ -269,20 +336,27 @@ def _ranks_of(a: torch.Tensor) -> torch.Tensor:
 def _slot_ranks(stacked_a: torch.Tensor) -> torch.Tensor:
     """Per slot, the rank its adapter uses: one past the last row of A that is not all
     zeros (0 for an empty slot or a projection the adapter did not train)."""
-    return _per_slot(stacked_a, "_zoo_slot_ranks", _ranks_of, _ranks_of)
+    return _per_slot(stacked_a, "_zoo_slot_ranks", _ranks_of)
 
 
-def _rank_cut(stacked_a: torch.Tensor, rank: int) -> torch.Tensor:
-    """A as [slots, rank, in]: a view, no copy."""
-    return stacked_a[:, 0, :rank]
+def _float_a(stacked_a: torch.Tensor) -> torch.Tensor:
+    """A in float32 as [slots, rank, in], cut at the largest rank any slot uses (vLLM
+    stacks every slot at ``--max-lora-rank``; the rows past an adapter's rank are zeros).
+    Small batched matmuls are several times faster in float32 than in bf16 on the CPU."""
+    width = max(1, int(_slot_ranks(stacked_a).max()))
+    return _per_slot(stacked_a, "_zoo_float_a", lambda t: _float32(t[:, 0, :width]), width)
 
 
-def _rank_major(stacked_b: torch.Tensor, rank: int) -> torch.Tensor:
-    """B as [slots, rank, out], contiguous per slot (a slot is redone when vLLM writes
-    it), so gathering an adapter's B copies one block instead of a strided one."""
-    def transposed(b: torch.Tensor) -> torch.Tensor:
-        return b[:, 0].transpose(1, 2).contiguous()
-    return _per_slot(stacked_b, "_zoo_rank_major", transposed, transposed)[:, :rank]
+def _float_b(stacked_b: torch.Tensor, width: int) -> torch.Tensor:
+    """B in float32, rank-major: [slots, rank, out], contiguous per slot, cut at ``width``
+    (A's), so an adapter's B is one block."""
+    return _per_slot(stacked_b, "_zoo_float_b",
+                     lambda t: _float32(t[:, 0, :, :width].transpose(1, 2)), width)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 copy (never a view of vLLM's stack: the slots are rewritten)."""
+    return torch.empty(t.shape, dtype=torch.float32).copy_(t)
 
 
 def _slots_with_weights(stacked: torch.Tensor) -> frozenset[int]:
@@ -290,5 +364,5 @@ def _slots_with_weights(stacked: torch.Tensor) -> frozenset[int]:
     looked at again)."""
     def nonzero(t: torch.Tensor) -> torch.Tensor:
         return t.flatten(1).abs().amax(dim=1) > 0
-    live = _per_slot(stacked, "_zoo_live_slots", nonzero, nonzero)
+    live = _per_slot(stacked, "_zoo_live_slots", nonzero)
     return frozenset(int(i) for i in torch.nonzero(live).flatten())

@@ -1,0 +1,154 @@
+"""The LoRA work of one decode step, alone: zoo's CPU path now, as of an earlier commit, and vLLM's.
+
+Run: .venv/bin/python bench/lora_step.py [--before COMMIT] [--adapters 1,8,32,64,128]
+     [--tokens 64] [--dtype bfloat16] [--repeat 20]
+
+Times ``add_lora_linear`` over SmolLM2-135M's 30 layers (q/k/v, o, gate/up and
+down, as vLLM's fused LoRA layers call it) for one decode step of max(--tokens, N)
+tokens spread evenly over N adapters: rank-8 LoRAs on q and v, in max(64, N) slots
+stacked at rank 16, on one thread (vLLM's CPU worker runs one OpenMP thread per core
+it owns: one on this 2-core machine). The contenders, in one process on equal stacks:
+zoo's wrapper of this tree, the same file of --before (a git commit) and vLLM's own
+``PunicaWrapperCPU``; the base's own linears of the step in the same dtype for scale.
+The median of --repeat steps after one warm-up; results in
+bench/results/lora_step.json. Unlike the served curve (bench/serve.py), whose bursts
+drift by up to 40% on this machine, these repeat within a few percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, save, table
+
+LAYERS, HIDDEN, INTERMEDIATE, KV, RANK, MAX_RANK = 30, 576, 1536, 192, 8, 16
+# (output slices, input width, which slices the adapters train): SmolLM2's fused layers
+CALLS = (((HIDDEN, KV, KV), HIDDEN, (True, False, True)),  # q/k/v
+         ((HIDDEN,), HIDDEN, (False,)),  # o
+         ((INTERMEDIATE, INTERMEDIATE), HIDDEN, (False, False)),  # gate/up
+         ((HIDDEN,), INTERMEDIATE, (False,)))  # down
+
+
+def wrapper_of(commit: str):
+    """``GroupedPunicaWrapperCPU`` as zoo/serve/fast_lora.py was at ``commit``."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:zoo/serve/fast_lora.py"],
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"fast_lora_{commit}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.GroupedPunicaWrapperCPU
+
+
+def stacks(slots: int, dtype):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(LAYERS):
+        calls = []
+        for slices, width, trained in CALLS:
+            a = tuple(torch.zeros(slots, 1, MAX_RANK, width, dtype=dtype) for _ in slices)
+            b = tuple(torch.zeros(slots, 1, size, MAX_RANK, dtype=dtype) for size in slices)
+            for i, on in enumerate(trained):
+                if on:
+                    a[i][:, :, :RANK] = torch.randn(slots, 1, RANK, width, generator=g) * 0.05
+                    b[i][:, :, :, :RANK] = torch.randn(slots, 1, slices[i], RANK, generator=g)
+            calls.append((slices, width, a, b))
+        layers.append(calls)
+    return layers
+
+
+def step_ms(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype,
+            repeat: int) -> float:
+    import torch
+    from vllm.lora.layers.utils import LoRAMapping
+
+    wrapper = wrapper_class(max_num_batched_tokens=max(tokens, 256), max_batches=slots + 8,
+                            device="cpu")
+    ids = list(range(1, slots + 1))
+    mapping = [1 + i % adapters for i in range(tokens)]
+    # as vLLM's model manager calls it: one more than the slots in the stacks
+    wrapper.update_metadata(LoRAMapping(mapping, mapping, is_prefill=False), ids, slots + 1,
+                            49152)
+    x = {w: torch.randn(tokens, w, dtype=dtype) for w in (HIDDEN, INTERMEDIATE)}
+    y = {sum(s): torch.zeros(tokens, sum(s), dtype=dtype) for s, _w, _t in CALLS}
+
+    def step() -> None:
+        for calls in layers:
+            for slices, width, a, b in calls:
+                wrapper.add_lora_linear(y[sum(slices)], x[width], a, b, 1.0, slices)
+
+    step()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def base_ms(tokens: int, dtype, repeat: int) -> float:
+    import torch
+
+    weights = [[torch.randn(sum(s), w, dtype=dtype) for s, w, _t in CALLS] for _ in range(LAYERS)]
+    x = {w: torch.randn(tokens, w, dtype=dtype) for w in (HIDDEN, INTERMEDIATE)}
+    calls = [(weight, x[w]) for layer in weights for weight, (_s, w, _t) in zip(layer, CALLS,
+                                                                                strict=True)]
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        for weight, inputs in calls:
+            torch.nn.functional.linear(inputs, weight)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--before", default="87f89d0")
+    parser.add_argument("--adapters", default="1,8,32,64,128")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--vllm", type=int, default=1, help="time vLLM's own ops too (slow)")
+    args = parser.parse_args()
+
+    import torch
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
+
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    contenders = {"zoo now": GroupedPunicaWrapperCPU, f"zoo {args.before}": wrapper_of(args.before)}
+    if args.vllm:
+        contenders["vLLM's own"] = PunicaWrapperCPU
+    rows = []
+    for adapters in (int(a) for a in args.adapters.split(",")):
+        slots, tokens = max(64, adapters), max(args.tokens, adapters)
+        row = {"adapters": adapters, "tokens": tokens, "slots": slots,
+               "base linears ms": base_ms(tokens, dtype, args.repeat)}
+        for name, cls in contenders.items():  # stacks of their own: the caches live on them
+            row[f"{name} ms"] = step_ms(cls, stacks(slots, dtype), adapters, tokens, slots,
+                                        dtype, args.repeat if name != "vLLM's own" else 3)
+        row["before / now"] = row[f"zoo {args.before} ms"] / row["zoo now ms"]
+        rows.append(row)
+        print(f"{adapters} adapters: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
+                                                    if k.endswith("ms")), file=sys.stderr)
+    columns = list(rows[0])
+    print(f"\none decode step's LoRA work (one token per request), {args.dtype}, one thread")
+    print(table(rows, columns))
+    save("lora_step", {"command": " ".join(sys.argv), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
