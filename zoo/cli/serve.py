@@ -23,8 +23,8 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-loras", type=int, default=None,
-              help="Adapters in one batch (default: 64, fewer when their slots would take "
-                   "more than 10% of memory).")
+              help="Adapters in one batch (default: 128, fewer when their slots would take "
+                   "more than 15% of memory).")
 @click.option("--max-cpu-loras", type=int, default=None,
               help="Adapters kept loaded (LRU); default: 4 x --max-loras.")
 @click.option("--api-keys", type=click.Path(path_type=Path), default=None,

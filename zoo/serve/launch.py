@@ -48,11 +48,13 @@ MIN_KV_GIB = 1
 # vLLM's scheduler with a fair queue between tenants (zoo/serve/fair.py)
 FAIR_SCHEDULER = "zoo.serve.fair.FairScheduler"
 FAIR_ASYNC_SCHEDULER = "zoo.serve.fair.FairAsyncScheduler"
-# Adapters in one batch by default: enough for 64 concurrent customers, each on its own
-# adapter, when the LoRA slots (vLLM stacks every slot at --max-lora-rank on every
-# projection) fit in LORA_MEMORY_SHARE of the machine's memory; fewer when they do not.
-DEFAULT_MAX_LORAS = 64
-LORA_MEMORY_SHARE = 0.10
+# Adapters in one batch by default: as many as vLLM's CPU server runs sequences at once
+# (128), so that every running request may have an adapter of its own, when the LoRA
+# slots (vLLM stacks every slot at --max-lora-rank on every projection; zoo's LoRA path
+# keeps a float32 copy of what the adapters use) fit in LORA_MEMORY_SHARE of the
+# machine's memory; fewer when they do not.
+DEFAULT_MAX_LORAS = 128
+LORA_MEMORY_SHARE = 0.15
 # Adapters kept loaded (vLLM's LRU cache) per batch slot; the rest load on first use.
 CPU_LORAS_PER_SLOT = 4
 # Start-up lists at most this many adapters by name (catalogs run to thousands).
@@ -262,14 +264,17 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
 
 
 def lora_slot_bytes(model_path: Path, max_rank: int, dtype: str) -> int:
-    """What one LoRA slot costs: vLLM stacks A and B at ``max_rank`` for every linear
-    projection of every layer, in the activation dtype."""
+    """What one LoRA slot may cost: vLLM stacks A and B at ``max_rank`` for every linear
+    projection of every layer, in the activation dtype, and zoo's LoRA path
+    (``fast_lora.py``) keeps a float32 copy of them, cut at the rank and to the
+    projections the loaded adapters use (at most all of it)."""
     from zoo.models.bases import module_weight_shapes
 
     shapes = module_weight_shapes(model_path)
     per_rank = sum(shape[0] + shape[1] for name, shape in shapes.items()
                    if ".layers." in name and len(shape) == 2 and "embed" not in name)
-    return per_rank * max_rank * (2 if dtype in ("bfloat16", "float16", "half") else 4)
+    stacked = 2 if dtype in ("bfloat16", "float16", "half") else 4
+    return per_rank * max_rank * (stacked + 4)
 
 
 def default_max_loras(model_path: Path, max_rank: int, dtype: str) -> int:
