@@ -1,7 +1,7 @@
 """zoo serve with many customers at once: throughput against the number of active adapters.
 
 Run: .venv/bin/python bench/serve.py [--catalog 1000] [--paths zoo,vllm] [--startup 3,1000,10000]
-     [--sections curve,ttft,startup] [--ttft-samples 10]
+     [--sections curve,ttft,startup] [--ttft-samples 10] [--wide 256] [--repeat 3]
 
 One engine per LoRA path, started with zoo serve's defaults (no tuning flags), on
 the int8 base, with a catalog of --catalog registered rank-8 q/v LoRAs:
@@ -9,7 +9,11 @@ the int8 base, with a catalog of --catalog registered rank-8 q/v LoRAs:
 * the curve: output tokens/s of --requests concurrent requests x --tokens tokens
   spread over 1, 8, 32, 64 and 128 distinct adapters, each set used for the first
   time (cold: loaded on first use) and then again (warm), against the base alone in
-  the same run; vLLM's own LoRA path on the same load (fewer points: it is slow);
+  the same run, then --wide distinct adapters at --wide concurrent requests against
+  the base at that concurrency; a warm point is the median of --repeat pairs of a
+  base burst and an adapters' burst, by their ratio (cold: once, against the
+  median of --repeat base bursts); vLLM's own LoRA path on the same load (fewer
+  points: it is slow);
 * time to first token of an adapter never used before (cold) and of a loaded one
   (warm) while 63 other adapters keep the engine busy: p50 and p99, with vLLM's
   first-use path (ZOO_FAST_FIRST_USE=0: the API server awaits the load) and zoo's
@@ -227,7 +231,7 @@ def keep(section: dict) -> None:
                    **section})
 
 
-def plot(curve_rows: list[dict], out: Path) -> None:
+def plot(curve_rows: list[dict], concurrency: int, previous: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,12 +239,14 @@ def plot(curve_rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for path, state, style in (("zoo", "warm", "o-"), ("zoo", "cold", "o--"),
-                               ("vllm", "warm", "s-"), ("previous", "warm", "^-")):
+                               ("vllm", "warm", "s-"), ("previous", "warm", "^-"),
+                               ("previous", "cold", "^--")):
         points = [(r["adapters"], r["vs base"]) for r in curve_rows
-                  if r["lora path"] == path and r["state"] == state]
+                  if r["lora path"] == path and r["state"] == state
+                  and r.get("concurrency", concurrency) == concurrency]
         if points:
             label = {"zoo": "zoo", "vllm": "vLLM's own LoRA path",
-                     "previous": "zoo before this round"}[path]
+                     "previous": f"zoo at {previous}"}[path]
             ax.plot(*zip(*points, strict=True), style, label=f"{label}, {state}")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
@@ -263,6 +269,12 @@ def main() -> None:
     parser.add_argument("--startup", default="3,1000,10000")
     parser.add_argument("--ttft-samples", type=int, default=10)
     parser.add_argument("--curve", default=",".join(map(str, CURVE)))
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="base and adapter burst pairs per warm point (the median pair "
+                             "counts), and base bursts for the cold points' reference")
+    parser.add_argument("--wide", type=int, default=256,
+                        help="then as many distinct adapters as concurrent requests, against "
+                             "the base at that concurrency (0: not measured)")
     parser.add_argument("--sections", default="curve,ttft,startup",
                         help="curve (throughput), ttft and/or startup; each is kept in "
                              "bench/results/serve.json as it finishes")
@@ -304,27 +316,62 @@ def main() -> None:
     sections = args.sections.split(",")
     for path in args.paths.split(",") if "curve" in sections else []:
         with engine(path) as url:
-            asyncio.run(burst(url, [BASE] * 4, 8, 4))  # warm up
-            base = asyncio.run(burst(url, [BASE] * n, args.tokens, n))
-            rows.append({"lora path": path, "adapters": 0, "state": "-", **base, "vs base": 1.0})
+            # warm up: a first burst of a shape is slower (kernels made for its sizes)
+            asyncio.run(burst(url, [BASE] * n, args.tokens, n))
+            if args.wide and path != "vllm":
+                asyncio.run(burst(url, [BASE] * args.wide, args.tokens, args.wide))
+
+            def timed(models: list[str], concurrency: int, times: int) -> dict:
+                """The median burst of ``times`` (by tokens/s)."""
+                runs = [asyncio.run(burst(url, models, args.tokens, concurrency))
+                        for _ in range(times)]
+                return sorted(runs, key=lambda r: r["tok_per_s"])[len(runs) // 2]
+
+            def paired(models: list[str], concurrency: int) -> dict:
+                """--repeat pairs of a base burst and an adapters' burst: the median pair by
+                their ratio (this machine's speed drifts by up to 40% between bursts, the
+                same for both of a pair)."""
+                pairs = []
+                for _ in range(args.repeat):
+                    reference = asyncio.run(burst(url, [BASE] * len(models), args.tokens,
+                                                  concurrency))
+                    result = asyncio.run(burst(url, models, args.tokens, concurrency))
+                    pairs.append({**result, "vs base": result["tok_per_s"] /
+                                  reference["tok_per_s"]})
+                return sorted(pairs, key=lambda r: r["vs base"])[len(pairs) // 2]
+
+            base = timed([BASE] * n, n, args.repeat)
+            rows.append({"lora path": path, "concurrency": n, "adapters": 0, "state": "-",
+                         **base, "vs base": 1.0})
             curve = [int(c) for c in args.curve.split(",")]
-            for count in curve if path == "zoo" else [c for c in curve if c in VLLM_CURVE]:
+            points = [(count, n, base) for count in
+                      (curve if path != "vllm" else [c for c in curve if c in VLLM_CURVE])]
+            if args.wide and path != "vllm":
+                wide = timed([BASE] * args.wide, args.wide, args.repeat)
+                rows.append({"lora path": path, "concurrency": args.wide, "adapters": 0,
+                             "state": "-", **wide, "vs base": 1.0})
+                points.append((args.wide, args.wide, wide))
+            for count, concurrency, reference in points:
                 chosen = fresh(count)
-                models = [chosen[i % count] for i in range(max(n, count))]
+                models = [chosen[i % count] for i in range(max(concurrency, count))]
                 for state in ("cold", "warm"):
-                    if path != "zoo" and state == "cold":
-                        asyncio.run(burst(url, chosen, 2, n))  # load; not timed
+                    if path == "vllm" and state == "cold":
+                        asyncio.run(burst(url, chosen, 2, concurrency))  # load; not timed
                         continue
-                    result = asyncio.run(burst(url, models, args.tokens, n))
-                    rows.append({"lora path": path, "adapters": count, "state": state, **result,
-                                 "vs base": result["tok_per_s"] / base["tok_per_s"]})
-                    log(f"{path} {count} {state}: {result['tok_per_s']:.1f} tok/s "
-                        f"({rows[-1]['vs base']:.2f}x)")
+                    if state == "cold":  # once: against the median base
+                        result = asyncio.run(burst(url, models, args.tokens, concurrency))
+                        result["vs base"] = result["tok_per_s"] / reference["tok_per_s"]
+                    else:
+                        result = paired(models, concurrency)
+                    rows.append({"lora path": path, "concurrency": concurrency, "adapters": count,
+                                 "state": state, **result})
+                    log(f"{path} {count} at {concurrency} {state}: {result['tok_per_s']:.1f} "
+                        f"tok/s ({rows[-1]['vs base']:.2f}x)")
 
     if "curve" in sections:
         keep({"command": " ".join(sys.argv), "rows": rows,
               "bulk_registration_seconds": bulk_seconds})
-        plot(rows, ROOT / "docs" / "serve-curve.png")
+        plot(rows, n, args.previous, ROOT / "docs" / "serve-curve.png")
     for first_use, label in FIRST_USE.items() if "ttft" in sections else ():
         os.environ["ZOO_FAST_FIRST_USE"] = first_use
         with engine("zoo") as url:
@@ -349,8 +396,8 @@ def main() -> None:
     print(f"\n{n} concurrent requests x {args.tokens} tokens, int8 base, zoo serve defaults, "
           f"catalog of {args.catalog} rank-8 q/v LoRAs")
     if rows:
-        print(table(rows, ["lora path", "adapters", "state", "tokens", "seconds", "tok_per_s",
-                           "vs base"]))
+        print(table(rows, ["lora path", "concurrency", "adapters", "state", "tokens", "seconds",
+                           "tok_per_s", "vs base"]))
     if ttft:
         print("\ntime to first token (s) with 63 adapters busy, one engine per row")
         print(table([{"first use": label, **{f"{state} {p}": ttft[label][state][p]
