@@ -1,6 +1,7 @@
 """The int8 base's quality off its calibration's domain: every held-out text, every setting.
 
-Run: .venv/bin/python bench/domains.py [--settings before,broad,default,rtn,alpha-0.8]
+Run: .venv/bin/python bench/domains.py [--settings before,broad,default,rtn,alpha-0.8,
+     damping-0.1,damping-0.001,gptq-2-sequences]
 
 Perplexity of each held-out text zoo ships (zoo/data/domains: prose, dialogue, code,
 formal writing, technical documentation, Spanish; and zoo/data/heldout.txt), served by
@@ -34,6 +35,11 @@ SETTINGS = {  # name: (calibrate, the W8A8 writer's keyword arguments)
     "broad": (True, {"tolerance": 0.10}),  # other languages, code and letters too
     "default": (True, {}),  # and the worst eighth of the layers in 16 bits
     "alpha-0.8": (True, {"alpha": 0.8}),
+    # GPTQ: its damping (default 0.01 of H's mean diagonal) and how much text its
+    # Hessians see (default: all 11 sequences of 512 tokens)
+    "damping-0.1": (True, {"damping": 0.1}),
+    "damping-0.001": (True, {"damping": 0.001}),
+    "gptq-2-sequences": (True, {"gptq_sequences": 2}),
 }
 
 

@@ -263,6 +263,10 @@ def test_gptq_rounding_beats_nearest_on_the_calibration_inputs():
     gptq_error = (x @ (ints * scale).T - exact).norm()
     nearest_error = (x @ nearest.T - exact).norm()
     assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)
+    # damping pulls H towards a multiple of the identity, where moving an error onto the
+    # other columns gains nothing: overwhelming damping is rounding to the nearest step
+    damped, _scale = quantize_rows(weight, x.T @ x, damping=1e9)
+    torch.testing.assert_close(damped * scale, nearest)
 
 
 def test_a_bottleneck_adapter_is_evaluated_through_transformers(tiny, tmp_path):

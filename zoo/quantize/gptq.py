@@ -37,16 +37,31 @@ def hessian_hooks(model, names: set[str]) -> tuple[dict[str, torch.Tensor], list
     return sums, hooks
 
 
-def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hessians(model, names: set[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The summed ``x^T x`` of each named linear's inputs over ``model`` run on ``batches``."""
+    sums, hooks = hessian_hooks(model, names)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sums
+
+
+def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor,
+                  damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
     """``(integers, scale)``: the int8 values GPTQ picks for ``weight`` [out, in] and the
-    per-row scale (absmax / 127), so that ``integers * scale`` approximates it."""
+    per-row scale (absmax / 127), so that ``integers * scale`` approximates it
+    (``damping``: the share of H's mean diagonal added to its diagonal)."""
     w = weight.detach().float().clone()
     scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
     h = hessian.float().clone()
     dead = torch.diag(h) == 0  # inputs never seen: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    h += damping * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     ints = torch.zeros_like(w)
     columns = w.shape[1]

@@ -45,7 +45,11 @@ def _reader(module: str) -> str:
 
 def write_w8a8(source: Path, out: Path, calibrate: bool = True,
                calibration: Path | None = None, alpha: float = SMOOTH_ALPHA,
-               tolerance: float = KEEP_TOLERANCE) -> dict[str, Any]:
+               tolerance: float = KEEP_TOLERANCE, damping: float | None = None,
+               gptq_sequences: int | None = None) -> dict[str, Any]:
+    """Write ``source``'s W8A8 checkpoint into ``out``; the details of how. ``damping``
+    and ``gptq_sequences`` (how many of the calibration's 512-token sequences GPTQ's
+    Hessians see; all by default) are there to measure them (bench/domains.py)."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -72,12 +76,9 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
         scales = smooth.smooth_llama(model, before, alpha)
         readers = {n for n, m in model.named_modules()  # one H per distinct input
                    if isinstance(m, torch.nn.Linear) and n.endswith(SHARED_INPUT)}
-        hessians, hooks = gptq.hessian_hooks(model, readers)
-        try:
-            after = smooth.calibrate(model, batches)  # the activations int8 layers will see
-        finally:
-            for hook in hooks:
-                hook.remove()
+        after = smooth.calibrate(model, batches)  # the activations int8 layers will see
+        hessians = gptq.hessians(model, readers, batches[:gptq_sequences])
+        damping = gptq.DAMPING if damping is None else damping
         errors = smooth.int8_errors(model, after)
         limit = max(0, int(KEEP_AT_MOST * len(errors)))
         keep = smooth.layers_to_keep(errors, tolerance, limit)
@@ -87,7 +88,7 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
             for name, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear) and ".layers." in name and name not in kept:
                     reader = _reader(name)
-                    ints, scale = gptq.quantize_rows(module.weight, hessians[reader])
+                    ints, scale = gptq.quantize_rows(module.weight, hessians[reader], damping)
                     module.weight.data = (ints * scale).to(module.weight.dtype)
                     scales_by_module[name] = scale
         quantized = [e for layer, e in errors.items() if layer not in keep]
@@ -97,7 +98,8 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
             "kept_16bit": keep, "keep_tolerance": tolerance,
             "worst_int8_error": round(max(quantized, default=0.0), 4),
             "worst_int8_error_before_smoothing": round(worst_before, 4),
-            "weight_rounding": "gptq"})
+            "weight_rounding": "gptq", "gptq_damping": damping,
+            "gptq_sequences": len(batches[:gptq_sequences])})
         model = model.to(torch.bfloat16)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
