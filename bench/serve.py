@@ -39,7 +39,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import BASE, ROOT, bench_home, save, table, write_random_lora
+from common import BASE, ROOT, bench_home, save, table, worktree, write_random_lora
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 CURVE = (1, 8, 32, 64, 128)
@@ -181,10 +181,7 @@ def previous_zoo(commit: str, home: Path, log):
     """``zoo serve --multi-lora`` of an earlier commit, on this home, with its defaults."""
     from zoo.serve.launch import free_port
 
-    tree = Path(f"/tmp/zoo-previous-{commit}")
-    if not tree.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", str(tree), commit],
-                       check=True, capture_output=True)
+    tree = worktree(commit)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(tree), "ZOO_HOME": str(home), "ZOO_FAST_LORA": "1"}
     log_file = open(home / "previous-vllm.log", "wb")  # noqa: SIM115 - closed below

@@ -15,6 +15,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger("zoo.serve")
 
@@ -93,35 +94,33 @@ def on_cpu() -> bool:
 
 # -- checks: each names what it relies on ----------------------------------------------
 
+def _lookup(module: str, path: tuple[str, ...]) -> tuple[Any, str | None]:
+    """``module.path...`` (imported lazily), or None and why it is not there."""
+    import importlib
+
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as error:
+        return None, f"{module} does not import ({error})"
+    for i, name in enumerate(path):
+        if not hasattr(obj, name):
+            return None, f"{module}.{'.'.join(path[:i + 1])} is gone"
+        obj = getattr(obj, name)
+    return obj, None
+
+
 def has(module: str, *path: str) -> Check:
     """``module.path...`` exists (an attribute path, imported lazily)."""
-    def check() -> str | None:
-        import importlib
-
-        try:
-            obj = importlib.import_module(module)
-        except ImportError as error:
-            return f"{module} does not import ({error})"
-        for i, name in enumerate(path):
-            if not hasattr(obj, name):
-                return f"{module}.{'.'.join(path[:i + 1])} is gone"
-            obj = getattr(obj, name)
-        return None
-    return check
+    return lambda: _lookup(module, path)[1]
 
 
 def parameters(module: str, *path: str, names: tuple[str, ...], exact: bool = False) -> Check:
     """The callable ``module.path`` takes parameters ``names`` in that order (after
     ``self``); with ``exact``, no others."""
     def check() -> str | None:
-        import importlib
-
-        missing = has(module, *path)()
+        obj, missing = _lookup(module, path)
         if missing:
             return missing
-        obj = importlib.import_module(module)
-        for name in path:
-            obj = getattr(obj, name)
         found = [p for p in inspect.signature(obj).parameters if p != "self"]
         where = f"{module}.{'.'.join(path)}"
         if found[:len(names)] != list(names):
@@ -136,14 +135,9 @@ def mentions(module: str, *path: str, snippets: tuple[str, ...]) -> Check:
     """The source of ``module.path`` holds every one of ``snippets`` (what a signature
     cannot show: the attributes an ``__init__`` sets, the branch a method takes)."""
     def check() -> str | None:
-        import importlib
-
-        missing = has(module, *path)()
+        obj, missing = _lookup(module, path)
         if missing:
             return missing
-        obj = importlib.import_module(module)
-        for name in path:
-            obj = getattr(obj, name)
         source = inspect.getsource(obj)
         absent = [s for s in snippets if s not in source]
         if absent:
