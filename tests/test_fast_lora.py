@@ -118,6 +118,26 @@ def test_logits_skip_is_exact_and_not_blind():
     assert not torch.equal(got, base)
 
 
+def test_embedding_skip_is_exact_and_not_blind():
+    """vLLM adds an embedding LoRA for every adapter; zoo skips it when no adapter of the
+    step has embedding weights (an adapter outside the step may)."""
+    tokens = [11, 22, 0, 22]
+    ref, ours = wrappers(tokens, tokens, False)
+    b = torch.zeros(SLOTS, 1, HIDDEN, RANK)
+    b[2].normal_()  # adapter 33's: not in this step
+    x = torch.randn(4, RANK)
+    base = torch.randn(4, HIDDEN)
+    expected, got = base.clone(), base.clone()
+    ref.add_lora_embedding(expected, x, b, add_input=True)
+    ours.add_lora_embedding(got, x, b, add_input=True)
+    assert torch.equal(got, base) and torch.equal(expected, base)
+    b[1].normal_()  # now adapter 22 has some: the skip must notice
+    expected, got = base.clone(), base.clone()
+    ref.add_lora_embedding(expected, x, b, add_input=True)
+    ours.add_lora_embedding(got, x, b, add_input=True)
+    assert torch.equal(got, expected) and not torch.equal(got, base)
+
+
 def test_group_rows():
     groups = group_rows(torch.tensor([2, -1, 2, 0]))
     assert [(s, r.tolist()) for s, r in groups] == [(0, [3]), (2, [0, 2])]
@@ -127,21 +147,45 @@ def test_group_rows():
 
 def test_each_kind_of_step_gets_its_plan():
     """The cases above compare outputs; this checks that they reach every plan."""
-    from zoo.serve.fast_lora import _Batched, _One, _plan, _Sorted
+    from zoo.serve.fast_lora import _Batched, _Gathered, _One, _plan, _Sorted
 
-    def plan(indices: list[int], stack_slots: int = 4):
-        made = _plan(group_rows(torch.tensor(indices)), len(indices))
-        if isinstance(made, _Batched):
-            made.inputs(torch.zeros(len(indices), 2), stack_slots)
-        return made
+    def plan(indices: list[int]):
+        return _plan(group_rows(torch.tensor(indices)), torch.tensor(indices))
 
     assert plan([-1, -1]) is None
     assert isinstance(plan([2, -1, 2]), _One)
+    assert isinstance(plan([0, 1, 2, 3, -1]), _Gathered)  # decode
+    assert isinstance(plan([0, 0, 0, 1, 1, -1, -1, 2]), _Gathered)  # "prefill, mixed"
+    assert isinstance(plan([0] * 20 + [-1] * 5 + [1] * 17 + [2] * 18), _Batched)
     assert isinstance(plan([0] * 40 + [1, 2]), _Sorted)  # padding: 120 rows for 42
-    decode = plan([0, 1, 2, 3, -1])  # four adapters of four slots: the stack itself
-    assert isinstance(decode, _Batched) and decode.step_slots is None
-    assert plan([1, -1, -1, 3, -1, -1], 8).step_slots.tolist() == [1, 3]  # two of eight
-    assert plan([1, -1, 1, 2, -1, -1, -1, -1]).step_slots.tolist() == [1, 2]  # a case above
+
+
+def test_the_gathered_kernel_runs_eagerly_where_it_cannot_be_compiled(monkeypatch, caplog):
+    """A machine without a C++ compiler: the first call's compile fails, zoo warns once
+    and runs the same kernel eagerly from then on, with the same result."""
+    from zoo.serve import fast_lora
+
+    def cannot_compile(function):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(fast_lora, "_KERNEL", [])
+    monkeypatch.setattr(torch, "compile", cannot_compile)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, 8, generator=g)
+    x, slots = torch.randn(5, 16, generator=g), torch.tensor([2, -1, 0, 0, 1])
+    expected = torch.zeros(5, 10)  # the part's output columns: 2 .. 9
+    for row, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expected[row, 2:] = 0.5 * (x[row] @ a[slot].T) @ b[slot]
+    for _ in range(2):
+        out = torch.zeros(5, 10)
+        fast_lora._gather_kernel()(out, x, slots, ((a, b, 2),), 0.5)
+        torch.testing.assert_close(out, expected)
+    assert [r.message for r in caplog.records if "eagerly" in r.message] == [
+        "zoo: compiling the LoRA kernel failed (no C++ compiler); running it eagerly, "
+        "which is slower"]
 
 
 def _generate_both_ways(base, adapters, tmp_path) -> dict:
@@ -263,18 +307,21 @@ def test_slot_caches_redo_only_the_slots_vllm_wrote():
     assert fast_lora._slot_ranks(a).tolist() == [0] * 8
     a[2, 0, :4] = torch.randn(4, 12)  # a write before the caches exist
     b[2, 0, :, :4] = torch.randn(20, 4)
-    assert fast_lora._float_a(a).shape == (8, 4, 12)
-    fast_lora._float_b(b, 4)
+    assert fast_lora._slot_ranks(a).tolist() == [0, 0, 4, 0, 0, 0, 0, 0]
+    assert fast_lora._b_by_rank(b, 4).shape == (8, 4, 20)
+    assert fast_lora._slots_with_weights(b) == {2}
     BaseLinearLayerWithLoRA.reset_lora(layer, 3)  # vLLM: reset, then copy the new weights
     a[3, 0, :3] = torch.randn(3, 12)
     b[3, 0, :, :3] = torch.randn(20, 3)
-    # every value derived from a stack has its own marks: using one leaves the others'
-    assert a._zoo_dirty == {"_zoo_slot_ranks": {3}, "_zoo_float_a": {3}}
+    assert a._zoo_dirty == {"_zoo_slot_ranks": {3}}
+    assert b._zoo_dirty == {"_zoo_b_by_rank": {3}, "_zoo_live_slots": {3}}
     assert fast_lora._slot_ranks(a).tolist() == [0, 0, 4, 3, 0, 0, 0, 0]
-    assert a._zoo_dirty["_zoo_float_a"] == {3}
-    torch.testing.assert_close(fast_lora._float_a(a), a[:, 0, :4])
-    torch.testing.assert_close(fast_lora._float_b(b, 4), b[:, 0, :, :4].transpose(1, 2))
-    assert a._zoo_dirty == {"_zoo_slot_ranks": set(), "_zoo_float_a": set()}
+    torch.testing.assert_close(fast_lora._b_by_rank(b, 4), b[:, 0, :, :4].transpose(1, 2))
+    # every value derived from a stack has its own marks: using one leaves the other's
+    assert b._zoo_dirty == {"_zoo_b_by_rank": set(), "_zoo_live_slots": {3}}
+    assert fast_lora._slots_with_weights(b) == {2, 3}
     a[5, 0, :6] = 1.0  # a write without reset_lora, past the cut: everything is recomputed
+    b[5, 0, :, :6] = 1.0
     assert fast_lora._slot_ranks(a).tolist() == [0, 0, 4, 3, 0, 6, 0, 0]
-    torch.testing.assert_close(fast_lora._float_a(a), a[:, 0, :6])
+    torch.testing.assert_close(fast_lora._b_by_rank(b, 6), b[:, 0, :, :6].transpose(1, 2))
+    assert fast_lora._slots_with_weights(b) == {2, 3, 5}

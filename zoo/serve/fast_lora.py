@@ -9,22 +9,25 @@ the adapter trained that projection, with a per-token einsum. This wrapper
 * computes each slice at the largest rank the step's adapters really use
   (vLLM stacks every slot at ``--max-lora-rank``; the rows past an adapter's
   own rank are zeros);
-* for a step of many adapters with few tokens each (decode), runs two batched
-  matmuls over the adapters, each one's tokens padded to the longest group; when
-  the step's adapters fill most of the stack, over the stack itself, so no
-  adapter's weights are gathered;
-* for few adapters with many tokens each (prefill, or one adapter), runs two
-  plain matmuls per adapter on its rows;
-* skips the LoRA pass of the logits when no adapter in the step has weights
-  for ``lm_head`` (it would add exact zeros).
+* for a step of many adapters with few tokens each (decode), runs one compiled kernel
+  (``torch.compile``: Inductor's C++) per fused layer that reads each token's adapter
+  rows of A and B where they lie, in the stack's dtype, and adds the result in place:
+  nothing is gathered, padded or converted to float32 first, so a step of 64 bf16
+  adapters reads half the bytes of a float32 copy. It is compiled on the first such
+  step of a process (seconds; Inductor caches it on disk for the next) and runs
+  eagerly, slower, where no C++ compiler is found;
+* for several adapters with many tokens each (prefills), two batched matmuls over the
+  step's adapters, each one's tokens padded to the longest group, or, when padding
+  would more than double the rows (a long prefill beside short ones), two plain
+  matmuls per adapter on its rows, as for a single adapter;
+* skips the LoRA pass of the logits and of the embeddings when no adapter in the step
+  has weights there (it would add exact zeros).
 
-Both matmuls run in float32 on float32 copies of the slots (cut at the largest
-rank any slot uses; a slot is copied again only when vLLM rewrites it): on the
-CPU small and batched matmuls are several times faster in float32 than in bf16,
-and the result is rounded once, when it is added to the output. zoo's plugin
-selects it on the CPU platform (a guarded patch, ``patches.py``);
-``ZOO_FAST_LORA=0`` restores vLLM's own. A call this path was not
-written for goes to vLLM's own ops instead: a keyword it does not know, a torch
+The products accumulate in float32 and the result is rounded once, when it is added to
+the output. The per-slot values (each slot's rank, B rank-major) are recomputed only
+for the slots vLLM rewrites. zoo's plugin selects this wrapper on the CPU platform (a
+guarded patch, ``patches.py``); ``ZOO_FAST_LORA=0`` restores vLLM's own. A call this
+path was not written for goes to vLLM's own ops instead: a keyword it does not know, a torch
 compile in progress (one step's grouping must never be baked into a graph), or a
 token-to-slot mapping outside -1 (no adapter) .. slots - 1. Tests compare the two on
 the same inputs, and end to end on the real base.
@@ -32,17 +35,22 @@ the same inputs, and end to end on the real base.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+logger = logging.getLogger("zoo.serve")
 QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
-# Several adapters in a step: their tokens are padded to the longest group and run as
-# one batched matmul pair, unless padding would more than double the rows (a long
-# prefill beside short ones), where a matmul pair per adapter is cheaper.
+# Several adapters in a step: with at most GATHER_LIMIT tokens each on average (decode),
+# one gathered kernel; more, their tokens padded to the longest group and run as one
+# batched matmul pair, unless padding would more than double the rows (a long prefill
+# beside short ones), where a matmul pair per adapter is cheaper.
+GATHER_LIMIT = 8
 PADDING_LIMIT = 2
 Groups = list[tuple[int, torch.Tensor | None]]  # (adapter slot, token rows or None = all)
+Parts = tuple[tuple[torch.Tensor, torch.Tensor, int], ...]  # (A, B, first output column)
 
 
 def group_rows(indices: torch.Tensor) -> Groups:
@@ -76,17 +84,32 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._token_groups = group_rows(self.token_lora_indices)
         self._sampler_groups = group_rows(self.sampler_indices)
         self._step_slots = torch.tensor([s for s, _rows in self._token_groups], dtype=torch.long)
-        self._ranks: dict[tuple[int, int], int] = {}  # (tensor id, version) -> rank in step
-        self._plan = _plan(self._token_groups, self.token_lora_indices.numel())
+        self._step_key = tuple(self._step_slots.tolist())
+        self._plan = _plan(self._token_groups, self.token_lora_indices)
 
-    def _step_rank(self, a: torch.Tensor) -> int:
-        """The largest rank any adapter of this step uses in this slice (0: none has it)."""
-        key = (id(a), a._version)
-        rank = self._ranks.get(key)
-        if rank is None:
-            rank = int(_slot_ranks(a).index_select(0, self._step_slots).max())
-            self._ranks[key] = rank
-        return rank
+    def _parts(self, lora_a_stacked, lora_b_stacked, output_slices, y_width: int,
+               fixed_shapes: bool) -> Parts:
+        """The slices of a fused layer that some adapter of this step has weights for, as
+        (A [slots, rank, in], B [slots, rank, width], first output column): views cut at
+        the largest rank the step's adapters use (at any slot's, for a plan whose shapes
+        must not change). Kept on the layer's first stack until vLLM writes to any of its
+        stacks or a step has other adapters (decode steps run the same ones many times)."""
+        key = (tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked)), self._step_key,
+               fixed_shapes, y_width)
+        cached = getattr(lora_a_stacked[0], "_zoo_parts", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        parts, offset = [], 0
+        for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            ranks = _slot_ranks(a)
+            rank, slot_rank = int(ranks.index_select(0, self._step_slots).max()), int(ranks.max())
+            width = min(size, b.shape[2], y_width - offset)
+            if rank and width > 0:
+                rank = slot_rank if fixed_shapes else rank
+                parts.append((a[:, 0, :rank], _b_by_rank(b, slot_rank)[:, :rank, :width], offset))
+            offset += size
+        lora_a_stacked[0]._zoo_parts = (key, tuple(parts))
+        return tuple(parts)
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor,
                         lora_a_stacked: tuple[torch.Tensor, ...],
@@ -103,19 +126,20 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if flat_x.shape[0] != self.token_lora_indices.numel():  # not a row per token
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
                                            output_slices, buffer=buffer, **kwargs)
-        xs = None  # the inputs in float32, arranged as the plan needs them, once for all slices
-        offset = 0
-        for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            rank = self._step_rank(a)
-            width = min(size, b.shape[2], flat_y.shape[1] - offset)
-            if rank and width > 0:
-                if xs is None:
-                    xs = plan.inputs(flat_x, a.shape[0])
-                a32 = _float_a(a)
-                b32 = _float_b(b, a32.shape[1])
-                plan.add(flat_y[:, offset:offset + width], xs, a32[:, :rank],
-                         b32[:, :rank, :width], scale)
-            offset += size
+        parts = self._parts(lora_a_stacked, lora_b_stacked, output_slices, flat_y.shape[1],
+                            plan.fixed_shapes)
+        if parts:
+            plan.add(flat_y, plan.inputs(flat_x), parts, scale)
+
+    def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor,
+                           lora_b_stacked: torch.Tensor, add_inputs: bool = True,
+                           **kwargs: Any) -> None:
+        # vLLM's embedding layer passes add_input=True, which its CPU ops ignore (they add)
+        if self._grouped and add_inputs and set(kwargs) <= {"add_input"} and \
+                kwargs.get("add_input", True) and not _compiling() and \
+                not _slots_with_weights(lora_b_stacked).intersection(self._step_key):
+            return  # no adapter of the step has embedding weights: it would add zeros
+        return super().add_lora_embedding(y, x, lora_b_stacked, add_inputs, **kwargs)
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                         lora_b_stacked: torch.Tensor, scale, *, buffer=None,
@@ -148,25 +172,31 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 class _One:
     """Every token with an adapter uses the same one: a matmul pair on its rows."""
 
+    fixed_shapes = False
+
     def __init__(self, slot: int, rows: torch.Tensor | None, tokens: int):
         self.slot, self.rows = slot, rows
         self.positions = None if rows is None else _token_positions(rows, tokens)
 
-    def inputs(self, x: torch.Tensor, stack_slots: int) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return (x if self.rows is None else x.index_select(0, self.rows)).float()
 
-    def add(self, out, xs, a, b, scale: float) -> None:
-        if self.rows is None:
-            out.add_(_lora(xs, a[self.slot], b[self.slot], scale))
-            return
-        delta = _with_zero_row(len(self.rows), b.shape[2])
-        _lora(xs, a[self.slot], b[self.slot], scale, into=delta[:-1])
-        out.add_(delta.index_select(0, self.positions))
+    def add(self, y, xs, parts: Parts, scale: float) -> None:
+        for a, b, start in parts:
+            out = y[:, start:start + b.shape[2]]
+            if self.rows is None:
+                out.add_(_lora(xs, a[self.slot], b[self.slot], scale))
+                continue
+            delta = _with_zero_row(len(self.rows), b.shape[2])
+            _lora(xs, a[self.slot], b[self.slot], scale, into=delta[:-1])
+            out.add_(delta.index_select(0, self.positions))
 
 
 class _Sorted:
     """Many tokens per adapter (a long prefill beside short ones): a matmul pair per
     adapter on its rows, the rows sorted by adapter."""
+
+    fixed_shapes = False
 
     def __init__(self, groups: Groups, tokens: int):
         self.rows = torch.cat([rows for _slot, rows in groups])
@@ -176,71 +206,134 @@ class _Sorted:
             self.bounds.append((slot, start, start + len(rows)))
             start += len(rows)
 
-    def inputs(self, x: torch.Tensor, stack_slots: int) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, self.rows).float()
 
-    def add(self, out, xs, a, b, scale: float) -> None:
-        delta = _with_zero_row(len(self.rows), b.shape[2])
-        for slot, start, end in self.bounds:
-            _lora(xs[start:end], a[slot], b[slot], scale, into=delta[start:end])
-        out.add_(delta.index_select(0, self.positions))
+    def add(self, y, xs, parts: Parts, scale: float) -> None:
+        for a, b, column in parts:
+            delta = _with_zero_row(len(self.rows), b.shape[2])
+            for slot, start, end in self.bounds:
+                _lora(xs[start:end], a[slot], b[slot], scale, into=delta[start:end])
+            y[:, column:column + b.shape[2]].add_(delta.index_select(0, self.positions))
 
 
 class _Batched:
-    """Adapters with few tokens each (decode): one batched matmul pair over all of them,
-    each adapter's tokens padded to the longest group. When the step's adapters fill most
-    of the stack, the batch is the stack itself: no weights are gathered, and the slots
-    without tokens are all padding."""
+    """Adapters with many tokens each, about as many each (prefills of like prompts): one
+    batched matmul pair over the step's adapters, in float32, each adapter's tokens padded
+    to the longest group."""
+
+    fixed_shapes = False
 
     def __init__(self, groups: Groups, tokens: int):
-        self.groups, self.tokens = groups, tokens
-        self.real = sum(len(rows) for _slot, rows in groups)
-        self.longest = max(len(rows) for _slot, rows in groups)
-        self.stack_slots = None  # the layout below is for stacks of this many slots
-
-    def _arrange(self, stack_slots: int) -> None:
-        whole = max(slot for slot, _rows in self.groups) < stack_slots and \
-            stack_slots * self.longest <= PADDING_LIMIT * self.real
-        self.step_slots = None if whole else torch.tensor([s for s, _rows in self.groups])
-        self.shape = (stack_slots if whole else len(self.groups), self.longest)
-        padded = self.shape[0] * self.longest
+        longest = max(len(rows) for _slot, rows in groups)
+        self.slots = torch.tensor([slot for slot, _rows in groups])
+        self.shape = (len(groups), longest)
         # position in the padded batch -> token row; padding reads token 0, its output is
         # never read; token row -> position in the padded batch (none: the zero row after)
-        self.padded_rows = torch.zeros(padded, dtype=torch.long)
-        self.positions = torch.full((self.tokens,), padded, dtype=torch.long)
-        for g, (slot, rows) in enumerate(self.groups):
-            start = (slot if whole else g) * self.longest
-            rows = torch.arange(self.tokens) if rows is None else rows
+        self.padded_rows = torch.zeros(len(groups) * longest, dtype=torch.long)
+        self.positions = torch.full((tokens,), len(self.padded_rows), dtype=torch.long)
+        for g, (_slot, rows) in enumerate(groups):
+            start = g * longest
             self.padded_rows[start:start + len(rows)] = rows
             self.positions[rows] = torch.arange(start, start + len(rows))
-        self.stack_slots = stack_slots
 
-    def inputs(self, x: torch.Tensor, stack_slots: int) -> torch.Tensor:
-        if stack_slots != self.stack_slots:
-            self._arrange(stack_slots)
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(0, self.padded_rows).float().view(*self.shape, x.shape[1])
 
-    def add(self, out, xs, a, b, scale: float) -> None:
-        if self.step_slots is not None:
-            a, b = a.index_select(0, self.step_slots), b.index_select(0, self.step_slots)
-        shrunk = torch.bmm(xs, a.transpose(1, 2))  # [adapters, tokens, rank]
-        if scale != 1.0:
-            shrunk = shrunk * scale
-        delta = _with_zero_row(xs.shape[0] * xs.shape[1], b.shape[2])
-        torch.bmm(shrunk, b, out=delta[:-1].view(*xs.shape[:2], b.shape[2]))
-        out.add_(delta.index_select(0, self.positions))
+    def add(self, y, xs, parts: Parts, scale: float) -> None:
+        for a, b, start in parts:
+            a, b = a.index_select(0, self.slots).float(), b.index_select(0, self.slots).float()
+            shrunk = torch.bmm(xs, a.transpose(1, 2))  # [adapters, tokens, rank]
+            if scale != 1.0:
+                shrunk = shrunk * scale
+            delta = _with_zero_row(xs.shape[0] * xs.shape[1], b.shape[2])
+            torch.bmm(shrunk, b, out=delta[:-1].view(*xs.shape[:2], b.shape[2]))
+            y[:, start:start + b.shape[2]].add_(delta.index_select(0, self.positions))
 
 
-def _plan(groups: Groups, tokens: int):
-    """How this step's ``tokens`` rows meet their adapters (None: no row has one)."""
+class _Gathered:
+    """Adapters with few tokens each (decode): every token reads its own adapter's rows of
+    A and B where they lie in the stack, in one compiled kernel a slice (``_gather_lora``):
+    no weights are copied, no token is padded, and the weights are read in the stack's
+    own dtype (half of float32's bytes in bf16)."""
+
+    fixed_shapes = True
+
+    def __init__(self, indices: torch.Tensor):
+        self.slots = indices
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def add(self, y, xs, parts: Parts, scale: float) -> None:
+        _gather_kernel()(y, xs, self.slots, parts, scale)
+
+
+def _gather_lora(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: Parts,
+                 scale: float) -> None:
+    """For every row t and every part (A, B, first column) of a fused layer:
+    y[t, columns] += scale * (x[t] @ A[slots[t]].T) @ B[slots[t]] (slot -1: no adapter,
+    nothing added); A: [slots, rank, in], B: [slots, rank, width], any dtype. In float32,
+    rounded to ``y``'s dtype once. Compiled, the gathers, both products and the add run
+    as loops over the rows, the weights read where they lie; eager, ``A[index]`` copies
+    every row's weights."""
+    live = (slots >= 0).to(torch.float32) * scale
+    index = slots.clamp(min=0)
+    xf = x.float()[:, None, :]
+    for a, b, start in parts:
+        shrunk = (a[index].float() * xf).sum(-1) * live[:, None]
+        delta = (b[index].float() * shrunk[:, :, None]).sum(1)
+        out = y[:, start:start + b.shape[2]]
+        out.copy_(out.float() + delta)
+
+
+_KERNEL: list = []  # the kernel in use: compiled once per process, or eager if that failed
+
+
+def _gather_kernel():
+    if not _KERNEL:
+        _KERNEL.append(_compiled(_gather_lora))
+    return _KERNEL[0]
+
+
+def _compiled(function):
+    """``function`` compiled by Inductor (C++ for the CPU, cached on disk across processes);
+    eager if compiling fails (no C++ compiler here), with a warning, once."""
+    import torch._dynamo.config
+
+    # one graph per shape of slice, rank and dtype, plus one with dynamic token counts:
+    # more than dynamo's default of 8 for a model whose adapters train all seven projections
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled = torch.compile(function)
+
+    def run(*args):
+        if _KERNEL[0] is not run:
+            return _KERNEL[0](*args)
+        try:
+            return compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run it eagerly
+            logger.warning("zoo: compiling the LoRA kernel failed (%s); running it eagerly, "
+                           "which is slower", exc)
+            _KERNEL[0] = function
+            return function(*args)
+
+    return run
+
+
+def _plan(groups: Groups, indices: torch.Tensor):
+    """How this step's rows (``indices``: a slot per row, -1 for none) meet their adapters
+    (None: no row has one)."""
     if not groups:
         return None
+    tokens = indices.numel()
     if len(groups) == 1:
         return _One(*groups[0], tokens)
-    longest = max(len(rows) for _slot, rows in groups)
-    if len(groups) * longest > PADDING_LIMIT * sum(len(rows) for _slot, rows in groups):
-        return _Sorted(groups, tokens)
-    return _Batched(groups, tokens)
+    real = sum(len(rows) for _slot, rows in groups)
+    if real <= GATHER_LIMIT * len(groups):
+        return _Gathered(indices)
+    if len(groups) * max(len(rows) for _slot, rows in groups) <= PADDING_LIMIT * real:
+        return _Batched(groups, tokens)
+    return _Sorted(groups, tokens)
 
 
 def _token_positions(rows: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -262,11 +355,12 @@ def _with_zero_row(rows: int, width: int) -> torch.Tensor:
 
 def _lora(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
           into: torch.Tensor | None = None) -> torch.Tensor:
-    """scale * (xs @ a.T) @ b for one adapter's rows, all in float32 (a: [rank, in],
-    b: [rank, out]), written ``into`` a buffer if given."""
-    shrunk = xs @ a.T
+    """scale * (xs @ a.T) @ b for one adapter's rows (float32), all in float32 (a: [rank,
+    in], b: [rank, out], any dtype), written ``into`` a buffer if given."""
+    shrunk = xs @ a.float().T
     if scale != 1.0:
         shrunk = shrunk * scale
+    b = b.float()
     return torch.matmul(shrunk, b, out=into) if into is not None else shrunk @ b
 
 
@@ -339,24 +433,14 @@ def _slot_ranks(stacked_a: torch.Tensor) -> torch.Tensor:
     return _per_slot(stacked_a, "_zoo_slot_ranks", _ranks_of)
 
 
-def _float_a(stacked_a: torch.Tensor) -> torch.Tensor:
-    """A in float32 as [slots, rank, in], cut at the largest rank any slot uses (vLLM
-    stacks every slot at ``--max-lora-rank``; the rows past an adapter's rank are zeros).
-    Small batched matmuls are several times faster in float32 than in bf16 on the CPU."""
-    width = max(1, int(_slot_ranks(stacked_a).max()))
-    return _per_slot(stacked_a, "_zoo_float_a", lambda t: _float32(t[:, 0, :width]), width)
-
-
-def _float_b(stacked_b: torch.Tensor, width: int) -> torch.Tensor:
-    """B in float32, rank-major: [slots, rank, out], contiguous per slot, cut at ``width``
-    (A's), so an adapter's B is one block."""
-    return _per_slot(stacked_b, "_zoo_float_b",
-                     lambda t: _float32(t[:, 0, :, :width].transpose(1, 2)), width)
-
-
-def _float32(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous float32 copy (never a view of vLLM's stack: the slots are rewritten)."""
-    return torch.empty(t.shape, dtype=torch.float32).copy_(t)
+def _b_by_rank(stacked_b: torch.Tensor, width: int) -> torch.Tensor:
+    """B rank-major, [slots, rank, out], contiguous per slot, cut at ``width`` (the largest
+    rank any slot uses), in the stack's dtype: a copy, never a view of vLLM's stack (the
+    slots are rewritten). vLLM stacks B as [out, rank]: read per token, each row of the
+    output would be a strided read of a few of its ``--max-lora-rank`` numbers."""
+    def rank_major(t: torch.Tensor) -> torch.Tensor:
+        return t[:, 0, :, :width].transpose(1, 2).contiguous()
+    return _per_slot(stacked_b, "_zoo_b_by_rank", rank_major, width)
 
 
 def _slots_with_weights(stacked: torch.Tensor) -> frozenset[int]:

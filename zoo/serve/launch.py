@@ -51,7 +51,7 @@ FAIR_ASYNC_SCHEDULER = "zoo.serve.fair.FairAsyncScheduler"
 # Adapters in one batch by default: as many as vLLM's CPU server runs sequences at once
 # (128), so that every running request may have an adapter of its own, when the LoRA
 # slots (vLLM stacks every slot at --max-lora-rank on every projection; zoo's LoRA path
-# keeps a float32 copy of what the adapters use) fit in LORA_MEMORY_SHARE of the
+# keeps a copy of B, rank-major) fit in LORA_MEMORY_SHARE of the
 # machine's memory; fewer when they do not.
 DEFAULT_MAX_LORAS = 128
 LORA_MEMORY_SHARE = 0.15
@@ -266,15 +266,16 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
 def lora_slot_bytes(model_path: Path, max_rank: int, dtype: str) -> int:
     """What one LoRA slot may cost: vLLM stacks A and B at ``max_rank`` for every linear
     projection of every layer, in the activation dtype, and zoo's LoRA path
-    (``fast_lora.py``) keeps a float32 copy of them, cut at the rank and to the
-    projections the loaded adapters use (at most all of it)."""
+    (``fast_lora.py``) keeps a rank-major copy of B in the same dtype, cut at the rank and
+    to the projections the loaded adapters use (at most all of it)."""
     from zoo.models.bases import module_weight_shapes
 
-    shapes = module_weight_shapes(model_path)
-    per_rank = sum(shape[0] + shape[1] for name, shape in shapes.items()
-                   if ".layers." in name and len(shape) == 2 and "embed" not in name)
-    stacked = 2 if dtype in ("bfloat16", "float16", "half") else 4
-    return per_rank * max_rank * (stacked + 4)
+    linear = [shape for name, shape in module_weight_shapes(model_path).items()
+              if ".layers." in name and len(shape) == 2 and "embed" not in name]
+    per_rank = sum(out + inputs for out, inputs in linear)  # B: [out, rank], A: [rank, in]
+    copied = sum(out for out, _inputs in linear)
+    element = 2 if dtype in ("bfloat16", "float16", "half") else 4
+    return (per_rank + copied) * max_rank * element
 
 
 def default_max_loras(model_path: Path, max_rank: int, dtype: str) -> int:
