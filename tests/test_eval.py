@@ -209,7 +209,8 @@ def test_adapting_adapters_keeps_nothing_behind(models, tmp_path):
     assert grown < 400 * tensors * 28 / 2, grown  # under one small object per two tensors
 
 
-def test_the_server_hands_vllm_adapted_copies_on_a_smoothed_base(models, tmp_path, zoo_home):
+def test_the_server_hands_vllm_adapted_copies_on_a_smoothed_base(models, tmp_path, zoo_home,
+                                                                   monkeypatch):
     from zoo.models.smoothing import SCALES_FILE
     from zoo.serve.policy import ServePolicy
 
@@ -246,6 +247,32 @@ def test_the_server_hands_vllm_adapted_copies_on_a_smoothed_base(models, tmp_pat
     after = load_file(path / "adapter_model.safetensors")
     key = next(k for k in before if "q_proj.lora_A" in k)
     torch.testing.assert_close(after[key], before[key] * 2)
+
+    # zoo serve's engine rescales as it loads instead (plugin.SMOOTHED_LORA): the same
+    # numbers vLLM would read from the copy, to the bit
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from zoo.serve import plugin
+    from zoo.serve.policy import MODEL_VARIABLE
+
+    def loaded(folder):
+        model = LoRAModel.from_lora_tensors(
+            lora_model_id=1, tensors=load_file(folder / "adapter_model.safetensors"),
+            peft_helper=PEFTHelper.from_local_dir(str(folder), None), device="cpu",
+            dtype=torch.bfloat16)
+        return {name: (w.lora_a, w.lora_b) for name, w in model.loras.items()}
+
+    from_copy = loaded(path)
+    monkeypatch.setattr(LoRAModel, "from_lora_tensors", LoRAModel.from_lora_tensors)
+    monkeypatch.setenv(MODEL_VARIABLE, str(smoothed_dir))
+    assert plugin.SMOOTHED_LORA in plugin.zoo_patches()
+    assert plugin.install([plugin.SMOOTHED_LORA]).applied == ["smoothed_lora"]
+    from_stored = loaded(stored)
+    assert from_stored.keys() == from_copy.keys() and from_copy
+    for name, (a, b) in from_copy.items():
+        assert torch.equal(from_stored[name][0], a) and torch.equal(from_stored[name][1], b)
+    assert not torch.equal(loaded(path)[name][0], a)  # the copy, rescaled again: not equal
 
 
 def test_gptq_rounding_beats_nearest_on_the_calibration_inputs():

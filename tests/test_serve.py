@@ -162,6 +162,16 @@ def test_base_and_two_adapters_concurrently(served):
         assert nearest == m, (m, nearest)
 
 
+def test_the_engine_rescales_adapters_for_the_smoothed_base_without_copies(served):
+    """The int8 base is smoothed; adapters are rescaled as the engine loads them (their
+    numbers: tests/test_eval.py), so serving one writes nothing beside the registry."""
+    from zoo.models.smoothing import SCALES_FILE
+
+    assert (served.home / "bases" / f"{BASE}@w8a8" / SCALES_FILE).exists()
+    assert answer(served, "globex/b") != answer(served, BASE)
+    assert not (served.home / "cache" / "smoothed").exists()
+
+
 def test_qlora_adapter_is_served_on_the_int8_base(served):
     assert answer(served, "acme/q") != answer(served, BASE)
 

@@ -28,7 +28,8 @@ def test_the_plugin_is_registered_for_vllm():
 
 
 @pytest.mark.parametrize("patch", [plugin.LORA_DEVICE, plugin.FAST_LORA, plugin.FIRST_USE,
-                                   plugin.WEIGHT_REPORT, plugin.LORA_INFO], ids=lambda p: p.name)
+                                   plugin.WEIGHT_REPORT, plugin.LORA_INFO,
+                                   plugin.SMOOTHED_LORA], ids=lambda p: p.name)
 def test_every_patch_applies_to_the_pinned_vllm(patch):
     """Each patch's own checks (version, platform, signatures) pass on this vLLM."""
     assert patches._refusal(patch) is None, feature(f"{patch.name} patch ({patch.why})")

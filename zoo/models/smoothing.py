@@ -73,30 +73,38 @@ def adapt_lora(adapter_dir: Path, scales: dict, out: Path) -> Path:
     # reads, for good (~7 KB for a rank-8 q/v LoRA of SmolLM2), and the API server does
     # this for every new adapter of its life (bench/memory.py)
     tensors = load_file(str(adapter_dir / PEFT_WEIGHTS), backend="pread")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapt_tensors(tensors, scales), str(out / PEFT_WEIGHTS))
+    for other in adapter_dir.iterdir():  # the config and anything else, as they are
+        if other.name != PEFT_WEIGHTS and other.is_file():
+            shutil.copyfile(other, out / other.name)
+    return out
+
+
+def adapt_tensors(tensors: dict, scales: dict) -> dict:
+    """A LoRA's tensors (PEFT's names) rescaled for the smoothed base, each in its own
+    dtype; tensors of other kinds as they are."""
     group, kv_heads = scales["_group"], scales["_kv_heads"]
     adapted = {}
     for key, value in tensors.items():
         inner = key.removeprefix(PEFT_PREFIX)
         role = "A" if ".lora_A." in inner else "B" if ".lora_B." in inner else None
         where = _layer_and_leaf(inner.split(".lora_")[0]) if role else None
-        value = value.float()
-        if where is not None:
-            i, leaf = where
-            column = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-                      "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
-                      "o_proj": "v_out"}.get(leaf)
-            row = {"v_proj": "v_out", "up_proj": "down_in"}.get(leaf)
-            if role == "A" and column:
-                s = scales[f"layers.{i}.{column}"]
-                if leaf == "o_proj":  # o reads every query head; s_v is per key/value head
-                    s = s.view(kv_heads, 1, -1).expand(kv_heads, group, -1).flatten()
-                value = value * s[None, :]
-            elif role == "B" and row:
-                value = value / scales[f"layers.{i}.{row}"][:, None]
-        adapted[key] = value.to(tensors[key].dtype).contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(adapted, str(out / PEFT_WEIGHTS))
-    for other in adapter_dir.iterdir():  # the config and anything else, as they are
-        if other.name != PEFT_WEIGHTS and other.is_file():
-            shutil.copyfile(other, out / other.name)
-    return out
+        if where is None:
+            adapted[key] = value
+            continue
+        i, leaf = where
+        column = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
+                  "o_proj": "v_out"}.get(leaf)
+        row = {"v_proj": "v_out", "up_proj": "down_in"}.get(leaf)
+        scaled = value.float()
+        if role == "A" and column:
+            s = scales[f"layers.{i}.{column}"]
+            if leaf == "o_proj":  # o reads every query head; s_v is per key/value head
+                s = s.view(kv_heads, 1, -1).expand(kv_heads, group, -1).flatten()
+            scaled = scaled * s[None, :]
+        elif role == "B" and row:
+            scaled = scaled / scales[f"layers.{i}.{row}"][:, None]
+        adapted[key] = scaled.to(value.dtype).contiguous()
+    return adapted

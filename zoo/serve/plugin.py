@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from zoo.serve.patches import Patch, Report, has, install, mentions, parameters
+from zoo.serve.policy import MODEL_VARIABLE
 
 SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
 FAST_LORA_VARIABLE = "ZOO_FAST_LORA"
@@ -65,6 +66,8 @@ def zoo_patches() -> list[Patch]:
         patches.append(WEIGHT_REPORT)
     if os.environ.get(LORA_INFO_VARIABLE, "1") != "0":
         patches.append(LORA_INFO)
+    if os.environ.get(MODEL_VARIABLE):
+        patches.append(SMOOTHED_LORA)
     return patches
 
 
@@ -286,6 +289,45 @@ LORA_INFO = Patch(
                        names=("scheduler_stats", "iteration_stats")),
             mentions(_LOGGERS, "PrometheusStatLogger", "record",
                      snippets=("if scheduler_stats is not None", "self.gauge_lora_info.labels("))))
+
+
+def _adapt_loras_as_the_engine_loads_them() -> None:
+    """On a smoothed base (``zoo_smoothing.scales`` beside the served checkpoint), every
+    LoRA vLLM loads is rescaled to match as its tensors are read (``adapt_tensors``, the
+    same function and order of operations as the adapted copy it replaces: the same
+    numbers). The API server then hands vLLM the stored files (resolver.py): no copy is
+    written, and none of that work is done on its event loop."""
+    from vllm.lora.lora_model import LoRAModel
+
+    from zoo.models.smoothing import adapt_tensors, load_scales
+
+    original = LoRAModel.from_lora_tensors.__func__
+    if getattr(original, "_zoo_adapts", False):
+        return
+    scales = load_scales(Path(os.environ[MODEL_VARIABLE]))
+    if scales is None:
+        return  # not smoothed: adapters load as they are
+
+    def from_lora_tensors(cls, lora_model_id, tensors, *args, **kwargs):
+        return original(cls, lora_model_id, adapt_tensors(tensors, scales), *args, **kwargs)
+
+    from_lora_tensors._zoo_adapts = True
+    LoRAModel.from_lora_tensors = classmethod(from_lora_tensors)
+
+
+_LORA_MODEL = "vllm.lora.lora_model"
+SMOOTHED_LORA = Patch(
+    name="smoothed_lora", apply=_adapt_loras_as_the_engine_loads_them,
+    why="adapters trained on the original base must be rescaled for a SmoothQuant-ed one; "
+        "written as copies by the API server, that took 12 ms of its event loop and a "
+        "file per adapter ever used",
+    retire_when="vLLM can transform an adapter's tensors on load (a LoRA loading hook)",
+    checks=(parameters(_LORA_MODEL, "LoRAModel", "from_lora_tensors",
+                       names=("lora_model_id", "tensors")),
+            mentions(_LORA_MODEL, "LoRAModel", "from_local_checkpoint",
+                     snippets=("cls.from_lora_tensors(", "tensors=tensors")),
+            mentions("vllm.lora.worker_manager", "WorkerLoRAManager", "_load_adapter",
+                     snippets=("self._lora_model_cls.from_local_checkpoint(",))))
 
 
 def weight_report(model, heap_delta: int) -> dict:

@@ -19,6 +19,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from zoo.catalog.versions import record_in_use
+from zoo.serve.plugin import REPORT
 from zoo.serve.policy import LOAD_COUNT, LOADED_HASHES, NOT_VETTED, REQUEST_TENANT, ServePolicy
 
 
@@ -41,7 +42,9 @@ class RegistryResolver(LoRAResolver):
         LOADED_HASHES[lora_name] = decision.content_hash
         LOAD_COUNT[0] += 1
         record_in_use(self.policy.registry.home, set(LOADED_HASHES))
-        path = self.policy.lora_path(lora_name, decision.path, decision.content_hash)
+        path = decision.path
+        if "smoothed_lora" not in REPORT.applied:  # else the engine rescales it as it loads
+            path = self.policy.lora_path(lora_name, decision.path, decision.content_hash)
         # vLLM replaces the id with its own counter
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
 
