@@ -49,7 +49,8 @@ def register() -> None:
 
             from zoo.serve.resolver import RegistryResolver
 
-            LoRAResolverRegistry.register_resolver("zoo", RegistryResolver.from_environment())
+            LoRAResolverRegistry.register_resolver("zoo", RegistryResolver.from_environment(
+                engine_rescales=SMOOTHED_LORA.name in REPORT.applied))
     except Exception as error:  # noqa: BLE001 - never kill vLLM from a plugin
         logger.error("zoo: plugin registration failed, vLLM runs without zoo's additions "
                      "in this process: %s: %s", type(error).__name__, error)

@@ -19,17 +19,19 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from zoo.catalog.versions import record_in_use
-from zoo.serve.plugin import REPORT
 from zoo.serve.policy import LOAD_COUNT, LOADED_HASHES, NOT_VETTED, REQUEST_TENANT, ServePolicy
 
 
 class RegistryResolver(LoRAResolver):
-    def __init__(self, policy: ServePolicy):
+    def __init__(self, policy: ServePolicy, engine_rescales: bool = False):
         self.policy = policy
+        # the engine rescales adapters for a smoothed base as it loads them (the plugin's
+        # smoothed_lora patch applied); else they are handed over as rescaled copies
+        self.engine_rescales = engine_rescales
 
     @classmethod
-    def from_environment(cls) -> RegistryResolver:
-        return cls(ServePolicy.from_environment())
+    def from_environment(cls, engine_rescales: bool = False) -> RegistryResolver:
+        return cls(ServePolicy.from_environment(), engine_rescales)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         if self.policy.current_tenants() is not None:
@@ -43,7 +45,7 @@ class RegistryResolver(LoRAResolver):
         LOAD_COUNT[0] += 1
         record_in_use(self.policy.registry.home, set(LOADED_HASHES))
         path = decision.path
-        if "smoothed_lora" not in REPORT.applied:  # else the engine rescales it as it loads
+        if not self.engine_rescales:
             path = self.policy.lora_path(lora_name, decision.path, decision.content_hash)
         # vLLM replaces the id with its own counter
         return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
