@@ -253,9 +253,10 @@ class _Batched:
 
 class _Gathered:
     """Adapters with few tokens each (decode): every token reads its own adapter's rows of
-    A and B where they lie in the stack, in one compiled kernel a slice (``_gather_lora``):
-    no weights are copied, no token is padded, and the weights are read in the stack's
-    own dtype (half of float32's bytes in bf16)."""
+    A and B where they lie, in one compiled kernel a fused layer (``_gather_lora``): no
+    weights are gathered, no token is padded, and the weights are read in the stack's
+    own dtype (half of float32's bytes in bf16). Its shapes are cut at the largest rank
+    of any slot, not of the step, so the kernel is not recompiled from step to step."""
 
     fixed_shapes = True
 
@@ -301,8 +302,9 @@ def _compiled(function):
     eager if compiling fails (no C++ compiler here), with a warning, once."""
     import torch._dynamo.config
 
-    # one graph per shape of slice, rank and dtype, plus one with dynamic token counts:
-    # more than dynamo's default of 8 for a model whose adapters train all seven projections
+    # a graph per kind of fused layer, set of trained slices, rank and dtype (each made
+    # again once with a dynamic token count): more than dynamo's default of 8 when the
+    # adapters train all seven projections at several ranks
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = torch.compile(function)
 
@@ -355,8 +357,8 @@ def _with_zero_row(rows: int, width: int) -> torch.Tensor:
 
 def _lora(xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
           into: torch.Tensor | None = None) -> torch.Tensor:
-    """scale * (xs @ a.T) @ b for one adapter's rows (float32), all in float32 (a: [rank,
-    in], b: [rank, out], any dtype), written ``into`` a buffer if given."""
+    """scale * (xs @ a.T) @ b for one adapter's rows ``xs`` (float32), computed in float32
+    (a: [rank, in], b: [rank, out], any dtype), written ``into`` a buffer if given."""
     shrunk = xs @ a.float().T
     if scale != 1.0:
         shrunk = shrunk * scale
