@@ -170,7 +170,7 @@ def test_the_gathered_kernel_runs_eagerly_where_it_cannot_be_compiled(monkeypatc
             raise RuntimeError("no C++ compiler")
         return run
 
-    monkeypatch.setattr(fast_lora, "_KERNEL", [])
+    monkeypatch.setattr(fast_lora, "_GATHER", fast_lora._Compiled(fast_lora._gather_lora))
     monkeypatch.setattr(torch, "compile", cannot_compile)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, 8, generator=g)
@@ -181,7 +181,7 @@ def test_the_gathered_kernel_runs_eagerly_where_it_cannot_be_compiled(monkeypatc
             expected[row, 2:] = 0.5 * (x[row] @ a[slot].T) @ b[slot]
     for _ in range(2):
         out = torch.zeros(5, 10)
-        fast_lora._gather_kernel()(out, x, slots, ((a, b, 2),), 0.5)
+        fast_lora._GATHER(out, x, slots, ((a, b, 2),), 0.5)
         torch.testing.assert_close(out, expected)
     assert [r.message for r in caplog.records if "eagerly" in r.message] == [
         "zoo: compiling the LoRA kernel failed (no C++ compiler); running it eagerly, "

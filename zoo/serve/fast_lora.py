@@ -267,7 +267,7 @@ class _Gathered:
         return x
 
     def add(self, y, xs, parts: Parts, scale: float) -> None:
-        _gather_kernel()(y, xs, self.slots, parts, scale)
+        _GATHER(y, xs, self.slots, parts, scale)
 
 
 def _gather_lora(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: Parts,
@@ -288,38 +288,35 @@ def _gather_lora(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: P
         out.copy_(out.float() + delta)
 
 
-_KERNEL: list = []  # the kernel in use: compiled once per process, or eager if that failed
+class _Compiled:
+    """``function`` compiled by Inductor on its first call (C++ for the CPU, cached on disk
+    across processes); eager from then on if compiling fails (no C++ compiler here),
+    after one warning."""
 
+    def __init__(self, function):
+        self.function, self.compiled, self.eager = function, None, False
 
-def _gather_kernel():
-    if not _KERNEL:
-        _KERNEL.append(_compiled(_gather_lora))
-    return _KERNEL[0]
+    def __call__(self, *args):
+        if self.eager:
+            return self.function(*args)
+        if self.compiled is None:
+            import torch._dynamo.config
 
-
-def _compiled(function):
-    """``function`` compiled by Inductor (C++ for the CPU, cached on disk across processes);
-    eager if compiling fails (no C++ compiler here), with a warning, once."""
-    import torch._dynamo.config
-
-    # a graph per kind of fused layer, set of trained slices, rank and dtype (each made
-    # again once with a dynamic token count): more than dynamo's default of 8 when the
-    # adapters train all seven projections at several ranks
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compiled = torch.compile(function)
-
-    def run(*args):
-        if _KERNEL[0] is not run:
-            return _KERNEL[0](*args)
+            # a graph per kind of fused layer, set of trained slices, rank and dtype (each
+            # made again once with a dynamic token count): more than dynamo's default of 8
+            # when the adapters train all seven projections at several ranks
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled = torch.compile(self.function)
         try:
-            return compiled(*args)
+            return self.compiled(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run it eagerly
             logger.warning("zoo: compiling the LoRA kernel failed (%s); running it eagerly, "
                            "which is slower", exc)
-            _KERNEL[0] = function
-            return function(*args)
+            self.eager = True
+            return self.function(*args)
 
-    return run
+
+_GATHER = _Compiled(_gather_lora)
 
 
 def _plan(groups: Groups, indices: torch.Tensor):
