@@ -314,8 +314,9 @@ class ZooMiddleware:
     def _counting(self, send, model: str, tenant: str, request_id: str,
                   headers: dict[str, str]):
         """Wrap ``send`` to read token usage from the response (JSON or SSE stream) and make
-        it durable before the response's last message goes out, and to say in headers which
-        model (which version of an adapter) answered and where the tenant's limits stand."""
+        it durable before the response's last message (a stream's ``[DONE]``) goes out, and
+        to say in headers which model (which version of an adapter) answered and where the
+        tenant's limits stand."""
         state = {"status": 200, "buffer": b""}
         extra = [(VERSION_HEADER, model.encode()),
                  *((k.encode(), v.encode()) for k, v in headers.items())]
@@ -325,8 +326,13 @@ class ZooMiddleware:
                 state["status"] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             elif message["type"] == "http.response.body":
-                state["buffer"] += message.get("body", b"")
-                if not message.get("more_body", False) and not counting_send.recorded:
+                body = message.get("body", b"")
+                state["buffer"] += body
+                # a stream's client stops reading at its end marker, before the empty last
+                # message: the usage must be durable before the marker goes out
+                last = not message.get("more_body", False) or \
+                    body.rstrip().endswith(b"data: [DONE]")
+                if last and not counting_send.recorded:
                     prompt = completion = 0
                     if state["status"] == 200:
                         try:
