@@ -9,13 +9,12 @@ the adapter trained that projection, with a per-token einsum. This wrapper
 * computes each slice at the largest rank the step's adapters really use
   (vLLM stacks every slot at ``--max-lora-rank``; the rows past an adapter's
   own rank are zeros);
-* for a step of many adapters with few tokens each (decode), runs one compiled kernel
-  (``torch.compile``: Inductor's C++) per fused layer that reads each token's adapter
-  rows of A and B where they lie, in the stack's dtype, and adds the result in place:
-  nothing is gathered, padded or converted to float32 first, so a step of 64 bf16
-  adapters reads half the bytes of a float32 copy. It is compiled on the first such
-  step of a process (seconds; Inductor caches it on disk for the next) and runs
-  eagerly, slower, where no C++ compiler is found;
+* for a step of many adapters with few tokens each (decode), runs one native kernel
+  (``lora_kernel.cpp``, built for this CPU on first use: ``native.py``) per fused layer
+  that reads each token's adapter rows of A and B where they lie, at that adapter's own
+  rank, in the stack's dtype, and adds the result in place: nothing is gathered, padded
+  or converted to float32 first, so a step of 64 bf16 adapters reads half the bytes of a
+  float32 copy. Where no C++ compiler works, the same arithmetic runs in PyTorch, slower;
 * for several adapters with many tokens each (prefills), two batched matmuls over the
   step's adapters, each one's tokens padded to the longest group, or, when padding
   would more than double the rows (a long prefill beside short ones), two plain
@@ -41,6 +40,8 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from zoo.serve import native
+
 logger = logging.getLogger("zoo.serve")
 QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
 # Several adapters in a step: with at most GATHER_LIMIT tokens each on average (decode),
@@ -50,7 +51,16 @@ QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
 GATHER_LIMIT = 8
 PADDING_LIMIT = 2
 Groups = list[tuple[int, torch.Tensor | None]]  # (adapter slot, token rows or None = all)
-Parts = tuple[tuple[torch.Tensor, torch.Tensor, int], ...]  # (A, B, first output column)
+
+
+class Parts(tuple):
+    """The slices of a fused layer a step computes: (A [slots, rank, in], B [slots, rank,
+    width], first output column) each, cut at the largest rank the step's adapters use;
+    ``ranks``: each slice's rank per slot (int64 [slots]); ``native``: the native kernel's
+    arguments for them, made on first use (they point into these tensors)."""
+
+    ranks: tuple[torch.Tensor, ...] = ()
+    native: Any = None
 
 
 def group_rows(indices: torch.Tensor) -> Groups:
@@ -87,29 +97,29 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._step_key = tuple(self._step_slots.tolist())
         self._plan = _plan(self._token_groups, self.token_lora_indices)
 
-    def _parts(self, lora_a_stacked, lora_b_stacked, output_slices, y_width: int,
-               fixed_shapes: bool) -> Parts:
+    def _parts(self, lora_a_stacked, lora_b_stacked, output_slices, y_width: int) -> Parts:
         """The slices of a fused layer that some adapter of this step has weights for, as
-        (A [slots, rank, in], B [slots, rank, width], first output column): views cut at
-        the largest rank the step's adapters use (at any slot's, for a plan whose shapes
-        must not change). Kept on the layer's first stack until vLLM writes to any of its
-        stacks or a step has other adapters (decode steps run the same ones many times)."""
+        views cut at the largest rank the step's adapters use. Kept on the layer's first
+        stack until vLLM writes to any of its stacks or a step has other adapters (decode
+        steps run the same ones many times)."""
         key = (tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked)), self._step_key,
-               fixed_shapes, y_width)
+               y_width)
         cached = getattr(lora_a_stacked[0], "_zoo_parts", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        parts, offset = [], 0
+        parts, part_ranks, offset = [], [], 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             ranks = _slot_ranks(a)
             rank, slot_rank = int(ranks.index_select(0, self._step_slots).max()), int(ranks.max())
             width = min(size, b.shape[2], y_width - offset)
             if rank and width > 0:
-                rank = slot_rank if fixed_shapes else rank
                 parts.append((a[:, 0, :rank], _b_by_rank(b, slot_rank)[:, :rank, :width], offset))
+                part_ranks.append(ranks)
             offset += size
-        lora_a_stacked[0]._zoo_parts = (key, tuple(parts))
-        return tuple(parts)
+        parts = Parts(parts)
+        parts.ranks = tuple(part_ranks)
+        lora_a_stacked[0]._zoo_parts = (key, parts)
+        return parts
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor,
                         lora_a_stacked: tuple[torch.Tensor, ...],
@@ -126,8 +136,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if flat_x.shape[0] != self.token_lora_indices.numel():  # not a row per token
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
                                            output_slices, buffer=buffer, **kwargs)
-        parts = self._parts(lora_a_stacked, lora_b_stacked, output_slices, flat_y.shape[1],
-                            plan.fixed_shapes)
+        parts = self._parts(lora_a_stacked, lora_b_stacked, output_slices, flat_y.shape[1])
         if parts:
             plan.add(flat_y, plan.inputs(flat_x), parts, scale)
 
@@ -172,8 +181,6 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
 class _One:
     """Every token with an adapter uses the same one: a matmul pair on its rows."""
 
-    fixed_shapes = False
-
     def __init__(self, slot: int, rows: torch.Tensor | None, tokens: int):
         self.slot, self.rows = slot, rows
         self.positions = None if rows is None else _token_positions(rows, tokens)
@@ -195,8 +202,6 @@ class _One:
 class _Sorted:
     """Many tokens per adapter (a long prefill beside short ones): a matmul pair per
     adapter on its rows, the rows sorted by adapter."""
-
-    fixed_shapes = False
 
     def __init__(self, groups: Groups, tokens: int):
         self.rows = torch.cat([rows for _slot, rows in groups])
@@ -221,8 +226,6 @@ class _Batched:
     """Adapters with many tokens each, about as many each (prefills of like prompts): one
     batched matmul pair over the step's adapters, in float32, each adapter's tokens padded
     to the longest group."""
-
-    fixed_shapes = False
 
     def __init__(self, groups: Groups, tokens: int):
         longest = max(len(rows) for _slot, rows in groups)
@@ -253,31 +256,36 @@ class _Batched:
 
 class _Gathered:
     """Adapters with few tokens each (decode): every token reads its own adapter's rows of
-    A and B where they lie, in one compiled kernel a fused layer (``_gather_lora``): no
-    weights are gathered, no token is padded, and the weights are read in the stack's
-    own dtype (half of float32's bytes in bf16). Its shapes are cut at the largest rank
-    of any slot, not of the step, so the kernel is not recompiled from step to step."""
-
-    fixed_shapes = True
+    A and B where they lie, at that adapter's rank, in one native kernel call a fused
+    layer (``native.py``): no weights are gathered, no token is padded, and the weights
+    are read in the stack's own dtype (half of float32's bytes in bf16). Without the
+    kernel (or for a dtype it does not take) the same arithmetic runs in PyTorch."""
 
     def __init__(self, indices: torch.Tensor):
-        self.slots = indices
+        self.slots = indices.to(torch.int64).contiguous()
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def add(self, y, xs, parts: Parts, scale: float) -> None:
-        _GATHER(y, xs, self.slots, parts, scale)
+        kernel = native.kernel()
+        if kernel is not None:
+            if parts.native is None:
+                parts.native = kernel.arguments(parts, parts.ranks) or False
+            if parts.native and kernel.gather(y, xs, self.slots, parts.native, scale,
+                                              torch.get_num_threads()):
+                return
+            _warn_declined(parts, xs, y)
+        _gather_lora(y, xs, self.slots, parts, scale)
 
 
 def _gather_lora(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: Parts,
                  scale: float) -> None:
-    """For every row t and every part (A, B, first column) of a fused layer:
-    y[t, columns] += scale * (x[t] @ A[slots[t]].T) @ B[slots[t]] (slot -1: no adapter,
-    nothing added); A: [slots, rank, in], B: [slots, rank, width], any dtype. In float32,
-    rounded to ``y``'s dtype once. Compiled, the gathers, both products and the add run
-    as loops over the rows, the weights read where they lie; eager, ``A[index]`` copies
-    every row's weights."""
+    """The native kernel's arithmetic in PyTorch, for where it is not available: for every
+    row t and every part (A, B, first column) of a fused layer, y[t, columns] += scale *
+    (x[t] @ A[slots[t]].T) @ B[slots[t]] (slot -1: no adapter, nothing added); A: [slots,
+    rank, in], B: [slots, rank, width], any dtype. In float32, rounded to ``y``'s dtype
+    once. ``A[index]`` copies every row's weights: several times slower than the kernel."""
     live = (slots >= 0).to(torch.float32) * scale
     index = slots.clamp(min=0)
     xf = x.float()[:, None, :]
@@ -288,35 +296,16 @@ def _gather_lora(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: P
         out.copy_(out.float() + delta)
 
 
-class _Compiled:
-    """``function`` compiled by Inductor on its first call (C++ for the CPU, cached on disk
-    across processes); eager from then on if compiling fails (no C++ compiler here),
-    after one warning."""
-
-    def __init__(self, function):
-        self.function, self.compiled, self.eager = function, None, False
-
-    def __call__(self, *args):
-        if self.eager:
-            return self.function(*args)
-        if self.compiled is None:
-            import torch._dynamo.config
-
-            # a graph per kind of fused layer, set of trained slices, rank and dtype (each
-            # made again once with a dynamic token count): more than dynamo's default of 8
-            # when the adapters train all seven projections at several ranks
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            self.compiled = torch.compile(self.function)
-        try:
-            return self.compiled(*args)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: run it eagerly
-            logger.warning("zoo: compiling the LoRA kernel failed (%s); running it eagerly, "
-                           "which is slower", exc)
-            self.eager = True
-            return self.function(*args)
+_DECLINED: set[str] = set()
 
 
-_GATHER = _Compiled(_gather_lora)
+def _warn_declined(parts: Parts, x: torch.Tensor, y: torch.Tensor) -> None:
+    what = f"{parts[0][0].dtype} weights, {x.dtype} inputs, {y.dtype} outputs"
+    if what not in _DECLINED:
+        _DECLINED.add(what)
+        logger.warning("zoo: the native LoRA kernel does not take %s (bfloat16 or float32 "
+                       "throughout, rank <= %d); running it in PyTorch, which is slower",
+                       what, native.MAX_RANK)
 
 
 def _plan(groups: Groups, indices: torch.Tensor):

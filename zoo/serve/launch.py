@@ -27,6 +27,7 @@ from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import ServeError, ZooError
 from zoo.models.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
 from zoo.serve import policy as env
+from zoo.serve.native import cpu_flags
 from zoo.serve.plugin import STATE_VARIABLE, set_parent_death_signal
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -192,18 +193,6 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         run_env[env.KEYS_VARIABLE] = str(Path(options.api_keys).absolute())
     return ServePlan(base, model_path, served, left_out, max_rank, max_loras, max_cpu_loras,
                      argv, run_env, options.dtype)
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is not readable)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def activation_dtype(requested: str = DEFAULT_DTYPE, flags: frozenset[str] | None = None) -> str:

@@ -113,10 +113,12 @@ def _use_fast_lora() -> None:
     """On the CPU platform, run LoRA through zoo's grouped wrapper (fast_lora.py)."""
     from vllm.platforms import cpu
 
+    from zoo.serve import native
     from zoo.serve.fast_lora import QUALNAME, track_slot_writes
 
     cpu.CpuPlatform.get_punica_wrapper = classmethod(lambda cls: QUALNAME)
     track_slot_writes()
+    native.prebuild()  # in vLLM's first process: its worker then only loads it
 
 
 _PUNICA = "vllm.lora.punica_wrapper.punica_cpu"

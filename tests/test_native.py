@@ -1,0 +1,171 @@
+"""The native LoRA decode kernel (zoo/serve/lora_kernel.cpp) against the exact result, and
+how zoo builds, caches and does without it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tests.bounds import assert_within, lora_output_bound
+from zoo.serve import native
+
+IN = 72  # not a multiple of the 32 bf16 numbers a vector holds: the tail is masked
+WIDTHS = (40, 20)  # nor are these of 16
+RANKS = [3, 8, 17, 0, 64]  # per slot: 8 + 8 + 1 rows, a slot without the slice, the most
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    built = native.kernel()
+    assert built is not None, "the test machine has a C++ compiler: the kernel must build"
+    return built
+
+
+def stacks(dtype, ranks=RANKS, generator=None):
+    """A, B per slice ([slots, max rank, IN], [slots, max rank, width]), rows past each
+    slot's rank zero, as vLLM's stacks are; and the per-slot ranks."""
+    g = generator or torch.Generator().manual_seed(0)
+    top = max(ranks)
+    parts, start = [], 3  # the slices start at column 3 of y
+    for width in WIDTHS:
+        a = torch.randn(len(ranks), top, IN, generator=g) / IN ** 0.5
+        b = torch.randn(len(ranks), top, width, generator=g) / top ** 0.5
+        for slot, rank in enumerate(ranks):
+            a[slot, rank:] = 0
+            b[slot, rank:] = 0
+        parts.append((a.to(dtype), b.to(dtype), start))
+        start += width + 2  # a gap of two columns between them, left alone
+    return parts, torch.tensor(ranks, dtype=torch.int64)
+
+
+def exact(y, x, slots, parts, scale, ranks):
+    """float64 reference and the rounding bound per element (tests/bounds.py)."""
+    want = y.double().clone()
+    bound = torch.zeros_like(want)
+    for row, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        for a, b, start in parts:
+            r = int(ranks[slot])
+            cols = slice(start, start + b.shape[2])
+            want[row, cols] += scale * (x[row].double() @ a[slot, :r].double().T) @ \
+                b[slot, :r].double()
+            bound[row, cols] = lora_output_bound(y[row:row + 1, cols], x[row:row + 1],
+                                                 a[slot, :r], b[slot, :r].T, scale, y.dtype)[0]
+    return want, bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, threads):
+    g = torch.Generator().manual_seed(1)
+    parts, ranks = stacks(dtype, generator=g)
+    slots = torch.tensor([0, 1, -1, 2, 3, 4, 4, -1, 2, 0, 1, 1])
+    x = torch.randn(len(slots), IN, generator=g).to(dtype)
+    wide = torch.randn(len(slots), 3 + sum(WIDTHS) + 4 + 5, generator=g).to(dtype)
+    y = wide[:, :3 + sum(WIDTHS) + 4]  # rows strided: a view of a wider output
+    before, wide_before = y.clone(), wide.clone()
+    arguments = kernel.arguments(parts, (ranks, ranks))
+    assert kernel.gather(y, x, slots, arguments, 0.5, threads)
+    want, bound = exact(before, x, slots, parts, 0.5, ranks)
+    assert_within(y, want, bound, "the native kernel")
+    untouched = (slots < 0) | (ranks[slots.clamp(min=0)] == 0)
+    assert torch.equal(y[untouched], before[untouched])  # no adapter, or none on the slices
+    for gap in (slice(0, 3), slice(43, 45), slice(65, 69)):
+        assert torch.equal(y[:, gap], before[:, gap])  # columns of no slice
+    assert torch.equal(wide[:, -5:], wide_before[:, -5:])  # past y's columns
+    changed = (y != before).any(dim=1)
+    assert changed.tolist() == [not bool(u) for u in untouched]
+
+
+def test_the_kernel_reads_each_adapter_at_its_own_rank(kernel):
+    """Rows past a slot's rank are not read: filled with numbers here, they change nothing
+    (vLLM leaves them zero; the point is that they are never fetched)."""
+    parts, ranks = stacks(torch.bfloat16)
+    noisy = []
+    for a, b, start in parts:
+        a, b = a.clone(), b.clone()
+        for slot, rank in enumerate(ranks.tolist()):
+            a[slot, rank:] = 7.0
+            b[slot, rank:] = 7.0
+        noisy.append((a, b, start))
+    slots = torch.tensor([0, 1, 2, 3])
+    x = torch.randn(4, IN).bfloat16()
+    clean, dirty = torch.zeros(4, 70).bfloat16(), torch.zeros(4, 70).bfloat16()
+    assert kernel.gather(clean, x, slots, kernel.arguments(parts, (ranks, ranks)), 1.0)
+    assert kernel.gather(dirty, x, slots, kernel.arguments(noisy, (ranks, ranks)), 1.0)
+    assert torch.equal(clean, dirty)
+    full = torch.zeros(4, 70).bfloat16()  # without ranks every row is read: not blind
+    assert kernel.gather(full, x, slots, kernel.arguments(noisy, (None, None)), 1.0)
+    assert not torch.equal(full, clean)
+
+
+def test_the_kernel_declines_what_it_was_not_written_for(kernel):
+    parts, ranks = stacks(torch.float16)
+    assert kernel.arguments(parts, (ranks, ranks)) is None  # float16
+    parts, ranks = stacks(torch.bfloat16, ranks=[65, 2])
+    assert kernel.arguments(parts, (ranks, ranks)) is None  # rank over 64
+    parts, ranks = stacks(torch.bfloat16)
+    arguments = kernel.arguments(parts, (ranks, ranks))
+    y = torch.zeros(2, 70).bfloat16()
+    slots = torch.tensor([0, 1])
+    assert not kernel.gather(y, torch.randn(2, IN), slots, arguments, 1.0)  # float32 x
+    assert not kernel.gather(y, torch.randn(2, IN).bfloat16(), slots.int(), arguments, 1.0)
+    assert not kernel.gather(y, torch.randn(2, IN + 1).bfloat16(), slots, arguments, 1.0)
+    assert torch.equal(y, torch.zeros(2, 70).bfloat16())
+
+
+def test_a_machine_without_the_kernel_gets_the_same_result_in_pytorch(kernel, monkeypatch):
+    from zoo.serve import fast_lora
+
+    parts, ranks = stacks(torch.bfloat16)
+    parts = fast_lora.Parts(parts)
+    parts.ranks = (ranks, ranks)
+    slots = torch.tensor([4, 0, -1, 2, 1])
+    x = torch.randn(5, IN).bfloat16()
+    y = torch.randn(5, 70).bfloat16()
+    with_kernel, without = y.clone(), y.clone()
+    fast_lora._Gathered(slots).add(with_kernel, x, parts, 0.5)
+    monkeypatch.setattr(native, "kernel", lambda: None)
+    fast_lora._Gathered(slots).add(without, x, parts, 0.5)
+    want, bound = exact(y, x, slots, parts, 0.5, ranks)
+    assert_within(with_kernel, want, bound, "the native kernel")
+    assert_within(without, want, bound, "PyTorch")
+    assert not torch.equal(without, y)
+
+
+def test_the_kernel_is_built_once_and_kept(tmp_path, monkeypatch):
+    import subprocess
+
+    path = native.build(tmp_path)
+    assert path.parent == tmp_path and path.suffix == ".so"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no scratch left
+    real_run = subprocess.run
+
+    def no_compiling(argv, **kwargs):
+        assert "-shared" not in argv, "built again"
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", no_compiling)
+    assert native.build(tmp_path) == path
+    assert native.Kernel(path).gather  # it loads
+
+
+def test_without_a_compiler_zoo_warns_once_and_goes_on(tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "c++"
+    broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    monkeypatch.setenv("ZOO_KERNEL_CACHE", str(tmp_path / "cache"))
+    native.kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="zoo.serve"):
+            assert native.kernel() is None
+            assert native.kernel() is None
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 1 and "broken compiler" in messages[0], messages
+        assert not list((tmp_path / "cache").glob("*.so"))
+    finally:
+        native.kernel.cache_clear()

@@ -1,0 +1,218 @@
+// zoo's multi-LoRA kernel for decode steps on the CPU; built and loaded by zoo/serve/native.py.
+//
+// For every row t with slot s = slots[t] >= 0 and every part (a slice of a fused layer's
+// output), at the adapter's own rank r = min(part.rank, part.ranks[s]):
+//   y[t, start:start+width] += scale * (x[t] @ A[s, :r].T) @ B[s, :r]
+// A [slots, rank, in] and B [slots, rank, width] are read where they lie (strided over
+// slots and rows, contiguous along a row); both products accumulate in float32 and the
+// delta is added to y and rounded once. x, y, A and B share one dtype: bfloat16 or float32.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define ZOO_AVX512_BF16 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxRank = 64;
+
+struct Part {
+    const void* a; int64_t a_slot, a_row;         // A: [slots, rank, in]
+    const void* b; int64_t b_slot, b_row, width;  // B: [slots, rank, width]
+    int64_t rank;                                 // rows of A and B to read at most
+    const int64_t* ranks;                         // each slot's own rank (or null)
+    int64_t start;                                // first output column
+};
+
+struct Bf16 { uint16_t bits; };
+
+inline float to_float(float v) { return v; }
+inline float to_float(Bf16 v) {
+    const uint32_t bits = uint32_t(v.bits) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof out);
+    return out;
+}
+inline void store(float* at, float v) { *at = v; }
+inline void store(Bf16* at, float v) {  // round to nearest even, as torch does
+    if (std::isnan(v)) { at->bits = 0x7fc0; return; }
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    at->bits = uint16_t(bits >> 16);
+}
+
+inline int64_t rank_of(const Part& part, int64_t slot) {
+    const int64_t own = part.ranks ? part.ranks[slot] : part.rank;
+    return own < part.rank ? own : part.rank;
+}
+
+// Any dtype, any CPU: plain loops the compiler vectorizes.
+template <typename T>
+void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* parts,
+                    int64_t n_parts, float scale, float* xf) {
+    for (int64_t k = 0; k < in; ++k) xf[k] = to_float(x[k]);
+    for (int64_t p = 0; p < n_parts; ++p) {
+        const Part& part = parts[p];
+        const int64_t rank = rank_of(part, slot);
+        const T* a = static_cast<const T*>(part.a) + slot * part.a_slot;
+        const T* b = static_cast<const T*>(part.b) + slot * part.b_slot;
+        float h[kMaxRank];
+        for (int64_t r = 0; r < rank; ++r) {
+            const T* row = a + r * part.a_row;
+            float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t k = 0; k < in; ++k) sum += xf[k] * to_float(row[k]);
+            h[r] = sum * scale;
+        }
+        constexpr int64_t kChunk = 256;
+        T* out = y + part.start;
+        for (int64_t j0 = 0; j0 < part.width && rank > 0; j0 += kChunk) {
+            const int64_t n = part.width - j0 < kChunk ? part.width - j0 : kChunk;
+            float delta[kChunk] = {};
+            for (int64_t r = 0; r < rank; ++r) {
+                const T* row = b + r * part.b_row + j0;
+                const float hr = h[r];
+#pragma omp simd
+                for (int64_t j = 0; j < n; ++j) delta[j] += hr * to_float(row[j]);
+            }
+            for (int64_t j = 0; j < n; ++j) store(out + j0 + j, to_float(out[j0 + j]) + delta[j]);
+        }
+    }
+}
+
+#ifdef ZOO_AVX512_BF16
+// bfloat16 with AVX-512 BF16: the shrink as dot products of bf16 pairs (vdpbf16ps), up to
+// eight rows of A against one read of x; the expand sixteen columns at a time, every row
+// of B into one float32 register, then added to y and rounded (vcvtneps2bf16) once.
+template <int N>
+inline void shrink_rows(const uint16_t* x, const uint16_t* a, int64_t a_row, int64_t in,
+                        float scale, float* h) {
+    __m512 acc[N];
+    for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= in; k += 32) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        for (int r = 0; r < N; ++r)
+            acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(a + r * a_row + k));
+    }
+    if (k < in) {
+        const __mmask32 m = (__mmask32)((1ull << (in - k)) - 1);
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
+        for (int r = 0; r < N; ++r)
+            acc[r] = _mm512_dpbf16_ps(acc[r], xv,
+                                      (__m512bh)_mm512_maskz_loadu_epi16(m, a + r * a_row + k));
+    }
+    for (int r = 0; r < N; ++r) h[r] = _mm512_reduce_add_ps(acc[r]) * scale;
+}
+
+inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> 16 float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+
+void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const Part* parts,
+                int64_t n_parts, float scale) {
+    for (int64_t p = 0; p < n_parts; ++p) {
+        const Part& part = parts[p];
+        const int64_t rank = rank_of(part, slot);
+        const uint16_t* a = static_cast<const uint16_t*>(part.a) + slot * part.a_slot;
+        const uint16_t* b = static_cast<const uint16_t*>(part.b) + slot * part.b_slot;
+        float h[kMaxRank];
+        int64_t r = 0;
+        for (; r + 8 <= rank; r += 8) shrink_rows<8>(x, a + r * part.a_row, part.a_row, in, scale, h + r);
+        for (; r + 4 <= rank; r += 4) shrink_rows<4>(x, a + r * part.a_row, part.a_row, in, scale, h + r);
+        for (; r < rank; ++r) shrink_rows<1>(x, a + r * part.a_row, part.a_row, in, scale, h + r);
+        uint16_t* out = y + part.start;
+        for (int64_t j = 0; j < part.width && rank > 0; j += 16) {
+            const int64_t n = part.width - j < 16 ? part.width - j : 16;
+            const __mmask16 m = (__mmask16)((1u << n) - 1);
+            __m512 delta = _mm512_setzero_ps();
+            for (int64_t q = 0; q < rank; ++q)
+                delta = _mm512_fmadd_ps(_mm512_set1_ps(h[q]),
+                                        widen(_mm256_maskz_loadu_epi16(m, b + q * part.b_row + j)), delta);
+            const __m512 sum = _mm512_add_ps(widen(_mm256_maskz_loadu_epi16(m, out + j)), delta);
+            _mm256_mask_storeu_epi16(out + j, m, (__m256i)_mm512_cvtneps_pbh(sum));
+        }
+    }
+}
+#endif
+
+// Each row's adapter lies elsewhere, in runs of a few KB, too short for the hardware
+// prefetcher to learn: ask for the next row's weights (into L2) while this one computes.
+template <typename T>
+void prefetch_token(int64_t slot, int64_t in, const Part* parts, int64_t n_parts) {
+    for (int64_t p = 0; p < n_parts; ++p) {
+        const Part& part = parts[p];
+        const int64_t rank = rank_of(part, slot);
+        const char* a = static_cast<const char*>(part.a) + slot * part.a_slot * int64_t(sizeof(T));
+        const char* b = static_cast<const char*>(part.b) + slot * part.b_slot * int64_t(sizeof(T));
+        for (int64_t r = 0; r < rank; ++r) {
+            for (int64_t at = 0; at < in * int64_t(sizeof(T)); at += 64)
+                __builtin_prefetch(a + r * part.a_row * int64_t(sizeof(T)) + at, 0, 2);
+            for (int64_t at = 0; at < part.width * int64_t(sizeof(T)); at += 64)
+                __builtin_prefetch(b + r * part.b_row * int64_t(sizeof(T)) + at, 0, 2);
+        }
+    }
+}
+
+template <typename T>
+void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, void* y,
+         int64_t y_row, int64_t in, const Part* parts, int64_t n_parts, float scale,
+         int threads) {
+#pragma omp parallel num_threads(threads) if (threads > 1 && tokens >= 2 * threads)
+    {
+        std::vector<float> xf(in);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tokens; ++t) {
+            const int64_t slot = slots[t];
+            if (slot < 0) continue;
+            if (t + 1 < tokens && slots[t + 1] >= 0 && slots[t + 1] != slot)
+                prefetch_token<T>(slots[t + 1], in, parts, n_parts);
+            const T* xt = static_cast<const T*>(x) + t * x_row;
+            T* yt = static_cast<T*>(y) + t * y_row;
+#ifdef ZOO_AVX512_BF16
+            if constexpr (sizeof(T) == 2) {
+                token_bf16(reinterpret_cast<const uint16_t*>(xt), reinterpret_cast<uint16_t*>(yt),
+                           slot, in, parts, n_parts, scale);
+                continue;
+            }
+#endif
+            token_portable(xt, yt, slot, in, parts, n_parts, scale, xf.data());
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The layout of Part and the meaning of the arguments below; native.py checks it.
+int zoo_lora_abi() { return 1; }
+
+int zoo_lora_avx512_bf16() {
+#ifdef ZOO_AVX512_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+// dtype 0: bfloat16, 1: float32. Returns 0; 1 for a rank over kMaxRank, 2 for a dtype.
+int zoo_gather_lora(int dtype, int64_t tokens, const int64_t* slots, const void* x,
+                    int64_t x_row, void* y, int64_t y_row, int64_t in, const Part* parts,
+                    int64_t n_parts, float scale, int threads) {
+    for (int64_t p = 0; p < n_parts; ++p)
+        if (parts[p].rank > kMaxRank) return 1;
+    if (dtype == 0)
+        run<Bf16>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
+    else if (dtype == 1)
+        run<float>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
+    else
+        return 2;
+    return 0;
+}
+
+}

@@ -1,0 +1,185 @@
+"""Machine code for the CPU's LoRA decode step: ``lora_kernel.cpp``, built here, once.
+
+zoo's decode kernel (``fast_lora.py``'s gathered plan) is a small C++ file with no
+dependency but a C++ compiler: built on first use with ``-O3 -march=native`` (AVX-512
+BF16 where the CPU has it, plain vectorized loops elsewhere), cached on disk under a
+name that hashes the source, the compiler, its flags and the CPU's features, and called
+through ``ctypes``. Where no compiler works, ``kernel()`` is None and fast_lora runs the
+same arithmetic in PyTorch, slower, after one warning.
+
+Why not ``torch.compile``, which zoo used before: its kernel read the step's adapter
+weights at about a third of the speed of this one, and every call went through dynamo's
+guards (about 3% of the vLLM worker's time at 30 calls a step); a first use compiled for
+4-5 seconds in the worker, where this builds in about one, once per machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("zoo.serve")
+SOURCE = Path(__file__).with_name("lora_kernel.cpp")
+ABI = 1
+MAX_RANK = 64
+# Tried in order: the CPU's own instructions and OpenMP threads, then without OpenMP,
+# then code for any CPU of the architecture.
+FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native", "-fopenmp-simd"),
+             ("-O3", "-fopenmp-simd"))
+DTYPES = {"bfloat16": 0, "float32": 1}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$ZOO_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/zoo``
+    (``~/.cache/zoo``)."""
+    if os.environ.get("ZOO_KERNEL_CACHE"):
+        return Path(os.environ["ZOO_KERNEL_CACHE"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "zoo" / "kernels"
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class Part(ctypes.Structure):
+    """One slice of a fused layer, as ``lora_kernel.cpp``'s ``Part``."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("a_slot", ctypes.c_int64), ("a_row", ctypes.c_int64),
+                ("b", ctypes.c_void_p), ("b_slot", ctypes.c_int64), ("b_row", ctypes.c_int64),
+                ("width", ctypes.c_int64), ("rank", ctypes.c_int64),
+                ("ranks", ctypes.c_void_p), ("start", ctypes.c_int64)]
+
+
+class Kernel:
+    """The loaded library. ``gather(...)`` returns False for a call it does not take (a
+    dtype, layout or rank it was not written for); the caller then computes it itself."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        library = ctypes.CDLL(str(path))
+        if library.zoo_lora_abi() != ABI:
+            raise OSError(f"{path} was built for another version of lora_kernel.cpp")
+        self.avx512_bf16 = bool(library.zoo_lora_avx512_bf16())
+        self._gather = library.zoo_gather_lora
+        self._gather.restype = ctypes.c_int
+        self._gather.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+
+    def arguments(self, parts, ranks) -> tuple | None:
+        """The ctypes block for ``parts`` ((A [slots, rank, in], B [slots, rank, width],
+        first column), ...) with each part's per-slot ranks (int64 tensors, or None), or
+        None where the kernel does not take them. The block points into the tensors: it
+        is valid while they are."""
+        a0 = parts[0][0]
+        dtype = DTYPES.get(str(a0.dtype).removeprefix("torch."))
+        if dtype is None:
+            return None
+        block = (Part * len(parts))()
+        for i, ((a, b, start), slot_ranks) in enumerate(zip(parts, ranks, strict=True)):
+            if a.dtype != a0.dtype or b.dtype != a0.dtype or a.shape[2] != a0.shape[2] or \
+                    a.stride(2) != 1 or b.stride(2) != 1 or a.shape[1] > MAX_RANK or \
+                    a.shape[1] != b.shape[1]:
+                return None
+            if slot_ranks is not None and (slot_ranks.dtype != _int64() or
+                                           not slot_ranks.is_contiguous()):
+                return None
+            block[i] = Part(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
+                            b.stride(1), b.shape[2], a.shape[1],
+                            None if slot_ranks is None else slot_ranks.data_ptr(), start)
+        return (block, dtype, a0.dtype, a0.shape[2], len(parts))
+
+    def gather(self, y, x, slots, arguments, scale: float, threads: int = 1) -> bool:
+        """y[t, columns] += scale * (x[t] @ A[slots[t]].T) @ B[slots[t]] for every part of
+        ``arguments`` (from ``arguments()``); False, with y untouched, for inputs it does
+        not take."""
+        block, dtype, torch_dtype, width_in, n_parts = arguments
+        if x.dtype != torch_dtype or y.dtype != torch_dtype or x.shape[1] != width_in or \
+                x.stride(1) != 1 or y.stride(1) != 1 or slots.dtype != _int64() or \
+                not slots.is_contiguous() or slots.shape[0] != x.shape[0] or \
+                y.shape[0] != x.shape[0]:
+            return False
+        return self._gather(dtype, x.shape[0], slots.data_ptr(), x.data_ptr(), x.stride(0),
+                            y.data_ptr(), y.stride(0), width_in, block, n_parts, scale,
+                            threads) == 0
+
+
+def _int64():
+    import torch
+
+    return torch.int64
+
+
+@functools.cache
+def kernel() -> Kernel | None:
+    """The kernel for this machine, built on first use (about a second) and cached on disk;
+    None, after one warning, where it cannot be built or loaded."""
+    try:
+        return Kernel(build())
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("zoo: the native LoRA kernel is not available (%s); running the "
+                       "decode step's LoRA in PyTorch, which is slower", exc)
+        return None
+
+
+def prebuild() -> None:
+    """Build the kernel now if it is not in the cache: zoo's plugin calls this in vLLM's
+    first process, so that the worker loads it instead of building it during a step.
+    Quietly: the worker's ``kernel()`` says so if it cannot be had."""
+    try:
+        build()
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.debug("zoo: building the native LoRA kernel failed: %s", exc)
+
+
+def build(directory: Path | None = None) -> Path:
+    """The built library's path: from the cache, or compiled into it now (a temporary
+    name renamed into place, so that processes building at once never load half a file)."""
+    cxx = compiler()
+    if cxx is None:
+        raise OSError("no C++ compiler found (set CXX, or install g++)")
+    directory = directory or cache_dir()
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, cxx.encode(), version.encode(),
+                                         " ".join(flags).encode(),
+                                         " ".join(sorted(cpu_flags())).encode()]))
+        path = directory / f"lora_kernel-{key.hexdigest()[:16]}.so"
+        if path.exists():
+            return path
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            built = Path(scratch) / path.name
+            done = subprocess.run([cxx, *flags, "-shared", "-fPIC", "-o", str(built),
+                                   str(SOURCE)], capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(built, path)
+                return path
+            errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
+    raise OSError(f"{cxx} could not build {SOURCE.name}: " + "; ".join(errors))
