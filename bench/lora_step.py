@@ -1,16 +1,19 @@
-"""The LoRA work of one decode step, alone: zoo's CPU path now, as of an earlier commit, and vLLM's.
+"""The LoRA work of one step, alone: zoo's CPU path now, as of an earlier commit, and vLLM's.
 
 Run: .venv/bin/python bench/lora_step.py [--before COMMIT] [--adapters 1,8,32,64,128]
-     [--tokens 64] [--dtype bfloat16] [--repeat 20]
+     [--tokens 64] [--prompt 45] [--dtype bfloat16] [--repeat 20]
 
 Times ``add_lora_linear`` over SmolLM2-135M's 30 layers (q/k/v, o, gate/up and
 down, as vLLM's fused LoRA layers call it) for one decode step of max(--tokens, N)
-tokens spread evenly over N adapters: rank-8 LoRAs on q and v, in max(64, N) slots
+tokens spread evenly over N adapters, and for one prefill of --prompt tokens for
+each of N adapters (each prompt's tokens together, as vLLM batches them; the bench's
+chat prompts are about 45 tokens): rank-8 LoRAs on q and v, in max(64, N) slots
 stacked at rank 16, on one thread (vLLM's CPU worker runs one OpenMP thread per core
 it owns: one on this 2-core machine). The contenders, in one process on equal stacks:
 zoo's wrapper of this tree, the same file of --before (a git commit) and vLLM's own
 ``PunicaWrapperCPU``; the base's own linears of the step in the same dtype for scale.
-The median of --repeat steps after one warm-up; results in
+The median of --repeat steps (a quarter of them for prefills) after one warm-up;
+vLLM's own ops are timed on decode steps only (a prefill takes them seconds). Results in
 bench/results/lora_step.json. Unlike the served curve (bench/serve.py), whose bursts
 drift by up to 40% on this machine, these repeat within a few percent.
 """
@@ -68,16 +71,19 @@ def stacks(slots: int, dtype):
 
 
 def step_ms(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype,
-            repeat: int) -> float:
+            repeat: int, prefill: bool = False) -> float:
     import torch
     from vllm.lora.layers.utils import LoRAMapping
 
     wrapper = wrapper_class(max_num_batched_tokens=max(tokens, 256), max_batches=slots + 8,
                             device="cpu")
     ids = list(range(1, slots + 1))
-    mapping = [1 + i % adapters for i in range(tokens)]
+    if prefill:  # each request's prompt tokens together
+        mapping = [1 + i * adapters // tokens for i in range(tokens)]
+    else:  # a token per request
+        mapping = [1 + i % adapters for i in range(tokens)]
     # as vLLM's model manager calls it: one more than the slots in the stacks
-    wrapper.update_metadata(LoRAMapping(mapping, mapping, is_prefill=False), ids, slots + 1,
+    wrapper.update_metadata(LoRAMapping(mapping, mapping, is_prefill=prefill), ids, slots + 1,
                             49152)
     x = {w: torch.randn(tokens, w, dtype=dtype) for w in (HIDDEN, INTERMEDIATE)}
     y = {sum(s): torch.zeros(tokens, sum(s), dtype=dtype) for s, _w, _t in CALLS}
@@ -120,6 +126,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--vllm", type=int, default=1, help="time vLLM's own ops too (slow)")
+    parser.add_argument("--prompt", type=int, default=45,
+                        help="also time a prefill of this many tokens an adapter (0: none; "
+                             "vLLM's own ops are not timed there)")
     args = parser.parse_args()
 
     import torch
@@ -133,19 +142,29 @@ def main() -> None:
     if args.vllm:
         contenders["vLLM's own"] = PunicaWrapperCPU
     rows = []
-    for adapters in (int(a) for a in args.adapters.split(",")):
-        slots, tokens = max(64, adapters), max(args.tokens, adapters)
-        row = {"adapters": adapters, "tokens": tokens, "slots": slots,
-               "base linears ms": base_ms(tokens, dtype, args.repeat)}
-        for name, cls in contenders.items():  # stacks of their own: the caches live on them
-            row[f"{name} ms"] = step_ms(cls, stacks(slots, dtype), adapters, tokens, slots,
-                                        dtype, args.repeat if name != "vLLM's own" else 3)
-        row["before / now"] = row[f"zoo {args.before} ms"] / row["zoo now ms"]
-        rows.append(row)
-        print(f"{adapters} adapters: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
-                                                    if k.endswith("ms")), file=sys.stderr)
+    kinds = [("decode", False)] + ([("prefill", True)] if args.prompt else [])
+    for kind, prefill in kinds:
+        for adapters in (int(a) for a in args.adapters.split(",")):
+            slots = max(64, adapters)
+            tokens = adapters * args.prompt if prefill else max(args.tokens, adapters)
+            repeat = max(3, args.repeat // 4) if prefill else args.repeat
+            row = {"step": kind, "adapters": adapters, "tokens": tokens, "slots": slots,
+                   "base linears ms": base_ms(tokens, dtype, repeat)}
+            for name, cls in contenders.items():  # stacks of their own: caches live on them
+                if name == "vLLM's own" and prefill:
+                    row[f"{name} ms"] = None
+                    continue
+                row[f"{name} ms"] = step_ms(cls, stacks(slots, dtype), adapters, tokens, slots,
+                                            dtype, repeat if name != "vLLM's own" else 3,
+                                            prefill)
+            row["before / now"] = row[f"zoo {args.before} ms"] / row["zoo now ms"]
+            rows.append(row)
+            print(f"{kind}, {adapters} adapters: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in row.items() if k.endswith("ms") and v is not None),
+                file=sys.stderr)
     columns = list(rows[0])
-    print(f"\none decode step's LoRA work (one token per request), {args.dtype}, one thread")
+    print(f"\none step's LoRA work (decode: a token per request; prefill: {args.prompt} an "
+          f"adapter), {args.dtype}, one thread")
     print(table(rows, columns))
     save("lora_step", {"command": " ".join(sys.argv), "rows": rows})
 

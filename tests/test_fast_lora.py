@@ -67,9 +67,22 @@ def reference(base, x, a, b, scale, slots, dtype):
     return exact, bound
 
 
+@pytest.fixture(params=["native", "pytorch"])
+def lora_path(request, monkeypatch):
+    """zoo's path on the native kernel, and on the PyTorch plans it falls back to where
+    the kernel cannot be built."""
+    from zoo.serve import native
+
+    if request.param == "pytorch":
+        monkeypatch.setattr(native, "kernel", lambda: None)
+    else:
+        assert native.kernel() is not None, "this machine has a C++ compiler"
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_matches_vllm(case, dtype):
+def test_linear_matches_vllm(case, dtype, lora_path):
     """zoo's and vLLM's outputs each within the rounding bound of the exact result (so
     within twice it of each other); the same rows with another slot's adapter are not."""
     tokens, prefill = CASES[case]
@@ -86,6 +99,7 @@ def test_linear_matches_vllm(case, dtype):
     exact, bound = reference(base, x, a, b, 0.5, slots, dtype)
     assert_within(outputs[0], exact, bound, "vLLM's own path")
     assert_within(outputs[1], exact, bound, "zoo's path")
+    assert (ours_ref[1]._plan is None) == (lora_path == "native" or case == "no adapter")
     changed = (outputs[1] != base).any(dim=1)
     assert changed.tolist() == [t != 0 for t in tokens]  # rows without an adapter untouched
     if any(s is not None for s in slots):  # the bound tells another adapter's output apart
@@ -219,7 +233,7 @@ def test_zoos_path_runs_and_scores_like_vllms_own(smollm2_home, tmp_path):
     assert not differ, [(m, ours[m]["text"], theirs[m]["text"]) for m in differ[:3]]
 
 
-def test_64_adapters_of_mixed_ranks_and_targets_match_vllm():
+def test_64_adapters_of_mixed_ranks_and_targets_match_vllm(lora_path):
     """A decode step of 64 adapters (and tokens without one) as a server sees it: adapters
     of rank 4 and 8 in slots stacked at 16, some training only the first and last slice
     (q and v of a fused q/k/v), against vLLM's own ops."""
@@ -259,6 +273,7 @@ def test_64_adapters_of_mixed_ranks_and_targets_match_vllm():
         assert_within(outputs[0][rows], exact[rows], bound[rows], "vLLM's own path")
         assert_within(outputs[1], exact, bound, "zoo's path")
         assert (outputs[1] != base).any(dim=1).tolist() == rows.tolist()
+        assert (made[1]._plan is None) == (lora_path == "native")
 
 
 def test_slot_caches_redo_only_the_slots_vllm_wrote():

@@ -114,7 +114,11 @@ def test_the_kernel_declines_what_it_was_not_written_for(kernel):
     assert not kernel.gather(y, torch.randn(2, IN), slots, arguments, 1.0)  # float32 x
     assert not kernel.gather(y, torch.randn(2, IN).bfloat16(), slots.int(), arguments, 1.0)
     assert not kernel.gather(y, torch.randn(2, IN + 1).bfloat16(), slots, arguments, 1.0)
+    x = torch.randn(2, IN).bfloat16()
+    assert not kernel.gather(y, x, torch.tensor([0, len(RANKS)]), arguments, 1.0)  # no slot
+    assert not kernel.gather(y[:, :60], x, slots, arguments, 1.0)  # y ends before a part
     assert torch.equal(y, torch.zeros(2, 70).bfloat16())
+    assert kernel.gather(y, x, slots, arguments, 1.0)  # and what it takes, it does
 
 
 def test_a_machine_without_the_kernel_gets_the_same_result_in_pytorch(kernel, monkeypatch):

@@ -9,16 +9,18 @@ the adapter trained that projection, with a per-token einsum. This wrapper
 * computes each slice at the largest rank the step's adapters really use
   (vLLM stacks every slot at ``--max-lora-rank``; the rows past an adapter's
   own rank are zeros);
-* for a step of many adapters with few tokens each (decode), runs one native kernel
-  (``lora_kernel.cpp``, built for this CPU on first use: ``native.py``) per fused layer
-  that reads each token's adapter rows of A and B where they lie, at that adapter's own
-  rank, in the stack's dtype, and adds the result in place: nothing is gathered, padded
-  or converted to float32 first, so a step of 64 bf16 adapters reads half the bytes of a
-  float32 copy. Where no C++ compiler works, the same arithmetic runs in PyTorch, slower;
-* for several adapters with many tokens each (prefills), two batched matmuls over the
-  step's adapters, each one's tokens padded to the longest group, or, when padding
-  would more than double the rows (a long prefill beside short ones), two plain
-  matmuls per adapter on its rows, as for a single adapter;
+* runs every step that has adapters (one or many, decode or prefill) through one
+  native kernel call per fused layer (``lora_kernel.cpp``, built for this CPU when vLLM
+  starts: ``native.py``): each token reads its own adapter's rows of A and B where they
+  lie, at that adapter's own rank, in the stack's dtype, and adds the result in place;
+  nothing is gathered, padded or converted to float32 first (a step of 64 bf16
+  adapters reads half the bytes of a float32 copy);
+* where that kernel cannot be built or does not take the call (float16, a rank over
+  64), runs the same arithmetic in PyTorch, planned by the step's shape: for a single
+  adapter, a matmul pair on its rows; for many with few tokens each (decode), a gather
+  of each token's weights; for several with many tokens each (prefills), two batched
+  matmuls over the step's adapters, each one's tokens padded to the longest group, or,
+  when padding would more than double the rows, a matmul pair per adapter;
 * skips the LoRA pass of the logits and of the embeddings when no adapter in the step
   has weights there (it would add exact zeros).
 
@@ -44,10 +46,11 @@ from zoo.serve import native
 
 logger = logging.getLogger("zoo.serve")
 QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
-# Several adapters in a step: with at most GATHER_LIMIT tokens each on average (decode),
-# one gathered kernel; more, their tokens padded to the longest group and run as one
-# batched matmul pair, unless padding would more than double the rows (a long prefill
-# beside short ones), where a matmul pair per adapter is cheaper.
+# Without the native kernel, several adapters in a step: with at most GATHER_LIMIT tokens
+# each on average (decode), each token's weights gathered; more, their tokens padded to
+# the longest group and run as one batched matmul pair, unless padding would more than
+# double the rows (a long prefill beside short ones), where a matmul pair per adapter is
+# cheaper.
 GATHER_LIMIT = 8
 PADDING_LIMIT = 2
 Groups = list[tuple[int, torch.Tensor | None]]  # (adapter slot, token rows or None = all)
@@ -95,7 +98,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._sampler_groups = group_rows(self.sampler_indices)
         self._step_slots = torch.tensor([s for s, _rows in self._token_groups], dtype=torch.long)
         self._step_key = tuple(self._step_slots.tolist())
-        self._plan = _plan(self._token_groups, self.token_lora_indices)
+        self._token_slots = self.token_lora_indices.to(torch.int64).contiguous()
+        self._plan = None  # for PyTorch, made when first needed
 
     def _parts(self, lora_a_stacked, lora_b_stacked, output_slices, y_width: int) -> Parts:
         """The slices of a fused layer that some adapter of this step has weights for, as
@@ -128,8 +132,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if kwargs or not self._grouped or _compiling():
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
                                            output_slices, buffer=buffer, **kwargs)
-        plan = self._plan
-        if plan is None:
+        if not self._token_groups:
             return
         flat_y = y.view(-1, y.shape[-1])
         flat_x = x.view(-1, x.shape[-1])
@@ -137,8 +140,10 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
                                            output_slices, buffer=buffer, **kwargs)
         parts = self._parts(lora_a_stacked, lora_b_stacked, output_slices, flat_y.shape[1])
-        if parts:
-            plan.add(flat_y, plan.inputs(flat_x), parts, scale)
+        if parts and not _native_add(flat_y, flat_x, self._token_slots, parts, scale):
+            if self._plan is None:
+                self._plan = _plan(self._token_groups, self.token_lora_indices)
+            self._plan.add(flat_y, self._plan.inputs(flat_x), parts, scale)
 
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor,
                            lora_b_stacked: torch.Tensor, add_inputs: bool = True,
@@ -255,37 +260,41 @@ class _Batched:
 
 
 class _Gathered:
-    """Adapters with few tokens each (decode): every token reads its own adapter's rows of
-    A and B where they lie, at that adapter's rank, in one native kernel call a fused
-    layer (``native.py``): no weights are gathered, no token is padded, and the weights
-    are read in the stack's own dtype (half of float32's bytes in bf16). Without the
-    kernel (or for a dtype it does not take) the same arithmetic runs in PyTorch."""
+    """Adapters with few tokens each (decode), without the native kernel: every token's
+    adapter weights gathered and applied in PyTorch (``_gather_lora``)."""
 
     def __init__(self, indices: torch.Tensor):
-        self.slots = indices.to(torch.int64).contiguous()
+        self.slots = indices
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def add(self, y, xs, parts: Parts, scale: float) -> None:
-        kernel = native.kernel()
-        if kernel is not None:
-            if parts.native is None:
-                parts.native = kernel.arguments(parts, parts.ranks) or False
-            if parts.native and kernel.gather(y, xs, self.slots, parts.native, scale,
-                                              torch.get_num_threads()):
-                return
-            _warn_declined(parts, xs, y)
         _gather_lora(y, xs, self.slots, parts, scale)
+
+
+def _native_add(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: Parts,
+                scale: float) -> bool:
+    """The step's LoRA for one fused layer through the native kernel; False (y untouched)
+    where it is not available or does not take the call."""
+    kernel = native.kernel()
+    if kernel is None:
+        return False
+    if parts.native is None:
+        parts.native = kernel.arguments(parts, parts.ranks) or False
+    if parts.native and kernel.gather(y, x, slots, parts.native, scale, torch.get_num_threads()):
+        return True
+    _warn_declined(parts, x, y)
+    return False
 
 
 def _gather_lora(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: Parts,
                  scale: float) -> None:
-    """The native kernel's arithmetic in PyTorch, for where it is not available: for every
-    row t and every part (A, B, first column) of a fused layer, y[t, columns] += scale *
-    (x[t] @ A[slots[t]].T) @ B[slots[t]] (slot -1: no adapter, nothing added); A: [slots,
-    rank, in], B: [slots, rank, width], any dtype. In float32, rounded to ``y``'s dtype
-    once. ``A[index]`` copies every row's weights: several times slower than the kernel."""
+    """The native kernel's arithmetic in PyTorch: for every row t and every part (A, B,
+    first column) of a fused layer, y[t, columns] += scale * (x[t] @ A[slots[t]].T) @
+    B[slots[t]] (slot -1: no adapter, nothing added); A: [slots, rank, in], B: [slots,
+    rank, width], any dtype. In float32, rounded to ``y``'s dtype once. ``A[index]``
+    copies every row's weights."""
     live = (slots >= 0).to(torch.float32) * scale
     index = slots.clamp(min=0)
     xf = x.float()[:, None, :]
@@ -303,9 +312,9 @@ def _warn_declined(parts: Parts, x: torch.Tensor, y: torch.Tensor) -> None:
     what = f"{parts[0][0].dtype} weights, {x.dtype} inputs, {y.dtype} outputs"
     if what not in _DECLINED:
         _DECLINED.add(what)
-        logger.warning("zoo: the native LoRA kernel does not take %s (bfloat16 or float32 "
-                       "throughout, rank <= %d); running it in PyTorch, which is slower",
-                       what, native.MAX_RANK)
+        logger.warning("zoo: the native LoRA kernel does not take a call (%s; it takes "
+                       "bfloat16 or float32 throughout, ranks up to %d, slots in the stack); "
+                       "running it in PyTorch, which is slower", what, native.MAX_RANK)
 
 
 def _plan(groups: Groups, indices: torch.Tensor):

@@ -20,6 +20,7 @@ namespace {
 constexpr int64_t kMaxRank = 64;
 
 struct Part {
+    int64_t slots;                                // slots in A, B and ranks
     const void* a; int64_t a_slot, a_row;         // A: [slots, rank, in]
     const void* b; int64_t b_slot, b_row, width;  // B: [slots, rank, width]
     int64_t rank;                                 // rows of A and B to read at most
@@ -190,7 +191,7 @@ void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, voi
 extern "C" {
 
 // The layout of Part and the meaning of the arguments below; native.py checks it.
-int zoo_lora_abi() { return 1; }
+int zoo_lora_abi() { return 2; }
 
 int zoo_lora_avx512_bf16() {
 #ifdef ZOO_AVX512_BF16
@@ -200,12 +201,16 @@ int zoo_lora_avx512_bf16() {
 #endif
 }
 
-// dtype 0: bfloat16, 1: float32. Returns 0; 1 for a rank over kMaxRank, 2 for a dtype.
+// dtype 0: bfloat16, 1: float32. Returns 0; with y untouched, 1 for a rank over kMaxRank,
+// 2 for a dtype, 3 for a row's slot past a part's last.
 int zoo_gather_lora(int dtype, int64_t tokens, const int64_t* slots, const void* x,
                     int64_t x_row, void* y, int64_t y_row, int64_t in, const Part* parts,
                     int64_t n_parts, float scale, int threads) {
-    for (int64_t p = 0; p < n_parts; ++p)
+    for (int64_t p = 0; p < n_parts; ++p) {
         if (parts[p].rank > kMaxRank) return 1;
+        for (int64_t t = 0; t < tokens; ++t)
+            if (slots[t] >= parts[p].slots) return 3;
+    }
     if (dtype == 0)
         run<Bf16>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
     else if (dtype == 1)

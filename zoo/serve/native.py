@@ -27,7 +27,7 @@ from pathlib import Path
 
 logger = logging.getLogger("zoo.serve")
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
-ABI = 1
+ABI = 2
 MAX_RANK = 64
 # Tried in order: the CPU's own instructions and OpenMP threads, then without OpenMP,
 # then code for any CPU of the architecture.
@@ -67,7 +67,8 @@ def compiler() -> str | None:
 class Part(ctypes.Structure):
     """One slice of a fused layer, as ``lora_kernel.cpp``'s ``Part``."""
 
-    _fields_ = [("a", ctypes.c_void_p), ("a_slot", ctypes.c_int64), ("a_row", ctypes.c_int64),
+    _fields_ = [("slots", ctypes.c_int64),
+                ("a", ctypes.c_void_p), ("a_slot", ctypes.c_int64), ("a_row", ctypes.c_int64),
                 ("b", ctypes.c_void_p), ("b_slot", ctypes.c_int64), ("b_row", ctypes.c_int64),
                 ("width", ctypes.c_int64), ("rank", ctypes.c_int64),
                 ("ranks", ctypes.c_void_p), ("start", ctypes.c_int64)]
@@ -78,7 +79,9 @@ class Kernel:
     dtype, layout or rank it was not written for); the caller then computes it itself."""
 
     def __init__(self, path: Path):
-        self.path = path
+        import torch
+
+        self.path, self._int64 = path, torch.int64
         library = ctypes.CDLL(str(path))
         if library.zoo_lora_abi() != ABI:
             raise OSError(f"{path} was built for another version of lora_kernel.cpp")
@@ -102,35 +105,31 @@ class Kernel:
         for i, ((a, b, start), slot_ranks) in enumerate(zip(parts, ranks, strict=True)):
             if a.dtype != a0.dtype or b.dtype != a0.dtype or a.shape[2] != a0.shape[2] or \
                     a.stride(2) != 1 or b.stride(2) != 1 or a.shape[1] > MAX_RANK or \
-                    a.shape[1] != b.shape[1]:
+                    a.shape[:2] != b.shape[:2] or start < 0:
                 return None
-            if slot_ranks is not None and (slot_ranks.dtype != _int64() or
-                                           not slot_ranks.is_contiguous()):
+            if slot_ranks is not None and (slot_ranks.dtype != self._int64 or
+                                           not slot_ranks.is_contiguous() or
+                                           slot_ranks.numel() < a.shape[0]):
                 return None
-            block[i] = Part(a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0),
-                            b.stride(1), b.shape[2], a.shape[1],
+            block[i] = Part(a.shape[0], a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(),
+                            b.stride(0), b.stride(1), b.shape[2], a.shape[1],
                             None if slot_ranks is None else slot_ranks.data_ptr(), start)
-        return (block, dtype, a0.dtype, a0.shape[2], len(parts))
+        end = max(start + b.shape[2] for _a, b, start in parts)
+        return (block, dtype, a0.dtype, a0.shape[2], len(parts), end)
 
     def gather(self, y, x, slots, arguments, scale: float, threads: int = 1) -> bool:
         """y[t, columns] += scale * (x[t] @ A[slots[t]].T) @ B[slots[t]] for every part of
         ``arguments`` (from ``arguments()``); False, with y untouched, for inputs it does
         not take."""
-        block, dtype, torch_dtype, width_in, n_parts = arguments
+        block, dtype, torch_dtype, width_in, n_parts, end = arguments
         if x.dtype != torch_dtype or y.dtype != torch_dtype or x.shape[1] != width_in or \
-                x.stride(1) != 1 or y.stride(1) != 1 or slots.dtype != _int64() or \
+                x.stride(1) != 1 or y.stride(1) != 1 or slots.dtype != self._int64 or \
                 not slots.is_contiguous() or slots.shape[0] != x.shape[0] or \
-                y.shape[0] != x.shape[0]:
+                y.shape[0] != x.shape[0] or y.shape[1] < end:
             return False
         return self._gather(dtype, x.shape[0], slots.data_ptr(), x.data_ptr(), x.stride(0),
                             y.data_ptr(), y.stride(0), width_in, block, n_parts, scale,
                             threads) == 0
-
-
-def _int64():
-    import torch
-
-    return torch.int64
 
 
 @functools.cache
