@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import jsonschema
@@ -22,6 +23,11 @@ os.environ.pop("HF_ENDPOINT", None)
 # Hub accepts). Read at import, like the endpoint.
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 import huggingface_hub.constants  # noqa: E402,F401  (the package itself loads lazily)
+
+# zoo's persisted file-hash cache (zoo/catalog/integrity.py): the session's own, not the
+# user's; the vLLM servers tests start inherit it.
+os.environ["ZOO_HASH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="zoo-hashes-"),
+                                            "hashes.sqlite")
 
 # Property tests: fresh examples on a developer's run, the same ones in CI (a failure found
 # there can be re-run; one found locally is pinned as a test).

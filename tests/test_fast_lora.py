@@ -120,6 +120,9 @@ def test_logits_skip_is_exact_and_not_blind():
     y = base.clone()
     ours.add_lora_logits(y, x, a, b, 1.0)
     assert torch.equal(y, base)  # no adapter has lm_head weights: nothing added
+    b[2].normal_()  # adapter 33's B without its A: it would add exact zeros
+    ours.add_lora_logits(y, x, a, b, 1.0)
+    assert torch.equal(y, base)
     a[1].normal_()
     b[1].normal_()  # now slot 1 (adapter 22) has some: the skip must notice
     expected, got = base.clone(), base.clone()

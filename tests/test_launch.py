@@ -29,7 +29,7 @@ def test_planning_a_large_catalog_hashes_no_adapter_and_sizes_the_batch(models, 
     hashed = []
     real = integrity.sha256_file
     monkeypatch.setattr(integrity, "sha256_file", lambda p: (hashed.append(p), real(p))[1])
-    integrity._hashes.clear()
+    integrity.forget_hashes()
     options = ServeOptions(base="tiny", quantization="none")
     plan = plan_serve(options, Registry(zoo_home))
     assert not [p for p in hashed if "/adapters/" in str(p)]  # a stat each, no hashing

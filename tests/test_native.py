@@ -23,6 +23,11 @@ def kernel():
     return built
 
 
+def test_the_kernel_uses_what_the_cpu_has(kernel):
+    """Built for this machine: the AVX-512 BF16 path exactly where the CPU reports it."""
+    assert kernel.avx512_bf16 == ("avx512_bf16" in native.cpu_flags())
+
+
 def stacks(dtype, ranks=RANKS, generator=None):
     """A, B per slice ([slots, max rank, IN], [slots, max rank, width]), rows past each
     slot's rank zero, as vLLM's stacks are; and the per-slot ranks."""

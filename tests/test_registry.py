@@ -233,6 +233,64 @@ def test_verify_reports_changed_files(tiny, zoo_home):
     assert zoo("verify", "tiny-llama").exit_code == 0
 
 
+def _hash_in_a_new_process(path: Path, env: dict | None = None) -> str:
+    """``file_hash`` in a process of its own that cannot hash: it answers from the
+    persisted cache or fails."""
+    import os
+
+    code = ("import sys; from pathlib import Path; from zoo.catalog import integrity\n"
+            "def refuse(path): raise SystemExit('hashed ' + str(path))\n"
+            "integrity.sha256_file = refuse\n"
+            "print(integrity.file_hash(Path(sys.argv[1])))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})})
+    return done.stdout.strip() or done.stderr.strip()
+
+
+def test_a_files_hash_outlives_the_process_until_the_file_changes(tmp_path, monkeypatch):
+    from zoo.catalog import integrity
+    from zoo.core.files import sha256_file
+
+    stored = tmp_path / "weights.bin"
+    stored.write_bytes(b"x" * 1000)
+    assert integrity.file_hash(stored) == sha256_file(stored)
+    # written just now: within a file clock's tick of a write that would keep its stat
+    assert _hash_in_a_new_process(stored) == f"hashed {stored}"
+    monkeypatch.setattr(integrity, "SETTLED_NS", 0)  # as if it were old enough
+    integrity.forget_hashes()
+    assert integrity.file_hash(stored) == sha256_file(stored)
+    assert _hash_in_a_new_process(stored) == sha256_file(stored)  # no hashing
+    assert _hash_in_a_new_process(stored, {"ZOO_HASH_CACHE": "off"}) == f"hashed {stored}"
+    stored.write_bytes(b"y" * 1000)  # same size, other bytes: a new stat
+    assert _hash_in_a_new_process(stored) == f"hashed {stored}"
+
+
+def test_verify_rereads_what_the_hash_cache_vouches_for(tiny, zoo_home, monkeypatch):
+    """A disk that flips bits under an unchanged stat (made here by writing the registered
+    hash into the cache for the changed file's stat): serving trusts the cache; ``zoo
+    verify`` reads every byte, reports the file and mends the cache."""
+    from zoo.catalog import integrity
+    from zoo.catalog.registry import Registry
+
+    monkeypatch.setattr(integrity, "SETTLED_NS", 0)
+    zoo("add", tiny.lora("plain"), "--name", "v", "--base", "tiny-llama")
+    entry = Registry(zoo_home).load().entries["v"]
+    folder = zoo_home / entry.path
+    stored = folder / "adapter_model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    integrity.forget_hashes()
+    registered = entry.files["adapter_model.safetensors"]["sha256"]
+    integrity._connection().execute("INSERT INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
+                                    (*integrity._stamp(stored.stat()), registered))
+    assert integrity.changed_files(folder, entry.files) == []  # what a stat cache trusts
+    result = zoo("verify", ok=False)
+    assert "v: CHANGED adapter_model.safetensors" in result.stdout
+    integrity._hashes.clear()
+    assert integrity.changed_files(folder, entry.files) == ["adapter_model.safetensors"]
+
+
 def test_rm_deletes_files_and_protects_used_bases(tiny, zoo_home):
     zoo("add", tiny.lora("plain"), "--name", "r", "--base", "tiny-llama")
     result = zoo("rm", "tiny-llama", ok=False)

@@ -1,18 +1,29 @@
 """The one answer to "is this stored directory intact?", hashing each file once.
 
 Every feature that reads stored files (merge, train, quantize, serve, pull,
-push) asks here, never hashes on its own. A file's hash is cached for the
-life of the process under its identity and stat (device, inode, size,
-mtime): asking again costs a ``stat``, a changed file is hashed again, and a
-directory renamed into place keeps its cache entries (a rename keeps the
-inode), so what a command just hashed while staging is not hashed twice.
-``zoo verify`` asks with ``fresh=True`` to re-read every byte.
+push) asks here, never hashes on its own. A file's hash is cached under its
+identity and stat (device, inode, size, mtime, ctime): asking again costs a
+``stat``, a changed file is hashed again, and a directory renamed into place
+keeps its files' entries (renaming a directory changes none of its files' stat),
+so what a command just hashed while staging is not hashed twice.
+
+The cache outlives the process (git's index does the same): a hash is also kept in
+``~/.cache/zoo/hashes.sqlite`` (``$ZOO_HASH_CACHE`` names another file; ``off``
+keeps none), so a server restarted over a catalog of thousands of adapters does not
+hash each one again on its first request. Only files whose mtime and ctime were at
+least two seconds old when hashed are kept there: a write within the same tick of a
+coarse file clock as the hash would otherwise leave the stat unchanged. Nothing but
+a write can change a file's ctime (it cannot be set from user space), so a stored
+hash answers only for the bytes it was computed from; a disk that flips bits under
+an unchanged stat is what ``zoo verify`` (``fresh=True``: re-read every byte) is for.
 """
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +34,15 @@ from zoo.errors import FormatError, IntegrityError, UnknownEntry
 
 ORIGINAL = "original"
 
-_Stamp = tuple[int, int, int, int]
+_Stamp = tuple[int, int, int, int, int]
 _hashes: dict[_Stamp, str] = {}
 _lock = threading.Lock()
+_store: sqlite3.Connection | None | bool = None  # None: not opened yet; False: none
+SETTLED_NS = 2_000_000_000  # a file this much older than its hash is kept on disk
 
 
 def _stamp(st: os.stat_result) -> _Stamp:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def file_hash(path: Path, fresh: bool = False) -> str:
@@ -37,14 +50,81 @@ def file_hash(path: Path, fresh: bool = False) -> str:
     stamp = _stamp(path.stat())
     if not fresh:
         with _lock:
-            known = _hashes.get(stamp)
-        if known is not None:
-            return known
+            known = _hashes.get(stamp) or _stored(stamp)
+            if known is not None:
+                _hashes[stamp] = known
+                return known
     digest = sha256_file(path)
     if _stamp(path.stat()) == stamp:  # not changed while being read
         with _lock:
             _hashes[stamp] = digest
+            if time.time_ns() - max(stamp[3], stamp[4]) >= SETTLED_NS:
+                _keep(stamp, digest)
     return digest
+
+
+def hash_cache_path() -> Path | None:
+    """The persisted cache's file (None: ``ZOO_HASH_CACHE=off``)."""
+    named = os.environ.get("ZOO_HASH_CACHE")
+    if named == "off":
+        return None
+    if named:
+        return Path(named)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "zoo" / "hashes.sqlite"
+
+
+def _connection() -> sqlite3.Connection | None:
+    """The persisted cache, opened once per process (callers hold ``_lock``); None where
+    it cannot be had (a read-only home, a broken file): it only saves work."""
+    global _store
+    if _store is None:
+        _store = False
+        path = hash_cache_path()
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(path, timeout=5, check_same_thread=False,
+                                     isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("CREATE TABLE IF NOT EXISTS hashes (dev INTEGER, ino INTEGER, "
+                           "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT, "
+                           "PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns)) WITHOUT ROWID")
+                _store = db
+            except (OSError, sqlite3.Error):
+                _store = False
+    return _store or None
+
+
+def _stored(stamp: _Stamp) -> str | None:
+    db = _connection()
+    if db is None:
+        return None
+    try:
+        row = db.execute("SELECT sha256 FROM hashes WHERE dev=? AND ino=? AND size=? AND "
+                         "mtime_ns=? AND ctime_ns=?", stamp).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
+def _keep(stamp: _Stamp, digest: str) -> None:
+    db = _connection()
+    if db is not None:
+        try:
+            db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)",
+                       (*stamp, digest))
+        except sqlite3.Error:
+            pass
+
+
+def forget_hashes() -> None:
+    """Empty both caches (tests: a machine that never hashed anything)."""
+    with _lock:
+        _hashes.clear()
+        db = _connection()
+        if db is not None:
+            db.execute("DELETE FROM hashes")
 
 
 def hash_tree_cached(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -99,6 +99,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         self._step_slots = torch.tensor([s for s, _rows in self._token_groups], dtype=torch.long)
         self._step_key = tuple(self._step_slots.tolist())
         self._token_slots = self.token_lora_indices.to(torch.int64).contiguous()
+        self._tokens = self._token_slots.numel()
         self._plan = None  # for PyTorch, made when first needed
 
     def _parts(self, lora_a_stacked, lora_b_stacked, output_slices, y_width: int) -> Parts:
@@ -136,7 +137,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             return
         flat_y = y.view(-1, y.shape[-1])
         flat_x = x.view(-1, x.shape[-1])
-        if flat_x.shape[0] != self.token_lora_indices.numel():  # not a row per token
+        if flat_x.shape[0] != self._tokens:  # not a row per token
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
                                            output_slices, buffer=buffer, **kwargs)
         parts = self._parts(lora_a_stacked, lora_b_stacked, output_slices, flat_y.shape[1])
@@ -161,7 +162,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         if kwargs or not self._grouped or _compiling():
             return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale,
                                            buffer=buffer, **kwargs)
-        live = _slots_with_weights(lora_b_stacked)
+        # A slot whose A is all zeros adds exact zeros; A is [rank, hidden] a slot where
+        # B is [vocab, rank] (1.5 MB for SmolLM2): vLLM rewrites slots as adapters come
+        live = _slots_with_weights(lora_a_stacked)
         groups = [(s, r) for s, r in self._sampler_groups if s in live]
         if not groups:
             return  # every adapter in the batch has zero lm_head weights: nothing to add

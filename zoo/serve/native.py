@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 logger = logging.getLogger("zoo.serve")
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
@@ -74,6 +75,17 @@ class Part(ctypes.Structure):
                 ("ranks", ctypes.c_void_p), ("start", ctypes.c_int64)]
 
 
+class Arguments(NamedTuple):
+    """What the kernel is called with for one fused layer's parts, made once per parts."""
+
+    block: ctypes.Array  # of Part
+    code: int  # DTYPES
+    dtype: Any  # the torch dtype of A, B, x and y
+    width_in: int  # x's width
+    parts: int
+    end: int  # y's columns up to the last part's end
+
+
 class Kernel:
     """The loaded library. ``gather(...)`` returns False for a call it does not take (a
     dtype, layout or rank it was not written for); the caller then computes it itself."""
@@ -92,7 +104,7 @@ class Kernel:
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
 
-    def arguments(self, parts, ranks) -> tuple | None:
+    def arguments(self, parts, ranks) -> Arguments | None:
         """The ctypes block for ``parts`` ((A [slots, rank, in], B [slots, rank, width],
         first column), ...) with each part's per-slot ranks (int64 tensors, or None), or
         None where the kernel does not take them. The block points into the tensors: it
@@ -104,6 +116,7 @@ class Kernel:
         block = (Part * len(parts))()
         for i, ((a, b, start), slot_ranks) in enumerate(zip(parts, ranks, strict=True)):
             if a.dtype != a0.dtype or b.dtype != a0.dtype or a.shape[2] != a0.shape[2] or \
+                    a.device.type != "cpu" or b.device.type != "cpu" or \
                     a.stride(2) != 1 or b.stride(2) != 1 or a.shape[1] > MAX_RANK or \
                     a.shape[:2] != b.shape[:2] or start < 0:
                 return None
@@ -115,21 +128,20 @@ class Kernel:
                             b.stride(0), b.stride(1), b.shape[2], a.shape[1],
                             None if slot_ranks is None else slot_ranks.data_ptr(), start)
         end = max(start + b.shape[2] for _a, b, start in parts)
-        return (block, dtype, a0.dtype, a0.shape[2], len(parts), end)
+        return Arguments(block, dtype, a0.dtype, a0.shape[2], len(parts), end)
 
-    def gather(self, y, x, slots, arguments, scale: float, threads: int = 1) -> bool:
+    def gather(self, y, x, slots, arguments: Arguments, scale: float, threads: int = 1) -> bool:
         """y[t, columns] += scale * (x[t] @ A[slots[t]].T) @ B[slots[t]] for every part of
-        ``arguments`` (from ``arguments()``); False, with y untouched, for inputs it does
-        not take."""
-        block, dtype, torch_dtype, width_in, n_parts, end = arguments
-        if x.dtype != torch_dtype or y.dtype != torch_dtype or x.shape[1] != width_in or \
-                x.stride(1) != 1 or y.stride(1) != 1 or slots.dtype != self._int64 or \
-                not slots.is_contiguous() or slots.shape[0] != x.shape[0] or \
-                y.shape[0] != x.shape[0] or y.shape[1] < end:
+        ``arguments``; False, with y untouched, for inputs it does not take."""
+        if x.dtype != arguments.dtype or y.dtype != arguments.dtype or \
+                x.shape[1] != arguments.width_in or x.stride(1) != 1 or y.stride(1) != 1 or \
+                slots.dtype != self._int64 or not slots.is_contiguous() or \
+                slots.shape[0] != x.shape[0] or y.shape[0] != x.shape[0] or \
+                y.shape[1] < arguments.end:
             return False
-        return self._gather(dtype, x.shape[0], slots.data_ptr(), x.data_ptr(), x.stride(0),
-                            y.data_ptr(), y.stride(0), width_in, block, n_parts, scale,
-                            threads) == 0
+        return self._gather(arguments.code, x.shape[0], slots.data_ptr(), x.data_ptr(),
+                            x.stride(0), y.data_ptr(), y.stride(0), arguments.width_in,
+                            arguments.block, arguments.parts, scale, threads) == 0
 
 
 @functools.cache
