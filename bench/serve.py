@@ -314,8 +314,8 @@ def main() -> None:
     for path in args.paths.split(",") if "curve" in sections else []:
         with engine(path) as url:
             # warm up: a first burst of a shape is slower (kernels made for its sizes; zoo's
-            # LoRA kernel is compiled on the engine's first step of many adapters, once a
-            # process: docs/BENCHMARKS.md), so the base and then adapters never used again
+            # LoRA kernel up to a2d4cff was compiled on an engine's first step of many
+            # adapters), so the base and then adapters never used again
             asyncio.run(burst(url, [BASE] * n, args.tokens, n))
             warming = fresh(8)
             asyncio.run(burst(url, [warming[i % 8] for i in range(n)], args.tokens, n))

@@ -87,6 +87,9 @@ def _connection() -> sqlite3.Connection | None:
                 db = sqlite3.connect(path, timeout=5, check_same_thread=False,
                                      isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
+                # a cache: a crash may lose its last entries, never corrupt it, and no
+                # insert waits for the disk (first uses insert on a server's event loop)
+                db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("CREATE TABLE IF NOT EXISTS hashes (dev INTEGER, ino INTEGER, "
                            "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT, "
                            "PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns)) WITHOUT ROWID")
