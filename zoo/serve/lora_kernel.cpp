@@ -1,4 +1,5 @@
-// zoo's multi-LoRA kernel for decode steps on the CPU; built and loaded by zoo/serve/native.py.
+// zoo's multi-LoRA kernel for the CPU (every step with adapters, decode and prefill);
+// built and loaded by zoo/serve/native.py.
 //
 // For every row t with slot s = slots[t] >= 0 and every part (a slice of a fused layer's
 // output), at the adapter's own rank r = min(part.rank, part.ranks[s]):
@@ -46,6 +47,12 @@ inline void store(Bf16* at, float v) {  // round to nearest even, as torch does
     at->bits = uint16_t(bits >> 16);
 }
 
+// The first row of a slot's A or B (``stride``: elements from one slot to the next).
+template <typename T>
+inline const T* slot_rows(const void* stack, int64_t slot, int64_t stride) {
+    return static_cast<const T*>(stack) + slot * stride;
+}
+
 inline int64_t rank_of(const Part& part, int64_t slot) {
     const int64_t own = part.ranks ? part.ranks[slot] : part.rank;
     return own < part.rank ? own : part.rank;
@@ -59,8 +66,8 @@ void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* part
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
         const int64_t rank = rank_of(part, slot);
-        const T* a = static_cast<const T*>(part.a) + slot * part.a_slot;
-        const T* b = static_cast<const T*>(part.b) + slot * part.b_slot;
+        const T* a = slot_rows<T>(part.a, slot, part.a_slot);
+        const T* b = slot_rows<T>(part.b, slot, part.b_slot);
         float h[kMaxRank];
         for (int64_t r = 0; r < rank; ++r) {
             const T* row = a + r * part.a_row;
@@ -119,8 +126,8 @@ void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const 
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
         const int64_t rank = rank_of(part, slot);
-        const uint16_t* a = static_cast<const uint16_t*>(part.a) + slot * part.a_slot;
-        const uint16_t* b = static_cast<const uint16_t*>(part.b) + slot * part.b_slot;
+        const uint16_t* a = slot_rows<uint16_t>(part.a, slot, part.a_slot);
+        const uint16_t* b = slot_rows<uint16_t>(part.b, slot, part.b_slot);
         float h[kMaxRank];
         int64_t r = 0;
         for (; r + 8 <= rank; r += 8) shrink_rows<8>(x, a + r * part.a_row, part.a_row, in, scale, h + r);
@@ -148,13 +155,13 @@ void prefetch_token(int64_t slot, int64_t in, const Part* parts, int64_t n_parts
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
         const int64_t rank = rank_of(part, slot);
-        const char* a = static_cast<const char*>(part.a) + slot * part.a_slot * int64_t(sizeof(T));
-        const char* b = static_cast<const char*>(part.b) + slot * part.b_slot * int64_t(sizeof(T));
+        const T* a = slot_rows<T>(part.a, slot, part.a_slot);
+        const T* b = slot_rows<T>(part.b, slot, part.b_slot);
+        constexpr int64_t kLine = 64 / int64_t(sizeof(T));  // elements a cache line
         for (int64_t r = 0; r < rank; ++r) {
-            for (int64_t at = 0; at < in * int64_t(sizeof(T)); at += 64)
-                __builtin_prefetch(a + r * part.a_row * int64_t(sizeof(T)) + at, 0, 2);
-            for (int64_t at = 0; at < part.width * int64_t(sizeof(T)); at += 64)
-                __builtin_prefetch(b + r * part.b_row * int64_t(sizeof(T)) + at, 0, 2);
+            for (int64_t k = 0; k < in; k += kLine) __builtin_prefetch(a + r * part.a_row + k, 0, 2);
+            for (int64_t j = 0; j < part.width; j += kLine)
+                __builtin_prefetch(b + r * part.b_row + j, 0, 2);
         }
     }
 }

@@ -1,16 +1,18 @@
-"""Machine code for the CPU's LoRA decode step: ``lora_kernel.cpp``, built here, once.
+"""Machine code for the CPU's multi-LoRA step: ``lora_kernel.cpp``, built here, once.
 
-zoo's decode kernel (``fast_lora.py``'s gathered plan) is a small C++ file with no
+zoo's LoRA kernel (every ``fast_lora.py`` step with adapters) is a small C++ file with no
 dependency but a C++ compiler: built on first use with ``-O3 -march=native`` (AVX-512
 BF16 where the CPU has it, plain vectorized loops elsewhere), cached on disk under a
 name that hashes the source, the compiler, its flags and the CPU's features, and called
 through ``ctypes``. Where no compiler works, ``kernel()`` is None and fast_lora runs the
 same arithmetic in PyTorch, slower, after one warning.
 
-Why not ``torch.compile``, which zoo used before: its kernel read the step's adapter
-weights at about a third of the speed of this one, and every call went through dynamo's
-guards (about 3% of the vLLM worker's time at 30 calls a step); a first use compiled for
-4-5 seconds in the worker, where this builds in about one, once per machine.
+Why not ``torch.compile``, which zoo used for decode steps before: its kernel took about
+1.5 times as long for a decode step of 64 adapters and four times as long for one adapter (where the
+arithmetic, not memory, bounds it), every call went through dynamo's wrapper and guards
+(about 2.5% of the vLLM worker's time at 30 calls a step), and it compiled for 4-5
+seconds in the worker on a server's first busy step, where this builds in about one,
+once per machine, before the worker starts.
 """
 
 from __future__ import annotations
