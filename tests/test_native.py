@@ -169,6 +169,7 @@ def test_without_a_compiler_zoo_warns_once_and_goes_on(tmp_path, monkeypatch, ca
     monkeypatch.setenv("CXX", str(broken))
     monkeypatch.setenv("ZOO_KERNEL_CACHE", str(tmp_path / "cache"))
     native.kernel.cache_clear()
+    native._built.cache_clear()  # as in a new process
     try:
         with caplog.at_level(logging.WARNING, logger="zoo.serve"):
             assert native.kernel() is None
@@ -178,3 +179,4 @@ def test_without_a_compiler_zoo_warns_once_and_goes_on(tmp_path, monkeypatch, ca
         assert not list((tmp_path / "cache").glob("*.so"))
     finally:
         native.kernel.cache_clear()
+        native._built.cache_clear()

@@ -36,6 +36,13 @@ def zoo_home() -> Path:
     return Path(data) / "zoo"
 
 
+def zoo_cache() -> Path:
+    """Where zoo keeps what it can make again (built kernels, file hashes), apart from any
+    home: ``$XDG_CACHE_HOME/zoo`` or ``~/.cache/zoo``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "zoo"
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` when it is a valid entry name, else raise InvalidName."""
     if not name:

@@ -20,6 +20,7 @@ an unchanged stat is what ``zoo verify`` (``fresh=True``: re-read every byte) is
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from zoo.catalog.home import zoo_cache
 from zoo.catalog.registry import Registry
 from zoo.core.files import sha256_file
 from zoo.core.records import BaseEntry, Entry
@@ -37,7 +39,6 @@ ORIGINAL = "original"
 _Stamp = tuple[int, int, int, int, int]
 _hashes: dict[_Stamp, str] = {}
 _lock = threading.Lock()
-_store: sqlite3.Connection | None | bool = None  # None: not opened yet; False: none
 SETTLED_NS = 2_000_000_000  # a file this much older than its hash is kept on disk
 
 
@@ -68,35 +69,29 @@ def hash_cache_path() -> Path | None:
     named = os.environ.get("ZOO_HASH_CACHE")
     if named == "off":
         return None
-    if named:
-        return Path(named)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "zoo" / "hashes.sqlite"
+    return Path(named) if named else zoo_cache() / "hashes.sqlite"
 
 
+@functools.cache
 def _connection() -> sqlite3.Connection | None:
     """The persisted cache, opened once per process (callers hold ``_lock``); None where
     it cannot be had (a read-only home, a broken file): it only saves work."""
-    global _store
-    if _store is None:
-        _store = False
-        path = hash_cache_path()
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(path, timeout=5, check_same_thread=False,
-                                     isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                # a cache: a crash may lose its last entries, never corrupt it, and no
-                # insert waits for the disk (first uses insert on a server's event loop)
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("CREATE TABLE IF NOT EXISTS hashes (dev INTEGER, ino INTEGER, "
-                           "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT, "
-                           "PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns)) WITHOUT ROWID")
-                _store = db
-            except (OSError, sqlite3.Error):
-                _store = False
-    return _store or None
+    path = hash_cache_path()
+    if path is None:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=5, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        # a cache: a crash may lose its last entries, never corrupt it, and no insert
+        # waits for the disk (first uses insert on a server's event loop)
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE IF NOT EXISTS hashes (dev INTEGER, ino INTEGER, "
+                   "size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT, "
+                   "PRIMARY KEY (dev, ino, size, mtime_ns, ctime_ns)) WITHOUT ROWID")
+    except (OSError, sqlite3.Error):
+        return None
+    return db
 
 
 def _stored(stamp: _Stamp) -> str | None:

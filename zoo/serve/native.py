@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from zoo.catalog.home import zoo_cache
+
 logger = logging.getLogger("zoo.serve")
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
 ABI = 2
@@ -52,12 +54,10 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cache_dir() -> Path:
-    """Where built kernels are kept: ``$ZOO_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/zoo``
-    (``~/.cache/zoo``)."""
+    """Where built kernels are kept: ``$ZOO_KERNEL_CACHE``, else ``~/.cache/zoo/kernels``."""
     if os.environ.get("ZOO_KERNEL_CACHE"):
         return Path(os.environ["ZOO_KERNEL_CACHE"])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "zoo" / "kernels"
+    return zoo_cache() / "kernels"
 
 
 def compiler() -> str | None:
@@ -151,7 +151,7 @@ def kernel() -> Kernel | None:
     """The kernel for this machine, built on first use (about a second) and cached on disk;
     None, after one warning, where it cannot be built or loaded."""
     try:
-        return Kernel(build())
+        return Kernel(_built())
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("zoo: the native LoRA kernel is not available (%s); running the "
                        "decode step's LoRA in PyTorch, which is slower", exc)
@@ -163,9 +163,15 @@ def prebuild() -> None:
     first process, so that the worker loads it instead of building it during a step.
     Quietly: the worker's ``kernel()`` says so if it cannot be had."""
     try:
-        build()
+        _built()
     except (OSError, subprocess.SubprocessError) as exc:
         logger.debug("zoo: building the native LoRA kernel failed: %s", exc)
+
+
+@functools.cache
+def _built() -> Path:
+    """``build()`` once a process (the plugin's prebuild, then the worker's first step)."""
+    return build()
 
 
 def build(directory: Path | None = None) -> Path:
