@@ -1,9 +1,10 @@
 """Where a multi-LoRA decode step spends its time: py-spy on the vLLM worker.
 
-Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--seconds 20] [--fast 1|0]
+Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--concurrency 64] [--seconds 20]
+                                             [--fast 1|0] [--raw FILE]
 
 Starts zoo serve (int8 base) with N rank-8 adapters (q and v unless --targets),
-keeps 64 concurrent requests spread over them running, samples the engine's
+keeps --concurrency requests spread over them running (the base's with --adapters 0), samples the engine's
 worker with py-spy and prints the functions with the largest share of samples
 (inclusive). ``--fast 0`` profiles vLLM's own LoRA path instead of zoo's.
 """
@@ -52,7 +53,10 @@ def summarize(raw: Path, top: int) -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--raw", type=Path, default=None,
+                        help="Keep py-spy's raw samples here (default: the bench home).")
     parser.add_argument("--fast", default="1")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--targets", default="q_proj,v_proj",
@@ -79,17 +83,19 @@ def main() -> None:
             BASE, registry=registry)
     options = ServeOptions(base=BASE, port=free_port())
     with running_server(options, registry) as server:
-        models = [names[i % len(names)] for i in range(64)] if names else [BASE] * 64
-        asyncio.run(burst(server.url, models, 8, 64))
+        concurrency = args.concurrency
+        models = ([names[i % len(names)] for i in range(concurrency)] if names
+                  else [BASE] * concurrency)
+        asyncio.run(burst(server.url, models, 8, concurrency))
         stop = threading.Event()
 
         def load() -> None:
             while not stop.is_set():
-                asyncio.run(burst(server.url, models, 32, 64))
+                asyncio.run(burst(server.url, models, 32, concurrency))
 
         thread = threading.Thread(target=load)
         thread.start()
-        raw = home / "profile.txt"
+        raw = args.raw or home / "profile.txt"
         subprocess.run(["py-spy", "record", "--pid", str(worker_pid(server.process.pid)),
                         "--duration", str(args.seconds), "--format", "raw", "--output",
                         str(raw), "--nonblocking"], check=True, capture_output=True,
@@ -97,8 +103,8 @@ def main() -> None:
                                                   f"{os.environ['PATH']}"})
         stop.set()
         thread.join()
-    print(f"\nworker samples, {args.adapters} adapters, {'zoo' if args.fast != '0' else 'vLLM'}"
-          " LoRA path (inclusive share)")
+    print(f"\nworker samples, {args.adapters} adapters at {concurrency} concurrent requests, "
+          f"{'zoo' if args.fast != '0' else 'vLLM'} LoRA path (inclusive share)")
     for name, share in summarize(raw, args.top):
         print(f"{share:6.1f}%  {name}")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vllm.lora.layers.utils import LoRAMapping  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 
@@ -317,3 +319,65 @@ def test_slot_caches_redo_only_the_slots_vllm_wrote():
     assert fast_lora._slot_ranks(a).tolist() == [0, 0, 4, 3, 0, 6, 0, 0]
     torch.testing.assert_close(fast_lora._b_by_rank(b, 6), b[:, 0, :, :6].transpose(1, 2))
     assert fast_lora._slots_with_weights(b) == {2, 3, 5}
+
+_SLOT_OPS = st.lists(st.one_of(
+    st.tuples(st.just("load"), st.integers(0, 5), st.tuples(st.booleans(), st.booleans(),
+                                                             st.booleans()),
+              st.integers(1, 8)),
+    st.tuples(st.just("reset"), st.integers(0, 5)),
+    st.tuples(st.just("unseen write"), st.integers(0, 5), st.integers(0, 2))), max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_SLOT_OPS)
+def test_reset_lora_skips_only_slots_it_knows_are_zero(ops):
+    """zoo's reset_lora leaves the stacks exactly as vLLM's (every slice of the slot
+    zeroed) after any sequence of adapters entering slots (reset, then a copy into the
+    slices they train, at their rank), resets, and writes zoo does not see; it writes
+    nothing when the slot is known to be zero; the per-slot values stay those of the
+    stacks."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    from zoo.serve import fast_lora
+
+    fast_lora.track_slot_writes()
+
+    class Layer:
+        n_slices = 3
+
+        def __init__(self):
+            self.lora_a_stacked = tuple(torch.zeros(6, 1, 8, 5) for _ in range(3))
+            self.lora_b_stacked = tuple(torch.zeros(6, 1, 4, 8) for _ in range(3))
+
+    zoo, expected = Layer(), Layer()
+    g = torch.Generator().manual_seed(0)
+    for op in ops:
+        slot = op[1]
+        versions = [t._version for t in (*zoo.lora_a_stacked, *zoo.lora_b_stacked)]
+        known_zero = [
+            getattr(t, "_zoo_clean", (None, ()))[0] == t._version and
+            slot in t._zoo_clean[1] for t in (*zoo.lora_a_stacked, *zoo.lora_b_stacked)]
+        if op[0] == "unseen write":  # not after a reset_lora (vLLM's set_lora never does)
+            value = torch.randn(8, 5, generator=g)
+            for layer in (zoo, expected):
+                layer.lora_a_stacked[op[2]][slot, 0] = value
+        else:
+            BaseLinearLayerWithLoRA.reset_lora(zoo, slot)
+            for t in (*expected.lora_a_stacked, *expected.lora_b_stacked):
+                t[slot] = 0  # vLLM's own reset_lora
+            after = [t._version for t in (*zoo.lora_a_stacked, *zoo.lora_b_stacked)]
+            assert [a == v for a, v in zip(after, versions, strict=True)] == known_zero  # skipped iff known
+        if op[0] == "load":
+            _kind, _slot, trained, rank = op
+            for i, on in enumerate(trained):
+                if on:
+                    a, b = torch.randn(rank, 5, generator=g), torch.randn(4, rank, generator=g)
+                    for layer in (zoo, expected):
+                        layer.lora_a_stacked[i][slot, 0, :rank] = a
+                        layer.lora_b_stacked[i][slot, 0, :, :rank] = b
+        for mine, theirs in zip((*zoo.lora_a_stacked, *zoo.lora_b_stacked),
+                                (*expected.lora_a_stacked, *expected.lora_b_stacked), strict=True):
+            assert torch.equal(mine, theirs)
+        for a, b in zip(zoo.lora_a_stacked, zoo.lora_b_stacked, strict=True):
+            assert torch.equal(fast_lora._slot_ranks(a), fast_lora._ranks_of(a))
+            assert torch.equal(fast_lora._b_by_rank(b, 8), b[:, 0].transpose(1, 2))

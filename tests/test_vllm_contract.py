@@ -29,7 +29,8 @@ def test_the_plugin_is_registered_for_vllm():
 
 @pytest.mark.parametrize("patch", [plugin.LORA_DEVICE, plugin.FAST_LORA, plugin.FIRST_USE,
                                    plugin.WEIGHT_REPORT, plugin.LORA_INFO,
-                                   plugin.SMOOTHED_LORA], ids=lambda p: p.name)
+                                   plugin.SMOOTHED_LORA, plugin.LOADED_LOOKUP],
+                         ids=lambda p: p.name)
 def test_every_patch_applies_to_the_pinned_vllm(patch):
     """Each patch's own checks (version, platform, signatures) pass on this vLLM."""
     assert patches._refusal(patch) is None, feature(f"{patch.name} patch ({patch.why})")
@@ -57,6 +58,14 @@ def test_a_patch_whose_checks_fail_stays_off_with_one_line(caplog):
                               snippets=("self.", "zoo-never-wrote-this"))
     assert source() == "vllm.v1.engine.core.EngineCore.add_request no longer has " \
                        "zoo-never-wrote-this"
+    reset = ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA", "reset_lora")
+    same = "# vLLM's, laid out otherwise\nself.lora_a_stacked[index] = 0\n" \
+           "self.lora_b_stacked[ index ] = (0)"
+    assert patches.body_is(*reset, body=same)() is None
+    for other in ("self.lora_a_stacked[index] = 0",  # less
+                  same + "\nself.lora_bias_stacked[index] = 0",  # more
+                  "self.lora_b_stacked[index] = 0\nself.lora_a_stacked[index] = 0"):  # order
+        assert "does more or other than" in patches.body_is(*reset, body=other)()
     original = patches.on_cpu
     try:
         patches.on_cpu = lambda: False  # as on a GPU build: CPU-only patches never apply
@@ -239,3 +248,76 @@ def test_every_generating_route_takes_the_cache_salt():
     from vllm.engine.arg_utils import EngineArgs
 
     assert "scheduler_cls" in inspect.signature(EngineArgs).parameters, feature("fair scheduler")
+
+
+def test_a_loaded_adapter_is_found_without_copying_the_cache():
+    """With zoo's loaded_lookup patch, the worker's add_adapter does what vLLM's does
+    (the same calls on its adapter manager, the same answer) for adapters loaded or not,
+    without list_adapters() for one already loaded."""
+    from vllm.lora.model_manager import LRUCacheLoRAModelManager
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+    from vllm.utils.cache import LRUCache
+
+    class Manager(LRUCacheLoRAModelManager):  # the calls add_adapter makes on it, logged
+        capacity = 3
+
+        def __init__(self, log):
+            self._registered_adapters, self.log = LRUCache(10), log
+
+        def __len__(self):
+            return len(self._registered_adapters)
+
+        def list_adapters(self):
+            self.log.append("list")
+            return dict(self._registered_adapters)
+
+        def get_adapter(self, lora_id):
+            self.log.append(("get", lora_id))
+            return self._registered_adapters.get(lora_id)
+
+        def activate_adapter(self, lora_id):
+            self.log.append(("activate", lora_id))
+
+        def remove_adapter(self, lora_id):
+            self.log.append(("remove", lora_id))
+            self._registered_adapters.pop(lora_id, None)
+
+        def remove_oldest_adapter(self):
+            self.log.append("remove oldest")
+            self._registered_adapters.remove_oldest()
+
+        def add_adapter(self, lora):
+            self.log.append(("add", lora.id))
+            self._registered_adapters[lora.id] = lora
+            return True
+
+    class Worker:
+        def __init__(self):
+            self.log = []
+            self._adapter_manager = Manager(self.log)
+
+        def list_adapters(self):
+            return set(self._adapter_manager.list_adapters())
+
+        def _load_adapter(self, request):
+            self.log.append(("load", request.lora_int_id))
+            return type("Lora", (), {"id": request.lora_int_id})()
+
+    requests = [LoRARequest(f"a{i}", i, "/nowhere") for i in (1, 2, 1, 2, 3, 4, 1, 4, 3)]
+    requests.append(LoRARequest("a1", 1, "/nowhere", load_inplace=True))
+    vllms, zoos = Worker(), Worker()
+    before = LRUCacheWorkerLoRAManager.add_adapter  # zoo's, if an earlier test installed it
+    original = LRUCacheWorkerLoRAManager.add_adapter = inspect.unwrap(before)
+    answers = [original(vllms, r) for r in requests]
+    report = patches.install([plugin.LOADED_LOOKUP])
+    try:
+        assert report.applied == ["loaded_lookup"]
+        assert [LRUCacheWorkerLoRAManager.add_adapter(zoos, r) for r in requests] == answers
+    finally:
+        LRUCacheWorkerLoRAManager.add_adapter = before
+    assert [c for c in vllms.log if c != "list"] == [c for c in zoos.log if c != "list"]
+    # vLLM lists the cache for each request; zoo only where vLLM's own add_adapter runs
+    loads = [c[1] for c in zoos.log if c[0] == "load"]
+    assert loads == [1, 2, 3, 4, 1, 1]  # 1 evicted by 4, back, then reloaded in place
+    assert vllms.log.count("list") == 10 and zoos.log.count("list") == 6

@@ -372,44 +372,67 @@ def _valid_slots(indices: torch.Tensor, slots: int) -> bool:
 
 
 def track_slot_writes() -> None:
-    """Record which slot vLLM writes: every LoRA layer's ``set_lora`` (load) starts with
-    ``reset_lora(index)``, as does an eviction or the activation of an adapter that does
-    not train that layer, so marking the index there lets the per-slot caches below redo
-    one slot instead of the whole stack (the lm_head's stack alone is 64 slots x vocab x
-    rank: 200 MB for SmolLM2)."""
+    """Take over the LoRA layers' ``reset_lora(index)``, which vLLM calls for every layer
+    whenever an adapter enters a slot (``set_lora`` starts with it; a layer the adapter
+    does not train gets it alone) and which zeroes that slot of every stack. zoo's
+    version zeroes the same slots, except one that zoo zeroed and nothing has written to
+    since (the stack's version counter has not moved): a q/v adapter entering a slot
+    another q/v adapter left costs the q and v stacks, not all 14 of a layer, and the
+    stacks it leaves alone keep every per-slot value below. It also marks the slot on
+    each stack, so that those values (each slot's rank, B rank-major: the lm_head's stack
+    alone is slots x vocab x rank, 200 MB for SmolLM2 at 64 slots) redo that slot only."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 
-    for layer_class in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA):
-        _track(layer_class)
+    for layer_class in (BaseLinearLayerWithLoRA, LogitsProcessorWithLoRA,
+                        VocabParallelEmbeddingWithLoRA):
+        original = layer_class.reset_lora
+        if not getattr(original, "_zoo_tracks", False):
+            def reset_lora(self, index: int) -> None:
+                _reset_slot(self, index)
+
+            reset_lora.__wrapped__ = original  # what the patch's checks read, here as anywhere
+            reset_lora._zoo_tracks = True
+            layer_class.reset_lora = reset_lora
 
 
-def _track(layer_class) -> None:
-    original = layer_class.reset_lora
-    if getattr(original, "_zoo_tracks", False):
+def _reset_slot(layer, index: int) -> None:
+    stacks = (layer.lora_a_stacked, layer.lora_b_stacked)
+    for stacked in (t for s in stacks for t in (s if isinstance(s, (tuple, list)) else (s,))):
+        for dirty in getattr(stacked, "_zoo_dirty", {}).values():
+            dirty.add(index)  # a copy into the slot may follow
+        _zero_slot(stacked, index)
+
+
+def _zero_slot(stacked: torch.Tensor, index: int) -> None:
+    """``stacked[index] = 0``, skipped when zoo zeroed that slot and the stack has not been
+    written to since (``_zoo_clean``: the stack's version after zoo's last zeroing, and
+    the slots zeroed since a write zoo did not make)."""
+    version, clean = getattr(stacked, "_zoo_clean", (None, None))
+    if version != stacked._version:
+        clean = set()
+    elif index in clean:
         return
-
-    def reset_lora(self, index: int):
-        stacks = (self.lora_a_stacked, self.lora_b_stacked)
-        for stacked in (t for s in stacks for t in (s if isinstance(s, (tuple, list)) else (s,))):
-            for dirty in getattr(stacked, "_zoo_dirty", {}).values():
-                dirty.add(index)
-        return original(self, index)
-
-    reset_lora._zoo_tracks = True
-    layer_class.reset_lora = reset_lora
+    stacked[index] = 0
+    clean.add(index)
+    stacked._zoo_clean = (stacked._version, clean)
 
 
 def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
     """A per-slot value derived from a stacked weight tensor, kept on the tensor. When vLLM
     wrote into it (its ``_version`` moved), only the slots marked by ``reset_lora`` (each
-    value has its own marks) are recomputed; a write zoo did not see, or a new ``key``
-    (the value's shape), recomputes every slot."""
+    value has its own marks) are recomputed: vLLM writes a slot only after resetting it
+    (``set_lora``). A write with no mark pending, or a new ``key`` (the value's shape),
+    recomputes every slot; marks are dropped while nothing was written (a reset zoo
+    skipped), so a later write without marks is never taken for theirs."""
     if not hasattr(stacked, "_zoo_dirty"):
         stacked._zoo_dirty = {}
     cached = getattr(stacked, name, None)
     dirty = stacked._zoo_dirty.get(name)
     if cached is not None and cached[2] == key and cached[0] == stacked._version:
+        if dirty:
+            dirty.clear()
         return cached[1]
     if cached is not None and cached[2] == key and dirty:
         value = cached[1]

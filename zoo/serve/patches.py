@@ -144,3 +144,28 @@ def mentions(module: str, *path: str, snippets: tuple[str, ...]) -> Check:
             return f"{module}.{'.'.join(path)} no longer has {', '.join(absent)}"
         return None
     return check
+
+
+def body_is(module: str, *path: str, body: str) -> Check:
+    """The function ``module.path`` does exactly ``body`` (its statements, compared as
+    syntax trees: comments, docstrings and layout aside). For a patch that does a
+    function's work itself, and must not when upstream adds to it."""
+    import ast
+    import textwrap
+
+    def statements(source: str) -> list[str]:
+        nodes = ast.parse(textwrap.dedent(source)).body
+        if len(nodes) == 1 and isinstance(nodes[0], ast.FunctionDef):
+            nodes = nodes[0].body
+        if nodes and isinstance(nodes[0], ast.Expr) and isinstance(nodes[0].value, ast.Constant):
+            nodes = nodes[1:]  # the docstring
+        return [ast.dump(node) for node in nodes]
+
+    def check() -> str | None:
+        obj, missing = _lookup(module, path)
+        if missing:
+            return missing
+        if statements(inspect.getsource(obj)) != statements(body):
+            return f"{module}.{'.'.join(path)} does more or other than: {' '.join(body.split())}"
+        return None
+    return check

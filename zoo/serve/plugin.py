@@ -26,7 +26,7 @@ import logging
 import os
 from pathlib import Path
 
-from zoo.serve.patches import Patch, Report, has, install, mentions, parameters
+from zoo.serve.patches import Patch, Report, body_is, has, install, mentions, parameters
 from zoo.serve.policy import MODEL_VARIABLE
 
 SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
@@ -58,7 +58,7 @@ def register() -> None:
 
 def zoo_patches() -> list[Patch]:
     """The patches this process should have, by the environment zoo serve set."""
-    patches = [LORA_DEVICE]
+    patches = [LORA_DEVICE, LOADED_LOOKUP]
     if os.environ.get(FAST_LORA_VARIABLE, "1") != "0":
         patches.append(FAST_LORA)
     if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
@@ -122,6 +122,17 @@ def _use_fast_lora() -> None:
 
 
 _PUNICA = "vllm.lora.punica_wrapper.punica_cpu"
+_RESET_LORA = (("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA"),
+               ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA"),
+               ("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA"))
+_ONE_STACK_RESET = "self.lora_a_stacked[index] = 0\nself.lora_b_stacked[index] = 0"
+_RESET_BODY = {
+    "BaseLinearLayerWithLoRA": "for s_index in range(self.n_slices):\n"
+                               "    self.lora_a_stacked[s_index][index] = 0\n"
+                               "    self.lora_b_stacked[s_index][index] = 0",
+    "LogitsProcessorWithLoRA": _ONE_STACK_RESET,
+    "VocabParallelEmbeddingWithLoRA": _ONE_STACK_RESET,
+}
 FAST_LORA = Patch(
     name="fast_lora", cpu_only=True, apply=_use_fast_lora,
     why="vLLM's CPU punica ops run every token through every slot at --max-lora-rank on "
@@ -140,10 +151,11 @@ FAST_LORA = Patch(
                    names=("mapping", "lora_index_to_id", "max_loras", "vocab_size")),
         has(_PUNICA, "PunicaWrapperCPU", "token_lora_indices"),
         has(_PUNICA, "PunicaWrapperCPU", "sampler_indices"),
-        parameters("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA", "reset_lora",
-                   names=("index",), exact=True),
-        parameters("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA",
-                   "reset_lora", names=("index",), exact=True),
+        # zoo's reset_lora does what these do (zero the slot of each stack), skipping
+        # slots it knows are zero: it must stay off if they ever do more
+        *(check for module, layer in _RESET_LORA for check in (
+            parameters(module, layer, "reset_lora", names=("index",), exact=True),
+            body_is(module, layer, "reset_lora", body=_RESET_BODY[layer]))),
     ))
 
 
@@ -225,6 +237,62 @@ FIRST_USE = Patch(
             f"self.{a}" for a in ("lora_requests", "lora_resolver_lock", "lora_resolvers",
                                   "lora_id_counter", "engine_client", "model_config"))),
         has("vllm.lora.request", "LoRARequest", "lora_int_id"),
+    ))
+
+
+def _look_up_loaded_adapters_in_place() -> None:
+    """vLLM's worker asks ``lora_int_id not in self.list_adapters()`` for every adapter of
+    every step: a copy of the dict of every adapter kept loaded (up to --max-cpu-loras),
+    twice. For an adapter already loaded (the question's common answer) zoo asks the
+    cache itself and does what vLLM does then: look it up (touching nothing) and
+    activate it. Anything else goes to vLLM's own ``add_adapter``."""
+    from vllm.lora import worker_manager
+
+    cls = worker_manager.LRUCacheWorkerLoRAManager
+    original = cls.add_adapter
+    if getattr(original, "_zoo_in_place", False):
+        return
+
+    def add_adapter(self, lora_request):
+        manager = self._adapter_manager
+        lora_id = lora_request.lora_int_id
+        if lora_request.load_inplace or lora_id not in manager._registered_adapters:
+            return original(self, lora_request)
+        with worker_manager.gpu_sync_allowed():
+            loaded = manager.get_adapter(lora_id) is not None
+            manager.activate_adapter(lora_id)
+        return loaded
+
+    add_adapter._zoo_in_place = True
+    add_adapter.__wrapped__ = original  # what the checks read if the plugin loads again
+    cls.add_adapter = add_adapter
+
+
+_WORKER_MANAGER = "vllm.lora.worker_manager"
+LOADED_LOOKUP = Patch(
+    name="loaded_lookup", apply=_look_up_loaded_adapters_in_place,
+    why="the worker copies the dict of every loaded adapter (up to --max-cpu-loras) twice "
+        "for each adapter of each step to ask whether it is loaded: 2.5% of the worker "
+        "with 256 adapters in flight",
+    retire_when="LRUCacheWorkerLoRAManager.add_adapter tests membership without "
+                "list_adapters()",
+    checks=(
+        parameters(_WORKER_MANAGER, "LRUCacheWorkerLoRAManager", "add_adapter",
+                   names=("lora_request",), exact=True),
+        mentions(_WORKER_MANAGER, "LRUCacheWorkerLoRAManager", "add_adapter", snippets=(
+            "lora_request.lora_int_id not in self.list_adapters()",
+            "or lora_request.load_inplace",
+            "loaded = (\n                    self._adapter_manager.get_adapter("
+            "lora_request.lora_int_id)\n                    is not None",
+            "self._adapter_manager.activate_adapter(lora_request.lora_int_id)\n"
+            "        return loaded")),
+        has(_WORKER_MANAGER, "gpu_sync_allowed"),
+        mentions(_WORKER_MANAGER, "WorkerLoRAManager", "list_adapters",
+                 snippets=("set(self._adapter_manager.list_adapters())",)),
+        mentions("vllm.lora.model_manager", "LRUCacheLoRAModelManager", "list_adapters",
+                 snippets=("self._registered_adapters",)),
+        mentions("vllm.lora.model_manager", "LRUCacheLoRAModelManager", "get_adapter",
+                 snippets=("self._registered_adapters.get(adapter_id)",)),
     ))
 
 
