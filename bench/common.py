@@ -59,6 +59,24 @@ def worktree(commit: str) -> Path:
     return tree
 
 
+def previous_zoo_env(commit: str) -> tuple[dict[str, str], Path]:
+    """What makes a child process import zoo from ``commit``'s worktree: the variables to
+    add and the directory to start it in. Both: ``python -m`` and ``-c`` put the working
+    directory on sys.path before PYTHONPATH, so a child started in this repository's root
+    imports this tree's zoo whatever PYTHONPATH says (and vLLM's processes inherit its
+    sys.path). Checked here by asking such a child where zoo is."""
+    import subprocess
+
+    tree = worktree(commit)
+    variables = {"PYTHONPATH": str(tree)}
+    found = subprocess.run([sys.executable, "-c", "import zoo; print(zoo.__file__)"],
+                           env={**os.environ, **variables}, cwd=tree, capture_output=True,
+                           text=True, check=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"zoo at {commit} would import {found}, not its worktree {tree}")
+    return variables, tree
+
+
 @contextmanager
 def timed():
     box = {}

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BASE, bench_home, save, scratch_home, table, worktree, write_random_lora
+from common import BASE, bench_home, previous_zoo_env, save, scratch_home, table, write_random_lora
 
 CHUNK = 500  # adapters written and registered at a time (zoo add copies them into the home)
 
@@ -142,17 +142,19 @@ async def cycle(url: str, names: list[str], batch: int, every: int, read, log) -
     return readings
 
 
-def variant_env(variant: str, before: str) -> dict:
+def variant_env(variant: str, before: str) -> tuple[dict, Path | None]:
+    """The variables a variant's server runs with, and the directory it starts in."""
     if variant == "zoo":
-        return {}
+        return {}, None
     if variant == "vllm-lora-info":
-        return {"ZOO_LORA_INFO": "0"}
+        return {"ZOO_LORA_INFO": "0"}, None
     if variant == "before":
-        return {"PYTHONPATH": str(worktree(before))}
+        return previous_zoo_env(before)
     raise SystemExit(f"unknown variant {variant}")
 
 
-def serve_and_cycle(home: Path, names: list[str], env: dict, args, log) -> list[dict]:
+def serve_and_cycle(home: Path, names: list[str], env: dict, args, log,
+                    cwd: Path | None = None) -> list[dict]:
     from zoo.serve.launch import free_port, stop, wait_healthy
 
     shutil.rmtree(home / "cache" / "smoothed", ignore_errors=True)
@@ -162,7 +164,7 @@ def serve_and_cycle(home: Path, names: list[str], env: dict, args, log) -> list[
             "--port", str(port)]
     with open(server_log, "wb") as out:
         serving = subprocess.Popen(argv, env={**os.environ, "ZOO_HOME": str(home), **env},
-                                   stdout=out, stderr=subprocess.STDOUT)
+                                   cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", serving, server_log, 1800, "zoo serve")
 
@@ -224,8 +226,8 @@ def main() -> None:
     kept_loaded, rows, results = 256, [], {}
     for variant in args.variants.split(","):
         log(f"{variant}: cycling {len(names)} adapters")
-        env = variant_env(variant, args.before)
-        readings = results[variant] = serve_and_cycle(home, names, env, args, log)
+        env, cwd = variant_env(variant, args.before)
+        readings = results[variant] = serve_and_cycle(home, names, env, args, log, cwd)
         warm = next(r for r in readings if r["adapters"] >= 2 * kept_loaded)
         last = readings[-1]
         log(f"{variant}: {last['adapters']} adapters in {last['seconds']:.0f} s, "

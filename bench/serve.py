@@ -39,7 +39,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import BASE, ROOT, bench_home, save, table, worktree, write_random_lora
+from common import BASE, ROOT, bench_home, previous_zoo_env, save, table, write_random_lora
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 CURVE = (1, 8, 32, 64, 128)
@@ -181,13 +181,13 @@ def previous_zoo(commit: str, home: Path, log):
     """``zoo serve --multi-lora`` of an earlier commit, on this home, with its defaults."""
     from zoo.serve.launch import free_port
 
-    tree = worktree(commit)
+    variables, tree = previous_zoo_env(commit)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tree), "ZOO_HOME": str(home), "ZOO_FAST_LORA": "1"}
+    env = {**os.environ, **variables, "ZOO_HOME": str(home), "ZOO_FAST_LORA": "1"}
     log_file = open(home / "previous-vllm.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "zoo", "serve", "--multi-lora", "--port",
-                             str(port)], env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                             str(port)], env=env, cwd=tree, stdout=log_file,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(900):

@@ -115,7 +115,8 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         parts, part_ranks, offset = [], [], 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             ranks = _slot_ranks(a)
-            rank, slot_rank = int(ranks.index_select(0, self._step_slots).max()), int(ranks.max())
+            slot_rank = int(ranks.max())  # 0: no adapter in any slot trains this slice
+            rank = slot_rank and int(ranks.index_select(0, self._step_slots).max())
             width = min(size, b.shape[2], y_width - offset)
             if rank and width > 0:
                 parts.append((a[:, 0, :rank], _b_by_rank(b, slot_rank)[:, :rank, :width], offset))

@@ -8,7 +8,8 @@ vLLM calls :func:`register` in every process it starts. It
 * applies zoo's guarded patches (``patches.py``; each checks the vLLM version, the
   platform and the signatures it relies on, and stays off with one log line when they
   differ): the grouped CPU LoRA path (``fast_lora.py``; ``ZOO_FAST_LORA=0`` keeps vLLM's
-  own), the LoRA device lookup on layers whose kernel released ``weight`` (the CPU
+  own), the worker's lookup of an adapter it has loaded without copying its cache, the
+  LoRA device lookup on layers whose kernel released ``weight`` (the CPU
   int8 W8A8 kernel sets it to None), a cold adapter served one step sooner
   (``first_use.py``; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way), and the report of
   what the loaded weights cost (``$ZOO_SERVE_STATE/weights.json``, ``/zoo/engine``);
