@@ -98,13 +98,15 @@ def adapt_tensors(tensors: dict, scales: dict) -> dict:
                   "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
                   "o_proj": "v_out"}.get(leaf)
         row = {"v_proj": "v_out", "up_proj": "down_in"}.get(leaf)
-        scaled = value.float()
         if role == "A" and column:
             s = scales[f"layers.{i}.{column}"]
             if leaf == "o_proj":  # o reads every query head; s_v is per key/value head
                 s = s.view(kv_heads, 1, -1).expand(kv_heads, group, -1).flatten()
-            scaled = scaled * s[None, :]
+            scaled = value.float() * s[None, :]
         elif role == "B" and row:
-            scaled = scaled / scales[f"layers.{i}.{row}"][:, None]
+            scaled = value.float() / scales[f"layers.{i}.{row}"][:, None]
+        else:
+            adapted[key] = value  # B of a projection whose output is not rescaled
+            continue
         adapted[key] = scaled.to(value.dtype).contiguous()
     return adapted
