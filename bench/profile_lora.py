@@ -1,7 +1,7 @@
 """Where a multi-LoRA decode step spends its time: py-spy on the vLLM worker.
 
 Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--concurrency 64] [--seconds 20]
-                                             [--fast 1|0] [--raw FILE]
+                                             [--max-loras N] [--fast 1|0] [--raw FILE]
 
 Starts zoo serve (int8 base) with N rank-8 adapters (q and v unless --targets),
 keeps --concurrency requests spread over them running (the base's with --adapters 0), samples the engine's
@@ -54,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-loras", type=int, default=None,
+                        help="Adapters per batch (LoRA slots); default: zoo serve's.")
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--raw", type=Path, default=None,
                         help="Keep py-spy's raw samples here (default: the bench home).")
@@ -81,7 +83,7 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         add(write_random_lora(folder, home / "bases" / BASE, seed=i, targets=targets), name,
             BASE, registry=registry)
-    options = ServeOptions(base=BASE, port=free_port())
+    options = ServeOptions(base=BASE, port=free_port(), max_loras=args.max_loras)
     with running_server(options, registry) as server:
         concurrency = args.concurrency
         models = ([names[i % len(names)] for i in range(concurrency)] if names

@@ -283,10 +283,8 @@ LOADED_LOOKUP = Patch(
         mentions(_WORKER_MANAGER, "LRUCacheWorkerLoRAManager", "add_adapter", snippets=(
             "lora_request.lora_int_id not in self.list_adapters()",
             "or lora_request.load_inplace",
-            "loaded = (\n                    self._adapter_manager.get_adapter("
-            "lora_request.lora_int_id)\n                    is not None",
-            "self._adapter_manager.activate_adapter(lora_request.lora_int_id)\n"
-            "        return loaded")),
+            "self._adapter_manager.get_adapter(lora_request.lora_int_id)",
+            "self._adapter_manager.activate_adapter(lora_request.lora_int_id)")),
         has(_WORKER_MANAGER, "gpu_sync_allowed"),
         mentions(_WORKER_MANAGER, "WorkerLoRAManager", "list_adapters",
                  snippets=("set(self._adapter_manager.list_adapters())",)),
