@@ -4,9 +4,9 @@ Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--concurrency 64] [-
                                              [--max-loras N] [--fast 1|0] [--raw FILE]
 
 Starts zoo serve (int8 base) with N rank-8 adapters (q and v unless --targets),
-keeps --concurrency requests spread over them running (the base's with --adapters 0), samples the engine's
-worker with py-spy and prints the functions with the largest share of samples
-(inclusive). ``--fast 0`` profiles vLLM's own LoRA path instead of zoo's.
+keeps --concurrency requests spread over them running (the base's with --adapters 0),
+samples the engine's worker with py-spy and prints the functions with the largest share
+of samples (inclusive). ``--fast 0`` profiles vLLM's own LoRA path instead of zoo's.
 """
 
 from __future__ import annotations

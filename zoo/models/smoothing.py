@@ -106,7 +106,7 @@ def adapt_tensors(tensors: dict, scales: dict) -> dict:
         elif role == "B" and row:
             scaled = value.float() / scales[f"layers.{i}.{row}"][:, None]
         else:
-            adapted[key] = value  # B of a projection whose output is not rescaled
+            adapted[key] = value  # a tensor the smoothed base does not rescale
             continue
         adapted[key] = scaled.to(value.dtype).contiguous()
     return adapted

@@ -154,7 +154,7 @@ def kernel() -> Kernel | None:
         return Kernel(_built())
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("zoo: the native LoRA kernel is not available (%s); running the "
-                       "decode step's LoRA in PyTorch, which is slower", exc)
+                       "steps' LoRA in PyTorch, which is slower", exc)
         return None
 
 

@@ -123,17 +123,17 @@ def _use_fast_lora() -> None:
 
 
 _PUNICA = "vllm.lora.punica_wrapper.punica_cpu"
-_RESET_LORA = (("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA"),
-               ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA"),
-               ("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA"))
 _ONE_STACK_RESET = "self.lora_a_stacked[index] = 0\nself.lora_b_stacked[index] = 0"
-_RESET_BODY = {
-    "BaseLinearLayerWithLoRA": "for s_index in range(self.n_slices):\n"
-                               "    self.lora_a_stacked[s_index][index] = 0\n"
-                               "    self.lora_b_stacked[s_index][index] = 0",
-    "LogitsProcessorWithLoRA": _ONE_STACK_RESET,
-    "VocabParallelEmbeddingWithLoRA": _ONE_STACK_RESET,
-}
+# (module, LoRA layer class, the body of its reset_lora that zoo's does instead)
+_RESET_LORA = (
+    ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA",
+     "for s_index in range(self.n_slices):\n"
+     "    self.lora_a_stacked[s_index][index] = 0\n"
+     "    self.lora_b_stacked[s_index][index] = 0"),
+    ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA", _ONE_STACK_RESET),
+    ("vllm.lora.layers.vocab_parallel_embedding", "VocabParallelEmbeddingWithLoRA",
+     _ONE_STACK_RESET),
+)
 FAST_LORA = Patch(
     name="fast_lora", cpu_only=True, apply=_use_fast_lora,
     why="vLLM's CPU punica ops run every token through every slot at --max-lora-rank on "
@@ -154,9 +154,9 @@ FAST_LORA = Patch(
         has(_PUNICA, "PunicaWrapperCPU", "sampler_indices"),
         # zoo's reset_lora does what these do (zero the slot of each stack), skipping
         # slots it knows are zero: it must stay off if they ever do more
-        *(check for module, layer in _RESET_LORA for check in (
+        *(check for module, layer, body in _RESET_LORA for check in (
             parameters(module, layer, "reset_lora", names=("index",), exact=True),
-            body_is(module, layer, "reset_lora", body=_RESET_BODY[layer]))),
+            body_is(module, layer, "reset_lora", body=body))),
     ))
 
 
