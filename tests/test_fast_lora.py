@@ -334,22 +334,28 @@ def test_reset_lora_skips_only_slots_it_knows_are_zero(ops):
     """zoo's reset_lora leaves the stacks exactly as vLLM's (every slice of the slot
     zeroed) after any sequence of adapters entering slots (reset, then a copy into the
     slices they train, at their rank), resets, and writes zoo does not see; it writes
-    nothing when the slot is known to be zero; the per-slot values stay those of the
-    stacks."""
+    nothing when the slot is known to be zero (every slot of a stack made of zero pages,
+    at first); the per-slot values stay those of the stacks."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     from zoo.serve import fast_lora
+    from zoo.serve.zero_pages import zero_pages
 
     fast_lora.track_slot_writes()
 
     class Layer:
         n_slices = 3
 
-        def __init__(self):
-            self.lora_a_stacked = tuple(torch.zeros(6, 1, 8, 5) for _ in range(3))
-            self.lora_b_stacked = tuple(torch.zeros(6, 1, 4, 8) for _ in range(3))
+        def __init__(self, zeros=torch.zeros):
+            self.lora_a_stacked = tuple(zeros((6, 1, 8, 5)) for _ in range(3))
+            self.lora_b_stacked = tuple(zeros((6, 1, 4, 8)) for _ in range(3))
 
-    zoo, expected = Layer(), Layer()
+    def known_zero_pages(shape):  # as zoo's zero_page_slots patch makes vLLM's stacks
+        stacked = zero_pages(shape, torch.float32)
+        fast_lora.mark_zero(stacked)
+        return stacked
+
+    zoo, expected = Layer(known_zero_pages), Layer()
     g = torch.Generator().manual_seed(0)
     for op in ops:
         slot = op[1]

@@ -10,7 +10,9 @@ from zoo.catalog.registry import Registry
 from zoo.serve.launch import (
     DEFAULT_MAX_LORAS,
     LISTED_ADAPTERS,
+    MAX_CPU_LORAS,
     ServeOptions,
+    default_cpu_loras,
     default_max_loras,
     describe,
     lora_slot_bytes,
@@ -34,7 +36,7 @@ def test_planning_a_large_catalog_hashes_no_adapter_and_sizes_the_batch(models, 
     plan = plan_serve(options, Registry(zoo_home))
     assert not [p for p in hashed if "/adapters/" in str(p)]  # a stat each, no hashing
     assert len(plan.adapters) == LISTED_ADAPTERS + 10
-    assert plan.max_loras == DEFAULT_MAX_LORAS and plan.max_cpu_loras == 4 * DEFAULT_MAX_LORAS
+    assert plan.max_loras == DEFAULT_MAX_LORAS and plan.max_cpu_loras == MAX_CPU_LORAS
     argv = " ".join(plan.argv)
     assert f"--max-loras {DEFAULT_MAX_LORAS}" in argv and "--lora-modules" not in argv
     lines = describe(plan, options)
@@ -44,14 +46,28 @@ def test_planning_a_large_catalog_hashes_no_adapter_and_sizes_the_batch(models, 
 
 def test_the_batch_shrinks_when_slots_would_not_fit(models, monkeypatch):
     per_slot = lora_slot_bytes(models.llama, 16, "float32")
-    # the tiny Llama (hidden 32, 2 of 4 heads for k/v, intermediate 64), 2 layers:
-    # q 32+32, k 32+16, v 32+16, o 32+32, gate 32+64, up 32+64, down 64+32 in vLLM's
-    # stack, plus the outputs (B: 32, 16, 16, 32, 64, 64, 32) in zoo's copy; x rank 16 x 4 B
-    assert per_slot == 2 * ((64 + 48 + 48 + 64 + 96 + 96 + 96) + 256) * 16 * 4
+    # the tiny Llama (hidden 32, 2 of 4 heads for k/v, intermediate 64, vocab 128), 2
+    # layers: q 32+32, k 32+16, v 32+16, o 32+32, gate 32+64, up 32+64, down 64+32 in
+    # vLLM's stack, plus the outputs (B: 32, 16, 16, 32, 64, 64, 32) in zoo's copy; the
+    # embeddings' and the lm_head's 128+32 each, and the lm_head's 128 in zoo's copy;
+    # x rank 16 x 4 B
+    assert per_slot == (2 * ((64 + 48 + 48 + 64 + 96 + 96 + 96) + 256) +
+                        2 * (128 + 32) + 128) * 16 * 4
     assert lora_slot_bytes(models.llama, 16, "bfloat16") == per_slot // 2
-    monkeypatch.setattr("os.sysconf", lambda name: {"SC_PAGE_SIZE": 1,
-                                                    "SC_PHYS_PAGES": 20 * 5 * per_slot}[name])
-    assert default_max_loras(models.llama, 16, "float32") == 15
+    qv = lora_slot_bytes(models.llama, 16, "float32", {"q_proj", "v_proj"})
+    assert qv == 2 * ((64 + 32) + (48 + 16)) * 16 * 4
+
+    def machine(memory):
+        monkeypatch.setattr("os.sysconf", lambda name: {"SC_PAGE_SIZE": 1,
+                                                        "SC_PHYS_PAGES": memory}[name])
+    machine(20 * 5 * per_slot)
+    assert default_max_loras(models.llama, 16, "float32") == 15  # 15% of it
+    # q and v slots in 15% of it: 15 * per_slot / qv; every projection in 25%: 25
+    assert default_max_loras(models.llama, 16, "float32", {"q_proj", "v_proj"}) == 25
+    machine(10**12)
+    assert default_max_loras(models.llama, 16, "float32") == DEFAULT_MAX_LORAS
+    assert default_cpu_loras(8) == 32 and default_cpu_loras(DEFAULT_MAX_LORAS) == \
+        MAX_CPU_LORAS and default_cpu_loras(MAX_CPU_LORAS * 2) == MAX_CPU_LORAS * 2
 
 
 def test_replicas_split_the_cores_and_the_kv_memory(monkeypatch):

@@ -228,12 +228,13 @@ def test_hot_add_and_remove(served, lora_maker):
 
 
 def test_adapter_broken_while_serving_is_refused_and_others_keep_serving(served):
+    base_answer = answer(served, BASE)
     assert answer(served, "acme/broken-later")
     corrupt(served.home / "adapters/acme/broken-later/adapter_model.safetensors")
     with pytest.raises(openai.UnprocessableEntityError) as err:
         answer(served, "acme/broken-later")
     assert "files changed" in str(err.value) and "adapter_model.safetensors" in str(err.value)
-    assert "Paris" in answer(served, BASE)
+    assert answer(served, BASE) == base_answer
     assert answer(served, "acme/a")
 
 
@@ -243,6 +244,7 @@ def test_an_adapter_the_engine_cannot_load_fails_its_request_only(served, lora_m
     name is tried afresh next time."""
     import dataclasses
 
+    base_answer = answer(served, BASE)
     registry = Registry(served.home)
     add(lora_maker("dora-forced", 9, use_dora=True), "ops/dora-forced", BASE, registry=registry)
     with registry.edit() as catalog:  # as if zoo misjudged it: vLLM refuses DoRA
@@ -252,7 +254,7 @@ def test_an_adapter_the_engine_cannot_load_fails_its_request_only(served, lora_m
     for _ in range(2):
         with pytest.raises(openai.InternalServerError):
             answer(served, "ops/dora-forced")
-    assert "Paris" in answer(served, BASE)
+    assert answer(served, BASE) == base_answer
     assert answer(served, "acme/a") == answer(served, "acme/a")
     log = served.log.read_text()
     assert "adapter 'ops/dora-forced:v1' could not be loaded" in log and "DoRA" in log

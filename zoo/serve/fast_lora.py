@@ -420,6 +420,11 @@ def _zero_slot(stacked: torch.Tensor, index: int) -> None:
     stacked._zoo_clean = (stacked._version, clean)
 
 
+def mark_zero(stacked: torch.Tensor) -> None:
+    """Tell ``reset_lora`` that every slot of ``stacked`` (slots first) is zero now."""
+    stacked._zoo_clean = (stacked._version, set(range(stacked.shape[0])))
+
+
 def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
     """A per-slot value derived from a stacked weight tensor, kept on the tensor. When vLLM
     wrote into it (its ``_version`` moved), only the slots marked by ``reset_lora`` (each
@@ -471,6 +476,7 @@ def _slots_with_weights(stacked: torch.Tensor) -> frozenset[int]:
     """Adapter slots whose weights are not all zero (only the slots vLLM wrote are
     looked at again)."""
     def nonzero(t: torch.Tensor) -> torch.Tensor:
-        return t.flatten(1).abs().amax(dim=1) > 0
+        low, high = t.flatten(1).aminmax(dim=1)  # no temporary the stack's size
+        return (low != 0) | (high != 0)
     live = _per_slot(stacked, "_zoo_live_slots", nonzero)
     return frozenset(int(i) for i in torch.nonzero(live).flatten())

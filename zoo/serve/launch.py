@@ -49,15 +49,22 @@ MIN_KV_GIB = 1
 # vLLM's scheduler with a fair queue between tenants (zoo/serve/fair.py)
 FAIR_SCHEDULER = "zoo.serve.fair.FairScheduler"
 FAIR_ASYNC_SCHEDULER = "zoo.serve.fair.FairAsyncScheduler"
-# Adapters in one batch by default: as many as vLLM's CPU server runs sequences at once
-# (128), so that every running request may have an adapter of its own, when the LoRA
-# slots (vLLM stacks every slot at --max-lora-rank on every projection; zoo's LoRA path
-# keeps a copy of B, rank-major) fit in LORA_MEMORY_SHARE of the
-# machine's memory; fewer when they do not.
-DEFAULT_MAX_LORAS = 128
+# Adapters in one batch by default: twice as many as vLLM's CPU server runs sequences at
+# once (128), so that every running request may have an adapter of its own and the
+# requests waiting behind them find theirs still in a slot. vLLM stacks every slot at
+# --max-lora-rank on every projection it can adapt; zoo allocates those stacks as pages
+# committed when written (zero_pages.py), so a slot costs what adapters write into it,
+# and zoo's LoRA path keeps a copy of B, rank-major. The default is fewer when the slots
+# for the projections the served adapters train would take more than LORA_MEMORY_SHARE
+# of the machine's memory, or every projection at the rank more than LORA_MEMORY_CEILING
+# (adapters registered later may train any).
+DEFAULT_MAX_LORAS = 256
 LORA_MEMORY_SHARE = 0.15
-# Adapters kept loaded (vLLM's LRU cache) per batch slot; the rest load on first use.
+LORA_MEMORY_CEILING = 0.25
+# Adapters kept loaded (vLLM's LRU cache) per batch slot, up to MAX_CPU_LORAS (each is a
+# whole adapter in memory); the rest load on first use.
 CPU_LORAS_PER_SLOT = 4
+MAX_CPU_LORAS = 512
 # Start-up lists at most this many adapters by name (catalogs run to thousands).
 LISTED_ADAPTERS = 20
 
@@ -173,9 +180,11 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
             served.append(adapter)
     ranks = [a.lora.max_rank for a in served if a.lora]
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
+    targets = {t for a in served for v in (a, *a.versions.values()) for t in v.target_modules}
     options = replace(options, dtype=activation_dtype(options.dtype))
-    max_loras = options.max_loras or default_max_loras(model_path, max_rank, options.dtype)
-    max_cpu_loras = options.max_cpu_loras or CPU_LORAS_PER_SLOT * max_loras
+    max_loras = options.max_loras or default_max_loras(model_path, max_rank, options.dtype,
+                                                       targets)
+    max_cpu_loras = options.max_cpu_loras or default_cpu_loras(max_loras)
     argv = vllm_argv(options, base, model_path, max_rank, max_loras, max_cpu_loras)
     run_env = {
         **os.environ,
@@ -252,27 +261,49 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
     return argv + list(options.extra_args)
 
 
-def lora_slot_bytes(model_path: Path, max_rank: int, dtype: str) -> int:
-    """What one LoRA slot may cost: vLLM stacks A and B at ``max_rank`` for every linear
-    projection of every layer, in the activation dtype, and zoo's LoRA path
-    (``fast_lora.py``) keeps a rank-major copy of B in the same dtype, cut at the rank and
-    to the projections the loaded adapters use (at most all of it)."""
+def lora_slot_bytes(model_path: Path, max_rank: int, dtype: str,
+                    targets: set[str] | None = None) -> int:
+    """What one LoRA slot costs for adapters that train ``targets`` (module names' last
+    parts; None: every module vLLM stacks): vLLM's A and B at ``max_rank`` for each
+    such projection of every layer, and for the lm_head and the embeddings, in the
+    activation dtype, and zoo's rank-major copy of B (``fast_lora.py``)."""
     from zoo.models.bases import module_weight_shapes
 
-    linear = [shape for name, shape in module_weight_shapes(model_path).items()
-              if ".layers." in name and len(shape) == 2 and "embed" not in name]
-    per_rank = sum(out + inputs for out, inputs in linear)  # B: [out, rank], A: [rank, in]
-    copied = sum(out for out, _inputs in linear)
+    per_rank = copied = 0
+    for name, shape in module_weight_shapes(model_path).items():
+        last = name.rsplit(".", 1)[-1]
+        if len(shape) != 2 or (targets is not None and last not in targets):
+            continue
+        out, inputs = shape
+        if ".layers." in name and "embed" not in name:
+            per_rank += out + inputs  # B: [out, rank], A: [rank, in]
+            copied += out
+        elif last in ("lm_head", "embed_tokens"):  # [vocab, hidden] either way
+            per_rank += out + inputs
+            copied += out if last == "lm_head" else 0
     element = 2 if dtype in ("bfloat16", "float16", "half") else 4
     return (per_rank + copied) * max_rank * element
 
 
-def default_max_loras(model_path: Path, max_rank: int, dtype: str) -> int:
+def default_max_loras(model_path: Path, max_rank: int, dtype: str,
+                      targets: set[str] | None = None) -> int:
     """DEFAULT_MAX_LORAS, or fewer when their slots would take more than
-    LORA_MEMORY_SHARE of this machine's memory."""
+    LORA_MEMORY_SHARE of this machine's memory for adapters training ``targets``, or
+    more than LORA_MEMORY_CEILING for adapters training everything."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    fits = int(LORA_MEMORY_SHARE * memory // max(lora_slot_bytes(model_path, max_rank, dtype), 1))
-    return max(1, min(DEFAULT_MAX_LORAS, fits))
+
+    def fits(share: float, slot: int) -> int:
+        return int(share * memory // max(slot, 1))
+    return max(1, min(DEFAULT_MAX_LORAS,
+                      fits(LORA_MEMORY_SHARE, lora_slot_bytes(model_path, max_rank, dtype,
+                                                              targets)),
+                      fits(LORA_MEMORY_CEILING, lora_slot_bytes(model_path, max_rank, dtype))))
+
+
+def default_cpu_loras(max_loras: int) -> int:
+    """Adapters kept loaded: CPU_LORAS_PER_SLOT a slot, up to MAX_CPU_LORAS, never fewer
+    than the slots (vLLM's rule)."""
+    return max(max_loras, min(CPU_LORAS_PER_SLOT * max_loras, MAX_CPU_LORAS))
 
 
 def _why_not(adapter: AdapterEntry, registry: Registry) -> str | None:

@@ -8,7 +8,8 @@ vLLM calls :func:`register` in every process it starts. It
 * applies zoo's guarded patches (``patches.py``; each checks the vLLM version, the
   platform and the signatures it relies on, and stays off with one log line when they
   differ): the grouped CPU LoRA path (``fast_lora.py``; ``ZOO_FAST_LORA=0`` keeps vLLM's
-  own), the worker's lookup of an adapter it has loaded without copying its cache, the
+  own), LoRA slots in memory committed only where adapters write, the worker's lookup
+  of an adapter it has loaded without copying its cache, the
   LoRA device lookup on layers whose kernel released ``weight`` (the CPU
   int8 W8A8 kernel sets it to None), a cold adapter served one step sooner
   (``first_use.py``; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way), and the report of
@@ -59,7 +60,7 @@ def register() -> None:
 
 def zoo_patches() -> list[Patch]:
     """The patches this process should have, by the environment zoo serve set."""
-    patches = [LORA_DEVICE, LOADED_LOOKUP]
+    patches = [LORA_DEVICE, LOADED_LOOKUP, ZERO_PAGE_SLOTS]
     if os.environ.get(FAST_LORA_VARIABLE, "1") != "0":
         patches.append(FAST_LORA)
     if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
@@ -293,6 +294,25 @@ LOADED_LOOKUP = Patch(
         mentions("vllm.lora.model_manager", "LRUCacheLoRAModelManager", "get_adapter",
                  snippets=("self._registered_adapters.get(adapter_id)",)),
     ))
+
+
+def _allocate_slots_lazily() -> None:
+    from zoo.serve.zero_pages import allocate_slots_lazily
+
+    allocate_slots_lazily()
+
+
+ZERO_PAGE_SLOTS = Patch(
+    name="zero_page_slots", cpu_only=True, apply=_allocate_slots_lazily,
+    why="vLLM writes zeros through every LoRA slot at --max-lora-rank on every projection "
+        "at start (14.7 MB a slot for SmolLM2 at rank 16): memory for weights no adapter "
+        "has, which held the default at 128 slots",
+    retire_when="vLLM allocates LoRA stacks as they are used, or at the adapters' ranks "
+                "and targets",
+    checks=(parameters("vllm.lora.model_manager", "LoRAModelManager", "_create_lora_modules",
+                       names=(), exact=True),
+            mentions("vllm.lora.model_manager", "LoRAModelManager", "__init__",
+                     snippets=("self._create_lora_modules()",))))
 
 
 def _patch_weight_report() -> None:

@@ -28,9 +28,9 @@ from zoo.core.tables import DEFAULT_ROUTER_POLICY as DEFAULT_POLICY
 from zoo.core.tables import ROUTER_POLICIES as POLICIES
 from zoo.errors import ServeError
 from zoo.serve.launch import (
-    CPU_LORAS_PER_SLOT,
     ServeOptions,
     ServePlan,
+    default_cpu_loras,
     describe,
     die_with_us,
     free_port,
@@ -107,7 +107,7 @@ def plan_replicas(options: ServeOptions, replicas: int, registry: Registry,
         raise ServeError("--replicas must be at least 1")
     shared = plan_serve(options, registry)
     max_loras = options.max_loras or max(1, shared.max_loras // replicas)
-    max_cpu_loras = options.max_cpu_loras or CPU_LORAS_PER_SLOT * max_loras
+    max_cpu_loras = options.max_cpu_loras or default_cpu_loras(max_loras)
     shares = cpu_shares(replicas) if not gpus else [""] * replicas
     planned = []
     for i in range(replicas):

@@ -1,0 +1,98 @@
+"""LoRA stacks in pages committed as they are written (zoo/serve/zero_pages.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from zoo.serve import fast_lora
+from zoo.serve.zero_pages import MIN_BYTES, ZeroPageAllocation
+
+MB = 1 << 20
+
+
+_MEASURE = """
+import re, sys, torch
+from zoo.serve.zero_pages import ZeroPageAllocation
+def resident():
+    status = open("/proc/self/status").read()
+    return int(re.search(r"RssAnon:\\s+(\\d+) kB", status).group(1)) * 1024
+before = resident()
+if sys.argv[1] == "zoo":
+    with ZeroPageAllocation() as allocation:
+        stack = torch.zeros(64, 1, 16, 32768, dtype=torch.bfloat16)  # 64 MB
+    assert allocation.made == [stack]
+else:
+    stack = torch.zeros(64, 1, 16, 32768, dtype=torch.bfloat16)
+assert float(stack.abs().sum()) == 0.0
+made = resident() - before
+stack[3, 0, :8] = 1.0  # one slot's eight rows: 512 kB
+assert float(stack.sum()) == 8 * 32768
+print(made, resident() - before)
+"""
+
+
+def _resident_growth(allocation: str) -> tuple[int, int]:
+    """A fresh process's resident anonymous memory after it makes a 64 MB stack and
+    reads it, and after it writes one slot (pytest's own process reuses freed memory)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _MEASURE, allocation], check=True,
+                         capture_output=True, text=True).stdout
+    made, written = map(int, out.split())
+    return made, written
+
+
+def test_zero_page_stacks_take_memory_only_where_written():
+    made, written = _resident_growth("zoo")
+    assert made < 4 * MB and written < 4 * MB, (made, written)
+    made, written = _resident_growth("torch")  # the allocator's zeros: written through
+    assert made > 60 * MB, made
+
+
+def test_only_plain_large_cpu_zeros_come_from_zero_pages():
+    with ZeroPageAllocation() as allocation:
+        small = torch.zeros(4, 4)
+        out = torch.empty(MB)
+        torch.zeros(MB, out=out)
+        meta = torch.zeros(MB, device="meta")
+        wide = torch.zeros((MB // 2,), dtype=torch.float16)
+        grad = torch.zeros(MB, requires_grad=True)
+    assert allocation.made == [wide] and wide.dtype == torch.float16
+    assert small.sum() == 0 and out.sum() == 0 and meta.is_meta and grad.requires_grad
+    assert MIN_BYTES == MB
+
+
+def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero():
+    """vLLM's own create_lora_weights (the lm_head's and the embeddings' stacks, slots x
+    vocabulary x rank) allocates through the mode, and a stack marked zero is never
+    written by zoo's reset_lora until something writes to it."""
+    from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
+    from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
+
+    config = SimpleNamespace(max_lora_rank=16, lora_dtype=torch.bfloat16)
+    weight = torch.zeros(1)
+    embedding = SimpleNamespace(base_layer=SimpleNamespace(
+        org_vocab_size=49152, embedding_dim=576, weight=weight))
+    logits = SimpleNamespace(hidden_size=576, device=weight.device,
+                             sharded_to_full_mapping=None,
+                             base_layer=SimpleNamespace(vocab_size=49152))
+    with ZeroPageAllocation() as allocation:
+        VocabParallelEmbeddingWithLoRA.create_lora_weights(embedding, 32, config)
+        LogitsProcessorWithLoRA.create_lora_weights(logits, 32, config)
+    # (the A of the lm_head and the B of the embeddings, 32 x 576 x 16, are under 1 MB)
+    assert [t.shape for t in allocation.made] == [(32, 49152, 16), (32, 1, 49152, 16)]
+    assert embedding.lora_a_stacked is allocation.made[0]
+    assert logits.lora_b_stacked is allocation.made[1]
+    fast_lora.track_slot_writes()
+    for tensor in allocation.made:
+        fast_lora.mark_zero(tensor)
+    versions = [t._version for t in allocation.made]
+    VocabParallelEmbeddingWithLoRA.reset_lora(embedding, 5)
+    LogitsProcessorWithLoRA.reset_lora(logits, 5)
+    assert [t._version for t in allocation.made] == versions  # nothing written
+    logits.lora_b_stacked[5, 0, :3] = 1.0  # vLLM writes the slot...
+    LogitsProcessorWithLoRA.reset_lora(logits, 5)  # ...so the next reset zeroes it
+    assert float(logits.lora_b_stacked.abs().sum()) == 0.0

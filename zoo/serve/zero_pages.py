@@ -1,0 +1,86 @@
+"""LoRA slots that cost memory only where adapters put weights.
+
+vLLM allocates every LoRA layer's stacks with ``torch.zeros`` at ``--max-loras`` slots
+and ``--max-lora-rank`` on every projection it can adapt, the lm_head's and the
+embeddings' included: 14.7 MB a slot for SmolLM2 at rank 16, written through at start,
+so 256 slots took 3.8 GB before the first request, whatever the adapters train. The
+stacks made here are fresh private anonymous pages instead: they read as zeros and take
+memory only once written, so a slot costs what its adapters write (a q/v adapter of rank
+8 writes about 1.8 MB of it) and a projection no adapter trains costs nothing. zoo's
+``reset_lora`` (``fast_lora.py``) knows these slots are zero and never writes zeros into
+them, which would commit the pages.
+"""
+
+from __future__ import annotations
+
+import mmap
+from math import prod
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# Smaller tensors come from the allocator as before: a mapping each would cost a page at
+# least and count against the process's limit on mappings.
+MIN_BYTES = 1 << 20
+
+
+def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of zeros in memory that the kernel commits page by page as it is written
+    (reads of untouched pages map the shared zero page). The tensor holds the mapping;
+    it is unmapped when the last view of it goes."""
+    nbytes = prod(shape) * dtype.itemsize
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)
+
+
+class ZeroPageAllocation(TorchFunctionMode):
+    """Within it, ``torch.zeros`` of at least MIN_BYTES on the CPU (plain strided
+    tensors, nothing else asked of them) gives :func:`zero_pages`; ``made`` holds what
+    it gave, the tensors known to be zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.zeros and _plain(kwargs):
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            shape = torch.zeros(*args, dtype=dtype, device="meta").shape
+            if prod(shape) * dtype.itemsize >= MIN_BYTES:
+                tensor = zero_pages(tuple(shape), dtype)
+                self.made.append(tensor)
+                return tensor
+        return func(*args, **kwargs)
+
+
+def _plain(kwargs: dict) -> bool:
+    device = kwargs.get("device")
+    device = torch.get_default_device() if device is None else torch.device(device)
+    return (device.type == "cpu" and set(kwargs) <= {"dtype", "device", "layout"} and
+            kwargs.get("layout") in (None, torch.strided))
+
+
+def allocate_slots_lazily() -> None:
+    """vLLM's ``LoRAModelManager._create_lora_modules`` (which makes every LoRA layer and
+    its stacks) under :class:`ZeroPageAllocation`; each stack it made is then marked
+    zero in every slot for zoo's ``reset_lora``."""
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from zoo.serve.fast_lora import mark_zero
+
+    original = LoRAModelManager._create_lora_modules
+    if getattr(original, "_zoo_zero_pages", False):
+        return
+
+    def _create_lora_modules(self):
+        allocation = ZeroPageAllocation()
+        with allocation:
+            result = original(self)
+        for tensor in allocation.made:
+            mark_zero(tensor)
+        return result
+
+    _create_lora_modules._zoo_zero_pages = True
+    _create_lora_modules.__wrapped__ = original
+    LoRAModelManager._create_lora_modules = _create_lora_modules
