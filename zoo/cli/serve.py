@@ -23,10 +23,10 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-loras", type=int, default=None,
-              help="Adapters in one batch (default: 128, fewer when their slots would take "
-                   "more than 15% of memory).")
+              help="Adapters in one batch (default: 256, fewer when the slots would take "
+                   "more than 15% of memory for what the adapters train, 25% for all).")
 @click.option("--max-cpu-loras", type=int, default=None,
-              help="Adapters kept loaded (LRU); default: 4 x --max-loras.")
+              help="Adapters kept loaded (LRU); default: 4 x --max-loras, at most 512.")
 @click.option("--api-keys", type=click.Path(path_type=Path), default=None,
               help="JSON file of tenants and their keys; without it the server is open.")
 @click.option("--dtype", default="auto", show_default=True,

@@ -407,15 +407,18 @@ def _reset_slot(layer, index: int) -> None:
 
 
 def _zero_slot(stacked: torch.Tensor, index: int) -> None:
-    """``stacked[index] = 0``, skipped when zoo zeroed that slot and the stack has not been
-    written to since (``_zoo_clean``: the stack's version after zoo's last zeroing, and
-    the slots zeroed since a write zoo did not make)."""
+    """``stacked[index] = 0`` where the slot holds anything but zeros. Not even read when
+    zoo knows it is zero: zoo zeroed it, or found it zero, and the stack has not been
+    written to since (``_zoo_clean``: the stack's version then, and those slots). A slot
+    no adapter has used is read, never written: on zero pages (``zero_pages.py``)
+    writing zeros would commit its memory."""
     version, clean = getattr(stacked, "_zoo_clean", (None, None))
     if version != stacked._version:
         clean = set()
     elif index in clean:
         return
-    stacked[index] = 0
+    if stacked[index].any():
+        stacked[index] = 0
     clean.add(index)
     stacked._zoo_clean = (stacked._version, clean)
 

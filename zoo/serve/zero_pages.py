@@ -2,11 +2,11 @@
 
 vLLM allocates every LoRA layer's stacks with ``torch.zeros`` at ``--max-loras`` slots
 and ``--max-lora-rank`` on every projection it can adapt, the lm_head's and the
-embeddings' included: 14.7 MB a slot for SmolLM2 at rank 16, written through at start,
-so 256 slots took 3.8 GB before the first request, whatever the adapters train. The
+embeddings' included: 12.9 MB a slot for SmolLM2 at rank 16 in bf16, written through at
+start, so 256 slots took 3.3 GB before the first request, whatever the adapters train. The
 stacks made here are fresh private anonymous pages instead: they read as zeros and take
 memory only once written, so a slot costs what its adapters write (a q/v adapter of rank
-8 writes about 1.8 MB of it) and a projection no adapter trains costs nothing. zoo's
+8 writes about 1.4 MB of it) and a projection no adapter trains costs nothing. zoo's
 ``reset_lora`` (``fast_lora.py``) knows these slots are zero and never writes zeros into
 them, which would commit the pages.
 """
