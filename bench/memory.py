@@ -3,11 +3,12 @@
 Run: .venv/bin/python bench/memory.py [--adapters 10000] [--batch 64] [--every 320]
                                       [--variants before,zoo,vllm-lora-info]
 
-`zoo serve --multi-lora` with its defaults (int8 base, 64 adapters a batch, 256 kept
-loaded on the CPU) on a home whose catalog holds --adapters rank-8 q/v LoRAs (bf16 files:
-vLLM holds them in the model's dtype whichever the file's). Requests of 4 tokens go to
---batch distinct adapters at a time, each adapter used once, in order, so that every
-request after the first 256 adapters makes vLLM evict one and load another. Every
+`zoo serve --multi-lora` with its defaults (int8 base; since 2026-12-01 256 adapters a
+batch and 512 kept loaded on the CPU, 64 and 256 when the curve in the docs was measured)
+on a home whose catalog holds --adapters rank-8 q/v LoRAs (bf16 files: vLLM holds them in
+the model's dtype whichever the file's). Requests of 4 tokens go to --batch distinct
+adapters at a time, each adapter used once, in order, so that every request after the
+first adapters kept loaded makes vLLM evict one and load another. Every
 --every adapters the resident anonymous memory (RssAnon) of each process of the server
 is read:
 `zoo serve` itself (the supervisor), vLLM's API server, its engine core and its worker.
