@@ -350,12 +350,8 @@ def test_reset_lora_skips_only_slots_it_knows_are_zero(ops):
             self.lora_a_stacked = tuple(zeros((6, 1, 8, 5)) for _ in range(3))
             self.lora_b_stacked = tuple(zeros((6, 1, 4, 8)) for _ in range(3))
 
-    def known_zero_pages(shape):  # as zoo's zero_page_slots patch makes vLLM's stacks
-        stacked = zero_pages(shape, torch.float32)
-        fast_lora.mark_zero(stacked)
-        return stacked
-
-    zoo, expected = Layer(known_zero_pages), Layer()
+    # zoo's stacks as the zero_page_slots patch makes vLLM's
+    zoo, expected = Layer(lambda shape: zero_pages(shape, torch.float32)), Layer()
     g = torch.Generator().manual_seed(0)
     for op in ops:
         slot = op[1]

@@ -136,6 +136,9 @@ def test_start_up_lists_what_is_served_and_what_is_left_out(served):
     assert "adapter acme/q (qlora, rank 8, trained on nf4, served on w8a8)" in text
     models = {m.id for m in client(served).models.list().data}
     assert models == {BASE, "acme/a", "globex/b", "acme/q", "acme/broken-later"}
+    # every zoo patch applied in every process of the engine (a refused one logs a line)
+    log = served.log.read_text()
+    assert "zoo: patch" not in log and "plugin registration failed" not in log
 
 
 def scored(server, model: str) -> list[float]:

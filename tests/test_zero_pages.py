@@ -65,10 +65,44 @@ def test_only_plain_large_cpu_zeros_come_from_zero_pages():
     assert MIN_BYTES == MB
 
 
+def test_the_patch_runs_vllms_module_creation_in_the_mode(monkeypatch):
+    """allocate_slots_lazily wraps LoRAModelManager._create_lora_modules (here a stand-in
+    that allocates as vLLM's layers do): its large stacks come from zero pages, its
+    result is returned, and applying the patch twice wraps once."""
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from zoo.serve import zero_pages
+
+    made = []
+
+    def spy(shape, dtype):
+        made.append(zero_pages.zero_pages.__wrapped__(shape, dtype))
+        return made[-1]
+
+    spy.__wrapped__ = zero_pages.zero_pages
+    monkeypatch.setattr(zero_pages, "zero_pages", spy)
+
+    def create(self):
+        self.stack = torch.zeros(8, 1, 16, 4096, dtype=torch.bfloat16)  # 1 MB
+        self.small = torch.zeros(8, 16)
+        return "made"
+
+    monkeypatch.setattr(LoRAModelManager, "_create_lora_modules", create)
+    zero_pages.allocate_slots_lazily()
+    zero_pages.allocate_slots_lazily()
+    wrapped = LoRAModelManager._create_lora_modules
+    assert wrapped.__wrapped__ is create  # wrapped once
+    manager = SimpleNamespace()
+    assert wrapped(manager) == "made"
+    assert len(made) == 1 and manager.stack is made[0] and manager.small is not made[0]
+    assert float(manager.stack.abs().sum()) == 0.0 and manager.stack.shape == (8, 1, 16, 4096)
+    assert torch.zeros(8, 1, 16, 4096).data_ptr() and len(made) == 1  # outside: untouched
+
+
 def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero():
     """vLLM's own create_lora_weights (the lm_head's and the embeddings' stacks, slots x
-    vocabulary x rank) allocates through the mode, and a stack marked zero is never
-    written by zoo's reset_lora until something writes to it."""
+    vocabulary x rank) allocates through the mode, and zoo's reset_lora never writes
+    such a stack until something else writes to it."""
     from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
     from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 
@@ -87,8 +121,6 @@ def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero():
     assert embedding.lora_a_stacked is allocation.made[0]
     assert logits.lora_b_stacked is allocation.made[1]
     fast_lora.track_slot_writes()
-    for tensor in allocation.made:
-        fast_lora.mark_zero(tensor)
     versions = [t._version for t in allocation.made]
     VocabParallelEmbeddingWithLoRA.reset_lora(embedding, 5)
     LogitsProcessorWithLoRA.reset_lora(logits, 5)

@@ -423,11 +423,6 @@ def _zero_slot(stacked: torch.Tensor, index: int) -> None:
     stacked._zoo_clean = (stacked._version, clean)
 
 
-def mark_zero(stacked: torch.Tensor) -> None:
-    """Tell ``reset_lora`` that every slot of ``stacked`` (slots first) is zero now."""
-    stacked._zoo_clean = (stacked._version, set(range(stacked.shape[0])))
-
-
 def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
     """A per-slot value derived from a stacked weight tensor, kept on the tensor. When vLLM
     wrote into it (its ``_version`` moved), only the slots marked by ``reset_lora`` (each

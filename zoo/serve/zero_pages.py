@@ -7,8 +7,8 @@ start, so 256 slots took 3.3 GB before the first request, whatever the adapters 
 stacks made here are fresh private anonymous pages instead: they read as zeros and take
 memory only once written, so a slot costs what its adapters write (a q/v adapter of rank
 8 writes about 1.4 MB of it) and a projection no adapter trains costs nothing. zoo's
-``reset_lora`` (``fast_lora.py``) knows these slots are zero and never writes zeros into
-them, which would commit the pages.
+``reset_lora`` (``fast_lora.py``) reads a slot before zeroing it and writes only where it
+holds anything but zeros: writing zeros would commit the pages.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class ZeroPageAllocation(TorchFunctionMode):
     """Within it, ``torch.zeros`` of at least MIN_BYTES on the CPU (plain strided
     tensors, nothing else asked of them) gives :func:`zero_pages`; ``made`` holds what
-    it gave, the tensors known to be zero."""
+    it gave."""
 
     def __init__(self):
         super().__init__()
@@ -63,23 +63,16 @@ def _plain(kwargs: dict) -> bool:
 
 def allocate_slots_lazily() -> None:
     """vLLM's ``LoRAModelManager._create_lora_modules`` (which makes every LoRA layer and
-    its stacks) under :class:`ZeroPageAllocation`; each stack it made is then marked
-    zero in every slot for zoo's ``reset_lora``."""
+    its stacks) under :class:`ZeroPageAllocation`."""
     from vllm.lora.model_manager import LoRAModelManager
-
-    from zoo.serve.fast_lora import mark_zero
 
     original = LoRAModelManager._create_lora_modules
     if getattr(original, "_zoo_zero_pages", False):
         return
 
     def _create_lora_modules(self):
-        allocation = ZeroPageAllocation()
-        with allocation:
-            result = original(self)
-        for tensor in allocation.made:
-            mark_zero(tensor)
-        return result
+        with ZeroPageAllocation():
+            return original(self)
 
     _create_lora_modules._zoo_zero_pages = True
     _create_lora_modules.__wrapped__ = original
