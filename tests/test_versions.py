@@ -157,3 +157,24 @@ def test_a_version_of_another_base_is_refused(tiny, models, zoo_home):
     assert set(json.loads((zoo_home / "registry.json").read_text())["entries"]["acme/x"]) \
         .isdisjoint({"versions"})
     assert Registry(zoo_home).load().adapter("acme/x").latest() == 1
+
+
+def test_a_lease_lists_what_its_server_holds_and_grows_by_a_line_per_change(zoo_home):
+    from zoo.catalog.versions import in_use, record_in_use
+
+    record_in_use(zoo_home, {"acme/x:v1"})
+    record_in_use(zoo_home, {"acme/x:v1", "acme/y:v3"})
+    assert in_use(zoo_home) == {"acme/x:v1", "acme/y:v3"}
+    lease = next((zoo_home / "run").glob("serve-*.lease"))
+    size = lease.stat().st_size
+    record_in_use(zoo_home, {"acme/x:v1", "acme/y:v3"})  # nothing new: nothing written
+    assert lease.stat().st_size == size
+    record_in_use(zoo_home, {"acme/y:v3", "acme/z:v1"})
+    assert lease.read_text().splitlines()[2:] == ["+acme/z:v1", "-acme/x:v1"]  # appended
+    assert in_use(zoo_home) == {"acme/y:v3", "acme/z:v1"}
+    with lease.open("a") as f:
+        f.write("+acme/half")  # a line still being written counts only once it ends
+    assert in_use(zoo_home) == {"acme/y:v3", "acme/z:v1"}
+    dead = zoo_home / "run" / "serve-999999999.lease"  # no such process
+    dead.write_text("+acme/old:v1\n")
+    assert in_use(zoo_home) == {"acme/y:v3", "acme/z:v1"} and not dead.exists()

@@ -229,33 +229,50 @@ def describe(entry: AdapterEntry) -> dict[str, Any]:
 RUN_DIR = "run"
 
 
+_LEASED: dict[Path, set[str]] = {}  # per lease file, what this process has listed in it
+
+
 def record_in_use(home: Path, labels: set[str]) -> None:
-    """A running server's lease: the versions it has loaded, in ``home/run/serve-PID.json``
-    (rewritten atomically; ``zoo gc`` keeps what any live server lists)."""
-
-    from zoo.core.files import write_json_atomic
-
+    """A running server's lease: the versions it has loaded, in ``home/run/serve-PID.lease``,
+    one line per change (``+label`` or ``-label``) appended to it: a server's first use of
+    an adapter costs one short write, whatever it loaded before (``zoo gc`` keeps what any
+    live server lists). Not synced: the lease means something only while its server lives."""
     folder = home / RUN_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"serve-{os.getpid()}.json",
-                      {"pid": os.getpid(), "versions": sorted(labels)})
+    path = folder / f"serve-{os.getpid()}.lease"
+    listed = _LEASED.get(path)
+    if listed is None or not path.exists():  # this process's first record, or a new home
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        listed = _LEASED[path] = set()
+    lines = [f"+{v}\n" for v in sorted(labels - listed)]
+    lines += [f"-{v}\n" for v in sorted(listed - labels)]
+    if lines:
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(descriptor, "".join(lines).encode())
+        finally:
+            os.close(descriptor)
+        listed.clear()
+        listed.update(labels)
 
 
 def in_use(home: Path) -> set[str]:
-    """The versions any live server on this home has loaded (leases of dead ones ignored)."""
-    import json
-
+    """The versions any live server on this home has loaded (leases of dead ones removed)."""
     found: set[str] = set()
-    for lease in (home / RUN_DIR).glob("serve-*.json"):
+    for lease in (home / RUN_DIR).glob("serve-*.lease"):
         try:
-            data = json.loads(lease.read_text())
-            os.kill(int(data["pid"]), 0)
+            os.kill(int(lease.stem.removeprefix("serve-")), 0)
+            text = lease.read_text()
         except ProcessLookupError:
             lease.unlink(missing_ok=True)
             continue
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             continue
-        found.update(v for v in data.get("versions", []) if isinstance(v, str))
+        listed: set[str] = set()
+        for line in text.splitlines(keepends=True):
+            if line.endswith("\n") and line[:1] in ("+", "-"):  # a line being appended: not yet
+                (listed.add if line[0] == "+" else listed.discard)(line[1:-1])
+        found |= listed
     return found
 
 
