@@ -99,10 +99,10 @@ def test_the_patch_runs_vllms_module_creation_in_the_mode(monkeypatch):
     assert torch.zeros(8, 1, 16, 4096).data_ptr() and len(made) == 1  # outside: untouched
 
 
-def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero():
+def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero(monkeypatch):
     """vLLM's own create_lora_weights (the lm_head's and the embeddings' stacks, slots x
-    vocabulary x rank) allocates through the mode, and zoo's reset_lora never writes
-    such a stack until something else writes to it."""
+    vocabulary x rank) allocates through the mode, and zoo's reset_lora neither reads nor
+    writes such a stack until something else writes to it."""
     from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
     from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
 
@@ -122,9 +122,13 @@ def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero():
     assert logits.lora_b_stacked is allocation.made[1]
     fast_lora.track_slot_writes()
     versions = [t._version for t in allocation.made]
+    read = []
+    monkeypatch.setattr(fast_lora, "_holds_anything", lambda slot: read.append(slot) or True)
     VocabParallelEmbeddingWithLoRA.reset_lora(embedding, 5)
     LogitsProcessorWithLoRA.reset_lora(logits, 5)
-    assert [t._version for t in allocation.made] == versions  # nothing written
+    assert [t._version for t in allocation.made] == versions  # nothing written...
+    assert read and all(49152 not in t.shape for t in read)  # ...nor read: the small ones are
+    monkeypatch.undo()
     logits.lora_b_stacked[5, 0, :3] = 1.0  # vLLM writes the slot...
     LogitsProcessorWithLoRA.reset_lora(logits, 5)  # ...so the next reset zeroes it
     assert float(logits.lora_b_stacked.abs().sum()) == 0.0

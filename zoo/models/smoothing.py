@@ -81,32 +81,48 @@ def adapt_lora(adapter_dir: Path, scales: dict, out: Path) -> Path:
     return out
 
 
-def adapt_tensors(tensors: dict, scales: dict) -> dict:
+def adapt_tensors(tensors: dict, scales: dict, plans: dict | None = None) -> dict:
     """A LoRA's tensors (PEFT's names) rescaled for the smoothed base, each in its own
-    dtype; tensors of other kinds as they are."""
-    group, kv_heads = scales["_group"], scales["_kv_heads"]
+    dtype; tensors of other kinds as they are. ``plans`` keeps what each name needs (kept
+    by a caller that adapts many LoRAs for the same ``scales``: the names repeat)."""
+    plans = {} if plans is None else plans
     adapted = {}
     for key, value in tensors.items():
-        inner = key.removeprefix(PEFT_PREFIX)
-        role = "A" if ".lora_A." in inner else "B" if ".lora_B." in inner else None
-        where = _layer_and_leaf(inner.split(".lora_")[0]) if role else None
-        if where is None:
-            adapted[key] = value
-            continue
-        i, leaf = where
-        column = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
-                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
-                  "o_proj": "v_out"}.get(leaf)
-        row = {"v_proj": "v_out", "up_proj": "down_in"}.get(leaf)
-        if role == "A" and column:
-            s = scales[f"layers.{i}.{column}"]
-            if leaf == "o_proj":  # o reads every query head; s_v is per key/value head
-                s = s.view(kv_heads, 1, -1).expand(kv_heads, group, -1).flatten()
-            scaled = value.float() * s[None, :]
-        elif role == "B" and row:
-            scaled = value.float() / scales[f"layers.{i}.{row}"][:, None]
-        else:
+        plan = plans.get(key, _UNPLANNED)
+        if plan is _UNPLANNED:
+            plan = plans[key] = _rescaling(key, scales)
+        if plan is None:
             adapted[key] = value  # a tensor the smoothed base does not rescale
             continue
+        multiply, s = plan
+        scaled = value.float() * s if multiply else value.float() / s
         adapted[key] = scaled.to(value.dtype).contiguous()
     return adapted
+
+
+_UNPLANNED = object()
+
+
+def _rescaling(key: str, scales: dict) -> tuple[bool, object] | None:
+    """How a LoRA tensor of this name is rescaled: A's columns multiplied by the scales
+    of its input (True, a row of them), B's rows divided by those of its output (False, a
+    column), or None for a tensor the smoothed base does not rescale."""
+    inner = key.removeprefix(PEFT_PREFIX)
+    role = "A" if ".lora_A." in inner else "B" if ".lora_B." in inner else None
+    where = _layer_and_leaf(inner.split(".lora_")[0]) if role else None
+    if where is None:
+        return None
+    i, leaf = where
+    column = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
+              "o_proj": "v_out"}.get(leaf)
+    row = {"v_proj": "v_out", "up_proj": "down_in"}.get(leaf)
+    if role == "A" and column:
+        s = scales[f"layers.{i}.{column}"]
+        if leaf == "o_proj":  # o reads every query head; s_v is per key/value head
+            kv_heads, group = scales["_kv_heads"], scales["_group"]
+            s = s.view(kv_heads, 1, -1).expand(kv_heads, group, -1).flatten()
+        return True, s[None, :]
+    if role == "B" and row:
+        return False, scales[f"layers.{i}.{row}"][:, None]
+    return None

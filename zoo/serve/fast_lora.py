@@ -43,6 +43,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from zoo.serve import native
+from zoo.serve.zero_pages import untouched
 
 logger = logging.getLogger("zoo.serve")
 QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
@@ -399,28 +400,54 @@ def track_slot_writes() -> None:
 
 
 def _reset_slot(layer, index: int) -> None:
-    stacks = (layer.lora_a_stacked, layer.lora_b_stacked)
-    for stacked in (t for s in stacks for t in (s if isinstance(s, (tuple, list)) else (s,))):
-        for dirty in getattr(stacked, "_zoo_dirty", {}).values():
-            dirty.add(index)  # a copy into the slot may follow
+    for stacked in _stacks_of(layer):
+        dirty = getattr(stacked, "_zoo_dirty", None)
+        if dirty:
+            for slots in dirty.values():
+                slots.add(index)  # a copy into the slot may follow
         _zero_slot(stacked, index)
+
+
+def _stacks_of(layer) -> tuple[torch.Tensor, ...]:
+    """A layer's A and B stacks, one tensor per slice, kept on the layer while vLLM's
+    tuples are the same objects (every adapter entering a slot resets all 122 layers)."""
+    a, b = layer.lora_a_stacked, layer.lora_b_stacked
+    kept = getattr(layer, "_zoo_stacks", None)
+    if kept is None or kept[0] is not a or kept[1] is not b:
+        flat = tuple(t for s in (a, b) for t in (s if isinstance(s, (tuple, list)) else (s,)))
+        kept = layer._zoo_stacks = (a, b, flat)
+    return kept[2]
 
 
 def _zero_slot(stacked: torch.Tensor, index: int) -> None:
     """``stacked[index] = 0`` where the slot holds anything but zeros. Not even read when
     zoo knows it is zero: zoo zeroed it, or found it zero, and the stack has not been
-    written to since (``_zoo_clean``: the stack's version then, and those slots). A slot
-    no adapter has used is read, never written: on zero pages (``zero_pages.py``)
-    writing zeros would commit its memory."""
+    written to since (``_zoo_clean``: the stack's version then, and those slots), or the
+    stack is zero pages nothing has written (``zero_pages.untouched``). A slot no adapter
+    has used is read, never written: on zero pages writing zeros would commit its memory."""
     version, clean = getattr(stacked, "_zoo_clean", (None, None))
     if version != stacked._version:
+        if untouched(stacked):
+            return
         clean = set()
     elif index in clean:
         return
-    if stacked[index].any():
+    if _holds_anything(stacked[index]):
         stacked[index] = 0
     clean.add(index)
     stacked._zoo_clean = (stacked._version, clean)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _holds_anything(slot: torch.Tensor) -> bool:
+    """Whether any bit of the slot is set (-0.0 counts: zeroing it changes nothing that
+    is read). Its bits read as integers by numpy: torch's ``any()`` of one bf16 slot took
+    10 us, of the lm_head's 415 us; this takes 5 and 40."""
+    if slot.device.type != "cpu" or slot.requires_grad or slot.element_size() not in _BITS:
+        return bool(slot.any())
+    return bool(slot.view(_BITS[slot.element_size()]).numpy().any())
 
 
 def _per_slot(stacked: torch.Tensor, name: str, make, key=None):

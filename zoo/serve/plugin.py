@@ -60,7 +60,7 @@ def register() -> None:
 
 def zoo_patches() -> list[Patch]:
     """The patches this process should have, by the environment zoo serve set."""
-    patches = [LORA_DEVICE, LOADED_LOOKUP, ZERO_PAGE_SLOTS]
+    patches = [LORA_DEVICE, LOADED_LOOKUP, ZERO_PAGE_SLOTS, ADAPTER_READING]
     if os.environ.get(FAST_LORA_VARIABLE, "1") != "0":
         patches.append(FAST_LORA)
     if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
@@ -398,8 +398,13 @@ def _adapt_loras_as_the_engine_loads_them() -> None:
     if scales is None:
         return  # not smoothed: adapters load as they are
 
+    plans = {}  # each tensor name's rescaling, worked out once (the names repeat)
+
     def from_lora_tensors(cls, lora_model_id, tensors, *args, **kwargs):
-        return original(cls, lora_model_id, adapt_tensors(tensors, scales), *args, **kwargs)
+        if len(plans) > 8192:  # more names than one model's layers have: start afresh
+            plans.clear()
+        return original(cls, lora_model_id, adapt_tensors(tensors, scales, plans), *args,
+                        **kwargs)
 
     from_lora_tensors._zoo_adapts = True
     LoRAModel.from_lora_tensors = classmethod(from_lora_tensors)
@@ -418,6 +423,26 @@ SMOOTHED_LORA = Patch(
                      snippets=("cls.from_lora_tensors(", "tensors=tensors")),
             mentions("vllm.lora.worker_manager", "WorkerLoRAManager", "_load_adapter",
                      snippets=("self._lora_model_cls.from_local_checkpoint(",))))
+
+
+def _read_adapters_in_fewer_steps() -> None:
+    from zoo.serve import adapter_reading
+
+    adapter_reading.install()
+
+
+ADAPTER_READING = Patch(
+    name="adapter_reading", apply=_read_adapters_in_fewer_steps,
+    why="the worker reads a new adapter's safetensors one tensor at a time and parses "
+        "each tensor's name three times, on the core that runs every step",
+    retire_when="vLLM reads an adapter's file in one go and parses each module's name once",
+    checks=(mentions(_LORA_MODEL, "LoRAModel", "from_local_checkpoint", snippets=(
+                'safetensors.safe_open(lora_tensor_path, framework="pt")', "f.keys()",
+                "f.get_tensor(module)", "parse_fine_tuned_lora_name(")),
+            parameters("vllm.lora.utils", "parse_fine_tuned_lora_name",
+                       names=("name", "weights_mapper"), exact=True),
+            has(_LORA_MODEL, "safetensors", "safe_open"),
+            has(_LORA_MODEL, "parse_fine_tuned_lora_name")))
 
 
 def weight_report(model, heap_delta: int) -> dict:

@@ -8,7 +8,9 @@ stacks made here are fresh private anonymous pages instead: they read as zeros a
 memory only once written, so a slot costs what its adapters write (a q/v adapter of rank
 8 writes about 1.4 MB of it) and a projection no adapter trains costs nothing. zoo's
 ``reset_lora`` (``fast_lora.py``) reads a slot before zeroing it and writes only where it
-holds anything but zeros: writing zeros would commit the pages.
+holds anything but zeros (writing zeros would commit the pages), and neither reads nor
+writes a stack nothing has written since it was made here (:func:`untouched`): reading a
+fresh slot of every stack mapped 3,300 pages of it, about 3 ms an adapter's first slot.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     it is unmapped when the last view of it goes."""
     nbytes = prod(shape) * dtype.itemsize
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(pages, dtype=dtype).view(shape)
+    tensor = torch.frombuffer(pages, dtype=dtype).view(shape)
+    tensor._zoo_made_at = tensor._version
+    return tensor
+
+
+def untouched(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` was made by :func:`zero_pages` and nothing has written to it
+    since (its version counter has not moved): zeros, without reading a page."""
+    return getattr(tensor, "_zoo_made_at", None) == tensor._version
 
 
 class ZeroPageAllocation(TorchFunctionMode):
