@@ -5,8 +5,9 @@ Run: .venv/bin/python bench/dtype.py [--rounds 3]
 Each engine serves the real base: the 16-bit base with float32 and with bfloat16
 activations, and the int8 W8A8 base with bfloat16 (the dtype zoo's default `--dtype
 auto` picks where the CPU has AMX or AVX-512 BF16; vLLM's AMX int8 kernel refuses
-float32 there). Measured per engine: one request alone (64 tokens) and 64 concurrent
-requests (32 tokens each), output tokens/s, the median of --rounds each, after a warm-up.
+float32 there, so without AMX the int8 base runs in float32 too). Measured per engine:
+one request alone (64 tokens) and 64 concurrent requests (32 tokens each), output
+tokens/s, the median of --rounds each, after a warm-up.
 The engines run one after another in the order given and then again in reverse, and
 each row is the median over both passes (engines started later can measure faster on
 this machine). Results in bench/results/dtype.json.
@@ -22,11 +23,17 @@ import sys
 from common import BASE, bench_home, save, table
 from serve import burst
 
-ENGINES = {  # label: (quantization, dtype)
-    "16-bit, float32": ("none", "float32"),
-    "16-bit, bfloat16": ("none", "bfloat16"),
-    "int8, bfloat16 (default here)": ("w8a8", "bfloat16"),
-}
+
+def engines() -> dict[str, tuple[str, str]]:
+    """label: (quantization, dtype). The int8 base in float32 too where the CPU has no
+    AMX (its int8 kernel is then oneDNN's; the AMX one refuses float32)."""
+    from zoo.serve.launch import activation_dtype, cpu_flags
+
+    chosen = activation_dtype("auto")
+    found = {"16-bit, float32": ("none", "float32"), "16-bit, bfloat16": ("none", "bfloat16")}
+    for dtype in ("bfloat16", *(() if "amx_tile" in cpu_flags() else ("float32",))):
+        found[f"int8, {dtype}" + (" (default here)" if dtype == chosen else "")] = ("w8a8", dtype)
+    return found
 
 
 def measure(home, quantization: str, dtype: str, rounds: int, log) -> dict:
@@ -51,10 +58,11 @@ def main() -> None:
         print(line, file=sys.stderr)
 
     home = bench_home()
+    chosen = engines()
     samples: dict[str, dict[str, list[float]]] = {label: {"one": [], "many": []}
-                                                  for label in ENGINES}
-    for label in [*ENGINES, *reversed(ENGINES)]:
-        got = measure(home, *ENGINES[label], args.rounds, log)
+                                                  for label in chosen}
+    for label in [*chosen, *reversed(chosen)]:
+        got = measure(home, *chosen[label], args.rounds, log)
         for key in ("one", "many"):
             samples[label][key] += got[key]
     reference = statistics.median(samples["16-bit, float32"]["one"]), \

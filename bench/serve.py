@@ -10,10 +10,11 @@ the int8 base, with a catalog of --catalog registered rank-8 q/v LoRAs:
   spread over 1, 8, 32, 64 and 128 distinct adapters, each set used for the first
   time (cold: loaded on first use) and then again (warm), against the base alone in
   the same run, then --wide distinct adapters at --wide concurrent requests against
-  the base at that concurrency; a warm point is the median of --repeat pairs of a
-  base burst and an adapters' burst, by their ratio (cold: once, against the
-  median of --repeat base bursts); vLLM's own LoRA path on the same load (fewer
-  points: it is slow);
+  the base at that concurrency; a point is the median of --repeat pairs of a base
+  burst and an adapters' burst, by their ratio (cold: each pair on adapters never
+  used before, as many pairs as the catalog has such adapters left for, up to
+  --repeat; the warm pairs reuse the last of them); vLLM's own LoRA path on the same
+  load (fewer points: it is slow);
 * time to first token of an adapter never used before (cold) and of a loaded one
   (warm) while 63 other adapters keep the engine busy: p50 and p99, with vLLM's
   first-use path (ZOO_FAST_FIRST_USE=0: the API server awaits the load) and zoo's
@@ -105,6 +106,11 @@ async def ttft_under_load(url: str, busy: list[str], probes: list[str]) -> list[
     await asyncio.gather(*workers, return_exceptions=True)
     await client.close()
     return times
+
+
+def spread(adapters: list[str], count: int, concurrency: int) -> list[str]:
+    """A burst's models: ``count`` adapters, each as often as ``concurrency`` asks."""
+    return [adapters[i % count] for i in range(max(concurrency, count))]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -290,7 +296,7 @@ def main() -> None:
     rows, ttft = [], {}
     used = 0
 
-    def fresh(count: int) -> list[str]:  # adapters no engine of this run has loaded yet
+    def fresh(count: int) -> list[str]:  # adapters this engine has not loaded yet
         nonlocal used
         chosen = names[used:used + count]
         used += count
@@ -312,6 +318,8 @@ def main() -> None:
 
     sections = args.sections.split(",")
     for path in args.paths.split(",") if "curve" in sections else []:
+        used = 0  # each engine its own first uses (every file is in the page cache anyway:
+        # registering the catalog read them all)
         with engine(path) as url:
             # warm up: a first burst of a shape is slower (kernels made for its sizes; zoo's
             # LoRA kernel up to a2d4cff was compiled on an engine's first step of many
@@ -328,15 +336,17 @@ def main() -> None:
                         for _ in range(times)]
                 return sorted(runs, key=lambda r: r["tok_per_s"])[len(runs) // 2]
 
-            def paired(models: list[str], concurrency: int) -> dict:
+            def paired(models, concurrency: int, times: int = args.repeat) -> dict:
                 """--repeat pairs of a base burst and an adapters' burst: the median pair by
                 their ratio (this machine's speed drifts by up to 40% between bursts, the
-                same for both of a pair)."""
+                same for both of a pair). ``models`` is the list, or makes a new one for
+                each pair (cold: adapters never used before, each time)."""
                 pairs = []
-                for _ in range(args.repeat):
-                    reference = asyncio.run(burst(url, [BASE] * len(models), args.tokens,
+                for _ in range(times):
+                    chosen = models() if callable(models) else models
+                    reference = asyncio.run(burst(url, [BASE] * len(chosen), args.tokens,
                                                   concurrency))
-                    result = asyncio.run(burst(url, models, args.tokens, concurrency))
+                    result = asyncio.run(burst(url, chosen, args.tokens, concurrency))
                     pairs.append({**result, "vs base": result["tok_per_s"] /
                                   reference["tok_per_s"]})
                 return sorted(pairs, key=lambda r: r["vs base"])[len(pairs) // 2]
@@ -345,25 +355,34 @@ def main() -> None:
             rows.append({"lora path": path, "concurrency": n, "adapters": 0, "state": "-",
                          **base, "vs base": 1.0})
             curve = [int(c) for c in args.curve.split(",")]
-            points = [(count, n, base) for count in
+            points = [(count, n) for count in
                       (curve if path != "vllm" else [c for c in curve if c in VLLM_CURVE])]
             if args.wide and path != "vllm":
                 wide = timed([BASE] * args.wide, args.wide, args.repeat)
                 rows.append({"lora path": path, "concurrency": args.wide, "adapters": 0,
                              "state": "-", **wide, "vs base": 1.0})
-                points.append((args.wide, args.wide, wide))
-            for count, concurrency, reference in points:
-                chosen = fresh(count)
-                models = [chosen[i % count] for i in range(max(concurrency, count))]
+                points.append((args.wide, args.wide))
+            for count, concurrency in points:
+                last: list[str] = []  # the adapters of the last cold burst
+
+                def first_use(count=count, concurrency=concurrency, last=last) -> list[str]:
+                    last[:] = fresh(count)
+                    return spread(last, count, concurrency)
+
                 for state in ("cold", "warm"):
                     if path == "vllm" and state == "cold":
-                        asyncio.run(burst(url, chosen, 2, concurrency))  # load; not timed
+                        asyncio.run(burst(url, first_use(), 2, concurrency))  # load; untimed
                         continue
-                    if state == "cold":  # once: against the median base
-                        result = asyncio.run(burst(url, models, args.tokens, concurrency))
-                        result["vs base"] = result["tok_per_s"] / reference["tok_per_s"]
+                    # cold: each pair on adapters never used, as many pairs as the catalog
+                    # has adapters left for (up to --repeat); warm: on the last of them
+                    if state == "cold":
+                        times = min(args.repeat, (len(names) - used) // count)
+                        if times < 1:
+                            raise SystemExit(f"--catalog {args.catalog} is too small for "
+                                             f"{count} adapters never used")
+                        result = paired(first_use, concurrency, times)
                     else:
-                        result = paired(models, concurrency)
+                        result = paired(spread(last, count, concurrency), concurrency)
                     rows.append({"lora path": path, "concurrency": concurrency, "adapters": count,
                                  "state": state, **result})
                     log(f"{path} {count} at {concurrency} {state}: {result['tok_per_s']:.1f} "

@@ -8,6 +8,7 @@ import json
 import pytest
 import safetensors
 import torch
+from safetensors import SafetensorError
 
 from zoo.serve import adapter_reading
 
@@ -68,7 +69,7 @@ def test_an_adapter_vllm_refuses_is_still_refused(models, reading, tmp_path):
     (broken / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
     (broken / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
-    with pytest.raises(Exception):  # vLLM's reader fails on it too; nothing is half-loaded
+    with pytest.raises(SafetensorError, match="invalid header length"):  # as safe_open's
         load(broken)
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_LORA_MODEL = "vllm.lora.lora_model"
-
 
 class WholeFile:
     """What ``lora_model`` uses of ``safetensors.safe_open`` (a context manager with
