@@ -4,6 +4,7 @@ rollback, retention, and their provenance, through the real `zoo` commands."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,6 @@ def test_a_lease_lists_what_its_server_holds_and_grows_by_a_line_per_change(zoo_
     dead = zoo_home / "run" / "serve-999999999.lease"  # no such process
     dead.write_text("+acme/old:v1\n")
     assert in_use(zoo_home) == {"acme/y:v3", "acme/z:v1"} and not dead.exists()
+    earlier = zoo_home / "run" / f"serve-{os.getppid()}.json"  # an earlier zoo's lease
+    earlier.write_text(json.dumps({"pid": os.getppid(), "versions": ["acme/w:v2"]}))
+    assert in_use(zoo_home) == {"acme/y:v3", "acme/z:v1", "acme/w:v2"}

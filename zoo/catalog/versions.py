@@ -257,9 +257,14 @@ def record_in_use(home: Path, labels: set[str]) -> None:
 
 
 def in_use(home: Path) -> set[str]:
-    """The versions any live server on this home has loaded (leases of dead ones removed)."""
+    """The versions any live server on this home has loaded (leases of dead ones removed;
+    an earlier zoo's servers wrote theirs whole, as ``serve-PID.json``: read as well)."""
+    import json
+
     found: set[str] = set()
-    for lease in (home / RUN_DIR).glob("serve-*.lease"):
+    for lease in (home / RUN_DIR).glob("serve-*.*"):
+        if lease.suffix not in (".lease", ".json"):
+            continue
         try:
             os.kill(int(lease.stem.removeprefix("serve-")), 0)
             text = lease.read_text()
@@ -267,6 +272,13 @@ def in_use(home: Path) -> set[str]:
             lease.unlink(missing_ok=True)
             continue
         except (OSError, ValueError):
+            continue
+        if lease.suffix == ".json":
+            try:
+                found.update(v for v in json.loads(text).get("versions", [])
+                             if isinstance(v, str))
+            except (ValueError, AttributeError):
+                pass
             continue
         listed: set[str] = set()
         for line in text.splitlines(keepends=True):
