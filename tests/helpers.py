@@ -136,3 +136,20 @@ def transformers_scores(model, ids: list[int]) -> list[float]:
 def distance(a: list[float], b: list[float]) -> float:
     """The largest per-token difference of two score lists."""
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def memory_left_behind(work) -> int:
+    """Bytes Python still holds (tracemalloc, after a garbage collection) once ``work()``
+    has run: what it kept for good."""
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        work()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()

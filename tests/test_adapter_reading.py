@@ -10,6 +10,7 @@ import safetensors
 import torch
 from safetensors import SafetensorError
 
+from tests.helpers import memory_left_behind
 from zoo.serve import adapter_reading
 
 
@@ -98,9 +99,6 @@ def test_remembered_names_answer_as_vllm_for_each_map():
 def test_reading_adapters_keeps_nothing_behind(models, tmp_path):
     """The worker reads every new adapter of its life this way: nothing may stay (the
     mmap reader of safetensors 0.8.0 kept two objects per tensor, test_eval.py)."""
-    import gc
-    import tracemalloc
-
     from tests.factory import ALL_PROJECTIONS, write_random_lora
 
     path = write_random_lora(tmp_path / "lora", models.llama, rank=4,
@@ -112,15 +110,7 @@ def test_reading_adapters_keeps_nothing_behind(models, tmp_path):
                 [f.get_tensor(k) for k in f.keys()]
 
     read(30)
-    tracemalloc.start()
-    try:
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        read(400)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = memory_left_behind(lambda: read(400))
     assert grown < 8_000, grown  # not one object per adapter read
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.bounds import assert_within, forward_bound, gamma
-from tests.helpers import zoo, zoo_json
+from tests.helpers import memory_left_behind, zoo, zoo_json
 from zoo.apps.evaluate import evaluate, nll_transformers, sequences
 from zoo.catalog.registry import Registry
 
@@ -173,9 +173,7 @@ def test_adapting_adapters_keeps_nothing_behind(models, tmp_path):
     the files must leave nothing behind (safetensors 0.8.0's default mmap reader keeps two
     Python objects per tensor read, for good: 800 KB over 400 adapters here, growing with
     every one; what stays now is first-use caches, under 60 KB however many)."""
-    import gc
     import shutil
-    import tracemalloc
 
     from tests.factory import ALL_PROJECTIONS, write_random_lora
     from zoo.models.smoothing import adapt_lora, load_scales, save_scales
@@ -196,15 +194,7 @@ def test_adapting_adapters_keeps_nothing_behind(models, tmp_path):
             shutil.rmtree(tmp_path / f"adapted-{i % 2}")
 
     adapt(30)  # first-use allocations (imports, caches)
-    tracemalloc.start()
-    try:
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        adapt(400)
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    grown = memory_left_behind(lambda: adapt(400))
     tensors = 2 * 7 * config["num_hidden_layers"] + len(shapes) * config["num_hidden_layers"]
     assert grown < 400 * tensors * 28 / 2, grown  # under one small object per two tensors
 
