@@ -120,7 +120,7 @@ def test_rescaling_with_kept_plans_gives_the_same_numbers(models, tmp_path):
     from safetensors.torch import load_file
 
     from tests.factory import ALL_PROJECTIONS, write_random_lora
-    from zoo.models.smoothing import adapt_tensors
+    from zoo.models.smoothing import PLANS_KEPT, adapt_tensors
 
     config = json.loads((models.llama / "config.json").read_text())
     kv = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
@@ -142,3 +142,6 @@ def test_rescaling_with_kept_plans_gives_the_same_numbers(models, tmp_path):
             assert kept[key].dtype == fresh[key].dtype and torch.equal(kept[key], fresh[key])
         assert any(not torch.equal(fresh[k], tensors[k]) for k in fresh)
     assert len(plans) == 2 * 7 * config["num_hidden_layers"]
+    full = dict.fromkeys(range(PLANS_KEPT + 1))
+    adapt_tensors({}, scales, full)
+    assert full == {}  # past PLANS_KEPT names it starts afresh

@@ -132,3 +132,22 @@ def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero(monkeypatch):
     logits.lora_b_stacked[5, 0, :3] = 1.0  # vLLM writes the slot...
     LogitsProcessorWithLoRA.reset_lora(logits, 5)  # ...so the next reset zeroes it
     assert float(logits.lora_b_stacked.abs().sum()) == 0.0
+
+
+def test_a_slot_holds_anything_exactly_when_torch_says_so_and_untouched_until_written():
+    """fast_lora reads a slot's bits as integers of its width: the same answer as torch's
+    any() in every dtype LoRA stacks come in (-0.0 counts as written, which zeroing
+    leaves as vLLM's); a zero-page stack is untouched until anything writes to it."""
+    from zoo.serve.zero_pages import untouched, zero_pages
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8):
+        stack = zero_pages((4, 1, 8, 512), dtype)
+        assert untouched(stack) and not fast_lora._holds_anything(stack[2])
+        stack[2, 0, 7, 511] = 3
+        assert not untouched(stack) and fast_lora._holds_anything(stack[2])
+        assert [fast_lora._holds_anything(stack[i]) for i in range(4)] == \
+            [bool(stack[i].any()) for i in range(4)]
+    negative_zero = torch.zeros(2, 8)
+    negative_zero[1, 3] = -0.0
+    assert fast_lora._holds_anything(negative_zero[1]) and not negative_zero[1].any()
+    assert not untouched(torch.zeros(4))  # not made of zero pages: nothing known

@@ -84,8 +84,11 @@ def adapt_lora(adapter_dir: Path, scales: dict, out: Path) -> Path:
 def adapt_tensors(tensors: dict, scales: dict, plans: dict | None = None) -> dict:
     """A LoRA's tensors (PEFT's names) rescaled for the smoothed base, each in its own
     dtype; tensors of other kinds as they are. ``plans`` keeps what each name needs (kept
-    by a caller that adapts many LoRAs for the same ``scales``: the names repeat)."""
+    by a caller that adapts many LoRAs for the same ``scales``: the names repeat), up to
+    PLANS_KEPT names (a model's layers have a few hundred; past it, it starts afresh)."""
     plans = {} if plans is None else plans
+    if len(plans) > PLANS_KEPT:
+        plans.clear()
     adapted = {}
     for key, value in tensors.items():
         plan = plans.get(key, _UNPLANNED)
@@ -101,6 +104,7 @@ def adapt_tensors(tensors: dict, scales: dict, plans: dict | None = None) -> dic
 
 
 _UNPLANNED = object()
+PLANS_KEPT = 8192
 
 
 def _rescaling(key: str, scales: dict) -> tuple[bool, object] | None:

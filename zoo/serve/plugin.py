@@ -401,8 +401,6 @@ def _adapt_loras_as_the_engine_loads_them() -> None:
     plans = {}  # each tensor name's rescaling, worked out once (the names repeat)
 
     def from_lora_tensors(cls, lora_model_id, tensors, *args, **kwargs):
-        if len(plans) > 8192:  # more names than one model's layers have: start afresh
-            plans.clear()
         return original(cls, lora_model_id, adapt_tensors(tensors, scales, plans), *args,
                         **kwargs)
 
