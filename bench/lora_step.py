@@ -39,15 +39,37 @@ CALLS = (((HIDDEN, KV, KV), HIDDEN, (True, False, True)),  # q/k/v
          ((HIDDEN,), INTERMEDIATE, (False,)))  # down
 
 
+def at_commit(commit: str, path: str) -> str | None:
+    done = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"],
+                          capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
+
+
 def wrapper_of(commit: str):
-    """``GroupedPunicaWrapperCPU`` as zoo/serve/fast_lora.py was at ``commit``."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:zoo/serve/fast_lora.py"],
-                            check=True, capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"fast_lora_{commit}.py"
-    path.write_text(source)
+    """``GroupedPunicaWrapperCPU`` as zoo/serve/fast_lora.py was at ``commit``, on that
+    commit's native kernel (lora_kernel.cpp) where it had one."""
+    from zoo.serve import native
+
+    scratch = Path(tempfile.mkdtemp())
+    path = scratch / f"fast_lora_{commit}.py"
+    path.write_text(at_commit(commit, "zoo/serve/fast_lora.py"))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    kernel_source = at_commit(commit, "zoo/serve/lora_kernel.cpp")
+    if kernel_source is not None and hasattr(module, "native"):
+        source_file = scratch / "lora_kernel.cpp"
+        source_file.write_text(kernel_source)
+        old = native.Kernel(native.build(source_file=source_file))
+
+        class Native:  # the commit's kernel where its fast_lora asks for one
+            MAX_RANK = native.MAX_RANK
+
+            @staticmethod
+            def kernel():
+                return old
+
+        module.native = Native
     return module.GroupedPunicaWrapperCPU
 
 

@@ -58,10 +58,57 @@ inline int64_t rank_of(const Part& part, int64_t slot) {
     return own < part.rank ? own : part.rank;
 }
 
-// Any dtype, any CPU: plain loops the compiler vectorizes.
+// The next row's adapter weights, asked for a cache line at a time while this row
+// computes. Each row's adapter lies elsewhere, in runs of a few KB that cross 4 KB pages,
+// where the hardware prefetchers barely start: in a decode step of 64 adapters the kernel
+// waited on memory for most of its time. Asking for all of the next row's lines at once
+// (about 500 for a q/v adapter) fills the core's queue of misses and stalls it; spread
+// over this row's loads, a line asked for each line read, they arrive in time.
+class Ahead {
+ public:
+    // The lines of ``slot``'s rows of A and B in every part (nothing for slot < 0).
+    template <typename T>
+    void plan(int64_t slot, int64_t in, const Part* parts, int64_t n_parts) {
+        if (slot < 0) return;
+        for (int64_t p = 0; p < n_parts; ++p) {
+            const Part& part = parts[p];
+            const int64_t rank = rank_of(part, slot);
+            if (rank == 0) continue;
+            add(slot_rows<T>(part.a, slot, part.a_slot), ((rank - 1) * part.a_row + in) * sizeof(T));
+            add(slot_rows<T>(part.b, slot, part.b_slot),
+                ((rank - 1) * part.b_row + part.width) * sizeof(T));
+        }
+    }
+    // Ask for the next ``lines`` lines.
+    inline void issue(int64_t lines) {
+        for (; lines > 0 && next_ < count_; --lines) {
+            __builtin_prefetch(at_[next_], 0, 3);
+            at_[next_] += kLine;
+            if (at_[next_] >= end_[next_]) ++next_;
+        }
+    }
+    void rest() { issue(INT64_MAX); }
+
+ private:
+    static constexpr int kRuns = 16;  // a fused layer's parts, two runs each; more: not asked
+    static constexpr int64_t kLine = 64;
+    void add(const void* start, int64_t bytes) {
+        if (count_ == kRuns) return;
+        at_[count_] = static_cast<const char*>(start);
+        end_[count_] = at_[count_] + bytes;
+        ++count_;
+    }
+    const char* at_[kRuns];
+    const char* end_[kRuns];
+    int count_ = 0, next_ = 0;
+};
+
+// Any dtype, any CPU: plain loops the compiler vectorizes. Not inlined: inside run's
+// OpenMP region GCC 12 left the shrink's reduction a scalar loop (5x slower in float32).
 template <typename T>
-void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* parts,
-                    int64_t n_parts, float scale, float* xf) {
+__attribute__((noinline)) void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* parts,
+                    int64_t n_parts, float scale, float* xf, Ahead& ahead) {
+    constexpr int64_t kPerLine = 64 / int64_t(sizeof(T));
     for (int64_t k = 0; k < in; ++k) xf[k] = to_float(x[k]);
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
@@ -71,6 +118,7 @@ void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* part
         float h[kMaxRank];
         for (int64_t r = 0; r < rank; ++r) {
             const T* row = a + r * part.a_row;
+            ahead.issue((in + kPerLine - 1) / kPerLine);
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
             for (int64_t k = 0; k < in; ++k) sum += xf[k] * to_float(row[k]);
@@ -81,6 +129,7 @@ void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* part
         for (int64_t j0 = 0; j0 < part.width && rank > 0; j0 += kChunk) {
             const int64_t n = part.width - j0 < kChunk ? part.width - j0 : kChunk;
             float delta[kChunk] = {};
+            ahead.issue(rank * ((n + kPerLine - 1) / kPerLine));
             for (int64_t r = 0; r < rank; ++r) {
                 const T* row = b + r * part.b_row + j0;
                 const float hr = h[r];
@@ -90,6 +139,7 @@ void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* part
             for (int64_t j = 0; j < n; ++j) store(out + j0 + j, to_float(out[j0 + j]) + delta[j]);
         }
     }
+    ahead.rest();
 }
 
 #ifdef ZOO_AVX512_BF16
@@ -98,11 +148,12 @@ void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* part
 // of B into one float32 register, then added to y and rounded (vcvtneps2bf16) once.
 template <int N>
 inline void shrink_rows(const uint16_t* x, const uint16_t* a, int64_t a_row, int64_t in,
-                        float scale, float* h) {
+                        float scale, float* h, Ahead& ahead) {
     __m512 acc[N];
     for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= in; k += 32) {
+        ahead.issue(N);  // a line of the next row's weights for each line of A read
         const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
         for (int r = 0; r < N; ++r)
             acc[r] = _mm512_dpbf16_ps(acc[r], xv, (__m512bh)_mm512_loadu_si512(a + r * a_row + k));
@@ -122,7 +173,7 @@ inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> 16 float32
 }
 
 void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const Part* parts,
-                int64_t n_parts, float scale) {
+                int64_t n_parts, float scale, Ahead& ahead) {
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
         const int64_t rank = rank_of(part, slot);
@@ -130,14 +181,15 @@ void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const 
         const uint16_t* b = slot_rows<uint16_t>(part.b, slot, part.b_slot);
         float h[kMaxRank];
         int64_t r = 0;
-        for (; r + 8 <= rank; r += 8) shrink_rows<8>(x, a + r * part.a_row, part.a_row, in, scale, h + r);
-        for (; r + 4 <= rank; r += 4) shrink_rows<4>(x, a + r * part.a_row, part.a_row, in, scale, h + r);
-        for (; r < rank; ++r) shrink_rows<1>(x, a + r * part.a_row, part.a_row, in, scale, h + r);
+        for (; r + 8 <= rank; r += 8) shrink_rows<8>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
+        for (; r + 4 <= rank; r += 4) shrink_rows<4>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
+        for (; r < rank; ++r) shrink_rows<1>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
         uint16_t* out = y + part.start;
         for (int64_t j = 0; j < part.width && rank > 0; j += 16) {
             const int64_t n = part.width - j < 16 ? part.width - j : 16;
             const __mmask16 m = (__mmask16)((1u << n) - 1);
             __m512 delta = _mm512_setzero_ps();
+            ahead.issue((rank + 1) / 2);  // rank rows of 32 bytes
             for (int64_t q = 0; q < rank; ++q)
                 delta = _mm512_fmadd_ps(_mm512_set1_ps(h[q]),
                                         widen(_mm256_maskz_loadu_epi16(m, b + q * part.b_row + j)), delta);
@@ -145,25 +197,19 @@ void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const 
             _mm256_mask_storeu_epi16(out + j, m, (__m256i)_mm512_cvtneps_pbh(sum));
         }
     }
+    ahead.rest();
 }
 #endif
 
-// Each row's adapter lies elsewhere, in runs of a few KB, too short for the hardware
-// prefetcher to learn: ask for the next row's weights (into L2) while this one computes.
-template <typename T>
-void prefetch_token(int64_t slot, int64_t in, const Part* parts, int64_t n_parts) {
-    for (int64_t p = 0; p < n_parts; ++p) {
-        const Part& part = parts[p];
-        const int64_t rank = rank_of(part, slot);
-        const T* a = slot_rows<T>(part.a, slot, part.a_slot);
-        const T* b = slot_rows<T>(part.b, slot, part.b_slot);
-        constexpr int64_t kLine = 64 / int64_t(sizeof(T));  // elements a cache line
-        for (int64_t r = 0; r < rank; ++r) {
-            for (int64_t k = 0; k < in; k += kLine) __builtin_prefetch(a + r * part.a_row + k, 0, 2);
-            for (int64_t j = 0; j < part.width; j += kLine)
-                __builtin_prefetch(b + r * part.b_row + j, 0, 2);
-        }
-    }
+// Whether ``slot`` is the slot of row t or of one of the rows just before it: its
+// weights are then likely in cache still, and asking for them again only costs (in
+// float32, where a q/v adapter's rows are 60 KB, a step of 8 adapters in turn took twice
+// as long).
+inline bool recent(const int64_t* slots, int64_t t, int64_t slot) {
+    constexpr int64_t kRecent = 8;
+    for (int64_t u = t; u >= 0 && u > t - kRecent; --u)
+        if (slots[u] == slot) return true;
+    return false;
 }
 
 template <typename T>
@@ -177,18 +223,19 @@ void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, voi
         for (int64_t t = 0; t < tokens; ++t) {
             const int64_t slot = slots[t];
             if (slot < 0) continue;
-            if (t + 1 < tokens && slots[t + 1] >= 0 && slots[t + 1] != slot)
-                prefetch_token<T>(slots[t + 1], in, parts, n_parts);
+            Ahead ahead;
+            if (t + 1 < tokens && !recent(slots, t, slots[t + 1]))
+                ahead.plan<T>(slots[t + 1], in, parts, n_parts);
             const T* xt = static_cast<const T*>(x) + t * x_row;
             T* yt = static_cast<T*>(y) + t * y_row;
 #ifdef ZOO_AVX512_BF16
             if constexpr (sizeof(T) == 2) {
                 token_bf16(reinterpret_cast<const uint16_t*>(xt), reinterpret_cast<uint16_t*>(yt),
-                           slot, in, parts, n_parts, scale);
+                           slot, in, parts, n_parts, scale, ahead);
                 continue;
             }
 #endif
-            token_portable(xt, yt, slot, in, parts, n_parts, scale, xf.data());
+            token_portable(xt, yt, slot, in, parts, n_parts, scale, xf.data(), ahead);
         }
     }
 }

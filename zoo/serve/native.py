@@ -174,14 +174,15 @@ def _built() -> Path:
     return build()
 
 
-def build(directory: Path | None = None) -> Path:
+def build(directory: Path | None = None, source_file: Path = SOURCE) -> Path:
     """The built library's path: from the cache, or compiled into it now (a temporary
-    name renamed into place, so that processes building at once never load half a file)."""
+    name renamed into place, so that processes building at once never load half a file).
+    ``source_file``: another version of the kernel (benchmarks build earlier commits')."""
     cxx = compiler()
     if cxx is None:
         raise OSError("no C++ compiler found (set CXX, or install g++)")
     directory = directory or cache_dir()
-    source = SOURCE.read_bytes()
+    source = source_file.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
     errors = []
@@ -196,9 +197,9 @@ def build(directory: Path | None = None) -> Path:
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             built = Path(scratch) / path.name
             done = subprocess.run([cxx, *flags, "-shared", "-fPIC", "-o", str(built),
-                                   str(SOURCE)], capture_output=True, text=True, timeout=300)
+                                   str(source_file)], capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(built, path)
                 return path
             errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-300:]}")
-    raise OSError(f"{cxx} could not build {SOURCE.name}: " + "; ".join(errors))
+    raise OSError(f"{cxx} could not build {source_file.name}: " + "; ".join(errors))
