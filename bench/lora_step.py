@@ -10,7 +10,8 @@ each of N adapters (each prompt's tokens together, as vLLM batches them; the ben
 chat prompts are about 45 tokens): rank-8 LoRAs on q and v, in max(64, N) slots
 stacked at rank 16, on one thread (vLLM's CPU worker runs one OpenMP thread per core
 it owns: one on this 2-core machine). The contenders, in one process on equal stacks:
-zoo's wrapper of this tree, the same file of --before (a git commit) and vLLM's own
+zoo's wrapper of this tree, the same file of --before (a git commit) on that commit's
+own native kernel (its ``lora_kernel.cpp``, built beside this one's) and vLLM's own
 ``PunicaWrapperCPU``; the base's own linears of the step in the same dtype for scale.
 The median of --repeat steps (a quarter of them for prefills) after one warm-up;
 vLLM's own ops are timed on decode steps only (a prefill takes them seconds). Results in

@@ -162,6 +162,18 @@ def test_the_kernel_is_built_once_and_kept(tmp_path, monkeypatch):
     assert native.Kernel(path).gather  # it loads
 
 
+def test_another_version_of_the_source_is_built_beside(tmp_path):
+    """Benchmarks build an earlier commit's kernel (bench/lora_step.py): a source that
+    differs gets a library of its own, and this version's is left as it was."""
+    ours = native.build(tmp_path / "cache")
+    other = tmp_path / "lora_kernel.cpp"
+    other.write_text(native.SOURCE.read_text() + "\n// another version\n")
+    theirs = native.build(tmp_path / "cache", source_file=other)
+    assert theirs != ours and theirs.parent == ours.parent
+    assert native.build(tmp_path / "cache") == ours
+    assert native.Kernel(theirs).gather
+
+
 def test_without_a_compiler_zoo_warns_once_and_goes_on(tmp_path, monkeypatch, caplog):
     broken = tmp_path / "c++"
     broken.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
