@@ -74,7 +74,8 @@ class Ahead {
             const Part& part = parts[p];
             const int64_t rank = rank_of(part, slot);
             if (rank == 0) continue;
-            add(slot_rows<T>(part.a, slot, part.a_slot), ((rank - 1) * part.a_row + in) * sizeof(T));
+            add(slot_rows<T>(part.a, slot, part.a_slot),
+                ((rank - 1) * part.a_row + in) * sizeof(T));
             add(slot_rows<T>(part.b, slot, part.b_slot),
                 ((rank - 1) * part.b_row + part.width) * sizeof(T));
         }
@@ -106,8 +107,9 @@ class Ahead {
 // Any dtype, any CPU: plain loops the compiler vectorizes. Not inlined: inside run's
 // OpenMP region GCC 12 left the shrink's reduction a scalar loop (5x slower in float32).
 template <typename T>
-__attribute__((noinline)) void token_portable(const T* x, T* y, int64_t slot, int64_t in, const Part* parts,
-                    int64_t n_parts, float scale, float* xf, Ahead& ahead) {
+__attribute__((noinline)) void token_portable(const T* x, T* y, int64_t slot, int64_t in,
+                                              const Part* parts, int64_t n_parts, float scale,
+                                              float* xf, Ahead& ahead) {
     constexpr int64_t kPerLine = 64 / int64_t(sizeof(T));
     for (int64_t k = 0; k < in; ++k) xf[k] = to_float(x[k]);
     for (int64_t p = 0; p < n_parts; ++p) {
