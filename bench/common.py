@@ -77,6 +77,63 @@ def previous_zoo_env(commit: str) -> tuple[dict[str, str], Path]:
     return variables, tree
 
 
+def engine_plan(log=lambda line: print(line, file=sys.stderr)):
+    """`zoo serve`'s plan on the benchmarks' home with its catalog of 1,000 registered
+    rank-8 q/v LoRAs, the raw adapters' directory, and the arguments the in-process
+    engines of first_use.py and steps.py are started with (``--engine MODEL CATALOG
+    MAX_LORAS MAX_CPU_LORAS MAX_RANK DTYPE``)."""
+    from serve import catalog
+
+    from zoo.catalog.registry import Registry
+    from zoo.serve.launch import ServeOptions, plan_serve, prepare_base
+
+    home = bench_home()
+    registry = Registry(home)
+    catalog(home, registry, 1000, log)
+    options = ServeOptions(base=BASE)
+    prepare_base(options, registry)
+    plan = plan_serve(options, registry)
+    adapters = home / "bench-catalog"
+    return plan, adapters, [str(plan.model_path), str(adapters), str(plan.max_loras),
+                            str(plan.max_cpu_loras), str(plan.max_lora_rank), plan.dtype]
+
+
+def answer(process, mark: str) -> str:
+    """An engine process's next answer: its next line starting with ``mark`` (vLLM's own
+    lines on its stdout skipped)."""
+    for line in process.stdout:
+        if line.startswith(mark):
+            return line.removeprefix(mark).strip()
+    raise SystemExit("an engine exited")
+
+
+@contextmanager
+def engines_of(script: str, engine_args: list[str], previous: str, mark: str):
+    """``bench/SCRIPT --engine ARGS`` twice, this tree's zoo and --previous's (from its
+    worktree), talking JSON lines over stdin and stdout: {label: process} once each said
+    ``ready`` with zoo imported from its own tree; both stopped (stdin closed) after."""
+    import subprocess
+
+    variables, tree = previous_zoo_env(previous)
+    variants = {"zoo": ({}, ROOT), f"previous ({previous})": (variables, tree)}
+    engines = {}
+    try:
+        for label, (extra, cwd) in variants.items():
+            engines[label] = subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / script), "--engine", *engine_args],
+                cwd=cwd, env={**os.environ, **extra}, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for (label, process), (_, cwd) in zip(engines.items(), variants.values(), strict=True):
+            ready, _, where = answer(process, mark).partition(" ")
+            if ready != "ready" or not where.startswith(str(cwd)):
+                raise SystemExit(f"the {label} engine did not start with zoo from {cwd}")
+        yield engines
+    finally:
+        for process in engines.values():
+            process.stdin.close()
+            process.wait(timeout=120)
+
+
 @contextmanager
 def timed():
     box = {}

@@ -24,19 +24,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 PHASES = ("total", "read", "pack", "place", "reset")
 MARK = "first_use:"  # the engine's answers, among whatever vLLM prints
-
-
-def answer(process) -> str:
-    """The engine's next answer (vLLM's own lines on its stdout skipped)."""
-    for line in process.stdout:
-        if line.startswith(MARK):
-            return line.removeprefix(MARK).strip()
-    raise SystemExit("an engine exited")
 
 
 def engine_main(model: str, catalog: str, max_loras: int, max_cpu_loras: int,
@@ -110,44 +101,19 @@ def main() -> None:
 
     # here, not at the top: common puts this repository first on sys.path, and an engine
     # of --previous must import zoo from that commit's worktree
-    from common import BASE, ROOT, bench_home, previous_zoo_env, save, table
-    from serve import catalog as make_catalog
+    from common import answer, engine_plan, engines_of, save, table
 
-    from zoo.catalog.registry import Registry
-    from zoo.serve.launch import ServeOptions, plan_serve, prepare_base
-
-    home = bench_home()
-    registry = Registry(home)
-    make_catalog(home, registry, 1000, lambda line: print(line, file=sys.stderr))
-    options = ServeOptions(base=BASE)
-    prepare_base(options, registry)
-    plan = plan_serve(options, registry)
-    adapters = home / "bench-catalog"
+    plan, adapters, engine_args = engine_plan()
     count = len(os.listdir(adapters))
     fresh_rounds = plan.max_loras // args.per_round  # rounds while free slots remain
     needed = plan.max_loras + (args.rounds + 1) * args.per_round
     if needed > count:
         raise SystemExit(f"{needed} adapters needed, the catalog has {count}")
-    engine_args = [str(plan.model_path), str(adapters), str(plan.max_loras),
-                   str(plan.max_cpu_loras), str(plan.max_lora_rank), plan.dtype]
-    variables, tree = previous_zoo_env(args.previous)
-    variants = {"zoo": ({}, ROOT), f"previous ({args.previous})": (variables, tree)}
-    engines = {}
-    for label, (extra, cwd) in variants.items():
-        engines[label] = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "first_use.py"), "--engine", *engine_args],
-            cwd=cwd, env={**os.environ, **extra}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True)
-    try:
-        for (label, process), (_, cwd) in zip(engines.items(), variants.values(), strict=True):
-            ready, _, where = answer(process).partition(" ")
-            if ready != "ready" or not where.startswith(str(cwd)):
-                raise SystemExit(f"the {label} engine did not start with zoo from {cwd}")
-
+    with engines_of("first_use.py", engine_args, args.previous, MARK) as engines:
         def ask(process, start: int) -> dict:
             process.stdin.write(f"{start} {args.per_round}\n")
             process.stdin.flush()
-            return json.loads(answer(process))
+            return json.loads(answer(process, MARK))
 
         results = {label: {"fresh": [], "evicting": []} for label in engines}
         start = 0
@@ -161,12 +127,8 @@ def main() -> None:
                 for process in engines.values():
                     process.stdin.write(f"{start} {plan.max_loras - start}\n")
                     process.stdin.flush()
-                    answer(process)
+                    answer(process, MARK)
                 start = plan.max_loras
-    finally:
-        for process in engines.values():
-            process.stdin.close()
-            process.wait(timeout=120)
 
     rows = []
     for state in ("fresh", "evicting"):

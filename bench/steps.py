@@ -25,19 +25,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 MARK = "steps:"  # the engine's answers, among whatever vLLM prints
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-
-
-def answer(process) -> str:
-    for line in process.stdout:
-        if line.startswith(MARK):
-            return line.removeprefix(MARK).strip()
-    raise SystemExit("an engine exited")
 
 
 def engine_main(model: str, catalog: str, max_loras: int, max_cpu_loras: int,
@@ -87,43 +79,18 @@ def main() -> None:
 
     # here, not at the top: common puts this repository first on sys.path, and an engine
     # of --previous must import zoo from that commit's worktree
-    from common import BASE, ROOT, bench_home, previous_zoo_env, save, table
-    from serve import catalog as make_catalog
+    from common import answer, engine_plan, engines_of, save, table
 
-    from zoo.catalog.registry import Registry
-    from zoo.serve.launch import ServeOptions, plan_serve, prepare_base
-
-    home = bench_home()
-    registry = Registry(home)
-    make_catalog(home, registry, 1000, lambda line: print(line, file=sys.stderr))
-    options = ServeOptions(base=BASE)
-    prepare_base(options, registry)
-    plan = plan_serve(options, registry)
-    adapters = home / "bench-catalog"
+    plan, adapters, engine_args = engine_plan()
     n = args.adapters
     cold_rounds = min(args.rounds, len(os.listdir(adapters)) // n - 1)  # fresh ones left
-    engine_args = [str(plan.model_path), str(adapters), str(plan.max_loras),
-                   str(plan.max_cpu_loras), str(plan.max_lora_rank), plan.dtype]
-    variables, tree = previous_zoo_env(args.previous)
-    variants = {"zoo": ({}, ROOT), f"previous ({args.previous})": (variables, tree)}
-    engines = {}
-    for label, (extra, cwd) in variants.items():
-        engines[label] = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "steps.py"), "--engine", *engine_args],
-            cwd=cwd, env={**os.environ, **extra}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True)
-    try:
-        for (label, process), (_, cwd) in zip(engines.items(), variants.values(), strict=True):
-            ready, _, where = answer(process).partition(" ")
-            if ready != "ready" or not where.startswith(str(cwd)):
-                raise SystemExit(f"the {label} engine did not start with zoo from {cwd}")
-
+    with engines_of("steps.py", engine_args, args.previous, MARK) as engines:
         def burst(label: str, start: int) -> float:
             process = engines[label]
             process.stdin.write(json.dumps({"start": start, "count": n,
                                             "tokens": args.tokens}) + "\n")
             process.stdin.flush()
-            done = json.loads(answer(process))
+            done = json.loads(answer(process, MARK))
             if done["tokens"] != n * args.tokens:
                 raise SystemExit(f"{label}: {done['tokens']} tokens, not {n * args.tokens}")
             return done["tokens"] / done["seconds"]
@@ -145,10 +112,6 @@ def main() -> None:
                 f"{label} warm {r['warm'][-1]:.3f}" +
                 (f" cold {r['cold'][-1]:.3f}" if round_number < cold_rounds else "")
                 for label, r in results.items()), file=sys.stderr)
-    finally:
-        for process in engines.values():
-            process.stdin.close()
-            process.wait(timeout=120)
 
     rows = [{"variant": label, "base tok/s": statistics.median(r["base"]),
              "warm vs base": statistics.median(r["warm"]),
