@@ -74,15 +74,13 @@ def group_rows(indices: torch.Tensor) -> Groups:
     first = int(indices[0])
     if bool((indices == first).all()):
         return [] if first < 0 else [(first, None)]
-    groups = []
-    for slot in torch.unique(indices).tolist():
-        if slot >= 0:
-            groups.append((slot, torch.nonzero(indices == slot).flatten()))
-    return groups
+    return [(slot, torch.nonzero(indices == slot).flatten())
+            for slot in _slots_in(indices).tolist()]
 
 
 def _slots_in(indices: torch.Tensor) -> torch.Tensor:
-    """The adapter slots some row uses, ascending (int64; -1, no adapter, left out)."""
+    """The adapter slots some row uses, ascending, in the indices' dtype (-1, no adapter,
+    left out): what group_rows groups by, without the rows."""
     if indices.numel() == 0:
         return indices.new_empty(0)
     slots = torch.unique(indices)
