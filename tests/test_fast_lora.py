@@ -321,9 +321,8 @@ def test_slot_caches_redo_only_the_slots_vllm_wrote():
     assert fast_lora._slots_with_weights(b) == {2, 3, 5}
 
 _SLOT_OPS = st.lists(st.one_of(
-    st.tuples(st.just("load"), st.integers(0, 5), st.tuples(st.booleans(), st.booleans(),
-                                                             st.booleans()),
-              st.integers(1, 8)),
+    st.tuples(st.sampled_from(["load", "set_lora"]), st.integers(0, 5),
+              st.tuples(st.booleans(), st.booleans(), st.booleans()), st.integers(1, 8)),
     st.tuples(st.just("reset"), st.integers(0, 5)),
     st.tuples(st.just("unseen write"), st.integers(0, 5), st.integers(0, 2))), max_size=40)
 
@@ -332,11 +331,13 @@ _SLOT_OPS = st.lists(st.one_of(
 @given(ops=_SLOT_OPS)
 def test_reset_lora_skips_only_slots_it_knows_are_zero(ops):
     """zoo's reset_lora leaves the stacks exactly as vLLM's (every slice of the slot
-    zeroed) after any sequence of adapters entering slots (reset, then a copy into the
-    slices they train, at their rank), resets, and writes zoo does not see; it writes
-    exactly where the slot holds anything but zeros (never into a stack made of zero
-    pages before an adapter wrote it); the per-slot values stay those of the stacks."""
+    zeroed) after any sequence of adapters entering slots (vLLM's own set_lora, which zoo
+    hears of, or a reset and then copies it does not: into the slices they train, at
+    their rank), resets, and writes zoo does not see; it writes exactly where the slot
+    holds anything but zeros (never into a stack made of zero pages before an adapter
+    wrote it); the per-slot values stay those of the stacks."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
 
     from zoo.serve import fast_lora
     from zoo.serve.zero_pages import zero_pages
@@ -344,7 +345,8 @@ def test_reset_lora_skips_only_slots_it_knows_are_zero(ops):
     fast_lora.track_slot_writes()
 
     class Layer:
-        n_slices = 3
+        n_slices, tp_size = 3, 1
+        reset_lora = BaseLinearLayerWithLoRA.reset_lora  # zoo's, as on vLLM's layers
 
         def __init__(self, zeros=torch.zeros):
             self.lora_a_stacked = tuple(zeros((6, 1, 8, 5)) for _ in range(3))
@@ -361,6 +363,22 @@ def test_reset_lora_skips_only_slots_it_knows_are_zero(ops):
             value = torch.randn(8, 5, generator=g)
             for layer in (zoo, expected):
                 layer.lora_a_stacked[op[2]][slot, 0] = value
+        elif op[0] == "set_lora":
+            _kind, _slot, trained, rank = op
+            a = [torch.randn(rank, 5, generator=g) if on else None for on in trained]
+            b = [torch.randn(4, rank, generator=g) if on else None for on in trained]
+            MergedColumnParallelLinearWithLoRA.set_lora(zoo, slot, a, b)
+            for i, on in enumerate(trained):
+                for stacked, weights in ((expected.lora_a_stacked[i], a[i]),
+                                         (expected.lora_b_stacked[i], b[i])):
+                    stacked[slot] = 0
+                    if on:
+                        stacked[slot, 0, :weights.shape[0], :weights.shape[1]] = weights
+            after = [t._version for t in (*zoo.lora_a_stacked, *zoo.lora_b_stacked)]
+            # a slice it does not train, whose slot held zeros, is not written
+            for i, on in enumerate(trained * 2):
+                if not on and holds_zeros[i]:
+                    assert after[i] == versions[i]
         else:
             BaseLinearLayerWithLoRA.reset_lora(zoo, slot)
             for t in (*expected.lora_a_stacked, *expected.lora_b_stacked):

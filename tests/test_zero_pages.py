@@ -123,7 +123,8 @@ def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero(monkeypatch):
     fast_lora.track_slot_writes()
     versions = [t._version for t in allocation.made]
     read = []
-    monkeypatch.setattr(fast_lora, "_holds_anything", lambda slot: read.append(slot) or True)
+    monkeypatch.setattr(fast_lora, "_slots_holding_anything",
+                        lambda stack: read.append(stack) or torch.ones(len(stack), dtype=bool))
     VocabParallelEmbeddingWithLoRA.reset_lora(embedding, 5)
     LogitsProcessorWithLoRA.reset_lora(logits, 5)
     assert [t._version for t in allocation.made] == versions  # nothing written...
@@ -135,19 +136,22 @@ def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero(monkeypatch):
 
 
 def test_a_slot_holds_anything_exactly_when_torch_says_so_and_untouched_until_written():
-    """fast_lora reads a slot's bits as integers of its width: the same answer as torch's
-    any() in every dtype LoRA stacks come in (-0.0 counts as written, which zeroing
-    leaves as vLLM's); a zero-page stack is untouched until anything writes to it."""
+    """fast_lora reads a stack's slots' bits as integers of their width: the same answer
+    as torch's any() in every dtype LoRA stacks come in (-0.0 counts as written, which
+    zeroing leaves as vLLM's); a zero-page stack is untouched until anything writes to it."""
     from zoo.serve.zero_pages import untouched, zero_pages
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8):
         stack = zero_pages((4, 1, 8, 512), dtype)
-        assert untouched(stack) and not fast_lora._holds_anything(stack[2])
+        assert untouched(stack) and not fast_lora._slots_holding_anything(stack).any()
         stack[2, 0, 7, 511] = 3
-        assert not untouched(stack) and fast_lora._holds_anything(stack[2])
-        assert [fast_lora._holds_anything(stack[i]) for i in range(4)] == \
+        assert not untouched(stack)
+        assert fast_lora._slots_holding_anything(stack).tolist() == [False, False, True, False]
+        stack[0, 0, 0, 0] = 1
+        assert fast_lora._slots_holding_anything(stack).tolist() == \
             [bool(stack[i].any()) for i in range(4)]
     negative_zero = torch.zeros(2, 8)
     negative_zero[1, 3] = -0.0
-    assert fast_lora._holds_anything(negative_zero[1]) and not negative_zero[1].any()
+    assert fast_lora._slots_holding_anything(negative_zero).tolist() == [False, True]
+    assert not negative_zero[1].any()
     assert not untouched(torch.zeros(4))  # not made of zero pages: nothing known

@@ -391,12 +391,12 @@ def track_slot_writes() -> None:
     """Take over the LoRA layers' ``reset_lora(index)``, which vLLM calls for every layer
     whenever an adapter enters a slot (``set_lora`` starts with it; a layer the adapter
     does not train gets it alone) and which zeroes that slot of every stack. zoo's
-    version zeroes the same slots, except one that zoo zeroed and nothing has written to
-    since (the stack's version counter has not moved): a q/v adapter entering a slot
-    another q/v adapter left costs the q and v stacks, not all 14 of a layer, and the
-    stacks it leaves alone keep every per-slot value below. It also marks the slot on
-    each stack, so that those values (each slot's rank, B rank-major: the lm_head's stack
-    alone is slots x vocab x rank, 200 MB for SmolLM2 at 64 slots) redo that slot only."""
+    version zeroes only the slots that may hold anything (:func:`_zero_slot`), and
+    ``set_lora`` is wrapped to say which slot it wrote: a q/v adapter entering a slot
+    costs zeroing the q and v slots its predecessor left, and nothing is read. It also
+    marks the slot on each stack, so that the values derived from the stacks (each
+    slot's rank, B rank-major: the lm_head's stack alone is slots x vocab x rank, 200 MB
+    for SmolLM2 at 64 slots) redo that slot only."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
     from vllm.lora.layers.vocab_parallel_embedding import VocabParallelEmbeddingWithLoRA
@@ -411,6 +411,37 @@ def track_slot_writes() -> None:
             reset_lora.__wrapped__ = original  # what the patch's checks read, here as anywhere
             reset_lora._zoo_tracks = True
             layer_class.reset_lora = reset_lora
+        for cls in (layer_class, *_subclasses(layer_class)):
+            if "set_lora" in vars(cls) and not getattr(cls.set_lora, "_zoo_tracks", False):
+                cls.set_lora = _telling_writes(cls.set_lora)
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+def _telling_writes(set_lora):
+    """``set_lora(index, ...)`` that adds ``index`` to the written slots of each stack it
+    wrote. Only when its own ``reset_lora`` (vLLM's set_lora starts with it) made the
+    stack's record during the call: from there to the return, set_lora writes its slot
+    only. Any other write leaves the record behind the stack's version, and the next reset
+    finds the written slots by reading them."""
+    def tracked(self, index: int, *args, **kwargs):
+        stacks = _stacks_of(self)
+        records = [getattr(s, "_zoo_written", None) for s in stacks]
+        set_lora(self, index, *args, **kwargs)
+        for stacked, before in zip(stacks, records, strict=True):
+            record = getattr(stacked, "_zoo_written", None)
+            if record is not before and record is not None and record[0] != stacked._version:
+                record[1].add(index)
+                stacked._zoo_written = (stacked._version, record[1])
+
+    tracked.__wrapped__ = set_lora
+    tracked._zoo_tracks = True
+    return tracked
 
 
 def _reset_slot(layer, index: int) -> None:
@@ -434,34 +465,42 @@ def _stacks_of(layer) -> tuple[torch.Tensor, ...]:
 
 
 def _zero_slot(stacked: torch.Tensor, index: int) -> None:
-    """``stacked[index] = 0`` where the slot holds anything but zeros. Not even read when
-    zoo knows it is zero: zoo zeroed it, or found it zero, and the stack has not been
-    written to since (``_zoo_clean``: the stack's version then, and those slots), or the
-    stack is zero pages nothing has written (``zero_pages.untouched``). A slot no adapter
-    has used is read, never written: on zero pages writing zeros would commit its memory."""
-    version, clean = getattr(stacked, "_zoo_clean", (None, None))
-    if version != stacked._version:
-        if untouched(stacked):
-            return
-        clean = set()
-    elif index in clean:
-        return
-    if _holds_anything(stacked[index]):
-        stacked[index] = 0
-    clean.add(index)
-    stacked._zoo_clean = (stacked._version, clean)
+    """``stacked[index] = 0`` where the slot may hold anything: it is among the stack's
+    written slots (``_zoo_written``: the stack's version and the slots that may hold
+    anything but zeros then). The record is made anew each time (``set_lora``'s wrapper
+    tells its own reset's record from an older one). A slot no adapter has used is
+    never written: on zero pages writing zeros would commit its memory."""
+    written = _written_slots(stacked)
+    if index in written:
+        stacked[index].zero_()
+        written.discard(index)
+    stacked._zoo_written = (stacked._version, written)
+
+
+def _written_slots(stacked: torch.Tensor) -> set[int]:
+    """The slots of ``stacked`` that may hold anything but zeros: the record's while the
+    stack's version has not moved since; none while it is zero pages nothing has written
+    (``zero_pages.untouched``); else found by reading every slot's bits as integers (a
+    write zoo did not see, or a stack not made of zero pages: once)."""
+    record = getattr(stacked, "_zoo_written", None)
+    if record is not None and record[0] == stacked._version:
+        return record[1]
+    if untouched(stacked):
+        return set()
+    return {int(i) for i in torch.nonzero(_slots_holding_anything(stacked)).flatten()}
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _holds_anything(slot: torch.Tensor) -> bool:
-    """Whether any bit of the slot is set (-0.0 counts: zeroing it changes nothing that
-    is read). Its bits read as integers by numpy: torch's ``any()`` of one bf16 slot took
-    10 us, of the lm_head's 415 us; this takes 5 and 40."""
-    if slot.device.type != "cpu" or slot.requires_grad or slot.element_size() not in _BITS:
-        return bool(slot.any())
-    return bool(slot.view(_BITS[slot.element_size()]).numpy().any())
+def _slots_holding_anything(stacked: torch.Tensor) -> torch.Tensor:
+    """Per slot, whether any bit of it is set (-0.0 counts: zeroing it changes nothing
+    that is read), its bits read as integers by numpy: torch's ``any()`` of one bf16 slot
+    took 10 us, of the lm_head's 415 us; this takes 5 and 40."""
+    rows = stacked.reshape(stacked.shape[0], -1)
+    if rows.device.type != "cpu" or rows.requires_grad or rows.element_size() not in _BITS:
+        return rows.any(dim=1)
+    return torch.from_numpy(rows.view(_BITS[rows.element_size()]).numpy().any(axis=1))
 
 
 def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
