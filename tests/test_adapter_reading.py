@@ -17,11 +17,12 @@ from zoo.serve import adapter_reading
 @pytest.fixture
 def reading(monkeypatch):
     """adapter_reading installed in vLLM's lora_model for one test (vLLM's own after)."""
-    from vllm.lora import lora_model
+    from vllm.lora import lora_model, model_manager
 
     monkeypatch.setattr(lora_model, "safetensors", lora_model.safetensors)
     monkeypatch.setattr(lora_model, "parse_fine_tuned_lora_name",
                         lora_model.parse_fine_tuned_lora_name)
+    monkeypatch.setattr(model_manager, "str", str, raising=False)  # gone again after
     return adapter_reading.install
 
 
@@ -94,6 +95,25 @@ def test_remembered_names_answer_as_vllm_for_each_map():
     for name in (n.replace("layers.", "layers.1") for n in names):  # names not seen yet
         assert remembered(name) == parse_fine_tuned_lora_name(name)
     assert len(remembered._answers) <= 4
+
+
+def test_a_tensors_text_answers_what_the_model_manager_asks_of_it(reading):
+    """In vLLM's model_manager, ``str`` of a tensor (a packed adapter's first one, taken
+    for its device) is not "cpu", as torch's text of it is not, without torch formatting
+    its numbers; anything else's text is Python's. The patch checks that str is called
+    there once, for that comparison."""
+    from vllm.lora import model_manager
+
+    from zoo.serve.plugin import _str_only_names_a_device
+
+    reading()
+    tensor = torch.ones(8, 576, dtype=torch.bfloat16)
+    assert model_manager.str(tensor) != "cpu" and str(tensor) != "cpu"
+    for value in (torch.device("cpu"), tensor.device, None, 3, [tensor.device]):
+        assert model_manager.str(value) == str(value)
+    assert model_manager.str(b"cpu", "ascii") == "cpu"
+    assert _str_only_names_a_device("vllm.lora.model_manager") is None
+    assert "otherwise" in _str_only_names_a_device("vllm.lora.utils")
 
 
 def test_reading_adapters_keeps_nothing_behind(models, tmp_path):

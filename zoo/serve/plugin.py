@@ -431,16 +431,32 @@ def _read_adapters_in_fewer_steps() -> None:
 
 ADAPTER_READING = Patch(
     name="adapter_reading", apply=_read_adapters_in_fewer_steps,
-    why="the worker reads a new adapter's safetensors one tensor at a time and parses "
-        "each tensor's name three times, on the core that runs every step",
-    retire_when="vLLM reads an adapter's file in one go and parses each module's name once",
+    why="the worker reads a new adapter's safetensors one tensor at a time, parses "
+        "each tensor's name three times and formats a tensor as text, on the core that "
+        "runs every step",
+    retire_when="vLLM reads an adapter's file in one go, parses each module's name once "
+                "and reads a packed adapter's device from its tensor's .device",
     checks=(mentions(_LORA_MODEL, "LoRAModel", "from_local_checkpoint", snippets=(
                 'safetensors.safe_open(lora_tensor_path, framework="pt")', "f.keys()",
                 "f.get_tensor(module)", "parse_fine_tuned_lora_name(")),
             parameters("vllm.lora.utils", "parse_fine_tuned_lora_name",
                        names=("name", "weights_mapper"), exact=True),
             has(_LORA_MODEL, "safetensors", "safe_open"),
-            has(_LORA_MODEL, "parse_fine_tuned_lora_name")))
+            has(_LORA_MODEL, "parse_fine_tuned_lora_name"),
+            lambda: _str_only_names_a_device("vllm.lora.model_manager")))
+
+
+def _str_only_names_a_device(module: str) -> str | None:
+    """``module`` calls ``str`` once, to compare a device's name with "cpu" (what
+    ``adapter_reading.text`` answers the same for a tensor, without formatting it)."""
+    import importlib
+    import inspect
+    import re
+
+    calls = re.findall(r"(?<![\w.])str\((.*)", inspect.getsource(importlib.import_module(module)))
+    if [c.split(")")[1].strip() for c in calls] != ['== "cpu" and PIN_MEMORY']:
+        return f"{module} calls str() otherwise than once, to compare a device with \"cpu\""
+    return None
 
 
 def weight_report(model, heap_delta: int) -> dict:
