@@ -16,7 +16,10 @@ only; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way):
 * the engine core loads a request's adapter when the request arrives, before
   it is scheduled, so the load happens at the same step boundary; an adapter
   that fails to load fails that request (HTTP 500, logged) instead of the
-  engine step.
+  engine step. The core remembers what it had the worker load, so the API
+  server's ``add_lora`` for the same adapter (whichever comes second) is
+  answered without another round trip to the worker (``load_inplace`` always
+  goes through; ``remove_lora`` forgets).
 """
 
 from __future__ import annotations
@@ -67,17 +70,18 @@ async def _confirm(models, lora_name: str, request) -> None:
 
 
 def install_core_side() -> None:
-    """Patch the engine core's ``add_request``: load a new adapter on arrival."""
+    """Patch the engine core's ``add_request`` (load a new adapter on arrival) and its
+    ``add_lora`` and ``remove_lora`` (what the worker has loaded, remembered)."""
     from vllm.v1.engine.core import EngineCore
 
     original = EngineCore.add_request
     if getattr(original, "_zoo", False):
         return
+    add_lora, remove_lora = EngineCore.add_lora, EngineCore.remove_lora
 
     def add_request(self, request, *args, **kwargs):
         lora = request.lora_request
-        loaded = self.__dict__.setdefault("_zoo_loaded_loras", set())
-        if lora is not None and lora.lora_int_id not in loaded:
+        if lora is not None and lora.lora_int_id not in _loaded(self):
             try:
                 self.add_lora(lora)
             except Exception as error:
@@ -88,8 +92,28 @@ def install_core_side() -> None:
                                lora.lora_name, request.request_id, error)
                 fail([request.request_id], request.client_index)
                 return None
-            loaded.add(lora.lora_int_id)
         return original(self, request, *args, **kwargs)
+
+    def remembering_add_lora(self, lora_request) -> bool:
+        loaded = _loaded(self)
+        if lora_request.lora_int_id in loaded and not lora_request.load_inplace:
+            return True
+        added = add_lora(self, lora_request)
+        if added:
+            loaded.add(lora_request.lora_int_id)
+        return added
+
+    def forgetting_remove_lora(self, lora_id: int) -> bool:
+        _loaded(self).discard(lora_id)
+        return remove_lora(self, lora_id)
 
     add_request._zoo = True
     EngineCore.add_request = add_request
+    EngineCore.add_lora = remembering_add_lora
+    EngineCore.remove_lora = forgetting_remove_lora
+
+
+def _loaded(core) -> set[int]:
+    """The adapter ids the core had its worker load (the worker may have let some go
+    since: a step loads what it needs again, as in vLLM)."""
+    return core.__dict__.setdefault("_zoo_loaded_loras", set())

@@ -230,7 +230,9 @@ FIRST_USE = Patch(
                 "round trip before submitting)",
     checks=(
         parameters(_CORE, "EngineCore", "add_request", names=("request", "request_wave")),
-        parameters(_CORE, "EngineCore", "add_lora", names=("lora_request",)),
+        parameters(_CORE, "EngineCore", "add_lora", names=("lora_request",), exact=True),
+        parameters(_CORE, "EngineCore", "remove_lora", names=("lora_id",), exact=True),
+        has("vllm.lora.request", "LoRARequest", "load_inplace"),
         parameters(_CORE, "EngineCoreProc", "_send_error_outputs_to_client",
                    names=("req_ids", "client_index"), exact=True),
         parameters(_MODELS, "OpenAIServingModels", "resolve_lora", names=("lora_name",),
