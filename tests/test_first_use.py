@@ -3,6 +3,7 @@ with a stand-in executor: what the worker was asked to load."""
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -35,7 +36,11 @@ def test_the_worker_loads_an_adapter_once_whoever_asks_first(monkeypatch):
 
     for name in ("add_request", "add_lora", "remove_lora"):  # vLLM's own again after
         monkeypatch.setattr(EngineCore, name, getattr(EngineCore, name))
+    theirs = {name: inspect.signature(getattr(EngineCore, name))
+              for name in ("add_lora", "remove_lora")}
     install_core_side()
+    # the engine core decodes a utility call's arguments by the method's signature
+    assert {name: inspect.signature(getattr(EngineCore, name)) for name in theirs} == theirs
     lora = LoRARequest("acme/a:v1", 7, "/adapters/a")
     for first_arrival in (True, False):
         core, asked = _core()

@@ -25,6 +25,7 @@ only; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 logger = logging.getLogger("zoo.serve")
@@ -94,6 +95,8 @@ def install_core_side() -> None:
                 return None
         return original(self, request, *args, **kwargs)
 
+    # vLLM decodes a utility call's arguments by the method's signature: keep theirs
+    @functools.wraps(add_lora)
     def remembering_add_lora(self, lora_request) -> bool:
         loaded = _loaded(self)
         if lora_request.lora_int_id in loaded and not lora_request.load_inplace:
@@ -103,6 +106,7 @@ def install_core_side() -> None:
             loaded.add(lora_request.lora_int_id)
         return added
 
+    @functools.wraps(remove_lora)
     def forgetting_remove_lora(self, lora_id: int) -> bool:
         _loaded(self).discard(lora_id)
         return remove_lora(self, lora_id)
