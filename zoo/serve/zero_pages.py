@@ -7,11 +7,11 @@ start, so 256 slots took 3.3 GB before the first request, whatever the adapters 
 stacks made here are fresh private anonymous pages instead: they read as zeros and take
 memory only once written, so a slot costs what its adapters write (a q/v adapter of rank
 8 writes about 1.4 MB of it) and a projection no adapter trains costs nothing. zoo's
-``reset_lora`` (``fast_lora.py``) reads a slot before zeroing it and writes only where it
-holds anything but zeros (writing zeros would commit the pages), and neither reads nor
-writes a stack nothing has written since it was made here (:func:`untouched`): reading a
-fresh slot of every stack mapped 3,300 pages, and placing an adapter in a fresh slot took
-16.6 ms of the worker (4.5 ms now; ``bench/first_use.py``).
+``reset_lora`` (``fast_lora.py``) zeroes only the slots written since they were last
+zeroed (writing zeros would commit the pages), and neither reads nor writes a stack
+nothing has written since it was made here (:func:`untouched`): reading a fresh slot of
+every stack mapped 3,300 pages, and placing an adapter in a fresh slot took 16.6 ms of
+the worker (1.8 ms now; ``bench/first_use.py``).
 """
 
 from __future__ import annotations
