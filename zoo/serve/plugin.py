@@ -456,7 +456,7 @@ def _str_only_names_a_device(module: str) -> str | None:
     import re
 
     calls = re.findall(r"(?<![\w.])str\((.*)", inspect.getsource(importlib.import_module(module)))
-    if [c.split(")")[1].strip() for c in calls] != ['== "cpu" and PIN_MEMORY']:
+    if [c.partition(")")[2].strip() for c in calls] != ['== "cpu" and PIN_MEMORY']:
         return f"{module} calls str() otherwise than once, to compare a device with \"cpu\""
     return None
 
