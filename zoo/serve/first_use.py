@@ -82,6 +82,8 @@ def install_core_side() -> None:
 
     def add_request(self, request, *args, **kwargs):
         lora = request.lora_request
+        # asked here, not left to add_lora: a request never reloads its adapter, even
+        # one the API server registered with load_inplace (add_lora would, each time)
         if lora is not None and lora.lora_int_id not in _loaded(self):
             try:
                 self.add_lora(lora)
