@@ -135,12 +135,13 @@ def test_reading_adapters_keeps_nothing_behind(models, tmp_path):
 
 
 def test_rescaling_with_kept_plans_gives_the_same_numbers(models, tmp_path):
-    """The worker keeps each tensor name's rescaling between adapters: bit for bit what
-    working it out for each adapter gives, for every projection and for other LoRAs."""
+    """The worker keeps each tensor name's rescaling between adapters, and rescales the
+    float32 tensors in bulk: bit for bit what working each tensor out alone gives, for
+    every projection, float32 and bfloat16, and for other LoRAs."""
     from safetensors.torch import load_file
 
     from tests.factory import ALL_PROJECTIONS, write_random_lora
-    from zoo.models.smoothing import PLANS_KEPT, adapt_tensors
+    from zoo.models.smoothing import PLANS_KEPT, _rescaled, _rescaling, adapt_tensors
 
     config = json.loads((models.llama / "config.json").read_text())
     kv = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
@@ -156,10 +157,16 @@ def test_rescaling_with_kept_plans_gives_the_same_numbers(models, tmp_path):
         tensors = load_file(write_random_lora(tmp_path / f"l{seed}", models.llama, rank=4,
                                               seed=seed, targets=targets)
                             / "adapter_model.safetensors")
+        tensors |= {k: v.to(torch.bfloat16) for k, v in list(tensors.items())[::5]}
         kept, fresh = adapt_tensors(tensors, scales, plans), adapt_tensors(tensors, scales)
-        assert list(kept) == list(fresh)
+        assert list(kept) == list(fresh) == list(tensors)
         for key in fresh:
-            assert kept[key].dtype == fresh[key].dtype and torch.equal(kept[key], fresh[key])
+            # each tensor as rescaling it alone gives (the float32 ones are rescaled in bulk)
+            plan = _rescaling(key, scales)
+            alone = tensors[key] if plan is None else _rescaled(tensors[key], *plan)
+            for mine in (kept[key], fresh[key]):
+                assert mine.dtype == alone.dtype and torch.equal(mine, alone)
+                assert mine.is_contiguous()
         assert any(not torch.equal(fresh[k], tensors[k]) for k in fresh)
     assert len(plans) == 2 * 7 * config["num_hidden_layers"]
     full = dict.fromkeys(range(PLANS_KEPT + 1))

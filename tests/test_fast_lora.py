@@ -400,3 +400,128 @@ def test_reset_lora_skips_only_slots_it_knows_are_zero(ops):
         for a, b in zip(zoo.lora_a_stacked, zoo.lora_b_stacked, strict=True):
             assert torch.equal(fast_lora._slot_ranks(a), fast_lora._ranks_of(a))
             assert torch.equal(fast_lora._b_by_rank(b, 8), b[:, 0].transpose(1, 2))
+
+
+_MODULES = ("qkv", "o", "own")  # a fused layer (3 slices), a plain one, one of its own way
+_ADAPTERS = st.lists(st.fixed_dictionaries({
+    "qkv": st.one_of(st.none(), st.tuples(st.booleans(), st.booleans(), st.booleans(),
+                                          st.integers(1, 8))),
+    "o": st.one_of(st.none(), st.integers(1, 8)),
+    "own": st.one_of(st.none(), st.integers(1, 8))}), min_size=1, max_size=6)
+_PLACEMENT_OPS = st.lists(st.one_of(
+    st.tuples(st.just("activate"), st.integers(0, 5)),
+    st.tuples(st.just("deactivate"), st.integers(0, 5)),
+    st.tuples(st.just("unseen write"), st.sampled_from(_MODULES), st.integers(0, 3))),
+    max_size=30)
+
+
+@settings(max_examples=100, deadline=None)
+@given(adapters=_ADAPTERS, ops=_PLACEMENT_OPS)
+def test_bulk_placement_writes_what_vllms_activate_adapter_writes(adapters, ops):
+    """zoo's activate_adapter (the slot's zeroing and copies of every layer gathered into
+    two calls) leaves every stack as vLLM's own does, layer by layer, after any sequence
+    of adapters entering and leaving slots (fused, plain and untrained layers, and a layer
+    class with its own set_lora) and writes zoo does not see; the values derived from the
+    stacks stay those of the stacks."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from zoo.serve import fast_lora
+    from zoo.serve.zero_pages import zero_pages
+
+    fast_lora.track_slot_writes()
+    fast_lora.place_in_bulk()
+    zoos_activate = LoRAModelManager.activate_adapter
+    vllms_activate = fast_lora._unwrapped(zoos_activate)
+    slots = 4
+
+    def layer_classes(zoo: bool):
+        def own(f):
+            return f if zoo else fast_lora._unwrapped(f)
+
+        class Fused:
+            n_slices, tp_size = 3, 1
+            reset_lora = own(BaseLinearLayerWithLoRA.reset_lora)
+            set_lora = own(MergedColumnParallelLinearWithLoRA.set_lora)
+
+        class Plain:
+            n_slices, tp_size = 1, 1
+            reset_lora = own(BaseLinearLayerWithLoRA.reset_lora)
+            set_lora = own(BaseLinearLayerWithLoRA.set_lora)
+
+        class Own(Plain):
+            def set_lora(self, index, lora_a, lora_b):  # B doubled: not vLLM's way
+                self.reset_lora(index)
+                self.lora_a_stacked[0][index, 0, :lora_a.shape[0]] = lora_a
+                self.lora_b_stacked[0][index, 0, :, :lora_b.shape[1]] = 2 * lora_b
+        return {"qkv": Fused, "o": Plain, "own": Own}
+
+    def manager(zoo: bool):
+        zeros = (lambda shape: zero_pages(shape, torch.float32)) if zoo else torch.zeros
+        modules = {}
+        for name, cls in layer_classes(zoo).items():
+            layer = cls()
+            width = (4, 2, 2) if name == "qkv" else (4,)
+            layer.lora_a_stacked = tuple(zeros((slots, 1, 8, 5)) for _ in width)
+            layer.lora_b_stacked = tuple(zeros((slots, 1, w, 8)) for w in width)
+            modules[name] = layer
+        m = type("Manager", (), {"is_pooling_model": False,
+                                 "_get_lora_layer_weights":
+                                     LoRAModelManager._get_lora_layer_weights})()
+        m.modules, m._registered_adapters, m._active_adapters = modules, {}, {}
+        m.lora_index_to_id = [None] * slots
+        return m
+
+    class Weights:
+        def __init__(self, a, b):
+            self.lora_a, self.lora_b = a, b
+
+    class Adapter:
+        def __init__(self, lora_id, loras):
+            self.id, self.loras = lora_id, loras
+
+        def get_lora(self, name):
+            return self.loras.get(name)
+
+    g = torch.Generator().manual_seed(0)
+    zoo, expected = manager(True), manager(False)
+    for k, spec in enumerate(adapters):
+        loras = {}
+        if spec["qkv"] is not None:
+            *trained, rank = spec["qkv"]
+            loras["qkv"] = Weights(
+                [torch.randn(rank, 5, generator=g) if on else None for on in trained],
+                [torch.randn(w, rank, generator=g) if on else None
+                 for on, w in zip(trained, (4, 2, 2))])
+        for name in ("o", "own"):
+            if spec[name] is not None:
+                loras[name] = Weights(torch.randn(spec[name], 5, generator=g),
+                                      torch.randn(4, spec[name], generator=g))
+        for m in (zoo, expected):
+            m._registered_adapters[100 + k] = Adapter(100 + k, loras)
+    for op in ops:
+        if op[0] == "activate" and op[1] < len(adapters):
+            lora_id = 100 + op[1]
+            if lora_id not in zoo._active_adapters and None not in zoo.lora_index_to_id:
+                continue  # no free slot: vLLM's LRU manager deactivates one first
+            assert zoos_activate(zoo, lora_id) == vllms_activate(expected, lora_id)
+        elif op[0] == "deactivate":
+            lora_id = 100 + op[1]
+            for m in (zoo, expected):
+                if lora_id in m._active_adapters:
+                    m.lora_index_to_id[m.lora_index_to_id.index(lora_id)] = None
+                    del m._active_adapters[lora_id]
+        elif op[0] == "unseen write":
+            value = torch.randn(8, 5, generator=g)
+            for m in (zoo, expected):
+                m.modules[op[1]].lora_a_stacked[0][op[2], 0] = value
+        assert zoo.lora_index_to_id == expected.lora_index_to_id
+        for name in _MODULES:
+            mine, theirs = zoo.modules[name], expected.modules[name]
+            for x, y in zip((*mine.lora_a_stacked, *mine.lora_b_stacked),
+                            (*theirs.lora_a_stacked, *theirs.lora_b_stacked), strict=True):
+                assert torch.equal(x, y), name
+            for a, b in zip(mine.lora_a_stacked, mine.lora_b_stacked, strict=True):
+                assert torch.equal(fast_lora._slot_ranks(a), fast_lora._ranks_of(a))
+                assert torch.equal(fast_lora._b_by_rank(b, 8), b[:, 0].transpose(1, 2))

@@ -30,7 +30,8 @@ def test_the_plugin_is_registered_for_vllm():
 @pytest.mark.parametrize("patch", [plugin.LORA_DEVICE, plugin.FAST_LORA, plugin.FIRST_USE,
                                    plugin.WEIGHT_REPORT, plugin.LORA_INFO,
                                    plugin.SMOOTHED_LORA, plugin.LOADED_LOOKUP,
-                                   plugin.ZERO_PAGE_SLOTS, plugin.ADAPTER_READING],
+                                   plugin.ZERO_PAGE_SLOTS, plugin.ADAPTER_READING,
+                                   plugin.BULK_PLACEMENT],
                          ids=lambda p: p.name)
 def test_every_patch_applies_to_the_pinned_vllm(patch):
     """Each patch's own checks (version, platform, signatures) pass on this vLLM."""
@@ -67,6 +68,11 @@ def test_a_patch_whose_checks_fail_stays_off_with_one_line(caplog):
                   same + "\nself.lora_bias_stacked[index] = 0",  # more
                   "self.lora_b_stacked[index] = 0\nself.lora_a_stacked[index] = 0"):  # order
         assert "does more or other than" in patches.body_is(*reset, body=other)()
+    # a fingerprint is of the same statements (body_is's): another digest is a change
+    import vllm.lora.layers.logits_processor as module
+    digest = patches.digest_of(module.LogitsProcessorWithLoRA.reset_lora)
+    assert patches.fingerprint(*reset, digest=digest)() is None
+    assert "changed since zoo's patch was written" in patches.fingerprint(*reset, digest="0")()
     original = patches.on_cpu
     try:
         patches.on_cpu = lambda: False  # as on a GPU build: CPU-only patches never apply

@@ -85,11 +85,17 @@ def adapt_tensors(tensors: dict, scales: dict, plans: dict | None = None) -> dic
     """A LoRA's tensors (PEFT's names) rescaled for the smoothed base, each in its own
     dtype; tensors of other kinds as they are. ``plans`` keeps what each name needs (kept
     by a caller that adapts many LoRAs for the same ``scales``: the names repeat), up to
-    PLANS_KEPT names (a model's layers have a few hundred; past it, it starts afresh)."""
+    PLANS_KEPT names (a model's layers have a few hundred; past it, it starts afresh).
+    float32 tensors are rescaled in two calls (``torch._foreach_mul``/``_div``: each
+    pair's own product, as ``value * s``), others one by one through float32 and back:
+    the vLLM worker adapts every adapter it loads, on the core that runs every step."""
+    import torch
+
     plans = {} if plans is None else plans
     if len(plans) > PLANS_KEPT:
         plans.clear()
     adapted = {}
+    bulk = {True: ([], [], []), False: ([], [], [])}  # multiply?: (keys, values, scales)
     for key, value in tensors.items():
         plan = plans.get(key, _UNPLANNED)
         if plan is _UNPLANNED:
@@ -98,9 +104,23 @@ def adapt_tensors(tensors: dict, scales: dict, plans: dict | None = None) -> dic
             adapted[key] = value  # a tensor the smoothed base does not rescale
             continue
         multiply, s = plan
-        scaled = value.float() * s if multiply else value.float() / s
-        adapted[key] = scaled.to(value.dtype).contiguous()
+        adapted[key] = None  # the order of ``tensors``, filled in below
+        if value.dtype == torch.float32:
+            for column, item in zip(bulk[multiply], (key, value, s)):
+                column.append(item)
+        else:
+            adapted[key] = _rescaled(value, multiply, s)
+    for multiply, (keys, values, factors) in bulk.items():
+        if keys:
+            results = (torch._foreach_mul if multiply else torch._foreach_div)(values, factors)
+            adapted.update(zip(keys, results))
     return adapted
+
+
+def _rescaled(value, multiply: bool, s):
+    """One tensor rescaled in float32, back in its own dtype."""
+    scaled = value.float() * s if multiply else value.float() / s
+    return scaled.to(value.dtype).contiguous()
 
 
 _UNPLANNED = object()

@@ -416,6 +416,166 @@ def track_slot_writes() -> None:
                 cls.set_lora = _telling_writes(cls.set_lora)
 
 
+def place_in_bulk() -> None:
+    """Take over ``LoRAModelManager.activate_adapter`` (an adapter entering a free slot)
+    where vLLM's own does only what zoo's does in bulk: it visits every LoRA layer (122
+    for SmolLM2) and calls ``set_lora(index, A, B)`` (reset the slot, then copy each
+    slice's A and B in) or, where the adapter has no weights, ``reset_lora(index)``.
+    zoo's makes the same writes: a layer whose ``set_lora`` is vLLM's own linear one
+    (one tensor pair or one per slice, not tensor-parallel) has its slot's zeroing and
+    copies gathered, and all of them run as one ``_foreach_zero_`` and one
+    ``_foreach_copy_``; a stack whose slot zoo knows holds zeros and gets no weights is
+    neither written nor marked (its derived values stay valid); any other layer gets
+    its own ``set_lora`` or ``reset_lora``, as in vLLM. A manager with a classification
+    head or a pooling model's renaming goes to vLLM's own. The adapter packing before it
+    (``_create_merged_loras_inplace``) is vLLM's."""
+    from vllm.lora import model_manager
+
+    manager_class = model_manager.LoRAModelManager
+    original = manager_class.activate_adapter
+    if getattr(original, "_zoo_bulk", False):
+        return
+    placed = _placed_set_loras()
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        lora_model = self._registered_adapters.get(lora_id)
+        if lora_id in self._active_adapters or lora_model is None or not _plain(self):
+            return original(self, lora_id)
+        index = next((i for i, held in enumerate(self.lora_index_to_id) if held is None),
+                     None)
+        if index is None:
+            raise ValueError("No free lora slots")
+        self._active_adapters[lora_id] = None
+        self.lora_index_to_id[index] = lora_model.id
+        place = _Placement(index)
+        for name, module in self.modules.items():
+            weights = lora_model.get_lora(name)
+            if weights is None:
+                if getattr(type(module).reset_lora, "_zoo_tracks", False):
+                    place.reset(module, copies_follow=False)
+                else:
+                    module.reset_lora(index)
+            elif not place.copies(module, weights, placed):
+                module.set_lora(index, weights.lora_a, weights.lora_b)
+        place.run()
+        return True
+
+    activate_adapter._zoo_bulk = True
+    activate_adapter.__wrapped__ = original
+    manager_class.activate_adapter = activate_adapter
+
+
+def _placed_set_loras() -> dict:
+    """vLLM's linear ``set_lora`` bodies :class:`_Placement` does the work of: one A and
+    B pair (``"pair"``) or a list of them, one per slice (``"slices"``)."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
+
+    return {_unwrapped(BaseLinearLayerWithLoRA.set_lora): "pair",
+            _unwrapped(MergedColumnParallelLinearWithLoRA.set_lora): "slices"}
+
+
+def _plain(manager) -> bool:
+    """No classification head among the manager's layers and no pooling model (whose
+    layer names vLLM looks up twice): what the bulk placement was written for."""
+    plain = getattr(manager, "_zoo_plain", None)
+    if plain is None:
+        from vllm.lora.layers import ClassificationHeadWithLoRA
+
+        plain = manager._zoo_plain = not getattr(manager, "is_pooling_model", False) and \
+            not any(isinstance(m, ClassificationHeadWithLoRA) for m in manager.modules.values())
+    return plain
+
+
+class _Placement:
+    """One slot's writes across many layers, gathered, then made in two calls. The
+    records kept are :func:`_reset_slot`'s and :func:`_telling_writes`'s: the written
+    slots of each stack at its version, and the derived values' marks."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.zeros: list[torch.Tensor] = []      # slot views to zero
+        self.zeroed: list[tuple[torch.Tensor, set]] = []
+        self.targets: list[torch.Tensor] = []    # slot views to copy into ...
+        self.sources: list[torch.Tensor] = []    # ... from these
+        self.copied: list[tuple[torch.Tensor, set]] = []
+
+    def reset(self, layer, copies_follow: bool) -> dict[int, set]:
+        """Gather ``reset_lora(index)`` of ``layer``; each stack's written slots, by id."""
+        index, written_of = self.index, {}
+        for stacked in _stacks_of(layer):
+            record = getattr(stacked, "_zoo_written", None)
+            if record is not None and record[0] == stacked._version:
+                written = record[1]
+            else:
+                written = _written_slots(stacked)
+                stacked._zoo_written = (stacked._version, written)
+            holds = index in written
+            if holds or copies_follow:
+                dirty = getattr(stacked, "_zoo_dirty", None)
+                if dirty:
+                    for slots in dirty.values():
+                        slots.add(index)
+            if holds:
+                self.zeros.append(stacked[index])
+                self.zeroed.append((stacked, written))
+            written_of[id(stacked)] = written
+        return written_of
+
+    def copies(self, layer, weights, placed: dict) -> bool:
+        """Gather ``layer.set_lora(index, A, B)``; False where it is not vLLM's linear
+        one on a single device, or the weights are not what it takes without reshaping
+        them (its packed groups expanded, its asserts)."""
+        kind = _kinds.get(type(layer))
+        if kind is None:
+            kind = _kinds[type(layer)] = placed.get(_unwrapped(type(layer).set_lora), "")
+        if not kind or getattr(layer, "tp_size", None) != 1:
+            return False
+        a, b = weights.lora_a, weights.lora_b
+        stacks_a, stacks_b = layer.lora_a_stacked, layer.lora_b_stacked
+        if kind == "pair":
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                    and len(stacks_a) == len(stacks_b) == layer.n_slices == 1):
+                return False
+            a, b = [a], [b]
+        elif not (isinstance(a, list) and isinstance(b, list)
+                  and len(a) == len(b) == layer.n_slices == len(stacks_a) == len(stacks_b)):
+            return False
+        written_of = self.reset(layer, copies_follow=True)
+        index = self.index
+        for stacks, tensors in ((stacks_a, a), (stacks_b, b)):
+            for stacked, tensor in zip(stacks, tensors):
+                if tensor is None:
+                    continue
+                self.targets.append(stacked[index, 0, :tensor.shape[0], :tensor.shape[1]])
+                self.sources.append(tensor)
+                self.copied.append((stacked, written_of[id(stacked)]))
+        return True
+
+    def run(self) -> None:
+        index = self.index
+        if self.zeros:
+            torch._foreach_zero_(self.zeros)
+            for stacked, written in self.zeroed:
+                written.discard(index)
+                stacked._zoo_written = (stacked._version, written)
+        if self.targets:
+            torch._foreach_copy_(self.targets, self.sources)
+            for stacked, written in self.copied:
+                written.add(index)
+                stacked._zoo_written = (stacked._version, written)
+
+
+_kinds: dict[type, str] = {}  # a layer class's set_lora: "pair", "slices" or "" (its own)
+
+
+def _unwrapped(function):
+    """``function`` without zoo's wrappers (each keeps vLLM's as ``__wrapped__``)."""
+    while hasattr(function, "__wrapped__"):
+        function = function.__wrapped__
+    return function
+
+
 def _subclasses(cls: type) -> list[type]:
     found = []
     for sub in cls.__subclasses__():

@@ -146,26 +146,50 @@ def mentions(module: str, *path: str, snippets: tuple[str, ...]) -> Check:
     return check
 
 
+def _statements(source: str) -> list[str]:
+    """A function's statements as syntax trees (comments, docstring and layout aside)."""
+    import ast
+    import textwrap
+
+    nodes = ast.parse(textwrap.dedent(source)).body
+    if len(nodes) == 1 and isinstance(nodes[0], ast.FunctionDef):
+        nodes = nodes[0].body
+    if nodes and isinstance(nodes[0], ast.Expr) and isinstance(nodes[0].value, ast.Constant):
+        nodes = nodes[1:]  # the docstring
+    return [ast.dump(node) for node in nodes]
+
+
 def body_is(module: str, *path: str, body: str) -> Check:
     """The function ``module.path`` does exactly ``body`` (its statements, compared as
     syntax trees: comments, docstrings and layout aside). For a patch that does a
     function's work itself, and must not when upstream adds to it."""
-    import ast
-    import textwrap
-
-    def statements(source: str) -> list[str]:
-        nodes = ast.parse(textwrap.dedent(source)).body
-        if len(nodes) == 1 and isinstance(nodes[0], ast.FunctionDef):
-            nodes = nodes[0].body
-        if nodes and isinstance(nodes[0], ast.Expr) and isinstance(nodes[0].value, ast.Constant):
-            nodes = nodes[1:]  # the docstring
-        return [ast.dump(node) for node in nodes]
-
     def check() -> str | None:
         obj, missing = _lookup(module, path)
         if missing:
             return missing
-        if statements(inspect.getsource(obj)) != statements(body):
+        if _statements(inspect.getsource(obj)) != _statements(body):
             return f"{module}.{'.'.join(path)} does more or other than: {' '.join(body.split())}"
         return None
     return check
+
+
+def fingerprint(module: str, *path: str, digest: str) -> Check:
+    """The function ``module.path`` is the one zoo's patch was written against: its
+    statements (as :func:`body_is` compares them) hash to ``digest`` (:func:`digest_of`).
+    For a body too long to restate in a check."""
+    def check() -> str | None:
+        obj, missing = _lookup(module, path)
+        if missing:
+            return missing
+        if digest_of(obj) != digest:
+            return f"{module}.{'.'.join(path)} changed since zoo's patch was written " \
+                   f"(digest {digest_of(obj)}, not {digest})"
+        return None
+    return check
+
+
+def digest_of(function) -> str:
+    import hashlib
+
+    text = "\n".join(_statements(inspect.getsource(function)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
