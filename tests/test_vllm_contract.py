@@ -260,7 +260,7 @@ def test_every_generating_route_takes_the_cache_salt():
 def test_a_loaded_adapter_is_found_without_copying_the_cache():
     """With zoo's loaded_lookup patch, the worker's add_adapter does what vLLM's does
     (the same calls on its adapter manager, the same answer) for adapters loaded or not,
-    without list_adapters() for one already loaded."""
+    without list_adapters() but for a reload in place of one loaded."""
     from vllm.lora.model_manager import LRUCacheLoRAModelManager
     from vllm.lora.request import LoRARequest
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
@@ -324,7 +324,16 @@ def test_a_loaded_adapter_is_found_without_copying_the_cache():
     finally:
         LRUCacheWorkerLoRAManager.add_adapter = before
     assert [c for c in vllms.log if c != "list"] == [c for c in zoos.log if c != "list"]
-    # vLLM lists the cache for each request; zoo only where vLLM's own add_adapter runs
+    # vLLM lists the cache for each request; zoo only to reload one in place
     loads = [c[1] for c in zoos.log if c[0] == "load"]
     assert loads == [1, 2, 3, 4, 1, 1]  # 1 evicted by 4, back, then reloaded in place
-    assert vllms.log.count("list") == 10 and zoos.log.count("list") == 6
+    assert vllms.log.count("list") == 10 and zoos.log.count("list") == 1
+    assert "list_adapters" not in vars(zoos)  # its own method again after each call ...
+    zoos._load_adapter = lambda request: 1 / 0
+    report = patches.install([plugin.LOADED_LOOKUP])
+    try:
+        with pytest.raises(ZeroDivisionError):
+            LRUCacheWorkerLoRAManager.add_adapter(zoos, LoRARequest("a9", 9, "/nowhere"))
+    finally:
+        LRUCacheWorkerLoRAManager.add_adapter = before
+    assert "list_adapters" not in vars(zoos)  # ... and after a load that failed
