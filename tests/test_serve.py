@@ -82,8 +82,7 @@ def served(smollm2_home, tmp_path_factory, lora_maker):
     options = ServeOptions(base=BASE, quantization="w8a8", port=free_port(), api_keys=keys)
     with running_server(options, registry, log=lines.append,
                         log_file=home.parent / "vllm.log") as server:
-        yield SimpleNamespace(url=server.url, lines=lines, home=home, log=server.log_file,
-                              pid=server.process.pid)
+        yield SimpleNamespace(url=server.url, lines=lines, home=home, log=server.log_file)
 
 
 def client(server, tenant: str = "ops") -> openai.OpenAI:
@@ -140,33 +139,6 @@ def test_start_up_lists_what_is_served_and_what_is_left_out(served):
     # every zoo patch applied in every process of the engine (a refused one logs a line)
     log = served.log.read_text()
     assert "zoo: patch" not in log and "plugin registration failed" not in log
-
-
-def test_the_api_server_and_engine_core_keep_off_the_workers_cpus(served):
-    """vLLM binds its worker to all CPUs but the ones it reserves; zoo moves the API
-    server's and the engine core's threads to those (serve/cores.py)."""
-    from zoo.serve.cores import allowed_cpus
-
-    def child(pid: int, name: str) -> int:  # vLLM names its processes (beside a resource
-        found = [int(c) for t in os.listdir(f"/proc/{pid}/task")  # tracker, say)
-                 for c in open(f"/proc/{pid}/task/{t}/children").read().split()
-                 if open(f"/proc/{c}/comm").read().startswith(name)]
-        assert len(found) == 1, (name, found)
-        return found[0]
-
-    engine_core = child(served.pid, "VLLM::EngineCor")
-    worker = child(engine_core, "VLLM::Worker")
-    threads = {pid: [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-               for pid in (served.pid, engine_core, worker)}
-    workers = {cpu for t in threads[worker] for cpu in os.sched_getaffinity(t)}
-    if len(os.sched_getaffinity(0)) < 2:
-        assert workers == os.sched_getaffinity(0)  # nothing to keep off: one CPU
-        return
-    assert workers < os.sched_getaffinity(0)
-    for pid in (served.pid, engine_core):
-        for thread in threads[pid]:
-            assert os.sched_getaffinity(thread) == os.sched_getaffinity(0) - workers
-    assert allowed_cpus(worker) == workers
 
 
 def scored(server, model: str) -> list[float]:

@@ -36,7 +36,6 @@ SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
 FAST_LORA_VARIABLE = "ZOO_FAST_LORA"
 STATE_VARIABLE = "ZOO_SERVE_STATE"
 FIRST_USE_VARIABLE = "ZOO_FAST_FIRST_USE"
-CORES_VARIABLE = "ZOO_WORKER_CORES"
 LORA_INFO_VARIABLE = "ZOO_LORA_INFO"
 WEIGHTS_REPORT = "weights.json"
 logger = logging.getLogger("zoo.serve")
@@ -67,8 +66,6 @@ def zoo_patches() -> list[Patch]:
         patches += [FAST_LORA, BULK_PLACEMENT]
     if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
         patches.append(FIRST_USE)
-    if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(CORES_VARIABLE, "1") != "0":
-        patches.append(WORKER_CORES)
     if os.environ.get(STATE_VARIABLE):
         patches.append(WEIGHT_REPORT)
     if os.environ.get(LORA_INFO_VARIABLE, "1") != "0":
@@ -279,26 +276,6 @@ FIRST_USE = Patch(
             f"self.{a}" for a in ("lora_requests", "lora_resolver_lock", "lora_resolvers",
                                   "lora_id_counter", "engine_client", "model_config"))),
         has("vllm.lora.request", "LoRARequest", "lora_int_id"),
-    ))
-
-
-def _keep_the_workers_cores() -> None:
-    from zoo.serve import cores
-
-    cores.install()
-
-
-WORKER_CORES = Patch(
-    name="worker_cores", cpu_only=True, apply=_keep_the_workers_cores,
-    why="vLLM keeps CPUs for its other processes but leaves its API server and engine "
-        "core free to run on the worker's: the worker's steps were 5-8% slower",
-    retire_when="vLLM binds its API server and engine core to the CPUs it reserves",
-    checks=(
-        has("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device"),
-        # the worker is bound by OpenMP's places, set as vLLM starts it (before init_device)
-        mentions("vllm.utils.ompmultiprocessing", "OMPProcessManager", "configure_omp_envs",
-                 snippets=('envs_dict["OMP_PLACES"]', 'envs_dict["OMP_PROC_BIND"] = "true"')),
-        has("vllm.envs", "VLLM_CPU_OMP_THREADS_BIND"),
     ))
 
 
