@@ -189,6 +189,10 @@ def fingerprint(module: str, *path: str, digest: str) -> Check:
 
 
 def digest_of(function) -> str:
+    """16 hex digits of a hash of the function's statements as ``ast.dump`` writes them:
+    the same source can dump otherwise on another Python minor version (zoo's is pinned
+    with its venv), which turns the patch off, as any change would, and fails
+    tests/test_vllm_contract.py loudly."""
     import hashlib
 
     text = "\n".join(_statements(inspect.getsource(function)))
