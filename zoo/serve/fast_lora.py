@@ -26,7 +26,8 @@ the adapter trained that projection, with a per-token einsum. This wrapper
 
 The products accumulate in float32 and the result is rounded once, when it is added to
 the output. The per-slot values (each slot's rank, B rank-major) are recomputed only
-for the slots vLLM rewrites. zoo's plugin selects this wrapper on the CPU platform (a
+for the slots vLLM rewrites, and an adapter entering a slot has all its layers' writes
+made in two calls (:func:`place_in_bulk`, its own patch). zoo's plugin selects this wrapper on the CPU platform (a
 guarded patch, ``patches.py``); ``ZOO_FAST_LORA=0`` restores vLLM's own. A call this
 path was not written for goes to vLLM's own ops instead: a keyword it does not know, a torch
 compile in progress (one step's grouping must never be baked into a graph), or a
