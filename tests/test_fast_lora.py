@@ -493,7 +493,7 @@ def test_bulk_placement_writes_what_vllms_activate_adapter_writes(adapters, ops)
             loras["qkv"] = Weights(
                 [torch.randn(rank, 5, generator=g) if on else None for on in trained],
                 [torch.randn(w, rank, generator=g) if on else None
-                 for on, w in zip(trained, (4, 2, 2))])
+                 for on, w in zip(trained, (4, 2, 2), strict=True)])
         for name in ("o", "own"):
             if spec[name] is not None:
                 loras[name] = Weights(torch.randn(spec[name], 5, generator=g),

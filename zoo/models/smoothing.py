@@ -106,14 +106,14 @@ def adapt_tensors(tensors: dict, scales: dict, plans: dict | None = None) -> dic
         multiply, s = plan
         adapted[key] = None  # the order of ``tensors``, filled in below
         if value.dtype == torch.float32:
-            for column, item in zip(bulk[multiply], (key, value, s)):
+            for column, item in zip(bulk[multiply], (key, value, s), strict=True):
                 column.append(item)
         else:
             adapted[key] = _rescaled(value, multiply, s)
     for multiply, (keys, values, factors) in bulk.items():
         if keys:
             results = (torch._foreach_mul if multiply else torch._foreach_div)(values, factors)
-            adapted.update(zip(keys, results))
+            adapted.update(zip(keys, results, strict=True))
     return adapted
 
 

@@ -27,12 +27,12 @@ the adapter trained that projection, with a per-token einsum. This wrapper
 The products accumulate in float32 and the result is rounded once, when it is added to
 the output. The per-slot values (each slot's rank, B rank-major) are recomputed only
 for the slots vLLM rewrites, and an adapter entering a slot has all its layers' writes
-made in two calls (:func:`place_in_bulk`, its own patch). zoo's plugin selects this wrapper on the CPU platform (a
-guarded patch, ``patches.py``); ``ZOO_FAST_LORA=0`` restores vLLM's own. A call this
-path was not written for goes to vLLM's own ops instead: a keyword it does not know, a torch
-compile in progress (one step's grouping must never be baked into a graph), or a
-token-to-slot mapping outside -1 (no adapter) .. slots - 1. Tests compare the two on
-the same inputs, and end to end on the real base.
+made in two calls (:func:`place_in_bulk`, its own patch). zoo's plugin selects this
+wrapper on the CPU platform (a guarded patch, ``patches.py``); ``ZOO_FAST_LORA=0``
+restores vLLM's own. A call this path was not written for goes to vLLM's own ops
+instead: a keyword it does not know, a torch compile in progress (one step's grouping
+must never be baked into a graph), or a token-to-slot mapping outside -1 (no adapter)
+.. slots - 1. Tests compare the two on the same inputs, and end to end on the real base.
 """
 
 from __future__ import annotations
@@ -545,7 +545,7 @@ class _Placement:
         written_of = self.reset(layer, copies_follow=True)
         index = self.index
         for stacks, tensors in ((stacks_a, a), (stacks_b, b)):
-            for stacked, tensor in zip(stacks, tensors):
+            for stacked, tensor in zip(stacks, tensors, strict=True):
                 if tensor is None:
                     continue
                 self.targets.append(stacked[index, 0, :tensor.shape[0], :tensor.shape[1]])

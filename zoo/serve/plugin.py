@@ -28,8 +28,7 @@ import logging
 import os
 from pathlib import Path
 
-from zoo.serve.patches import (Patch, Report, body_is, fingerprint, has, install, mentions,
-                               parameters)
+from zoo.serve.patches import Patch, Report, body_is, fingerprint, has, install, mentions, parameters
 from zoo.serve.policy import MODEL_VARIABLE
 
 SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
