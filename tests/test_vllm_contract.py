@@ -60,6 +60,11 @@ def test_a_patch_whose_checks_fail_stays_off_with_one_line(caplog):
                               snippets=("self.", "zoo-never-wrote-this"))
     assert source() == "vllm.v1.engine.core.EngineCore.add_request no longer has " \
                        "zoo-never-wrote-this"
+    twice = patches.mentions("vllm.v1.engine.core", "EngineCore", "add_request",
+                             snippets=("self.",), once=True)
+    assert twice() == "vllm.v1.engine.core.EngineCore.add_request has self. more than once"
+    assert patches.mentions("vllm.v1.engine.core", "EngineCore", "add_request",
+                            snippets=("self.scheduler.add_request(request)",), once=True)() is None
     reset = ("vllm.lora.layers.logits_processor", "LogitsProcessorWithLoRA", "reset_lora")
     same = "# vLLM's, laid out otherwise\nself.lora_a_stacked[index] = 0\n" \
            "self.lora_b_stacked[ index ] = (0)"

@@ -501,27 +501,19 @@ class _Placement:
         self.sources: list[torch.Tensor] = []    # ... from these
         self.copied: list[tuple[torch.Tensor, set]] = []
 
-    def reset(self, layer, copies_follow: bool) -> dict[int, set]:
-        """Gather ``reset_lora(index)`` of ``layer``; each stack's written slots, by id."""
-        index, written_of = self.index, {}
+    def reset(self, layer, copies_follow: bool) -> None:
+        """Gather ``reset_lora(index)`` of ``layer``; each stack's record is made current
+        (the written slots at its version), for :meth:`run` to update."""
+        index = self.index
         for stacked in _stacks_of(layer):
-            record = getattr(stacked, "_zoo_written", None)
-            if record is not None and record[0] == stacked._version:
-                written = record[1]
-            else:
-                written = _written_slots(stacked)
-                stacked._zoo_written = (stacked._version, written)
+            written = _written_slots(stacked)
+            stacked._zoo_written = (stacked._version, written)
             holds = index in written
             if holds or copies_follow:
-                dirty = getattr(stacked, "_zoo_dirty", None)
-                if dirty:
-                    for slots in dirty.values():
-                        slots.add(index)
+                _mark_for_redoing(stacked, index)
             if holds:
                 self.zeros.append(stacked[index])
                 self.zeroed.append((stacked, written))
-            written_of[id(stacked)] = written
-        return written_of
 
     def copies(self, layer, weights, placed: dict) -> bool:
         """Gather ``layer.set_lora(index, A, B)``; False where it is not vLLM's linear
@@ -542,7 +534,7 @@ class _Placement:
         elif not (isinstance(a, list) and isinstance(b, list)
                   and len(a) == len(b) == layer.n_slices == len(stacks_a) == len(stacks_b)):
             return False
-        written_of = self.reset(layer, copies_follow=True)
+        self.reset(layer, copies_follow=True)
         index = self.index
         for stacks, tensors in ((stacks_a, a), (stacks_b, b)):
             for stacked, tensor in zip(stacks, tensors, strict=True):
@@ -550,7 +542,7 @@ class _Placement:
                     continue
                 self.targets.append(stacked[index, 0, :tensor.shape[0], :tensor.shape[1]])
                 self.sources.append(tensor)
-                self.copied.append((stacked, written_of[id(stacked)]))
+                self.copied.append((stacked, stacked._zoo_written[1]))
         return True
 
     def run(self) -> None:
@@ -607,11 +599,16 @@ def _telling_writes(set_lora):
 
 def _reset_slot(layer, index: int) -> None:
     for stacked in _stacks_of(layer):
-        dirty = getattr(stacked, "_zoo_dirty", None)
-        if dirty:
-            for slots in dirty.values():
-                slots.add(index)  # a copy into the slot may follow
+        _mark_for_redoing(stacked, index)  # a copy into the slot may follow
         _zero_slot(stacked, index)
+
+
+def _mark_for_redoing(stacked: torch.Tensor, index: int) -> None:
+    """Each value derived from ``stacked`` (:func:`_per_slot`) redoes slot ``index``."""
+    dirty = getattr(stacked, "_zoo_dirty", None)
+    if dirty:
+        for slots in dirty.values():
+            slots.add(index)
 
 
 def _stacks_of(layer) -> tuple[torch.Tensor, ...]:

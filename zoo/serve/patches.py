@@ -131,9 +131,10 @@ def parameters(module: str, *path: str, names: tuple[str, ...], exact: bool = Fa
     return check
 
 
-def mentions(module: str, *path: str, snippets: tuple[str, ...]) -> Check:
+def mentions(module: str, *path: str, snippets: tuple[str, ...], once: bool = False) -> Check:
     """The source of ``module.path`` holds every one of ``snippets`` (what a signature
-    cannot show: the attributes an ``__init__`` sets, the branch a method takes)."""
+    cannot show: the attributes an ``__init__`` sets, the branch a method takes); with
+    ``once``, each exactly once (a patch that answers that one use)."""
     def check() -> str | None:
         obj, missing = _lookup(module, path)
         if missing:
@@ -142,6 +143,9 @@ def mentions(module: str, *path: str, snippets: tuple[str, ...]) -> Check:
         absent = [s for s in snippets if s not in source]
         if absent:
             return f"{module}.{'.'.join(path)} no longer has {', '.join(absent)}"
+        repeated = [s for s in snippets if once and source.count(s) > 1]
+        if repeated:
+            return f"{module}.{'.'.join(path)} has {', '.join(repeated)} more than once"
         return None
     return check
 

@@ -339,18 +339,9 @@ LOADED_LOOKUP = Patch(
         mentions("vllm.lora.model_manager", "LRUCacheLoRAModelManager", "get_adapter",
                  snippets=("self._registered_adapters.get(adapter_id)",)),
         # a new adapter's call answers list_adapters() with an empty set: its only use
-        lambda: _calls_once(_WORKER_MANAGER, "LRUCacheWorkerLoRAManager", "add_adapter",
-                            "self.list_adapters()"),
+        mentions(_WORKER_MANAGER, "LRUCacheWorkerLoRAManager", "add_adapter",
+                 snippets=("self.list_adapters()",), once=True),
     ))
-
-
-def _calls_once(module: str, cls: str, function: str, call: str) -> str | None:
-    import importlib
-    import inspect
-
-    source = inspect.getsource(getattr(getattr(importlib.import_module(module), cls), function))
-    count = source.count(call)
-    return None if count == 1 else f"{module}.{cls}.{function} has {call} {count} times, not once"
 
 
 def _allocate_slots_lazily() -> None:
