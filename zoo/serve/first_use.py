@@ -145,7 +145,8 @@ def install_core_side() -> None:
 
     @functools.wraps(has_work)
     def has_work_or_held(self) -> bool:
-        return has_work(self) or bool(_held(self).loads)  # a held request's load is there
+        held = _held(self)
+        return has_work(self) or bool(held.requests or held.loads)
 
     # vLLM decodes a utility call's arguments by the method's signature: keep theirs
     @functools.wraps(add_lora)
