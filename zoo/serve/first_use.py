@@ -13,22 +13,30 @@ only; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way):
 * the API server registers what a resolver found and submits the request at
   once; ``add_lora`` still goes to the core, in the background, and a failure
   makes the server forget the name (the next request resolves it again);
-* the engine core loads a request's adapter when the request arrives, before
-  it is scheduled, so the load happens at the same step boundary; an adapter
-  that fails to load fails that request (HTTP 500, logged) instead of the
-  engine step. The core remembers what it had the worker load, so the API
-  server's ``add_lora`` for the same adapter (whichever comes second) is
-  answered without another round trip to the worker (``load_inplace`` always
-  goes through; ``remove_lora`` forgets).
+* the engine core begins a request's adapter's load when the request arrives,
+  before it is scheduled, so the load happens at the same step boundary. Where the
+  worker allows, the core reads the adapter itself and sends it to the worker to
+  place (``core_reading.py``) without waiting, reading the next one meanwhile (at
+  most ``IN_FLIGHT`` unanswered); the requests wait in the core until their loads
+  are confirmed, once, before the next step. An adapter that fails to load fails its
+  requests (HTTP 500, logged) instead of the engine step. The core remembers what it
+  had the worker load, so the API server's ``add_lora`` for the same adapter
+  (whichever comes first) begins no second load, and is answered when the load is
+  confirmed, the core not waiting for it then (``load_inplace`` always goes through;
+  ``remove_lora`` forgets). A request aborted while it waits is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 logger = logging.getLogger("zoo.serve")
+IN_FLIGHT = 4  # loads sent to the worker and not answered yet, at most
 
 _background: set[asyncio.Task] = set()  # the running confirmations (asyncio keeps weak refs)
 
@@ -71,42 +79,103 @@ async def _confirm(models, lora_name: str, request) -> None:
 
 
 def install_core_side() -> None:
-    """Patch the engine core's ``add_request`` (load a new adapter on arrival) and its
-    ``add_lora`` and ``remove_lora`` (what the worker has loaded, remembered)."""
-    from vllm.v1.engine.core import EngineCore
+    """Patch the engine core: ``add_request`` (a new adapter's load begun on arrival, its
+    requests held until it is placed), ``_process_input_queue`` and ``has_work`` (the
+    held requests handed to vLLM before the next step), ``abort_requests`` (a held one
+    dropped), ``add_lora`` and ``remove_lora`` (what the worker has loaded,
+    remembered)."""
+    from vllm.v1.engine.core import EngineCore, EngineCoreProc
 
     original = EngineCore.add_request
     if getattr(original, "_zoo", False):
         return
     add_lora, remove_lora = EngineCore.add_lora, EngineCore.remove_lora
+    abort_requests = EngineCore.abort_requests
+    process_input_queue, has_work = EngineCoreProc._process_input_queue, EngineCoreProc.has_work
 
     def add_request(self, request, *args, **kwargs):
         lora = request.lora_request
         # asked here, not left to add_lora: a request never reloads its adapter, even
         # one the API server registered with load_inplace (add_lora would, each time)
-        if lora is not None and lora.lora_int_id not in _loaded(self):
+        if lora is None or lora.lora_int_id in _loaded(self):
+            return original(self, request, *args, **kwargs)
+        held = _held(self)
+        if lora.lora_int_id not in held.loads:
             try:
-                self.add_lora(lora)
+                held.loads[lora.lora_int_id] = _begin_load(self, lora)
             except Exception as error:
-                fail = getattr(self, "_send_error_outputs_to_client", None)
-                if fail is None:  # an in-process core has no client to answer
-                    raise
-                logger.warning("zoo: adapter %r could not be loaded, request %s fails: %s",
-                               lora.lora_name, request.request_id, error)
-                fail([request.request_id], request.client_index)
+                _fail(self, request, error)
                 return None
-        return original(self, request, *args, **kwargs)
+        held.requests.append((request, args, kwargs))
+        if not isinstance(self, EngineCoreProc):  # no loop to hand them over: now
+            admit(self)
+        return None
+
+    def admit(self) -> None:
+        """Wait for every load begun, then hand the held requests to vLLM in the order
+        they came, or fail those whose adapter did not load, and answer the add_lora
+        calls waiting."""
+        held = _held(self)
+        failed = {}
+        for lora_id, answers in held.loads.items():
+            try:
+                if all(answers.result()):
+                    _loaded(self).add(lora_id)
+            except Exception as error:
+                failed[lora_id] = error
+        requests, waiters = held.requests, held.waiters
+        held.loads, held.requests, held.waiters = {}, [], {}
+        for request, args, kwargs in requests:
+            error = failed.get(request.lora_request.lora_int_id)
+            if error is None:
+                original(self, request, *args, **kwargs)
+            else:
+                _fail(self, request, error)
+        for lora_id, answers in waiters.items():
+            for answer in answers:
+                if lora_id in failed:
+                    answer.set_exception(failed[lora_id])
+                else:
+                    answer.set_result(lora_id in _loaded(self))
+
+    @functools.wraps(process_input_queue)
+    def admitting_process_input_queue(self):
+        process_input_queue(self)
+        admit(self)
+
+    @functools.wraps(has_work)
+    def has_work_or_held(self) -> bool:
+        held = _held(self)
+        return has_work(self) or bool(held.requests or held.loads)
 
     # vLLM decodes a utility call's arguments by the method's signature: keep theirs
     @functools.wraps(add_lora)
-    def remembering_add_lora(self, lora_request) -> bool:
-        loaded = _loaded(self)
-        if lora_request.lora_int_id in loaded and not lora_request.load_inplace:
+    def remembering_add_lora(self, lora_request) -> bool | Future:
+        lora_id = lora_request.lora_int_id
+        if lora_request.load_inplace:
+            added = add_lora(self, lora_request)
+            if added:
+                _loaded(self).add(lora_id)
+            return added
+        if lora_id in _loaded(self):
             return True
-        added = add_lora(self, lora_request)
-        if added:
-            loaded.add(lora_request.lora_int_id)
-        return added
+        held = _held(self)
+        if lora_id not in held.loads:
+            held.loads[lora_id] = _begin_load(self, lora_request)
+        answer = Future()  # answered as the load is confirmed, before the next step
+        held.waiters.setdefault(lora_id, []).append(answer)
+        if not isinstance(self, EngineCoreProc):  # no loop to answer it: now
+            admit(self)
+            return answer.result()
+        return answer
+
+    @functools.wraps(abort_requests)
+    def dropping_abort_requests(self, request_ids):
+        held = _held(self)
+        if held.requests:
+            ids = set(request_ids)
+            held.requests = [r for r in held.requests if r[0].request_id not in ids]
+        return abort_requests(self, request_ids)
 
     @functools.wraps(remove_lora)
     def forgetting_remove_lora(self, lora_id: int) -> bool:
@@ -117,6 +186,56 @@ def install_core_side() -> None:
     EngineCore.add_request = add_request
     EngineCore.add_lora = remembering_add_lora
     EngineCore.remove_lora = forgetting_remove_lora
+    EngineCore.abort_requests = dropping_abort_requests
+    EngineCoreProc._process_input_queue = admitting_process_input_queue
+    EngineCoreProc.has_work = has_work_or_held
+
+
+@dataclass
+class _Held:
+    """The loads an engine core began and not yet confirmed (each a future of the
+    workers' answers), the requests waiting for them, in the order they came, and the
+    API server's add_lora calls waiting for them (futures vLLM answers when set)."""
+
+    loads: dict[int, Future] = field(default_factory=dict)
+    requests: list[tuple] = field(default_factory=list)
+    waiters: dict[int, list[Future]] = field(default_factory=dict)
+
+
+def _held(core) -> _Held:
+    return core.__dict__.setdefault("_zoo_held", _Held())
+
+
+def _begin_load(core, lora) -> Future:
+    """The adapter's load, sent to the worker without waiting. Read here and placed by
+    the worker where the worker said how (core_reading.py), else read there too. A bad
+    adapter raises here, when it is read."""
+    from zoo.serve import core_reading
+
+    # at most IN_FLIGHT unanswered: vLLM's queues to and from the worker hold a few
+    # messages each, and a worker that cannot answer takes no more (both would wait)
+    in_flight = [load for load in _held(core).loads.values() if not load.done()]
+    if len(in_flight) >= IN_FLIGHT:
+        with contextlib.suppress(Exception):  # admit() reads its outcome
+            in_flight[0].result()
+    context = core.__dict__.get("_zoo_reading_context", False)
+    if context is False and core_reading.handing_over():
+        context = core.model_executor.collective_rpc(core_reading.context_of)[0]
+        core.__dict__["_zoo_reading_context"] = context
+    if context:
+        return core.model_executor.collective_rpc(
+            core_reading.place, args=(lora, core_reading.read(context, lora)), non_block=True)
+    return core.model_executor.collective_rpc("add_lora", args=(lora,), non_block=True)
+
+
+def _fail(core, request, error: Exception) -> None:
+    """The request fails for its adapter (HTTP 500 to its client, the reason logged)."""
+    fail = getattr(core, "_send_error_outputs_to_client", None)
+    if fail is None:  # an in-process core has no client to answer
+        raise error
+    logger.warning("zoo: adapter %r could not be loaded, request %s fails: %s",
+                   request.lora_request.lora_name, request.request_id, error)
+    fail([request.request_id], request.client_index)
 
 
 def _loaded(core) -> set[int]:

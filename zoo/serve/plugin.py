@@ -12,7 +12,9 @@ vLLM calls :func:`register` in every process it starts. It
   of an adapter it has loaded without copying its cache, the
   LoRA device lookup on layers whose kernel released ``weight`` (the CPU
   int8 W8A8 kernel sets it to None), a cold adapter served one step sooner
-  (``first_use.py``; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way), and the report of
+  (``first_use.py``; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way) and read by the engine
+  core while the worker places the one before (``core_reading.py``;
+  ``ZOO_CORE_READING=0`` leaves it to the worker), and the report of
   what the loaded weights cost (``$ZOO_SERVE_STATE/weights.json``, ``/zoo/engine``);
 * registers the registry-backed LoRA resolver (an extension point, not a patch) when
   ``zoo serve`` started the process (``ZOO_SERVE_BASE`` is set).
@@ -35,6 +37,7 @@ SERVE_BASE_VARIABLE = "ZOO_SERVE_BASE"
 FAST_LORA_VARIABLE = "ZOO_FAST_LORA"
 STATE_VARIABLE = "ZOO_SERVE_STATE"
 FIRST_USE_VARIABLE = "ZOO_FAST_FIRST_USE"
+CORE_READING_VARIABLE = "ZOO_CORE_READING"
 LORA_INFO_VARIABLE = "ZOO_LORA_INFO"
 WEIGHTS_REPORT = "weights.json"
 logger = logging.getLogger("zoo.serve")
@@ -65,6 +68,8 @@ def zoo_patches() -> list[Patch]:
         patches += [FAST_LORA, BULK_PLACEMENT]
     if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
         patches.append(FIRST_USE)
+        if os.environ.get(CORE_READING_VARIABLE, "1") != "0":
+            patches.append(CORE_READING)
     if os.environ.get(STATE_VARIABLE):
         patches.append(WEIGHT_REPORT)
     if os.environ.get(LORA_INFO_VARIABLE, "1") != "0":
@@ -253,6 +258,7 @@ def _serve_first_use_sooner() -> None:
 
 
 _CORE = "vllm.v1.engine.core"
+_WORKER_MANAGER = "vllm.lora.worker_manager"
 _MODELS = "vllm.entrypoints.openai.models.serving"
 # both sides in one patch: every process runs the same checks, so they apply together or
 # not at all
@@ -266,6 +272,14 @@ FIRST_USE = Patch(
         parameters(_CORE, "EngineCore", "add_request", names=("request", "request_wave")),
         parameters(_CORE, "EngineCore", "add_lora", names=("lora_request",), exact=True),
         parameters(_CORE, "EngineCore", "remove_lora", names=("lora_id",), exact=True),
+        parameters(_CORE, "EngineCore", "abort_requests", names=("request_ids",), exact=True),
+        # the held requests are handed over as the loop leaves the input queue for a step
+        parameters(_CORE, "EngineCoreProc", "has_work", names=(), exact=True),
+        parameters(_CORE, "EngineCoreProc", "_process_input_queue", names=(), exact=True),
+        mentions(_CORE, "EngineCoreProc", "_process_input_queue",
+                 snippets=("while not self.has_work()",)),
+        parameters("vllm.v1.executor.abstract", "Executor", "collective_rpc",
+                   names=("method", "timeout", "args", "kwargs", "non_block")),
         has("vllm.lora.request", "LoRARequest", "load_inplace"),
         parameters(_CORE, "EngineCoreProc", "_send_error_outputs_to_client",
                    names=("req_ids", "client_index"), exact=True),
@@ -277,6 +291,26 @@ FIRST_USE = Patch(
         has("vllm.lora.request", "LoRARequest", "lora_int_id"),
     ))
 
+
+
+def _read_in_the_core() -> None:
+    from zoo.serve import core_reading
+
+    core_reading.install_worker_side()
+
+
+CORE_READING = Patch(
+    name="core_reading", apply=_read_in_the_core,
+    why="the worker reads a cold adapter (2-3.5 ms of its 5-6 ms first use) on the CPU "
+        "that runs every step, one adapter after another before a cold burst's first step",
+    retire_when="vLLM loads adapters off the step's CPU (or reads them in the engine core)",
+    checks=(
+        # the engine core runs this body on a stand-in for the worker's manager
+        fingerprint(_WORKER_MANAGER, "WorkerLoRAManager", "_load_adapter",
+                    digest="bbe3ecd38c23bc02"),
+        mentions(_WORKER_MANAGER, "LRUCacheWorkerLoRAManager", "add_adapter",
+                 snippets=("self._load_adapter(lora_request)",)),
+    ))
 
 def _look_up_loaded_adapters_in_place() -> None:
     """vLLM's worker asks ``lora_int_id not in self.list_adapters()`` for every adapter of
@@ -315,7 +349,6 @@ def _look_up_loaded_adapters_in_place() -> None:
     cls.add_adapter = add_adapter
 
 
-_WORKER_MANAGER = "vllm.lora.worker_manager"
 LOADED_LOOKUP = Patch(
     name="loaded_lookup", apply=_look_up_loaded_adapters_in_place,
     why="the worker copies the dict of every loaded adapter (up to --max-cpu-loras) twice "
