@@ -145,8 +145,7 @@ def install_core_side() -> None:
 
     @functools.wraps(has_work)
     def has_work_or_held(self) -> bool:
-        held = _held(self)
-        return has_work(self) or bool(held.requests or held.loads)
+        return has_work(self) or bool(_held(self).loads)  # a held request's load is there
 
     # vLLM decodes a utility call's arguments by the method's signature: keep theirs
     @functools.wraps(add_lora)

@@ -292,7 +292,6 @@ FIRST_USE = Patch(
     ))
 
 
-
 def _read_in_the_core() -> None:
     from zoo.serve import core_reading
 
@@ -311,6 +310,7 @@ CORE_READING = Patch(
         mentions(_WORKER_MANAGER, "LRUCacheWorkerLoRAManager", "add_adapter",
                  snippets=("self._load_adapter(lora_request)",)),
     ))
+
 
 def _look_up_loaded_adapters_in_place() -> None:
     """vLLM's worker asks ``lora_int_id not in self.list_adapters()`` for every adapter of
