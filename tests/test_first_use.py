@@ -1,6 +1,7 @@
-"""The engine core's side of zoo/serve/first_use.py, on vLLM's own EngineCore methods
-with a stand-in executor and scheduler: what the worker was asked to load, which
-requests wait for it and in which order they reach the scheduler."""
+"""zoo/serve/first_use.py on vLLM's own methods. The engine core's side, with a
+stand-in executor and scheduler: what the worker was asked to load, which requests
+wait for it and in which order they reach the scheduler. The API server's side, with a
+stand-in resolver and engine client: what stays registered when a load fails."""
 
 from __future__ import annotations
 
@@ -227,3 +228,49 @@ def test_no_more_than_a_few_loads_go_unanswered(core_side):
     assert waited == answers[:2] and not scheduled
     EngineCoreProc._process_input_queue(core)
     assert scheduled == [f"r{i}" for i in range(1, count + 1)] and waited == answers
+
+
+def test_a_name_stays_registered_when_its_background_load_fails(monkeypatch, caplog):
+    """The API server registers a resolved adapter and confirms its load in the
+    background. A failed load is logged and keeps the name: vLLM checks a request's
+    name and then looks it up, so forgetting it in between turned the next request
+    into a 404 (the engine core, which has not loaded it, fails that request with the
+    reason instead)."""
+    import asyncio
+    from collections import defaultdict
+
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.utils.counter import AtomicCounter
+
+    from zoo.serve.first_use import install_api_side
+
+    monkeypatch.setattr(OpenAIServingModels, "resolve_lora", OpenAIServingModels.resolve_lora)
+    install_api_side()
+    resolved, loads = [], []
+
+    class Resolver:
+        async def resolve_lora(self, base, name):
+            resolved.append(name)
+            return LoRARequest(name, 99, f"/adapters/{name}")  # the server numbers it
+
+    class Engine:
+        async def add_lora(self, request):
+            loads.append(request.lora_int_id)
+            raise ValueError("vLLM does not yet support DoRA")
+
+    models = OpenAIServingModels.__new__(OpenAIServingModels)
+    models.__dict__.update(
+        lora_requests={}, lora_resolvers=[Resolver()], lora_id_counter=AtomicCounter(0),
+        lora_resolver_lock=defaultdict(asyncio.Lock), engine_client=Engine(),
+        model_config=SimpleNamespace(model="tiny"))
+
+    async def twice():
+        first = await models.resolve_lora("ops/dora")
+        await asyncio.sleep(0.01)  # the background load fails meanwhile
+        return first, await models.resolve_lora("ops/dora")
+
+    with caplog.at_level("WARNING", logger="zoo.serve"):
+        first, second = asyncio.run(twice())
+    assert second is first and models.lora_requests == {"ops/dora": first}
+    assert resolved == ["ops/dora"] and loads == [first.lora_int_id] == [1]
+    assert "adapter 'ops/dora' could not be loaded: vLLM does not yet support DoRA" in caplog.text

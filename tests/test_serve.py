@@ -244,7 +244,7 @@ def test_adapter_broken_while_serving_is_refused_and_others_keep_serving(served)
 def test_an_adapter_the_engine_cannot_load_fails_its_request_only(served, lora_maker):
     """A cold adapter's request goes to the engine with its load (zoo/serve/first_use.py):
     one the registry wrongly calls servable fails that request, not the engine, and the
-    name is tried afresh next time."""
+    engine tries its load again on the next request."""
     import dataclasses
 
     base_answer = answer(served, BASE)

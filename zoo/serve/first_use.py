@@ -12,7 +12,11 @@ only; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way):
 
 * the API server registers what a resolver found and submits the request at
   once; ``add_lora`` still goes to the core, in the background, and a failure
-  makes the server forget the name (the next request resolves it again);
+  is logged. The name stays registered: vLLM checks a request's name and then
+  looks it up, and a failure forgetting it in between made that request a 404.
+  The core has not loaded the adapter, so it tries again on the next request
+  (and fails that one with the reason); new content under the name is unloaded
+  and resolved afresh (``middleware.py``);
 * the engine core begins a request's adapter's load when the request arrives,
   before it is scheduled, so the load happens at the same step boundary. Where the
   worker allows, the core reads the adapter itself and sends it to the worker to
@@ -72,9 +76,7 @@ def install_api_side() -> None:
 async def _confirm(models, lora_name: str, request) -> None:
     try:
         await models.engine_client.add_lora(request)
-    except BaseException as error:  # noqa: BLE001 - any failure: forget the name, log why
-        if models.lora_requests.get(lora_name) is request:
-            del models.lora_requests[lora_name]
+    except Exception as error:  # noqa: BLE001 - any failure: say why, keep the name
         logger.warning("zoo: adapter %r could not be loaded: %s", lora_name, error)
 
 
