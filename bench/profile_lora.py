@@ -1,12 +1,16 @@
 """Where a multi-LoRA decode step spends its time: py-spy on the vLLM worker.
 
 Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--concurrency 64] [--seconds 20]
-                                             [--max-loras N] [--fast 1|0] [--raw FILE]
+                                             [--max-loras N] [--fast 1|0] [--cold]
+                                             [--raw FILE]
 
 Starts zoo serve (int8 base) with N rank-8 adapters (q and v unless --targets),
 keeps --concurrency requests spread over them running (the base's with --adapters 0),
 samples the engine's worker with py-spy and prints the functions with the largest share
 of samples (inclusive). ``--fast 0`` profiles vLLM's own LoRA path instead of zoo's.
+``--cold``: each burst's requests go to the next --concurrency adapters, round the
+catalog, so with more adapters than the server keeps loaded (1000 against 512) every
+burst loads all of its adapters, as the cold points of bench/serve.py do.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, default=None,
                         help="Keep py-spy's raw samples here (default: the bench home).")
     parser.add_argument("--fast", default="1")
+    parser.add_argument("--cold", action="store_true",
+                        help="Each burst on the next adapters (round the catalog).")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--targets", default="q_proj,v_proj",
                         help="Projections the random adapters train (all seven: 'all').")
@@ -92,7 +98,11 @@ def main() -> None:
         stop = threading.Event()
 
         def load() -> None:
+            start = 0
             while not stop.is_set():
+                if args.cold:
+                    start += concurrency
+                    models[:] = [names[(start + i) % len(names)] for i in range(concurrency)]
                 asyncio.run(burst(server.url, models, 32, concurrency))
 
         thread = threading.Thread(target=load)
@@ -106,7 +116,8 @@ def main() -> None:
         stop.set()
         thread.join()
     print(f"\nworker samples, {args.adapters} adapters at {concurrency} concurrent requests, "
-          f"{'zoo' if args.fast != '0' else 'vLLM'} LoRA path (inclusive share)")
+          f"{'zoo' if args.fast != '0' else 'vLLM'} LoRA path"
+          f"{', a cold burst each time' if args.cold else ''} (inclusive share)")
     for name, share in summarize(raw, args.top):
         print(f"{share:6.1f}%  {name}")
 
