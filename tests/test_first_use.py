@@ -5,8 +5,10 @@ stand-in resolver and engine client: what stays registered when a load fails."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import queue
+from collections import defaultdict
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -236,9 +238,6 @@ def test_a_name_stays_registered_when_its_background_load_fails(monkeypatch, cap
     name and then looks it up, so forgetting it in between turned the next request
     into a 404 (the engine core, which has not loaded it, fails that request with the
     reason instead)."""
-    import asyncio
-    from collections import defaultdict
-
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.utils.counter import AtomicCounter
 
