@@ -22,7 +22,7 @@ from tests.conftest import linked_home
 from tests.factory import save_lora
 from tests.helpers import SCORED_TEXT, distance, served_scores, zoo
 from zoo.catalog.registry import Registry
-from zoo.catalog.store import add
+from zoo.catalog.store import add, remove
 from zoo.serve.launch import ServeOptions, free_port, running_server
 from zoo.serve.policy import ServePolicy, hash_key, load_tenants
 
@@ -101,6 +101,21 @@ def get(server, path: str, key: str | None = KEYS["ops"]):
         request.add_header("Authorization", f"Bearer {key}")
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.read().decode()
+
+
+def operator_page(server, path: str) -> str:
+    """A page of zoo's web UI as the operator sees it, signed in with the operator's key."""
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    root = server.url.removesuffix("/v1")
+    opener.open(root + "/zoo/ui/login", data=f"key={KEYS['ops']}".encode(), timeout=60).read()
+    with opener.open(root + path, timeout=60) as response:
+        return response.read().decode()
+
+
+def listed(page: str, list_id: str) -> str:
+    """The text of the page's list with that id ("" where it has none)."""
+    start = page.find(f'<ul id="{list_id}">')
+    return "" if start < 0 else page[start:page.index("</ul>", start)]
 
 
 def test_keys_add_stores_only_a_hash(tmp_path):
@@ -261,6 +276,16 @@ def test_an_adapter_the_engine_cannot_load_fails_its_request_only(served, lora_m
     assert answer(served, "acme/a") == answer(served, "acme/a")
     log = served.log.read_text()
     assert "adapter 'ops/dora-forced:v1' could not be loaded" in log and "DoRA" in log
+    usage = operator_page(served, "/zoo/ui/usage")  # the engine's lists: failed, not loaded
+    assert "ops/dora-forced:v1" in listed(usage, "failed") and "DoRA" in listed(usage, "failed")
+    assert "ops/dora-forced" not in listed(usage, "loaded") and "acme/a:v1" in listed(usage,
+                                                                                       "loaded")
+    # the name re-registered with weights the engine can load: its next request is answered
+    remove("ops/dora-forced", registry=registry)
+    add(lora_maker("a", 1), "ops/dora-forced", BASE, registry=registry)
+    assert answer(served, "ops/dora-forced") == answer(served, "acme/a")
+    usage = operator_page(served, "/zoo/ui/usage")
+    assert 'id="failed"' not in usage and "ops/dora-forced:v1" in listed(usage, "loaded")
 
 
 def test_usage_is_counted_per_adapter_and_tenant(served):

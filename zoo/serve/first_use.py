@@ -74,10 +74,15 @@ def install_api_side() -> None:
 
 
 async def _confirm(models, lora_name: str, request) -> None:
+    from zoo.serve.policy import LOAD_FAILURES
+
     try:
         await models.engine_client.add_lora(request)
     except Exception as error:  # noqa: BLE001 - any failure: say why, keep the name
         logger.warning("zoo: adapter %r could not be loaded: %s", lora_name, error)
+        LOAD_FAILURES[lora_name] = str(error)
+    else:
+        LOAD_FAILURES.pop(lora_name, None)
 
 
 def install_core_side() -> None:

@@ -40,6 +40,7 @@ from typing import Any
 from zoo.catalog.versions import label, record_in_use
 from zoo.serve.policy import (
     ANONYMOUS,
+    LOAD_FAILURES,
     LOADED_HASHES,
     REQUEST_TENANT,
     Decision,
@@ -253,6 +254,7 @@ class ZooMiddleware:
             await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
             logger.info("zoo: reloading %s (re-registered with other content)", name)
         LOADED_HASHES.pop(name, None)
+        LOAD_FAILURES.pop(name, None)
 
     def _engine_report(self, tenant: Tenant | None) -> dict:
         """What the served weights cost, as the worker measured them (see plugin.py)."""
@@ -283,6 +285,7 @@ class ZooMiddleware:
         for name in gone:
             await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
             LOADED_HASHES.pop(name, None)
+            LOAD_FAILURES.pop(name, None)
             logger.info("zoo: unloaded %s (no longer in the registry)", name)
         if gone:
             record_in_use(self.policy.registry.home, set(LOADED_HASHES))
@@ -335,6 +338,7 @@ class ZooMiddleware:
                 if last and not counting_send.recorded:
                     prompt = completion = 0
                     if state["status"] == 200:
+                        LOAD_FAILURES.pop(model, None)  # answered: the engine has it now
                         try:
                             prompt, completion = _tokens_of(state["buffer"])
                         except (ValueError, TypeError, AttributeError):

@@ -43,6 +43,9 @@ REQUEST_TENANT: ContextVar = ContextVar("zoo_request_tenant", default=NOT_VETTED
 # Content hash of each adapter as the resolver handed it to the engine (by name): a name
 # re-registered with other content is unloaded before its next request (middleware).
 LOADED_HASHES: dict[str, str] = {}
+# Why the engine could not load a version the resolver handed it (its last failure), until
+# a request for it is answered or it is unloaded: the pages list it apart from the loaded.
+LOAD_FAILURES: dict[str, str] = {}
 LOAD_COUNT = [0]  # adapter versions the resolver handed the engine (cold loads), this process
 
 

@@ -333,7 +333,12 @@ def usage_page(viewer: Viewer, by_day: list[dict], by_adapter: list[dict],
         body.append(f'<h2>The engine</h2><div class="card">base <strong>'
                     f'{escape(engine["base"])}</strong> · {engine["loads"]} adapter loads '
                     f'(cold) since start · {engine["tokens_per_second"]:.1f} tokens/s over the '
-                    f'last minute</div><h2>Adapter versions loaded</h2><ul>{loaded}</ul>')
+                    f'last minute</div><h2>Adapter versions loaded</h2><ul id="loaded">{loaded}</ul>')
+        if engine["failed"]:
+            failed = "".join(f"<li>{escape(name)}: <span class=muted>{escape(reason)}</span></li>"
+                             for name, reason in engine["failed"].items())
+            body.append(f'<h2>Adapter versions the engine could not load</h2>'
+                        f'<ul id="failed">{failed}</ul>')
     return page("Usage", "".join(body), viewer, "usage", served)
 
 

@@ -177,13 +177,15 @@ class Pages:
         return None
 
     def _engine(self, meter) -> dict:
-        from zoo.serve.policy import LOAD_COUNT
+        from zoo.serve.policy import LOAD_COUNT, LOAD_FAILURES
 
         since = time.time() - 60
         recent = meter.db.execute("SELECT COALESCE(SUM(completion_tokens), 0) FROM usage "
                                   "WHERE at > ?", (since,)).fetchone()[0]
-        return {"base": self.policy.base, "loaded": sorted(LOADED_HASHES),
-                "loads": LOAD_COUNT[0], "tokens_per_second": recent / 60}
+        failed = dict(LOAD_FAILURES)
+        return {"base": self.policy.base, "loads": LOAD_COUNT[0],
+                "loaded": sorted(name for name in LOADED_HASHES if name not in failed),
+                "failed": dict(sorted(failed.items())), "tokens_per_second": recent / 60}
 
     async def _static(self, send, name: str):
         if name not in STATIC:
