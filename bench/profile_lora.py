@@ -28,15 +28,24 @@ from pathlib import Path
 from common import ALL_PROJECTIONS, BASE, bench_home, write_random_lora
 
 
-def worker_pid(root: int) -> int:
+def process_pid(root: int, which: str) -> int:
+    """The server's worker (the process that holds the model: the largest resident set),
+    engine core (vLLM titles it ``...::EngineCore...``) or API server (``zoo serve``'s
+    child that started the others)."""
     import psutil
 
     children = psutil.Process(root).children(recursive=True)
-    # the worker is the process that holds the model: the largest resident set
-    return max(children, key=lambda p: p.memory_info().rss).pid
+    if which == "worker":
+        return max(children, key=lambda p: p.memory_info().rss).pid
+    if which == "core":
+        return next(p.pid for p in children if "EngineCore" in " ".join(p.cmdline()))
+    return next(p.pid for p in psutil.Process(root).children() if p.children())
 
 
-def summarize(raw: Path, top: int) -> list[tuple[str, float]]:
+def summarize(raw: Path, top: int) -> tuple[list[tuple[str, float]], int]:
+    """The functions with the largest inclusive share of the samples, and how many samples
+    there were (py-spy samples a thread only while it runs: at 100 a second, the
+    process's busy share of the time)."""
     inclusive: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
@@ -51,7 +60,7 @@ def summarize(raw: Path, top: int) -> list[tuple[str, float]]:
             if key not in seen:
                 inclusive[key] += n
                 seen.add(key)
-    return [(k, 100.0 * v / total) for k, v in inclusive.most_common(top)]
+    return [(k, 100.0 * v / total) for k, v in inclusive.most_common(top)], total
 
 
 def main() -> None:
@@ -67,6 +76,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="Each burst on the next adapters (round the catalog).")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--process", choices=("worker", "core", "api"), default="worker",
+                        help="The server's process to sample (default: the worker).")
     parser.add_argument("--targets", default="q_proj,v_proj",
                         help="Projections the random adapters train (all seven: 'all').")
     args = parser.parse_args()
@@ -108,17 +119,21 @@ def main() -> None:
         thread = threading.Thread(target=load)
         thread.start()
         raw = args.raw or home / "profile.txt"
-        subprocess.run(["py-spy", "record", "--pid", str(worker_pid(server.process.pid)),
+        pid = process_pid(server.process.pid, args.process)
+        subprocess.run(["py-spy", "record", "--pid", str(pid), "--rate", "100",
                         "--duration", str(args.seconds), "--format", "raw", "--output",
                         str(raw), "--nonblocking"], check=True, capture_output=True,
                        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:"
                                                   f"{os.environ['PATH']}"})
         stop.set()
         thread.join()
-    print(f"\nworker samples, {args.adapters} adapters at {concurrency} concurrent requests, "
+    print(f"\n{args.process} samples, {args.adapters} adapters at {concurrency} concurrent requests, "
           f"{'zoo' if args.fast != '0' else 'vLLM'} LoRA path"
           f"{', a cold burst each time' if args.cold else ''} (inclusive share)")
-    for name, share in summarize(raw, args.top):
+    shares, samples = summarize(raw, args.top)
+    print(f"{samples} samples in {args.seconds} s at 100 a second: the process ran "
+          f"{samples / args.seconds:.0f}% of the time")
+    for name, share in shares:
         print(f"{share:6.1f}%  {name}")
 
 
