@@ -29,17 +29,17 @@ from common import ALL_PROJECTIONS, BASE, bench_home, write_random_lora
 
 
 def process_pid(root: int, which: str) -> int:
-    """The server's worker (the process that holds the model: the largest resident set),
-    engine core (vLLM titles it ``...::EngineCore...``) or API server (``zoo serve``'s
-    child that started the others)."""
+    """The server's API server (the process zoo started, ``root``), engine core (vLLM
+    titles it ``...::EngineCore...``) or worker (the process that holds the model: the
+    largest resident set)."""
     import psutil
 
+    if which == "api":
+        return root
     children = psutil.Process(root).children(recursive=True)
-    if which == "worker":
-        return max(children, key=lambda p: p.memory_info().rss).pid
     if which == "core":
         return next(p.pid for p in children if "EngineCore" in " ".join(p.cmdline()))
-    return next(p.pid for p in psutil.Process(root).children() if p.children())
+    return max(children, key=lambda p: p.memory_info().rss).pid
 
 
 def summarize(raw: Path, top: int) -> tuple[list[tuple[str, float]], int]:
