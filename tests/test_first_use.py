@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import queue
-import threading
 from collections import defaultdict
 from concurrent.futures import Future
 from types import SimpleNamespace
@@ -113,7 +112,7 @@ def test_the_worker_loads_an_adapter_once_whoever_asks_first(core_side):
 
 def test_requests_wait_for_their_adapters_load_and_keep_their_order(core_side):
     """In the engine core's loop: a cold adapter's requests wait (the loop still steps
-    for them) until the worker confirms its load, then reach the scheduler in the order
+    for them) until the input queue is done with, then reach the scheduler in the order
     they came, behind none of the others; one load per adapter; a failed load fails its
     requests only, and is tried afresh next time; an aborted request waiting is
     dropped; the API server's add_lora is answered when the load is confirmed, the
@@ -143,7 +142,7 @@ def test_requests_wait_for_their_adapters_load_and_keep_their_order(core_side):
     assert [r.request_id for r, _, _ in _held(core).requests] == ["r1", "r2", "r5"]
 
     executor.answers.clear()
-    [load_a, load_b] = (load.answer for load in _held(core).loads.values())
+    [load_a, load_b] = _held(core).loads.values()
     load_a.set_result([True])
     load_b.set_exception(RuntimeError("Worker failed"))
     EngineCoreProc._process_input_queue(core)
@@ -229,81 +228,8 @@ def test_no_more_than_a_few_loads_go_unanswered(core_side):
         lora = LoRARequest(f"acme/{lora_id}:v1", lora_id, f"/{lora_id}")
         EngineCore.add_request(core, _request(f"r{lora_id}", lora))
     assert waited == answers[:2] and not scheduled
-    EngineCoreProc._process_input_queue(core)  # the loads answered so far: their requests
-    assert scheduled == ["r1", "r2"] and waited == answers[:2]
-    for answer in answers:  # the next step's answer comes behind the loads' answers
-        answer.result()
     EngineCoreProc._process_input_queue(core)
     assert scheduled == [f"r{i}" for i in range(1, count + 1)] and waited == answers
-
-
-
-class ReadingExecutor(Executor):
-    """An executor whose worker lets the core read adapters: it places what it is sent."""
-
-    def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
-        if method is core_reading.context_of:
-            return [SimpleNamespace(reads="here")]
-        assert method is core_reading.place and non_block
-        lora, model = args
-        self.asked.append(("place", lora.lora_int_id, model))
-        future = Future()
-        future.set_result([True])
-        return future
-
-
-def test_adapters_are_read_beside_the_loop_and_admitted_as_they_are_placed(core_side,
-                                                                          monkeypatch):
-    """With the core reading (core_reading.py): the core's reader thread reads a cold
-    adapter while the loop goes on stepping; each pass of the loop sends the worker
-    what was read since, and a request reaches the scheduler once its adapter's place is
-    confirmed, behind no adapter still being read; with no other work the loop waits for
-    the oldest load; a refused read fails its requests and sends the worker nothing."""
-    from zoo.serve import first_use
-
-    EngineCore, EngineCoreProc = core_side
-    release = {7: threading.Event(), 8: threading.Event(), 9: threading.Event()}
-    readers = set()
-
-    def read(context, lora):
-        assert context.reads == "here"
-        readers.add(threading.current_thread().name)
-        release[lora.lora_int_id].wait(30)
-        if lora.lora_int_id == 9:
-            raise ValueError("vLLM does not yet support DoRA")
-        return f"model {lora.lora_int_id}"
-
-    monkeypatch.setattr(core_reading, "read", read)
-    monkeypatch.setattr(core_reading, "handing_over", lambda: True)  # the worker's patch
-    executor = ReadingExecutor()
-    scheduled, failed = [], []
-    core = EngineCoreProc.__new__(EngineCoreProc)
-    core.__dict__.update(
-        model_executor=executor, batch_queue=None, engines_running=False,
-        input_queue=queue.Queue(),
-        _send_error_outputs_to_client=lambda ids, index: failed.extend(ids),
-        scheduler=SimpleNamespace(add_request=lambda r: scheduled.append(r.request_id),
-                                  has_requests=lambda: bool(scheduled)))
-    a, b, c = (LoRARequest(f"acme/{i}:v1", i, f"/{i}") for i in (7, 8, 9))
-    for request_id, lora in (("r1", a), ("r2", b), ("r3", None), ("r4", a)):
-        EngineCore.add_request(core, _request(request_id, lora))  # none waits for a read
-    assert scheduled == ["r3"] and executor.asked == []
-    release[7].set()
-    first_use._held(core).loads[7].reading.result(timeout=30)
-    EngineCoreProc._process_input_queue(core)  # r3 to step for: b's read is not waited for
-    assert scheduled == ["r3", "r1", "r4"] and executor.asked == [("place", 7, "model 7")]
-    assert [r.request_id for r, _, _ in first_use._held(core).requests] == ["r2"]
-    scheduled.clear()
-    threading.Timer(0.2, release[8].set).start()
-    EngineCoreProc._process_input_queue(core)  # nothing else to step for: it waits
-    assert scheduled == ["r2"] and executor.asked[-1] == ("place", 8, "model 8")
-    release[9].set()
-    EngineCore.add_request(core, _request("r5", c))
-    scheduled.clear()
-    EngineCoreProc._process_input_queue(core)
-    assert failed == ["r5"] and not scheduled and len(executor.asked) == 2
-    assert not first_use._held(core).loads and readers == {"zoo-adapter-reader_0"}
-    first_use._reader(core).shutdown()
 
 
 def test_a_name_stays_registered_when_its_background_load_fails(monkeypatch, caplog):

@@ -18,14 +18,11 @@ only; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way):
   (and fails that one with the reason); new content under the name is unloaded
   and resolved afresh (``middleware.py``);
 * the engine core begins a request's adapter's load when the request arrives,
-  before it is scheduled. Where the worker allows, the core's reader thread reads the
-  adapter (``core_reading.py``) while the loop goes on, and before each step the loop
-  sends the worker what was read since, to place before that step (at most
-  ``IN_FLIGHT`` unanswered); else the worker is sent the request to read and place.
-  A request waits in the core until its own adapter's load is confirmed (the step
-  after it was sent), not for the others of a burst: a burst of 64 cold adapters
-  used to wait for all 64 before its first step, about a second here. With no other
-  work the loop waits for the oldest load. An adapter that fails to load fails its
+  before it is scheduled, so the load happens at the same step boundary. Where the
+  worker allows, the core reads the adapter itself and sends it to the worker to
+  place (``core_reading.py``) without waiting, reading the next one meanwhile (at
+  most ``IN_FLIGHT`` unanswered); the requests wait in the core until their loads
+  are confirmed, once, before the next step. An adapter that fails to load fails its
   requests (HTTP 500, logged) instead of the engine step. The core remembers what it
   had the worker load, so the API server's ``add_lora`` for the same adapter
   (whichever comes first) begins no second load, and is answered when the load is
@@ -39,7 +36,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("zoo.serve")
@@ -118,47 +115,31 @@ def install_core_side() -> None:
                 return None
         held.requests.append((request, args, kwargs))
         if not isinstance(self, EngineCoreProc):  # no loop to hand them over: now
-            admit(self, everything=True)
+            admit(self)
         return None
 
-    def admit(self, everything: bool = False) -> None:
-        """Send the worker the adapters read since the last step, then hand vLLM the held
-        requests whose loads are confirmed, in the order they came, or fail those whose
-        adapter did not load, and answer the add_lora calls waiting for them. The rest
-        wait for a later step, unless ``everything`` or the scheduler has no other work:
-        then this waits for the oldest load (all of them with ``everything``)."""
+    def admit(self) -> None:
+        """Wait for every load begun, then hand the held requests to vLLM in the order
+        they came, or fail those whose adapter did not load, and answer the add_lora
+        calls waiting."""
         held = _held(self)
-        for load in held.loads.values():
-            load.send(self)  # the worker places it before the next step
-        if held.loads and (everything or not self.scheduler.has_requests()):
-            for load in list(held.loads.values())[:None if everything else 1]:
-                with contextlib.suppress(Exception):  # read below
-                    load.wait(self)
-        settled, failed = set(), {}
-        for lora_id, load in list(held.loads.items()):
-            if not load.settled():
-                continue
-            settled.add(lora_id)
-            del held.loads[lora_id]
+        failed = {}
+        for lora_id, answers in held.loads.items():
             try:
-                if all(load.answer.result()):
+                if all(answers.result()):
                     _loaded(self).add(lora_id)
             except Exception as error:
                 failed[lora_id] = error
-        if not settled:
-            return
-        waiting = []
-        for request, args, kwargs in held.requests:
-            lora_id = request.lora_request.lora_int_id
-            if lora_id not in settled:
-                waiting.append((request, args, kwargs))
-            elif lora_id in failed:
-                _fail(self, request, failed[lora_id])
-            else:
+        requests, waiters = held.requests, held.waiters
+        held.loads, held.requests, held.waiters = {}, [], {}
+        for request, args, kwargs in requests:
+            error = failed.get(request.lora_request.lora_int_id)
+            if error is None:
                 original(self, request, *args, **kwargs)
-        held.requests = waiting
-        for lora_id in settled:
-            for answer in held.waiters.pop(lora_id, ()):
+            else:
+                _fail(self, request, error)
+        for lora_id, answers in waiters.items():
+            for answer in answers:
                 if lora_id in failed:
                     answer.set_exception(failed[lora_id])
                 else:
@@ -190,7 +171,7 @@ def install_core_side() -> None:
         answer = Future()  # answered as the load is confirmed, before the next step
         held.waiters.setdefault(lora_id, []).append(answer)
         if not isinstance(self, EngineCoreProc):  # no loop to answer it: now
-            admit(self, everything=True)
+            admit(self)
             return answer.result()
         return answer
 
@@ -216,93 +197,41 @@ def install_core_side() -> None:
     EngineCoreProc.has_work = has_work_or_held
 
 
-class _Load:
-    """One adapter's load. Where the worker lets the core read adapters
-    (``core_reading.py``), the core's reader thread reads it (``reading``: the model)
-    and the core's loop sends it to the worker to place; else the worker is sent the
-    request, to read and place it itself. ``answer``: the worker's answers, once sent."""
-
-    def __init__(self, lora, reading: Future | None = None, answer: Future | None = None):
-        self.lora, self.reading, self.answer = lora, reading, answer
-
-    def send(self, core) -> None:
-        """Send it to the worker if it has been read (a failed read settles it)."""
-        if self.answer is not None or not self.reading.done():
-            return
-        error = self.reading.exception()
-        if error is not None:
-            self.answer = Future()
-            self.answer.set_exception(error)
-            return
-        from zoo.serve import core_reading
-
-        self.answer = _send(core, core_reading.place, (self.lora, self.reading.result()))
-
-    def settled(self) -> bool:
-        return self.answer is not None and self.answer.done()
-
-    def wait(self, core) -> list:
-        """The worker's answers, waiting for the read and the worker as needed."""
-        if self.answer is None:
-            self.reading.exception()  # waits for the read
-            self.send(core)
-        return self.answer.result()
-
-
 @dataclass
 class _Held:
-    """The loads an engine core began and not yet confirmed, by adapter id, the requests
-    waiting for them, in the order they came, the API server's add_lora calls waiting
-    for them (futures vLLM answers when set), and the loads sent to the worker that
-    it has not answered yet (the oldest first)."""
+    """The loads an engine core began and not yet confirmed (each a future of the
+    workers' answers), the requests waiting for them, in the order they came, and the
+    API server's add_lora calls waiting for them (futures vLLM answers when set)."""
 
-    loads: dict[int, _Load] = field(default_factory=dict)
+    loads: dict[int, Future] = field(default_factory=dict)
     requests: list[tuple] = field(default_factory=list)
     waiters: dict[int, list[Future]] = field(default_factory=dict)
-    sent: list[Future] = field(default_factory=list)
 
 
 def _held(core) -> _Held:
     return core.__dict__.setdefault("_zoo_held", _Held())
 
 
-def _begin_load(core, lora) -> _Load:
-    """The adapter's load, begun without waiting: read by the core's reader thread and
-    placed by the worker where the worker said how (core_reading.py), else sent to the
-    worker to read and place. A bad adapter fails its load when it is read."""
+def _begin_load(core, lora) -> Future:
+    """The adapter's load, sent to the worker without waiting. Read here and placed by
+    the worker where the worker said how (core_reading.py), else read there too. A bad
+    adapter raises here, when it is read."""
     from zoo.serve import core_reading
 
+    # at most IN_FLIGHT unanswered: vLLM's queues to and from the worker hold a few
+    # messages each, and a worker that cannot answer takes no more (both would wait)
+    in_flight = [load for load in _held(core).loads.values() if not load.done()]
+    if len(in_flight) >= IN_FLIGHT:
+        with contextlib.suppress(Exception):  # admit() reads its outcome
+            in_flight[0].result()
     context = core.__dict__.get("_zoo_reading_context", False)
     if context is False and core_reading.handing_over():
         context = core.model_executor.collective_rpc(core_reading.context_of)[0]
         core.__dict__["_zoo_reading_context"] = context
     if context:
-        return _Load(lora, reading=_reader(core).submit(core_reading.read, context, lora))
-    return _Load(lora, answer=_send(core, "add_lora", (lora,)))
-
-
-def _send(core, method, args: tuple) -> Future:
-    """``method`` run by the worker, without waiting for its answer. At most IN_FLIGHT
-    go unanswered: vLLM's queues to and from the worker hold a few messages each, and a
-    worker that cannot answer takes no more (both would wait)."""
-    sent = _held(core).sent
-    sent[:] = [answer for answer in sent if not answer.done()]
-    if len(sent) >= IN_FLIGHT:
-        with contextlib.suppress(Exception):  # admit() reads its outcome
-            sent.pop(0).result()
-    answer = core.model_executor.collective_rpc(method, args=args, non_block=True)
-    sent.append(answer)
-    return answer
-
-
-def _reader(core) -> ThreadPoolExecutor:
-    """The core's one reader thread: it reads adapters while the loop waits for the
-    worker's steps (reading and converting a file mostly release the GIL)."""
-    reader = core.__dict__.get("_zoo_reader")
-    if reader is None:
-        reader = core.__dict__["_zoo_reader"] = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="zoo-adapter-reader")
-    return reader
+        return core.model_executor.collective_rpc(
+            core_reading.place, args=(lora, core_reading.read(context, lora)), non_block=True)
+    return core.model_executor.collective_rpc("add_lora", args=(lora,), non_block=True)
 
 
 def _fail(core, request, error: Exception) -> None:
