@@ -47,8 +47,7 @@ def _resident_growth(allocation: str) -> tuple[int, int]:
 
 def test_zero_page_stacks_take_memory_only_where_written():
     made, written = _resident_growth("zoo")
-    # the 512 kB write commits the 2 MB pages it touches where the kernel gives them
-    assert made < 4 * MB and written < 5 * MB, (made, written)
+    assert made < 4 * MB and written < 4 * MB, (made, written)
     made, written = _resident_growth("torch")  # the allocator's zeros: written through
     assert made > 60 * MB, made
 

@@ -12,19 +12,10 @@ zeroed (writing zeros would commit the pages), and neither reads nor writes a st
 nothing has written since it was made here (:func:`untouched`): reading a fresh slot of
 every stack mapped 3,300 pages, and placing an adapter in a fresh slot took 16.6 ms of
 the worker (1.8 ms now; ``bench/first_use.py``).
-
-The mappings ask for transparent huge pages (``MADV_HUGEPAGE``; the kernel's default
-"madvise" mode gives them only where asked). Served, a q/v adapter's first write into
-a fresh slot faulted in about 330 pages of 4 kB and took 5.3 ms of the worker (0.26 ms
-into a slot already written); with 2 MB pages, 0.29 ms. The price: memory is committed
-2 MB at a time, so a stack some adapter writes to holds up to 2 MB more than its
-written slots (at most the whole stack, still only for the projections adapters
-train; docs/BENCHMARKS.md has the numbers).
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 from math import prod
 
@@ -42,8 +33,6 @@ def zero_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     it is unmapped when the last view of it goes."""
     nbytes = prod(shape) * dtype.itemsize
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):  # no such advice here: 4 kB pages
-        pages.madvise(mmap.MADV_HUGEPAGE)
     tensor = torch.frombuffer(pages, dtype=dtype).view(shape)
     tensor._zoo_made_at = tensor._version
     return tensor
