@@ -2,12 +2,13 @@
 
 Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--concurrency 64] [--seconds 20]
                                              [--max-loras N] [--fast 1|0] [--cold]
-                                             [--raw FILE]
+                                             [--raw FILE] [--process worker|core|api]
 
 Starts zoo serve (int8 base) with N rank-8 adapters (q and v unless --targets),
 keeps --concurrency requests spread over them running (the base's with --adapters 0),
-samples the engine's worker with py-spy and prints the functions with the largest share
-of samples (inclusive). ``--fast 0`` profiles vLLM's own LoRA path instead of zoo's.
+samples the engine's worker (or, with --process, the engine core or the API server) with
+py-spy and prints how busy it was and the functions with the largest share of samples
+(inclusive). ``--fast 0`` profiles vLLM's own LoRA path instead of zoo's.
 ``--cold``: each burst's requests go to the next --concurrency adapters, round the
 catalog, so with more adapters than the server keeps loaded (1000 against 512) every
 burst loads all of its adapters, as the cold points of bench/serve.py do.
