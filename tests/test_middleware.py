@@ -68,6 +68,11 @@ def write_keys(path, keys: dict[str, str]) -> None:
 
 def call(middleware, path: str, body: bytes | None = None, key: str | None = None,
          headers=(), chunks: int = 1) -> tuple[int, dict]:
+    return asyncio.run(call_async(middleware, path, body, key, headers, chunks))
+
+
+async def call_async(middleware, path: str, body: bytes | None = None, key: str | None = None,
+                     headers=(), chunks: int = 1) -> tuple[int, dict]:
     method = "GET" if body is None else "POST"
     hdrs = [(b"content-type", b"application/json"), *headers]
     if key:
@@ -85,7 +90,7 @@ def call(middleware, path: str, body: bytes | None = None, key: str | None = Non
     async def send(message):
         sent.append(message)
 
-    asyncio.run(middleware(scope, receive, send))
+    await middleware(scope, receive, send)
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     raw = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return status, json.loads(raw) if raw else {}
@@ -380,3 +385,50 @@ def test_concurrent_requests_are_limited_and_freed(gate, zoo_home):
     assert _call_with_headers(middleware, chat("acme/a"), KEYS["acme"])[0] == 200
     # the held one and the admitted one are metered; the refused one never reached vLLM
     assert sum(r["requests"] for r in meter.report(tenant="acme")) == 2
+
+
+def test_a_new_adapters_files_are_hashed_beside_the_event_loop(gate, monkeypatch):
+    """The first request for an adapter whose files no hash cache knows has them hashed in
+    a thread: a request for the base meanwhile is answered without waiting for it, and a
+    file changed since it was registered is still refused."""
+    import threading
+
+    from zoo.catalog import integrity
+
+    middleware, app, _ = gate
+    integrity.forget_hashes()  # as for an adapter just added
+    release, hashing_threads = threading.Event(), []
+    hash_file = integrity.sha256_file
+
+    def slow_hash(path):
+        hashing_threads.append(threading.current_thread())
+        release.wait(10)  # until the base's request is answered (on the loop: never)
+        return hash_file(path)
+
+    monkeypatch.setattr(integrity, "sha256_file", slow_hash)
+
+    async def both():
+        adapter = asyncio.create_task(call_async(middleware, "/v1/chat/completions",
+                                                 chat("acme/a"), KEYS["acme"]))
+        while not hashing_threads:
+            await asyncio.sleep(0.01)
+        base = await call_async(middleware, "/v1/chat/completions", chat("tiny"), KEYS["acme"])
+        answered_first = not release.is_set()
+        release.set()
+        return base, answered_first, await adapter
+
+    base, answered_first, adapter = asyncio.run(both())
+    assert base[0] == 200 and adapter[0] == 200 and answered_first
+    assert threading.main_thread() not in hashing_threads
+    assert [json.loads(body)["model"] for _, body in app.reached] == ["tiny", "acme/a:v1"]
+    # known now: the next request checks on the loop, and changed content is refused
+    hashing_threads.clear()
+    assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    assert hashing_threads == []
+    weights = middleware.policy.adapter("acme/a").path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.unlink()
+    weights.write_bytes(bytes(data))
+    status, body = call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])
+    assert status == 422 and "files changed" in body["error"]["message"]

@@ -49,12 +49,9 @@ def _stamp(st: os.stat_result) -> _Stamp:
 def file_hash(path: Path, fresh: bool = False) -> str:
     """``sha256:...`` of a file, from the cache while its stat is unchanged."""
     stamp = _stamp(path.stat())
-    if not fresh:
-        with _lock:
-            known = _hashes.get(stamp) or _stored(stamp)
-            if known is not None:
-                _hashes[stamp] = known
-                return known
+    known = None if fresh else _known(stamp)
+    if known is not None:
+        return known
     digest = sha256_file(path)
     if _stamp(path.stat()) == stamp:  # not changed while being read
         with _lock:
@@ -92,6 +89,23 @@ def _connection() -> sqlite3.Connection | None:
     except (OSError, sqlite3.Error):
         return None
     return db
+
+
+def cached_hash(path: Path) -> str | None:
+    """The file's hash where a cache knows it for the file's stat as it is, else None
+    (reading the file would tell: :func:`file_hash`)."""
+    try:
+        return _known(_stamp(path.stat()))
+    except OSError:
+        return None
+
+
+def _known(stamp: _Stamp) -> str | None:
+    with _lock:
+        known = _hashes.get(stamp) or _stored(stamp)
+        if known is not None:
+            _hashes[stamp] = known
+        return known
 
 
 def _stored(stamp: _Stamp) -> str | None:

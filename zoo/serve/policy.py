@@ -59,6 +59,7 @@ class Decision:
     path: Path | None = None
     content_hash: str | None = None
     label: str | None = None
+    files: dict[str, dict] | None = None  # an adapter's, as registered
 
     @property
     def ok(self) -> bool:
@@ -278,11 +279,12 @@ class ServePolicy:
                 for n, r in a.all_versions().items() if r.servable})
         return self._versions[1]
 
-    def adapter(self, ref: str, sticky: str | None = None) -> Decision:
+    def adapter(self, ref: str, sticky: str | None = None, content: bool = True) -> Decision:
         """Whether ``ref`` (``NAME``, ``NAME:vN`` or ``NAME:ALIAS``) is an adapter version
         this server serves, which one answers, and where its files are. ``NAME`` alone is
         its current version, or its canary for the share of end users (``sticky``: who the
-        request is for; None: a coin toss) the canary is set to."""
+        request is for; None: a coin toss) the canary is set to. ``content=False`` checks
+        the files' presence and sizes only (:meth:`content_checked` does the rest)."""
         try:
             name, which = split_ref(ref)
         except ZooError:
@@ -308,11 +310,25 @@ class ServePolicy:
             return Decision(400, f"Adapter `{tag}` has rank {rank}, above this server's "
                                  f"--max-lora-rank {self.max_lora_rank}; restart zoo serve.")
         path = self.registry.home / record.path
-        changed = changed_files(path, record.files)
-        if changed:
-            return Decision(422, f"Adapter `{tag}` cannot be served: its files changed since "
-                                 f"it was registered ({', '.join(changed)}). Re-add or re-pull it.")
-        return Decision(200, path=path, content_hash=record.content_hash, label=tag)
+        decision = Decision(200, path=path, content_hash=record.content_hash, label=tag,
+                            files=record.files)
+        changed = changed_files(path, record.files, content=False)
+        if changed or not content:
+            return self._changed(decision, changed)
+        return self.content_checked(decision)
+
+    def content_checked(self, decision: Decision) -> Decision:
+        """An adapter's decision after its files' content is checked against the hashes it
+        was registered with (reading files whose hashes no cache knows)."""
+        return self._changed(decision, changed_files(decision.path, decision.files))
+
+    @staticmethod
+    def _changed(decision: Decision, changed: list[str]) -> Decision:
+        if not changed:
+            return decision
+        return Decision(422, f"Adapter `{decision.label}` cannot be served: its files changed "
+                             f"since it was registered ({', '.join(changed)}). Re-add or "
+                             f"re-pull it.")
 
     def tenant_for(self, key: str | None) -> Tenant | None:
         tenants = self.current_tenants()
