@@ -147,9 +147,9 @@ def catalog(home: Path, registry, size: int, log) -> tuple[list[str], float]:
     # the files the server reads, into the page cache: a cold point is an adapter vLLM
     # has not loaded, not a file on disk (from disk, the core's read of a rank-8 q/v
     # adapter takes about 1.5 ms more)
-    catalog = registry.load()
+    registered = registry.load()
     for name in names:
-        entry = catalog.adapter(name)
+        entry = registered.adapter(name)
         for file in entry.files:
             (registry.resolve(entry.path) / file).read_bytes()
     return names, seconds

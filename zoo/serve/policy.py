@@ -312,10 +312,9 @@ class ServePolicy:
         path = self.registry.home / record.path
         decision = Decision(200, path=path, content_hash=record.content_hash, label=tag,
                             files=record.files)
-        changed = changed_files(path, record.files, content=False)
-        if changed or not content:
-            return self._changed(decision, changed)
-        return self.content_checked(decision)
+        if content:
+            return self.content_checked(decision)
+        return self._changed(decision, changed_files(path, record.files, content=False))
 
     def content_checked(self, decision: Decision) -> Decision:
         """An adapter's decision after its files' content is checked against the hashes it
