@@ -18,6 +18,7 @@ from zoo.serve.launch import (
     lora_slot_bytes,
     plan_serve,
 )
+from zoo.serve.policy import TARGETS_VARIABLE
 
 
 def test_planning_a_large_catalog_hashes_no_adapter_and_sizes_the_batch(models, tmp_path,
@@ -39,6 +40,8 @@ def test_planning_a_large_catalog_hashes_no_adapter_and_sizes_the_batch(models, 
     assert plan.max_loras == DEFAULT_MAX_LORAS and plan.max_cpu_loras == MAX_CPU_LORAS
     argv = " ".join(plan.argv)
     assert f"--max-loras {DEFAULT_MAX_LORAS}" in argv and "--lora-modules" not in argv
+    # the worker commits the slots of the projections these adapters train at start
+    assert plan.env[TARGETS_VARIABLE] == "q_proj,v_proj"
     lines = describe(plan, options)
     assert sum(line.startswith("  adapter ") for line in lines) == LISTED_ADAPTERS
     assert any(line.startswith("  ... and 10 more") for line in lines)

@@ -432,3 +432,69 @@ def test_a_new_adapters_files_are_hashed_beside_the_event_loop(gate, monkeypatch
     weights.write_bytes(bytes(data))
     status, body = call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])
     assert status == 422 and "files changed" in body["error"]["message"]
+
+
+def test_a_first_used_adapters_files_are_read_ahead_until_the_engine_loaded_them(
+        gate, monkeypatch):
+    """The engine core reads an adapter's files on its first request: the middleware asks
+    the kernel to read them ahead then (the registered files, where the server reads
+    them), not for the base, and not again once the resolver has loaded that content."""
+    from zoo.serve import middleware as middleware_module
+
+    middleware, app, _ = gate
+    asked = []
+    monkeypatch.setattr(middleware_module, "read_ahead", lambda paths: asked.append(
+        sorted(str(p) for p in paths)))
+    monkeypatch.delitem(policy_module.LOADED_HASHES, "acme/a:v1", raising=False)
+    assert call(middleware, "/v1/chat/completions", chat("tiny"), KEYS["acme"])[0] == 200
+    assert asked == []
+    assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    decision = middleware.policy.adapter("acme/a")
+    assert asked == [sorted(str(decision.path / name) for name in decision.files)]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(decision.files)
+    monkeypatch.setitem(policy_module.LOADED_HASHES, "acme/a:v1", decision.content_hash)
+    assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    assert len(asked) == 1  # loaded: the engine has it
+    monkeypatch.setitem(policy_module.LOADED_HASHES, "acme/a:v1", "sha256:other")
+    assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    assert len(asked) == 2  # other content loaded under the name: read the new files
+
+
+def test_read_ahead_brings_a_file_into_the_page_cache(tmp_path):
+    """A file the page cache let go is in it soon after read_ahead, without being read
+    (``mincore`` on a mapping of it); a missing file is skipped."""
+    import ctypes
+    import mmap
+
+    from zoo.core.files import read_ahead
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(4 << 20))
+    pages = (4 << 20) // mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    fd = os.open(path, os.O_RDONLY)
+    address = libc.mmap(None, 4 << 20, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+
+    def cached() -> int:
+        vector = ctypes.create_string_buffer(pages)
+        assert libc.mincore(address, 4 << 20, vector) == 0, ctypes.get_errno()
+        return sum(b & 1 for b in vector.raw)
+
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cached() > pages // 4:
+            pytest.skip("this filesystem keeps the file in memory (tmpfs?): nothing to read")
+        read_ahead([tmp_path / "missing", path])
+        deadline = time.monotonic() + 10
+        while cached() < pages and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cached() == pages
+    finally:
+        libc.munmap(address, 4 << 20)
+        os.close(fd)

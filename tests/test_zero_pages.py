@@ -99,6 +99,65 @@ def test_the_patch_runs_vllms_module_creation_in_the_mode(monkeypatch):
     assert torch.zeros(8, 1, 16, 4096).data_ptr() and len(made) == 1  # outside: untouched
 
 
+def _resident(tensor: torch.Tensor) -> int:
+    """How many of the tensor's pages are in memory (``mincore``)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    start = tensor.data_ptr() & ~(mmap.PAGESIZE - 1)
+    length = tensor.data_ptr() + tensor.nbytes - start
+    pages = -(-length // mmap.PAGESIZE)
+    vector = ctypes.create_string_buffer(pages)
+    assert libc.mincore(start, length, vector) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vector.raw)
+
+
+def test_the_served_adapters_projections_are_committed_at_start(monkeypatch):
+    """allocate_slots_lazily(trained) commits, after vLLM made them, the stacks of the
+    projections named (a packed layer's slices by their own names, the lm_head's single
+    stacks too): every page of those in memory, still zeros and known untouched; every
+    other stack still no memory at all."""
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from zoo.serve import zero_pages
+
+    def stacks(n):
+        return tuple(torch.zeros(8, 1, 16, 8192, dtype=torch.bfloat16) for _ in range(n))
+
+    def create(self):  # as vLLM's layers allocate: a tuple per packed layer, slice by slice
+        self.modules = {
+            "model.layers.0.self_attn.qkv_proj": SimpleNamespace(
+                lora_a_stacked=stacks(3), lora_b_stacked=stacks(3)),
+            "model.layers.0.self_attn.o_proj": SimpleNamespace(
+                lora_a_stacked=stacks(1), lora_b_stacked=stacks(1)),
+            "lm_head": SimpleNamespace(lora_a_stacked=stacks(1)[0],
+                                       lora_b_stacked=stacks(1)[0]),
+            "model.norm": SimpleNamespace()}  # no stacks
+        self.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    monkeypatch.setattr(LoRAModelManager, "_create_lora_modules", create)
+    zero_pages.allocate_slots_lazily({"q_proj", "v_proj", "lm_head", "down_proj"})
+    manager = SimpleNamespace()
+    LoRAModelManager._create_lora_modules(manager)
+    qkv, o, head = (manager.modules[n] for n in ("model.layers.0.self_attn.qkv_proj",
+                                                 "model.layers.0.self_attn.o_proj", "lm_head"))
+    committed = [*qkv.lora_a_stacked[0::2], *qkv.lora_b_stacked[0::2],
+                 head.lora_a_stacked, head.lora_b_stacked]
+    left = [qkv.lora_a_stacked[1], qkv.lora_b_stacked[1], *o.lora_a_stacked, *o.lora_b_stacked]
+    for stack in committed:
+        assert _resident(stack) == stack.nbytes // 4096, "a trained projection's stack"
+    for stack in left:
+        assert _resident(stack) == 0, "a projection no served adapter trains"
+    for stack in committed + left:
+        assert zero_pages.untouched(stack) and float(stack.abs().sum()) == 0.0
+    k_stack = qkv.lora_a_stacked[1]
+    assert zero_pages.populate_trained(manager, {"k_proj"}) == 2 * k_stack.nbytes == 4 * MB
+    assert _resident(k_stack) == k_stack.nbytes // 4096
+    assert not zero_pages.populate(torch.zeros(MB))  # not zero pages: nothing to commit
+
+
 def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero(monkeypatch):
     """vLLM's own create_lora_weights (the lm_head's and the embeddings' stacks, slots x
     vocabulary x rank) allocates through the mode, and zoo's reset_lora neither reads nor

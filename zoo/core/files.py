@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 from zoo.core.tables import SAFETENSORS_BYTES, numel
@@ -25,6 +26,26 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return HASH_PREFIX + digest.hexdigest()
+
+
+def read_ahead(paths: Iterable[Path]) -> None:
+    """Ask the kernel to read ``paths`` into the page cache in the background
+    (``POSIX_FADV_WILLNEED``), without waiting for it. A file that cannot be opened is
+    skipped: whoever reads it next says why."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -192,6 +192,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         env.BASE_VARIABLE: base.name,
         env.RANK_VARIABLE: str(max_rank),
         env.MODEL_VARIABLE: str(model_path),
+        env.TARGETS_VARIABLE: ",".join(sorted(targets)),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # lets the registry resolver load adapters
     }
     run_env.pop(env.KEYS_VARIABLE, None)

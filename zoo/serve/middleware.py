@@ -17,7 +17,9 @@ For every request it
   with its adapter header, or read stored state) is a 403, and ``/metrics``
   needs an operator's key (a tenant whose adapters are ``*``);
 * hands the request's tenant to the resolver (a context variable) and unloads
-  an adapter whose name was re-registered with other content before serving it.
+  an adapter whose name was re-registered with other content before serving it;
+* asks the kernel to read a newly used adapter's files ahead (the engine core reads
+  them next, and a file the page cache let go took it 4-9 ms instead of 1-2).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Any
 
 from zoo.catalog.integrity import cached_hash
 from zoo.catalog.versions import label, record_in_use
+from zoo.core.files import read_ahead
 from zoo.serve.policy import (
     ANONYMOUS,
     LOAD_FAILURES,
@@ -204,6 +207,9 @@ class ZooMiddleware:
                 decision = await self._content_checked(decision)
             if not decision.ok:
                 return await _send_error(send, decision)
+            if LOADED_HASHES.get(decision.label) != decision.content_hash:
+                # a first use (or new content): the engine core reads these files next
+                read_ahead(decision.path / name for name in decision.files)
             await self._unload_if_replaced(scope, decision.label, decision.content_hash)
             served_as, content = decision.label, decision.content_hash
         replay = receive

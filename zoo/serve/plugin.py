@@ -378,22 +378,27 @@ LOADED_LOOKUP = Patch(
 
 
 def _allocate_slots_lazily() -> None:
+    from zoo.serve.policy import TARGETS_VARIABLE
     from zoo.serve.zero_pages import allocate_slots_lazily
 
-    allocate_slots_lazily()
+    trained = os.environ.get(TARGETS_VARIABLE, "")
+    allocate_slots_lazily({t for t in trained.split(",") if t})
 
 
 ZERO_PAGE_SLOTS = Patch(
     name="zero_page_slots", cpu_only=True, apply=_allocate_slots_lazily,
     why="vLLM writes zeros through every LoRA slot at --max-lora-rank on every projection "
         "at start (12.9 MB a slot for SmolLM2 at rank 16 in bf16): memory for weights no "
-        "adapter has, which held the default at 128 slots",
+        "adapter has, which held the default at 128 slots (the served adapters' "
+        "projections are committed at start: a first write's page faults cost a cold "
+        "adapter's placement 4.4 ms of 6)",
     retire_when="vLLM allocates LoRA stacks as they are used, or at the adapters' ranks "
                 "and targets",
     checks=(parameters("vllm.lora.model_manager", "LoRAModelManager", "_create_lora_modules",
                        names=(), exact=True),
             mentions("vllm.lora.model_manager", "LoRAModelManager", "__init__",
-                     snippets=("self._create_lora_modules()",))))
+                     snippets=("self._create_lora_modules()", "self.modules",
+                               "self.packed_modules_mapping"))))
 
 
 def _patch_weight_report() -> None:

@@ -34,6 +34,7 @@ BASE_VARIABLE = "ZOO_SERVE_BASE"
 KEYS_VARIABLE = "ZOO_SERVE_API_KEYS"
 RANK_VARIABLE = "ZOO_SERVE_MAX_LORA_RANK"
 MODEL_VARIABLE = "ZOO_SERVE_MODEL_DIR"  # the served checkpoint (its smoothing, if any)
+TARGETS_VARIABLE = "ZOO_SERVE_TARGETS"  # the projections the served adapters train (a,b,c)
 logger = logging.getLogger("zoo.serve")
 
 # The tenant of the request being handled, set by the middleware for the request's task;
