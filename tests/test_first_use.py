@@ -176,6 +176,46 @@ def test_requests_wait_for_their_adapters_load_and_keep_their_order(core_side):
             has_requests=lambda: False)))
 
 
+def test_the_core_and_the_worker_read_a_bursts_adapters_in_turn(core_side, monkeypatch):
+    """Where the worker lets the core read (core_reading.py), cold adapters are read in
+    turn: the first by the worker (its own add_lora), the next by the core and sent to
+    the worker to place, and so on; the requests reach the scheduler in the order they
+    came once every load is confirmed."""
+    EngineCore, EngineCoreProc = core_side
+    context = object()
+    read = []
+
+    class Reading(Executor):
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None,
+                           non_block=False):
+            if method is core_reading.context_of:
+                return [context]
+            if method is core_reading.place:
+                assert non_block and args[1] == ("model of", args[0].lora_int_id)
+                self.asked.append(("place", args[0].lora_int_id))
+                future = Future()
+                future.set_result([True])
+                return future
+            return super().collective_rpc(method, timeout, args, kwargs, non_block)
+
+    monkeypatch.setattr(core_reading, "handing_over", lambda: True)
+    monkeypatch.setattr(core_reading, "read", lambda ctx, lora: (
+        ctx is context and read.append(lora.lora_int_id), ("model of", lora.lora_int_id))[1])
+    executor, scheduled = Reading(), []
+    core = EngineCoreProc.__new__(EngineCoreProc)
+    core.__dict__.update(model_executor=executor, batch_queue=None, engines_running=False,
+                         input_queue=queue.Queue(), scheduler=SimpleNamespace(
+                             add_request=lambda r: scheduled.append(r.request_id),
+                             has_requests=lambda: bool(scheduled)))
+    for lora_id in range(1, 6):
+        EngineCore.add_request(core, _request(f"r{lora_id}", LoRARequest(
+            f"acme/{lora_id}:v1", lora_id, f"/{lora_id}")))
+    assert executor.asked == [("add", 1), ("place", 2), ("add", 3), ("place", 4), ("add", 5)]
+    assert read == [2, 4] and not scheduled
+    EngineCoreProc._process_input_queue(core)
+    assert scheduled == ["r1", "r2", "r3", "r4", "r5"]
+
+
 def test_a_bad_adapter_fails_its_request_when_it_is_read(core_side, monkeypatch):
     """Read in the engine core (core_reading.py), an adapter vLLM refuses fails its
     request there, before anything is sent to the worker."""

@@ -18,7 +18,10 @@ process, can do that part while the worker places the adapter before it:
 
 ``first_use.py`` decides when: it holds the requests of the adapters it sent until
 their places are confirmed, one wait before the step (the worker runs the queue's
-messages in order, so the placements are done before the step's forward anyway).
+messages in order, so the placements are done before the step's forward anyway). It
+reads every other cold adapter here and leaves the rest to the worker's own read: a
+burst of new adapters waits for all of their loads, and the worker, idle meanwhile,
+reads as fast as the core (the core shares its CPU with the API server).
 """
 
 from __future__ import annotations

@@ -19,9 +19,11 @@ only; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way):
   and resolved afresh (``middleware.py``);
 * the engine core begins a request's adapter's load when the request arrives,
   before it is scheduled, so the load happens at the same step boundary. Where the
-  worker allows, the core reads the adapter itself and sends it to the worker to
-  place (``core_reading.py``) without waiting, reading the next one meanwhile (at
-  most ``IN_FLIGHT`` unanswered); the requests wait in the core until their loads
+  worker allows, the core reads every other adapter itself and sends it to the worker
+  to place (``core_reading.py``), and leaves the others to the worker to read: the
+  loads a burst of new adapters brings are read on both CPUs at once (the worker has
+  nothing else to do until they are placed). It sends without waiting (at most
+  ``IN_FLIGHT`` unanswered); the requests wait in the core until their loads
   are confirmed, once, before the next step. An adapter that fails to load fails its
   requests (HTTP 500, logged) instead of the engine step. The core remembers what it
   had the worker load, so the API server's ``add_lora`` for the same adapter
@@ -213,9 +215,10 @@ def _held(core) -> _Held:
 
 
 def _begin_load(core, lora) -> Future:
-    """The adapter's load, sent to the worker without waiting. Read here and placed by
-    the worker where the worker said how (core_reading.py), else read there too. A bad
-    adapter raises here, when it is read."""
+    """The adapter's load, sent to the worker without waiting. Where the worker said how
+    (core_reading.py), every other one is read here and placed there, the rest read
+    there; else the worker reads them all. A bad adapter raises here when it is read
+    here, else its load's answer does."""
     from zoo.serve import core_reading
 
     # at most IN_FLIGHT unanswered: vLLM's queues to and from the worker hold a few
@@ -228,7 +231,9 @@ def _begin_load(core, lora) -> Future:
     if context is False and core_reading.handing_over():
         context = core.model_executor.collective_rpc(core_reading.context_of)[0]
         core.__dict__["_zoo_reading_context"] = context
-    if context:
+    begun = core.__dict__.get("_zoo_loads_begun", 0)
+    core.__dict__["_zoo_loads_begun"] = begun + 1
+    if context and begun % 2:  # the worker reads the first (it waits for it anyway)
         return core.model_executor.collective_rpc(
             core_reading.place, args=(lora, core_reading.read(context, lora)), non_block=True)
     return core.model_executor.collective_rpc("add_lora", args=(lora,), non_block=True)
