@@ -146,7 +146,9 @@ def catalog(home: Path, registry, size: int, log) -> tuple[list[str], float]:
         add_many(folder, BASE, prefix="cat/", registry=registry)
     # the files the server reads, into the page cache: a cold point is an adapter vLLM
     # has not loaded, not a file on disk (from disk, the core's read of a rank-8 q/v
-    # adapter takes about 1.5 ms more)
+    # adapter takes about 1.5 ms more). On a machine that reclaims the page cache early
+    # (this VM's kdamond pages out what was not touched for a minute or two), the later
+    # engines' cold points read some from disk all the same
     registered = registry.load()
     for name in names:
         entry = registered.adapter(name)
@@ -326,8 +328,8 @@ def main() -> None:
 
     sections = args.sections.split(",")
     for path in args.paths.split(",") if "curve" in sections else []:
-        used = 0  # each engine its own first uses (every file is in the page cache: see
-        # catalog())
+        used = 0  # each engine its own first uses (the files read into the page cache
+        # first: see catalog())
         with engine(path) as url:
             # warm up: a first burst of a shape is slower (kernels made for its sizes; zoo's
             # LoRA kernel up to a2d4cff was compiled on an engine's first step of many
