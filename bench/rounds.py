@@ -12,9 +12,10 @@ rank-8 q/v LoRAs) warms up (a burst on the base, one on 8 adapters) and then run
 has never loaded (cold), the same 64 again (warm). Each round's ratios are the base
 burst's seconds over the adapters' burst's; the result is each path's median ratio
 over all its rounds, and its median seconds of a cold burst beyond its round's base
-burst. The engines of one path use different adapters (the catalog's first half and
-its second, in turn): a file the page cache let go is read from disk (on this VM the
-page cache is reclaimed within a minute or two) as it would be for either path.
+burst. One engine uses the catalog's first half, the next its second, and so on: no
+engine finds the files the one before it read still in the page cache (this VM
+reclaims an idle page cache within a minute or two; then a file is read from disk, the
+same for either path).
 
 Results go to bench/results/rounds.json.
 """
@@ -69,7 +70,9 @@ def main() -> None:
     rounds = []
     for index in range(args.engines):
         path = ("zoo", "previous")[index % 2]
-        start = (index // 2) % 2 * (len(names) // 2)  # each path: first half, second...
+        # one engine reads the catalog's first half, the next its second: an engine never
+        # finds the files the engine before it read still in the page cache
+        start = index % 2 * (len(names) // 2)
         adapters = names[start:start + per_engine]
         with engine(path) as url:
             asyncio.run(burst(url, [BASE] * REQUESTS, TOKENS, REQUESTS))
