@@ -153,3 +153,18 @@ def memory_left_behind(work) -> int:
         return tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+
+
+def resident_pages(address: int, length: int) -> int:
+    """How many pages of the mapping at ``address`` (``length`` bytes from there, the
+    start rounded down to a page) are in memory: ``mincore``, Linux."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    start = address & ~(mmap.PAGESIZE - 1)
+    length += address - start
+    vector = ctypes.create_string_buffer(-(-length // mmap.PAGESIZE))
+    assert libc.mincore(start, length, vector) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vector.raw)

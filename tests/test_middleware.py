@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import zoo
+from tests.helpers import resident_pages, zoo
 from zoo.catalog.registry import Registry
 from zoo.serve import policy as policy_module
 from zoo.serve.middleware import MAX_BODY, ZooMiddleware
@@ -476,14 +476,11 @@ def test_read_ahead_brings_a_file_into_the_page_cache(tmp_path):
     libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_long)
     libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
     fd = os.open(path, os.O_RDONLY)
     address = libc.mmap(None, 4 << 20, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
 
     def cached() -> int:
-        vector = ctypes.create_string_buffer(pages)
-        assert libc.mincore(address, 4 << 20, vector) == 0, ctypes.get_errno()
-        return sum(b & 1 for b in vector.raw)
+        return resident_pages(address, 4 << 20)
 
     try:
         os.fsync(fd)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+from tests.helpers import resident_pages
 from zoo.serve import fast_lora
 from zoo.serve.zero_pages import MIN_BYTES, ZeroPageAllocation
 
@@ -100,18 +101,8 @@ def test_the_patch_runs_vllms_module_creation_in_the_mode(monkeypatch):
 
 
 def _resident(tensor: torch.Tensor) -> int:
-    """How many of the tensor's pages are in memory (``mincore``)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
-    start = tensor.data_ptr() & ~(mmap.PAGESIZE - 1)
-    length = tensor.data_ptr() + tensor.nbytes - start
-    pages = -(-length // mmap.PAGESIZE)
-    vector = ctypes.create_string_buffer(pages)
-    assert libc.mincore(start, length, vector) == 0, ctypes.get_errno()
-    return sum(b & 1 for b in vector.raw)
+    """How many of the tensor's pages are in memory."""
+    return resident_pages(tensor.data_ptr(), tensor.nbytes)
 
 
 def test_the_served_adapters_projections_are_committed_at_start(monkeypatch):
