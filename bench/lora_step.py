@@ -1,15 +1,17 @@
 """The LoRA work of one step, alone: zoo's CPU path now, as of an earlier commit, and vLLM's.
 
 Run: .venv/bin/python bench/lora_step.py [--before COMMIT] [--adapters 1,8,32,64,128]
-     [--tokens 64] [--prompt 45] [--dtype bfloat16] [--repeat 20]
+     [--tokens 64] [--prompt 45] [--dtype bfloat16] [--repeat 20] [--slots 256]
 
 Times ``add_lora_linear`` over SmolLM2-135M's 30 layers (q/k/v, o, gate/up and
 down, as vLLM's fused LoRA layers call it) for one decode step of max(--tokens, N)
 tokens spread evenly over N adapters, and for one prefill of --prompt tokens for
 each of N adapters (each prompt's tokens together, as vLLM batches them; the bench's
-chat prompts are about 45 tokens): rank-8 LoRAs on q and v, in max(64, N) slots
-stacked at rank 16, on one thread (vLLM's CPU worker runs one OpenMP thread per core
-it owns: one on this 2-core machine). The contenders, in one process on equal stacks:
+chat prompts are about 45 tokens): rank-8 LoRAs on q and v, in max(--slots, N) slots
+stacked at rank 16, on one thread (vLLM's CPU worker runs one OpenMP thread per core it
+owns: one on this 2-core machine). The contenders, in one process, each on equal stacks
+made as its server makes them (this tree's in zero_pages' committed stacks, 2 MB pages
+where whole ones fit; the others' in plain memory):
 zoo's wrapper of this tree, the same file of --before (a git commit) on that commit's
 own native kernel (its ``lora_kernel.cpp``, built beside this one's) and vLLM's own
 ``PunicaWrapperCPU``; the base's own linears of the step in the same dtype for scale.
@@ -74,18 +76,28 @@ def wrapper_of(commit: str):
     return module.GroupedPunicaWrapperCPU
 
 
-def stacks(slots: int, dtype):
+def stacks(slots: int, dtype, served: bool = False):
+    """Every layer's stacks, the trained slices holding random rank-8 adapters in every
+    slot. ``served``: made as this tree's server makes them (zero pages, the trained
+    slices' committed at start: ``zero_pages``); else plain ``torch.zeros``."""
+    import contextlib
+
     import torch
+
+    from zoo.serve import zero_pages
 
     g = torch.Generator().manual_seed(0)
     layers = []
     for _ in range(LAYERS):
         calls = []
         for slices, width, trained in CALLS:
-            a = tuple(torch.zeros(slots, 1, MAX_RANK, width, dtype=dtype) for _ in slices)
-            b = tuple(torch.zeros(slots, 1, size, MAX_RANK, dtype=dtype) for size in slices)
+            with zero_pages.ZeroPageAllocation() if served else contextlib.nullcontext():
+                a = tuple(torch.zeros(slots, 1, MAX_RANK, width, dtype=dtype) for _ in slices)
+                b = tuple(torch.zeros(slots, 1, size, MAX_RANK, dtype=dtype) for size in slices)
             for i, on in enumerate(trained):
                 if on:
+                    zero_pages.populate(a[i])
+                    zero_pages.populate(b[i])
                     a[i][:, :, :RANK] = torch.randn(slots, 1, RANK, width, generator=g) * 0.05
                     b[i][:, :, :, :RANK] = torch.randn(slots, 1, slices[i], RANK, generator=g)
             calls.append((slices, width, a, b))
@@ -148,6 +160,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--slots", type=int, default=256,
+                        help="slots in the stacks, at least the adapters (zoo serve's "
+                             "default: 256)")
     parser.add_argument("--vllm", type=int, default=1, help="time vLLM's own ops too (slow)")
     parser.add_argument("--prompt", type=int, default=45,
                         help="also time a prefill of this many tokens an adapter (0: none; "
@@ -168,7 +183,7 @@ def main() -> None:
     kinds = [("decode", False)] + ([("prefill", True)] if args.prompt else [])
     for kind, prefill in kinds:
         for adapters in (int(a) for a in args.adapters.split(",")):
-            slots = max(64, adapters)
+            slots = max(args.slots, adapters)
             tokens = adapters * args.prompt if prefill else max(args.tokens, adapters)
             repeat = max(3, args.repeat // 4) if prefill else args.repeat
             row = {"step": kind, "adapters": adapters, "tokens": tokens, "slots": slots,
@@ -177,7 +192,8 @@ def main() -> None:
                 if name == "vLLM's own" and prefill:
                     row[f"{name} ms"] = None
                     continue
-                row[f"{name} ms"] = step_ms(cls, stacks(slots, dtype), adapters, tokens, slots,
+                made = stacks(slots, dtype, served=name == "zoo now")
+                row[f"{name} ms"] = step_ms(cls, made, adapters, tokens, slots,
                                             dtype, repeat if name != "vLLM's own" else 3,
                                             prefill)
             row["before / now"] = row[f"zoo {args.before} ms"] / row["zoo now ms"]

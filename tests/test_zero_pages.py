@@ -149,6 +149,62 @@ def test_the_served_adapters_projections_are_committed_at_start(monkeypatch):
     assert not zero_pages.populate(torch.zeros(MB))  # not zero pages: nothing to commit
 
 
+def _in_huge_pages(tensor: torch.Tensor) -> int:
+    """How many bytes of the tensor's memory are 2 MB pages (``AnonHugePages`` of the
+    mappings it lies in, /proc/self/smaps; a mapping holds no other tensor here)."""
+    import re
+
+    start, end, huge, inside = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes, 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+            if span:
+                low, high = (int(v, 16) for v in span.groups())
+                inside = low < end and high > start
+            elif inside and line.startswith("AnonHugePages:"):
+                huge += int(line.split()[1]) * 1024
+    return huge
+
+
+def test_committed_stacks_and_the_values_derived_from_them_lie_in_2mb_pages():
+    """populate() gives a stack of 2 MB or more 2 MB pages wherever whole ones fit in it,
+    commits nothing past its end and leaves it zeros, untouched; in_huge_pages() copies a
+    large tensor into 2 MB pages (the derived B that the native kernel reads, too) and
+    leaves a small one where it is. With transparent huge pages only where asked (this
+    machine's setting), none of it holds without the madvise."""
+    from pathlib import Path
+
+    import pytest
+
+    from zoo.serve import zero_pages
+
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not setting.exists() or "[never]" in setting.read_text():
+        pytest.skip("this kernel gives no transparent huge pages")
+    whole = zero_pages.zero_pages((64, 1, 16, 4096), torch.bfloat16)  # 8 MB
+    odd = zero_pages.zero_pages((5 * MB + 8192,), torch.uint8)  # two 2 MB pages, then 4 kB
+    small = zero_pages.zero_pages((MB,), torch.uint8)
+    for stack in (whole, odd, small):
+        assert zero_pages.populate(stack)
+        assert _resident(stack) == -(-stack.nbytes // 4096)
+        pages, offset = stack._zoo_pages
+        past = offset + stack.nbytes
+        assert resident_pages(stack.data_ptr() + stack.nbytes, len(pages) - past) == 0
+        assert zero_pages.untouched(stack) and not bool(stack.any())
+    assert _in_huge_pages(whole) == 8 * MB
+    assert _in_huge_pages(odd) == 4 * MB
+    assert _in_huge_pages(small) == 0
+    source = torch.randn(3 * MB // 2)  # 6 MB of float32
+    copy = zero_pages.in_huge_pages(source)
+    assert copy is not source and torch.equal(copy, source) and _in_huge_pages(copy) == 6 * MB
+    little = torch.randn(1000)
+    assert zero_pages.in_huge_pages(little) is little
+    stack_b = torch.randn(64, 1, 4096, 16).to(torch.bfloat16)  # [slots, 1, out, rank]
+    rank_major = fast_lora._b_by_rank(stack_b, 16)
+    assert torch.equal(rank_major, stack_b[:, 0].transpose(1, 2))
+    assert _in_huge_pages(rank_major) == 8 * MB
+
+
 def test_vllms_vocabulary_stacks_are_zero_pages_known_to_be_zero(monkeypatch):
     """vLLM's own create_lora_weights (the lm_head's and the embeddings' stacks, slots x
     vocabulary x rank) allocates through the mode, and zoo's reset_lora neither reads nor

@@ -44,7 +44,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from zoo.serve import native
-from zoo.serve.zero_pages import untouched
+from zoo.serve.zero_pages import in_huge_pages, untouched
 
 logger = logging.getLogger("zoo.serve")
 QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
@@ -666,8 +666,9 @@ def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
     wrote into it (its ``_version`` moved), only the slots marked by ``reset_lora`` (each
     value has its own marks) are recomputed: vLLM writes a slot only after resetting it
     (``set_lora``). A write with no mark pending, or a new ``key`` (the value's shape),
-    recomputes every slot; marks are dropped while nothing was written (a reset zoo
-    skipped), so a later write without marks is never taken for theirs."""
+    recomputes every slot (into 2 MB pages where it is large: the native kernel reads B's
+    copy a token's rows at a time); marks are dropped while nothing was written (a reset
+    zoo skipped), so a later write without marks is never taken for theirs."""
     if not hasattr(stacked, "_zoo_dirty"):
         stacked._zoo_dirty = {}
     cached = getattr(stacked, name, None)
@@ -681,7 +682,7 @@ def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
         slots = torch.tensor(sorted(dirty), dtype=torch.long)
         value[slots] = make(stacked.index_select(0, slots))
     else:
-        value = make(stacked)
+        value = in_huge_pages(make(stacked))
     setattr(stacked, name, (stacked._version, value, key))
     stacked._zoo_dirty[name] = set()
     return value

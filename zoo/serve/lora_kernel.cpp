@@ -63,7 +63,11 @@ inline int64_t rank_of(const Part& part, int64_t slot) {
 // where the hardware prefetchers barely start: in a decode step of 64 adapters the kernel
 // waited on memory for most of its time. Asking for all of the next row's lines at once
 // (about 500 for a q/v adapter) fills the core's queue of misses and stalls it; spread
-// over this row's loads, a line asked for each line read, they arrive in time.
+// over this row's loads, a line asked for each line read, they arrive in time. They are
+// asked into L2 (prefetcht1), not L1: an L1 prefetch holds one of the core's few L1 fill
+// buffers until its line arrives, an L2 one a slot of the larger L2 queue, so more lines
+// are on their way at once (a decode step of 64 adapters alone: 6.5 -> 5.7 ms on this
+// Xeon, the stacks in 2 MB pages).
 class Ahead {
  public:
     // The lines of ``slot``'s rows of A and B in every part (nothing for slot < 0).
@@ -83,7 +87,7 @@ class Ahead {
     // Ask for the next ``lines`` lines.
     inline void issue(int64_t lines) {
         for (; lines > 0 && next_ < count_; --lines) {
-            __builtin_prefetch(at_[next_], 0, 3);
+            __builtin_prefetch(at_[next_], 0, 2);
             at_[next_] += kLine;
             if (at_[next_] >= end_[next_]) ++next_;
         }
