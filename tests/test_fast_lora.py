@@ -137,6 +137,32 @@ def test_logits_skip_is_exact_and_not_blind():
     assert not torch.equal(got, base)
 
 
+def test_logits_skip_groups_no_rows_when_no_adapter_of_the_step_has_lm_head_weights():
+    """The skip looks at the step's slots only: a slot outside the batch with lm_head
+    weights neither adds anything nor makes the step group its rows (0.5 ms a step of 64
+    adapters); one inside does both."""
+    tokens = [22, 0, 33, 22]
+    ref, ours = wrappers(tokens, tokens, False)
+    vocab = 256
+    a, b = torch.zeros(SLOTS, 1, RANK, HIDDEN), torch.zeros(SLOTS, 1, vocab, RANK)
+    a[0].normal_()
+    b[0].normal_()  # adapter 11, not in this step
+    x, base = torch.randn(4, HIDDEN), torch.randn(4, vocab)
+    y = base.clone()
+    ours.add_lora_logits(y, x, a, b, 1.0)
+    assert torch.equal(y, base) and "sampler" not in ours._groups
+    a[2].normal_()
+    b[2].normal_()  # adapter 33, in it
+    expected = base.clone()
+    ref.add_lora_logits(expected, x, a, b, 1.0)
+    ours.add_lora_logits(y, x, a, b, 1.0)
+    assert "sampler" in ours._groups and not torch.equal(y, base)
+    slots = [IDS.index(t) if t else None for t in tokens]
+    exact, bound = reference(base, x, (a,), (b,), 1.0, slots, torch.float32)
+    assert_within(y, exact, bound, "zoo's logits")
+    assert_within(expected, exact, bound, "vLLM's own logits")
+
+
 def test_embedding_skip_is_exact_and_not_blind():
     """vLLM adds an embedding LoRA for every adapter; zoo skips it when no adapter of the
     step has embedding weights (an adapter outside the step may)."""
