@@ -150,8 +150,9 @@ __attribute__((noinline)) void token_portable(const T* x, T* y, int64_t slot, in
 
 #ifdef ZOO_AVX512_BF16
 // bfloat16 with AVX-512 BF16: the shrink as dot products of bf16 pairs (vdpbf16ps), up to
-// eight rows of A against one read of x; the expand sixteen columns at a time, every row
-// of B into one float32 register, then added to y and rounded (vcvtneps2bf16) once.
+// eight rows of A against one read of x; the expand 32 columns at a time, every row of B
+// into two float32 registers (even and odd columns), then added to y and rounded
+// (vcvtne2ps2bf16) once.
 template <int N>
 inline void shrink_rows(const uint16_t* x, const uint16_t* a, int64_t a_row, int64_t in,
                         float scale, float* h, Ahead& ahead) {
@@ -174,8 +175,23 @@ inline void shrink_rows(const uint16_t* x, const uint16_t* a, int64_t a_row, int
     for (int r = 0; r < N; ++r) h[r] = _mm512_reduce_add_ps(acc[r]) * scale;
 }
 
-inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> 16 float32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+// 32 bfloat16 -> float32: the even-numbered ones (the low half of each 32-bit pair,
+// shifted up) and the odd-numbered ones (the high half, the low one masked off). Two
+// simple integer operations for 32 numbers, where a widening shuffle takes one of the
+// core's shuffle slots for every 16: the expand's loads of B keep both FMA units busy.
+inline __m512 evens(__m512i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16, 16)); }
+inline __m512 odds(__m512i bf16) {
+    return _mm512_castsi512_ps(_mm512_and_si512(bf16, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+// Round evens and odds to bfloat16 (nearest even, as vcvtneps2bf16 does) and put each
+// back in its place: column 2i from evens[i], 2i + 1 from odds[i].
+inline __m512i interleave(__m512 even, __m512 odd) {
+    const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(odd, even);  // evens, then odds
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                           25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                           18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(order, halves);
 }
 
 void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const Part* parts,
@@ -191,16 +207,20 @@ void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const 
         for (; r + 4 <= rank; r += 4) shrink_rows<4>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
         for (; r < rank; ++r) shrink_rows<1>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
         uint16_t* out = y + part.start;
-        for (int64_t j = 0; j < part.width && rank > 0; j += 16) {
-            const int64_t n = part.width - j < 16 ? part.width - j : 16;
-            const __mmask16 m = (__mmask16)((1u << n) - 1);
-            __m512 delta = _mm512_setzero_ps();
-            ahead.issue((rank + 1) / 2);  // rank rows of 32 bytes
-            for (int64_t q = 0; q < rank; ++q)
-                delta = _mm512_fmadd_ps(_mm512_set1_ps(h[q]),
-                                        widen(_mm256_maskz_loadu_epi16(m, b + q * part.b_row + j)), delta);
-            const __m512 sum = _mm512_add_ps(widen(_mm256_maskz_loadu_epi16(m, out + j)), delta);
-            _mm256_mask_storeu_epi16(out + j, m, (__m256i)_mm512_cvtneps_pbh(sum));
+        for (int64_t j = 0; j < part.width && rank > 0; j += 32) {
+            const int64_t n = part.width - j < 32 ? part.width - j : 32;
+            const __mmask32 m = (__mmask32)((n == 32 ? 0ull : 1ull << n) - 1);
+            __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+            ahead.issue(rank);  // rank rows of 64 bytes
+            for (int64_t q = 0; q < rank; ++q) {
+                const __m512i row = _mm512_maskz_loadu_epi16(m, b + q * part.b_row + j);
+                const __m512 hq = _mm512_set1_ps(h[q]);
+                even = _mm512_fmadd_ps(hq, evens(row), even);
+                odd = _mm512_fmadd_ps(hq, odds(row), odd);
+            }
+            const __m512i now = _mm512_maskz_loadu_epi16(m, out + j);
+            _mm512_mask_storeu_epi16(out + j, m, interleave(_mm512_add_ps(evens(now), even),
+                                                            _mm512_add_ps(odds(now), odd)));
         }
     }
     ahead.rest();
