@@ -25,7 +25,8 @@ slots); the other projections' stacks stay zero pages. Those committed stacks, a
 values zoo derives from them (:func:`in_huge_pages`), lie in 2 MB pages where whole ones
 fit: a decode step of 64 adapters reads each token's adapter rows where they lie, a few
 KB on each of about eight 4 kB pages a layer, and the translation misses of 4 kB pages
-took a quarter of the LoRA kernel's time (``bench/lora_step.py``).
+took about a fifth of the LoRA kernel's time (the kernel alone, a decode step of 64
+rank-8 q/v adapters in 256 slots: 8.2 ms in 4 kB pages, 6.5 ms in 2 MB ones).
 """
 
 from __future__ import annotations
