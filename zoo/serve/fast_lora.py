@@ -118,14 +118,6 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             self._groups[which] = group_rows(indices)
         return self._groups[which]
 
-    def _sampler_slots(self) -> frozenset[int]:
-        """The slots this step's sequences use, made once a step (their rows, which
-        ``_rows`` groups, only where some of them has lm_head weights: grouping 64
-        adapters' rows took 0.5 ms a step)."""
-        if "sampler slots" not in self._groups:
-            self._groups["sampler slots"] = frozenset(_slots_in(self.sampler_indices).tolist())
-        return self._groups["sampler slots"]
-
     def _parts(self, lora_a_stacked, lora_b_stacked, output_slices, y_width: int) -> Parts:
         """The slices of a fused layer that some adapter of this step has weights for, as
         views cut at the largest rank the step's adapters use. Kept on the layer's first
@@ -190,9 +182,11 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         # A slot whose A is all zeros adds exact zeros; A is [rank, hidden] a slot where
         # B is [vocab, rank] (1.5 MB for SmolLM2): vLLM rewrites slots as adapters come
         live = _slots_with_weights(lora_a_stacked)
-        if not live.intersection(self._sampler_slots()):
-            return  # every adapter in the batch has zero lm_head weights: nothing to add
+        if not live.intersection(self._step_key):
+            return  # no adapter of the step has lm_head weights (rows not grouped: 0.5 ms)
         groups = [(s, r) for s, r in self._rows("sampler") if s in live]
+        if not groups:
+            return  # every adapter in the batch has zero lm_head weights: nothing to add
         if x.view(-1, x.shape[-1]).shape[0] != self.sampler_indices.numel():
             # prompt log-probabilities give a row per prompt token, not per sequence: the
             # sequence-to-slot mapping does not say which adapter each row is for

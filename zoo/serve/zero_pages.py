@@ -68,7 +68,7 @@ def populate(tensor: torch.Tensor) -> bool:
         return False
     huge = tensor.nbytes // HUGE_PAGE * HUGE_PAGE
     try:
-        if huge and tensor.data_ptr() % HUGE_PAGE == 0:
+        if huge:  # _mapped starts such a tensor on a 2 MB boundary
             pages.madvise(mmap.MADV_HUGEPAGE, offset, huge)
         pages.madvise(MADV_POPULATE_WRITE, offset, -(-tensor.nbytes // SMALL_PAGE) * SMALL_PAGE)
     except (OSError, ValueError):
