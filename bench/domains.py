@@ -1,7 +1,7 @@
 """The int8 base's quality off its calibration's domain: every held-out text, every setting.
 
 Run: .venv/bin/python bench/domains.py [--settings before,broad,default,rtn,alpha-0.8,
-     damping-0.1,damping-0.001,gptq-2-sequences]
+     damping-0.1,damping-0.001,gptq-2-sequences,8-bit,7-bit]
 
 Perplexity of each held-out text zoo ships (zoo/data/domains: prose, dialogue, code,
 formal writing, technical documentation, Spanish; and zoo/data/heldout.txt), served by
@@ -40,6 +40,10 @@ SETTINGS = {  # name: (calibrate, the W8A8 writer's keyword arguments)
     "damping-0.1": (True, {"damping": 0.1}),
     "damping-0.001": (True, {"damping": 0.001}),
     "gptq-2-sequences": (True, {"gptq_sequences": 2}),
+    # the weights' width, whatever this CPU's kernel computes exactly (default: 7 bits on
+    # x86 without VNNI, where vLLM's int8 kernel saturates 8-bit weights' products)
+    "8-bit": (True, {"bits": 8}),
+    "7-bit": (True, {"bits": 7}),
 }
 
 

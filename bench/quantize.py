@@ -60,11 +60,12 @@ def variant_home(home: Path, label: str, calibrate: bool, log, **settings) -> Pa
                 k: v for k, v in base.variants.items() if k != "w8a8"})
             for name in [a.name for a in catalog.adapters() if a.name != PIRATE]:
                 del catalog.entries[name]
-        calibration = settings.pop("calibration", None)  # quantize() passes its own
+        # quantize() passes its own calibration and width
+        calibration, bits = settings.pop("calibration", None), settings.pop("bits", None)
         zoo.quantize.write_w8a8 = functools.partial(write_w8a8, **settings)
         try:
             quantize(BASE, "w8a8", registry, calibrate=calibrate, log=log,
-                     calibration=calibration)
+                     calibration=calibration, bits=bits)
         finally:
             zoo.quantize.write_w8a8 = write_w8a8
     return target

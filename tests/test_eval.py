@@ -284,6 +284,11 @@ def test_gptq_rounding_beats_nearest_on_the_calibration_inputs():
     # other columns gains nothing: overwhelming damping is rounding to the nearest step
     damped, _scale = quantize_rows(weight, x.T @ x, damping=1e9)
     torch.testing.assert_close(damped * scale, nearest)
+    # 7-bit weights (CPUs whose int8 kernel saturates 8-bit ones): the same, on 63 steps
+    ints7, scale7 = quantize_rows(weight, x.T @ x, levels=63)
+    assert ints7.abs().max() == 63 and torch.allclose(scale7, scale * 127 / 63)
+    nearest7 = torch.round(weight / scale7).clamp(-63, 63) * scale7
+    assert (x @ (ints7 * scale7).T - exact).norm() < 0.8 * (x @ nearest7.T - exact).norm()
 
 
 def test_a_bottleneck_adapter_is_evaluated_through_transformers(tiny, tmp_path):

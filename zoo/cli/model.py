@@ -73,17 +73,23 @@ def generate_cmd(prompt: str, adapter: str | None, base: str | None, max_tokens:
               help="w8a8: text or JSONL to calibrate on (default: text that ships with zoo).")
 @click.option("--no-calibrate", is_flag=True,
               help="w8a8: plain round-to-nearest, no SmoothQuant and no 16-bit layers.")
+@click.option("--weight-bits", type=click.Choice(["8", "7"]), default=None,
+              help="w8a8: the weights' width (default: 8, or 7 on x86 CPUs without VNNI, "
+                   "whose int8 kernel saturates 8-bit weights' products).")
 @click.option("--eval/--no-eval", "evaluate_after", default=True, show_default=True,
               help="Measure held-out perplexity of the base and the variant (zoo eval).")
 def quantize_cmd(base: str, scheme: str, force: bool, calibration: Path | None,
-                 no_calibrate: bool, evaluate_after: bool) -> None:
+                 no_calibrate: bool, weight_bits: str | None, evaluate_after: bool) -> None:
     """Write a quantized variant of a base and register it as BASE@SCHEME."""
     from zoo.quantize import quantize
 
     variant = quantize(base, scheme, force=force, log=_log, calibration=calibration,
-                       calibrate=not no_calibrate)
+                       calibrate=not no_calibrate, bits=weight_bits and int(weight_bits))
     size = sum(f["size"] for f in variant.files.values())
     click.echo(f"{base}@{scheme}: {len(variant.files)} files, {size / 1e6:.1f} MB")
+    if variant.quantization.get("weight_bits") == 7:
+        click.echo("weights in 7 bits (-63..63): vLLM's int8 kernel on x86 without VNNI "
+                   "saturates 8-bit weights' products")
     kept = variant.quantization.get("kept_16bit")
     if kept:
         click.echo(f"kept in 16 bits (int8 error above {variant.quantization['keep_tolerance']}):"

@@ -30,8 +30,10 @@ W8A8_SETTINGS = {"method": "compressed-tensors", "format": "int-quantized",
 
 def quantize(base: str, scheme: str, registry: Registry | None = None,
              force: bool = False, log: Callable[[str], None] = lambda _: None,
-             calibration: Path | None = None, calibrate: bool = True) -> Variant:
-    """Write and register the ``scheme`` variant of ``base``; reuse an intact one."""
+             calibration: Path | None = None, calibrate: bool = True,
+             bits: int | None = None) -> Variant:
+    """Write and register the ``scheme`` variant of ``base``; reuse an intact one
+    (``bits``: w8a8's weight width, by default what this CPU computes exactly)."""
     registry = registry or Registry()
     if scheme not in SCHEMES:
         raise NotSupported(f"unknown scheme {scheme!r}", hint=f"Use one of {', '.join(SCHEMES)}.")
@@ -44,7 +46,8 @@ def quantize(base: str, scheme: str, registry: Registry | None = None,
         if scheme == "nf4":
             details, settings = write_nf4(source, stage), NF4_SETTINGS
         else:
-            details = write_w8a8(source, stage, calibrate=calibrate, calibration=calibration)
+            details = write_w8a8(source, stage, calibrate=calibrate, calibration=calibration,
+                                 bits=bits)
             settings = W8A8_SETTINGS
         _copy_tokenizer(source, stage)
         return register_variant(registry, stage, base, scheme, {**settings, **details})

@@ -4,7 +4,8 @@ Rounding each weight to its nearest int8 step ignores how the layer is used. GPT
 rounds the input columns one after another and moves each column's rounding error
 onto the columns not yet rounded, weighted by the inverse Hessian of the layer's
 inputs (``H = X^T X`` over calibration activations): the product ``W x`` on those
-inputs stays closer to the original. The scale of each row stays absmax / 127, as
+inputs stays closer to the original. The scale of each row stays absmax / ``levels``
+(127, or 63 where the CPU's int8 kernel needs 7-bit weights: ``zoo.quantize.w8a8``), as
 vLLM's kernel expects; only which integer each weight gets changes.
 """
 
@@ -50,13 +51,13 @@ def hessians(model, names: set[str], batches: list[torch.Tensor]) -> dict[str, t
     return sums
 
 
-def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor,
-                  damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(integers, scale)``: the int8 values GPTQ picks for ``weight`` [out, in] and the
-    per-row scale (absmax / 127), so that ``integers * scale`` approximates it
-    (``damping``: the share of H's mean diagonal added to its diagonal)."""
+def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor, damping: float = DAMPING,
+                  levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(integers, scale)``: the integers in [-levels, levels] GPTQ picks for ``weight``
+    [out, in] and the per-row scale (absmax / levels), so that ``integers * scale``
+    approximates it (``damping``: the share of H's mean diagonal added to its diagonal)."""
     w = weight.detach().float().clone()
-    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
+    scale = (w.abs().amax(dim=1, keepdim=True) / levels).clamp(min=1e-8)
     h = hessian.float().clone()
     dead = torch.diag(h) == 0  # inputs never seen: their weights cannot matter
     h[dead, dead] = 1.0
@@ -72,7 +73,7 @@ def quantize_rows(weight: torch.Tensor, hessian: torch.Tensor,
         inv = inverse[start:end, start:end]
         for j in range(end - start):
             column = block[:, j]
-            q = torch.round(column / scale[:, 0]).clamp(-127, 127)
+            q = torch.round(column / scale[:, 0]).clamp(-levels, levels)
             ints[:, start + j] = q
             error = (column - q * scale[:, 0]) / inv[j, j]
             block[:, j:] -= error[:, None] * inv[j, j:][None, :]

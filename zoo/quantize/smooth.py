@@ -137,25 +137,25 @@ def smooth_llama(model, calibration: Calibration, alpha: float = 0.5) -> dict[st
     return scales
 
 
-def fake_w8a8(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """What vLLM's int8 kernel computes: int8 weights per output row, int8 activations per
-    token, both symmetric; in float, for measuring."""
-    w_scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-    w_q = torch.round(weight / w_scale).clamp(-127, 127) * w_scale
+def fake_w8a8(x: torch.Tensor, weight: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """What vLLM's int8 kernel computes: integer weights in [-levels, levels] per output
+    row, int8 activations per token, both symmetric; in float, for measuring."""
+    w_scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / levels
+    w_q = torch.round(weight / w_scale).clamp(-levels, levels) * w_scale
     x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
     x_q = torch.round(x / x_scale).clamp(-127, 127) * x_scale
     return x_q @ w_q.T
 
 
-def int8_errors(model, calibration: Calibration) -> dict[str, float]:
-    """Per vLLM layer (q/k/v and gate/up fused), the relative error int8 adds to its output
-    on the calibration inputs: ||y_int8 - y|| / ||y||."""
+def int8_errors(model, calibration: Calibration, levels: int = 127) -> dict[str, float]:
+    """Per vLLM layer (q/k/v and gate/up fused), the relative error int8 (weights in
+    [-levels, levels]) adds to its output on the calibration inputs: ||y_int8 - y|| / ||y||."""
     errors: dict[str, list[float]] = {}
     modules = dict(model.named_modules())
     for name, x in calibration.inputs.items():
         weight = modules[name].weight.detach().float()
         exact = x @ weight.T
-        err = float((fake_w8a8(x, weight) - exact).norm() / exact.norm().clamp(min=1e-12))
+        err = float((fake_w8a8(x, weight, levels) - exact).norm() / exact.norm().clamp(min=1e-12))
         errors.setdefault(vllm_layer(name), []).append(err)
     return {layer: max(values) for layer, values in errors.items()}
 

@@ -1,6 +1,7 @@
 """An int8 W8A8 compressed-tensors checkpoint of a base, for vLLM's CPU int8 kernel.
 
-Weights: int8, one symmetric scale per output channel (absmax / 127).
+Weights: int8, one symmetric scale per output channel (absmax / 127), or 7-bit
+(absmax / 63) where this CPU's int8 kernel needs them (``weight_bits``).
 Activations: int8, quantized per token at run time by vLLM.
 
 Calibrated by default (``smooth.py``, ``gptq.py``): SmoothQuant moves activation
@@ -36,6 +37,24 @@ SHARED_INPUT = ("q_proj", "o_proj", "gate_proj", "down_proj")
 
 _SHARES_INPUT_WITH = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
+# On x86 without VNNI (AVX2 only), vLLM's int8 kernel (oneDNN) multiplies unsigned 8-bit
+# activations by the signed 8-bit weights with vpmaddubsw, which adds each pair of products
+# in 16 bits and saturates: with weights up to 127 a pair reaches 2 x 255 x 127 > 32767,
+# and outputs came out up to 15% wrong (tests/test_quantize_cpu.py; docs/BENCHMARKS.md).
+# Weights up to 63 keep every pair in range. VNNI and AMX add in 32 bits.
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+LEVELS = {8: 127, 7: 63}
+
+
+def weight_bits(flags: frozenset[str] | None = None) -> int:
+    """The weight width vLLM's int8 kernel computes exactly on this CPU (or one with
+    ``flags``): 8, or 7 on x86 without VNNI."""
+    if flags is None:
+        from zoo.serve.native import cpu_flags
+
+        flags = cpu_flags()
+    return 7 if "sse2" in flags and not flags & VNNI_FLAGS else 8
+
 
 def _reader(module: str) -> str:
     """The projection whose input (and so whose Hessian) ``module`` shares."""
@@ -46,10 +65,11 @@ def _reader(module: str) -> str:
 def write_w8a8(source: Path, out: Path, calibrate: bool = True,
                calibration: Path | None = None, alpha: float = SMOOTH_ALPHA,
                tolerance: float = KEEP_TOLERANCE, damping: float | None = None,
-               gptq_sequences: int | None = None) -> dict[str, Any]:
-    """Write ``source``'s W8A8 checkpoint into ``out``; the details of how. ``damping``
-    and ``gptq_sequences`` (how many of the calibration's 512-token sequences GPTQ's
-    Hessians see; all by default) are there to measure them (bench/domains.py)."""
+               gptq_sequences: int | None = None, bits: int | None = None) -> dict[str, Any]:
+    """Write ``source``'s W8A8 checkpoint into ``out``; the details of how. ``bits``: the
+    weights' width, 8 or 7 (default: what this CPU computes exactly, ``weight_bits``).
+    ``damping`` and ``gptq_sequences`` (how many of the calibration's 512-token sequences
+    GPTQ's Hessians see; all by default) are there to measure them (bench/domains.py)."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -59,7 +79,9 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    details: dict[str, Any] = {"calibrated": calibrate}
+    details: dict[str, Any] = {"calibrated": calibrate, "weight_bits": bits or weight_bits(),
+                               "weight_bits_asked": bits is not None}
+    levels = LEVELS[details["weight_bits"]]
     ignore = ["lm_head"]
     scales_by_module: dict[str, torch.Tensor] = {}
     if calibrate:
@@ -72,14 +94,14 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
         texts = calibration_texts(calibration)
         batches = token_batches(AutoTokenizer.from_pretrained(source), texts)
         before = smooth.calibrate(model, batches)
-        worst_before = max(smooth.int8_errors(model, before).values())
+        worst_before = max(smooth.int8_errors(model, before, levels).values())
         scales = smooth.smooth_llama(model, before, alpha)
         readers = {n for n, m in model.named_modules()  # one H per distinct input
                    if isinstance(m, torch.nn.Linear) and n.endswith(SHARED_INPUT)}
         after = smooth.calibrate(model, batches)  # the activations int8 layers will see
         hessians = gptq.hessians(model, readers, batches[:gptq_sequences])
         damping = gptq.DAMPING if damping is None else damping
-        errors = smooth.int8_errors(model, after)
+        errors = smooth.int8_errors(model, after, levels)
         limit = max(0, int(KEEP_AT_MOST * len(errors)))
         keep = smooth.layers_to_keep(errors, tolerance, limit)
         ignore += [m for layer in keep for m in smooth.members(layer)]
@@ -88,7 +110,8 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
             for name, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear) and ".layers." in name and name not in kept:
                     reader = _reader(name)
-                    ints, scale = gptq.quantize_rows(module.weight, hessians[reader], damping)
+                    ints, scale = gptq.quantize_rows(module.weight, hessians[reader],
+                                                      damping, levels)
                     module.weight.data = (ints * scale).to(module.weight.dtype)
                     scales_by_module[name] = scale
         quantized = [e for layer, e in errors.items() if layer not in keep]
@@ -118,7 +141,7 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
                 scale.copy_(scales_by_module[name].to(scale.dtype))
             else:
                 absmax = module.weight.detach().float().abs().amax(dim=1, keepdim=True)
-                scale.copy_((absmax / 127.0).clamp(min=1e-8).to(scale.dtype))
+                scale.copy_((absmax / levels).clamp(min=1e-8).to(scale.dtype))
             zero = getattr(module, "weight_zero_point", None)
             if zero is not None:
                 zero.zero_()

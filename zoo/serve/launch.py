@@ -131,13 +131,34 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     registry = registry or Registry()
     base = choose_base(registry.load(), options.base)
     variant = served_variant(options)
-    if variant != ORIGINAL and not has_intact_variant(registry, base, variant):
+    if variant == ORIGINAL:
+        return base
+    from zoo.quantize.w8a8 import weight_bits
+
+    bits, why = weight_bits(), None
+    made = base.variants.get(variant)
+    if not has_intact_variant(registry, base, variant):
+        why = "quantizing {base} to {variant} (in a process of its own)"
+    elif variant == "w8a8" and made.quantization.get("weight_bits", 8) > bits:
+        # 8-bit weights (variants from before zoo recorded the width have 8) on a CPU whose
+        # int8 kernel saturates their products: remade, unless someone asked for them
+        saturated = ("this CPU's int8 kernel (x86 without VNNI) saturates its 8-bit weights' "
+                     "products")
+        if made.quantization.get("weight_bits_asked"):
+            log(f"warning: {base.name}@{variant} has 8-bit weights, as asked; {saturated}, "
+                f"which costs quality ('zoo quantize {base.name} --scheme w8a8 --force' "
+                "writes 7-bit ones)")
+        else:
+            why = ("remaking {base}@{variant}: " + saturated +
+                   "; 7-bit weights compute exactly here (in a process of its own)")
+    if why:
         import json
 
-        log(f"quantizing {base.name} to {variant} (in a process of its own)")
+        log(why.format(base=base.name, variant=variant))
         child = subprocess.run(
             [sys.executable, "-c", "import sys; from zoo.serve.launch import _make_variant; "
-             "print(_make_variant(*sys.argv[1:]))", str(registry.home), base.name, variant],
+             "print(_make_variant(*sys.argv[1:]))", str(registry.home), base.name, variant,
+             str(bits)],
             stdout=subprocess.PIPE, text=True)
         lines = child.stdout.strip().splitlines()
         failed = json.loads(lines[-1]) if child.returncode == 0 and lines else {
@@ -148,14 +169,16 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     return registry.load().base(base.name)
 
 
-def _make_variant(home: str, base: str, variant: str) -> str:
-    """``quantize`` in the child process: JSON ``null``, or a user's error as JSON."""
+def _make_variant(home: str, base: str, variant: str, bits: str) -> str:
+    """``quantize`` in the child process, replacing any variant there (the parent decided
+    it must be made, and how wide int8 weights are): JSON ``null``, or a user's error as
+    JSON."""
     import json
 
     from zoo.quantize import quantize
 
     try:
-        quantize(base, variant, Registry(Path(home)))
+        quantize(base, variant, Registry(Path(home)), force=True, bits=int(bits))
     except ZooError as error:
         return json.dumps({"message": error.message, "hint": error.hint})
     return "null"

@@ -1,0 +1,107 @@
+"""How wide the int8 base's weights are: what vLLM's CPU int8 kernel computes exactly here.
+
+On x86 without VNNI (AVX2 only) the kernel adds pairs of unsigned-by-signed 8-bit products
+in 16 bits and saturates; zoo writes 7-bit weights there and remakes an 8-bit variant it
+finds. Checked against the kernel itself, whichever machine runs the suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import zoo
+from zoo.catalog.registry import Registry
+from zoo.quantize.w8a8 import LEVELS, weight_bits
+from zoo.serve.launch import ServeOptions, prepare_base
+
+
+def test_the_width_follows_the_cpus_int8_instructions():
+    assert weight_bits(frozenset({"sse2", "avx2", "fma"})) == 7  # AVX2 without VNNI
+    for vnni in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert weight_bits(frozenset({"sse2", "avx2", vnni})) == 8, vnni
+    assert weight_bits(frozenset({"fp", "asimd", "asimddp"})) == 8  # Arm: no such pairs
+    assert weight_bits(frozenset()) == 8  # nothing known: the format's full range
+
+
+def kernel_error(levels: int) -> float:
+    """vLLM's CPU int8 GEMM (oneDNN, float32 out, dynamic per-token activations) on weights
+    in [-levels, levels] and activations at the int8 extremes with the weights' signs (every
+    pair of products as large as it gets), against the exact integer products: the largest
+    relative error of an output."""
+    from vllm import _custom_ops as ops
+
+    g = torch.Generator().manual_seed(0)
+    k, n, m = 256, 64, 4
+    weight = torch.randint(-levels, levels + 1, (n, k), dtype=torch.int8, generator=g)
+    weight[:, 0] = levels  # every row reaches the range's end, as a per-row absmax scale does
+    x = weight[:m].float().sign() * 3.0 + 0.01  # x's extremes on each weight's sign
+    scale = torch.full((n, 1), 0.01)
+    handler = ops.create_onednn_scaled_mm(weight.t(), scale, torch.float32, True, False, 32)
+    x_q, x_scale, x_zero = ops.onednn_scaled_int8_quant(x, None, None, True)
+    out = torch.empty(m, n)
+    ops.onednn_scaled_mm(handler, x_q, out, x_scale, x_zero, None, None)
+    exact = (x_q.double() @ weight.double().t()) * x_scale.double() * 0.01
+    return float(((out.double() - exact).abs() / exact.abs().clamp(min=1e-9)).max())
+
+
+def test_vllms_int8_kernel_is_exact_at_the_width_zoo_picks_here():
+    """The width zoo picks computes exactly; and where it picks 7 bits, 8-bit weights
+    really do not (zoo gives up a bit only where the kernel needs it)."""
+    bits = weight_bits()
+    assert kernel_error(LEVELS[bits]) < 1e-5
+    if bits == 7:
+        assert kernel_error(LEVELS[8]) > 0.01
+    else:
+        assert kernel_error(LEVELS[8]) < 1e-5
+
+
+def stored_integers(home, registry) -> torch.Tensor:
+    """The largest |integer| of each int8 weight the variant stores, one per tensor."""
+    path = home / registry.load().base("tiny").variants["w8a8"].path
+    tensors = {}
+    for shard in path.glob("*.safetensors"):
+        tensors |= load_file(shard)
+    return torch.stack([t.abs().max().float() for t in tensors.values() if t.dtype == torch.int8])
+
+
+def test_an_8_bit_variant_is_remade_where_the_kernel_saturates(models, zoo_home, monkeypatch):
+    """zoo serve finds an 8-bit variant (made for a CPU with VNNI) on a CPU that needs 7 bits:
+    it says so and remakes it (in its child process), once; a 7-bit variant is kept on a CPU
+    that computes 8; 8 bits someone asked for are kept, with a warning."""
+    from zoo.quantize import quantize, w8a8
+
+    zoo("add", models.llama, "--name", "tiny")
+    registry = Registry(zoo_home)
+    monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 8)  # made where VNNI is
+    made = quantize("tiny", "w8a8", registry)
+    assert made.quantization["weight_bits"] == 8 and not made.quantization["weight_bits_asked"]
+    assert stored_integers(zoo_home, registry).max() == 127
+    monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 7)  # served where it is not
+    lines: list[str] = []
+    options = ServeOptions(base="tiny", quantization="w8a8")
+    base = prepare_base(options, registry, lines.append)
+    assert len(lines) == 1 and lines[0].startswith("remaking tiny@w8a8") and "VNNI" in lines[0]
+    assert base.variants["w8a8"].quantization["weight_bits"] == 7
+    largest = stored_integers(zoo_home, registry)
+    assert largest.max() == 63, largest  # and every tensor within -63..63
+    prepare_base(options, registry, lines.append)
+    assert len(lines) == 1  # remade once
+    monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 8)
+    assert prepare_base(options, registry, lines.append).variants["w8a8"] == base.variants["w8a8"]
+    assert len(lines) == 1
+    asked = quantize("tiny", "w8a8", registry, force=True, bits=8)
+    monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 7)
+    assert prepare_base(options, registry, lines.append).variants["w8a8"] == asked
+    assert len(lines) == 2 and lines[1].startswith("warning: tiny@w8a8 has 8-bit weights, as asked")
+
+
+@pytest.mark.parametrize("bits", ["7", "8"])
+def test_zoo_quantize_writes_the_width_asked_for(models, zoo_home, bits):
+    zoo("add", models.llama, "--name", "tiny")
+    out = zoo("quantize", "tiny", "--scheme", "w8a8", "--weight-bits", bits, "--no-eval").stdout
+    assert ("weights in 7 bits" in out) == (bits == "7")
+    registry = Registry(zoo_home)
+    assert registry.load().base("tiny").variants["w8a8"].quantization["weight_bits"] == int(bits)
+    assert stored_integers(zoo_home, registry).max() == LEVELS[int(bits)]
