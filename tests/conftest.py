@@ -79,6 +79,18 @@ def smollm2_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def smollm2_w8a8_home(smollm2_home, tmp_path_factory) -> Path:
+    """The real base's home with its int8 variant, made once per session as zoo serve makes
+    it (calibrating takes one to two minutes here); the tests that serve it link from it."""
+    from zoo.catalog.registry import Registry
+    from zoo.serve.launch import ServeOptions, prepare_base
+
+    home = linked_home(smollm2_home, tmp_path_factory.mktemp("smollm2-w8a8") / "home")
+    prepare_base(ServeOptions(base="smollm2-135m-instruct", quantization="w8a8"), Registry(home))
+    return home
+
+
 def linked_home(source: Path, home: Path) -> Path:
     """A private copy of a home whose files are hard links (no copy of the weights).
 

@@ -71,17 +71,25 @@ def test_eval_of_an_adapter_on_another_variant_is_recorded(tiny, tmp_path, zoo_h
 
 
 @pytest.mark.slow
-def test_calibrated_w8a8_keeps_the_worst_layers_and_records_why(smollm2_home, tmp_path):
-    """The calibrated writer on the real base: smoothing lowers the worst int8 error, the
-    layers kept in 16 bits are whole vLLM layers, and the checkpoint says so."""
-    from tests.conftest import linked_home
-    from zoo.quantize import quantize
+def test_calibrated_w8a8_keeps_the_worst_layers_and_records_why(smollm2_w8a8_home):
+    """The calibrated writer on the real base (the variant zoo serve made): smoothing lowers
+    the worst int8 error, the layers kept in 16 bits are whole vLLM layers, the weights
+    have the width this CPU's int8 kernel computes exactly, and the checkpoint says so."""
+    from safetensors.torch import load_file
 
-    home = linked_home(smollm2_home, tmp_path / "home")
-    variant = quantize("smollm2-135m-instruct", "w8a8", Registry(home), force=True)
+    from zoo.quantize.w8a8 import LEVELS, weight_bits
+
+    home = smollm2_w8a8_home
+    variant = Registry(home).load().base("smollm2-135m-instruct").variants["w8a8"]
     q = variant.quantization
     assert q["calibrated"] and q["method"] == "smoothquant"
     assert q["worst_int8_error"] < q["worst_int8_error_before_smoothing"]
+    assert q["weight_bits"] == weight_bits() and not q["weight_bits_asked"]
+    weights = {}
+    for shard in (home / variant.path).glob("*.safetensors"):
+        weights |= {k: t for k, t in load_file(shard).items() if t.dtype == torch.int8}
+    assert len(weights) == q["quantized_modules"]
+    assert max(int(t.abs().max()) for t in weights.values()) == LEVELS[q["weight_bits"]]
     config = json.loads((home / variant.path / "config.json").read_text())["quantization_config"]
     ignored = set(config["ignore"])
     assert "lm_head" in ignored

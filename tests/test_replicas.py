@@ -86,10 +86,10 @@ def adapters(smollm2_home, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fleet(smollm2_home, tmp_path_factory, adapters):
+def fleet(smollm2_w8a8_home, tmp_path_factory, adapters):
     from zoo.serve.replicas import running_fleet
 
-    home = linked_home(smollm2_home, tmp_path_factory.mktemp("replicas") / "home")
+    home = linked_home(smollm2_w8a8_home, tmp_path_factory.mktemp("replicas") / "home")
     registry = Registry(home)
     add(adapters["a"], "acme/a", BASE, registry=registry)
     add(adapters["b"], "acme/b", BASE, registry=registry)
@@ -218,7 +218,7 @@ def test_a_killed_replica_costs_at_most_its_running_requests(fleet):
     assert not before[victim.index] & now[victim.index]
 
 
-def test_zoo_route_serves_two_homes_kept_in_step_by_sync(fleet, smollm2_home, adapters,
+def test_zoo_route_serves_two_homes_kept_in_step_by_sync(fleet, smollm2_w8a8_home, adapters,
                                                         tmp_path, monkeypatch):
     """Home A (the fleet's) pushes an adapter and syncs the index; home B, on another
     'machine', syncs and serves it; `zoo route` puts both behind one URL."""
@@ -232,7 +232,7 @@ def test_zoo_route_serves_two_homes_kept_in_step_by_sync(fleet, smollm2_home, ad
     monkeypatch.setenv("HF_TOKEN", write)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     try:
-        home_b = linked_home(smollm2_home, tmp_path / "home-b")
+        home_b = linked_home(smollm2_w8a8_home, tmp_path / "home-b")
         push("acme/a", repo="acme/a", registry=fleet.registry)
         sync("acme/index", registry=fleet.registry)
         sync("acme/index", registry=Registry(home_b))

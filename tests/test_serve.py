@@ -55,8 +55,8 @@ def lora_maker(smollm2_home, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(smollm2_home, tmp_path_factory, lora_maker):
-    home = linked_home(smollm2_home, tmp_path_factory.mktemp("serve") / "home")
+def served(smollm2_w8a8_home, tmp_path_factory, lora_maker):
+    home = linked_home(smollm2_w8a8_home, tmp_path_factory.mktemp("serve") / "home")
     registry = Registry(home)
     from zoo.quantize import quantize
 
