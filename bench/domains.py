@@ -43,7 +43,13 @@ SETTINGS = {  # name: (calibrate, the W8A8 writer's keyword arguments)
     # the weights' width, whatever this CPU's kernel computes exactly (default: 7 bits on
     # x86 without VNNI, where vLLM's int8 kernel saturates 8-bit weights' products)
     "8-bit": (True, {"bits": 8}),
-    "7-bit": (True, {"bits": 7}),
+    "7-bit": (True, {"bits": 7}),  # and SmoothQuant's alpha for 7 bits
+    "7-bit-alpha-0.5": (True, {"bits": 7, "alpha": 0.5}),
+    "7-bit-keep-quarter": (True, {"bits": 7, "keep_at_most": 0.25}),
+    "7-bit-alpha-0.35": (True, {"bits": 7, "alpha": 0.35}),
+    "7-bit-alpha-0.65": (True, {"bits": 7, "alpha": 0.65}),
+    "7-bit-alpha-0.8": (True, {"bits": 7, "alpha": 0.8}),
+    "7-bit-alpha-0.65-keep-quarter": (True, {"bits": 7, "alpha": 0.65, "keep_at_most": 0.25}),
 }
 
 

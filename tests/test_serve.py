@@ -355,7 +355,8 @@ def test_served_base_really_is_int8(served, engine_reports, smollm2_home, tmp_pa
     int8 = json.loads(get(served, "/zoo/engine"))["weights"]
     variant = Registry(served.home).load().base(BASE).variants["w8a8"]
     kept = variant.quantization.get("kept_16bit", [])  # the worst layers stay in 16 bits
-    assert len(kept) <= 30 * 4 // 8
+    # at most an eighth of them (a quarter with 7-bit weights, where the CPU needs those)
+    assert len(kept) <= 30 * 4 * {8: 1 / 8, 7: 1 / 4}[variant.quantization["weight_bits"]]
     # qkv, o, gate_up and down of 30 layers, less those kept
     assert int8["quantized_layers"] == {"CompressedTensorsW8A8Int8": 30 * 4 - len(kept)}
     if "bf16" not in engine_reports:  # test_merge's 16-bit engine measured it already
@@ -379,3 +380,27 @@ def test_served_base_really_is_int8(served, engine_reports, smollm2_home, tmp_pa
     # whatever else the two engines allocate alike
     assert saved > 0.5 * (element - 1) * linear_params, (dtype, full["heap_bytes"],
                                                           int8["heap_bytes"])
+
+
+def test_the_int8_base_keeps_its_quality_on_every_held_out_domain(served, tenant_engine):
+    """Served by this machine's int8 kernel (whatever its instructions): the default
+    variant's perplexity on each held-out domain zoo ships (none of it calibration data)
+    within 1.03x of the 16-bit base's, served by the 16-bit tenant engine. An int8 kernel
+    that saturates 8-bit weights' products (x86 without VNNI) measured 1.067x here."""
+    import math
+
+    from tests.conftest import TENANT_KEYS
+    from zoo.apps.evaluate import held_out_domains, nll_served, sequences
+    from zoo.catalog.loading import load_tokenizer
+
+    registry = Registry(served.home)
+    tokenizer = load_tokenizer(served.home / registry.load().base(BASE).path)
+    ratios = {}
+    for domain, path in held_out_domains().items():
+        seqs = sequences(tokenizer, path)
+        int8, count = nll_served(served.url, BASE, seqs, key=KEYS["ops"])
+        full, same = nll_served(tenant_engine.url, BASE, seqs, key=TENANT_KEYS["ops"])
+        assert count == same > 500
+        ratios[domain] = math.exp((int8 - full) / count)
+    print({d: round(r, 4) for d, r in ratios.items()})
+    assert max(ratios.values()) <= 1.03, ratios

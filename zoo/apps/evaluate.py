@@ -109,14 +109,18 @@ def nll_transformers(model, seqs: list[Sequence]) -> tuple[float, int]:
     return total, count
 
 
-def nll_served(url: str, model: str, seqs: list[Sequence]) -> tuple[float, int]:
-    """The same through a zoo serve engine: vLLM's prompt_logprobs of each token."""
+def nll_served(url: str, model: str, seqs: list[Sequence],
+               key: str | None = None) -> tuple[float, int]:
+    """The same through a zoo serve engine: vLLM's prompt_logprobs of each token (``key``:
+    an API key, where the server asks for one)."""
     total, count = 0.0, 0
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     for ids, labels in seqs:
         body = json.dumps({"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0,
                            "prompt_logprobs": 1}).encode()
-        request = urllib.request.Request(url + "/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(url + "/completions", data=body, headers=headers)
         with urllib.request.urlopen(request, timeout=600) as response:
             steps = json.loads(response.read())["choices"][0]["prompt_logprobs"]
         for position, (step, label) in enumerate(zip(steps, labels, strict=True)):

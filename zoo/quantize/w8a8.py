@@ -25,12 +25,17 @@ from pathlib import Path
 from typing import Any
 
 # Relative output error (||y_int8 - y|| / ||y|| on calibration inputs) above which a
-# layer stays in 16 bits, and at most this share of the layers: measured on SmolLM2 on
-# six held-out domains (docs/BENCHMARKS.md, bench/domains.py): at 0.10 no layer stayed
-# and Spanish and formal text lost up to 4%; at 0.025 the worst eighth stays (+6% file).
+# layer stays in 16 bits, and at most this share of the layers (by the weights' width):
+# measured on SmolLM2 on six held-out domains (docs/BENCHMARKS.md, bench/domains.py): at
+# 0.10 no layer stayed and Spanish and formal text lost up to 4%; at 0.025 the worst
+# eighth stays (+6% file). 7-bit weights (CPUs without VNNI) keep a quarter.
 KEEP_TOLERANCE = 0.025
-KEEP_AT_MOST = 0.125
-SMOOTH_ALPHA = 0.5
+KEEP_AT_MOST = {8: 0.125, 7: 0.25}
+# SmoothQuant's migration strength, by the weights' width. With 7-bit weights, moving more
+# of the activations' outliers into the weights measured better (worst held-out domain on
+# an AVX2-only EPYC: alpha 0.35 1.048x, 0.5 1.038x, 0.65 1.029x, 0.8 1.030x; 0.65 with a
+# quarter of the layers in 16 bits 1.025x).
+SMOOTH_ALPHA = {8: 0.5, 7: 0.65}
 # The projections whose input the others share: q (with k, v), o, gate (with up), down.
 SHARED_INPUT = ("q_proj", "o_proj", "gate_proj", "down_proj")
 
@@ -40,7 +45,7 @@ _SHARES_INPUT_WITH = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_p
 # On x86 without VNNI (AVX2 only), vLLM's int8 kernel (oneDNN) multiplies unsigned 8-bit
 # activations by the signed 8-bit weights with vpmaddubsw, which adds each pair of products
 # in 16 bits and saturates: with weights up to 127 a pair reaches 2 x 255 x 127 > 32767,
-# and outputs came out up to 15% wrong (tests/test_quantize_cpu.py; docs/BENCHMARKS.md).
+# and outputs came out up to 15% wrong (tests/test_int8_width.py; docs/BENCHMARKS.md).
 # Weights up to 63 keep every pair in range. VNNI and AMX add in 32 bits.
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 LEVELS = {8: 127, 7: 63}
@@ -63,9 +68,10 @@ def _reader(module: str) -> str:
 
 
 def write_w8a8(source: Path, out: Path, calibrate: bool = True,
-               calibration: Path | None = None, alpha: float = SMOOTH_ALPHA,
+               calibration: Path | None = None, alpha: float | None = None,
                tolerance: float = KEEP_TOLERANCE, damping: float | None = None,
-               gptq_sequences: int | None = None, bits: int | None = None) -> dict[str, Any]:
+               gptq_sequences: int | None = None, bits: int | None = None,
+               keep_at_most: float | None = None) -> dict[str, Any]:
     """Write ``source``'s W8A8 checkpoint into ``out``; the details of how. ``bits``: the
     weights' width, 8 or 7 (default: what this CPU computes exactly, ``weight_bits``).
     ``damping`` and ``gptq_sequences`` (how many of the calibration's 512-token sequences
@@ -82,6 +88,9 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
     details: dict[str, Any] = {"calibrated": calibrate, "weight_bits": bits or weight_bits(),
                                "weight_bits_asked": bits is not None}
     levels = LEVELS[details["weight_bits"]]
+    alpha = SMOOTH_ALPHA[details["weight_bits"]] if alpha is None else alpha
+    if keep_at_most is None:
+        keep_at_most = KEEP_AT_MOST[details["weight_bits"]]
     ignore = ["lm_head"]
     scales_by_module: dict[str, torch.Tensor] = {}
     if calibrate:
@@ -102,7 +111,7 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
         hessians = gptq.hessians(model, readers, batches[:gptq_sequences])
         damping = gptq.DAMPING if damping is None else damping
         errors = smooth.int8_errors(model, after, levels)
-        limit = max(0, int(KEEP_AT_MOST * len(errors)))
+        limit = max(0, int(keep_at_most * len(errors)))
         keep = smooth.layers_to_keep(errors, tolerance, limit)
         ignore += [m for layer in keep for m in smooth.members(layer)]
         kept = set(ignore)
@@ -118,7 +127,7 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
         details.update({
             "method": "smoothquant", "alpha": alpha, "calibration_tokens": after.tokens,
             "calibration_sha256": sha256_bytes("\n\n".join(texts).encode()),
-            "kept_16bit": keep, "keep_tolerance": tolerance,
+            "kept_16bit": keep, "keep_tolerance": tolerance, "keep_at_most": keep_at_most,
             "worst_int8_error": round(max(quantized, default=0.0), 4),
             "worst_int8_error_before_smoothing": round(worst_before, 4),
             "weight_rounding": "gptq", "gptq_damping": damping,
