@@ -73,9 +73,11 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
                gptq_sequences: int | None = None, bits: int | None = None,
                keep_at_most: float | None = None) -> dict[str, Any]:
     """Write ``source``'s W8A8 checkpoint into ``out``; the details of how. ``bits``: the
-    weights' width, 8 or 7 (default: what this CPU computes exactly, ``weight_bits``).
-    ``damping`` and ``gptq_sequences`` (how many of the calibration's 512-token sequences
-    GPTQ's Hessians see; all by default) are there to measure them (bench/domains.py)."""
+    weights' width, 8 or 7 (default: what this CPU computes exactly, ``weight_bits``);
+    SmoothQuant's ``alpha`` and the share of layers ``keep_at_most`` in 16 bits default by
+    it (``SMOOTH_ALPHA``, ``KEEP_AT_MOST``). ``damping`` and ``gptq_sequences`` (how many
+    of the calibration's 512-token sequences GPTQ's Hessians see; all by default) are there
+    to measure them (bench/domains.py)."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (

@@ -176,9 +176,13 @@ def _make_variant(home: str, base: str, variant: str, bits: str) -> str:
     import json
 
     from zoo.quantize import quantize
+    from zoo.quantize.w8a8 import weight_bits
 
+    # the parent's width is this CPU's (the same machine) unless a test chose another;
+    # passed on only then, so that the variant does not record it as asked for
+    chosen = None if int(bits) == weight_bits() else int(bits)
     try:
-        quantize(base, variant, Registry(Path(home)), force=True, bits=int(bits))
+        quantize(base, variant, Registry(Path(home)), force=True, bits=chosen)
     except ZooError as error:
         return json.dumps({"message": error.message, "hint": error.hint})
     return "null"
