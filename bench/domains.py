@@ -1,7 +1,7 @@
 """The int8 base's quality off its calibration's domain: every held-out text, every setting.
 
 Run: .venv/bin/python bench/domains.py [--settings before,broad,default,rtn,alpha-0.8,
-     damping-0.1,damping-0.001,gptq-2-sequences,8-bit,7-bit]
+     damping-0.1,damping-0.001,gptq-2-sequences,8-bit,7-bit,...]   (SETTINGS below)
 
 Perplexity of each held-out text zoo ships (zoo/data/domains: prose, dialogue, code,
 formal writing, technical documentation, Spanish; and zoo/data/heldout.txt), served by

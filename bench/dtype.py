@@ -27,7 +27,8 @@ from serve import burst
 def engines() -> dict[str, tuple[str, str]]:
     """label: (quantization, dtype). The int8 base in float32 too where the CPU has no
     AMX (its int8 kernel is then oneDNN's; the AMX one refuses float32)."""
-    from zoo.serve.launch import activation_dtype, cpu_flags
+    from zoo.core.measure import cpu_flags
+    from zoo.serve.launch import activation_dtype
 
     chosen = activation_dtype("auto")
     found = {"16-bit, float32": ("none", "float32"), "16-bit, bfloat16": ("none", "bfloat16")}

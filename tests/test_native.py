@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.bounds import assert_within, lora_output_bound
+from zoo.core.measure import cpu_flags
 from zoo.serve import native
 
 IN = 72  # not a multiple of the 32 bf16 numbers a vector holds: the tail is masked
@@ -25,7 +26,7 @@ def kernel():
 
 def test_the_kernel_uses_what_the_cpu_has(kernel):
     """Built for this machine: the AVX-512 BF16 path exactly where the CPU reports it."""
-    assert kernel.avx512_bf16 == ("avx512_bf16" in native.cpu_flags())
+    assert kernel.avx512_bf16 == ("avx512_bf16" in cpu_flags())
 
 
 def stacks(dtype, ranks=RANKS, generator=None):

@@ -1,5 +1,5 @@
 """Process memory, measured (benchmarks, training records, the serve report) and kept low
-(streaming commands)."""
+(streaming commands); the CPU's features, read (kernels, the activation dtype, weight width)."""
 
 from __future__ import annotations
 
@@ -55,3 +55,15 @@ def return_large_frees() -> None:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
     except (AttributeError, OSError):
         pass
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()

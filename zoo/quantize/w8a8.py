@@ -55,7 +55,7 @@ def weight_bits(flags: frozenset[str] | None = None) -> int:
     """The weight width vLLM's int8 kernel computes exactly on this CPU (or one with
     ``flags``): 8, or 7 on x86 without VNNI."""
     if flags is None:
-        from zoo.serve.native import cpu_flags
+        from zoo.core.measure import cpu_flags
 
         flags = cpu_flags()
     return 7 if "sse2" in flags and not flags & VNNI_FLAGS else 8

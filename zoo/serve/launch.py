@@ -23,11 +23,11 @@ from pathlib import Path
 from zoo.catalog.home import staging_dir
 from zoo.catalog.integrity import ORIGINAL, changed_files, has_intact_variant, variant_path
 from zoo.catalog.registry import Catalog, Registry
+from zoo.core.measure import cpu_flags
 from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import ServeError, ZooError
 from zoo.models.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
 from zoo.serve import policy as env
-from zoo.serve.native import cpu_flags
 from zoo.serve.plugin import STATE_VARIABLE, set_parent_death_signal
 
 DEFAULT_BASE = "smollm2-135m-instruct"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from zoo.catalog.home import zoo_cache
+from zoo.core.measure import cpu_flags
 
 logger = logging.getLogger("zoo.serve")
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
@@ -39,18 +40,6 @@ MAX_RANK = 64
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native", "-fopenmp-simd"),
              ("-O3", "-fopenmp-simd"))
 DTYPES = {"bfloat16": 0, "float32": 1}
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is not readable)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def cache_dir() -> Path:
