@@ -1,7 +1,8 @@
 """The LoRA work of one step, alone: zoo's CPU path now, as of an earlier commit, and vLLM's.
 
 Run: .venv/bin/python bench/lora_step.py [--before COMMIT] [--adapters 1,8,32,64,128]
-     [--tokens 64] [--prompt 45] [--dtype bfloat16] [--repeat 20] [--slots 256]
+     [--tokens 64] [--prompt 45] [--dtype bfloat16] [--weights bfloat16] [--repeat 20]
+     [--slots 256]
 
 Times ``add_lora_linear`` over SmolLM2-135M's 30 layers (q/k/v, o, gate/up and
 down, as vLLM's fused LoRA layers call it) for one decode step of max(--tokens, N)
@@ -14,7 +15,9 @@ made as its server makes them (this tree's in zero_pages' committed stacks, 2 MB
 where whole ones fit; the others' in plain memory):
 zoo's wrapper of this tree, the same file of --before (a git commit) on that commit's
 own native kernel (its ``lora_kernel.cpp``, built beside this one's) and vLLM's own
-``PunicaWrapperCPU``; the base's own linears of the step in the same dtype for scale.
+``PunicaWrapperCPU``; with --weights, zoo's wrapper of this tree again on stacks of
+another dtype than the activations' (``zoo serve``'s float32 activations on bfloat16
+stacks); the base's own linears of the step in the same dtype for scale.
 The median of --repeat steps (a quarter of them for prefills) after one warm-up;
 vLLM's own ops are timed on decode steps only (a prefill takes them seconds). Results in
 bench/results/lora_step.json. Unlike the served curve (bench/serve.py), whose bursts
@@ -158,7 +161,9 @@ def main() -> None:
     parser.add_argument("--before", default="87f89d0")
     parser.add_argument("--adapters", default="1,8,32,64,128")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", help="activations' (and stacks') dtype")
+    parser.add_argument("--weights", default="",
+                        help="also time zoo now on stacks of these dtypes (comma-separated)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--slots", type=int, default=256,
                         help="slots in the stacks, at least the adapters (zoo serve's "
@@ -177,6 +182,10 @@ def main() -> None:
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     contenders = {"zoo now": GroupedPunicaWrapperCPU, f"zoo {args.before}": wrapper_of(args.before)}
+    weights = {"zoo now": dtype}  # each contender's stacks; the others' in ``dtype``
+    for name in filter(None, args.weights.split(",")):
+        contenders[f"zoo now, {name} stacks"] = GroupedPunicaWrapperCPU
+        weights[f"zoo now, {name} stacks"] = getattr(torch, name)
     if args.vllm:
         contenders["vLLM's own"] = PunicaWrapperCPU
     rows = []
@@ -192,11 +201,15 @@ def main() -> None:
                 if name == "vLLM's own" and prefill:
                     row[f"{name} ms"] = None
                     continue
-                made = stacks(slots, dtype, served=name == "zoo now")
+                made = stacks(slots, weights.get(name, dtype), served=name.startswith("zoo now"))
                 row[f"{name} ms"] = step_ms(cls, made, adapters, tokens, slots,
                                             dtype, repeat if name != "vLLM's own" else 3,
                                             prefill)
             row["before / now"] = row[f"zoo {args.before} ms"] / row["zoo now ms"]
+            for name in contenders:
+                if name.startswith("zoo now,"):
+                    row[f"now / {name.removeprefix('zoo now, ')}"] = \
+                        row["zoo now ms"] / row[f"{name} ms"]
             rows.append(row)
             print(f"{kind}, {adapters} adapters: " + ", ".join(
                 f"{k} {v:.1f}" for k, v in row.items() if k.endswith("ms") and v is not None),

@@ -83,13 +83,17 @@ def lora_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_matches_vllm(case, dtype, lora_path):
+@pytest.mark.parametrize(("dtype", "weights"), [(torch.float32, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])
+def test_linear_matches_vllm(case, dtype, weights, lora_path):
     """zoo's and vLLM's outputs each within the rounding bound of the exact result (so
-    within twice it of each other); the same rows with another slot's adapter are not."""
+    within twice it of each other); the same rows with another slot's adapter are not.
+    Activations in ``dtype``, the stacks in ``weights`` (float32 on bf16: zoo serve's
+    stacks where the CPU computes in float32)."""
     tokens, prefill = CASES[case]
     ours_ref = wrappers(tokens, tokens, prefill)
-    a, b = stacked(dtype)
+    a, b = stacked(weights)
     x = torch.randn(len(tokens), HIDDEN).to(dtype)
     base = torch.randn(len(tokens), sum(SLICES)).to(dtype)
     outputs = []
@@ -231,13 +235,14 @@ def distance(a: list[float], b: list[float]) -> float:
 
 @pytest.mark.vllm
 def test_zoos_path_runs_and_scores_like_vllms_own(smollm2_home, tmp_path):
-    """End to end on the 16-bit base, one engine each way: 64 rank-8 q/v adapters, 3 on all
-    seven projections and the base in the same steps. Which path ran is read from the
-    engine's own log line ("Using <punica wrapper>"); zoo's decode steps ran the native
-    kernel (no warning that it was missing or declined a call). Each model's log-probabilities of
-    one text under zoo's path are nearer vLLM's own for the same model than half the
-    distance between any two models (so a swapped adapter fails), every adapter changes
-    them, and the greedy answers are the same."""
+    """End to end on the 16-bit base (float32 activations on bf16 LoRA stacks), one engine
+    each way: 64 rank-8 q/v adapters, 3 on all seven projections and the base in the same
+    steps. Which path ran is read from the engine's own log line ("Using <punica
+    wrapper>"); zoo's decode steps ran the native kernel (no warning that it was missing
+    or declined a call). Each model's log-probabilities of one text under zoo's path are
+    nearer vLLM's own for the same model than half the distance between any two models (so
+    a swapped adapter fails), every adapter changes them, and the greedy answers are the
+    same."""
     from tests.factory import write_random_lora
 
     base = smollm2_home / "bases" / "smollm2-135m-instruct"

@@ -63,11 +63,15 @@ def exact(y, x, slots, parts, scale, ranks):
     return want, bound
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("dtype", "weights"), [(torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.float32),
+                                               (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, threads):
+def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weights, threads):
+    """x and y in ``dtype``, A and B in ``weights`` (float32 activations on bf16 weights:
+    the stacks zoo serve asks vLLM for where activations are float32)."""
     g = torch.Generator().manual_seed(1)
-    parts, ranks = stacks(dtype, generator=g)
+    parts, ranks = stacks(weights, generator=g)
     slots = torch.tensor([0, 1, -1, 2, 3, 4, 4, -1, 2, 0, 1, 1])
     x = torch.randn(len(slots), IN, generator=g).to(dtype)
     wide = torch.randn(len(slots), 3 + sum(WIDTHS) + 4 + 5, generator=g).to(dtype)
@@ -117,7 +121,9 @@ def test_the_kernel_declines_what_it_was_not_written_for(kernel):
     arguments = kernel.arguments(parts, (ranks, ranks))
     y = torch.zeros(2, 70).bfloat16()
     slots = torch.tensor([0, 1])
-    assert not kernel.gather(y, torch.randn(2, IN), slots, arguments, 1.0)  # float32 x
+    assert not kernel.gather(y, torch.randn(2, IN), slots, arguments, 1.0)  # float32 x, bf16 y
+    wide = kernel.arguments(stacks(torch.float32)[0], (ranks, ranks))
+    assert not kernel.gather(y, torch.randn(2, IN).bfloat16(), slots, wide, 1.0)  # bf16 on f32
     assert not kernel.gather(y, torch.randn(2, IN).bfloat16(), slots.int(), arguments, 1.0)
     assert not kernel.gather(y, torch.randn(2, IN + 1).bfloat16(), slots, arguments, 1.0)
     x = torch.randn(2, IN).bfloat16()

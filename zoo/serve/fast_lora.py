@@ -335,8 +335,9 @@ def _warn_declined(parts: Parts, x: torch.Tensor, y: torch.Tensor) -> None:
     if what not in _DECLINED:
         _DECLINED.add(what)
         logger.warning("zoo: the native LoRA kernel does not take a call (%s; it takes "
-                       "bfloat16 or float32 throughout, ranks up to %d, slots in the stack); "
-                       "running it in PyTorch, which is slower", what, native.MAX_RANK)
+                       "bfloat16 or float32 throughout, or float32 on bfloat16 weights, ranks "
+                       "up to %d, slots in the stack); running it in PyTorch, which is slower",
+                       what, native.MAX_RANK)
 
 
 def _plan(groups: Groups, indices: torch.Tensor):

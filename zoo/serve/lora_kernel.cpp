@@ -6,7 +6,9 @@
 //   y[t, start:start+width] += scale * (x[t] @ A[s, :r].T) @ B[s, :r]
 // A [slots, rank, in] and B [slots, rank, width] are read where they lie (strided over
 // slots and rows, contiguous along a row); both products accumulate in float32 and the
-// delta is added to y and rounded once. x, y, A and B share one dtype: bfloat16 or float32.
+// delta is added to y and rounded once. x and y share one dtype, A and B another: both
+// bfloat16, both float32, or float32 activations on bfloat16 weights (half the bytes a
+// step reads where the CPU has no bf16 arithmetic and computes in float32).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -70,18 +72,18 @@ inline int64_t rank_of(const Part& part, int64_t slot) {
 // Xeon, the stacks in 2 MB pages).
 class Ahead {
  public:
-    // The lines of ``slot``'s rows of A and B in every part (nothing for slot < 0).
-    template <typename T>
+    // The lines of ``slot``'s rows of A and B (of type W) in every part (nothing for slot < 0).
+    template <typename W>
     void plan(int64_t slot, int64_t in, const Part* parts, int64_t n_parts) {
         if (slot < 0) return;
         for (int64_t p = 0; p < n_parts; ++p) {
             const Part& part = parts[p];
             const int64_t rank = rank_of(part, slot);
             if (rank == 0) continue;
-            add(slot_rows<T>(part.a, slot, part.a_slot),
-                ((rank - 1) * part.a_row + in) * sizeof(T));
-            add(slot_rows<T>(part.b, slot, part.b_slot),
-                ((rank - 1) * part.b_row + part.width) * sizeof(T));
+            add(slot_rows<W>(part.a, slot, part.a_slot),
+                ((rank - 1) * part.a_row + in) * sizeof(W));
+            add(slot_rows<W>(part.b, slot, part.b_slot),
+                ((rank - 1) * part.b_row + part.width) * sizeof(W));
         }
     }
     // Ask for the next ``lines`` lines.
@@ -108,22 +110,23 @@ class Ahead {
     int count_ = 0, next_ = 0;
 };
 
-// Any dtype, any CPU: plain loops the compiler vectorizes. Not inlined: inside run's
-// OpenMP region GCC 12 left the shrink's reduction a scalar loop (5x slower in float32).
-template <typename T>
-__attribute__((noinline)) void token_portable(const T* x, T* y, int64_t slot, int64_t in,
+// Any dtypes, any CPU: plain loops the compiler vectorizes (X: x and y, W: A and B). Not
+// inlined: inside run's OpenMP region GCC 12 left the shrink's reduction a scalar loop (5x
+// slower in float32).
+template <typename X, typename W>
+__attribute__((noinline)) void token_portable(const X* x, X* y, int64_t slot, int64_t in,
                                               const Part* parts, int64_t n_parts, float scale,
                                               float* xf, Ahead& ahead) {
-    constexpr int64_t kPerLine = 64 / int64_t(sizeof(T));
+    constexpr int64_t kPerLine = 64 / int64_t(sizeof(W));
     for (int64_t k = 0; k < in; ++k) xf[k] = to_float(x[k]);
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
         const int64_t rank = rank_of(part, slot);
-        const T* a = slot_rows<T>(part.a, slot, part.a_slot);
-        const T* b = slot_rows<T>(part.b, slot, part.b_slot);
+        const W* a = slot_rows<W>(part.a, slot, part.a_slot);
+        const W* b = slot_rows<W>(part.b, slot, part.b_slot);
         float h[kMaxRank];
         for (int64_t r = 0; r < rank; ++r) {
-            const T* row = a + r * part.a_row;
+            const W* row = a + r * part.a_row;
             ahead.issue((in + kPerLine - 1) / kPerLine);
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -131,13 +134,13 @@ __attribute__((noinline)) void token_portable(const T* x, T* y, int64_t slot, in
             h[r] = sum * scale;
         }
         constexpr int64_t kChunk = 256;
-        T* out = y + part.start;
+        X* out = y + part.start;
         for (int64_t j0 = 0; j0 < part.width && rank > 0; j0 += kChunk) {
             const int64_t n = part.width - j0 < kChunk ? part.width - j0 : kChunk;
             float delta[kChunk] = {};
             ahead.issue(rank * ((n + kPerLine - 1) / kPerLine));
             for (int64_t r = 0; r < rank; ++r) {
-                const T* row = b + r * part.b_row + j0;
+                const W* row = b + r * part.b_row + j0;
                 const float hr = h[r];
 #pragma omp simd
                 for (int64_t j = 0; j < n; ++j) delta[j] += hr * to_float(row[j]);
@@ -238,7 +241,7 @@ inline bool recent(const int64_t* slots, int64_t t, int64_t slot) {
     return false;
 }
 
-template <typename T>
+template <typename X, typename W>
 void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, void* y,
          int64_t y_row, int64_t in, const Part* parts, int64_t n_parts, float scale,
          int threads) {
@@ -251,17 +254,17 @@ void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, voi
             if (slot < 0) continue;
             Ahead ahead;
             if (t + 1 < tokens && !recent(slots, t, slots[t + 1]))
-                ahead.plan<T>(slots[t + 1], in, parts, n_parts);
-            const T* xt = static_cast<const T*>(x) + t * x_row;
-            T* yt = static_cast<T*>(y) + t * y_row;
+                ahead.plan<W>(slots[t + 1], in, parts, n_parts);
+            const X* xt = static_cast<const X*>(x) + t * x_row;
+            X* yt = static_cast<X*>(y) + t * y_row;
 #ifdef ZOO_AVX512_BF16
-            if constexpr (sizeof(T) == 2) {
+            if constexpr (sizeof(X) == 2 && sizeof(W) == 2) {
                 token_bf16(reinterpret_cast<const uint16_t*>(xt), reinterpret_cast<uint16_t*>(yt),
                            slot, in, parts, n_parts, scale, ahead);
                 continue;
             }
 #endif
-            token_portable(xt, yt, slot, in, parts, n_parts, scale, xf.data(), ahead);
+            token_portable<X, W>(xt, yt, slot, in, parts, n_parts, scale, xf.data(), ahead);
         }
     }
 }
@@ -270,7 +273,8 @@ void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, voi
 
 extern "C" {
 
-// The layout of Part and the meaning of the arguments below; native.py checks it.
+// The layout of Part and the meaning of the arguments below; native.py checks it (a dtype
+// code added keeps it: an older library declines the code, returning 2).
 int zoo_lora_abi() { return 2; }
 
 int zoo_lora_avx512_bf16() {
@@ -281,7 +285,8 @@ int zoo_lora_avx512_bf16() {
 #endif
 }
 
-// dtype 0: bfloat16, 1: float32. Returns 0; with y untouched, 1 for a rank over kMaxRank,
+// dtypes (activations, weights) 0: bfloat16, bfloat16; 1: float32, float32; 2: float32,
+// bfloat16. Returns 0; with y untouched, 1 for a rank over kMaxRank,
 // 2 for a dtype, 3 for a row's slot past a part's last.
 int zoo_gather_lora(int dtype, int64_t tokens, const int64_t* slots, const void* x,
                     int64_t x_row, void* y, int64_t y_row, int64_t in, const Part* parts,
@@ -292,9 +297,11 @@ int zoo_gather_lora(int dtype, int64_t tokens, const int64_t* slots, const void*
             if (slots[t] >= parts[p].slots) return 3;
     }
     if (dtype == 0)
-        run<Bf16>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
+        run<Bf16, Bf16>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
     else if (dtype == 1)
-        run<float>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
+        run<float, float>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
+    else if (dtype == 2)
+        run<float, Bf16>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
     else
         return 2;
     return 0;

@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from zoo.catalog.home import zoo_cache
 from zoo.core.measure import cpu_flags
@@ -39,7 +39,8 @@ MAX_RANK = 64
 # then code for any CPU of the architecture.
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native", "-fopenmp-simd"),
              ("-O3", "-fopenmp-simd"))
-DTYPES = {"bfloat16": 0, "float32": 1}
+# (activations, weights) -> the kernel's dtype code
+DTYPES = {("bfloat16", "bfloat16"): 0, ("float32", "float32"): 1, ("float32", "bfloat16"): 2}
 
 
 def cache_dir() -> Path:
@@ -70,8 +71,7 @@ class Arguments(NamedTuple):
     """What the kernel is called with for one fused layer's parts, made once per parts."""
 
     block: ctypes.Array  # of Part
-    code: int  # DTYPES
-    dtype: Any  # the torch dtype of A, B, x and y
+    weights: str  # A's and B's dtype, as DTYPES names it
     width_in: int  # x's width
     parts: int
     end: int  # y's columns up to the last part's end
@@ -101,8 +101,8 @@ class Kernel:
         None where the kernel does not take them. The block points into the tensors: it
         is valid while they are."""
         a0 = parts[0][0]
-        dtype = DTYPES.get(str(a0.dtype).removeprefix("torch."))
-        if dtype is None:
+        weights = _name(a0.dtype)
+        if weights not in {w for _x, w in DTYPES}:
             return None
         block = (Part * len(parts))()
         for i, ((a, b, start), slot_ranks) in enumerate(zip(parts, ranks, strict=True)):
@@ -119,20 +119,25 @@ class Kernel:
                             b.stride(0), b.stride(1), b.shape[2], a.shape[1],
                             None if slot_ranks is None else slot_ranks.data_ptr(), start)
         end = max(start + b.shape[2] for _a, b, start in parts)
-        return Arguments(block, dtype, a0.dtype, a0.shape[2], len(parts), end)
+        return Arguments(block, weights, a0.shape[2], len(parts), end)
 
     def gather(self, y, x, slots, arguments: Arguments, scale: float, threads: int = 1) -> bool:
         """y[t, columns] += scale * (x[t] @ A[slots[t]].T) @ B[slots[t]] for every part of
         ``arguments``; False, with y untouched, for inputs it does not take."""
-        if x.dtype != arguments.dtype or y.dtype != arguments.dtype or \
+        code = DTYPES.get((_name(x.dtype), arguments.weights))
+        if code is None or y.dtype != x.dtype or \
                 x.shape[1] != arguments.width_in or x.stride(1) != 1 or y.stride(1) != 1 or \
                 slots.dtype != self._int64 or not slots.is_contiguous() or \
                 slots.shape[0] != x.shape[0] or y.shape[0] != x.shape[0] or \
                 y.shape[1] < arguments.end:
             return False
-        return self._gather(arguments.code, x.shape[0], slots.data_ptr(), x.data_ptr(),
+        return self._gather(code, x.shape[0], slots.data_ptr(), x.data_ptr(),
                             x.stride(0), y.data_ptr(), y.stride(0), arguments.width_in,
                             arguments.block, arguments.parts, scale, threads) == 0
+
+
+def _name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @functools.cache
