@@ -16,8 +16,8 @@ where whole ones fit; the others' in plain memory):
 zoo's wrapper of this tree, the same file of --before (a git commit) on that commit's
 own native kernel (its ``lora_kernel.cpp``, built beside this one's) and vLLM's own
 ``PunicaWrapperCPU``; with --weights, zoo's wrapper of this tree again on stacks of
-another dtype than the activations' (``zoo serve``'s float32 activations on bfloat16
-stacks); the base's own linears of the step in the same dtype for scale.
+another dtype than the activations' (float32 activations on bfloat16 stacks, as
+``--lora-dtype bfloat16`` makes them); the base's own linears of the step in the same dtype for scale.
 The median of --repeat steps (a quarter of them for prefills) after one warm-up;
 vLLM's own ops are timed on decode steps only (a prefill takes them seconds). Results in
 bench/results/lora_step.json. Unlike the served curve (bench/serve.py), whose bursts

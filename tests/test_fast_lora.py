@@ -89,8 +89,8 @@ def lora_path(request, monkeypatch):
 def test_linear_matches_vllm(case, dtype, weights, lora_path):
     """zoo's and vLLM's outputs each within the rounding bound of the exact result (so
     within twice it of each other); the same rows with another slot's adapter are not.
-    Activations in ``dtype``, the stacks in ``weights`` (float32 on bf16: zoo serve's
-    stacks where the CPU computes in float32)."""
+    Activations in ``dtype``, the stacks in ``weights`` (float32 on bf16: vLLM's stacks
+    under ``--lora-dtype bfloat16`` where the CPU computes in float32)."""
     tokens, prefill = CASES[case]
     ours_ref = wrappers(tokens, tokens, prefill)
     a, b = stacked(weights)

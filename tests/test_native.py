@@ -69,7 +69,7 @@ def exact(y, x, slots, parts, scale, ranks):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weights, threads):
     """x and y in ``dtype``, A and B in ``weights`` (float32 activations on bf16 weights:
-    the stacks zoo serve asks vLLM for where activations are float32)."""
+    vLLM's stacks under ``--lora-dtype bfloat16`` where activations are float32)."""
     g = torch.Generator().manual_seed(1)
     parts, ranks = stacks(weights, generator=g)
     slots = torch.tensor([0, 1, -1, 2, 3, 4, 4, -1, 2, 0, 1, 1])

@@ -27,7 +27,7 @@ if __name__ == "__main__":  # vLLM starts its workers with spawn
     base, out, adapters = sys.argv[1], sys.argv[2], sys.argv[3:]
     # one slot more than adapters: vLLM 0.32's own CPU ops apply the last slot's adapter to
     # tokens without one, so the reference path must never fill it. float32 activations on
-    # bf16 stacks, as zoo serve runs where the CPU has no bf16 arithmetic
+    # bf16 stacks (``--lora-dtype bfloat16``): the kernel's mixed path, end to end
     llm = LLM(model=base, enable_lora=True, max_lora_rank=16, max_loras=len(adapters) + 1,
               dtype="float32", lora_dtype="bfloat16", gpu_memory_utilization=0.5,
               max_model_len=1024, seed=0)
