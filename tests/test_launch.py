@@ -125,6 +125,34 @@ def test_activation_dtype_follows_the_cpu():
     assert activation_dtype("float16", frozenset({"amx_tile"})) == "float16"  # the user's own
 
 
+def test_the_lora_stacks_are_bf16_under_float32_activations(models, zoo_home):
+    """Under float32 activations zoo's kernel reads bf16 stacks (half the bytes and the
+    memory); under bf16 or fp16 the stacks are the activations' own; the user's
+    ``--lora-dtype`` wins, and a GPU's engine keeps vLLM's own choice."""
+    from zoo.serve.launch import lora_dtype, vllm_argv
+
+    assert lora_dtype("float32") == "bfloat16"
+    assert lora_dtype("bfloat16") == "bfloat16"
+    assert lora_dtype("float16") == "float16"
+    assert lora_dtype("float32", ("--lora-dtype", "float32")) == "float32"
+    assert lora_dtype("float32", ("--lora-dtype=float16",)) == "float16"
+    zoo("add", models.llama, "--name", "tiny")
+    base = Registry().load().base("tiny")
+
+    def stacks(options, gpu=False):
+        argv = vllm_argv(options, base, models.llama, 16, 4, 16, gpu=gpu)
+        return [argv[i + 1] for i, arg in enumerate(argv) if arg == "--lora-dtype"]
+
+    assert stacks(ServeOptions(dtype="float32")) == ["bfloat16"]
+    assert stacks(ServeOptions(dtype="bfloat16")) == ["bfloat16"]
+    assert stacks(ServeOptions(dtype="float32", extra_args=("--lora-dtype", "float32"))) == \
+        ["float32", "float32"]  # vLLM takes the last
+    assert stacks(ServeOptions(dtype="float32"), gpu=True) == []
+    plan = plan_serve(ServeOptions(base="tiny", quantization="none", dtype="float32"))
+    assert plan.lora_dtype == "bfloat16" and "LoRA stacks in bfloat16" in describe(
+        plan, ServeOptions())[0]
+
+
 def test_the_kv_cache_is_sized_unless_the_user_sized_it(models, zoo_home):
     from tests.helpers import zoo
     from zoo.catalog.registry import Registry

@@ -96,6 +96,7 @@ class ServePlan:
     argv: list[str]
     env: dict[str, str] = field(repr=False)
     dtype: str = "float32"  # the activation dtype chosen (options.dtype may say auto)
+    lora_dtype: str = "bfloat16"  # the LoRA stacks' (lora_dtype)
 
 
 def choose_base(catalog: Catalog, requested: str | None) -> BaseEntry:
@@ -209,8 +210,8 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
     targets = {t for a in served for v in (a, *a.versions.values()) for t in v.target_modules}
     options = replace(options, dtype=activation_dtype(options.dtype))
-    max_loras = options.max_loras or default_max_loras(model_path, max_rank, options.dtype,
-                                                       targets)
+    stacks = lora_dtype(options.dtype, options.extra_args)
+    max_loras = options.max_loras or default_max_loras(model_path, max_rank, stacks, targets)
     max_cpu_loras = options.max_cpu_loras or default_cpu_loras(max_loras)
     argv = vllm_argv(options, base, model_path, max_rank, max_loras, max_cpu_loras)
     run_env = {
@@ -229,7 +230,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         load_tenants(options.api_keys)  # refuse a malformed file before starting anything
         run_env[env.KEYS_VARIABLE] = str(Path(options.api_keys).absolute())
     return ServePlan(base, model_path, served, left_out, max_rank, max_loras, max_cpu_loras,
-                     argv, run_env, options.dtype)
+                     argv, run_env, options.dtype, stacks)
 
 
 def activation_dtype(requested: str = DEFAULT_DTYPE, flags: frozenset[str] | None = None) -> str:
@@ -246,6 +247,23 @@ def activation_dtype(requested: str = DEFAULT_DTYPE, flags: frozenset[str] | Non
         return requested
     flags = cpu_flags() if flags is None else flags
     return "bfloat16" if {"amx_tile", "avx512_bf16"} & flags else "float32"
+
+
+def lora_dtype(activations: str, extra_args: tuple[str, ...] = ()) -> str:
+    """The dtype of vLLM's LoRA stacks (``--lora-dtype``): the user's, if ``extra_args``
+    give one; bfloat16 under float32 activations; else the activations' own.
+
+    Under float32 activations (a CPU without bf16 arithmetic) zoo's kernel computes in
+    float32 on bf16 weights: a decode step's LoRA reads half the bytes (64 adapters' step
+    1.32x faster on the AVX2-only EPYC, ``bench/lora_step.py``) and a slot takes half the
+    memory, for weights rounded as the bf16 machines' default rounds them.
+    """
+    for i, arg in enumerate(extra_args):
+        if arg == "--lora-dtype" and i + 1 < len(extra_args):
+            return extra_args[i + 1]
+        if arg.startswith("--lora-dtype="):
+            return arg.partition("=")[2]
+    return "bfloat16" if activations in ("float32", "float") else activations
 
 
 def kv_cache_gib(engines: int = 1) -> int:
@@ -279,6 +297,8 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
     ]
     if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU
         argv += ["--quantization", "bitsandbytes"]
+    if not gpu:  # the CPU kernel reads bf16 stacks under float32 activations; a GPU's, its own
+        argv += ["--lora-dtype", lora_dtype(activation_dtype(options.dtype), options.extra_args)]
     if not gpu and not _memory_set_by_user(options.extra_args):
         argv += ["--kv-cache-memory-bytes", str(kv_cache_gib(engines) * 1024**3)]
     if options.scheduling == "fair" and "--scheduler-cls" not in options.extra_args:
@@ -294,7 +314,7 @@ def lora_slot_bytes(model_path: Path, max_rank: int, dtype: str,
     """What one LoRA slot costs for adapters that train ``targets`` (module names' last
     parts; None: every module vLLM stacks): vLLM's A and B at ``max_rank`` for each
     such projection of every layer, and for the lm_head and the embeddings, in the
-    activation dtype, and zoo's rank-major copy of B (``fast_lora.py``)."""
+    stacks' dtype, and zoo's rank-major copy of B (``fast_lora.py``)."""
     from zoo.models.bases import module_weight_shapes
 
     per_rank = copied = 0
@@ -353,7 +373,8 @@ def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
     lines = [f"serving {plan.base.name} ({variant}) on http://{options.host}:{options.port}/v1 "
              f"with {len(plan.adapters)} adapters (max rank {plan.max_lora_rank}, "
              f"{plan.max_loras} per batch, {plan.max_cpu_loras} kept loaded; each loads on "
-             f"its first request; activations in {plan.dtype})"]
+             f"its first request; activations in {plan.dtype}, LoRA stacks in "
+             f"{plan.lora_dtype})"]
     lines += [f"  adapter {a.name} ({a.kind}, rank {a.rank}, trained on "
               f"{a.base_variant}, served on {variant})" for a in plan.adapters[:LISTED_ADAPTERS]]
     if len(plan.adapters) > LISTED_ADAPTERS:
