@@ -146,7 +146,7 @@ def test_the_lora_stacks_are_bf16_under_float32_activations(models, zoo_home):
     assert stacks(ServeOptions(dtype="float32")) == ["bfloat16"]
     assert stacks(ServeOptions(dtype="bfloat16")) == ["bfloat16"]
     assert stacks(ServeOptions(dtype="float32", extra_args=("--lora-dtype", "float32"))) == \
-        ["float32", "float32"]  # vLLM takes the last
+        ["float32"]  # the user's alone
     assert stacks(ServeOptions(dtype="float32"), gpu=True) == []
     plan = plan_serve(ServeOptions(base="tiny", quantization="none", dtype="float32"))
     assert plan.lora_dtype == "bfloat16" and "LoRA stacks in bfloat16" in describe(

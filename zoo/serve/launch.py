@@ -272,9 +272,9 @@ def kv_cache_gib(engines: int = 1) -> int:
     return max(MIN_KV_GIB, int(KV_MEMORY_SHARE * memory / engines))
 
 
-def _memory_set_by_user(extra_args: tuple[str, ...]) -> bool:
-    options = {arg.partition("=")[0] for arg in extra_args}
-    return bool(options & {"--kv-cache-memory-bytes", "--gpu-memory-utilization"})
+def _given_by_user(extra_args: tuple[str, ...], *names: str) -> bool:
+    """Whether the user's own vLLM arguments set any of these options."""
+    return bool({arg.partition("=")[0] for arg in extra_args} & set(names))
 
 
 def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank: int,
@@ -297,9 +297,11 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
     ]
     if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU
         argv += ["--quantization", "bitsandbytes"]
-    if not gpu:  # the CPU kernel reads bf16 stacks under float32 activations; a GPU's, its own
-        argv += ["--lora-dtype", lora_dtype(activation_dtype(options.dtype), options.extra_args)]
-    if not gpu and not _memory_set_by_user(options.extra_args):
+    if not gpu and not _given_by_user(options.extra_args, "--lora-dtype"):
+        # the CPU kernel reads bf16 stacks under float32 activations; a GPU's, its own
+        argv += ["--lora-dtype", lora_dtype(activation_dtype(options.dtype))]
+    if not gpu and not _given_by_user(options.extra_args, "--kv-cache-memory-bytes",
+                                      "--gpu-memory-utilization"):
         argv += ["--kv-cache-memory-bytes", str(kv_cache_gib(engines) * 1024**3)]
     if options.scheduling == "fair" and "--scheduler-cls" not in options.extra_args:
         # (a GPU engine schedules asynchronously: its fair scheduler is the async one)
