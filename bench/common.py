@@ -80,8 +80,8 @@ def previous_zoo_env(commit: str) -> tuple[dict[str, str], Path]:
 def engine_plan(log=lambda line: print(line, file=sys.stderr)):
     """`zoo serve`'s plan on the benchmarks' home with its catalog of 1,000 registered
     rank-8 q/v LoRAs, the raw adapters' directory, and the arguments the in-process
-    engines of first_use.py and steps.py are started with (``--engine MODEL CATALOG
-    MAX_LORAS MAX_CPU_LORAS MAX_RANK DTYPE``)."""
+    engines of first_use.py and steps.py are started with (``--engine SPEC``: JSON of the
+    catalog's directory and the LLM's arguments, ``llm``)."""
     from serve import catalog
 
     from zoo.catalog.registry import Registry
@@ -94,8 +94,12 @@ def engine_plan(log=lambda line: print(line, file=sys.stderr)):
     prepare_base(options, registry)
     plan = plan_serve(options, registry)
     adapters = home / "bench-catalog"
-    return plan, adapters, [str(plan.model_path), str(adapters), str(plan.max_loras),
-                            str(plan.max_cpu_loras), str(plan.max_lora_rank), plan.dtype]
+    # vLLM's LLM arguments for the LoRA settings `zoo serve` would start the engine with
+    llm = dict(model=str(plan.model_path), enable_lora=True, max_loras=plan.max_loras,
+               max_cpu_loras=plan.max_cpu_loras, max_lora_rank=plan.max_lora_rank,
+               dtype=plan.dtype, lora_dtype=plan.lora_dtype, max_model_len=2048,
+               lora_target_modules=list(plan.wrapped) if plan.wrapped else None)
+    return plan, adapters, [json.dumps({"catalog": str(adapters), "llm": llm})]
 
 
 def answer(process, mark: str) -> str:
@@ -108,22 +112,29 @@ def answer(process, mark: str) -> str:
 
 
 @contextmanager
-def engines_of(script: str, engine_args: list[str], previous: str, mark: str):
+def engines_of(script: str, engine_args: list[str], previous: str | None, mark: str,
+               variants: dict | None = None):
     """``bench/SCRIPT --engine ARGS`` twice, this tree's zoo and --previous's (from its
     worktree), talking JSON lines over stdin and stdout: {label: process} once each said
-    ``ready`` with zoo imported from its own tree; both stopped (stdin closed) after."""
+    ``ready`` with zoo imported from its own tree; both stopped (stdin closed) after.
+    ``variants`` ({label: engine arguments}) instead: this tree's zoo, once for each."""
     import subprocess
 
-    variables, tree = previous_zoo_env(previous)
-    variants = {"zoo": ({}, ROOT), f"previous ({previous})": (variables, tree)}
+    if variants is None:
+        variables, tree = previous_zoo_env(previous)
+        variants = {"zoo": ({}, ROOT, engine_args),
+                    f"previous ({previous})": (variables, tree, engine_args)}
+    else:
+        variants = {label: ({}, ROOT, own) for label, own in variants.items()}
     engines = {}
     try:
-        for label, (extra, cwd) in variants.items():
+        for label, (extra, cwd, own_args) in variants.items():
             engines[label] = subprocess.Popen(
-                [sys.executable, str(ROOT / "bench" / script), "--engine", *engine_args],
+                [sys.executable, str(ROOT / "bench" / script), "--engine", *own_args],
                 cwd=cwd, env={**os.environ, **extra}, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for (label, process), (_, cwd) in zip(engines.items(), variants.values(), strict=True):
+        for (label, process), (_, cwd, _) in zip(engines.items(), variants.values(),
+                                                 strict=True):
             ready, _, where = answer(process, mark).partition(" ")
             if ready != "ready" or not where.startswith(str(cwd)):
                 raise SystemExit(f"the {label} engine did not start with zoo from {cwd}")

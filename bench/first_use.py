@@ -30,23 +30,22 @@ PHASES = ("total", "read", "pack", "place", "reset")
 MARK = "first_use:"  # the engine's answers, among whatever vLLM prints
 
 
-def engine_main(model: str, catalog: str, max_loras: int, max_cpu_loras: int,
-                max_rank: int, dtype: str) -> None:
-    """One variant's engine: answers ``start count`` lines on stdin with one JSON line of
-    per-adapter milliseconds for adapters ``start .. start+count`` of the catalog."""
+def engine_main(spec: dict) -> None:
+    """One variant's engine (``spec``: common.engine_plan's): answers ``start count`` lines
+    on stdin with one JSON line of per-adapter milliseconds for adapters ``start ..
+    start+count`` of the catalog."""
     import collections
     import functools
     import time
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["ZOO_SERVE_MODEL_DIR"] = model  # the smoothed base's rescale, as zoo serve
+    os.environ["ZOO_SERVE_MODEL_DIR"] = spec["llm"]["model"]  # the smoothed base's rescale
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
+    catalog = spec["catalog"]
     names = sorted(os.listdir(catalog))
-    llm = LLM(model=model, enable_lora=True, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-              max_lora_rank=max_rank, dtype=dtype, max_model_len=2048,
-              kv_cache_memory_bytes=1 << 30, enforce_eager=True)
+    llm = LLM(**spec["llm"], kv_cache_memory_bytes=1 << 30, enforce_eager=True)
 
     def add(worker, start: int, count: int) -> dict:
         from vllm.lora import model_manager, worker_manager
@@ -93,11 +92,10 @@ def main() -> None:
     parser.add_argument("--previous", default="64d16e9")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--per-round", type=int, default=50)
-    parser.add_argument("--engine", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
-        model, catalog, *numbers, dtype = args.engine
-        return engine_main(model, catalog, *map(int, numbers), dtype)
+        return engine_main(json.loads(args.engine))
 
     # here, not at the top: common puts this repository first on sys.path, and an engine
     # of --previous must import zoo from that commit's worktree

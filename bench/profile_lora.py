@@ -3,6 +3,7 @@
 Run: .venv/bin/python bench/profile_lora.py [--adapters 8] [--concurrency 64] [--seconds 20]
                                              [--max-loras N] [--fast 1|0] [--cold]
                                              [--raw FILE] [--process worker|core|api]
+                                             [--lora-targets all|catalog]
 
 Starts zoo serve (int8 base) with N rank-8 adapters (q and v unless --targets),
 keeps --concurrency requests spread over them running (the base's with --adapters 0),
@@ -64,6 +65,37 @@ def summarize(raw: Path, top: int) -> tuple[list[tuple[str, float]], int]:
     return [(k, 100.0 * v / total) for k, v in inclusive.most_common(top)], total
 
 
+BASE_WORK = ("apply_weights", "UnquantizedLinearMethod.apply", "onednn")
+
+
+def by_layer(raw: Path) -> list[tuple[str, float]]:
+    """The share of the samples in each LoRA-wrapped layer, by where the model calls it
+    (the model's file and line: one per projection) and what the time went to: the base
+    layer's GEMM ("base"), the LoRA path (zoo's or vLLM's punica wrapper: "lora"), or the
+    wrapper's own Python around them ("wrapper")."""
+    shares: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        frames = stack.split(";")
+        wrapped = next((i for i, f in enumerate(frames) if "vllm/lora/layers/" in f), None)
+        if wrapped is None or wrapped == 0:
+            continue
+        caller = frames[wrapped - 1]
+        caller = next((f for f in reversed(frames[:wrapped]) if "model_executor/models/" in f),
+                      caller)
+        site = caller.split(" (")[0] + ":" + caller.rsplit(":", 1)[-1].rstrip(")")
+        if any(work in f for f in frames for work in BASE_WORK):
+            part = "base"
+        elif any("fast_lora" in f or "punica" in f for f in frames):
+            part = "lora"
+        else:
+            part = "wrapper"
+        shares[f"{site} {part}"] += int(count)
+    return [(k, 100.0 * v / total) for k, v in sorted(shares.items())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapters", type=int, default=8)
@@ -79,6 +111,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--process", choices=("worker", "core", "api"), default="worker",
                         help="The server's process to sample (default: the worker).")
+    parser.add_argument("--lora-targets", default="all",
+                        help="zoo serve's --lora-targets (all: its default).")
     parser.add_argument("--targets", default="q_proj,v_proj",
                         help="Projections the random adapters train (all seven: 'all').")
     args = parser.parse_args()
@@ -101,7 +135,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         add(write_random_lora(folder, home / "bases" / BASE, seed=i, targets=targets), name,
             BASE, registry=registry)
-    options = ServeOptions(base=BASE, port=free_port(), max_loras=args.max_loras)
+    options = ServeOptions(base=BASE, port=free_port(), max_loras=args.max_loras,
+                           lora_targets=args.lora_targets)
     with running_server(options, registry) as server:
         concurrency = args.concurrency
         models = ([names[i % len(names)] for i in range(concurrency)] if names
@@ -136,6 +171,9 @@ def main() -> None:
           f"{samples / args.seconds:.0f}% of the time")
     for name, share in shares:
         print(f"{share:6.1f}%  {name}")
+    print("\nby LoRA-wrapped layer (the model's call site) and part")
+    for name, share in by_layer(raw):
+        print(f"{share:6.2f}%  {name}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """The engine's own throughput with 64 adapters against the base, two zoo commits in turn.
 
-Run: .venv/bin/python bench/steps.py [--previous COMMIT] [--rounds 8] [--adapters 64]
-     [--tokens 32]
+Run: .venv/bin/python bench/steps.py [--previous COMMIT | --catalog-layers] [--rounds 8]
+     [--adapters 64] [--tokens 32]
 
 bench/serve.py times bursts through the HTTP server, one engine after the other; on this
 2-core machine one engine's bursts drift by more than a change of a few percent between
 minutes, and a change then reads as noise. This runs the same load on two engines at once,
 in turn: one vLLM engine per variant, each in its own process with its worker in it
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), on `zoo serve`'s plan (the int8 base, its
-smoothing, the slots, kept-loaded adapters, rank and activation dtype zoo chooses, zoo's
-scheduler and the plugin's patches): this tree's zoo and --previous's (from its worktree).
+smoothing, the slots, kept-loaded adapters, rank, dtypes and LoRA layers zoo chooses, zoo's
+scheduler and the plugin's patches): this tree's zoo and --previous's (from its worktree),
+or with --catalog-layers this tree twice: LoRA layers on every module vLLM can adapt (the
+default) and only on what the catalog trains (``zoo serve --lora-targets catalog``).
 Each round, in alternating order, each engine generates --adapters requests x --tokens
 tokens (``min_tokens``, ``ignore_eos``, greedy; the served bench's chat prompt) three
 ways: on the base, on --adapters adapters it has loaded (warm), and on as many it has
@@ -32,19 +34,19 @@ MARK = "steps:"  # the engine's answers, among whatever vLLM prints
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
 
-def engine_main(model: str, catalog: str, max_loras: int, max_cpu_loras: int,
-                max_rank: int, dtype: str) -> None:
-    """One variant's engine: answers a JSON line ``{"start", "count", "tokens"}`` (start
-    -1: the base) with one of seconds and tokens generated."""
+def engine_main(spec: dict) -> None:
+    """One variant's engine (``spec``: common.engine_plan's): answers a JSON line
+    ``{"start", "count", "tokens"}`` (start -1: the base) with one of seconds and tokens
+    generated."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ["ZOO_SERVE_MODEL_DIR"] = model  # the smoothed base's rescale, as zoo serve
+    os.environ["ZOO_SERVE_MODEL_DIR"] = spec["llm"]["model"]  # the smoothed base's rescale
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    catalog = spec["catalog"]
     names = sorted(os.listdir(catalog))
-    llm = LLM(model=model, enable_lora=True, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-              max_lora_rank=max_rank, dtype=dtype, max_model_len=2048,
-              kv_cache_memory_bytes=2 << 30, scheduler_cls="zoo.serve.fair.FairScheduler")
+    llm = LLM(**spec["llm"], kv_cache_memory_bytes=2 << 30,
+              scheduler_cls="zoo.serve.fair.FairScheduler")
     prompt = llm.get_tokenizer().apply_chat_template(PROMPT, tokenize=False,
                                                      add_generation_prompt=True)
     import zoo
@@ -71,11 +73,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--adapters", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--engine", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--catalog-layers", action="store_true",
+                        help="Instead of --previous: this tree with LoRA layers on every "
+                             "module (the default) against on what the catalog trains.")
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
-        model, catalog, *numbers, dtype = args.engine
-        return engine_main(model, catalog, *map(int, numbers), dtype)
+        return engine_main(json.loads(args.engine))
 
     # here, not at the top: common puts this repository first on sys.path, and an engine
     # of --previous must import zoo from that commit's worktree
@@ -84,7 +88,16 @@ def main() -> None:
     plan, adapters, engine_args = engine_plan()
     n = args.adapters
     cold_rounds = min(args.rounds, len(os.listdir(adapters)) // n - 1)  # fresh ones left
-    with engines_of("steps.py", engine_args, args.previous, MARK) as engines:
+    variants = None
+    if args.catalog_layers:
+        from zoo.serve.policy import TARGETS_VARIABLE
+
+        spec = json.loads(engine_args[0])
+        trained = plan.env[TARGETS_VARIABLE].split(",")
+        some = {**spec, "llm": {**spec["llm"], "lora_target_modules": trained}}
+        variants = {"zoo (LoRA layers on all)": engine_args,
+                    f"zoo (LoRA layers on {','.join(trained)})": [json.dumps(some)]}
+    with engines_of("steps.py", engine_args, args.previous, MARK, variants) as engines:
         def burst(label: str, start: int) -> float:
             process = engines[label]
             process.stdin.write(json.dumps({"start": start, "count": n,
@@ -114,6 +127,8 @@ def main() -> None:
                 for label, r in results.items()), file=sys.stderr)
 
     rows = [{"variant": label, "base tok/s": statistics.median(r["base"]),
+             "warm tok/s": statistics.median(
+                 [w * b for w, b in zip(r["warm"], r["base"], strict=True)]),
              "warm vs base": statistics.median(r["warm"]),
              "cold vs base": statistics.median(r["cold"]),
              "warm range": f"{min(r['warm']):.3f}-{max(r['warm']):.3f}",

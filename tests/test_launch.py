@@ -153,6 +153,45 @@ def test_the_lora_stacks_are_bf16_under_float32_activations(models, zoo_home):
         plan, ServeOptions())[0]
 
 
+def test_lora_layers_go_on_what_the_catalog_trains_when_asked(models, zoo_home):
+    """By default vLLM wraps every module it can; with --lora-targets catalog only those the
+    served adapters train (q and v here), unless the catalog is empty (any adapter may
+    come); the user's own list wins; the engine's processes learn the set (the policy
+    refuses the rest)."""
+    import pytest
+
+    from zoo.errors import ServeError
+    from zoo.serve.policy import WRAPPED_VARIABLE
+
+    def targets_of(plan):
+        argv = plan.argv
+        if "--lora-target-modules" not in argv:
+            return None
+        values = argv[argv.index("--lora-target-modules") + 1:]
+        return values[:next(i for i, v in enumerate(values) if v.startswith("--"))]
+
+    zoo("add", models.llama, "--name", "tiny")
+    empty = plan_serve(ServeOptions(base="tiny", quantization="none", lora_targets="catalog"))
+    assert empty.wrapped is None and targets_of(empty) is None and not empty.env[WRAPPED_VARIABLE]
+    zoo("add", models.lora("plain"), "--name", "acme/a", "--base", "tiny")
+    zoo("add", models.lora("q-only", target_modules=["q_proj"]), "--name", "acme/q",
+        "--base", "tiny")
+    plan = plan_serve(ServeOptions(base="tiny", quantization="none", lora_targets="catalog"))
+    assert plan.wrapped == ("q_proj", "v_proj") and targets_of(plan) == ["q_proj", "v_proj"]
+    assert plan.env[WRAPPED_VARIABLE] == "q_proj,v_proj"
+    assert any("LoRA layers on q_proj, v_proj only" in line
+               for line in describe(plan, ServeOptions()))
+    every = plan_serve(ServeOptions(base="tiny", quantization="none"))  # the default: all
+    assert every.wrapped is None and targets_of(every) is None
+    assert not every.env[WRAPPED_VARIABLE]
+    theirs = plan_serve(ServeOptions(base="tiny", quantization="none", extra_args=(
+        "--lora-target-modules", "qkv_proj", "o_proj", "--max-num-seqs", "8")))
+    assert theirs.wrapped == ("qkv_proj", "o_proj") and theirs.argv.count("--lora-target-modules") == 1
+    assert theirs.env[WRAPPED_VARIABLE] == "qkv_proj,o_proj"
+    with pytest.raises(ServeError, match="--lora-targets"):
+        plan_serve(ServeOptions(base="tiny", quantization="none", lora_targets="some"))
+
+
 def test_the_kv_cache_is_sized_unless_the_user_sized_it(models, zoo_home):
     from tests.helpers import zoo
     from zoo.catalog.registry import Registry

@@ -17,7 +17,7 @@ from tests.helpers import resident_pages, zoo
 from zoo.catalog.registry import Registry
 from zoo.serve import policy as policy_module
 from zoo.serve.middleware import MAX_BODY, ZooMiddleware
-from zoo.serve.policy import ServePolicy
+from zoo.serve.policy import ServePolicy, wrapped_modules
 
 KEYS = {"acme": "sk-acme-0000001", "globex": "sk-globex-0000001", "ops": "sk-ops-00000001"}
 ADAPTERS = ("acme/a", "globex/b")
@@ -247,6 +247,35 @@ def test_a_name_reaches_the_engine_as_the_version_that_answers(gate, models, tmp
     assert names == {"tiny", "acme/a"}  # names, not every version ...
     scope_query = _list_with_versions(middleware, KEYS["acme"])
     assert {"acme/a:v1", "acme/a:v2"} <= scope_query  # ... unless asked
+
+
+def test_an_adapter_training_a_module_the_engine_does_not_adapt_is_refused(gate, models):
+    """zoo serve gives LoRA layers to what the catalog trains only (``lora_layers``): vLLM
+    would drop an adapter's weights for any other module without a word, so such an
+    adapter (or version) is refused with the reason and the way out, and never loaded."""
+    middleware, app, _ = gate
+    assert wrapped_modules("") is None and wrapped_modules(None) is None
+    assert wrapped_modules("qkv_proj,down_proj") == {"qkv_proj", "q_proj", "k_proj", "v_proj",
+                                                     "down_proj"}
+    # vLLM wraps q, k and v as one layer: naming a part wraps all three
+    assert wrapped_modules("q_proj,v_proj") == {"qkv_proj", "q_proj", "k_proj", "v_proj"}
+    middleware.policy.wrapped = wrapped_modules("q_proj,v_proj")
+    zoo("add", models.lora("gate-wide", seed=41, target_modules=["q_proj", "v_proj", "o_proj"]),
+        "--name", "acme/wide", "--base", "tiny")
+    zoo("add", models.lora("gate-wide", seed=41, target_modules=["q_proj", "v_proj", "o_proj"]),
+        "--name", "acme/a", "--new-version")
+    reached = len(app.reached)
+    status, body = call(middleware, "/v1/chat/completions", chat("acme/wide"), KEYS["acme"])
+    assert status == 400 and "trains o_proj" in body["error"]["message"]
+    assert "k_proj, q_proj, qkv_proj, v_proj" in body["error"]["message"]
+    assert "--lora-targets all" in body["error"]["message"]
+    assert call(middleware, "/v1/chat/completions", chat("acme/a:v2"), KEYS["acme"])[0] == 400
+    assert len(app.reached) == reached  # neither reached the engine
+    assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    middleware.policy.wrapped = wrapped_modules("qkv_proj,o_proj")  # vLLM's own names
+    assert call(middleware, "/v1/chat/completions", chat("acme/wide"), KEYS["acme"])[0] == 200
+    middleware.policy.wrapped = None  # every module: nothing is refused for its targets
+    assert call(middleware, "/v1/chat/completions", chat("acme/a:v2"), KEYS["acme"])[0] == 200
 
 
 def _list_with_versions(middleware, key) -> set[str]:

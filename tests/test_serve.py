@@ -79,7 +79,10 @@ def served(smollm2_w8a8_home, tmp_path_factory, lora_maker):
         "globex": {"keys": [hash_key(KEYS["globex"])], "adapters": ["globex/*"]},  # hashed
         "ops": {"keys": [KEYS["ops"]], "adapters": ["*"]}}}))
     lines: list[str] = []
-    options = ServeOptions(base=BASE, quantization="w8a8", port=free_port(), api_keys=keys)
+    # LoRA layers on what the catalog trains (q and v): vLLM's own and zoo's outputs below
+    # are checked on that engine, and an adapter training more is refused
+    options = ServeOptions(base=BASE, quantization="w8a8", port=free_port(), api_keys=keys,
+                           lora_targets="catalog")
     with running_server(options, registry, log=lines.append,
                         log_file=home.parent / "vllm.log") as server:
         yield SimpleNamespace(url=server.url, lines=lines, home=home, log=server.log_file)
@@ -243,6 +246,24 @@ def test_hot_add_and_remove(served, lora_maker):
     with pytest.raises(openai.NotFoundError):
         answer(served, "acme/hot", tenant="acme")
     assert "acme/hot" not in {m.id for m in client(served).models.list().data}
+
+
+def test_an_adapter_training_more_than_the_engine_adapts_is_refused(served, lora_maker):
+    """With --lora-targets catalog the engine has LoRA layers for q and v only (k's too:
+    vLLM fuses them), what the catalog trained at start (the start-up says so). An
+    adapter added later that also trains o_proj is refused with the reason and the way
+    out: vLLM would drop its o_proj weights without a word."""
+    assert "LoRA layers on q_proj, v_proj only" in "\n".join(served.lines)
+    env = {**os.environ, "ZOO_HOME": str(served.home)}
+    wide = lora_maker("wide", 13, target_modules=["q_proj", "v_proj", "o_proj"])
+    subprocess.run([sys.executable, "-m", "zoo", "add", str(wide), "--name", "acme/wide",
+                    "--base", BASE], env=env, check=True, capture_output=True)
+    with pytest.raises(openai.BadRequestError) as err:
+        answer(served, "acme/wide", tenant="acme")
+    assert "trains o_proj" in str(err.value) and "--lora-targets all" in str(err.value)
+    assert answer(served, "acme/a", tenant="acme")
+    subprocess.run([sys.executable, "-m", "zoo", "rm", "acme/wide"], env=env, check=True,
+                   capture_output=True)
 
 
 def test_adapter_broken_while_serving_is_refused_and_others_keep_serving(served):

@@ -36,6 +36,11 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
               show_default=True,
               help="fair: requests admitted by tenant, in proportion to their weights "
                    "(virtual token counter); fcfs: vLLM's first come, first served.")
+@click.option("--lora-targets", type=click.Choice(["all", "catalog"]), default="all",
+              show_default=True,
+              help="LoRA layers on every module vLLM can adapt, or only on those the served "
+                   "adapters train (faster steps; an adapter or version added later that "
+                   "trains more is refused until a restart).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Engines of the same base behind vllm-router on --port (each with its "
                    "share of the cores, or its own GPU with --gpus).")
@@ -45,13 +50,15 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
               help="GPUs to spread --replicas over (0: CPU).")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_loras, api_keys,
-              dtype, scheduling, replicas, router_policy, gpus, vllm_args) -> None:
+              dtype, scheduling, lora_targets, replicas, router_policy, gpus,
+              vllm_args) -> None:
     """Serve a base and its adapters with vLLM (OpenAI API); extra options go to vLLM."""
     from zoo.serve.launch import ServeOptions, describe, plan_serve, prepare_base, run_server
 
     options = ServeOptions(base=base, quantization=quantization, host=host, port=port,
                            max_loras=max_loras, max_cpu_loras=max_cpu_loras, api_keys=api_keys,
-                           dtype=dtype, scheduling=scheduling, extra_args=tuple(vllm_args))
+                           dtype=dtype, scheduling=scheduling, lora_targets=lora_targets,
+                           extra_args=tuple(vllm_args))
     if replicas != 1:
         from zoo.serve.replicas import serve_replicas
 

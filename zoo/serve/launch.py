@@ -81,6 +81,7 @@ class ServeOptions:
     dtype: str = DEFAULT_DTYPE
     max_model_len: int = 2048
     scheduling: str = "fair"  # fair: zoo/serve/fair.py between tenants; fcfs: vLLM's own
+    lora_targets: str = "all"  # LoRA layers on every module vLLM can adapt, or "catalog"
     extra_args: tuple[str, ...] = ()
 
 
@@ -97,6 +98,7 @@ class ServePlan:
     env: dict[str, str] = field(repr=False)
     dtype: str = "float32"  # the activation dtype chosen (options.dtype may say auto)
     lora_dtype: str = "bfloat16"  # the LoRA stacks' (lora_dtype)
+    wrapped: tuple[str, ...] | None = None  # modules with LoRA layers (None: all vLLM can)
 
 
 def choose_base(catalog: Catalog, requested: str | None) -> BaseEntry:
@@ -213,7 +215,9 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     stacks = lora_dtype(options.dtype, options.extra_args)
     max_loras = options.max_loras or default_max_loras(model_path, max_rank, stacks, targets)
     max_cpu_loras = options.max_cpu_loras or default_cpu_loras(max_loras)
-    argv = vllm_argv(options, base, model_path, max_rank, max_loras, max_cpu_loras)
+    wrapped = lora_layers(options, targets)
+    argv = vllm_argv(options, base, model_path, max_rank, max_loras, max_cpu_loras,
+                     wrapped=wrapped)
     run_env = {
         **os.environ,
         env.HOME_VARIABLE: str(registry.home),
@@ -221,6 +225,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         env.RANK_VARIABLE: str(max_rank),
         env.MODEL_VARIABLE: str(model_path),
         env.TARGETS_VARIABLE: ",".join(sorted(targets)),
+        env.WRAPPED_VARIABLE: ",".join(wrapped or ()),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # lets the registry resolver load adapters
     }
     run_env.pop(env.KEYS_VARIABLE, None)
@@ -230,7 +235,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         load_tenants(options.api_keys)  # refuse a malformed file before starting anything
         run_env[env.KEYS_VARIABLE] = str(Path(options.api_keys).absolute())
     return ServePlan(base, model_path, served, left_out, max_rank, max_loras, max_cpu_loras,
-                     argv, run_env, options.dtype, stacks)
+                     argv, run_env, options.dtype, stacks, wrapped)
 
 
 def activation_dtype(requested: str = DEFAULT_DTYPE, flags: frozenset[str] | None = None) -> str:
@@ -266,6 +271,43 @@ def lora_dtype(activations: str, extra_args: tuple[str, ...] = ()) -> str:
     return "bfloat16" if activations in ("float32", "float") else activations
 
 
+def lora_layers(options: ServeOptions, trained: set[str]) -> tuple[str, ...] | None:
+    """The modules vLLM gives LoRA layers (``--lora-target-modules``); None: all it can.
+
+    ``lora_targets`` "catalog": what the served adapters train. A layer no adapter trains
+    still costs every step its LoRA wrapper's calls (on SmolLM2 with q/v adapters, three
+    of the four wrapped layers of each block); an adapter registered later that trains
+    anything else is refused until zoo serve restarts (``policy.py``), as one above
+    ``--max-lora-rank`` is, and so would a canary version that does. "all" (the default)
+    or an empty catalog wraps every module; the user's own ``--lora-target-modules``
+    wins."""
+    given = _values_given(options.extra_args, "--lora-target-modules")
+    if given is not None:
+        return given or None
+    if options.lora_targets not in ("catalog", "all"):
+        raise ServeError(f"unknown --lora-targets {options.lora_targets!r}",
+                         hint="Use catalog or all.")
+    if options.lora_targets == "all" or not trained:
+        return None
+    return tuple(sorted(trained))
+
+
+def _values_given(extra_args: tuple[str, ...], name: str) -> tuple[str, ...] | None:
+    """The values the user's own vLLM arguments give an option of one or more values (None:
+    not given)."""
+    for i, arg in enumerate(extra_args):
+        if arg.startswith(name + "="):
+            return (arg.partition("=")[2],)
+        if arg == name:
+            values = []
+            for value in extra_args[i + 1:]:
+                if value.startswith("--"):
+                    break
+                values.append(value)
+            return tuple(values)
+    return None
+
+
 def kv_cache_gib(engines: int = 1) -> int:
     """Each engine's KV cache when ``engines`` share this host's memory."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
@@ -279,9 +321,10 @@ def _given_by_user(extra_args: tuple[str, ...], *names: str) -> bool:
 
 def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank: int,
               max_loras: int, max_cpu_loras: int, engines: int = 1,
-              gpu: bool = False) -> list[str]:
+              gpu: bool = False, wrapped: tuple[str, ...] | None = None) -> list[str]:
     """vLLM's OpenAI server command line for these options and LoRA sizes (``engines``:
-    how many share this host's memory; on a GPU vLLM sizes its own cache)."""
+    how many share this host's memory; on a GPU vLLM sizes its own cache; ``wrapped``:
+    the modules with LoRA layers, ``lora_layers``)."""
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path), "--served-model-name", base.name,
@@ -297,6 +340,8 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
     ]
     if options.quantization == "nf4":  # vLLM 0.32: needs the vllm-bnb-plugin, on a GPU
         argv += ["--quantization", "bitsandbytes"]
+    if wrapped and not _given_by_user(options.extra_args, "--lora-target-modules"):
+        argv += ["--lora-target-modules", *wrapped]
     if not gpu and not _given_by_user(options.extra_args, "--lora-dtype"):
         # the CPU kernel reads bf16 stacks under float32 activations; a GPU's, its own
         argv += ["--lora-dtype", lora_dtype(activation_dtype(options.dtype))]
@@ -377,6 +422,9 @@ def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
              f"{plan.max_loras} per batch, {plan.max_cpu_loras} kept loaded; each loads on "
              f"its first request; activations in {plan.dtype}, LoRA stacks in "
              f"{plan.lora_dtype})"]
+    if plan.wrapped:
+        lines.append(f"  LoRA layers on {', '.join(plan.wrapped)} only (an adapter training "
+                     f"more is refused until a restart with --lora-targets all)")
     lines += [f"  adapter {a.name} ({a.kind}, rank {a.rank}, trained on "
               f"{a.base_variant}, served on {variant})" for a in plan.adapters[:LISTED_ADAPTERS]]
     if len(plan.adapters) > LISTED_ADAPTERS:

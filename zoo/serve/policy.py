@@ -35,6 +35,11 @@ KEYS_VARIABLE = "ZOO_SERVE_API_KEYS"
 RANK_VARIABLE = "ZOO_SERVE_MAX_LORA_RANK"
 MODEL_VARIABLE = "ZOO_SERVE_MODEL_DIR"  # the served checkpoint (its smoothing, if any)
 TARGETS_VARIABLE = "ZOO_SERVE_TARGETS"  # the projections the served adapters train (a,b,c)
+# the modules the engine gives LoRA layers (--lora-target-modules, a,b,c); unset: all it can
+WRAPPED_VARIABLE = "ZOO_SERVE_WRAPPED"
+# vLLM's fused projections, by the names adapters train (a deployment may name either)
+PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                  "gate_up_proj": ("gate_proj", "up_proj")}
 logger = logging.getLogger("zoo.serve")
 
 # The tenant of the request being handled, set by the middleware for the request's task;
@@ -182,6 +187,19 @@ def _read_keys_file(path: Path) -> tuple[dict, list[Tenant]]:
     return data, tenants
 
 
+def wrapped_modules(names: str | None) -> frozenset[str] | None:
+    """The module names (``a,b,c``) an engine has LoRA layers for, as adapters name them;
+    None or empty: every module vLLM can adapt. vLLM wraps a fused projection whole when
+    any part of it is named, so the fused name and all its parts are in."""
+    if not names:
+        return None
+    wrapped = {n for n in names.split(",") if n}
+    for fused, parts in PACKED_MODULES.items():
+        if fused in wrapped or wrapped.intersection(parts):
+            wrapped.update((fused, *parts))
+    return frozenset(wrapped)
+
+
 @dataclass
 class ServePolicy:
     registry: Registry
@@ -190,6 +208,7 @@ class ServePolicy:
     tenants: list[Tenant] | None = None
     keys_path: Path | None = None  # re-read when it changes; revoked keys stop working
     model_dir: Path | None = None  # the served checkpoint; smoothed ones need adapted LoRAs
+    wrapped: frozenset[str] | None = None  # the modules with LoRA layers (None: all vLLM can)
     _catalog: Catalog | None = field(default=None, repr=False)
     _stamp: tuple | None = field(default=None, repr=False)
     _keys_stamp: tuple | None = field(default=None, repr=False)
@@ -202,7 +221,8 @@ class ServePolicy:
                    int(os.environ.get(RANK_VARIABLE, "512")),
                    load_tenants(Path(keys)) if keys else None,
                    Path(keys) if keys else None,
-                   Path(os.environ[MODEL_VARIABLE]) if os.environ.get(MODEL_VARIABLE) else None)
+                   Path(os.environ[MODEL_VARIABLE]) if os.environ.get(MODEL_VARIABLE) else None,
+                   wrapped_modules(os.environ.get(WRAPPED_VARIABLE)))
 
     def lora_path(self, name: str, stored: Path, content_hash: str) -> Path:
         """What vLLM should load for an adapter: its stored files, or on a SmoothQuant-ed
@@ -310,6 +330,12 @@ class ServePolicy:
         if rank > self.max_lora_rank:
             return Decision(400, f"Adapter `{tag}` has rank {rank}, above this server's "
                                  f"--max-lora-rank {self.max_lora_rank}; restart zoo serve.")
+        unwrapped = sorted(set(record.target_modules) - self.wrapped) if self.wrapped else []
+        if unwrapped:
+            return Decision(400, f"Adapter `{tag}` trains {', '.join(unwrapped)}, which this "
+                                 f"server's engine has no LoRA layers for (it was started for "
+                                 f"{', '.join(sorted(self.wrapped))}); restart zoo serve "
+                                 f"with --lora-targets all).")
         path = self.registry.home / record.path
         decision = Decision(200, path=path, content_hash=record.content_hash, label=tag,
                             files=record.files)

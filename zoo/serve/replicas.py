@@ -114,7 +114,8 @@ def plan_replicas(options: ServeOptions, replicas: int, registry: Registry,
         port = free_port()
         own = replace(options, port=port, host="127.0.0.1")
         argv = vllm_argv(own, shared.base, shared.model_path, shared.max_lora_rank, max_loras,
-                         max_cpu_loras, engines=replicas, gpu=bool(gpus))
+                         max_cpu_loras, engines=replicas, gpu=bool(gpus),
+                         wrapped=shared.wrapped)
         replica_state = state / f"replica-{i}"
         replica_state.mkdir()
         run_env = {**shared.env, STATE_VARIABLE: str(replica_state)}
