@@ -263,11 +263,9 @@ def lora_dtype(activations: str, extra_args: tuple[str, ...] = ()) -> str:
     1.32x faster on the AVX2-only EPYC, ``bench/lora_step.py``) and a slot takes half the
     memory, for weights rounded as the bf16 machines' default rounds them.
     """
-    for i, arg in enumerate(extra_args):
-        if arg == "--lora-dtype" and i + 1 < len(extra_args):
-            return extra_args[i + 1]
-        if arg.startswith("--lora-dtype="):
-            return arg.partition("=")[2]
+    given = _values_given(extra_args, "--lora-dtype")
+    if given:
+        return given[0]
     return "bfloat16" if activations in ("float32", "float") else activations
 
 
