@@ -183,13 +183,15 @@ def test_a_killed_replica_costs_at_most_its_running_requests(fleet):
     assert len(before[victim.index]) >= 3  # API server, engine core, worker
     old_pid = victim.process.pid
     sessions = [f"k{i}" for i in range(24)]
-    # every request sent at once and none able to finish before the kill (96 tokens each,
-    # the end-of-sequence token ignored): once the replicas' engines count all of them, no
-    # request arrives or leaves, and the victim's count is exact when it is killed (vLLM's gauges
-    # lag a request's arrival: counted while requests still came in, a request the
-    # victim's API server held but its engine had not counted failed uncounted)
+    # every request sent at once and none able to finish before the kill (256 tokens each,
+    # the end-of-sequence token ignored; with 96, a replica's share could finish before the
+    # other's gauges counted all of theirs on a slow CI run): once the replicas' engines
+    # count all of them, no request arrives or leaves, and the victim's count is exact when
+    # it is killed (vLLM's gauges lag a request's arrival: counted while requests still came
+    # in, a request the victim's API server held but its engine had not counted failed
+    # uncounted)
     with ThreadPoolExecutor(len(sessions)) as pool:
-        running = [pool.submit(post, fleet.url, "acme/a", KEYS["ops"], s, 96, ignore_eos=True)
+        running = [pool.submit(post, fleet.url, "acme/a", KEYS["ops"], s, 256, ignore_eos=True)
                    for s in sessions]
         assert wait_until(lambda: sum(map(in_flight, fleet.fleet.replicas)) == len(sessions),
                           timeout=120)
