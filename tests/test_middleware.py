@@ -250,9 +250,10 @@ def test_a_name_reaches_the_engine_as_the_version_that_answers(gate, models, tmp
 
 
 def test_an_adapter_training_a_module_the_engine_does_not_adapt_is_refused(gate, models):
-    """zoo serve gives LoRA layers to what the catalog trains only (``lora_layers``): vLLM
-    would drop an adapter's weights for any other module without a word, so such an
-    adapter (or version) is refused with the reason and the way out, and never loaded."""
+    """With --lora-targets catalog zoo serve gives LoRA layers to what the catalog trains
+    only (``lora_layers``): vLLM would drop an adapter's weights for any other module
+    without a word, so such an adapter (or version) is refused with the reason and the way
+    out, and never loaded."""
     middleware, app, _ = gate
     assert wrapped_modules("") is None and wrapped_modules(None) is None
     assert wrapped_modules("qkv_proj,down_proj") == {"qkv_proj", "q_proj", "k_proj", "v_proj",
@@ -269,6 +270,7 @@ def test_an_adapter_training_a_module_the_engine_does_not_adapt_is_refused(gate,
     assert status == 400 and "trains o_proj" in body["error"]["message"]
     assert "k_proj, q_proj, qkv_proj, v_proj" in body["error"]["message"]
     assert "--lora-targets all" in body["error"]["message"]
+    assert body["error"]["message"].endswith("restart zoo serve with --lora-targets all.")
     assert call(middleware, "/v1/chat/completions", chat("acme/a:v2"), KEYS["acme"])[0] == 400
     assert len(app.reached) == reached  # neither reached the engine
     assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200

@@ -314,7 +314,7 @@ def kv_cache_gib(engines: int = 1) -> int:
 
 def _given_by_user(extra_args: tuple[str, ...], *names: str) -> bool:
     """Whether the user's own vLLM arguments set any of these options."""
-    return bool({arg.partition("=")[0] for arg in extra_args} & set(names))
+    return any(_values_given(extra_args, name) is not None for name in names)
 
 
 def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank: int,

@@ -335,7 +335,7 @@ class ServePolicy:
             return Decision(400, f"Adapter `{tag}` trains {', '.join(unwrapped)}, which this "
                                  f"server's engine has no LoRA layers for (it was started for "
                                  f"{', '.join(sorted(self.wrapped))}); restart zoo serve "
-                                 f"with --lora-targets all).")
+                                 f"with --lora-targets all.")
         path = self.registry.home / record.path
         decision = Decision(200, path=path, content_hash=record.content_hash, label=tag,
                             files=record.files)
