@@ -192,6 +192,16 @@ def test_lora_layers_go_on_what_the_catalog_trains_when_asked(models, zoo_home):
         plan_serve(ServeOptions(base="tiny", quantization="none", lora_targets="some"))
 
 
+def test_the_rank_limit_counts_every_version(models, zoo_home):
+    """--max-lora-rank covers a version registered but not current: promoted while the
+    server runs, it must fit (``zoo promote`` refuses what a running server would not)."""
+    zoo("add", models.llama, "--name", "tiny")
+    zoo("add", models.lora("plain"), "--name", "acme/a", "--base", "tiny")
+    assert plan_serve(ServeOptions(base="tiny", quantization="none")).max_lora_rank == 16
+    zoo("add", models.lora("rank-32", r=32), "--name", "acme/a", "--new-version")
+    assert plan_serve(ServeOptions(base="tiny", quantization="none")).max_lora_rank == 32
+
+
 def test_the_kv_cache_is_sized_unless_the_user_sized_it(models, zoo_home):
     from tests.helpers import zoo
     from zoo.catalog.registry import Registry

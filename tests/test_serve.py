@@ -252,7 +252,8 @@ def test_an_adapter_training_more_than_the_engine_adapts_is_refused(served, lora
     """With --lora-targets catalog the engine has LoRA layers for q and v only (k's too:
     vLLM fuses them), what the catalog trained at start (the start-up says so). An
     adapter added later that also trains o_proj is refused with the reason and the way
-    out: vLLM would drop its o_proj weights without a word."""
+    out: vLLM would drop its o_proj weights without a word. As a version of a served name,
+    ``zoo promote`` refuses it first."""
     assert "LoRA layers on q_proj, v_proj only" in "\n".join(served.lines)
     env = {**os.environ, "ZOO_HOME": str(served.home)}
     wide = lora_maker("wide", 13, target_modules=["q_proj", "v_proj", "o_proj"])
@@ -261,9 +262,19 @@ def test_an_adapter_training_more_than_the_engine_adapts_is_refused(served, lora
     with pytest.raises(openai.BadRequestError) as err:
         answer(served, "acme/wide", tenant="acme")
     assert "trains o_proj" in str(err.value) and "--lora-targets all" in str(err.value)
-    assert answer(served, "acme/a", tenant="acme")
-    subprocess.run([sys.executable, "-m", "zoo", "rm", "acme/wide"], env=env, check=True,
-                   capture_output=True)
+    before = answer(served, "acme/a", tenant="acme")
+    # as a new version of a served name, promote refuses it before any request can fail:
+    # the server left what its engine takes in the home
+    subprocess.run([sys.executable, "-m", "zoo", "add", str(wide), "--name", "acme/a",
+                    "--new-version"], env=env, check=True, capture_output=True)
+    refused = subprocess.run([sys.executable, "-m", "zoo", "promote", "acme/a", "v2",
+                              "--canary", "50"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "the zoo serve of pid" in refused.stderr
+    assert "trains o_proj" in refused.stderr and "nothing changed" in refused.stderr
+    assert answer(served, "acme/a", tenant="acme") == before
+    for name in ("acme/wide", "acme/a:v2"):
+        subprocess.run([sys.executable, "-m", "zoo", "rm", name], env=env, check=True,
+                       capture_output=True)
 
 
 def test_adapter_broken_while_serving_is_refused_and_others_keep_serving(served):

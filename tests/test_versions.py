@@ -182,3 +182,50 @@ def test_a_lease_lists_what_its_server_holds_and_grows_by_a_line_per_change(zoo_
     earlier = zoo_home / "run" / f"serve-{os.getppid()}.json"  # an earlier zoo's lease
     earlier.write_text(json.dumps({"pid": os.getppid(), "versions": ["acme/w:v2"]}))
     assert in_use(zoo_home) == {"acme/y:v3", "acme/z:v1", "acme/w:v2"}
+
+
+def test_promote_refuses_a_version_a_running_server_would_refuse(tiny, zoo_home):
+    """A server sizes its engine (--max-lora-rank, with --lora-targets catalog its LoRA
+    layers) from the catalog at start; a version registered later may not fit it. Sent to
+    it as current or canary, every request it answers would fail with a 400: promote
+    refuses first, with the server's reason, and --force goes through, recorded."""
+    from zoo.serve.policy import ServePolicy, wrapped_modules
+
+    def server(base: str, rank: int, wrapped: str | None) -> None:
+        """This process plays a running server with these limits."""
+        ServePolicy(Registry(zoo_home), base, rank, wrapped=wrapped_modules(wrapped))\
+            .record_engine()
+
+    models, data = tiny
+    gate = ["--data", data, "--max-regression", "100"]  # the loss gate is not tested here
+    zoo("add", models.lora("plain"), "--name", "acme/x", "--base", "tiny")
+    zoo("add", models.lora("o-and-rank-8", r=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+        "--name", "acme/x", "--new-version")
+    zoo("add", models.lora("k", target_modules=["k_proj"]), "--name", "acme/x", "--new-version")
+    server("tiny", 4, "q_proj,v_proj")  # started on v1 alone: rank 4, q and v
+    before = (zoo_home / "registry.json").read_bytes()
+    for canary in ([], ["--canary", "10"]):
+        refused = zoo("promote", "acme/x", "v2", *gate, *canary, ok=False)
+        assert refused.exit_code == 1, refused.output
+        assert f"the zoo serve of pid {os.getpid()}" in refused.stderr
+        assert "has rank 8, above this server's --max-lora-rank 4" in refused.stderr
+        assert "nothing changed" in refused.stderr
+    assert (zoo_home / "registry.json").read_bytes() == before
+    # k is fused with q and v in vLLM's qkv layer: that engine adapts it
+    assert "v3 answers 10.0%" in zoo("promote", "acme/x", "v3", "--canary", "10", *gate).stdout
+    server("tiny", 16, "q_proj,v_proj")  # a rank to spare: o_proj alone is in the way
+    refused = zoo("promote", "acme/x", "v2", *gate, ok=False)
+    assert "trains o_proj" in refused.stderr and "--lora-targets all" in refused.stderr
+    server("other", 4, "q_proj,v_proj")  # a server of another base never answers acme/x
+    assert "v2 answers 5.0%" in zoo("promote", "acme/x", "v2", "--canary", "5", *gate).stdout
+    server("tiny", 16, "q_proj,v_proj")
+    forced = zoo("promote", "acme/x", "v2", *gate, "--force")
+    assert "v2 is current" in forced.stdout and "refused by" in forced.output
+    last = zoo_json("show", "acme/x")["history"][-1]
+    assert last["forced"] is True and "trains o_proj" in last["refused_by"][0]
+    (zoo_home / "run" / f"serve-{os.getpid()}.engine").unlink()
+    dead = zoo_home / "run" / "serve-999999999.engine"  # a server gone: not asked
+    dead.write_text(json.dumps({"base": "tiny", "max_lora_rank": 1, "wrapped": None}))
+    zoo("rollback", "acme/x")
+    assert "v2 is current" in zoo("promote", "acme/x", "v2", *gate).stdout
+    assert not dead.exists()

@@ -5,6 +5,11 @@ same engine (transformers, float32: the two numbers differ by the adapters alone
 the promotion (or canary) is refused when the candidate's loss is above the current's
 by more than ``max_regression`` (relative), with both numbers in the message.
 ``force`` overrides, and is recorded in the name's history with the numbers.
+
+Before anything is evaluated, a version that a live ``zoo serve`` on this home would
+refuse (a rank above its ``--max-lora-rank``, a module its engine has no LoRA layers
+for: it was started before the version was registered) is refused too, with that
+server's reason: otherwise every request it answers would fail with a 400.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from zoo.catalog import versions
 from zoo.catalog.registry import Registry
 from zoo.core.records import AdapterEntry
 from zoo.errors import NotSupported
+from zoo.serve.policy import refused_by_running_servers
 
 DEFAULT_MAX_REGRESSION = 0.02  # 2% more held-out loss
 
@@ -85,6 +91,15 @@ def promote(ref: str, canary: float | None = None, data: Path | None = None,
     candidate = versions.resolve(catalog, ref)
     if candidate.version == entry.version:
         raise NotSupported(f"{versions.label(name, candidate.version)} is already current")
+    refusals = refused_by_running_servers(registry.home, candidate)
+    if refusals and not force:
+        raise NotSupported(
+            f"{versions.label(name, candidate.version)} would be refused by "
+            f"{'; '.join(refusals)}; nothing changed",
+            hint="Restart that zoo serve first (it sizes its engine from the catalog, this "
+                 "version included), or --force: its requests fail until then (recorded).")
+    for refusal in refusals:
+        log(f"forced: {versions.label(name, candidate.version)} is refused by {refusal}")
     gate = None
     try:
         path = evaluation_data(entry, candidate, data)
@@ -108,6 +123,8 @@ def promote(ref: str, canary: float | None = None, data: Path | None = None,
                 f"{100 * max_regression:.1f}% allowed; nothing changed",
                 hint="Fix the candidate, raise --max-regression, or --force (recorded).")
     record = {"forced": True} if force else {}
+    if refusals:
+        record["refused_by"] = refusals
     if gate is not None:
         record["evaluation"] = gate.record()
     return Rollout(versions.promote(registry, ref, canary, record), gate, force)

@@ -256,23 +256,30 @@ def record_in_use(home: Path, labels: set[str]) -> None:
         listed.update(labels)
 
 
+def _live_files(home: Path, suffixes: tuple[str, ...]):
+    """``(path, text)`` of each ``serve-PID.SUFFIX`` file in the home's run folder whose
+    server still lives; a dead server's files of those suffixes are removed."""
+    for path in (home / RUN_DIR).glob("serve-*.*"):
+        if path.suffix not in suffixes:
+            continue
+        try:
+            os.kill(int(path.stem.removeprefix("serve-")), 0)
+            text = path.read_text()
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            continue
+        except (OSError, ValueError):
+            continue
+        yield path, text
+
+
 def in_use(home: Path) -> set[str]:
     """The versions any live server on this home has loaded (leases of dead ones removed;
     an earlier zoo's servers wrote theirs whole, as ``serve-PID.json``: read as well)."""
     import json
 
     found: set[str] = set()
-    for lease in (home / RUN_DIR).glob("serve-*.*"):
-        if lease.suffix not in (".lease", ".json"):
-            continue
-        try:
-            os.kill(int(lease.stem.removeprefix("serve-")), 0)
-            text = lease.read_text()
-        except ProcessLookupError:
-            lease.unlink(missing_ok=True)
-            continue
-        except (OSError, ValueError):
-            continue
+    for lease, text in _live_files(home, (".lease", ".json")):
         if lease.suffix == ".json":
             try:
                 found.update(v for v in json.loads(text).get("versions", [])
@@ -286,6 +293,30 @@ def in_use(home: Path) -> set[str]:
                 (listed.add if line[0] == "+" else listed.discard)(line[1:-1])
         found |= listed
     return found
+
+
+def record_engine(home: Path, limits: dict[str, Any]) -> None:
+    """What a running server's engine can load (its base, ``max_lora_rank``, the modules
+    it has LoRA layers for), in ``home/run/serve-PID.engine``: ``zoo promote`` reads it
+    before it sends a version's requests to that server."""
+    from zoo.core.files import write_json_atomic
+
+    folder = home / RUN_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"serve-{os.getpid()}.engine", limits)
+
+
+def running_engines(home: Path) -> list[dict[str, Any]]:
+    """The engine records of the live servers on this home (with their ``pid``)."""
+    import json
+
+    engines = []
+    for path, text in _live_files(home, (".engine",)):
+        try:
+            engines.append({**json.loads(text), "pid": int(path.stem.removeprefix("serve-"))})
+        except (ValueError, TypeError):  # half a record cannot be: it is renamed in whole
+            continue
+    return engines
 
 
 # -- retention -------------------------------------------------------------------------

@@ -208,7 +208,9 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
             left_out.append((adapter.name, reason))
         else:
             served.append(adapter)
-    ranks = [a.lora.max_rank for a in served if a.lora]
+    # every servable version counts: one promoted while the server runs must fit it
+    ranks = [v.lora.max_rank for a in served for v in (a, *a.versions.values())
+             if v.lora and v.servable]
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
     targets = {t for a in served for v in (a, *a.versions.values()) for t in v.target_modules}
     options = replace(options, dtype=activation_dtype(options.dtype))

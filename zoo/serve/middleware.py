@@ -151,6 +151,7 @@ class ZooMiddleware:
     def __init__(self, app, policy: ServePolicy | None = None):
         self.app = app
         self.policy = policy or ServePolicy.from_environment()
+        self.policy.record_engine()
         self.usage = Usage(self.policy.registry.home)
         self._loaded_stamp = None
         self._secret = secrets.token_bytes(32)

@@ -24,7 +24,15 @@ from filelock import FileLock
 
 from zoo.catalog.integrity import changed_files
 from zoo.catalog.registry import Catalog, Registry
-from zoo.catalog.versions import SEPARATOR, answering, label, number_of, split_ref
+from zoo.catalog.versions import (
+    SEPARATOR,
+    answering,
+    label,
+    number_of,
+    record_engine,
+    running_engines,
+    split_ref,
+)
 from zoo.core.files import write_json_atomic
 from zoo.core.records import AdapterEntry
 from zoo.errors import FormatError, ZooError
@@ -200,6 +208,36 @@ def wrapped_modules(names: str | None) -> frozenset[str] | None:
     return frozenset(wrapped)
 
 
+def beyond_engine(record: AdapterEntry, max_lora_rank: int,
+                  wrapped: frozenset[str] | None) -> str | None:
+    """Why an engine started with these limits cannot serve this adapter version (the
+    sentence after its name), or None when it can."""
+    rank = record.lora.max_rank if record.lora else record.rank
+    if rank > max_lora_rank:
+        return (f"has rank {rank}, above this server's --max-lora-rank {max_lora_rank}; "
+                f"restart zoo serve")
+    unwrapped = sorted(set(record.target_modules) - wrapped) if wrapped else []
+    if unwrapped:
+        return (f"trains {', '.join(unwrapped)}, which this server's engine has no LoRA "
+                f"layers for (it was started for {', '.join(sorted(wrapped))}); restart "
+                f"zoo serve with --lora-targets all")
+    return None
+
+
+def refused_by_running_servers(home: Path, record: AdapterEntry) -> list[str]:
+    """Why each live server on this home that serves the version's base would refuse it
+    (it was started before the version was registered, with lower limits)."""
+    reasons = []
+    for engine in running_engines(home):
+        rank, wrapped = engine.get("max_lora_rank"), engine.get("wrapped")
+        if engine.get("base") != record.base or not isinstance(rank, int):
+            continue
+        why = beyond_engine(record, rank, frozenset(wrapped) if wrapped else None)
+        if why:
+            reasons.append(f"the zoo serve of pid {engine['pid']}: it {why}")
+    return reasons
+
+
 @dataclass
 class ServePolicy:
     registry: Registry
@@ -223,6 +261,13 @@ class ServePolicy:
                    Path(keys) if keys else None,
                    Path(os.environ[MODEL_VARIABLE]) if os.environ.get(MODEL_VARIABLE) else None,
                    wrapped_modules(os.environ.get(WRAPPED_VARIABLE)))
+
+    def record_engine(self) -> None:
+        """Leave in the home what this server's engine can load, while it runs: ``zoo
+        promote`` refuses a version this server would answer with a 400."""
+        record_engine(self.registry.home, {
+            "base": self.base, "max_lora_rank": self.max_lora_rank,
+            "wrapped": sorted(self.wrapped) if self.wrapped is not None else None})
 
     def lora_path(self, name: str, stored: Path, content_hash: str) -> Path:
         """What vLLM should load for an adapter: its stored files, or on a SmoothQuant-ed
@@ -326,16 +371,9 @@ class ServePolicy:
         if not record.servable:
             return Decision(404, f"The model `{tag}` is registered but vLLM cannot serve it: "
                                  f"{record.servable_reason}.")
-        rank = record.lora.max_rank if record.lora else record.rank
-        if rank > self.max_lora_rank:
-            return Decision(400, f"Adapter `{tag}` has rank {rank}, above this server's "
-                                 f"--max-lora-rank {self.max_lora_rank}; restart zoo serve.")
-        unwrapped = sorted(set(record.target_modules) - self.wrapped) if self.wrapped else []
-        if unwrapped:
-            return Decision(400, f"Adapter `{tag}` trains {', '.join(unwrapped)}, which this "
-                                 f"server's engine has no LoRA layers for (it was started for "
-                                 f"{', '.join(sorted(self.wrapped))}); restart zoo serve "
-                                 f"with --lora-targets all.")
+        why = beyond_engine(record, self.max_lora_rank, self.wrapped)
+        if why:
+            return Decision(400, f"Adapter `{tag}` {why}.")
         path = self.registry.home / record.path
         decision = Decision(200, path=path, content_hash=record.content_hash, label=tag,
                             files=record.files)
