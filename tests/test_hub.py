@@ -399,7 +399,14 @@ def test_versions_travel_with_push_pull_and_sync(hub, homes, models, tmp_path):
     zoo("sync", "--repo", "acme/index")
     homes("b")
     zoo("rm", "acme/v")
-    zoo("sync", "--repo", "acme/index")
+    # this process plays a server of tiny here, started with a rank below the adapter's: sync
+    # follows the index all the same, and says that server will refuse the new current
+    from zoo.catalog.registry import Registry
+    from zoo.serve.policy import ServePolicy
+
+    ServePolicy(Registry(), "tiny", 2).record_engine()
+    warned = zoo("sync", "--repo", "acme/index")
+    assert "acme/v:v2 is current now, and refused by the zoo serve of pid" in warned.output
     synced = zoo_json("versions", "acme/v")
     contents = {v["content_hash"] for v in synced["versions"]}
     homes("a")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from zoo.catalog.registry import Catalog, Registry, read_catalog
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
-from zoo.catalog.versions import label, promote
+from zoo.catalog.versions import label, promote, resolve
 from zoo.core.records import AdapterEntry, BaseEntry, Entry
 from zoo.errors import HubError, IndexChanged, IntegrityError
 from zoo.hub.client import HubContext, Log, ensure_repo, hub_errors
 from zoo.hub.pull import pull_from_hub
 from zoo.hub.push import push
+from zoo.serve.policy import refused_by_running_servers
 
 INDEX_FILE = "registry.json"
 
@@ -145,13 +146,14 @@ def _fetch(theirs: Entry, org: str, registry: Registry, token: str | None,
             entry = pull_from_hub(repo, commit, registry, token, log, name=theirs.name,
                                   expect_hash=record.content_hash, new_version=True)
             here[record.content_hash] = entry.version
-        _follow(registry, theirs, here)
+        _follow(registry, theirs, here, log)
         result.pulled.append(theirs.name)
     except (HubError, IntegrityError) as exc:
         result.unavailable.append((theirs.name, exc.message))
 
 
-def _follow(registry: Registry, theirs: AdapterEntry, here: dict[str, int]) -> None:
+def _follow(registry: Registry, theirs: AdapterEntry, here: dict[str, int],
+            log: Log) -> None:
     """Make the local copy's current version and aliases those of the index's entry
     (versions matched by content: the numbers may differ between machines)."""
     every = theirs.all_versions()
@@ -162,4 +164,8 @@ def _follow(registry: Registry, theirs: AdapterEntry, here: dict[str, int]) -> N
         catalog.entries[theirs.name] = replace(entry, aliases={**entry.aliases, **aliases})
     current = here.get(theirs.content_hash)
     if current is not None and current != registry.load().adapter(theirs.name).version:
-        promote(registry, label(theirs.name, current), record={"action_by": "zoo sync"})
+        # the index decides what is current; a server here that cannot serve it is told
+        ref = label(theirs.name, current)
+        for refusal in refused_by_running_servers(registry.home, resolve(registry.load(), ref)):
+            log(f"warning: {ref} is current now, and refused by {refusal}")
+        promote(registry, ref, record={"action_by": "zoo sync"})
