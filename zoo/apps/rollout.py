@@ -23,7 +23,6 @@ from zoo.catalog import versions
 from zoo.catalog.registry import Registry
 from zoo.core.records import AdapterEntry
 from zoo.errors import NotSupported
-from zoo.serve.policy import refused_by_running_servers
 
 DEFAULT_MAX_REGRESSION = 0.02  # 2% more held-out loss
 
@@ -91,7 +90,7 @@ def promote(ref: str, canary: float | None = None, data: Path | None = None,
     candidate = versions.resolve(catalog, ref)
     if candidate.version == entry.version:
         raise NotSupported(f"{versions.label(name, candidate.version)} is already current")
-    refusals = refused_by_running_servers(registry.home, candidate)
+    refusals = versions.refused_by_running_servers(registry.home, candidate)
     if refusals and not force:
         raise NotSupported(
             f"{versions.label(name, candidate.version)} would be refused by "

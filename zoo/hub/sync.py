@@ -8,13 +8,12 @@ from pathlib import Path
 
 from zoo.catalog.registry import Catalog, Registry, read_catalog
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
-from zoo.catalog.versions import label, promote, resolve
+from zoo.catalog.versions import label, promote, refused_by_running_servers, resolve
 from zoo.core.records import AdapterEntry, BaseEntry, Entry
 from zoo.errors import HubError, IndexChanged, IntegrityError
 from zoo.hub.client import HubContext, Log, ensure_repo, hub_errors
 from zoo.hub.pull import pull_from_hub
 from zoo.hub.push import push
-from zoo.serve.policy import refused_by_running_servers
 
 INDEX_FILE = "registry.json"
 

@@ -27,10 +27,10 @@ from zoo.catalog.registry import Catalog, Registry
 from zoo.catalog.versions import (
     SEPARATOR,
     answering,
+    beyond_engine,
     label,
     number_of,
     record_engine,
-    running_engines,
     split_ref,
 )
 from zoo.core.files import write_json_atomic
@@ -206,36 +206,6 @@ def wrapped_modules(names: str | None) -> frozenset[str] | None:
         if fused in wrapped or wrapped.intersection(parts):
             wrapped.update((fused, *parts))
     return frozenset(wrapped)
-
-
-def beyond_engine(record: AdapterEntry, max_lora_rank: int,
-                  wrapped: frozenset[str] | None) -> str | None:
-    """Why an engine started with these limits cannot serve this adapter version (the
-    sentence after its name), or None when it can."""
-    rank = record.lora.max_rank if record.lora else record.rank
-    if rank > max_lora_rank:
-        return (f"has rank {rank}, above this server's --max-lora-rank {max_lora_rank}; "
-                f"restart zoo serve")
-    unwrapped = sorted(set(record.target_modules) - wrapped) if wrapped else []
-    if unwrapped:
-        return (f"trains {', '.join(unwrapped)}, which this server's engine has no LoRA "
-                f"layers for (it was started for {', '.join(sorted(wrapped))}); restart "
-                f"zoo serve with --lora-targets all")
-    return None
-
-
-def refused_by_running_servers(home: Path, record: AdapterEntry) -> list[str]:
-    """Why each live server on this home that serves the version's base would refuse it
-    (it was started before the version was registered, with lower limits)."""
-    reasons = []
-    for engine in running_engines(home):
-        rank, wrapped = engine.get("max_lora_rank"), engine.get("wrapped")
-        if engine.get("base") != record.base or not isinstance(rank, int):
-            continue
-        why = beyond_engine(record, rank, frozenset(wrapped) if wrapped else None)
-        if why:
-            reasons.append(f"the zoo serve of pid {engine['pid']}: it {why}")
-    return reasons
 
 
 @dataclass
