@@ -295,15 +295,18 @@ def in_use(home: Path) -> set[str]:
     return found
 
 
-def record_engine(home: Path, limits: dict[str, Any]) -> None:
-    """What a running server's engine can load (its base, ``max_lora_rank``, the modules
-    it has LoRA layers for), in ``home/run/serve-PID.engine``: ``zoo promote`` reads it
-    before it sends a version's requests to that server."""
+def record_engine(home: Path, base: str, max_lora_rank: int,
+                  wrapped: frozenset[str] | None) -> None:
+    """What this running server's engine can load (its base, rank limit and the modules
+    it has LoRA layers for; None: all), in ``home/run/serve-PID.engine``: ``zoo
+    promote`` reads it before it sends a version's requests to that server."""
     from zoo.core.files import write_json_atomic
 
     folder = home / RUN_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"serve-{os.getpid()}.engine", limits)
+    write_json_atomic(folder / f"serve-{os.getpid()}.engine", {
+        "base": base, "max_lora_rank": max_lora_rank,
+        "wrapped": sorted(wrapped) if wrapped is not None else None})
 
 
 def running_engines(home: Path) -> list[dict[str, Any]]:
@@ -314,7 +317,7 @@ def running_engines(home: Path) -> list[dict[str, Any]]:
     for path, text in _live_files(home, (".engine",)):
         try:
             engines.append({**json.loads(text), "pid": int(path.stem.removeprefix("serve-"))})
-        except (ValueError, TypeError):  # half a record cannot be: it is renamed in whole
+        except (ValueError, TypeError):  # not zoo's (it renames a record in whole): not asked
             continue
     return engines
 

@@ -162,9 +162,10 @@ def _follow(registry: Registry, theirs: AdapterEntry, here: dict[str, int],
                    if n in every and every[n].content_hash in here}
         catalog.entries[theirs.name] = replace(entry, aliases={**entry.aliases, **aliases})
     current = here.get(theirs.content_hash)
-    if current is not None and current != registry.load().adapter(theirs.name).version:
+    catalog = registry.load()
+    if current is not None and current != catalog.adapter(theirs.name).version:
         # the index decides what is current; a server here that cannot serve it is told
         ref = label(theirs.name, current)
-        for refusal in refused_by_running_servers(registry.home, resolve(registry.load(), ref)):
+        for refusal in refused_by_running_servers(registry.home, resolve(catalog, ref)):
             log(f"warning: {ref} is current now, and refused by {refusal}")
         promote(registry, ref, record={"action_by": "zoo sync"})

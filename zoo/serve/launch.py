@@ -209,10 +209,10 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
         else:
             served.append(adapter)
     # every servable version counts: one promoted while the server runs must fit it
-    ranks = [v.lora.max_rank for a in served for v in (a, *a.versions.values())
-             if v.lora and v.servable]
+    every = [v for a in served for v in a.all_versions().values()]
+    ranks = [v.lora.max_rank for v in every if v.lora and v.servable]
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
-    targets = {t for a in served for v in (a, *a.versions.values()) for t in v.target_modules}
+    targets = {t for v in every for t in v.target_modules}
     options = replace(options, dtype=activation_dtype(options.dtype))
     stacks = lora_dtype(options.dtype, options.extra_args)
     max_loras = options.max_loras or default_max_loras(model_path, max_rank, stacks, targets)

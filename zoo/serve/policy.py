@@ -235,9 +235,7 @@ class ServePolicy:
     def record_engine(self) -> None:
         """Leave in the home what this server's engine can load, while it runs: ``zoo
         promote`` refuses a version this server would answer with a 400."""
-        record_engine(self.registry.home, {
-            "base": self.base, "max_lora_rank": self.max_lora_rank,
-            "wrapped": sorted(self.wrapped) if self.wrapped is not None else None})
+        record_engine(self.registry.home, self.base, self.max_lora_rank, self.wrapped)
 
     def lora_path(self, name: str, stored: Path, content_hash: str) -> Path:
         """What vLLM should load for an adapter: its stored files, or on a SmoothQuant-ed
