@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import zoo, zoo_json
 from zoo.catalog.registry import Registry
+from zoo.core.process import identity
 
 TEXT = ("The lighthouse keeper climbed the stairs every evening and lit the lamp. " * 8).strip()
 
@@ -184,6 +185,37 @@ def test_a_lease_lists_what_its_server_holds_and_grows_by_a_line_per_change(zoo_
     assert in_use(zoo_home) == {"acme/y:v3", "acme/z:v1", "acme/w:v2"}
 
 
+def test_a_dead_servers_pid_in_another_process_keeps_nothing_of_it(zoo_home):
+    """A container restarted on the same home volume gives its processes the dead ones'
+    pids again: a crashed server's lease, engine limits, in-flight reservations and
+    staging files name it by pid and start time, so another process with its pid does
+    not keep them alive. A bare pid (what an earlier zoo wrote) is judged by the pid."""
+    from zoo.catalog.home import sweep_stale
+    from zoo.catalog.versions import in_use, running_engines
+    from zoo.core.process import PID_BITS, alive, started
+    from zoo.serve.meter import Meter
+
+    me = os.getpid()
+    ghost = (started(me) - 100) << PID_BITS | me  # this pid, a second before this process
+    assert alive(identity()) and alive(me) and not alive(ghost)
+    run = zoo_home / "run"
+    run.mkdir(parents=True)
+    (run / f"serve-{ghost}.lease").write_text("+acme/old:v1\n")
+    (run / f"serve-{ghost}.engine").write_text(
+        json.dumps({"base": "tiny", "max_lora_rank": 1, "wrapped": None}))
+    (run / f"serve-{me}.lease").write_text("+acme/earlier:v2\n")  # an earlier zoo's, alive
+    assert in_use(zoo_home) == {"acme/earlier:v2"} and running_engines(zoo_home) == []
+    assert sorted(p.name for p in run.iterdir()) == [f"serve-{me}.lease"]
+    assert Meter(zoo_home, server=ghost).admit("x", "acme", {"concurrent": 1}, 10).ok
+    assert Meter(zoo_home).admit("y", "acme", {"concurrent": 1}, 10).ok  # the ghost's row went
+    assert not Meter(zoo_home).admit("z", "acme", {"concurrent": 1}, 10).ok  # y's has not
+    (zoo_home / "tmp").mkdir()
+    (zoo_home / "tmp" / f"acme_x.pid{ghost}.abc").mkdir()
+    (zoo_home / "tmp" / f"acme_x.pid{identity()}.def").mkdir()
+    sweep_stale(zoo_home)
+    assert [p.name for p in (zoo_home / "tmp").iterdir()] == [f"acme_x.pid{identity()}.def"]
+
+
 def test_promote_refuses_a_version_a_running_server_would_refuse(tiny, zoo_home):
     """A server sizes its engine (--max-lora-rank, with --lora-targets catalog its LoRA
     layers) from the catalog at start; a version registered later may not fit it. Sent to
@@ -223,7 +255,11 @@ def test_promote_refuses_a_version_a_running_server_would_refuse(tiny, zoo_home)
     assert "v2 is current" in forced.stdout and "refused by" in forced.output
     last = zoo_json("show", "acme/x")["history"][-1]
     assert last["forced"] is True and "trains o_proj" in last["refused_by"][0]
-    (zoo_home / "run" / f"serve-{os.getpid()}.engine").unlink()
+    assert "warning" not in zoo("rollback", "acme/x").output  # to v1, which it serves
+    back = zoo("rollback", "acme/x")  # the way back is never refused; the server is named
+    assert "v2 is current again" in back.stdout
+    assert f"refused by the zoo serve of pid {os.getpid()}: it trains o_proj" in back.stderr
+    (zoo_home / "run" / f"serve-{identity()}.engine").unlink()
     dead = zoo_home / "run" / "serve-999999999.engine"  # a server gone: not asked
     dead.write_text(json.dumps({"base": "tiny", "max_lora_rank": 1, "wrapped": None}))
     zoo("rollback", "acme/x")

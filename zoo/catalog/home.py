@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from zoo.core.process import alive, identity
 from zoo.errors import InvalidName
 
 _COMPONENT = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -117,14 +118,15 @@ def new_stage(parent: Path, label: str) -> Path:
 def sweep_stale(home: Path) -> None:
     """Remove staging directories and temporary files left by dead processes.
 
-    Every staging name carries its creator's pid; one whose process is gone
-    was interrupted (killed, power loss) and can never be published.
+    Every staging name carries its creator's pid and start time; one whose process is
+    gone (or whose pid is now another process's) was interrupted (killed, power loss) and
+    can never be published.
     """
     leftovers = list((home / "tmp").glob("*")) if (home / "tmp").is_dir() else []
     leftovers += list(home.glob(".*.tmp"))
     for path in leftovers:
-        pid = _pid_in(path.name)
-        if pid is None or _alive(pid):
+        owner = _pid_in(path.name)  # its creator's identity (an earlier zoo's: its pid)
+        if owner is None or alive(owner):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -139,23 +141,14 @@ def _umask() -> int:
 
 
 def pid_tag() -> str:
-    """A marker for temporary names, so a sweep can tell whose they are."""
-    return f".pid{os.getpid()}."
+    """A marker for temporary names, so a sweep can tell whose they are (the process's
+    pid and start time, :func:`zoo.core.process.identity`)."""
+    return f".pid{identity()}."
 
 
 def _pid_in(name: str) -> int | None:
     found = re.search(r"\.pid(\d+)\.", name)
     return int(found.group(1)) if found else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def publish_dir(stage: Path, final: Path) -> Path | None:

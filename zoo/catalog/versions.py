@@ -21,6 +21,7 @@ from typing import Any
 
 from zoo.catalog.home import adapter_dir, new_stage, validate_name
 from zoo.catalog.registry import Catalog, Registry
+from zoo.core.process import alive, identity, pid_of
 from zoo.core.records import AdapterEntry, now
 from zoo.errors import NotSupported, UnknownEntry
 
@@ -233,12 +234,12 @@ _LEASED: dict[Path, set[str]] = {}  # per lease file, what this process has list
 
 
 def record_in_use(home: Path, labels: set[str]) -> None:
-    """A running server's lease: the versions it has loaded, in ``home/run/serve-PID.lease``,
+    """A running server's lease: the versions it has loaded, in ``home/run/serve-ID.lease``,
     one line per change (``+label`` or ``-label``) appended to it: a server's first use of
     an adapter costs one short write, whatever it loaded before (``zoo gc`` keeps what any
     live server lists). Not synced: the lease means something only while its server lives."""
     folder = home / RUN_DIR
-    path = folder / f"serve-{os.getpid()}.lease"
+    path = folder / f"serve-{identity()}.lease"
     listed = _LEASED.get(path)
     if listed is None or not path.exists():  # this process's first record, or a new home
         folder.mkdir(parents=True, exist_ok=True)
@@ -256,19 +257,28 @@ def record_in_use(home: Path, labels: set[str]) -> None:
         listed.update(labels)
 
 
+def _server(path: Path) -> int | None:
+    """The process a ``serve-ID.SUFFIX`` file names (:func:`zoo.core.process.identity`)."""
+    try:
+        return int(path.stem.removeprefix("serve-"))
+    except ValueError:
+        return None
+
+
 def _live_files(home: Path, suffixes: tuple[str, ...]):
-    """``(path, text)`` of each ``serve-PID.SUFFIX`` file in the home's run folder whose
-    server still lives; a dead server's files of those suffixes are removed."""
+    """``(path, text)`` of each ``serve-ID.SUFFIX`` file in the home's run folder whose
+    server still lives; a dead server's files of those suffixes are removed (a file whose
+    pid is now another process's is a dead server's)."""
     for path in (home / RUN_DIR).glob("serve-*.*"):
-        if path.suffix not in suffixes:
+        server = _server(path)
+        if path.suffix not in suffixes or server is None:
             continue
-        try:
-            os.kill(int(path.stem.removeprefix("serve-")), 0)
-            text = path.read_text()
-        except ProcessLookupError:
+        if not alive(server):
             path.unlink(missing_ok=True)
             continue
-        except (OSError, ValueError):
+        try:
+            text = path.read_text()
+        except OSError:
             continue
         yield path, text
 
@@ -298,13 +308,14 @@ def in_use(home: Path) -> set[str]:
 def record_engine(home: Path, base: str, max_lora_rank: int,
                   wrapped: frozenset[str] | None) -> None:
     """What this running server's engine can load (its base, rank limit and the modules
-    it has LoRA layers for; None: all), in ``home/run/serve-PID.engine``: ``zoo
-    promote`` reads it before it sends a version's requests to that server."""
+    it has LoRA layers for; None: all), in ``home/run/serve-ID.engine`` (ID: its pid and
+    start time): ``zoo promote`` reads it before it sends a version's requests to that
+    server."""
     from zoo.core.files import write_json_atomic
 
     folder = home / RUN_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / f"serve-{os.getpid()}.engine", {
+    write_json_atomic(folder / f"serve-{identity()}.engine", {
         "base": base, "max_lora_rank": max_lora_rank,
         "wrapped": sorted(wrapped) if wrapped is not None else None})
 
@@ -316,7 +327,7 @@ def running_engines(home: Path) -> list[dict[str, Any]]:
     engines = []
     for path, text in _live_files(home, (".engine",)):
         try:
-            engines.append({**json.loads(text), "pid": int(path.stem.removeprefix("serve-"))})
+            engines.append({**json.loads(text), "pid": pid_of(_server(path))})
         except (ValueError, TypeError):  # not zoo's (it renames a record in whole): not asked
             continue
     return engines

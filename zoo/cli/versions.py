@@ -88,11 +88,15 @@ def promote_cmd(name, version, canary, end_canary, data, max_regression, force) 
 def rollback_cmd(name: str) -> None:
     """Return NAME to its previous current version in one step (ending any canary)."""
     from zoo.catalog.registry import Registry
-    from zoo.catalog.versions import rollback
+    from zoo.catalog.versions import refused_by_running_servers, rollback
 
-    entry = rollback(Registry(), name)
+    registry = Registry()
+    entry = rollback(registry, name)  # the way back is never held up: a refusal is told
     click.echo(f"{entry.name}: v{entry.version} is current again "
                f"(v{entry.aliases['previous']} kept)")
+    for refusal in refused_by_running_servers(registry.home, entry):
+        _log(f"warning: {entry.name}:v{entry.version} is current again, and refused by "
+             f"{refusal}")
 
 
 @cli.command("alias")

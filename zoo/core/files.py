@@ -9,6 +9,7 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from zoo.core.process import identity
 from zoo.core.tables import SAFETENSORS_BYTES, numel
 from zoo.errors import FormatError
 
@@ -190,7 +191,7 @@ def write_json_atomic(path: Path, data: object) -> None:
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     """Write bytes to a temporary file beside ``path``, fsync it, rename it over."""
-    tmp = path.with_name(f".{path.name}.pid{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.pid{identity()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(payload)

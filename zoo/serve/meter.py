@@ -13,18 +13,21 @@ Limits (``concurrent``, ``requests_per_minute``, ``tokens_per_minute``,
 one ``BEGIN IMMEDIATE`` transaction before a request is admitted, and the admission is
 recorded as in flight (with the tokens it may use: its prompt's estimate and its
 ``max_tokens``), so replicas sharing a home share the limits. In-flight rows of a server
-that died are dropped when any server checks.
+that died are dropped when any server checks (a row names its server by pid and start
+time, :mod:`zoo.core.process`: a restarted container's new server with the dead one's pid
+does not inherit its reservations).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from zoo.core.process import alive, identity
 
 DB_FILE = "usage.db"
 MINUTE = 60.0
@@ -70,7 +73,7 @@ class Meter:
     def __init__(self, home: Path, server: int | None = None):
         self.path = Path(home) / DB_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.server = server if server is not None else os.getpid()
+        self.server = server if server is not None else identity()  # see zoo.core.process
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -150,12 +153,8 @@ class Meter:
 
     def _drop_dead_servers(self) -> None:
         for (server,) in self.db.execute("SELECT DISTINCT server FROM inflight").fetchall():
-            try:
-                os.kill(server, 0)
-            except ProcessLookupError:
+            if not alive(server):
                 self.db.execute("DELETE FROM inflight WHERE server = ?", (server,))
-            except PermissionError:
-                pass
 
     # -- metering --------------------------------------------------------------------------
     def record(self, request_id: str | None, tenant: str, model: str, prompt: int,

@@ -42,6 +42,7 @@ from typing import Any
 from zoo.catalog.integrity import cached_hash
 from zoo.catalog.versions import label, record_in_use
 from zoo.core.files import read_ahead
+from zoo.core.process import identity
 from zoo.serve.policy import (
     ANONYMOUS,
     LOAD_FAILURES,
@@ -100,7 +101,7 @@ class Usage:
                       here: bool = False) -> list[dict[str, Any]]:
         """The home's usage (every server sharing it), or ``here``: this server's alone."""
         return await self.call("report", tenant=tenant, by="adapter",
-                               server=os.getpid() if here else None)
+                               server=identity() if here else None)
 
 
 SERIES_KEPT = 1024  # (model, tenant) pairs in the zoo_adapter_* series
