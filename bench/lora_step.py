@@ -1,12 +1,14 @@
 """The LoRA work of one step, alone: zoo's CPU path now, as of an earlier commit, and vLLM's.
 
 Run: .venv/bin/python bench/lora_step.py [--before COMMIT] [--adapters 1,8,32,64,128]
-     [--tokens 64] [--prompt 45] [--dtype bfloat16] [--weights bfloat16] [--repeat 20]
-     [--slots 256]
+     [--tokens 64] [--prompt 45] [--dtype bfloat16] [--lora-dtype bfloat16]
+     [--weights bfloat16] [--repeat 20] [--slots 256]
 
 Times ``add_lora_linear`` over SmolLM2-135M's 30 layers (q/k/v, o, gate/up and
 down, as vLLM's fused LoRA layers call it) for one decode step of max(--tokens, N)
-tokens spread evenly over N adapters, and for one prefill of --prompt tokens for
+tokens spread evenly over N adapters (once with the same adapters every step, once with the
+next N slots' adapters each step, vLLM's ``update_metadata`` included, as continuous
+batching brings), and for one prefill of --prompt tokens for
 each of N adapters (each prompt's tokens together, as vLLM batches them; the bench's
 chat prompts are about 45 tokens): rank-8 LoRAs on q and v, in max(--slots, N) slots
 stacked at rank 16, on one thread (vLLM's CPU worker runs one OpenMP thread per core it
@@ -109,24 +111,35 @@ def stacks(slots: int, dtype, served: bool = False):
 
 
 def step_ms(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype,
-            repeat: int, prefill: bool = False) -> float:
+            repeat: int, prefill: bool = False, changing: bool = False) -> float:
+    """``changing``: each step brings other adapters than the step before (the next
+    ``adapters`` slots of the stacks, in turn), as continuous batching does when a request
+    ends or joins; the step then includes vLLM's ``update_metadata`` for the new mapping."""
     import torch
     from vllm.lora.layers.utils import LoRAMapping
 
     wrapper = wrapper_class(max_num_batched_tokens=max(tokens, 256), max_batches=slots + 8,
                             device="cpu")
     ids = list(range(1, slots + 1))
-    if prefill:  # each request's prompt tokens together
-        mapping = [1 + i * adapters // tokens for i in range(tokens)]
-    else:  # a token per request
-        mapping = [1 + i % adapters for i in range(tokens)]
+    mappings = []
+    for window in range(max(2, slots // adapters) if changing else 1):
+        first = 1 + window * adapters
+        if prefill:  # each request's prompt tokens together
+            mapping = [first + i * adapters // tokens for i in range(tokens)]
+        else:  # a token per request
+            mapping = [first + i % adapters for i in range(tokens)]
+        mapping = [(m - 1) % slots + 1 for m in mapping]  # past the last slot: the first
+        mappings.append(LoRAMapping(mapping, mapping, is_prefill=prefill))
     # as vLLM's model manager calls it: one more than the slots in the stacks
-    wrapper.update_metadata(LoRAMapping(mapping, mapping, is_prefill=prefill), ids, slots + 1,
-                            49152)
+    wrapper.update_metadata(mappings[0], ids, slots + 1, 49152)
     x = {w: torch.randn(tokens, w, dtype=dtype) for w in (HIDDEN, INTERMEDIATE)}
     y = {sum(s): torch.zeros(tokens, sum(s), dtype=dtype) for s, _w, _t in CALLS}
+    steps = [0]
 
     def step() -> None:
+        if changing:
+            steps[0] += 1
+            wrapper.update_metadata(mappings[steps[0] % len(mappings)], ids, slots + 1, 49152)
         for calls in layers:
             for slices, width, a, b in calls:
                 wrapper.add_lora_linear(y[sum(slices)], x[width], a, b, 1.0, slices)
@@ -162,6 +175,9 @@ def main() -> None:
     parser.add_argument("--adapters", default="1,8,32,64,128")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", help="activations' (and stacks') dtype")
+    parser.add_argument("--lora-dtype", default="",
+                        help="every contender's stacks in this dtype (default: --dtype's; "
+                             "zoo serve's under float32 activations: bfloat16)")
     parser.add_argument("--weights", default="",
                         help="also time zoo now on stacks of these dtypes (comma-separated)")
     parser.add_argument("--repeat", type=int, default=20)
@@ -181,16 +197,18 @@ def main() -> None:
 
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
+    stacked = getattr(torch, args.lora_dtype or args.dtype)
     contenders = {"zoo now": GroupedPunicaWrapperCPU, f"zoo {args.before}": wrapper_of(args.before)}
-    weights = {"zoo now": dtype}  # each contender's stacks; the others' in ``dtype``
+    weights = {"zoo now": stacked}  # each contender's stacks; the others' in ``stacked``
     for name in filter(None, args.weights.split(",")):
         contenders[f"zoo now, {name} stacks"] = GroupedPunicaWrapperCPU
         weights[f"zoo now, {name} stacks"] = getattr(torch, name)
     if args.vllm:
         contenders["vLLM's own"] = PunicaWrapperCPU
     rows = []
-    kinds = [("decode", False)] + ([("prefill", True)] if args.prompt else [])
-    for kind, prefill in kinds:
+    kinds = [("decode", False, False), ("decode, other adapters each step", False, True)]
+    kinds += [("prefill", True, False)] if args.prompt else []
+    for kind, prefill, changing in kinds:
         for adapters in (int(a) for a in args.adapters.split(",")):
             slots = max(args.slots, adapters)
             tokens = adapters * args.prompt if prefill else max(args.tokens, adapters)
@@ -201,10 +219,10 @@ def main() -> None:
                 if name == "vLLM's own" and prefill:
                     row[f"{name} ms"] = None
                     continue
-                made = stacks(slots, weights.get(name, dtype), served=name.startswith("zoo now"))
+                made = stacks(slots, weights.get(name, stacked), served=name.startswith("zoo now"))
                 row[f"{name} ms"] = step_ms(cls, made, adapters, tokens, slots,
                                             dtype, repeat if name != "vLLM's own" else 3,
-                                            prefill)
+                                            prefill, changing)
             row["before / now"] = row[f"zoo {args.before} ms"] / row["zoo now ms"]
             for name in contenders:
                 if name.startswith("zoo now,"):

@@ -115,6 +115,42 @@ def test_linear_matches_vllm(case, dtype, weights, lora_path):
         assert beyond(wrong[rows], exact[rows], bound[rows])
 
 
+def test_rows_of_more_dimensions_are_viewed_flat(lora_path):
+    """vLLM hands the CPU's layers 2-D rows, which zoo's path takes as they are; rows with
+    a leading dimension are viewed flat first, to the same result."""
+    tokens, prefill = CASES["decode, mixed adapters and none"]
+    _ref, ours = wrappers(tokens, tokens, prefill)
+    a, b = stacked(torch.float32)
+    x = torch.randn(len(tokens), HIDDEN)
+    base = torch.randn(len(tokens), sum(SLICES))
+    flat, shaped = base.clone(), base.clone()[None]
+    ours.add_lora_linear(flat, x, a, b, 0.5, SLICES)
+    ours.add_lora_linear(shaped, x[None], a, b, 0.5, SLICES)
+    assert not torch.equal(flat, base) and torch.equal(shaped[0], flat)
+
+
+def test_a_slot_above_the_kernels_rank_leaves_other_steps_on_the_kernel(lora_path):
+    """The native kernel's views of a layer are cut at the largest rank any slot uses;
+    where that is more than it takes (a rank-72 adapter in a slot), a step of other
+    adapters still runs on the kernel, through views cut at the step's own ranks."""
+    tokens = [22, 33, 0, 22, 33, 33, 0, 22]  # slots 1 and 2 (rank 8); slot 0 holds rank 72
+    _ref, ours = wrappers(tokens, tokens, False)
+    g = torch.Generator().manual_seed(1)
+    a = tuple(torch.zeros(SLOTS, 1, 80, HIDDEN) for _ in SLICES)
+    b = tuple(torch.zeros(SLOTS, 1, size, 80) for size in SLICES)
+    for a_s, b_s in zip(a, b, strict=True):
+        for slot, rank in ((0, 72), (1, RANK), (2, RANK)):
+            a_s[slot, 0, :rank] = torch.randn(rank, HIDDEN, generator=g)
+            b_s[slot, 0, :, :rank] = torch.randn(b_s.shape[2], rank, generator=g)
+    x, base = torch.randn(len(tokens), HIDDEN), torch.randn(len(tokens), sum(SLICES))
+    y = base.clone()
+    ours.add_lora_linear(y, x, a, b, 0.5, SLICES)
+    exact, bound = reference(base, x, a, b, 0.5, [IDS.index(t) if t else None for t in tokens],
+                             torch.float32)
+    assert_within(y, exact, bound, "zoo's path")
+    assert (ours._plan is None) == (lora_path == "native")
+
+
 def test_logits_skip_is_exact_and_not_blind():
     tokens = [11, 22, 0, 33]
     ref, ours = wrappers(tokens, tokens, False)

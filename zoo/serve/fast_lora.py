@@ -4,11 +4,13 @@ vLLM's PyTorch-native punica ops (``vllm/lora/ops/torch_ops``) run every token
 through every projection's LoRA slot at ``--max-lora-rank``, whether or not
 the adapter trained that projection, with a per-token einsum. This wrapper
 
-* skips a projection (a slice of a fused layer) when no adapter in the step
-  has weights there: a q/v adapter costs q and v only, not all seven;
-* computes each slice at the largest rank the step's adapters really use
-  (vLLM stacks every slot at ``--max-lora-rank``; the rows past an adapter's
-  own rank are zeros);
+* skips a projection (a slice of a fused layer) when no adapter has weights
+  there: a q/v adapter costs q and v only, not all seven;
+* computes each row at its adapter's own rank (vLLM stacks every slot at
+  ``--max-lora-rank``; the rows past an adapter's own rank are zeros). The native
+  kernel's views of a layer's stacks do not depend on the step, so a step that
+  brings other adapters than the last (every step, under continuous batching)
+  reuses them; the PyTorch plans cut them at the step's largest rank;
 * runs every step that has adapters (one or many, decode or prefill) through one
   native kernel call per fused layer (``lora_kernel.cpp``, built for this CPU when vLLM
   starts: ``native.py``): each token reads its own adapter's rows of A and B where they
@@ -118,29 +120,41 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             self._groups[which] = group_rows(indices)
         return self._groups[which]
 
-    def _parts(self, lora_a_stacked, lora_b_stacked, output_slices, y_width: int) -> Parts:
-        """The slices of a fused layer that some adapter of this step has weights for, as
-        views cut at the largest rank the step's adapters use. Kept on the layer's first
-        stack until vLLM writes to any of its stacks or a step has other adapters (decode
-        steps run the same ones many times)."""
-        key = (tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked)), self._step_key,
-               y_width)
-        cached = getattr(lora_a_stacked[0], "_zoo_parts", None)
+    def _parts(self, lora_a_stacked, lora_b_stacked, output_slices, y_width: int,
+               every_slot: bool) -> Parts | None:
+        """The slices of a fused layer to compute, as views of the stacks. ``every_slot``
+        (for the native kernel, which reads each row's adapter at that adapter's own rank):
+        the slices some slot's adapter trains, cut at the largest rank any slot uses, kept
+        until vLLM writes to the layer's stacks, whatever adapters the steps bring; None
+        where that rank is more than the kernel takes. Else (for the PyTorch plans, which
+        compute every row at the part's rank): the slices some adapter of this step trains,
+        cut at the largest rank the step's adapters use, kept while the steps bring the
+        same adapters."""
+        key = (tuple(t._version for t in (*lora_a_stacked, *lora_b_stacked)),
+               None if every_slot else self._step_key, y_width)
+        name = "_zoo_parts" if every_slot else "_zoo_step_parts"
+        cached = getattr(lora_a_stacked[0], name, None)
         if cached is not None and cached[0] == key:
             return cached[1]
         parts, part_ranks, offset = [], [], 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
             ranks = _slot_ranks(a)
             slot_rank = int(ranks.max())  # 0: no adapter in any slot trains this slice
-            rank = slot_rank and int(ranks.index_select(0, self._step_slots).max())
+            if every_slot:
+                rank = slot_rank
+            else:
+                rank = slot_rank and int(ranks.index_select(0, self._step_slots).max())
             width = min(size, b.shape[2], y_width - offset)
             if rank and width > 0:
                 parts.append((a[:, 0, :rank], _b_by_rank(b, slot_rank)[:, :rank, :width], offset))
                 part_ranks.append(ranks)
             offset += size
-        parts = Parts(parts)
-        parts.ranks = tuple(part_ranks)
-        lora_a_stacked[0]._zoo_parts = (key, parts)
+        if every_slot and any(a.shape[1] > native.MAX_RANK for a, _b, _start in parts):
+            parts = None
+        else:
+            parts = Parts(parts)
+            parts.ranks = tuple(part_ranks)
+        setattr(lora_a_stacked[0], name, (key, parts))
         return parts
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor,
@@ -152,13 +166,22 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                                            output_slices, buffer=buffer, **kwargs)
         if not self._step_key:
             return
-        flat_y = y.view(-1, y.shape[-1])
-        flat_x = x.view(-1, x.shape[-1])
+        stacks = (lora_a_stacked, lora_b_stacked, output_slices, y.shape[-1])
+        parts = self._parts(*stacks, every_slot=True) if native.kernel() else None
+        if parts is None:
+            parts = self._parts(*stacks, every_slot=False)
+        if not parts:  # no adapter (of any slot, or of this step) trains this layer
+            return
+        # vLLM hands the CPU's layers 2-D rows already; a view costs more than the rest
+        flat_y = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        flat_x = x if x.dim() == 2 else x.view(-1, x.shape[-1])
         if flat_x.shape[0] != self._tokens:  # not a row per token
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale,
                                            output_slices, buffer=buffer, **kwargs)
-        parts = self._parts(lora_a_stacked, lora_b_stacked, output_slices, flat_y.shape[1])
-        if parts and not _native_add(flat_y, flat_x, self._token_slots, parts, scale):
+        if _native_add(flat_y, flat_x, self._token_slots, parts, scale):
+            return
+        parts = self._parts(*stacks, every_slot=False)
+        if parts:
             if self._plan is None:
                 self._plan = _plan(self._rows("token"), self.token_lora_indices)
             self._plan.add(flat_y, self._plan.inputs(flat_x), parts, scale)

@@ -125,7 +125,26 @@ __attribute__((noinline)) void token_portable(const X* x, X* y, int64_t slot, in
         const W* a = slot_rows<W>(part.a, slot, part.a_slot);
         const W* b = slot_rows<W>(part.b, slot, part.b_slot);
         float h[kMaxRank];
-        for (int64_t r = 0; r < rank; ++r) {
+        int64_t r = 0;
+        for (; r + 4 <= rank; r += 4) {
+            const W* row = a + r * part.a_row;
+            const int64_t step = part.a_row;
+            ahead.issue(4 * ((in + kPerLine - 1) / kPerLine));
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t k = 0; k < in; ++k) {
+                const float xk = xf[k];
+                s0 += xk * to_float(row[k]);
+                s1 += xk * to_float(row[step + k]);
+                s2 += xk * to_float(row[2 * step + k]);
+                s3 += xk * to_float(row[3 * step + k]);
+            }
+            h[r] = s0 * scale;
+            h[r + 1] = s1 * scale;
+            h[r + 2] = s2 * scale;
+            h[r + 3] = s3 * scale;
+        }
+        for (; r < rank; ++r) {
             const W* row = a + r * part.a_row;
             ahead.issue((in + kPerLine - 1) / kPerLine);
             float sum = 0.f;
