@@ -15,7 +15,9 @@ vLLM calls :func:`register` in every process it starts. It
   (``first_use.py``; ``ZOO_FAST_FIRST_USE=0`` keeps vLLM's way) and read by the engine
   core while the worker places the one before (``core_reading.py``;
   ``ZOO_CORE_READING=0`` leaves it to the worker), and the report of
-  what the loaded weights cost (``$ZOO_SERVE_STATE/weights.json``, ``/zoo/engine``);
+  what the loaded weights cost (``$ZOO_SERVE_STATE/weights.json``, ``/zoo/engine``,
+  with the provider the worker's norms dispatch to), and the CPU's RMSNorms through
+  vLLM's C++ kernels (``cpu_norms.py``; ``ZOO_CPU_NORMS=0`` keeps vLLM's PyTorch ones);
 * registers the registry-backed LoRA resolver (an extension point, not a patch) when
   ``zoo serve`` started the process (``ZOO_SERVE_BASE`` is set).
 
@@ -39,6 +41,7 @@ STATE_VARIABLE = "ZOO_SERVE_STATE"
 FIRST_USE_VARIABLE = "ZOO_FAST_FIRST_USE"
 CORE_READING_VARIABLE = "ZOO_CORE_READING"
 LORA_INFO_VARIABLE = "ZOO_LORA_INFO"
+CPU_NORMS_VARIABLE = "ZOO_CPU_NORMS"
 WEIGHTS_REPORT = "weights.json"
 logger = logging.getLogger("zoo.serve")
 REPORT = Report()  # what this process's register() did (the contract test reads it)
@@ -66,6 +69,8 @@ def zoo_patches() -> list[Patch]:
     patches = [LORA_DEVICE, LOADED_LOOKUP, ZERO_PAGE_SLOTS, ADAPTER_READING]
     if os.environ.get(FAST_LORA_VARIABLE, "1") != "0":
         patches += [FAST_LORA, BULK_PLACEMENT]
+    if os.environ.get(CPU_NORMS_VARIABLE, "1") != "0":
+        patches.append(CPU_NORMS)
     if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
         patches.append(FIRST_USE)
         if os.environ.get(CORE_READING_VARIABLE, "1") != "0":
@@ -163,6 +168,43 @@ FAST_LORA = Patch(
         *(check for module, layer, body in _RESET_LORA for check in (
             parameters(module, layer, "reset_lora", names=("index",), exact=True),
             body_is(module, layer, "reset_lora", body=body))),
+    ))
+
+
+def _norms_in_cpp() -> None:
+    from vllm.platforms import cpu
+
+    from zoo.serve import cpu_norms
+
+    cpu_norms.register()
+    platform = cpu.CpuPlatform
+    current = platform.get_default_ir_op_priority.__func__
+    if not getattr(current, "_zoo_norms", False):
+        platform.get_default_ir_op_priority = classmethod(cpu_norms.priority(current))
+
+
+def _cpu_keeps_the_default_priority() -> str | None:
+    from vllm.platforms import cpu
+
+    if "get_default_ir_op_priority" in vars(cpu.CpuPlatform) and not getattr(
+            cpu.CpuPlatform.get_default_ir_op_priority.__func__, "_zoo_norms", False):
+        return "vLLM's CPU platform sets its own IR op priority"
+    return None
+
+
+CPU_NORMS = Patch(
+    name="cpu_norms", cpu_only=True, apply=_norms_in_cpp,
+    why="vLLM's CPU platform runs every RMSNorm as seven PyTorch operations (its C++ "
+        "kernels are registered as IR providers for GPUs only): 16% of the worker serving "
+        "64 requests",
+    retire_when="vLLM registers its C++ norms as IR providers on the CPU platform (or "
+                "gives the CPU a default IR op priority)",
+    checks=(
+        has("vllm.ir.ops", "rms_norm", "register_impl"),
+        has("vllm.ir.ops", "fused_add_rms_norm", "register_impl"),
+        has("vllm.config.kernel", "IrOpPriorityConfig", "with_default"),
+        has("vllm.platforms.interface", "Platform", "get_default_ir_op_priority"),
+        _cpu_keeps_the_default_priority,
     ))
 
 
@@ -559,4 +601,22 @@ def weight_report(model, heap_delta: int) -> dict:
         if scheme is not None:
             schemes[type(scheme).__name__] = schemes.get(type(scheme).__name__, 0) + 1
     return {"heap_bytes": heap_delta, "tensor_bytes_by_dtype": by_dtype,
-            "quantized_layers": schemes}
+            "quantized_layers": schemes, "norms": norm_providers(model)}
+
+
+def norm_providers(model) -> dict[str, str]:
+    """Which provider vLLM's dispatch picks, in this process, for the model's norms (a
+    row of its first RMSNorm's width and dtype): ``zoo_cpu`` where the cpu_norms patch
+    took, ``native`` where it did not; empty for a model without an RMSNorm."""
+    import torch
+    from vllm import ir
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    norm = next((m for m in model.modules() if isinstance(m, RMSNorm)), None)
+    if norm is None:
+        return {}
+    weight, epsilon = norm.weight.data, norm.variance_epsilon
+    row = torch.zeros(1, weight.shape[0], dtype=weight.dtype)
+    return {"rms_norm": ir.ops.rms_norm.dispatch(row, weight, epsilon).provider,
+            "fused_add_rms_norm":
+                ir.ops.fused_add_rms_norm.dispatch(row, row.clone(), weight, epsilon).provider}
