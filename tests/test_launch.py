@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from tests.helpers import zoo
@@ -221,6 +222,27 @@ def test_the_kv_cache_is_sized_unless_the_user_sized_it(models, zoo_home):
     own = ServeOptions(extra_args=("--kv-cache-memory-bytes=123",))
     assert kv(vllm_argv(own, base, models.llama, 16, 4, 16)) == []
     assert "--dtype" in plain and plain[plain.index("--dtype") + 1] in ("bfloat16", "float32")
+
+
+def test_the_cpus_rotary_embedding_runs_vllms_kernel_unless_the_user_compiles(models,
+                                                                              zoo_home):
+    """vLLM runs a LoRA engine on the CPU eagerly with its custom ops off: zoo turns the
+    rotary embedding's on (vLLM's C++ kernel); a compilation config of the user's, or a
+    GPU, keeps vLLM's own."""
+    from zoo.serve.launch import CPU_COMPILATION, vllm_argv
+
+    zoo("add", models.llama, "--name", "tiny")
+    base = Registry().load().base("tiny")
+
+    def compilation(extra=(), gpu=False):
+        argv = vllm_argv(ServeOptions(extra_args=extra), base, models.llama, 16, 4, 16, gpu=gpu)
+        return [json.loads(argv[i + 1]) for i, a in enumerate(argv)
+                if a == "--compilation-config"]
+
+    assert compilation() == [CPU_COMPILATION] == [{"custom_ops": ["+rotary_embedding"]}]
+    assert compilation(gpu=True) == []
+    assert compilation(("-cc", '{"mode": 0}')) == []
+    assert compilation(("--compilation-config.custom_ops", '["all"]')) == []
 
 
 CHILD = """

@@ -414,11 +414,14 @@ def test_served_base_really_is_int8(served, engine_reports, smollm2_home, tmp_pa
                                                           int8["heap_bytes"])
 
 
-def test_the_workers_norms_run_on_vllms_cpp_kernels(served):
+def test_the_workers_norms_and_rotary_embedding_run_on_vllms_cpp_kernels(served):
     """vLLM's dispatch in the served worker, asked for a row of the model's norms, picks
-    zoo's provider of vLLM's C++ kernels (the cpu_norms patch), not the PyTorch one."""
-    norms = json.loads(get(served, "/zoo/engine"))["weights"]["norms"]
-    assert norms == {"rms_norm": "zoo_cpu", "fused_add_rms_norm": "zoo_cpu"}
+    zoo's provider of vLLM's C++ kernels (the cpu_norms patch), not the PyTorch one; its
+    rotary embedding runs vLLM's CPU forward (zoo serve enables that custom op)."""
+    report = json.loads(get(served, "/zoo/engine"))["weights"]
+    assert report["norms"] == {"rms_norm": "zoo_cpu", "fused_add_rms_norm": "zoo_cpu"}
+    assert report["forwards"]["RotaryEmbedding"] == "forward_cpu"
+    assert report["forwards"]["SiluAndMul"] == "forward_native"  # the rest: vLLM's choice
 
 
 def test_the_int8_base_keeps_its_quality_on_every_held_out_domain(served, tenant_engine):

@@ -8,6 +8,7 @@ ride along through vLLM's extension points, configured by environment.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -319,6 +320,14 @@ def _given_by_user(extra_args: tuple[str, ...], *names: str) -> bool:
     return any(_values_given(extra_args, name) is not None for name in names)
 
 
+# vLLM runs a LoRA engine on the CPU eagerly (no torch.compile), yet leaves its custom ops
+# off, as for a compiled model: the rotary embedding then runs as a dozen PyTorch
+# operations instead of vLLM's C++ kernel for the CPU (a step of 64 rows 155 us against
+# 29 in each of SmolLM2's 30 layers, a 2,048-token chunk 2.5 ms against 0.43; the kernel's
+# error against a float64 reference is at most the PyTorch path's)
+CPU_COMPILATION = {"custom_ops": ["+rotary_embedding"]}
+
+
 def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank: int,
               max_loras: int, max_cpu_loras: int, engines: int = 1,
               gpu: bool = False, wrapped: tuple[str, ...] | None = None) -> list[str]:
@@ -345,6 +354,9 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
     if not gpu and not _given_by_user(options.extra_args, "--lora-dtype"):
         # the CPU kernel reads bf16 stacks under float32 activations; a GPU's, its own
         argv += ["--lora-dtype", lora_dtype(activation_dtype(options.dtype))]
+    if not gpu and not any(arg.startswith(("--compilation-config", "-cc"))
+                           for arg in options.extra_args):
+        argv += ["--compilation-config", json.dumps(CPU_COMPILATION)]
     if not gpu and not _given_by_user(options.extra_args, "--kv-cache-memory-bytes",
                                       "--gpu-memory-utilization"):
         argv += ["--kv-cache-memory-bytes", str(kv_cache_gib(engines) * 1024**3)]

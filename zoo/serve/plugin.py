@@ -601,7 +601,18 @@ def weight_report(model, heap_delta: int) -> dict:
         if scheme is not None:
             schemes[type(scheme).__name__] = schemes.get(type(scheme).__name__, 0) + 1
     return {"heap_bytes": heap_delta, "tensor_bytes_by_dtype": by_dtype,
-            "quantized_layers": schemes, "norms": norm_providers(model)}
+            "quantized_layers": schemes, "norms": norm_providers(model),
+            "forwards": custom_op_forwards(model)}
+
+
+def custom_op_forwards(model) -> dict[str, str]:
+    """Which of its forwards each of the model's vLLM custom ops runs, by class
+    (``forward_native``: PyTorch operations; ``forward_cpu``: the platform's own, where
+    the op has one and is enabled, ``zoo serve``'s ``CPU_COMPILATION``)."""
+    from vllm.model_executor.custom_op import CustomOp
+
+    return {type(m).__name__: getattr(m._forward_method, "__name__", "?")
+            for m in model.modules() if isinstance(m, CustomOp)}
 
 
 def norm_providers(model) -> dict[str, str]:
