@@ -243,6 +243,9 @@ def test_the_cpus_rotary_embedding_runs_vllms_kernel_unless_the_user_compiles(mo
     assert compilation(gpu=True) == []
     assert compilation(("-cc", '{"mode": 0}')) == []
     assert compilation(("--compilation-config.custom_ops", '["all"]')) == []
+    assert compilation(("-cc.mode", "0")) == []
+    # a field of another config is not the compilation config
+    assert compilation(("--kv-transfer-config.kv_role", "kv_both")) == [CPU_COMPILATION]
 
 
 CHILD = """

@@ -10,12 +10,13 @@ fused norm of 64 bf16 rows took 76 us against the kernel's 8.6, of a 2,048-token
 chunk 6.7 ms against 0.21 (Intel Xeon, one thread).
 
 :func:`register` adds a ``zoo_cpu`` provider for both ops that calls those kernels, for
-the arguments they take (rows contiguous on the CPU, a multiple of 32 wide, a weight
-of the rows' dtype, no variance size override; anything else goes to ``native``), and :func:`priority` is the
-CPU platform's default priority with ``zoo_cpu`` first for both. The kernel computes the
-norm in float32 and rounds once; ``native`` rounds the normalized rows to the weight's
-dtype before it multiplies by the weight, so in bfloat16 the two differ by a rounding
-(tests/test_cpu_norms.py bounds it against a float64 reference).
+the arguments they take (rows contiguous on the CPU, a multiple of 32 wide, a weight of
+the rows' dtype, no variance size override; anything else goes to ``native``), and
+:func:`priority` is the CPU platform's default priority with ``zoo_cpu`` first for both.
+The kernel computes the norm in float32 and rounds once; ``native`` rounds the
+normalized rows to the weight's dtype before it multiplies by the weight, so in bfloat16
+the two differ by a rounding (tests/test_cpu_norms.py bounds it against a float64
+reference).
 
 This module has no ``from __future__ import annotations``: vLLM infers each provider's
 torch schema from its annotations and requires them to equal the native one's.
@@ -35,7 +36,7 @@ WIDTH_MULTIPLE = 32
 def _takes(x: Tensor, weight: Tensor | None, variance_size: int | None) -> bool:
     return (variance_size is None and weight is not None and x.device.type == "cpu"
             and weight.dtype == x.dtype and weight.device.type == "cpu"
-            and weight.is_contiguous() and x.is_contiguous() and x.dim() >= 1
+            and weight.is_contiguous() and x.is_contiguous()
             and weight.shape == x.shape[-1:] and x.shape[-1] % WIDTH_MULTIPLE == 0)
 
 
@@ -93,3 +94,8 @@ def priority(platform_default):
 
     get_default_ir_op_priority._zoo_norms = True
     return get_default_ir_op_priority
+
+
+def is_ours(get_default_ir_op_priority) -> bool:
+    """Whether a platform's ``get_default_ir_op_priority`` (a function) is :func:`priority`'s."""
+    return getattr(get_default_ir_op_priority, "_zoo_norms", False)

@@ -316,8 +316,10 @@ def kv_cache_gib(engines: int = 1) -> int:
 
 
 def _given_by_user(extra_args: tuple[str, ...], *names: str) -> bool:
-    """Whether the user's own vLLM arguments set any of these options."""
-    return any(_values_given(extra_args, name) is not None for name in names)
+    """Whether the user's own vLLM arguments set any of these options (a config option's
+    field alone, vLLM's ``--option.field value``, included)."""
+    return any(_values_given(extra_args, name) is not None or
+               any(arg.startswith(name + ".") for arg in extra_args) for name in names)
 
 
 # vLLM runs a LoRA engine on the CPU eagerly (no torch.compile), yet leaves its custom ops
@@ -354,8 +356,7 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
     if not gpu and not _given_by_user(options.extra_args, "--lora-dtype"):
         # the CPU kernel reads bf16 stacks under float32 activations; a GPU's, its own
         argv += ["--lora-dtype", lora_dtype(activation_dtype(options.dtype))]
-    if not gpu and not any(arg.startswith(("--compilation-config", "-cc"))
-                           for arg in options.extra_args):
+    if not gpu and not _given_by_user(options.extra_args, "--compilation-config", "-cc"):
         argv += ["--compilation-config", json.dumps(CPU_COMPILATION)]
     if not gpu and not _given_by_user(options.extra_args, "--kv-cache-memory-bytes",
                                       "--gpu-memory-utilization"):

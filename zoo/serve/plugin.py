@@ -16,8 +16,9 @@ vLLM calls :func:`register` in every process it starts. It
   core while the worker places the one before (``core_reading.py``;
   ``ZOO_CORE_READING=0`` leaves it to the worker), and the report of
   what the loaded weights cost (``$ZOO_SERVE_STATE/weights.json``, ``/zoo/engine``,
-  with the provider the worker's norms dispatch to), and the CPU's RMSNorms through
-  vLLM's C++ kernels (``cpu_norms.py``; ``ZOO_CPU_NORMS=0`` keeps vLLM's PyTorch ones);
+  with the provider the worker's norms dispatch to and each custom op's forward), and
+  the CPU's RMSNorms through vLLM's C++ kernels (``cpu_norms.py``; ``ZOO_CPU_NORMS=0``
+  keeps vLLM's PyTorch ones);
 * registers the registry-backed LoRA resolver (an extension point, not a patch) when
   ``zoo serve`` started the process (``ZOO_SERVE_BASE`` is set).
 
@@ -179,15 +180,17 @@ def _norms_in_cpp() -> None:
     cpu_norms.register()
     platform = cpu.CpuPlatform
     current = platform.get_default_ir_op_priority.__func__
-    if not getattr(current, "_zoo_norms", False):
+    if not cpu_norms.is_ours(current):
         platform.get_default_ir_op_priority = classmethod(cpu_norms.priority(current))
 
 
 def _cpu_keeps_the_default_priority() -> str | None:
     from vllm.platforms import cpu
 
-    if "get_default_ir_op_priority" in vars(cpu.CpuPlatform) and not getattr(
-            cpu.CpuPlatform.get_default_ir_op_priority.__func__, "_zoo_norms", False):
+    from zoo.serve.cpu_norms import is_ours
+
+    own = vars(cpu.CpuPlatform).get("get_default_ir_op_priority")
+    if own is not None and not is_ours(own.__func__):
         return "vLLM's CPU platform sets its own IR op priority"
     return None
 
