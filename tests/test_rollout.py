@@ -127,14 +127,14 @@ def test_cached_prefixes_never_cross_versions_or_tenants(served):
 def test_a_tenant_is_not_served_behind_another_tenants_batch(served):
     """acme holds every place (8) with long requests and queues more; globex asks one: it is
     answered while all of acme's still run, by vLLM's own preemption of acme's newest (first
-    come, first served would keep globex waiting until one of acme's 1,500 tokens ended)."""
+    come, first served would keep globex waiting until one of acme's 2,000 tokens ended)."""
     before = successes(served)
     blockers = hold_places(served, {"acme": 8})
     try:
         with ThreadPoolExecutor(8) as pool:
             queued = [pool.submit(ask, served.url, BASE, None, "Hi", KEYS["acme"], 16,
                                   ignore_eos=True) for _ in range(8)]
-            until(lambda: engine_queue(served) == (8, 8), 60, "acme's 8 more queue")
+            until_queue(served, (8, 8), 60, "acme's 8 more queue")
             status, _, usage = ask(served.url, BASE, prompt="Tell me about lighthouses.",
                                    key=KEYS["globex"], max_tokens=16, ignore_eos=True)
             answered = successes(served)
@@ -164,14 +164,14 @@ def hold_places(served, holders: dict[str, int]) -> list:
     blockers = []
     for tenant, count in holders.items():
         for _ in range(count):
-            body = {"model": BASE, "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True,
+            body = {"model": BASE, "prompt": "Hi", "max_tokens": 2000, "ignore_eos": True,
                     "stream": True}
             request = urllib.request.Request(
                 served.url + "/completions", data=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json",
                          "Authorization": f"Bearer {KEYS[tenant]}"})
             blockers.append(urllib.request.urlopen(request, timeout=300))
-    until(lambda: engine_queue(served) == (len(blockers), 0), 60, "the long requests run")
+    until_queue(served, (len(blockers), 0), 60, "the long requests run")
     return blockers
 
 
@@ -204,11 +204,18 @@ def engine_queue(served) -> tuple[int, int]:
             int(metric(text, "vllm:num_requests_waiting")))
 
 
-def until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
+def until_queue(served, wanted: tuple[int, int], timeout: float, what: str) -> None:
+    """Wait until the engine's (running, waiting) is ``wanted``; a failure says what was
+    seen, and when (requests that never reach the engine, or long ones that end early)."""
+    start = time.monotonic()
+    seen = [(0.0, engine_queue(served))]
+    while seen[-1][1] != wanted:
+        elapsed = time.monotonic() - start
+        assert elapsed < timeout, f"{what}: (running, waiting) {wanted} never seen: {seen}"
+        time.sleep(0.2)
+        now = engine_queue(served)
+        if now != seen[-1][1]:
+            seen.append((round(time.monotonic() - start, 1), now))
 
 
 def test_backlogged_tenants_are_served_by_weight(served):
@@ -230,8 +237,7 @@ def test_backlogged_tenants_are_served_by_weight(served):
     try:
         with ThreadPoolExecutor(80) as pool:
             jobs = [pool.submit(one, who) for i in range(40) for who in ("acme", "globex")]
-            until(lambda: engine_queue(served) == (8, 80), 60,
-                  f"all 80 queued behind the long requests: {engine_queue(served)}")
+            until_queue(served, (8, 80), 120, "all 80 queued behind the long requests")
             close(blockers)
             assert all(f.result() == 200 for f in jobs)
     finally:
