@@ -68,7 +68,13 @@ def wrapper_of(commit: str):
     if kernel_source is not None and hasattr(module, "native"):
         source_file = scratch / "lora_kernel.cpp"
         source_file.write_text(kernel_source)
-        old = native.Kernel(native.build(source_file=source_file))
+        # that commit's native.py too: its ctypes layout is its kernel's
+        native_file = scratch / f"native_{commit}.py"
+        native_file.write_text(at_commit(commit, "zoo/serve/native.py") or "")
+        spec = importlib.util.spec_from_file_location(native_file.stem, native_file)
+        own = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(own)
+        old = own.Kernel(own.build(source_file=source_file))
 
         class Native:  # the commit's kernel where its fast_lora asks for one
             MAX_RANK = native.MAX_RANK

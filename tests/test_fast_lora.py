@@ -69,17 +69,33 @@ def reference(base, x, a, b, scale, slots, dtype):
     return exact, bound
 
 
-@pytest.fixture(params=["native", "pytorch"])
+@pytest.fixture(params=["native", "native-int8", "pytorch"])
 def lora_path(request, monkeypatch):
-    """zoo's path on the native kernel, and on the PyTorch plans it falls back to where
-    the kernel cannot be built."""
-    from zoo.serve import native
+    """zoo's path on the native kernel reading the stacks' own dtype, reading int8 rows
+    (the default), and on the PyTorch plans it falls back to where the kernel cannot be
+    built."""
+    from zoo.serve import fast_lora, native
 
+    monkeypatch.setattr(fast_lora, "INT8_ROWS", request.param == "native-int8")
     if request.param == "pytorch":
         monkeypatch.setattr(native, "kernel", lambda: None)
     else:
         assert native.kernel() is not None, "this machine has a C++ compiler"
     return request.param
+
+
+def standing(a, b, lora_path):
+    """The weights zoo's path computes with: on int8 rows, the weights each row's numbers
+    and scale stand for (float64); else the stacks themselves."""
+    if lora_path != "native-int8":
+        return a, b
+    from zoo.serve.fast_lora import quantize_rows
+
+    def back(rows):
+        numbers, scales = quantize_rows(rows)
+        return numbers.double() * scales.double()[..., None]
+    return (tuple(back(t[:, 0])[:, None] for t in a),
+            tuple(back(t[:, 0].transpose(1, 2)).transpose(1, 2)[:, None] for t in b))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -104,8 +120,9 @@ def test_linear_matches_vllm(case, dtype, weights, lora_path):
     slots = [IDS.index(t) if t else None for t in tokens]
     exact, bound = reference(base, x, a, b, 0.5, slots, dtype)
     assert_within(outputs[0], exact, bound, "vLLM's own path")
-    assert_within(outputs[1], exact, bound, "zoo's path")
-    assert (ours_ref[1]._plan is None) == (lora_path == "native" or case == "no adapter")
+    ours, ours_bound = reference(base, x, *standing(a, b, lora_path), 0.5, slots, dtype)
+    assert_within(outputs[1], ours, ours_bound, "zoo's path")
+    assert (ours_ref[1]._plan is None) == (lora_path != "pytorch" or case == "no adapter")
     changed = (outputs[1] != base).any(dim=1)
     assert changed.tolist() == [t != 0 for t in tokens]  # rows without an adapter untouched
     if any(s is not None for s in slots):  # the bound tells another adapter's output apart
@@ -148,7 +165,7 @@ def test_a_slot_above_the_kernels_rank_leaves_other_steps_on_the_kernel(lora_pat
     exact, bound = reference(base, x, a, b, 0.5, [IDS.index(t) if t else None for t in tokens],
                              torch.float32)
     assert_within(y, exact, bound, "zoo's path")
-    assert (ours._plan is None) == (lora_path == "native")
+    assert (ours._plan is None) == (lora_path != "pytorch")
 
 
 def test_logits_skip_is_exact_and_not_blind():
@@ -278,7 +295,9 @@ def test_zoos_path_runs_and_scores_like_vllms_own(smollm2_home, tmp_path):
     or declined a call). Each model's log-probabilities of one text under zoo's path are
     nearer vLLM's own for the same model than half the distance between any two models (so
     a swapped adapter fails), every adapter changes them, and the greedy answers are the
-    same."""
+    same up to where vLLM's own answer stood at a near-tie: its two likeliest tokens within
+    four times the log-probabilities' largest difference (zoo's int8 rows move each weight
+    by up to half its row's step; a path computing another adapter parts at a sure token)."""
     from tests.factory import write_random_lora
 
     base = smollm2_home / "bases" / "smollm2-135m-instruct"
@@ -301,8 +320,14 @@ def test_zoos_path_runs_and_scores_like_vllms_own(smollm2_home, tmp_path):
     assert noise < separation / 2, (noise, separation)
     for m in models:
         assert min(models, key=lambda o: distance(ours[m]["scores"], theirs[o]["scores"])) == m
-    differ = [m for m in models if ours[m]["text"] != theirs[m]["text"]]
-    assert not differ, [(m, ours[m]["text"], theirs[m]["text"]) for m in differ[:3]]
+    for m in models:
+        mine, reference = ours[m]["tokens"], theirs[m]["tokens"]
+        parted = next((i for i, (a, b) in enumerate(zip(mine, reference, strict=False))
+                       if a != b), None)
+        assert parted is None or theirs[m]["margins"][parted] <= 4 * noise, \
+            (m, ours[m]["text"], theirs[m]["text"], theirs[m]["margins"][parted], noise)
+        if parted is None:
+            assert mine == reference, (m, ours[m]["text"], theirs[m]["text"])
 
 
 def test_64_adapters_of_mixed_ranks_and_targets_match_vllm(lora_path):
@@ -343,9 +368,11 @@ def test_64_adapters_of_mixed_ranks_and_targets_match_vllm(lora_path):
         exact, bound = reference(base, x, a, b, 0.5, [t - 1 if t else None for t in tokens],
                                  torch.float32)
         assert_within(outputs[0][rows], exact[rows], bound[rows], "vLLM's own path")
-        assert_within(outputs[1], exact, bound, "zoo's path")
+        ours, ours_bound = reference(base, x, *standing(a, b, lora_path), 0.5,
+                                     [t - 1 if t else None for t in tokens], torch.float32)
+        assert_within(outputs[1], ours, ours_bound, "zoo's path")
         assert (outputs[1] != base).any(dim=1).tolist() == rows.tolist()
-        assert (made[1]._plan is None) == (lora_path == "native")
+        assert (made[1]._plan is None) == (lora_path != "pytorch")
 
 
 def test_slot_caches_redo_only_the_slots_vllm_wrote():
@@ -386,6 +413,44 @@ def test_slot_caches_redo_only_the_slots_vllm_wrote():
     assert fast_lora._slot_ranks(a).tolist() == [0, 0, 4, 3, 0, 6, 0, 0]
     torch.testing.assert_close(fast_lora._b_by_rank(b, 6), b[:, 0, :, :6].transpose(1, 2))
     assert fast_lora._slots_with_weights(b) == {2, 3, 5}
+
+def test_int8_rows_follow_the_slots_vllm_writes():
+    """The int8 copies of A and B (numbers and scales) are redone in place for the slots
+    vLLM wrote, and equal quantizing the whole stack again; a new rank makes them anew."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    from zoo.serve import fast_lora
+
+    class Layer:
+        n_slices = 1
+
+        def __init__(self):
+            self.lora_a_stacked = (torch.zeros(8, 1, 16, 12),)
+            self.lora_b_stacked = (torch.zeros(8, 1, 20, 16),)
+
+    fast_lora.track_slot_writes()
+    layer = Layer()
+    a, b = layer.lora_a_stacked[0], layer.lora_b_stacked[0]
+    a[2, 0, :4] = torch.randn(4, 12)
+    b[2, 0, :, :4] = torch.randn(20, 4)
+
+    def agree(rank):
+        for got, want in ((fast_lora._a_int8(a, rank), fast_lora.quantize_rows(a[:, 0, :rank])),
+                          (fast_lora._b_int8(b, rank),
+                           fast_lora.quantize_rows(b[:, 0, :, :rank].transpose(1, 2)))):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+    agree(4)
+    kept = fast_lora._a_int8(a, 4)[0], fast_lora._b_int8(b, 4)[0]
+    BaseLinearLayerWithLoRA.reset_lora(layer, 3)
+    a[3, 0, :3] = torch.randn(3, 12)
+    b[3, 0, :, :3] = torch.randn(20, 3)
+    assert a._zoo_dirty["_zoo_a_int8"] == {3} and b._zoo_dirty["_zoo_b_int8"] == {3}
+    agree(4)
+    assert fast_lora._a_int8(a, 4)[0] is kept[0] and fast_lora._b_int8(b, 4)[0] is kept[1]
+    assert fast_lora._a_int8(a, 4)[0][3].any()  # slot 3's rows, not the old zeros
+    agree(6)
+
 
 _SLOT_OPS = st.lists(st.one_of(
     st.tuples(st.sampled_from(["load", "set_lora"]), st.integers(0, 5),

@@ -63,15 +63,36 @@ def exact(y, x, slots, parts, scale, ranks):
     return want, bound
 
 
+def int8_rows(parts):
+    """``parts`` as the int8 rows and scales zoo gives the kernel (fast_lora.quantize_rows),
+    and the weights those stand for, exactly (float64): what the kernel must compute with."""
+    from zoo.serve.fast_lora import quantize_rows
+
+    quantized, standing = [], []
+    for a, b, start in parts:
+        (qa, sa), (qb, sb) = quantize_rows(a), quantize_rows(b)
+        quantized.append((qa, qb, start, sa, sb))
+        standing.append((qa.double() * sa.double()[..., None],
+                         qb.double() * sb.double()[..., None], start))
+    return quantized, standing
+
+
 @pytest.mark.parametrize(("dtype", "weights"), [(torch.bfloat16, torch.bfloat16),
                                                (torch.float32, torch.float32),
-                                               (torch.float32, torch.bfloat16)])
+                                               (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.int8),
+                                               (torch.float32, torch.int8)], ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weights, threads):
     """x and y in ``dtype``, A and B in ``weights`` (float32 activations on bf16 weights:
-    vLLM's stacks under ``--lora-dtype bfloat16`` where activations are float32)."""
+    vLLM's stacks under ``--lora-dtype bfloat16`` where activations are float32; int8:
+    each row's numbers and scale, against the weights they stand for)."""
     g = torch.Generator().manual_seed(1)
-    parts, ranks = stacks(weights, generator=g)
+    parts, ranks = stacks(torch.float32 if weights == torch.int8 else weights, generator=g)
+    if weights == torch.int8:
+        parts, standing = int8_rows(parts)
+    else:
+        standing = parts
     slots = torch.tensor([0, 1, -1, 2, 3, 4, 4, -1, 2, 0, 1, 1])
     x = torch.randn(len(slots), IN, generator=g).to(dtype)
     wide = torch.randn(len(slots), 3 + sum(WIDTHS) + 4 + 5, generator=g).to(dtype)
@@ -79,7 +100,7 @@ def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weight
     before, wide_before = y.clone(), wide.clone()
     arguments = kernel.arguments(parts, (ranks, ranks))
     assert kernel.gather(y, x, slots, arguments, 0.5, threads)
-    want, bound = exact(before, x, slots, parts, 0.5, ranks)
+    want, bound = exact(before, x, slots, standing, 0.5, ranks)
     assert_within(y, want, bound, "the native kernel")
     untouched = (slots < 0) | (ranks[slots.clamp(min=0)] == 0)
     assert torch.equal(y[untouched], before[untouched])  # no adapter, or none on the slices
@@ -88,6 +109,22 @@ def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weight
     assert torch.equal(wide[:, -5:], wide_before[:, -5:])  # past y's columns
     changed = (y != before).any(dim=1)
     assert changed.tolist() == [not bool(u) for u in untouched]
+
+
+def test_int8_rows_are_within_half_a_step_of_the_weights():
+    """quantize_rows: every number within half its row's step (the row's largest magnitude
+    / 127) of the weight, the largest exactly at +-127; an all-zero row stays zero."""
+    from zoo.serve.fast_lora import quantize_rows
+
+    rows = torch.randn(6, 4, 300, generator=torch.Generator().manual_seed(2)).bfloat16()
+    rows[1, 2] = 0
+    numbers, scales = quantize_rows(rows)
+    assert numbers.dtype == torch.int8 and scales.shape == (6, 4)
+    step = rows.double().abs().amax(dim=-1) / 127
+    error = (numbers.double() * scales.double()[..., None] - rows.double()).abs()
+    assert bool((error <= step[..., None] * (0.5 + 1e-6)).all())
+    assert bool((numbers.abs().amax(dim=-1)[step > 0] == 127).all())
+    assert not numbers[1, 2].any() and scales[1, 2] == 0
 
 
 def test_the_kernel_reads_each_adapter_at_its_own_rank(kernel):
@@ -122,6 +159,8 @@ def test_the_kernel_declines_what_it_was_not_written_for(kernel):
     y = torch.zeros(2, 70).bfloat16()
     slots = torch.tensor([0, 1])
     assert not kernel.gather(y, torch.randn(2, IN), slots, arguments, 1.0)  # float32 x, bf16 y
+    quantized, _ = int8_rows(stacks(torch.float32)[0])
+    assert kernel.arguments([q[:3] for q in quantized], (ranks, ranks)) is None  # no scales
     wide = kernel.arguments(stacks(torch.float32)[0], (ranks, ranks))
     assert not kernel.gather(y, torch.randn(2, IN).bfloat16(), slots, wide, 1.0)  # bf16 on f32
     assert not kernel.gather(y, torch.randn(2, IN).bfloat16(), slots.int(), arguments, 1.0)

@@ -5,10 +5,12 @@
 One batch mixes the base and every adapter (so many adapters share steps; vLLM's own
 path scores one model at a time, below). For each model it writes the log-probability
 of every token of one fixed text (teacher-forced, so a result never depends on an
-earlier near-tie) and a short greedy answer:
-``{"model": {"scores": [...], "text": "..."}}``. The LoRA path follows ``ZOO_FAST_LORA``
-(zoo's plugin reads it in every vLLM process); the engine runs in this process, so what
-the plugin logs (which path is in use) is in this script's output.
+earlier near-tie) and a short greedy answer, its tokens and, at each, how far the chosen
+token's log-probability is above the next one's:
+``{"model": {"scores": [...], "text": "...", "tokens": [...], "margins": [...]}}``. The
+LoRA path follows ``ZOO_FAST_LORA`` (zoo's plugin reads it in every vLLM process); the
+engine runs in this process, so what the plugin logs (which path is in use) is in this
+script's output.
 """
 
 import json
@@ -40,15 +42,21 @@ if __name__ == "__main__":  # vLLM starts its workers with spawn
         # (its logits LoRA indexes sequences, not prompt tokens): one request at a time
         scored = [llm.generate([SCORED], scoring, lora_request=[lora], use_tqdm=False)[0]
                   for lora in loras]
-    answering = SamplingParams(temperature=0, max_tokens=16)
+    answering = SamplingParams(temperature=0, max_tokens=16, logprobs=2)
     answers = llm.chat([[{"role": "user", "content": PROMPT}]] * len(loras), answering,
                        lora_request=loras)
     report = {}
     for name, score, answer in zip(names, scored, answers, strict=True):
         steps = score.prompt_logprobs[1:]  # the first token has none
         ids = score.prompt_token_ids[1:]
+        generated = answer.outputs[0]
+        margins = []
+        for step in generated.logprobs:
+            first, second = sorted((p.logprob for p in step.values()), reverse=True)[:2]
+            margins.append(first - second)
         report[name] = {"scores": [step[token].logprob for step, token in zip(steps, ids,
                                                                                strict=True)],
-                        "text": answer.outputs[0].text}
+                        "text": generated.text, "tokens": list(generated.token_ids),
+                        "margins": margins}
     with open(out, "w") as f:
         json.dump(report, f)

@@ -14,9 +14,13 @@ the adapter trained that projection, with a per-token einsum. This wrapper
 * runs every step that has adapters (one or many, decode or prefill) through one
   native kernel call per fused layer (``lora_kernel.cpp``, built for this CPU when vLLM
   starts: ``native.py``): each token reads its own adapter's rows of A and B where they
-  lie, at that adapter's own rank, in the stack's dtype, and adds the result in place;
-  nothing is gathered, padded or converted to float32 first (a step of 64 bf16
-  adapters reads half the bytes of a float32 copy);
+  lie, at that adapter's own rank, and adds the result in place; nothing is gathered,
+  padded or converted to float32 first. The rows it reads are int8 copies of vLLM's
+  stacks, each row's numbers with one float32 scale (its largest magnitude / 127), made
+  per slot as adapters are written: a step of 64 adapters reads half the bytes of bf16
+  rows, a quarter of float32's. Each weight moves by at most half its row's step, about
+  1% of the adapter's delta, far below the rounding of a 16-bit activation
+  (``ZOO_LORA_INT8=0``: the stacks' own dtype);
 * where that kernel cannot be built or does not take the call (float16, a rank over
   64), runs the same arithmetic in PyTorch, planned by the step's shape: for a single
   adapter, a matmul pair on its rows; for many with few tokens each (decode), a gather
@@ -40,6 +44,7 @@ must never be baked into a graph), or a token-to-slot mapping outside -1 (no ada
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -57,12 +62,19 @@ QUALNAME = "zoo.serve.fast_lora.GroupedPunicaWrapperCPU"
 # cheaper.
 GATHER_LIMIT = 8
 PADDING_LIMIT = 2
+# The native kernel reads the adapters' rows as int8, a float32 scale per row, copied from
+# vLLM's stacks per slot as adapters are written: half the bytes of bfloat16 rows (a
+# quarter of float32's) in a step that waits on memory. ZOO_LORA_INT8=0: the stacks' own
+# dtype.
+INT8_ROWS = os.environ.get("ZOO_LORA_INT8", "1") != "0"
 Groups = list[tuple[int, torch.Tensor | None]]  # (adapter slot, token rows or None = all)
 
 
 class Parts(tuple):
     """The slices of a fused layer a step computes: (A [slots, rank, in], B [slots, rank,
-    width], first output column) each, cut at the largest rank the step's adapters use;
+    width], first output column) each, cut at the largest rank the step's adapters use
+    (for the native kernel on int8 rows, each also with A's and B's row scales, [slots,
+    rank]);
     ``ranks``: each slice's rank per slot (int64 [slots]); ``native``: the native kernel's
     arguments for them, made on first use (they point into these tensors)."""
 
@@ -145,13 +157,19 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             else:
                 rank = slot_rank and int(ranks.index_select(0, self._step_slots).max())
             width = min(size, b.shape[2], y_width - offset)
-            if rank and width > 0:
+            if every_slot and rank > native.MAX_RANK:
+                parts = None
+                break
+            if rank and width > 0 and every_slot and _int8_rows(a):
+                a8, a_scales = _a_int8(a, rank)
+                b8, b_scales = _b_int8(b, rank)
+                parts.append((a8, b8[:, :, :width], offset, a_scales, b_scales))
+                part_ranks.append(ranks)
+            elif rank and width > 0:
                 parts.append((a[:, 0, :rank], _b_by_rank(b, slot_rank)[:, :rank, :width], offset))
                 part_ranks.append(ranks)
             offset += size
-        if every_slot and any(a.shape[1] > native.MAX_RANK for a, _b, _start in parts):
-            parts = None
-        else:
+        if parts is not None:
             parts = Parts(parts)
             parts.ranks = tuple(part_ranks)
         setattr(lora_a_stacked[0], name, (key, parts))
@@ -688,7 +706,8 @@ def _slots_holding_anything(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
-    """A per-slot value derived from a stacked weight tensor, kept on the tensor. When vLLM
+    """A per-slot value derived from a stacked weight tensor (a tensor, or a tuple of
+    tensors indexed by slot alike), kept on the tensor. When vLLM
     wrote into it (its ``_version`` moved), only the slots marked by ``reset_lora`` (each
     value has its own marks) are recomputed: vLLM writes a slot only after resetting it
     (``set_lora``). A write with no mark pending, or a new ``key`` (the value's shape),
@@ -706,12 +725,20 @@ def _per_slot(stacked: torch.Tensor, name: str, make, key=None):
     if cached is not None and cached[2] == key and dirty:
         value = cached[1]
         slots = torch.tensor(sorted(dirty), dtype=torch.long)
-        value[slots] = make(stacked.index_select(0, slots))
+        fresh = make(stacked.index_select(0, slots))
+        for kept, new in zip(_tensors(value), _tensors(fresh), strict=True):
+            kept[slots] = new
     else:
-        value = in_huge_pages(make(stacked))
+        value = make(stacked)
+        value = tuple(map(in_huge_pages, value)) if isinstance(value, tuple) else \
+            in_huge_pages(value)
     setattr(stacked, name, (stacked._version, value, key))
     stacked._zoo_dirty[name] = set()
     return value
+
+
+def _tensors(value) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _ranks_of(a: torch.Tensor) -> torch.Tensor:
@@ -733,6 +760,40 @@ def _b_by_rank(stacked_b: torch.Tensor, width: int) -> torch.Tensor:
     def rank_major(t: torch.Tensor) -> torch.Tensor:
         return t[:, 0, :, :width].transpose(1, 2).contiguous()
     return _per_slot(stacked_b, "_zoo_b_by_rank", rank_major, width)
+
+
+def _int8_rows(stacked_a: torch.Tensor) -> bool:
+    """Whether the native kernel reads this stack's adapters as int8 rows (``INT8_ROWS``)."""
+    return INT8_ROWS and stacked_a.dtype in (torch.bfloat16, torch.float32)
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row (the last dimension) as int8 numbers times one float32 scale, its largest
+    magnitude / 127, rounded to nearest: ([..., n] int8, [...] float32). An all-zero row
+    has scale 0."""
+    wide = rows.float()
+    scales = wide.abs().amax(dim=-1) / 127
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    numbers = torch.round(wide / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return numbers, scales.contiguous()
+
+
+def _a_int8(stacked_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A's rows up to ``rank`` (the largest any slot uses) as int8 with a scale each:
+    ([slots, rank, in] int8, [slots, rank] float32), copies kept per slot."""
+    def rows(t: torch.Tensor):
+        numbers, scales = quantize_rows(t[:, 0, :rank])
+        return numbers.contiguous(), scales
+    return _per_slot(stacked_a, "_zoo_a_int8", rows, rank)
+
+
+def _b_int8(stacked_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B rank-major up to ``rank`` (as :func:`_b_by_rank`), each row of ``out`` numbers
+    as int8 with a scale: ([slots, rank, out] int8, [slots, rank] float32)."""
+    def rows(t: torch.Tensor):
+        numbers, scales = quantize_rows(t[:, 0, :, :rank].transpose(1, 2))
+        return numbers.contiguous(), scales
+    return _per_slot(stacked_b, "_zoo_b_int8", rows, rank)
 
 
 def _slots_with_weights(stacked: torch.Tensor) -> frozenset[int]:

@@ -29,11 +29,15 @@ struct Part {
     int64_t rank;                                 // rows of A and B to read at most
     const int64_t* ranks;                         // each slot's own rank (or null)
     int64_t start;                                // first output column
+    // int8 weights only: each row's scale, [slots, scale_slot] for A and for B (the
+    // weight is the int8 number times its row's scale); null for floating-point weights
+    const float* a_scales; const float* b_scales; int64_t scale_slot;
 };
 
 struct Bf16 { uint16_t bits; };
 
 inline float to_float(float v) { return v; }
+inline float to_float(int8_t v) { return float(v); }
 inline float to_float(Bf16 v) {
     const uint32_t bits = uint32_t(v.bits) << 16;
     float out;
@@ -53,6 +57,11 @@ inline void store(Bf16* at, float v) {  // round to nearest even, as torch does
 template <typename T>
 inline const T* slot_rows(const void* stack, int64_t slot, int64_t stride) {
     return static_cast<const T*>(stack) + slot * stride;
+}
+
+// The scales of ``slot``'s rows of A or B (null: floating-point weights, scale 1).
+inline const float* row_scales(const float* scales, const Part& part, int64_t slot) {
+    return scales ? scales + slot * part.scale_slot : nullptr;
 }
 
 inline int64_t rank_of(const Part& part, int64_t slot) {
@@ -124,6 +133,8 @@ __attribute__((noinline)) void token_portable(const X* x, X* y, int64_t slot, in
         const int64_t rank = rank_of(part, slot);
         const W* a = slot_rows<W>(part.a, slot, part.a_slot);
         const W* b = slot_rows<W>(part.b, slot, part.b_slot);
+        const float* a_scales = row_scales(part.a_scales, part, slot);
+        const float* b_scales = row_scales(part.b_scales, part, slot);
         float h[kMaxRank];
         int64_t r = 0;
         for (; r + 4 <= rank; r += 4) {
@@ -152,6 +163,8 @@ __attribute__((noinline)) void token_portable(const X* x, X* y, int64_t slot, in
             for (int64_t k = 0; k < in; ++k) sum += xf[k] * to_float(row[k]);
             h[r] = sum * scale;
         }
+        if (a_scales || b_scales)
+            for (r = 0; r < rank; ++r) h[r] *= (a_scales ? a_scales[r] : 1.f) * (b_scales ? b_scales[r] : 1.f);
         constexpr int64_t kChunk = 256;
         X* out = y + part.start;
         for (int64_t j0 = 0; j0 < part.width && rank > 0; j0 += kChunk) {
@@ -228,6 +241,10 @@ void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const 
         for (; r + 8 <= rank; r += 8) shrink_rows<8>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
         for (; r + 4 <= rank; r += 4) shrink_rows<4>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
         for (; r < rank; ++r) shrink_rows<1>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
+        const float* a_scales = row_scales(part.a_scales, part, slot);  // widened int8 rows
+        const float* b_scales = row_scales(part.b_scales, part, slot);
+        if (a_scales)
+            for (r = 0; r < rank; ++r) h[r] *= a_scales[r] * b_scales[r];
         uint16_t* out = y + part.start;
         for (int64_t j = 0; j < part.width && rank > 0; j += 32) {
             const int64_t n = part.width - j < 32 ? part.width - j : 32;
@@ -247,6 +264,112 @@ void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const 
     }
     ahead.rest();
 }
+
+// int8 weights with bfloat16 activations (``token_bf16_i8``): x widened to float32 once a
+// token; the shrink up to eight rows of A at a time, 16 int8 numbers widened to float32
+// per multiply-add; the expand 16 columns at a time, B's row scales folded into h; y
+// widened, added to and rounded once. Half the bytes of bfloat16 weights to read.
+inline __m512 widen_i8(const int8_t* at, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, at)));
+}
+
+inline __mmask16 first(int64_t n) { return (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1); }
+
+template <int N>
+inline void shrink_rows_i8(const float* x, const int8_t* a, int64_t a_row, int64_t in,
+                           float* h, Ahead& ahead) {
+    __m512 acc[N];
+    for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < in; k += 16) {
+        const __mmask16 m = first(in - k);
+        if ((k & 63) == 0) ahead.issue(N);  // a line of the next row's weights per line read
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        for (int r = 0; r < N; ++r) acc[r] = _mm512_fmadd_ps(xv, widen_i8(a + r * a_row + k, m), acc[r]);
+    }
+    for (int r = 0; r < N; ++r) h[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+void token_bf16_i8(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const Part* parts,
+                   int64_t n_parts, float scale, float* xf, Ahead& ahead) {
+    for (int64_t k = 0; k < in; k += 16) {
+        const __mmask16 m = first(in - k);
+        const __m256i bits = _mm256_maskz_loadu_epi16(m, x + k);
+        _mm512_mask_storeu_ps(xf + k, m, _mm512_cvtpbh_ps((__m256bh)bits));
+    }
+    for (int64_t p = 0; p < n_parts; ++p) {
+        const Part& part = parts[p];
+        const int64_t rank = rank_of(part, slot);
+        const int8_t* a = slot_rows<int8_t>(part.a, slot, part.a_slot);
+        const int8_t* b = slot_rows<int8_t>(part.b, slot, part.b_slot);
+        const float* a_scales = row_scales(part.a_scales, part, slot);
+        const float* b_scales = row_scales(part.b_scales, part, slot);
+        float h[kMaxRank];
+        int64_t r = 0;
+        for (; r + 8 <= rank; r += 8) shrink_rows_i8<8>(xf, a + r * part.a_row, part.a_row, in, h + r, ahead);
+        for (; r + 4 <= rank; r += 4) shrink_rows_i8<4>(xf, a + r * part.a_row, part.a_row, in, h + r, ahead);
+        for (; r < rank; ++r) shrink_rows_i8<1>(xf, a + r * part.a_row, part.a_row, in, h + r, ahead);
+        for (r = 0; r < rank; ++r) h[r] *= scale * a_scales[r] * b_scales[r];
+        uint16_t* out = y + part.start;
+        for (int64_t j = 0; j < part.width && rank > 0; j += 16) {
+            const __mmask16 m = first(part.width - j);
+            if ((j & 63) == 0) ahead.issue(rank);  // rank rows of 64 bytes
+            __m512 delta = _mm512_setzero_ps();
+            for (int64_t q = 0; q < rank; ++q)
+                delta = _mm512_fmadd_ps(_mm512_set1_ps(h[q]), widen_i8(b + q * part.b_row + j, m), delta);
+            const __m512 now = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, out + j));
+            _mm256_mask_storeu_epi16(out + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(now, delta)));
+        }
+    }
+    ahead.rest();
+}
+
+// int8 numbers as bfloat16: exact (they need 8 bits), 16 at a time.
+inline void widen_row(const int8_t* from, uint16_t* to, int64_t n) {
+    for (int64_t k = 0; k < n; k += 16) {
+        const __mmask16 m = first(n - k);
+        _mm256_mask_storeu_epi16(to + k, m, (__m256i)_mm512_cvtneps_pbh(widen_i8(from + k, m)));
+    }
+}
+
+// One slot's int8 rows of every part widened to bfloat16, for the tokens of a run of one
+// adapter (a prefill, or a decode step of one adapter): they then take token_bf16's dot
+// products of bf16 pairs, twice the numbers an instruction of the int8 path's, where the
+// arithmetic, not memory, bounds the step (a prefill of 45 tokens reads an adapter once
+// and multiplies it 45 times). Made once a run, a few KB, kept in this thread's cache.
+struct Widened {
+    std::vector<uint16_t> rows;
+    std::vector<Part> parts;
+    int64_t slot = -1;
+
+    const Part* of(int64_t want, const Part* from, int64_t n_parts, int64_t in) {
+        if (want == slot) return parts.data();
+        slot = want;
+        int64_t total = 0;
+        for (int64_t p = 0; p < n_parts; ++p) total += rank_of(from[p], want) * (in + from[p].width);
+        rows.resize(total);
+        parts.assign(from, from + n_parts);
+        uint16_t* at = rows.data();
+        for (int64_t p = 0; p < n_parts; ++p) {
+            const Part& part = from[p];
+            const int64_t rank = rank_of(part, want);
+            const int8_t* a = slot_rows<int8_t>(part.a, want, part.a_slot);
+            const int8_t* b = slot_rows<int8_t>(part.b, want, part.b_slot);
+            Part& wide = parts[p];
+            wide.slots = 1;
+            wide.a = at; wide.a_slot = 0; wide.a_row = in;
+            for (int64_t r = 0; r < rank; ++r) widen_row(a + r * part.a_row, at + r * in, in);
+            at += rank * in;
+            wide.b = at; wide.b_slot = 0; wide.b_row = part.width;
+            for (int64_t r = 0; r < rank; ++r) widen_row(b + r * part.b_row, at + r * part.width, part.width);
+            at += rank * part.width;
+            wide.rank = rank; wide.ranks = nullptr;
+            wide.a_scales = row_scales(part.a_scales, part, want);
+            wide.b_scales = row_scales(part.b_scales, part, want);
+            wide.scale_slot = 0;
+        }
+        return parts.data();
+    }
+};
 #endif
 
 // Whether ``slot`` is the slot of row t or of one of the rows just before it: its
@@ -267,6 +390,9 @@ void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, voi
 #pragma omp parallel num_threads(threads) if (threads > 1 && tokens >= 2 * threads)
     {
         std::vector<float> xf(in);
+#ifdef ZOO_AVX512_BF16
+        Widened widened;
+#endif
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tokens; ++t) {
             const int64_t slot = slots[t];
@@ -282,6 +408,16 @@ void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, voi
                            slot, in, parts, n_parts, scale, ahead);
                 continue;
             }
+            if constexpr (sizeof(X) == 2 && sizeof(W) == 1) {
+                const auto* x16 = reinterpret_cast<const uint16_t*>(xt);
+                auto* y16 = reinterpret_cast<uint16_t*>(yt);
+                if ((t > 0 && slots[t - 1] == slot) || (t + 1 < tokens && slots[t + 1] == slot))
+                    token_bf16(x16, y16, 0, in, widened.of(slot, parts, n_parts, in), n_parts,
+                               scale, ahead);
+                else
+                    token_bf16_i8(x16, y16, slot, in, parts, n_parts, scale, xf.data(), ahead);
+                continue;
+            }
 #endif
             token_portable<X, W>(xt, yt, slot, in, parts, n_parts, scale, xf.data(), ahead);
         }
@@ -294,7 +430,7 @@ extern "C" {
 
 // The layout of Part and the meaning of the arguments below; native.py checks it (a dtype
 // code added keeps it: an older library declines the code, returning 2).
-int zoo_lora_abi() { return 2; }
+int zoo_lora_abi() { return 3; }
 
 int zoo_lora_avx512_bf16() {
 #ifdef ZOO_AVX512_BF16
@@ -305,7 +441,7 @@ int zoo_lora_avx512_bf16() {
 }
 
 // dtypes (activations, weights) 0: bfloat16, bfloat16; 1: float32, float32; 2: float32,
-// bfloat16. Returns 0; with y untouched, 1 for a rank over kMaxRank,
+// bfloat16; 3: bfloat16, int8; 4: float32, int8 (with each part's row scales). Returns 0; with y untouched, 1 for a rank over kMaxRank,
 // 2 for a dtype, 3 for a row's slot past a part's last.
 int zoo_gather_lora(int dtype, int64_t tokens, const int64_t* slots, const void* x,
                     int64_t x_row, void* y, int64_t y_row, int64_t in, const Part* parts,
@@ -321,6 +457,10 @@ int zoo_gather_lora(int dtype, int64_t tokens, const int64_t* slots, const void*
         run<float, float>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
     else if (dtype == 2)
         run<float, Bf16>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
+    else if (dtype == 3)
+        run<Bf16, int8_t>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
+    else if (dtype == 4)
+        run<float, int8_t>(tokens, slots, x, x_row, y, y_row, in, parts, n_parts, scale, threads);
     else
         return 2;
     return 0;

@@ -33,14 +33,15 @@ from zoo.core.measure import cpu_flags
 
 logger = logging.getLogger("zoo.serve")
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
-ABI = 2
+ABI = 3
 MAX_RANK = 64
 # Tried in order: the CPU's own instructions and OpenMP threads, then without OpenMP,
 # then code for any CPU of the architecture.
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native", "-fopenmp-simd"),
              ("-O3", "-fopenmp-simd"))
 # (activations, weights) -> the kernel's dtype code
-DTYPES = {("bfloat16", "bfloat16"): 0, ("float32", "float32"): 1, ("float32", "bfloat16"): 2}
+DTYPES = {("bfloat16", "bfloat16"): 0, ("float32", "float32"): 1, ("float32", "bfloat16"): 2,
+          ("bfloat16", "int8"): 3, ("float32", "int8"): 4}
 
 
 def cache_dir() -> Path:
@@ -64,7 +65,9 @@ class Part(ctypes.Structure):
                 ("a", ctypes.c_void_p), ("a_slot", ctypes.c_int64), ("a_row", ctypes.c_int64),
                 ("b", ctypes.c_void_p), ("b_slot", ctypes.c_int64), ("b_row", ctypes.c_int64),
                 ("width", ctypes.c_int64), ("rank", ctypes.c_int64),
-                ("ranks", ctypes.c_void_p), ("start", ctypes.c_int64)]
+                ("ranks", ctypes.c_void_p), ("start", ctypes.c_int64),
+                ("a_scales", ctypes.c_void_p), ("b_scales", ctypes.c_void_p),
+                ("scale_slot", ctypes.c_int64)]
 
 
 class Arguments(NamedTuple):
@@ -98,14 +101,17 @@ class Kernel:
     def arguments(self, parts, ranks) -> Arguments | None:
         """The ctypes block for ``parts`` ((A [slots, rank, in], B [slots, rank, width],
         first column), ...) with each part's per-slot ranks (int64 tensors, or None), or
-        None where the kernel does not take them. The block points into the tensors: it
-        is valid while they are."""
+        None where the kernel does not take them. int8 parts carry their rows' scales
+        after the first column: (A, B, first column, A's scales, B's scales), each
+        float32 [slots, rank]. The block points into the tensors: it is valid while they
+        are."""
         a0 = parts[0][0]
         weights = _name(a0.dtype)
         if weights not in {w for _x, w in DTYPES}:
             return None
         block = (Part * len(parts))()
-        for i, ((a, b, start), slot_ranks) in enumerate(zip(parts, ranks, strict=True)):
+        for i, (part, slot_ranks) in enumerate(zip(parts, ranks, strict=True)):
+            a, b, start = part[:3]
             if a.dtype != a0.dtype or b.dtype != a0.dtype or a.shape[2] != a0.shape[2] or \
                     a.device.type != "cpu" or b.device.type != "cpu" or \
                     a.stride(2) != 1 or b.stride(2) != 1 or a.shape[1] > MAX_RANK or \
@@ -115,10 +121,14 @@ class Kernel:
                                            not slot_ranks.is_contiguous() or
                                            slot_ranks.numel() < a.shape[0]):
                 return None
+            scales = _scales(part, weights == "int8")
+            if scales is False:
+                return None
             block[i] = Part(a.shape[0], a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(),
                             b.stride(0), b.stride(1), b.shape[2], a.shape[1],
-                            None if slot_ranks is None else slot_ranks.data_ptr(), start)
-        end = max(start + b.shape[2] for _a, b, start in parts)
+                            None if slot_ranks is None else slot_ranks.data_ptr(), start,
+                            *scales)
+        end = max(part[1].shape[2] + part[2] for part in parts)
         return Arguments(block, weights, a0.shape[2], len(parts), end)
 
     def gather(self, y, x, slots, arguments: Arguments, scale: float, threads: int = 1) -> bool:
@@ -134,6 +144,27 @@ class Kernel:
         return self._gather(code, x.shape[0], slots.data_ptr(), x.data_ptr(),
                             x.stride(0), y.data_ptr(), y.stride(0), arguments.width_in,
                             arguments.block, arguments.parts, scale, threads) == 0
+
+
+def _scales(part, int8: bool):
+    """(A's scales, B's scales, their slot stride) for an int8 part, (None, None, 0) for
+    another; False where they do not fit the weights: float32, contiguous, [slots, rank]
+    at least, one stride for both."""
+    if not int8:
+        return (None, None, 0) if len(part) == 3 else False
+    if len(part) != 5:
+        return False
+    a, b, _start, a_scales, b_scales = part
+    import torch
+
+    for scales in (a_scales, b_scales):
+        if scales.dtype != torch.float32 or scales.dim() != 2 or scales.stride(1) != 1 or \
+                scales.shape[0] < a.shape[0] or scales.shape[1] < a.shape[1] or \
+                scales.device.type != "cpu":
+            return False
+    if a_scales.stride(0) != b_scales.stride(0):
+        return False
+    return a_scales.data_ptr(), b_scales.data_ptr(), a_scales.stride(0)
 
 
 def _name(dtype) -> str:
