@@ -375,23 +375,33 @@ def test_64_adapters_of_mixed_ranks_and_targets_match_vllm(lora_path):
         assert (made[1]._plan is None) == (lora_path != "pytorch")
 
 
+class OneLayer:
+    """What reset_lora touches: the stacks of one layer (8 slots, rank 16)."""
+
+    n_slices = 1
+
+    def __init__(self):
+        self.lora_a_stacked = (torch.zeros(8, 1, 16, 12),)
+        self.lora_b_stacked = (torch.zeros(8, 1, 20, 16),)
+
+
+def one_layer():
+    """A layer whose slot writes zoo tracks, and its A and B stacks."""
+    from zoo.serve import fast_lora
+
+    fast_lora.track_slot_writes()
+    layer = OneLayer()
+    return layer, layer.lora_a_stacked[0], layer.lora_b_stacked[0]
+
+
 def test_slot_caches_redo_only_the_slots_vllm_wrote():
     """Loading an adapter into one slot recomputes that slot's rank and layout only; the
     result equals a full recomputation, and a write zoo did not see recomputes all."""
-    from zoo.serve import fast_lora
-
-    class Layer:  # what reset_lora touches: the stacks of one layer
-        n_slices = 1
-
-        def __init__(self):
-            self.lora_a_stacked = (torch.zeros(8, 1, 16, 12),)
-            self.lora_b_stacked = (torch.zeros(8, 1, 20, 16),)
-
-    fast_lora.track_slot_writes()
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-    layer = Layer()
-    a, b = layer.lora_a_stacked[0], layer.lora_b_stacked[0]
+    from zoo.serve import fast_lora
+
+    layer, a, b = one_layer()
     assert fast_lora._slot_ranks(a).tolist() == [0] * 8
     a[2, 0, :4] = torch.randn(4, 12)  # a write before the caches exist
     b[2, 0, :, :4] = torch.randn(20, 4)
@@ -421,16 +431,7 @@ def test_int8_rows_follow_the_slots_vllm_writes():
 
     from zoo.serve import fast_lora
 
-    class Layer:
-        n_slices = 1
-
-        def __init__(self):
-            self.lora_a_stacked = (torch.zeros(8, 1, 16, 12),)
-            self.lora_b_stacked = (torch.zeros(8, 1, 20, 16),)
-
-    fast_lora.track_slot_writes()
-    layer = Layer()
-    a, b = layer.lora_a_stacked[0], layer.lora_b_stacked[0]
+    layer, a, b = one_layer()
     a[2, 0, :4] = torch.randn(4, 12)
     b[2, 0, :, :4] = torch.randn(20, 4)
 

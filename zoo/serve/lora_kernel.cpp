@@ -69,6 +69,23 @@ inline int64_t rank_of(const Part& part, int64_t slot) {
     return own < part.rank ? own : part.rank;
 }
 
+// One slot's rows of a part: its rank, A's and B's first rows and their row scales.
+template <typename W>
+struct SlotRows {
+    int64_t rank;
+    const W* a;
+    const W* b;
+    const float* a_scales;
+    const float* b_scales;
+};
+
+template <typename W>
+inline SlotRows<W> rows_of(const Part& part, int64_t slot) {
+    return {rank_of(part, slot), slot_rows<W>(part.a, slot, part.a_slot),
+            slot_rows<W>(part.b, slot, part.b_slot), row_scales(part.a_scales, part, slot),
+            row_scales(part.b_scales, part, slot)};
+}
+
 // The next row's adapter weights, asked for a cache line at a time while this row
 // computes. Each row's adapter lies elsewhere, in runs of a few KB that cross 4 KB pages,
 // where the hardware prefetchers barely start: in a decode step of 64 adapters the kernel
@@ -130,11 +147,7 @@ __attribute__((noinline)) void token_portable(const X* x, X* y, int64_t slot, in
     for (int64_t k = 0; k < in; ++k) xf[k] = to_float(x[k]);
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
-        const int64_t rank = rank_of(part, slot);
-        const W* a = slot_rows<W>(part.a, slot, part.a_slot);
-        const W* b = slot_rows<W>(part.b, slot, part.b_slot);
-        const float* a_scales = row_scales(part.a_scales, part, slot);
-        const float* b_scales = row_scales(part.b_scales, part, slot);
+        const auto [rank, a, b, a_scales, b_scales] = rows_of<W>(part, slot);
         float h[kMaxRank];
         int64_t r = 0;
         for (; r + 4 <= rank; r += 4) {
@@ -233,17 +246,13 @@ void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const 
                 int64_t n_parts, float scale, Ahead& ahead) {
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
-        const int64_t rank = rank_of(part, slot);
-        const uint16_t* a = slot_rows<uint16_t>(part.a, slot, part.a_slot);
-        const uint16_t* b = slot_rows<uint16_t>(part.b, slot, part.b_slot);
+        const auto [rank, a, b, a_scales, b_scales] = rows_of<uint16_t>(part, slot);
         float h[kMaxRank];
         int64_t r = 0;
         for (; r + 8 <= rank; r += 8) shrink_rows<8>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
         for (; r + 4 <= rank; r += 4) shrink_rows<4>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
         for (; r < rank; ++r) shrink_rows<1>(x, a + r * part.a_row, part.a_row, in, scale, h + r, ahead);
-        const float* a_scales = row_scales(part.a_scales, part, slot);  // widened int8 rows
-        const float* b_scales = row_scales(part.b_scales, part, slot);
-        if (a_scales)
+        if (a_scales)  // widened int8 rows
             for (r = 0; r < rank; ++r) h[r] *= a_scales[r] * b_scales[r];
         uint16_t* out = y + part.start;
         for (int64_t j = 0; j < part.width && rank > 0; j += 32) {
@@ -298,11 +307,7 @@ void token_bf16_i8(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, con
     }
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
-        const int64_t rank = rank_of(part, slot);
-        const int8_t* a = slot_rows<int8_t>(part.a, slot, part.a_slot);
-        const int8_t* b = slot_rows<int8_t>(part.b, slot, part.b_slot);
-        const float* a_scales = row_scales(part.a_scales, part, slot);
-        const float* b_scales = row_scales(part.b_scales, part, slot);
+        const auto [rank, a, b, a_scales, b_scales] = rows_of<int8_t>(part, slot);
         float h[kMaxRank];
         int64_t r = 0;
         for (; r + 8 <= rank; r += 8) shrink_rows_i8<8>(xf, a + r * part.a_row, part.a_row, in, h + r, ahead);
@@ -351,9 +356,7 @@ struct Widened {
         uint16_t* at = rows.data();
         for (int64_t p = 0; p < n_parts; ++p) {
             const Part& part = from[p];
-            const int64_t rank = rank_of(part, want);
-            const int8_t* a = slot_rows<int8_t>(part.a, want, part.a_slot);
-            const int8_t* b = slot_rows<int8_t>(part.b, want, part.b_slot);
+            const auto [rank, a, b, a_scales, b_scales] = rows_of<int8_t>(part, want);
             Part& wide = parts[p];
             wide.slots = 1;
             wide.a = at; wide.a_slot = 0; wide.a_row = in;
@@ -363,8 +366,8 @@ struct Widened {
             for (int64_t r = 0; r < rank; ++r) widen_row(b + r * part.b_row, at + r * part.width, part.width);
             at += rank * part.width;
             wide.rank = rank; wide.ranks = nullptr;
-            wide.a_scales = row_scales(part.a_scales, part, want);
-            wide.b_scales = row_scales(part.b_scales, part, want);
+            wide.a_scales = a_scales;
+            wide.b_scales = b_scales;
             wide.scale_slot = 0;
         }
         return parts.data();
