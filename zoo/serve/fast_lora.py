@@ -18,9 +18,9 @@ the adapter trained that projection, with a per-token einsum. This wrapper
   padded or converted to float32 first. The rows it reads are int8 copies of vLLM's
   stacks, each row's numbers with one float32 scale (its largest magnitude / 127), made
   per slot as adapters are written: a step of 64 adapters reads half the bytes of bf16
-  rows, a quarter of float32's. Each weight moves by at most half its row's step, about
-  1% of the adapter's delta, far below the rounding of a 16-bit activation
-  (``ZOO_LORA_INT8=0``: the stacks' own dtype);
+  rows, a quarter of float32's. Each weight moves by at most half its row's step: a
+  token's log-probability moves 6 to 20 times less than bf16 activations move it
+  (``bench/int8_rows.py``; ``ZOO_LORA_INT8=0``: the stacks' own dtype);
 * where that kernel cannot be built or does not take the call (float16, a rank over
   64), runs the same arithmetic in PyTorch, planned by the step's shape: for a single
   adapter, a matmul pair on its rows; for many with few tokens each (decode), a gather

@@ -122,7 +122,7 @@ class Kernel:
                                            slot_ranks.numel() < a.shape[0]):
                 return None
             scales = _scales(part, weights == "int8")
-            if scales is False:
+            if scales is None:
                 return None
             block[i] = Part(a.shape[0], a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(),
                             b.stride(0), b.stride(1), b.shape[2], a.shape[1],
@@ -146,24 +146,24 @@ class Kernel:
                             arguments.block, arguments.parts, scale, threads) == 0
 
 
-def _scales(part, int8: bool):
+def _scales(part, int8: bool) -> tuple | None:
     """(A's scales, B's scales, their slot stride) for an int8 part, (None, None, 0) for
-    another; False where they do not fit the weights: float32, contiguous, [slots, rank]
-    at least, one stride for both."""
+    another; None where they do not fit the weights: float32 [slots, rank] or more, rows
+    contiguous, one slot stride for both."""
     if not int8:
-        return (None, None, 0) if len(part) == 3 else False
+        return (None, None, 0) if len(part) == 3 else None
     if len(part) != 5:
-        return False
-    a, b, _start, a_scales, b_scales = part
+        return None
+    a, _b, _start, a_scales, b_scales = part
     import torch
 
     for scales in (a_scales, b_scales):
         if scales.dtype != torch.float32 or scales.dim() != 2 or scales.stride(1) != 1 or \
                 scales.shape[0] < a.shape[0] or scales.shape[1] < a.shape[1] or \
                 scales.device.type != "cpu":
-            return False
+            return None
     if a_scales.stride(0) != b_scales.stride(0):
-        return False
+        return None
     return a_scales.data_ptr(), b_scales.data_ptr(), a_scales.stride(0)
 
 
