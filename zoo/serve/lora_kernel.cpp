@@ -7,8 +7,9 @@
 // A [slots, rank, in] and B [slots, rank, width] are read where they lie (strided over
 // slots and rows, contiguous along a row); both products accumulate in float32 and the
 // delta is added to y and rounded once. x and y share one dtype, A and B another: both
-// bfloat16, both float32, or float32 activations on bfloat16 weights (half the bytes a
-// step reads where the CPU has no bf16 arithmetic and computes in float32).
+// bfloat16, both float32, float32 activations on bfloat16 weights (half the bytes a
+// step reads where the CPU has no bf16 arithmetic and computes in float32), or int8
+// weights with a float32 scale a row under either (zoo's default: half bf16's bytes).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -176,8 +177,8 @@ __attribute__((noinline)) void token_portable(const X* x, X* y, int64_t slot, in
             for (int64_t k = 0; k < in; ++k) sum += xf[k] * to_float(row[k]);
             h[r] = sum * scale;
         }
-        if (a_scales || b_scales)
-            for (r = 0; r < rank; ++r) h[r] *= (a_scales ? a_scales[r] : 1.f) * (b_scales ? b_scales[r] : 1.f);
+        if (a_scales)  // int8 rows (with B's scales too)
+            for (r = 0; r < rank; ++r) h[r] *= a_scales[r] * b_scales[r];
         constexpr int64_t kChunk = 256;
         X* out = y + part.start;
         for (int64_t j0 = 0; j0 < part.width && rank > 0; j0 += kChunk) {
