@@ -47,11 +47,10 @@ def as_int8_rows(model) -> None:
     reads them."""
     import torch
 
-    from zoo.serve.fast_lora import quantize_rows
+    from zoo.serve.fast_lora import dequantize_rows, quantize_rows
 
     def back(rows):
-        numbers, scales = quantize_rows(rows)
-        return numbers.float() * scales[..., None]
+        return dequantize_rows(*quantize_rows(rows))
 
     with torch.no_grad():
         for module in model.modules():

@@ -89,11 +89,10 @@ def standing(a, b, lora_path):
     and scale stand for (float64); else the stacks themselves."""
     if lora_path != "native-int8":
         return a, b
-    from zoo.serve.fast_lora import quantize_rows
+    from zoo.serve.fast_lora import dequantize_rows, quantize_rows
 
     def back(rows):
-        numbers, scales = quantize_rows(rows)
-        return numbers.double() * scales.double()[..., None]
+        return dequantize_rows(*quantize_rows(rows))
     return (tuple(back(t[:, 0])[:, None] for t in a),
             tuple(back(t[:, 0].transpose(1, 2)).transpose(1, 2)[:, None] for t in b))
 

@@ -66,14 +66,13 @@ def exact(y, x, slots, parts, scale, ranks):
 def int8_rows(parts):
     """``parts`` as the int8 rows and scales zoo gives the kernel (fast_lora.quantize_rows),
     and the weights those stand for, exactly (float64): what the kernel must compute with."""
-    from zoo.serve.fast_lora import quantize_rows
+    from zoo.serve.fast_lora import dequantize_rows, quantize_rows
 
     quantized, standing = [], []
     for a, b, start in parts:
         (qa, sa), (qb, sb) = quantize_rows(a), quantize_rows(b)
         quantized.append((qa, qb, start, sa, sb))
-        standing.append((qa.double() * sa.double()[..., None],
-                         qb.double() * sb.double()[..., None], start))
+        standing.append((dequantize_rows(qa, sa), dequantize_rows(qb, sb), start))
     return quantized, standing
 
 
@@ -114,14 +113,14 @@ def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weight
 def test_int8_rows_are_within_half_a_step_of_the_weights():
     """quantize_rows: every number within half its row's step (the row's largest magnitude
     / 127) of the weight, the largest exactly at +-127; an all-zero row stays zero."""
-    from zoo.serve.fast_lora import quantize_rows
+    from zoo.serve.fast_lora import dequantize_rows, quantize_rows
 
     rows = torch.randn(6, 4, 300, generator=torch.Generator().manual_seed(2)).bfloat16()
     rows[1, 2] = 0
     numbers, scales = quantize_rows(rows)
     assert numbers.dtype == torch.int8 and scales.shape == (6, 4)
     step = rows.double().abs().amax(dim=-1) / 127
-    error = (numbers.double() * scales.double()[..., None] - rows.double()).abs()
+    error = (dequantize_rows(numbers, scales) - rows.double()).abs()
     assert bool((error <= step[..., None] * (0.5 + 1e-6)).all())
     assert bool((numbers.abs().amax(dim=-1)[step > 0] == 127).all())
     assert not numbers[1, 2].any() and scales[1, 2] == 0

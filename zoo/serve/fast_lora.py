@@ -778,6 +778,12 @@ def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return numbers, scales.contiguous()
 
 
+def dequantize_rows(numbers: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The weights :func:`quantize_rows`' output stands for, exactly (float64): each
+    number times its row's scale."""
+    return numbers.double() * scales.double().unsqueeze(-1)
+
+
 def _a_int8(stacked_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A's rows up to ``rank`` (the largest any slot uses) as int8 with a scale each:
     ([slots, rank, in] int8, [slots, rank] float32), copies kept per slot."""

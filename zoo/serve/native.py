@@ -155,10 +155,8 @@ def _scales(part, int8: bool) -> tuple | None:
     if len(part) != 5:
         return None
     a, _b, _start, a_scales, b_scales = part
-    import torch
-
     for scales in (a_scales, b_scales):
-        if scales.dtype != torch.float32 or scales.dim() != 2 or scales.stride(1) != 1 or \
+        if _name(scales.dtype) != "float32" or scales.dim() != 2 or scales.stride(1) != 1 or \
                 scales.shape[0] < a.shape[0] or scales.shape[1] < a.shape[1] or \
                 scales.device.type != "cpu":
             return None
