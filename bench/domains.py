@@ -50,6 +50,10 @@ SETTINGS = {  # name: (calibrate, the W8A8 writer's keyword arguments)
     "7-bit-alpha-0.65": (True, {"bits": 7, "alpha": 0.65}),
     "7-bit-alpha-0.8": (True, {"bits": 7, "alpha": 0.8}),
     "7-bit-alpha-0.65-keep-quarter": (True, {"bits": 7, "alpha": 0.65, "keep_at_most": 0.25}),
+    # 8-bit weights on oneDNN's VNNI kernel (an AVX-512 CPU without AMX)
+    "8-bit-keep-quarter": (True, {"bits": 8, "keep_at_most": 0.25}),
+    "8-bit-alpha-0.65": (True, {"bits": 8, "alpha": 0.65}),
+    "8-bit-alpha-0.65-keep-quarter": (True, {"bits": 8, "alpha": 0.65, "keep_at_most": 0.25}),
 }
 
 

@@ -105,3 +105,46 @@ def test_zoo_quantize_writes_the_width_asked_for(models, zoo_home, bits):
     registry = Registry(zoo_home)
     assert registry.load().base("tiny").variants["w8a8"].quantization["weight_bits"] == int(bits)
     assert stored_integers(zoo_home, registry).max() == LEVELS[int(bits)]
+
+
+def test_the_calibration_follows_the_cpus_int8_kernel():
+    """SmoothQuant's alpha and the share kept in 16 bits, by the kernel that serves the
+    weights: vLLM's AMX kernel, oneDNN's (with VNNI, or on other CPUs), 7-bit weights."""
+    from zoo.quantize.w8a8 import recipe
+
+    assert recipe(8, frozenset({"avx512_vnni", "amx_tile", "amx_int8"})) == (0.5, 0.125)
+    assert recipe(8, frozenset({"avx512_vnni", "avx512_bf16"})) == (0.65, 0.125)
+    assert recipe(8, frozenset()) == (0.65, 0.125)
+    assert recipe(7, frozenset({"avx2"})) == (0.65, 0.25)
+
+
+def test_a_variant_calibrated_for_another_kernel_is_remade(models, zoo_home, monkeypatch):
+    """zoo serve finds a variant written with another CPU's defaults (an AMX Xeon's alpha,
+    say, served on oneDNN's kernel): it says so and remakes it with this CPU's, once; a
+    variant whose settings were asked for is kept as it is."""
+    from zoo.quantize import quantize, w8a8
+
+    zoo("add", models.llama, "--name", "tiny")
+    registry = Registry(zoo_home)
+    bits = weight_bits()
+    here = w8a8.recipe(bits)
+    elsewhere = (0.5, 0.125) if here != (0.5, 0.125) else (0.65, 0.125)
+    with monkeypatch.context() as patched:
+        patched.setattr(w8a8, "recipe", lambda bits, flags=None: elsewhere)
+        made = quantize("tiny", "w8a8", registry)
+    assert (made.quantization["alpha"], made.quantization["keep_at_most"]) == elsewhere
+    lines: list[str] = []
+    options = ServeOptions(base="tiny", quantization="w8a8")
+    base = prepare_base(options, registry, lines.append)
+    assert len(lines) == 1 and lines[0].startswith("remaking tiny@w8a8"), lines
+    assert "another CPU's int8 kernel" in lines[0] and f"alpha {here[0]}" in lines[0]
+    remade = base.variants["w8a8"].quantization
+    assert (remade["alpha"], remade["keep_at_most"]) == here and not remade["settings_asked"]
+    prepare_base(options, registry, lines.append)
+    assert len(lines) == 1  # remade once
+    with monkeypatch.context() as patched:
+        patched.setattr(w8a8, "recipe", lambda bits, flags=None: elsewhere)
+        asked = quantize("tiny", "w8a8", registry, force=True, bits=bits)
+    assert asked.quantization["settings_asked"]
+    assert prepare_base(options, registry, lines.append).variants["w8a8"] == asked
+    assert len(lines) == 1

@@ -25,17 +25,32 @@ from pathlib import Path
 from typing import Any
 
 # Relative output error (||y_int8 - y|| / ||y|| on calibration inputs) above which a
-# layer stays in 16 bits, and at most this share of the layers (by the weights' width):
-# measured on SmolLM2 on six held-out domains (docs/BENCHMARKS.md, bench/domains.py): at
-# 0.10 no layer stayed and Spanish and formal text lost up to 4%; at 0.025 the worst
-# eighth stays (+6% file). 7-bit weights (CPUs without VNNI) keep a quarter.
+# layer stays in 16 bits, and at most a share of the layers (``recipe``): measured on
+# SmolLM2 on six held-out domains (docs/BENCHMARKS.md, bench/domains.py): at 0.10 no layer
+# stayed and Spanish and formal text lost up to 4%; at 0.025 the worst eighth stays (+6%
+# file).
 KEEP_TOLERANCE = 0.025
-KEEP_AT_MOST = {8: 0.125, 7: 0.25}
-# SmoothQuant's migration strength, by the weights' width. With 7-bit weights, moving more
-# of the activations' outliers into the weights measured better (worst held-out domain on
-# an AVX2-only EPYC: alpha 0.35 1.048x, 0.5 1.038x, 0.65 1.029x, 0.8 1.030x; 0.65 with a
-# quarter of the layers in 16 bits 1.025x).
-SMOOTH_ALPHA = {8: 0.5, 7: 0.65}
+
+
+def recipe(bits: int, flags: frozenset[str] | None = None) -> tuple[float, float]:
+    """SmoothQuant's migration strength (alpha) and the largest share of the layers kept
+    in 16 bits for ``bits``-wide weights served by this CPU's (or ``flags``') int8 kernel.
+
+    Each was measured on the held-out domains with the kernel it serves on (worst domain,
+    docs/BENCHMARKS.md): vLLM's AMX kernel (x86 with AMX-INT8): alpha 0.5 and an eighth,
+    1.016x. oneDNN's GEMM elsewhere: the same variant 1.036x on an AVX-512 EPYC (Spanish),
+    alpha 0.65 1.020x. 7-bit weights (x86 without VNNI), where more of the activations'
+    outliers must move into a coarser weight grid: alpha 0.35 1.048x, 0.5 1.038x, 0.65
+    1.029x, 0.65 with a quarter in 16 bits 1.025x."""
+    if bits == 7:
+        return 0.65, 0.25
+    if flags is None:
+        from zoo.core.measure import cpu_flags
+
+        flags = cpu_flags()
+    return (0.5, 0.125) if "amx_int8" in flags else (0.65, 0.125)
+
+
 # The projections whose input the others share: q (with k, v), o, gate (with up), down.
 SHARED_INPUT = ("q_proj", "o_proj", "gate_proj", "down_proj")
 
@@ -75,7 +90,7 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
     """Write ``source``'s W8A8 checkpoint into ``out``; the details of how. ``bits``: the
     weights' width, 8 or 7 (default: what this CPU computes exactly, ``weight_bits``);
     SmoothQuant's ``alpha`` and the share of layers ``keep_at_most`` in 16 bits default by
-    it (``SMOOTH_ALPHA``, ``KEEP_AT_MOST``). ``damping`` and ``gptq_sequences`` (how many
+    it and this CPU's int8 kernel (``recipe``). ``damping`` and ``gptq_sequences`` (how many
     of the calibration's 512-token sequences GPTQ's Hessians see; all by default) are there
     to measure them (bench/domains.py)."""
     import torch
@@ -87,12 +102,15 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    details: dict[str, Any] = {"calibrated": calibrate, "weight_bits": bits or weight_bits(),
-                               "weight_bits_asked": bits is not None}
+    details: dict[str, Any] = {
+        "calibrated": calibrate, "weight_bits": bits or weight_bits(),
+        "weight_bits_asked": bits is not None,
+        # anything but this CPU's defaults: zoo serve keeps such a variant as it is
+        "settings_asked": any(v is not None for v in (bits, alpha, keep_at_most))}
     levels = LEVELS[details["weight_bits"]]
-    alpha = SMOOTH_ALPHA[details["weight_bits"]] if alpha is None else alpha
-    if keep_at_most is None:
-        keep_at_most = KEEP_AT_MOST[details["weight_bits"]]
+    default_alpha, default_keep = recipe(details["weight_bits"])
+    alpha = default_alpha if alpha is None else alpha
+    keep_at_most = default_keep if keep_at_most is None else keep_at_most
     ignore = ["lm_head"]
     scales_by_module: dict[str, torch.Tensor] = {}
     if calibrate:

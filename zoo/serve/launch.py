@@ -137,7 +137,7 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     variant = served_variant(options)
     if variant == ORIGINAL:
         return base
-    from zoo.quantize.w8a8 import weight_bits
+    from zoo.quantize.w8a8 import recipe, weight_bits
 
     bits, why = weight_bits(), None
     made = base.variants.get(variant)
@@ -155,6 +155,12 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
         else:
             why = ("remaking {base}@{variant}: " + saturated +
                    "; 7-bit weights compute exactly here (in a process of its own)")
+    elif variant == "w8a8" and _made_for_another_kernel(made.quantization):
+        alpha, keep = recipe(made.quantization["weight_bits"])
+        why = ("remaking {base}@{variant}: it was calibrated for another CPU's int8 kernel "
+               f"(SmoothQuant alpha {made.quantization.get('alpha')}); this CPU's keeps its "
+               f"quality with alpha {alpha} and up to {keep:.1%} of the layers in 16 bits "
+               "(in a process of its own)")
     if why:
         import json
 
@@ -171,6 +177,20 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
         if failed:
             raise ZooError(failed["message"], hint=failed["hint"])
     return registry.load().base(base.name)
+
+
+def _made_for_another_kernel(quantization: dict) -> bool:
+    """Whether a calibrated W8A8 variant was written with another CPU's defaults than this
+    one's (``w8a8.recipe``), none of them asked for: variants from before zoo recorded what
+    was asked count as asked when their width was."""
+    from zoo.quantize.w8a8 import recipe
+
+    if not quantization.get("calibrated"):
+        return False
+    if quantization.get("settings_asked", quantization.get("weight_bits_asked")):
+        return False
+    alpha, keep = recipe(quantization.get("weight_bits", 8))
+    return (quantization.get("alpha"), quantization.get("keep_at_most")) != (alpha, keep)
 
 
 def _make_variant(home: str, base: str, variant: str, bits: str) -> str:
