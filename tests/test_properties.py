@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.factory import LLAMA
 from zoo.catalog.home import MAX_NAME_LENGTH, split_variant, validate_name
 from zoo.catalog.registry import Catalog, read_catalog
 from zoo.core.files import read_safetensors_header
 from zoo.errors import FormatError, InvalidName, RegistryError, ZooError
 from zoo.hub.cards import read_manifest
-from zoo.models.adapters import inspect_lora
+from zoo.models.adapters import inspect_bottleneck, inspect_lora
+from zoo.models.bases import describe_model
 from zoo.serve.policy import load_tenants
 
 EXAMPLES = 300
@@ -126,6 +129,10 @@ CONFIG_FIELDS = st.dictionaries(
 
 @FUZZ
 @given(CONFIG_FIELDS)
+# found by CI: int(Infinity) raised OverflowError, not zoo's error
+@example({"r": float("inf")})
+@example({"lora_alpha": 10 ** 400})
+@example({"rank_pattern": {"q_proj": float("-inf")}})
 def test_adapter_configs_inspect_or_are_refused(lora_files, tmp_path_factory, changes):
     path, config, base = lora_files
     folder = tmp_path_factory.mktemp("fuzz-lora")
@@ -149,3 +156,19 @@ def test_hub_manifests_parse_or_are_refused(tmp_path, data):
         return
     assert validate_name(manifest.base) == manifest.base
     assert manifest.training is None or all(isinstance(k, str) for k in manifest.training)
+
+
+@pytest.mark.parametrize("kind, field, value", [
+    ("base", "hidden_size", float("inf")), ("base", "vocab_size", float("-inf")),
+    ("bottleneck", "bottleneck_size", float("inf")), ("bottleneck", "layers", [float("inf")])])
+def test_numbers_past_pythons_conversions_are_refused(models, tmp_path, kind, field, value):
+    """JSON's Infinity (which Python's json reads) makes int() raise OverflowError."""
+    source = models.llama if kind == "base" else models.bottleneck()
+    folder = shutil.copytree(source, tmp_path / kind)
+    config = folder / ("config.json" if kind == "base" else "zoo_adapter.json")
+    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    with pytest.raises(FormatError):
+        if kind == "base":
+            describe_model(folder)
+        else:
+            inspect_bottleneck(folder, LLAMA["hidden_size"], LLAMA["num_hidden_layers"], "tiny")

@@ -56,7 +56,7 @@ def read_state(raw: torch.Tensor, weight: str) -> NF4State:
         return NF4State(tuple(state["shape"]), getattr(torch, state["dtype"].removeprefix("torch.")),
                         int(state["blocksize"]), state.get("nested_blocksize"),
                         state.get("nested_offset"))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise FormatError(f"{weight}: unreadable NF4 quant state ({exc})") from None
 
 

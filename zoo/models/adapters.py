@@ -118,12 +118,12 @@ def inspect_lora(path: Path, base_modules: dict[str, tuple[int, ...]], base_name
     try:
         rank = int(config["r"])
         alpha = float(config.get("lora_alpha", rank))
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: r = Infinity
         raise FormatError(f"{path / PEFT_CONFIG} has no valid 'r'", path=str(path)) from None
     try:
         rank_pattern = {str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()}
         alpha_pattern = {str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()}
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, OverflowError):
         raise FormatError(f"{path / PEFT_CONFIG}: rank_pattern and alpha_pattern must map "
                           "module names to numbers", path=str(path)) from None
     check_pattern_keys(rank_pattern, "rank_pattern", path)
@@ -292,7 +292,7 @@ def inspect_bottleneck(path: Path, hidden_size: int, num_layers: int, base_name:
         positions = list(config["positions"])
         layers = [int(i) for i in config["layers"]]
         non_linearity = str(config["non_linearity"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise FormatError(f"{path / BOTTLENECK_CONFIG} lacks {exc}", path=str(path)) from None
     bad = [p for p in positions if p not in BOTTLENECK_POSITIONS]
     if bad or any(not 0 <= i < num_layers for i in layers):

@@ -53,7 +53,7 @@ def describe_model(model_dir: Path) -> BaseFacts:
         hidden = int(text.get("hidden_size") or text["n_embd"])
         layers = int(text.get("num_hidden_layers") or text["n_layer"])
         vocab = int(text["vocab_size"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise FormatError(f"{model_dir / CONFIG_FILE} lacks a model size field ({exc})",
                           path=str(model_dir)) from None
     dtype = config.get("dtype") or config.get("torch_dtype")
