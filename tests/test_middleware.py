@@ -10,7 +10,7 @@ import os
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import resident_pages, zoo
@@ -190,6 +190,8 @@ def test_a_revoked_key_stops_working_without_a_restart(gate):
 
 NAMES = st.sampled_from(["tiny", "acme/a", "globex/b", "Globex/b", " globex/b", "globex/b\n",
                          "acme/a/../../globex/b", "globex/*", "acme/*", "", "acme/nope"])
+# the fields the middleware reads itself, beside one it does not
+FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "user", "cache_salt", "x"]
 BODIES = st.one_of(
     NAMES.map(chat),
     st.tuples(NAMES, NAMES).map(  # duplicate keys: JSON parsers keep the last one
@@ -197,7 +199,7 @@ BODIES = st.one_of(
     st.binary(max_size=64),
     st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8) | NAMES,
                  lambda inner: st.lists(inner, max_size=3)
-                 | st.dictionaries(st.sampled_from(["model", "messages", "x"]), inner, max_size=3),
+                 | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=3),
                  max_leaves=8).map(lambda v: json.dumps(v).encode()),
 )
 PROPERTY_EXAMPLES = 200
@@ -208,6 +210,7 @@ PROPERTY_EXAMPLES = 200
 @given(body=BODIES, path=st.sampled_from(["/v1/chat/completions", "/v1/completions",
                                           "/v1/responses", "/tokenize", "/invocations",
                                           "/v1/embeddings/../chat/completions"]))
+@example(body=b'{"max_tokens": 9223372036854775800}', path="/v1/chat/completions")  # SQLite's
 def test_fuzzed_requests_reach_the_engine_only_for_what_the_tenant_may_use(gate, body, path):
     middleware, app, _ = gate
     app.reached.clear()
@@ -402,6 +405,20 @@ def test_tokens_are_limited_per_minute_and_per_month(gate):
     assert _call_with_headers(middleware, body, KEYS["acme"])[0] == 200  # 5 used + 187 asked
     status, headers = _call_with_headers(middleware, big, KEYS["acme"])
     assert status == 429 and int(headers["retry-after"]) > 60  # the month's end
+
+
+def test_a_max_tokens_past_any_engine_is_counted_not_a_crash(gate):
+    """A max_tokens larger than the meter's 64-bit integers is reserved as 2**31 tokens:
+    over a tenant's limit a 429, without one it reaches the engine as sent."""
+    body = json.dumps({"model": "acme/a", "max_tokens": 10**20,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    middleware, app = _limited(gate, {"tokens_per_minute": 400})
+    status, headers = _call_with_headers(middleware, body, KEYS["acme"])
+    assert status == 429 and headers["x-ratelimit-remaining-tokens"] == "0"
+    middleware, app = _limited(gate, {})
+    app.reached.clear()
+    assert call(middleware, "/v1/chat/completions", body, KEYS["acme"])[0] == 200
+    assert json.loads(app.reached[-1][1])["max_tokens"] == 10**20  # vLLM caps it at the context
 
 
 def test_concurrent_requests_are_limited_and_freed(gate, zoo_home):

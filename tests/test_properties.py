@@ -172,3 +172,73 @@ def test_numbers_past_pythons_conversions_are_refused(models, tmp_path, kind, fi
             describe_model(folder)
         else:
             inspect_bottleneck(folder, LLAMA["hidden_size"], LLAMA["num_hidden_layers"], "tiny")
+
+
+@pytest.fixture(scope="module")
+def nf4_parts():
+    """bitsandbytes' own NF4 parts of one weight, with and without double quantization,
+    and its own dequantization of each."""
+    import bitsandbytes.functional as F
+    import torch
+
+    weight = torch.randn(6, 100, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    made = {}
+    for nested in (True, False):
+        packed, state = F.quantize_4bit(weight, quant_type="nf4", blocksize=64,
+                                        compress_statistics=nested)
+        parts = {f"w.{k}": v for k, v in state.as_dict(packed=True).items()}
+        state_json = json.loads(bytes(parts.pop("w." + "quant_state.bitsandbytes__nf4").tolist()))
+        made[nested] = ({"w": packed, **parts}, state_json, F.dequantize_4bit(packed, state))
+    return made
+
+
+NF4_FIELDS = st.sampled_from(["quant_type", "shape", "dtype", "blocksize", "nested_blocksize",
+                              "nested_offset"])
+NF4_PARTS = st.sampled_from(["w", "w.quant_map", "w.absmax", "w.nested_quant_map",
+                             "w.nested_absmax"])
+FLOAT_JSON = JSON | st.floats() | st.lists(st.integers(min_value=-3, max_value=700), max_size=3)
+
+
+@FUZZ
+@given(nested=st.booleans(),
+       fields=st.dictionaries(NF4_FIELDS, FLOAT_JSON | st.just("drop"), max_size=2),
+       parts=st.dictionaries(NF4_PARTS, st.sampled_from(
+           ["drop", "short", "long", "float32", "uint8", "bfloat16"]), max_size=2))
+@example(nested=True, fields={"blocksize": 0}, parts={})
+@example(nested=True, fields={"nested_offset": None}, parts={})
+@example(nested=False, fields={"shape": [7, 100]}, parts={})
+@example(nested=True, fields={}, parts={"w.nested_absmax": "short"})
+def test_nf4_quant_states_dequantize_or_are_refused(nf4_parts, tmp_path_factory, nested, fields,
+                                                    parts):
+    """A base's NF4 weight (a QLoRA base from anywhere) with any quant state and any parts:
+    dequantized to its stated shape and dtype, or refused with zoo's error before a merge
+    writes anything (`state_of` reads only headers). Untouched, bitsandbytes' own values."""
+    import torch
+    from safetensors.torch import save_file
+
+    from zoo.merge.nf4 import STATE_SUFFIX, dequantize_from, state_of
+    from zoo.merge.tensors import TensorSource
+
+    tensors, state, expected = nf4_parts[nested]
+    tensors, state = dict(tensors), dict(state)
+    for field, value in fields.items():
+        state.pop(field, None) if value == "drop" else state.__setitem__(field, value)
+    for name, change in parts.items():
+        if name not in tensors or change == "drop":
+            tensors.pop(name, None)
+            continue
+        value = tensors[name]
+        tensors[name] = {"short": value.reshape(-1)[:-1], "long": torch.cat([value.reshape(-1)] * 2),
+                         }.get(change, value.to(getattr(torch, change)))
+    tensors["w" + STATE_SUFFIX] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    folder = tmp_path_factory.mktemp("nf4")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    source = TensorSource(folder)
+    try:
+        stated = state_of(source, "w")
+    except FormatError:
+        return
+    value = dequantize_from(source, "w")
+    assert tuple(value.shape) == stated.shape and value.dtype == stated.dtype
+    if not fields and not parts:
+        assert torch.equal(value, expected)

@@ -19,6 +19,7 @@ library does not.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,16 +49,59 @@ def is_aux(name: str) -> bool:
     return name.endswith(AUX_SUFFIXES)
 
 
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FLOATS = tuple(FLOAT_DTYPES.values())
+MAX_BLOCKSIZE = 2**16  # bitsandbytes makes 32 to 4096
+
+
 def read_state(raw: torch.Tensor, weight: str) -> NF4State:
+    """A weight's quant state (JSON in a uint8 tensor), every field checked."""
     try:
         state = json.loads(bytes(raw.to(torch.uint8).tolist()))
         if state["quant_type"] != "nf4":
             raise FormatError(f"{weight} is {state['quant_type']}, not nf4")
-        return NF4State(tuple(state["shape"]), getattr(torch, state["dtype"].removeprefix("torch.")),
-                        int(state["blocksize"]), state.get("nested_blocksize"),
-                        state.get("nested_offset"))
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+        shape, blocksize = tuple(state["shape"]), state["blocksize"]
+        nested_blocksize, nested_offset = state.get("nested_blocksize"), state.get("nested_offset")
+        dtype = FLOAT_DTYPES[state["dtype"].removeprefix("torch.")]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"{weight}: unreadable NF4 quant state ({exc})") from None
+    if not shape or not all(_count(d) for d in shape):
+        raise FormatError(f"{weight}: NF4 shape {list(shape)[:8]} is not a list of positive integers")
+    for name, size in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
+        if (size is not None or name == "blocksize") and not (_count(size) and size <= MAX_BLOCKSIZE):
+            raise FormatError(f"{weight}: NF4 {name} {size!r} is not an integer in 1..{MAX_BLOCKSIZE}")
+    if nested_blocksize is not None and not (
+            isinstance(nested_offset, int | float) and not isinstance(nested_offset, bool)
+            and math.isfinite(nested_offset)):
+        raise FormatError(f"{weight}: NF4 nested_offset {nested_offset!r} is not a finite number")
+    return NF4State(shape, dtype, blocksize, nested_blocksize,
+                    None if nested_blocksize is None else float(nested_offset))
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def state_of(source, weight: str) -> NF4State:
+    """``weight``'s quant state, checked against the sizes and dtypes of its stored parts
+    (nothing but their headers read), so that dequantizing cannot fail part way."""
+    state = read_state(source.get(weight + STATE_SUFFIX), weight)
+    n = numel(state.shape)
+    blocks = -(-n // state.blocksize)
+    parts = {weight: ((n + 1) // 2, (torch.uint8,)), weight + ".quant_map": (16, FLOATS),
+             weight + ".absmax": (blocks, FLOATS)}
+    if state.nested_blocksize is not None:
+        parts.update({weight + ".absmax": (blocks, (torch.uint8,)),
+                      weight + ".nested_quant_map": (256, FLOATS),
+                      weight + ".nested_absmax": (-(-blocks // state.nested_blocksize), FLOATS)})
+    for name, (size, dtypes) in parts.items():
+        if name not in source:
+            raise FormatError(f"{weight}: the NF4 part {name} is missing")
+        if numel(source.shape(name)) != size or source.dtype(name) not in dtypes:
+            raise FormatError(f"{name} is {source.dtype(name)} {list(source.shape(name))}, where "
+                              f"the quant state (shape {list(state.shape)}) needs {size} values "
+                              f"of {' or '.join(str(d) for d in dtypes)}")
+    return state
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_map: torch.Tensor, absmax: torch.Tensor,
@@ -98,7 +142,7 @@ def _dequantize_blockwise(codes: torch.Tensor, code_book: torch.Tensor, absmax: 
 
 def dequantize_from(source, weight: str) -> torch.Tensor:
     """Dequantize ``weight`` reading its parts from a TensorSource."""
-    state = read_state(source.get(weight + STATE_SUFFIX), weight)
+    state = state_of(source, weight)
     nested = state.nested_blocksize is not None
     return dequantize_nf4(
         source.get(weight), source.get(weight + ".quant_map"), source.get(weight + ".absmax"),

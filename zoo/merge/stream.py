@@ -15,7 +15,7 @@ import torch
 from zoo.core.tables import numel
 from zoo.errors import ShapeMismatch
 from zoo.merge.lora import LoraFile, fold_rows, rows_per_block
-from zoo.merge.nf4 import STATE_SUFFIX, dequantize_from, is_aux, quantized_weights, read_state
+from zoo.merge.nf4 import dequantize_from, is_aux, quantized_weights, state_of
 from zoo.merge.tensors import PlannedTensor, TensorSource, tensor_bytes
 
 TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight")
@@ -33,7 +33,7 @@ def plan_tensors(source: TensorSource, loras: list[LoraFile], dtype: str, check=
             targets.setdefault(module, []).append((lora, roles))
         for tensor, key in lora.saved_modules().items():
             saved[tensor] = (lora, key)
-    nf4 = {w: read_state(source.get(w + STATE_SUFFIX), w) for w in quantized_weights(source.names())}
+    nf4 = {w: state_of(source, w) for w in quantized_weights(source.names())}
     names = [n for n in source.names() if not is_aux(n)]
     # On a tied base, an adapter on the head or on the embedding changes one side only:
     # the output gets a head of its own, made from the original embedding.

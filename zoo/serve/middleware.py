@@ -497,6 +497,8 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permiss
                404: "NotFoundError", 413: "RequestTooLargeError", 422: "UnprocessableEntityError",
                429: "RateLimitError"}
 DEFAULT_RESERVE = 256  # tokens a request without max_tokens is assumed to generate
+MOST_RESERVED = 2**31  # a larger max_tokens counts as this: vLLM generates no more than
+# the model's context anyway, and the meter's SQLite holds 64-bit integers
 
 
 def _reserve(data: dict | None, body: bytes) -> int:
@@ -507,7 +509,7 @@ def _reserve(data: dict | None, body: bytes) -> int:
         limit = data.get("max_completion_tokens") or data.get("max_tokens")
     limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 \
         else DEFAULT_RESERVE
-    return len(body) // 4 + limit
+    return len(body) // 4 + min(limit, MOST_RESERVED)
 
 
 async def _send_error(send, decision: Decision, headers: dict[str, str] | None = None) -> None:
