@@ -211,6 +211,8 @@ PROPERTY_EXAMPLES = 200
                                           "/v1/responses", "/tokenize", "/invocations",
                                           "/v1/embeddings/../chat/completions"]))
 @example(body=b'{"max_tokens": 9223372036854775800}', path="/v1/chat/completions")  # SQLite's
+@example(body=b'{"model": "globex/b", "n": ' + b"1" * 5000 + b"}",  # past Python's json
+         path="/v1/chat/completions")
 def test_fuzzed_requests_reach_the_engine_only_for_what_the_tenant_may_use(gate, body, path):
     middleware, app, _ = gate
     app.reached.clear()

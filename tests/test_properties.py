@@ -242,3 +242,29 @@ def test_nf4_quant_states_dequantize_or_are_refused(nf4_parts, tmp_path_factory,
     assert tuple(value.shape) == stated.shape and value.dtype == stated.dtype
     if not fields and not parts:
         assert torch.equal(value, expected)
+
+
+LONG_NUMBER = "1" * 5000  # Python's json refuses integers of over 4,300 digits (ValueError)
+
+
+@pytest.mark.parametrize("what", ["registry", "adapter config", "keys file", "training data"])
+def test_a_number_too_long_for_pythons_json_is_refused(lora_files, tmp_path, what):
+    """json.loads raises a plain ValueError, not JSONDecodeError, for such a number."""
+    from zoo.models.data import load_dataset
+
+    path, _, base = lora_files
+    if what == "adapter config":
+        folder = shutil.copytree(path, tmp_path / "adapter")
+        (folder / "adapter_config.json").write_text(f'{{"r": {LONG_NUMBER}}}')
+        read, error = (lambda: inspect_lora(folder, base, "tiny")), FormatError
+    else:
+        file = tmp_path / "file.json"
+        file.write_text({"registry": f'{{"schema_version": {LONG_NUMBER}}}',
+                         "keys file": f'{{"tenants": {LONG_NUMBER}}}',
+                         "training data": f'{{"prompt": "a", "completion": {LONG_NUMBER}}}\n',
+                         }[what])
+        read, error = {"registry": (lambda: read_catalog(file), RegistryError),
+                       "keys file": (lambda: load_tenants(file), FormatError),
+                       "training data": (lambda: load_dataset(file), ZooError)}[what]
+    with pytest.raises(error):
+        read()

@@ -162,7 +162,7 @@ def _read(path: Path) -> tuple[Catalog, int | None]:
         return Catalog(), None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: a number of over 4,300 digits too
         raise RegistryError(f"{path} is not valid JSON ({exc})") from None
     return Catalog.from_dict(data, str(path)), data.get("schema_version")
 

@@ -176,7 +176,7 @@ def load_json(path: Path, what: str) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FormatError(f"{what} not found: {path}", path=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: a number of over 4,300 digits too
         raise FormatError(f"{what} {path} is not valid JSON ({type(exc).__name__})",
                           path=str(path), hint="Fix or re-create the file.") from None
     if not isinstance(data, dict):

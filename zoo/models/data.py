@@ -51,8 +51,8 @@ def load_dataset(path: Path) -> Dataset:
 def _parse_line(path: str, number: int, line: str) -> Example:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, number, f"not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: a number of over 4,300 digits too
+        raise DataError(path, number, f"not valid JSON ({getattr(exc, 'msg', exc)})") from None
     if not isinstance(record, dict):
         raise DataError(path, number, "not a JSON object")
     if "messages" in record:
