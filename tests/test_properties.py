@@ -145,6 +145,38 @@ def test_adapter_configs_inspect_or_are_refused(lora_files, tmp_path_factory, ch
     assert found.rank >= 1 and found.details.max_rank >= found.rank
 
 
+BASE_FIELDS = st.dictionaries(
+    st.sampled_from(["architectures", "hidden_size", "n_embd", "num_hidden_layers", "vocab_size",
+                     "text_config", "dtype", "torch_dtype", "model_type", "tie_word_embeddings"]),
+    JSON | st.integers(min_value=-2, max_value=4096) | st.lists(st.text(max_size=8), max_size=2),
+    max_size=3)
+
+
+@FUZZ
+@given(BASE_FIELDS)
+# each crashed `zoo add` or was stored in the registry as it came
+@example({"text_config": [1]})
+@example({"architectures": [{"a": 1}]})
+@example({"hidden_size": -5})
+@example({"tie_word_embeddings": "no"})
+def test_base_configs_describe_or_are_refused(models, tmp_path_factory, changes):
+    """A base's config.json from anywhere (a Hub's): its facts are of the registry's types,
+    or zoo refuses it with its own error."""
+    folder = tmp_path_factory.mktemp("fuzz-base")
+    config = json.loads((models.llama / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    for weights in models.llama.glob("*.safetensors"):
+        (folder / weights.name).symlink_to(weights)
+    try:
+        facts = describe_model(folder)
+    except FormatError:
+        return
+    assert isinstance(facts.architecture, str) and isinstance(facts.model_type, str)
+    assert isinstance(facts.dtype, str) and isinstance(facts.tie_word_embeddings, bool)
+    for size in (facts.hidden_size, facts.num_layers, facts.vocab_size):
+        assert type(size) is int and size >= 1
+
+
 @FUZZ
 @given(JSON | st.fixed_dictionaries({"entry": JSON, "files": JSON}))
 def test_hub_manifests_parse_or_are_refused(tmp_path, data):

@@ -48,27 +48,37 @@ def describe_model(model_dir: Path) -> BaseFacts:
     config = read_config(model_dir)
     text = _text_config(config)
     shapes = tensor_shapes(weight_files(model_dir))
-    try:
-        architecture = (config.get("architectures") or ["unknown"])[0]
-        hidden = int(text.get("hidden_size") or text["n_embd"])
-        layers = int(text.get("num_hidden_layers") or text["n_layer"])
-        vocab = int(text["vocab_size"])
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        raise FormatError(f"{model_dir / CONFIG_FILE} lacks a model size field ({exc})",
-                          path=str(model_dir)) from None
+    where = model_dir / CONFIG_FILE
+    if not isinstance(text, dict):
+        raise FormatError(f"{where}: text_config is not an object", path=str(model_dir))
+    architectures = config.get("architectures") or ["unknown"]
+    if not isinstance(architectures, list) or not isinstance(architectures[0], str):
+        raise FormatError(f"{where}: architectures is not a list of names", path=str(model_dir))
+    sizes = []
+    for names in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("vocab_size",)):
+        value = next((text[n] for n in names if text.get(n) is not None), None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise FormatError(f"{where}: {' or '.join(names)} is {repr(value)[:40]}, not a "
+                              "positive integer", path=str(model_dir))
+        sizes.append(value)
     dtype = config.get("dtype") or config.get("torch_dtype")
     if not dtype:
         headers_dtypes = {SAFETENSORS_TORCH[d] for d in _dtypes(model_dir) if d in _FLOAT_CODES}
         dtype = headers_dtypes.pop() if len(headers_dtypes) == 1 else "mixed"
+    model_type = config.get("model_type", "unknown")
+    tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    if not (isinstance(dtype, str) and isinstance(model_type, str) and isinstance(tied, bool)):
+        raise FormatError(f"{where}: dtype and model_type must be names, tie_word_embeddings "
+                          "true or false", path=str(model_dir))
     return BaseFacts(
-        architecture=architecture,
-        model_type=str(config.get("model_type", "unknown")),
-        hidden_size=hidden,
-        num_layers=layers,
-        vocab_size=vocab,
-        dtype=str(dtype),
+        architecture=architectures[0],
+        model_type=model_type,
+        hidden_size=sizes[0],
+        num_layers=sizes[1],
+        vocab_size=sizes[2],
+        dtype=dtype,
         parameters=count_parameters(shapes),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+        tie_word_embeddings=tied,
     )
 
 
