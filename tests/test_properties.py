@@ -177,6 +177,44 @@ def test_base_configs_describe_or_are_refused(models, tmp_path_factory, changes)
         assert type(size) is int and size >= 1
 
 
+BOTTLENECK_FIELDS = st.dictionaries(
+    st.sampled_from(["format_version", "bottleneck_size", "non_linearity", "positions",
+                     "layers"]),
+    JSON | st.lists(st.integers(min_value=-1, max_value=2) | st.booleans(), max_size=3)
+    | st.lists(st.sampled_from(["attention", "feed_forward", "output"]), max_size=3)
+    | st.sampled_from(["relu", "gelu", "swish"]), max_size=3)
+
+
+@FUZZ
+@given(BOTTLENECK_FIELDS)
+# each was registered as it came (str() of any value as its nonlinearity, a load that
+# failed later; a format this zoo does not know)
+@example({"non_linearity": {"a": 1}})
+@example({"non_linearity": "swish"})
+@example({"format_version": 2})
+def test_bottleneck_configs_inspect_or_are_refused(models, tmp_path_factory, changes):
+    from zoo.models.adapters import BOTTLENECK_ACTIVATIONS, BOTTLENECK_POSITIONS
+
+    source = models.bottleneck()
+    folder = tmp_path_factory.mktemp("fuzz-bottleneck")
+    config = json.loads((source / "zoo_adapter.json").read_text())
+    (folder / "zoo_adapter.json").write_text(json.dumps({**config, **changes}))
+    for weights in source.glob("*.safetensors"):
+        (folder / weights.name).symlink_to(weights)
+    try:
+        found = inspect_bottleneck(folder, LLAMA["hidden_size"], LLAMA["num_hidden_layers"], "tiny")
+    except FormatError:
+        return
+    details = found.details
+    assert changes.get("format_version", 1) == 1
+    assert details.non_linearity in BOTTLENECK_ACTIVATIONS
+    assert sorted(set(details.positions)) == sorted(details.positions)
+    assert set(details.positions) <= set(BOTTLENECK_POSITIONS)
+    assert details.modules == found.trainable_params // (
+        2 * details.bottleneck_size * LLAMA["hidden_size"] + LLAMA["hidden_size"]
+        + details.bottleneck_size)
+
+
 @FUZZ
 @given(JSON | st.fixed_dictionaries({"entry": JSON, "files": JSON}))
 def test_hub_manifests_parse_or_are_refused(tmp_path, data):

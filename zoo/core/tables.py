@@ -45,6 +45,12 @@ def numel(shape: Iterable[int]) -> int:
     return math.prod(shape)
 
 
+def is_count(value) -> bool:
+    """A number read from JSON that counts something: an integer of at least 1 (Python's
+    bool is an int; JSON's true is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def torch_dtype(name: str):
     """A torch dtype from a user's or config's name (``bf16``, ``float32``...)."""
     import torch

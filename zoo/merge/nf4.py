@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.core.tables import numel
+from zoo.core.tables import is_count, numel
 from zoo.errors import FormatError
 
 STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
@@ -65,10 +65,10 @@ def read_state(raw: torch.Tensor, weight: str) -> NF4State:
         dtype = FLOAT_DTYPES[state["dtype"].removeprefix("torch.")]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"{weight}: unreadable NF4 quant state ({exc})") from None
-    if not shape or not all(_count(d) for d in shape):
+    if not shape or not all(is_count(d) for d in shape):
         raise FormatError(f"{weight}: NF4 shape {list(shape)[:8]} is not a list of positive integers")
     for name, size in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
-        if (size is not None or name == "blocksize") and not (_count(size) and size <= MAX_BLOCKSIZE):
+        if (size is not None or name == "blocksize") and not (is_count(size) and size <= MAX_BLOCKSIZE):
             raise FormatError(f"{weight}: NF4 {name} {size!r} is not an integer in 1..{MAX_BLOCKSIZE}")
     if nested_blocksize is not None and not (
             isinstance(nested_offset, int | float) and not isinstance(nested_offset, bool)
@@ -76,10 +76,6 @@ def read_state(raw: torch.Tensor, weight: str) -> NF4State:
         raise FormatError(f"{weight}: NF4 nested_offset {nested_offset!r} is not a finite number")
     return NF4State(shape, dtype, blocksize, nested_blocksize,
                     None if nested_blocksize is None else float(nested_offset))
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def state_of(source, weight: str) -> NF4State:

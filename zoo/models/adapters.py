@@ -16,7 +16,7 @@ from pathlib import Path
 
 from zoo.core.files import count_parameters, load_json, nonfinite_tensors, tensor_shapes
 from zoo.core.records import BottleneckDetails, LoraDetails
-from zoo.core.tables import LORA_SUFFIXES
+from zoo.core.tables import LORA_SUFFIXES, is_count
 from zoo.errors import FormatError, ShapeMismatch
 
 PEFT_CONFIG = "adapter_config.json"
@@ -267,13 +267,13 @@ def vllm_max_lora_rank(rank: int) -> int:
 
 BOTTLENECK_FORMAT = "zoo-bottleneck"
 BOTTLENECK_POSITIONS = ("attention", "feed_forward")
+BOTTLENECK_ACTIVATIONS = ("relu", "gelu", "silu", "tanh")  # models/bottleneck.py's modules
 
 
 @dataclass(frozen=True)
 class BottleneckInspection:
     details: BottleneckDetails
     trainable_params: int
-    base_model: str | None
 
 
 def bottleneck_key(layer: int, position: str, part: str, param: str) -> str:
@@ -288,14 +288,24 @@ def inspect_bottleneck(path: Path, hidden_size: int, num_layers: int, base_name:
         raise FormatError(f"{path / BOTTLENECK_CONFIG} is not a {BOTTLENECK_FORMAT} config",
                           path=str(path))
     try:
-        m = int(config["bottleneck_size"])
-        positions = list(config["positions"])
-        layers = [int(i) for i in config["layers"]]
-        non_linearity = str(config["non_linearity"])
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        m, positions = config["bottleneck_size"], config["positions"]
+        layers, non_linearity = config["layers"], config["non_linearity"]
+    except KeyError as exc:
         raise FormatError(f"{path / BOTTLENECK_CONFIG} lacks {exc}", path=str(path)) from None
+    if config.get("format_version", 1) != 1:
+        raise FormatError(f"{path / BOTTLENECK_CONFIG} is format_version "
+                          f"{str(config['format_version'])[:20]}; this zoo reads 1", path=str(path),
+                          hint="Upgrade zoo to read it.")
+    if not (is_count(m) and isinstance(positions, list) and isinstance(layers, list)
+            and all(type(i) is int for i in layers)  # not bool
+            and non_linearity in BOTTLENECK_ACTIVATIONS):
+        raise FormatError(f"{path / BOTTLENECK_CONFIG}: bottleneck_size must be a positive "
+                          "integer, positions and layers lists (of names, of layer numbers), "
+                          f"non_linearity one of {', '.join(BOTTLENECK_ACTIVATIONS)}",
+                          path=str(path))
     bad = [p for p in positions if p not in BOTTLENECK_POSITIONS]
-    if bad or any(not 0 <= i < num_layers for i in layers):
+    if bad or any(not 0 <= i < num_layers for i in layers) or \
+            len(set(positions)) < len(positions) or len(set(layers)) < len(layers):
         raise FormatError(f"{path / BOTTLENECK_CONFIG}: positions {positions} / layers "
                           f"{layers} do not fit base {base_name!r}", path=str(path),
                           hint=ShapeMismatch.hint)
@@ -319,4 +329,4 @@ def inspect_bottleneck(path: Path, hidden_size: int, num_layers: int, base_name:
                           path=str(path))
     details = BottleneckDetails(bottleneck_size=m, non_linearity=non_linearity,
                                 positions=positions, modules=len(layers) * len(positions))
-    return BottleneckInspection(details, count_parameters(shapes), config.get("base_model"))
+    return BottleneckInspection(details, count_parameters(shapes))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoo.core.files import count_parameters, load_json, tensor_shapes
-from zoo.core.tables import SAFETENSORS_TORCH
+from zoo.core.tables import SAFETENSORS_TORCH, is_count
 from zoo.errors import FormatError
 
 CONFIG_FILE = "config.json"
@@ -57,7 +57,7 @@ def describe_model(model_dir: Path) -> BaseFacts:
     sizes = []
     for names in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"), ("vocab_size",)):
         value = next((text[n] for n in names if text.get(n) is not None), None)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_count(value):
             raise FormatError(f"{where}: {' or '.join(names)} is {repr(value)[:40]}, not a "
                               "positive integer", path=str(model_dir))
         sizes.append(value)

@@ -24,6 +24,7 @@ from torch import nn
 
 from zoo.errors import FormatError
 from zoo.models.adapters import (
+    BOTTLENECK_ACTIVATIONS,
     BOTTLENECK_CONFIG,
     BOTTLENECK_FORMAT,
     BOTTLENECK_POSITIONS,
@@ -32,6 +33,7 @@ from zoo.models.adapters import (
 )
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+assert tuple(ACTIVATIONS) == BOTTLENECK_ACTIVATIONS
 UP_INIT_STD = 1e-4  # near zero: training starts from the base's behaviour
 
 

@@ -43,6 +43,7 @@ from zoo.catalog.integrity import cached_hash
 from zoo.catalog.versions import label, record_in_use
 from zoo.core.files import read_ahead
 from zoo.core.process import identity
+from zoo.core.tables import is_count
 from zoo.serve.policy import (
     ANONYMOUS,
     LOAD_FAILURES,
@@ -507,8 +508,7 @@ def _reserve(data: dict | None, body: bytes) -> int:
     limit = None
     if data is not None:
         limit = data.get("max_completion_tokens") or data.get("max_tokens")
-    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 \
-        else DEFAULT_RESERVE
+    limit = limit if is_count(limit) else DEFAULT_RESERVE
     return len(body) // 4 + min(limit, MOST_RESERVED)
 
 

@@ -35,6 +35,7 @@ from zoo.catalog.versions import (
 )
 from zoo.core.files import write_json_atomic
 from zoo.core.records import AdapterEntry
+from zoo.core.tables import is_count
 from zoo.errors import FormatError, ZooError
 
 HOME_VARIABLE = "ZOO_HOME"
@@ -181,7 +182,7 @@ def _read_keys_file(path: Path) -> tuple[dict, list[Tenant]]:
                 raise ValueError(f"tenant {name!r}: weight must be a number in (0, 1000]")
             limits = spec.get("limits") or {}
             if not isinstance(limits, dict) or any(
-                    k not in LIMITS or isinstance(v, bool) or not isinstance(v, int) or v < 1
+                    k not in LIMITS or not is_count(v)
                     for k, v in limits.items()):
                 raise ValueError(f"tenant {name!r}: limits are positive integers among "
                                  f"{', '.join(LIMITS)}")
