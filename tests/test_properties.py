@@ -215,6 +215,32 @@ def test_bottleneck_configs_inspect_or_are_refused(models, tmp_path_factory, cha
         + details.bottleneck_size)
 
 
+CHAT_LINES = st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries({
+    "role": st.sampled_from(["system", "user", "assistant", "tool"]),
+    "content": st.text(max_size=6) | JSON}), max_size=3)}) | st.fixed_dictionaries(
+    {"prompt": st.text(max_size=6) | JSON, "completion": st.text(max_size=6) | JSON})
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=40) | (JSON | CHAT_LINES).map(lambda v: json.dumps(v).encode()),
+                max_size=4),
+       st.booleans())
+@example([b'{"prompt": "a", "completion": "\xff"}'], False)  # crashed: UnicodeDecodeError
+@example([b'{"prompt": "a", "completion": "b"}'], True)  # a BOM, as Windows' editors write
+def test_training_data_loads_or_is_refused(tmp_path, lines, bom):
+    from zoo.models.data import load_dataset
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" * bom + b"\n".join(lines))
+    try:
+        dataset = load_dataset(path)
+    except ZooError:
+        return
+    for item in dataset.examples:
+        assert item.messages and item.messages[-1]["role"] == "assistant"
+        assert all(isinstance(m["content"], str) for m in item.messages)
+
+
 @FUZZ
 @given(JSON | st.fixed_dictionaries({"entry": JSON, "files": JSON}))
 def test_hub_manifests_parse_or_are_refused(tmp_path, data):

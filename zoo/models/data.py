@@ -38,11 +38,14 @@ def load_dataset(path: Path) -> Dataset:
         raise FormatError(f"training data {path} not found", path=str(path),
                           hint="Pass a JSONL file with --data.")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            examples.append(_parse_line(str(path), number, line))
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM: Windows
+            except UnicodeDecodeError:
+                raise DataError(str(path), number, "not UTF-8 text") from None
+            if line.strip():
+                examples.append(_parse_line(str(path), number, line))
     if not examples:
         raise DataError(str(path), 0, "the file holds no examples")
     return Dataset(path, sha256_file(path), examples)
