@@ -175,6 +175,18 @@ def test_usage_is_counted_on_every_model_route(gate):
     assert call(other, "/zoo/usage", key=KEYS["acme"])[1]["usage"] == rows
 
 
+@pytest.mark.parametrize("cookie", ["acme|x|1|\xe9", "acme|x|1|00", "|||", "\xe9\xe9", ""])
+def test_a_junk_session_cookie_signs_the_visitor_out(gate, cookie):
+    """The pages in front of this middleware: a session cookie zoo did not sign is a
+    redirect to sign in, whatever it holds (a non-ASCII one crashed the page)."""
+    from zoo.ui.web import Pages
+
+    middleware, _, _ = gate
+    pages = Pages(middleware, middleware.policy)
+    header = (b"cookie", f"zoo_session={cookie}".encode("latin-1"))
+    assert call(pages, "/zoo/ui/", headers=[header]) == (303, {})
+
+
 def test_a_revoked_key_stops_working_without_a_restart(gate):
     middleware, _, keys = gate
     assert call(middleware, "/v1/completions", chat("acme/a"), KEYS["acme"])[0] == 200

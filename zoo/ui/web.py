@@ -112,7 +112,9 @@ class Pages:
             return None
         body, _, signature = cookie.rpartition("|")
         name, key_hash, expiry = body.split("|")
-        if not hmac.compare_digest(signature, self._sign(body)) or int(expiry) < time.time():
+        # bytes: compare_digest refuses str with other than ASCII (a cookie can hold any)
+        if not hmac.compare_digest(signature.encode(), self._sign(body).encode()) or \
+                int(expiry) < time.time():
             return None
         for tenant in tenants:  # the key must still be one of the tenant's
             if tenant.name == name and any(
