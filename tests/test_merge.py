@@ -309,6 +309,11 @@ def test_refusals_write_nothing(tiny, tmp_path, zoo_home):
     result = zoo("merge", "--adapter", "p", "--adapter", "w", "--name", "pw", ok=False)
     assert "different bases" in result.stderr
 
+    for weight in ("nan", "inf"):  # were merged, then failed verification as a bug to report
+        result = zoo("merge", "--adapter", "p", "--weights", weight, "--out", tmp_path / "n",
+                     ok=False)
+        assert result.exit_code == 1 and "finite" in result.stderr
+
     (tmp_path / "exists").mkdir()
     result = zoo("merge", "--adapter", "p", "--out", tmp_path / "exists", ok=False)
     assert "already exists" in result.stderr and "--force" in result.stderr

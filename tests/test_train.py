@@ -172,6 +172,21 @@ def test_bad_data_is_refused_with_its_line_number(tiny, tmp_path, zoo_home, line
     assert not (zoo_home / "adapters" / "bad").exists()
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--lr", "nan"), ("--lr", "0"), ("--alpha", "inf"), ("--rank", "0"), ("--steps", "-1"),
+    ("--batch-size", "0"), ("--eval-split", "1"), ("--eval-split", "nan"), ("--targets", ","),
+])
+def test_settings_no_run_can_use_are_refused_before_it_starts(tiny, zoo_home, option, value):
+    """Before, a NaN learning rate, steps -1, a batch size of 0 and no targets crashed
+    (exit 2); --lr 0 and --rank 0 trained with the defaults and an eval split of 1 or NaN
+    trained as asked (registered); an infinite alpha trained, then was refused."""
+    result = zoo("train", "--base", "tiny", "--method", "lora", "--data", DATA, "--name", "s",
+                 "--steps", "1", option, value, ok=False)
+    assert result.exit_code == 1 and "cannot train with" in result.stderr
+    assert option in result.stderr and "Traceback" not in result.stderr
+    assert not (zoo_home / "adapters" / "s").exists()
+
+
 def test_a_failed_run_registers_nothing(tiny, zoo_home, monkeypatch):
     def broken_save(*_args, **_kw):
         raise KeyboardInterrupt

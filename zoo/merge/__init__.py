@@ -10,6 +10,7 @@ place or registered as a new base of kind ``merged``.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,6 +132,8 @@ def adapters_of_one_base(catalog, names, weights=None
     if len(weights) != len(names):
         raise NotSupported(f"{len(weights)} weights for {len(names)} adapters",
                            hint="Give one --weights value per --adapter, comma-separated.")
+    if not all(math.isfinite(w) for w in weights):
+        raise NotSupported(f"weights {', '.join(map(str, weights))}: each must be a finite number")
     from zoo.catalog.versions import SEPARATOR, resolve
 
     entries = [resolve(catalog, name) if SEPARATOR in name else catalog.adapter(name)

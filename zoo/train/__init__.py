@@ -65,9 +65,7 @@ def train(options: TrainOptions, registry: Registry | None = None,
 
     registry = registry or Registry()
     validate_name(options.name)
-    if options.method not in TRAIN_METHODS:
-        raise NotSupported(f"unknown method {options.method!r}",
-                           hint=f"Use {', '.join(TRAIN_METHODS)}.")
+    check_options(options)
     catalog = registry.load()
     present = catalog.entries.get(options.name)
     if register and present is not None and not (options.new_version and
@@ -141,6 +139,29 @@ def train_from_recipe(known: AdapterEntry, registry: Registry,
     result = train(options, registry, log=log)
     assert result.entry is not None
     return result.entry
+
+
+def check_options(options: TrainOptions) -> None:
+    """Refuse settings no run can use, before any data or model is read."""
+    if options.method not in TRAIN_METHODS:
+        raise NotSupported(f"unknown method {options.method!r}",
+                           hint=f"Use {', '.join(TRAIN_METHODS)}.")
+    wrong = [f"{flag} {value}" for flag, value, fine in (
+        ("--rank", options.rank, lambda v: v >= 1),
+        ("--alpha", options.alpha, lambda v: math.isfinite(v) and v > 0),
+        ("--lr", options.lr, lambda v: math.isfinite(v) and v > 0),
+        ("--epochs", options.epochs, lambda v: v >= 1),
+        ("--steps", options.steps, lambda v: v >= 1),
+        ("--eval-split", options.eval_split, lambda v: 0 <= v < 1),
+        ("--batch-size", options.batch_size, lambda v: v >= 1),
+        ("max_length", options.max_length, lambda v: v >= 2),
+    ) if value is not None and not fine(value)]
+    if options.method != "bottleneck" and not (options.targets and all(options.targets)):
+        wrong.append("--targets (empty)")
+    if wrong:
+        raise NotSupported(f"cannot train with {', '.join(wrong)}", hint=(
+            "Ranks, epochs, steps and the batch size are whole numbers of at least 1; alpha "
+            "and the learning rate positive numbers; the eval split a fraction in [0, 1)."))
 
 
 def _split(dataset: Dataset, options: TrainOptions, tokenizer):
