@@ -74,6 +74,9 @@ def test_promote_is_gated_on_held_out_loss_and_rollback_is_one_step(tiny, tmp_pa
         refused.output
     assert "against" in refused.stderr  # both numbers in the message
     assert zoo_json("show", "acme/x")["version"] == 2  # nothing changed
+    for bad in (["--max-regression", "nan"], ["--canary", "150"], ["--canary", "nan"]):
+        refused = zoo("promote", "acme/x", "v3", "--data", data, *bad, ok=False)
+        assert refused.exit_code == 1 and "evaluating" not in refused.output, bad  # no gate run
     forced = zoo("promote", "acme/x", "v3", "--data", data, "--max-regression", "0.002",
                  "--force").stdout
     assert "(forced)" in forced

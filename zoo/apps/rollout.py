@@ -14,6 +14,7 @@ server's reason: otherwise every request it answers would fail with a 400.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,11 @@ def promote(ref: str, canary: float | None = None, data: Path | None = None,
             log: Callable[[str], None] = lambda _: None) -> Rollout:
     """Make the version ``ref`` current (or its canary), after the evaluation gate."""
     registry = registry or Registry()
+    if canary is not None and not 0 < canary <= 100:  # before the minutes of the gate
+        raise NotSupported(f"a canary share is above 0 and at most 100, not {canary}")
+    if not (math.isfinite(max_regression) and max_regression >= 0):
+        raise NotSupported(f"--max-regression {max_regression}: a fraction of at least 0 "
+                           "(0.02: the held-out loss may rise by 2%)")
     name, _ = versions.split_ref(ref)
     catalog = registry.load()
     entry = catalog.adapter(name)
