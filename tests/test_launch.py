@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from tests.helpers import zoo
 from zoo.catalog import integrity
 from zoo.catalog.registry import Registry
@@ -308,8 +310,6 @@ def test_the_served_variant_is_made_in_a_process_of_its_own(models, zoo_home, mo
     """Calibrating the int8 base loads the 16-bit model and its activations (2.8 GB for
     SmolLM2): zoo serve makes the variant in a child process, so it keeps none of it; the
     child's errors come back as zoo's errors."""
-    import pytest
-
     from zoo import quantize as quantizing
     from zoo.errors import ZooError
     from zoo.serve.launch import prepare_base
@@ -333,3 +333,33 @@ def test_the_served_variant_is_made_in_a_process_of_its_own(models, zoo_home, mo
     weights.write_bytes(b"not the registered weights")
     with pytest.raises(ZooError, match="changed|tiny"):
         prepare_base(ServeOptions(base="tiny", quantization="w8a8"), registry)
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({"port": 0}, "--port 0"), ({"port": 70000}, "--port 70000"),
+    ({"max_loras": 0}, "--max-loras 0"), ({"max_cpu_loras": -1}, "--max-cpu-loras -1"),
+    ({"max_loras": 64, "max_cpu_loras": 8}, "fewer than --max-loras 64"),
+    ({"api_keys": "keys.json"}, "is malformed"),
+])
+def test_settings_no_server_can_start_with_are_refused_before_the_variant_is_made(
+        models, zoo_home, tmp_path, monkeypatch, changes, why):
+    """Before, each of these started minutes of int8 calibration, then failed (vLLM's own
+    error, or a malformed keys file refused after the variant was made)."""
+    from zoo.errors import NotSupported, ZooError
+    from zoo.serve import launch
+
+    zoo("add", models.llama, "--name", "tiny")
+    monkeypatch.setattr(launch.subprocess, "run", lambda *a, **k: pytest.fail("calibrated"))
+    if "api_keys" in changes:
+        (tmp_path / "keys.json").write_text('{"tenants": 5}')
+        changes = {"api_keys": tmp_path / "keys.json"}
+    options = ServeOptions(base="tiny", quantization="w8a8", **changes)
+    with pytest.raises((NotSupported, ZooError), match=why):
+        launch.prepare_base(options, Registry(zoo_home))
+
+
+def test_only_max_cpu_loras_given_caps_the_batch(models, zoo_home):
+    zoo("add", models.llama, "--name", "tiny")
+    plan = plan_serve(ServeOptions(base="tiny", quantization="none", max_cpu_loras=8),
+                      Registry(zoo_home))
+    assert plan.max_loras == 8 and plan.max_cpu_loras == 8  # vLLM refused 256 in a batch

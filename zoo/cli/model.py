@@ -56,7 +56,7 @@ def train_cmd(base, method, data, name, rank, alpha, targets, epochs, steps, lr,
 @click.argument("prompt")
 @click.option("--adapter", default=None, help="Registered adapter (any kind).")
 @click.option("--base", default=None, help="Registered base, without an adapter.")
-@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 def generate_cmd(prompt: str, adapter: str | None, base: str | None, max_tokens: int) -> None:
     """Greedy answer from an adapter (or a base) through transformers, without a server."""
     from zoo.inference.generate import generate

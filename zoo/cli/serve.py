@@ -12,6 +12,8 @@ from zoo.cli.app import DEBUG_VARIABLE, cli
 from zoo.core.tables import DEFAULT_ROUTER_POLICY as DEFAULT_POLICY
 from zoo.core.tables import ROUTER_POLICIES as POLICIES
 
+PORT = click.IntRange(1, 65535)
+
 
 @cli.command("serve", context_settings={"ignore_unknown_options": True})
 @click.option("--multi-lora", is_flag=True, required=True,
@@ -21,11 +23,11 @@ from zoo.core.tables import ROUTER_POLICIES as POLICIES
               show_default=True,
               help="w8a8: int8 weights and activations; nf4: GPU only (vllm-bnb-plugin).")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--max-loras", type=int, default=None,
+@click.option("--port", type=PORT, default=8000, show_default=True)
+@click.option("--max-loras", type=click.IntRange(min=1), default=None,
               help="Adapters in one batch (default: 256, fewer when the slots would take "
                    "more than 15% of memory for what the adapters train, 25% for all).")
-@click.option("--max-cpu-loras", type=int, default=None,
+@click.option("--max-cpu-loras", type=click.IntRange(min=1), default=None,
               help="Adapters kept loaded (LRU); default: 4 x --max-loras, at most 512.")
 @click.option("--api-keys", type=click.Path(path_type=Path), default=None,
               help="JSON file of tenants and their keys; without it the server is open.")
@@ -77,7 +79,7 @@ def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_lor
 @click.option("--worker", "workers", multiple=True, required=True,
               help="URL of a running 'zoo serve' (repeatable), e.g. http://10.0.0.2:8000.")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=PORT, default=8000, show_default=True)
 @click.option("--policy", type=click.Choice(POLICIES), default=DEFAULT_POLICY,
               show_default=True)
 def route_cmd(workers, host, port, policy) -> None:
@@ -147,7 +149,7 @@ def usage_cmd(tenant, since, by, as_csv) -> None:
 
 @cli.command("ui")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=PORT, default=8080, show_default=True)
 @click.option("--api-keys", type=click.Path(path_type=Path), default=None,
               help="Keys file: visitors sign in and see their own adapters and usage.")
 def ui_cmd(host: str, port: int, api_keys: Path | None) -> None:

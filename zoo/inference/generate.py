@@ -23,6 +23,8 @@ def generate(prompt: str, adapter: str | None = None, base: str | None = None,
     from zoo.catalog.integrity import variant_path
     from zoo.catalog.loading import load_adapted, load_model, load_tokenizer
 
+    if max_new_tokens < 1:
+        raise NotSupported(f"max_new_tokens {max_new_tokens}: at least 1")
     registry = registry or Registry()
     catalog = registry.load()
     if adapter:

@@ -26,7 +26,7 @@ from zoo.catalog.integrity import ORIGINAL, changed_files, has_intact_variant, v
 from zoo.catalog.registry import Catalog, Registry
 from zoo.core.measure import cpu_flags
 from zoo.core.records import AdapterEntry, BaseEntry
-from zoo.errors import ServeError, ZooError
+from zoo.errors import NotSupported, ServeError, ZooError
 from zoo.models.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
 from zoo.serve import policy as env
 from zoo.serve.plugin import STATE_VARIABLE, set_parent_death_signal
@@ -133,6 +133,7 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     activations and the quantizer (2.8 GB for SmolLM2), which a long-lived ``zoo serve``
     would otherwise keep for its whole life."""
     registry = registry or Registry()
+    check_options(options)  # before minutes of calibration
     base = choose_base(registry.load(), options.base)
     variant = served_variant(options)
     if variant == ORIGINAL:
@@ -212,6 +213,25 @@ def _make_variant(home: str, base: str, variant: str, bits: str) -> str:
     return "null"
 
 
+def check_options(options: ServeOptions) -> None:
+    """Refuse what no server can start with: numbers out of range, a malformed keys file."""
+    wrong = [f"--{flag} {value}" for flag, value, low, high in (
+        ("port", options.port, 1, 65535), ("max-loras", options.max_loras, 1, None),
+        ("max-cpu-loras", options.max_cpu_loras, 1, None),
+        ("max-model-len", options.max_model_len, 1, None))
+        if value is not None and not (low <= value and (high is None or value <= high))]
+    if wrong:
+        raise NotSupported(f"cannot serve with {', '.join(wrong)}", hint=(
+            "A port is 1 to 65535; adapter counts and the model length are at least 1."))
+    if options.max_loras and options.max_cpu_loras and options.max_cpu_loras < options.max_loras:
+        raise NotSupported(f"--max-cpu-loras {options.max_cpu_loras} is fewer than --max-loras "
+                           f"{options.max_loras}: vLLM keeps loaded every adapter of a batch")
+    if options.api_keys is not None:
+        from zoo.serve.policy import load_tenants
+
+        load_tenants(options.api_keys)
+
+
 def plan_serve(options: ServeOptions, registry: Registry | None = None) -> ServePlan:
     """Everything about the server to start, decided and validated before starting it.
 
@@ -219,6 +239,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     :func:`prepare_base` first, as ``zoo serve`` does).
     """
     registry = registry or Registry()
+    check_options(options)
     catalog = registry.load()
     base = choose_base(catalog, options.base)
     model_path = variant_path(registry, base, served_variant(options))
@@ -236,7 +257,8 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     targets = {t for v in every for t in v.target_modules}
     options = replace(options, dtype=activation_dtype(options.dtype))
     stacks = lora_dtype(options.dtype, options.extra_args)
-    max_loras = options.max_loras or default_max_loras(model_path, max_rank, stacks, targets)
+    max_loras = options.max_loras or min(default_max_loras(model_path, max_rank, stacks, targets),
+                                         options.max_cpu_loras or MAX_CPU_LORAS)
     max_cpu_loras = options.max_cpu_loras or default_cpu_loras(max_loras)
     wrapped = lora_layers(options, targets)
     argv = vllm_argv(options, base, model_path, max_rank, max_loras, max_cpu_loras,
@@ -253,9 +275,6 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     }
     run_env.pop(env.KEYS_VARIABLE, None)
     if options.api_keys is not None:
-        from zoo.serve.policy import load_tenants
-
-        load_tenants(options.api_keys)  # refuse a malformed file before starting anything
         run_env[env.KEYS_VARIABLE] = str(Path(options.api_keys).absolute())
     return ServePlan(base, model_path, served, left_out, max_rank, max_loras, max_cpu_loras,
                      argv, run_env, options.dtype, stacks, wrapped)
