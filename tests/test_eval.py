@@ -397,3 +397,22 @@ def test_eval_of_a_variant_reports_its_ratio_to_the_original(tiny, tmp_path, zoo
     assert zoo_json("show", "tiny")["evaluations"]["original"]["at"] == full["at"]  # reused
     refused = zoo("eval", "tiny", "--domains", ok=False)
     assert refused.exit_code == 2 and "--variant nf4 or w8a8" in refused.stderr
+
+
+@pytest.mark.parametrize("content", [b"\n\n  \n", b"\xff\xfe not text"])
+def test_calibration_text_zoo_cannot_use_is_refused_before_the_model_loads(
+        tiny, tmp_path, zoo_home, monkeypatch, content):
+    """An empty file failed after the model loaded with an error to report (max() of
+    nothing); text that is not UTF-8 was read after the model loaded."""
+    import transformers
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded first")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    path = tmp_path / "calibration.txt"
+    path.write_bytes(content)
+    result = zoo("quantize", "tiny", "--scheme", "w8a8", "--calibration", path, "--no-eval",
+                 ok=False)
+    assert result.exit_code == 1 and "calibration.txt" in result.stderr
+    assert "w8a8" not in zoo_json("show", "tiny")["variants"]

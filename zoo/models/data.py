@@ -134,7 +134,12 @@ def calibration_texts(path: Path | None = None) -> list[str]:
     formats), or what ships with zoo: English prose, chat examples, four other languages,
     code in four languages and everyday writing (none of the held-out domains' texts)."""
     if path is not None:
-        return texts_of(Path(path))
+        texts = texts_of(Path(path))
+        if not any(t.strip() for t in texts):
+            raise FormatError(f"{path} holds no text to calibrate on", path=str(path), hint=(
+                "Pass plain text or JSONL of the training formats, or leave --calibration "
+                "out for the text zoo ships."))
+        return texts
     texts = texts_of(CALIBRATION_TEXT)
     for jsonl in sorted(CALIBRATION_CHATS.glob("*.jsonl")):
         texts += texts_of(jsonl)

@@ -119,8 +119,8 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
         from zoo.core.files import sha256_bytes
         from zoo.models.data import calibration_texts, token_batches
 
+        texts = calibration_texts(calibration)  # refused before the model is read
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        texts = calibration_texts(calibration)
         batches = token_batches(AutoTokenizer.from_pretrained(source), texts)
         before = smooth.calibrate(model, batches)
         worst_before = max(smooth.int8_errors(model, before, levels).values())
