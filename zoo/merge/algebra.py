@@ -88,13 +88,11 @@ def factor_dense(delta: torch.Tensor, rank: int) -> Factored:
 
 
 def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> Factored:
-    """B = U·S and A = Vᵀ at ``rank`` columns (zero-padded past the update's own rank)."""
+    """B = U·S and A = Vᵀ at ``rank`` columns, or fewer where the update holds fewer (its
+    singular values: at most the smaller side, and the ranks it was made of)."""
     keep = min(rank, s.numel())
-    b = torch.zeros(u.shape[0], rank)
-    a = torch.zeros(rank, vh.shape[1])
-    b[:, :keep] = u[:, :keep] * s[:keep]
-    a[:keep] = vh[:keep]
-    return Factored(b, a, float(s[:keep].pow(2).sum()), float(s.pow(2).sum()))
+    return Factored(u[:, :keep] * s[:keep], vh[:keep].clone(), float(s[:keep].pow(2).sum()),
+                    float(s.pow(2).sum()))
 
 
 # -- the inputs ------------------------------------------------------------------------
@@ -139,14 +137,24 @@ def _ordered(modules, order: dict[str, int]) -> list[str]:
 # -- writing and registering -----------------------------------------------------------
 
 def _register(registry: Registry, name: str, base: BaseEntry, variant: str,
-              factors: dict[str, Factored], rank: int, template: dict, source: dict,
-              fan_in_fan_out: bool = False, new_version: bool = False) -> AdapterEntry:
+              factors: dict[str, Factored], asked: int, template: dict, source: dict,
+              fan_in_fan_out: bool = False, new_version: bool = False,
+              log: Callable[[str], None] = lambda _: None) -> AdapterEntry:
+    """The factors as a PEFT LoRA at one rank: the ``asked`` one, or the largest any module
+    holds when that is less (every module is then exact; a larger rank would only write
+    zeros). Modules of a lower rank are padded with zeros."""
     from safetensors.torch import save_file
 
+    rank = max(f.b.shape[1] for f in factors.values())
+    if rank < asked:
+        log(f"rank {asked} is more than these updates hold: written at rank {rank}, exactly")
     tensors = {}
     for module, f in factors.items():
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = f.a.contiguous()
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = f.b.contiguous()
+        pad = rank - f.b.shape[1]
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.cat(
+            [f.a, f.a.new_zeros(pad, f.a.shape[1])]).contiguous()
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.cat(
+            [f.b, f.b.new_zeros(f.b.shape[0], pad)], dim=1).contiguous()
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise NotSupported("the result has NaN or Inf values; nothing was registered")
     config = {k: v for k, v in template.items() if k not in (
@@ -231,8 +239,8 @@ def combine(options: CombineOptions, registry: Registry | None = None,
               "adapters": [{"name": lora.name.partition(":")[0], "weight": lora.weight,
                             **_provenance(registry, lora.name)} for lora in loras]}
     entry = _register(registry, options.name, base, variant, factors, rank, loras[0].config,
-                      source, loras[0].fan_in_fan_out, options.new_version)
-    result = _result(entry, rank, factors)
+                      source, loras[0].fan_in_fan_out, options.new_version, log)
+    result = _result(entry, factors)
     if options.logits:
         result.logits = logit_change(registry, base, variant, loras, entry)
     return result
@@ -251,12 +259,12 @@ def _check_rank(rank: int) -> None:
         raise NotSupported(f"rank {rank!r} must be a positive integer")
 
 
-def _result(entry: AdapterEntry, rank: int, factors: dict[str, Factored]) -> AlgebraResult:
+def _result(entry: AdapterEntry, factors: dict[str, Factored]) -> AlgebraResult:
     kept = sum(f.kept for f in factors.values())
     total = sum(f.total for f in factors.values())
     worst = min(factors.items(), key=lambda kv: kv[1].kept / kv[1].total if kv[1].total else 1)
     worst_share = worst[1].kept / worst[1].total if worst[1].total else 1.0
-    return AlgebraResult(entry, rank, kept / total if total else 1.0, len(factors),
+    return AlgebraResult(entry, entry.rank, kept / total if total else 1.0, len(factors),
                          worst_module=(worst[0], worst_share))
 
 
@@ -293,8 +301,8 @@ def compress(name: str, rank: int, new_name: str | None = None, registry: Regist
                      "dora_folded": dora, "from_version": origin["version"],
                      "from_hash": origin["content_hash"]}
     entry = _register(registry, new_name, base, variant, factors, rank, lora.config,
-                      source_record, lora.fan_in_fan_out, new_version)
-    result = _result(entry, rank, factors)
+                      source_record, lora.fan_in_fan_out, new_version, log)
+    result = _result(entry, factors)
     if logits:
         result.logits = logit_change(registry, base, variant, [lora], entry)
     return result
@@ -349,8 +357,8 @@ def extract(model: str, base_ref: str, rank: int, name: str, registry: Registry 
         raise NotSupported(f"{model} has the same linear weights as {base_name}: nothing to "
                            "extract")
     source = {"type": "extract", "model": str(model), "base": base_name, "rank": rank}
-    entry = _register(registry, name, base, ORIGINAL, factors, rank, {}, source)
-    result = _result(entry, rank, factors)
+    entry = _register(registry, name, base, ORIGINAL, factors, rank, {}, source, log=log)
+    result = _result(entry, factors)
     if logits:
         result.logits = model_logit_change(model_dir, base_dir, registry, entry)
     return result
