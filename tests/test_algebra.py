@@ -164,7 +164,7 @@ def test_a_rank_past_what_the_updates_hold_is_written_at_theirs(two, zoo_home):
     """Before, compress to rank 100,000 of a rank-4 adapter wrote 90 MB of zeros beside
     the update (83,632% of the tiny base). Past the updates' own rank, the result is
     exact at theirs: the adapter's own (4), a sum's (4 + 6), the smaller side (32)."""
-    _models, a, _b = two
+    models, a, _b = two
     lines = []
     result = compress("a", 100_000, "a-big", log=lines.append)
     assert result.rank == 4 and zoo_json("show", "a-big")["rank"] == 4
@@ -174,8 +174,8 @@ def test_a_rank_past_what_the_updates_hold_is_written_at_theirs(two, zoo_home):
         assert_within(update, updates(a)[module], truncation_bound(update, 4, extra=4), module)
     combined = combine(CombineOptions(("a", "b"), "ab", rank=50))
     assert combined.rank == 4 + 6 and abs(combined.energy_kept - 1.0) <= EXACT_ENERGY
-    zoo("merge", "--adapter", "a", "--out", _models.root / "merged-a", "--dtype", "fp32")
-    extracted = extract(str(_models.root / "merged-a"), "tiny", 1000, "ex", logits=False)
+    zoo("merge", "--adapter", "a", "--out", models.root / "merged-a", "--dtype", "fp32")
+    extracted = extract(str(models.root / "merged-a"), "tiny", 1000, "ex", logits=False)
     assert extracted.rank <= 32  # the tiny llama's smaller side
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.core.tables import is_count, numel
+from zoo.core.tables import DTYPES, is_count, numel, torch_dtype
 from zoo.errors import FormatError
 
 STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
@@ -49,8 +49,7 @@ def is_aux(name: str) -> bool:
     return name.endswith(AUX_SUFFIXES)
 
 
-FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-FLOATS = tuple(FLOAT_DTYPES.values())
+FLOATS = tuple(torch_dtype(name) for name in sorted(set(DTYPES.values())))
 MAX_BLOCKSIZE = 2**16  # bitsandbytes makes 32 to 4096
 
 
@@ -62,7 +61,7 @@ def read_state(raw: torch.Tensor, weight: str) -> NF4State:
             raise FormatError(f"{weight} is {state['quant_type']}, not nf4")
         shape, blocksize = tuple(state["shape"]), state["blocksize"]
         nested_blocksize, nested_offset = state.get("nested_blocksize"), state.get("nested_offset")
-        dtype = FLOAT_DTYPES[state["dtype"].removeprefix("torch.")]
+        dtype = torch_dtype(state["dtype"].removeprefix("torch."))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise FormatError(f"{weight}: unreadable NF4 quant state ({exc})") from None
     if not shape or not all(is_count(d) for d in shape):

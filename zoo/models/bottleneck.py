@@ -32,8 +32,7 @@ from zoo.models.adapters import (
     bottleneck_key,
 )
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-assert tuple(ACTIVATIONS) == BOTTLENECK_ACTIVATIONS
+ACTIVATIONS = dict(zip(BOTTLENECK_ACTIVATIONS, (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh), strict=True))
 UP_INIT_STD = 1e-4  # near zero: training starts from the base's behaviour
 
 
