@@ -364,3 +364,95 @@ def test_a_number_too_long_for_pythons_json_is_refused(lora_files, tmp_path, wha
                        "training data": (lambda: load_dataset(file), ZooError)}[what]
     with pytest.raises(error):
         read()
+
+
+@pytest.fixture(scope="module")
+def edited_home(models, tmp_path_factory):
+    """A home with a base and an adapter of two versions, and its registry's text."""
+    from tests.helpers import zoo
+
+    home = tmp_path_factory.mktemp("edited-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZOO_HOME", str(home))
+        zoo("add", models.llama, "--name", "tiny-llama")
+        zoo("add", models.lora("plain"), "--name", "x", "--base", "tiny-llama")
+        zoo("add", models.lora("second", r=2, lora_alpha=4, seed=9), "--name", "x",
+            "--base", "tiny-llama", "--new-version")
+        zoo("alias", "x:v2", "beta")
+    registry = json.loads((home / "registry.json").read_text())
+    evaluation = {"data": "heldout.txt", "data_sha256": "sha256:" + "0" * 64, "tokens": 100,
+                  "loss": 2.5, "perplexity": 12.18, "engine": "transformers",
+                  "at": "2026-12-05T00:00:00Z"}  # the optional fields too, to be edited
+    for entry in registry["entries"].values():
+        entry["evaluations"] = {"original": evaluation}
+    registry["entries"]["x"]["canary"] = {"version": 2, "percent": 10.0}
+    (home / "registry.json").write_text(json.dumps(registry))
+    return home, (home / "registry.json").read_text()
+
+
+def _fields(entry: dict, prefix: tuple = ()) -> list[tuple]:
+    """Every field of a stored entry, nested ones too, as key paths."""
+    found = []
+    for key, value in entry.items():
+        found.append((*prefix, key))
+        if isinstance(value, dict) and value:
+            found.extend(_fields(value, (*prefix, key)))
+    return found
+
+
+DELETE = object()
+
+
+@FUZZ
+@given(data=st.data())
+@example(data=None)
+def test_hand_edited_registries_work_or_get_zoos_error(edited_home, monkeypatch, data):
+    """One field anywhere in a registry changed to any JSON value (or removed): each command
+    that reads it works, or says which entry is malformed, in one line."""
+    from tests.helpers import zoo
+
+    home, text = edited_home
+    monkeypatch.setenv("ZOO_HOME", str(home))
+    registry = json.loads(text)
+    fields = [(name, *path) for name, entry in registry["entries"].items()
+              for path in _fields(entry)]
+    if data is None:  # the edit that once crashed `zoo list`
+        where, value = ("x", "servable"), "yes"
+    else:
+        where = data.draw(st.sampled_from(fields))
+        value = data.draw(JSON | st.just(DELETE))
+    *parents, key = where
+    node = registry["entries"]
+    for part in parents:
+        node = node[part]
+    if value is DELETE:
+        del node[key]
+    else:
+        node[key] = value
+    edited = json.dumps(registry)
+    (home / "registry.json").write_text(edited)
+    try:
+        for args in (["list"], ["list", "--json"], ["show", "x", "--json"], ["show", "x:v2"],
+                     ["show", "tiny-llama"], ["versions", "x"], ["verify"]):
+            result = zoo(*args, ok=False)
+            assert result.exit_code in (0, 1), (args, where, value, result.output)
+            if result.exit_code == 1 and args == ["verify"] and not result.stderr:
+                assert "CHANGED" in result.stdout  # a hash edited: the files no longer match
+            elif result.exit_code == 1:
+                assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+                assert "unexpected" not in result.stderr, (args, where, value, result.stderr)
+        from zoo.catalog.registry import Registry
+        from zoo.serve.policy import ServePolicy
+        from zoo.ui import pages
+
+        anyone = pages.Viewer(None, None)  # a server's pages and its policy, as a server reads
+        assert "Catalog" in pages.catalog_page(Registry(home), anyone, [])
+        for name in ("x", "x:v2", "tiny-llama"):
+            pages.entry_page(Registry(home), name, anyone, [])
+        policy = ServePolicy(Registry(home), "tiny-llama", 16)
+        policy.served_versions()
+        for ref in ("x", "x:v2", "x:beta"):
+            assert policy.adapter(ref).status in (200, 400, 404, 422, 500)
+        assert (home / "registry.json").read_text() == edited
+    finally:
+        (home / "registry.json").write_text(text)

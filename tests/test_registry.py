@@ -477,3 +477,104 @@ def test_a_home_the_previous_release_wrote_is_upgraded_and_every_command_works(
     refused = old_zoo("list")
     assert refused.returncode == 1 and "schema_version 2" in refused.stderr
     assert (zoo_home / "registry.json").read_text() == before
+
+
+def _edit_entry(home: Path, name: str, change) -> tuple[str, str]:
+    """Hand-edit one entry of the home's registry; the text before and after."""
+    registry = home / "registry.json"
+    before = registry.read_text()
+    data = json.loads(before)
+    change(data["entries"][name])
+    registry.write_text(json.dumps(data, indent=2))
+    return before, registry.read_text()
+
+
+@pytest.mark.parametrize("change, message, listed", [
+    (lambda e: e.update(rank="8"), "rank is '8', not int", True),
+    (lambda e: e.update(servable="yes"), "servable is 'yes', not bool", True),
+    (lambda e: e.update(trainable_params=True), "trainable_params is True, not int", True),
+    (lambda e: e.update(kind="adapter"), "kind 'adapter' is not one of", True),
+    (lambda e: e.pop("base"), "base is missing", True),
+    (lambda e: e.update(target_modules="q_proj"), "target_modules is 'q_proj', not list[str]",
+     False),
+    (lambda e: e["lora"].update(use_dora="no"), "lora.use_dora is 'no', not bool", False),
+    (lambda e: e["files"]["adapter_config.json"].pop("size"), "files is {", False),
+    (lambda e: e.update(lora=[]), "lora is [], not an object", False),
+    (lambda e: e.update(canary={"version": 2}), "canary is {'version': 2}", False),
+    (lambda e: e.update(name="y"), "its name field is 'y'", True),
+    (lambda e: e.update(rank_pattern={}), "rank_pattern is not a field zoo knows", False),
+])
+def test_a_hand_edited_entry_gets_one_clear_line_and_nothing_is_written(
+        tiny, zoo_home, change, message, listed):
+    """A registry edited by hand is input like any other: every command that reads the
+    entry names the field, and nothing is written (it once crashed `zoo list` with
+    "unexpected KeyError: 'yes'" and `zoo show` printed `rank: 8` from "8")."""
+    zoo("add", tiny.lora("plain"), "--name", "x", "--base", "tiny-llama")
+    before, edited = _edit_entry(zoo_home, "x", change)
+    commands = [["show", "x"], ["show", "x", "--json"], ["versions", "x"], ["rm", "x"],
+                ["verify"], ["add", tiny.lora("plain"), "--name", "x", "--base", "tiny-llama",
+                             "--new-version"]]
+    for args in commands + ([["list"], ["list", "--json"]] if listed else []):
+        result = zoo(*args, ok=False)
+        assert result.exit_code == 1, (args, result.output)
+        assert f"registry entry 'x' is malformed: {message}" in result.stderr, (args, result.stderr)
+        assert result.stderr.count("\n") == 1
+    if not listed:  # zoo list reads only the fields it shows, without making records
+        assert "x" in zoo("list").stdout
+    assert (zoo_home / "registry.json").read_text() == edited
+    assert (zoo_home / "adapters" / "x").is_dir()
+    (zoo_home / "registry.json").write_text(before)  # the schema check at teardown
+    zoo("rm", "x")
+
+
+def test_rm_never_deletes_a_stored_path_outside_the_home(tiny, zoo_home, tmp_path):
+    """`zoo rm` deletes what an entry's path names: a path edited to leave the home
+    (absolute, or through ..) is refused, not followed."""
+    zoo("add", tiny.lora("plain"), "--name", "x", "--base", "tiny-llama")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    for path in (str(precious), "adapters/../../precious"):
+        before, _ = _edit_entry(zoo_home, "x", lambda e, p=path: e.update(path=p))
+        result = zoo("rm", "x", ok=False)
+        assert f"path {path!r} is not inside the home" in result.stderr
+        assert (precious / "thesis.tex").read_text() == "years of work"
+        (zoo_home / "registry.json").write_text(before)
+    zoo("rm", "x")
+
+
+def test_a_reader_that_leaves_early_ends_zoo_quietly(tiny):
+    """`zoo show NAME | head -1` once ended in "unexpected BrokenPipeError ... report it"."""
+    exe = Path(sys.executable).with_name("zoo")
+    proc = subprocess.Popen([str(exe), "show", "tiny-llama"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before zoo writes its first line (its start takes a tenth of a second)
+    stderr = proc.stderr.read()
+    assert proc.wait() == 141, stderr  # 128 + SIGPIPE, as `yes | head -1` ends `yes`
+    assert stderr == b""
+
+
+def test_a_server_and_its_pages_leave_a_malformed_entry_out_and_serve_the_rest(tiny, zoo_home):
+    """One entry edited by hand must not stop a running server, or its pages, for everyone:
+    it is left out (the operator's log and the catalog page say why), the rest are served."""
+    from zoo.catalog.registry import Registry
+    from zoo.serve.policy import ServePolicy
+    from zoo.ui import pages
+
+    zoo("add", tiny.lora("plain"), "--name", "good", "--base", "tiny-llama")
+    zoo("add", tiny.lora("second", r=2, lora_alpha=4, seed=9), "--name", "bad",
+        "--base", "tiny-llama")
+    before, _ = _edit_entry(zoo_home, "bad", lambda e: e.update(rank="8"))
+    policy = ServePolicy(Registry(zoo_home), "tiny-llama", 16)
+    assert [a.name for a in policy.served_adapters()] == ["good"]
+    assert list(policy.served_versions()) == ["good:v1"]
+    assert policy.adapter("good").status == 200
+    refused = policy.adapter("bad")
+    assert refused.status == 500 and "malformed" in refused.message
+    assert "rank" not in refused.message  # the registry's detail is for the operator's log
+    html = pages.catalog_page(Registry(zoo_home), pages.Viewer(None, None), [])
+    assert 'href="/zoo/ui/entry/good"' in html and 'href="/zoo/ui/entry/bad"' not in html
+    assert "Malformed in registry.json" in html and "bad (rank is &#x27;8&#x27;, not int)" in html
+    tenant = pages.catalog_page(Registry(zoo_home), pages.Viewer("acme", ("good",)), [])
+    assert "Malformed" not in tenant  # another tenant's entry, even its name, is not shown
+    (zoo_home / "registry.json").write_text(before)

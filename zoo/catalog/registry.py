@@ -17,7 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from zoo.catalog.home import sweep_stale, zoo_home
+from zoo.catalog.home import sweep_stale, validate_name, zoo_home
 from zoo.core.files import write_bytes_atomic, write_json_atomic
 from zoo.core.records import (
     ADAPTER_KINDS,
@@ -26,6 +26,7 @@ from zoo.core.records import (
     AdapterEntry,
     BaseEntry,
     Entry,
+    check_stored,
     entry_from_dict,
 )
 from zoo.errors import RegistryError, UnknownEntry
@@ -55,9 +56,11 @@ class Entries(MutableMapping[str, Entry]):
             raw = self._raw[name]  # KeyError for unknown names, as a dict does
             assert raw is not None
             try:
-                self._records[name] = entry_from_dict(raw)
-            except (KeyError, TypeError, AttributeError) as exc:
-                raise RegistryError(f"registry entry {name!r} is malformed ({exc})") from None
+                record = entry_from_dict(raw)
+                _check_filed(name, record.name)
+            except ValueError as exc:
+                raise malformed_entry(name, exc) from None
+            self._records[name] = record
         return self._records[name]
 
     def __setitem__(self, name: str, entry: Entry) -> None:
@@ -77,6 +80,11 @@ class Entries(MutableMapping[str, Entry]):
     def __contains__(self, name: object) -> bool:
         return name in self._raw
 
+    def stored(self, name: str, key: str):
+        """One field of an entry as stored, without making its record (None if absent)."""
+        raw = self._raw[name]
+        return getattr(self._records[name], key, None) if raw is None else raw.get(key)
+
     def to_dict(self, name: str) -> dict:
         raw = self._raw[name]
         return raw if raw is not None and name not in self._records else self[name].to_dict()
@@ -87,6 +95,8 @@ class Catalog:
     """The registry's content: entries by name (bases and adapters share names)."""
 
     entries: Entries = field(default_factory=Entries)
+    # name -> why, for each entry ``adapters(skip_malformed=True)`` left out
+    malformed: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.entries, Entries):
@@ -112,11 +122,27 @@ class Catalog:
         return entry
 
     def bases(self) -> list[BaseEntry]:
-        return [e for e in self.entries.values() if isinstance(e, BaseEntry)]
+        # the stored kind picks the records to make: a base's page need not make 10,000
+        return [self.entries[n] for n in self.entries
+                if self.entries.stored(n, "kind") in BASE_KINDS]
 
-    def adapters(self, base: str | None = None) -> list[AdapterEntry]:
-        return [e for e in self.entries.values()
-                if isinstance(e, AdapterEntry) and (base is None or e.base == base)]
+    def adapters(self, base: str | None = None, *,
+                 skip_malformed: bool = False) -> list[AdapterEntry]:
+        """Adapter records (of one base). A malformed entry raises RegistryError, unless
+        ``skip_malformed``: then it is left out and noted in ``malformed`` (what a running
+        server does: one entry edited by hand must not stop it serving every other)."""
+        found = []
+        for n in self.entries:
+            if self.entries.stored(n, "kind") in BASE_KINDS or \
+                    (base is not None and self.entries.stored(n, "base") != base):
+                continue
+            try:
+                found.append(self.entries[n])
+            except RegistryError as exc:
+                if not skip_malformed:
+                    raise
+                self.malformed[n] = exc.message
+        return found
 
     def to_dict(self) -> dict:
         return {
@@ -140,6 +166,20 @@ class Catalog:
         if version == 1:
             raw = {name: _from_version_1(entry) for name, entry in raw.items()}
         return cls(Entries(raw))
+
+
+def _check_filed(key: str, name: object) -> None:
+    """An entry is filed under its own name, a valid one."""
+    validate_name(key)
+    if name != key:
+        raise ValueError(f"its name field is {name!r}")
+
+
+def malformed_entry(name: str, problem: Exception) -> RegistryError:
+    return RegistryError(
+        f"registry entry {name!r} is malformed: {problem}",
+        hint="Mend or remove it in registry.json by hand (zoo writes every entry it makes "
+             "whole), or restore the file from a backup.")
 
 
 def _from_version_1(entry: dict) -> dict:
@@ -216,12 +256,16 @@ class Registry:
         return None if path is None else self.home / path
 
 
-def filter_entries(catalog: Catalog, base: str | None = None,
-                   kind: str | None = None) -> list[dict]:
+def filter_entries(catalog: Catalog, base: str | None = None, kind: str | None = None, *,
+                   fields: dict[str, tuple[str, ...]] | None = None,
+                   malformed: dict[str, str] | None = None) -> list[dict]:
     """Entries as plain dicts in name order, optionally of one base and/or kind.
 
-    Works on the stored dicts without making records: listing 10,000 entries
-    stays as fast as parsing the file.
+    Works on the stored dicts without making records: listing 10,000 entries stays as fast
+    as parsing the file. Each is checked to be filed under its own name and to hold the
+    ``fields`` its reader reads (by ``"base"`` or ``"adapter"``) with the types its record
+    declares. A malformed entry raises RegistryError or, with ``malformed`` given, is left
+    out and noted there (name -> why): what a page does, showing the rest.
     """
     kinds = {"adapter": ADAPTER_KINDS, "base": BASE_KINDS}.get(kind or "", (kind,))
     found = []
@@ -230,6 +274,16 @@ def filter_entries(catalog: Catalog, base: str | None = None,
         if kind and entry.get("kind") not in kinds:
             continue
         if base and entry.get("base") != base and name != base:
+            continue
+        try:
+            _check_filed(name, entry.get("name"))
+            if fields:
+                check_stored(entry, fields["base" if entry.get("kind") in BASE_KINDS
+                                           else "adapter"])
+        except ValueError as exc:
+            if malformed is None:
+                raise malformed_entry(name, exc) from None
+            malformed[name] = str(exc)
             continue
         found.append(entry)
     return found

@@ -420,14 +420,12 @@ def verify(name: str | None = None, home: Path | None = None,
     for entry in entries:
         if entry.path is None:
             continue
-        changed = changed_files(registry.home / entry.path, entry.files, fresh=True)
+        stored: list[tuple[str, Any]] = [("", entry)]  # (prefix of its files, record)
         if isinstance(entry, AdapterEntry):
-            for number, record in sorted(entry.versions.items()):
-                changed += [f"{versions.SEPARATOR}v{number}/{f}" for f in changed_files(
-                    registry.home / record.path, record.files, fresh=True)]
-        if isinstance(entry, BaseEntry):
-            for scheme, v in sorted(entry.variants.items()):
-                changed += [f"@{scheme}/{f}"
-                            for f in changed_files(registry.home / v.path, v.files, fresh=True)]
+            stored += [(f"{versions.SEPARATOR}v{n}/", r) for n, r in sorted(entry.versions.items())]
+        else:
+            stored += [(f"@{scheme}/", v) for scheme, v in sorted(entry.variants.items())]
+        changed = [prefix + f for prefix, record in stored if record.path is not None
+                   for f in changed_files(registry.home / record.path, record.files, fresh=True)]
         results.append(VerifyResult(entry.name, changed))
     return results

@@ -40,6 +40,9 @@ class ZooGroup(click.Group):
             fail(f"{exc.message.rstrip('.')}.{hint}")
         except KeyboardInterrupt:
             fail("interrupted; nothing was left half-written", 130)
+        except BrokenPipeError:  # `zoo list | head`: the reader left; quiet, as Unix tools are
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush at exit
+            sys.exit(128 + 13)  # SIGPIPE's
         except Exception as exc:  # noqa: BLE001 - the edge of the program
             self._debug()
             fail(f"unexpected {type(exc).__name__}: {exc}. "

@@ -77,7 +77,7 @@ def add_cmd(path: Path, name: str | None, base: str | None, many: bool, prefix: 
 def list_cmd(base: str | None, kind: str | None, as_json: bool) -> None:
     """List registered bases and adapters."""
     registry = Registry()
-    entries = filter_entries(registry.load(), base=base, kind=kind)
+    entries = filter_entries(registry.load(), base=base, kind=kind, fields=LISTED_FIELDS)
     if as_json:
         _echo_json([_summary(e) for e in entries])
         return
@@ -94,12 +94,17 @@ def list_cmd(base: str | None, kind: str | None, as_json: bool) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+LISTED_FIELDS = {"base": ("name", "kind", "base", "parameters", "variants"),
+                 "adapter": ("name", "kind", "base", "base_variant", "rank", "trainable_params",
+                             "servable")}
+
+
 def _summary(entry: dict) -> dict:
     """The fields ``zoo list`` shows, from an entry's stored dict."""
     if entry["kind"] in BASE_KINDS:
-        return {"name": entry["name"], "kind": entry["kind"], "base": entry["base"],
+        return {"name": entry["name"], "kind": entry["kind"], "base": entry.get("base"),
                 "params": entry["parameters"], "servable": None,
-                "variants": sorted(entry["variants"])}
+                "variants": sorted(entry.get("variants", {}))}
     return {"name": entry["name"], "kind": entry["kind"], "base": entry["base"],
             "base_variant": entry["base_variant"], "rank": entry["rank"],
             "params": entry["trainable_params"], "servable": entry["servable"]}

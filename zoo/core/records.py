@@ -8,6 +8,10 @@ and the tests validate every registry zoo writes against it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,6 +27,9 @@ Scheme = Literal["nf4", "w8a8"]
 BASE_KINDS: tuple[str, ...] = ("base", "merged")
 ADAPTER_KINDS: tuple[str, ...] = ("lora", "qlora", "bottleneck")
 LORA_KINDS: tuple[str, ...] = ("lora", "qlora")
+# where an entry came from (its source's "type"): zoo add, a packaged GGUF, zoo train, a Hub,
+# zoo merge, and the adapter algebra
+SOURCE_TYPES = ("local", "gguf", "train", "hub", "merge", "combine", "compress", "extract")
 
 
 def _shallow(record: Any) -> dict[str, Any]:
@@ -46,13 +53,39 @@ def now() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+class FileFacts(typing.TypedDict):
+    """A stored file's hash (``sha256:...``) and size in bytes."""
+
+    sha256: str
+    size: int
+
+
+class Evaluation(typing.TypedDict):
+    """The last ``zoo eval`` of an entry on one form of its base (see apps/evaluate.py)."""
+
+    data: str
+    data_sha256: str
+    tokens: int
+    loss: float
+    perplexity: float
+    engine: str
+    at: str
+
+
+class Canary(typing.TypedDict):
+    """The version that answers ``percent`` of a name's requests beside the current one."""
+
+    version: int
+    percent: float
+
+
 @dataclass(frozen=True)
 class Variant:
     """A quantized form of a base, stored beside it as ``bases/NAME@SCHEME``."""
 
     scheme: Scheme
     path: str | None
-    files: dict[str, dict[str, Any]]
+    files: dict[str, FileFacts]
     content_hash: str
     quantization: dict[str, Any]
     created: str = field(default_factory=now)
@@ -65,7 +98,7 @@ class BaseEntry:
     name: str
     kind: BaseKind
     path: str | None
-    files: dict[str, dict[str, Any]]
+    files: dict[str, FileFacts]
     content_hash: str
     architecture: str
     model_type: str
@@ -78,7 +111,7 @@ class BaseEntry:
     base: str | None = None
     variants: dict[str, Variant] = field(default_factory=dict)
     created: str = field(default_factory=now)
-    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
     # where it lives on a Hub: {"repo", "revision", "commit", "endpoint"} when pulled from
     # one; the embedded base names its repo and says its weights were built here
     hub: dict[str, Any] | None = None
@@ -96,8 +129,9 @@ class BaseEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseEntry:
         data = dict(data)
-        data["variants"] = {k: Variant(**v) for k, v in data.get("variants", {}).items()}
-        return cls(**data)
+        data["variants"] = {k: _record(Variant, v, f"variants.{k}.")
+                            for k, v in _object(data.get("variants", {}), "variants").items()}
+        return _record(cls, data)
 
 
 @dataclass(frozen=True)
@@ -144,7 +178,7 @@ class AdapterEntry:
     base_hash: str
     base_variant: str
     path: str | None
-    files: dict[str, dict[str, Any]]
+    files: dict[str, FileFacts]
     content_hash: str
     rank: int
     alpha: float | None
@@ -159,11 +193,11 @@ class AdapterEntry:
     training: dict[str, Any] | None = None
     hub: dict[str, Any] | None = None
     created: str = field(default_factory=now)
-    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evaluations: dict[str, Evaluation] = field(default_factory=dict)
     version: int = 1
     versions: dict[int, AdapterEntry] = field(default_factory=dict)
     aliases: dict[str, int] = field(default_factory=dict)
-    canary: dict[str, int] | None = None
+    canary: Canary | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,12 +219,13 @@ class AdapterEntry:
     def from_dict(cls, data: dict[str, Any]) -> AdapterEntry:
         data = dict(data)
         if data.get("lora") is not None:
-            data["lora"] = LoraDetails(**data["lora"])
+            data["lora"] = _record(LoraDetails, data["lora"], "lora.")
         if data.get("bottleneck") is not None:
-            data["bottleneck"] = BottleneckDetails(**data["bottleneck"])
-        data["versions"] = {int(n): cls.from_dict({**v, "name": data["name"]})
-                            for n, v in (data.get("versions") or {}).items()}
-        return cls(**data)
+            data["bottleneck"] = _record(BottleneckDetails, data["bottleneck"], "bottleneck.")
+        data["versions"] = {int(n): cls.from_dict({**_object(v, f"versions.{n}"),
+                                                   "name": data["name"]})
+                            for n, v in _object(data.get("versions") or {}, "versions").items()}
+        return _record(cls, data)
 
     # -- versions -------------------------------------------------------------------------
     def all_versions(self) -> dict[int, AdapterEntry]:
@@ -206,10 +241,176 @@ class AdapterEntry:
 Entry = BaseEntry | AdapterEntry
 
 
+# -- reading stored entries: every one is checked before it becomes a record --------------
+
 def entry_from_dict(data: dict[str, Any]) -> Entry:
-    if data.get("kind") in BASE_KINDS:
-        return BaseEntry.from_dict(data)
-    return AdapterEntry.from_dict(data)
+    """A stored entry as a record, or ValueError naming the field when it is not one zoo
+    could have written: a kind zoo does not know, a field missing, unknown or of another type
+    than its record declares (a hand-edited ``"rank": "8"``), a stored path that leaves the
+    home (``zoo rm`` deletes what a path names), an alias to a version that is not there."""
+    cls = _record_class(data)
+    try:
+        record = cls.from_dict(data)
+    except (KeyError, TypeError, AttributeError) as exc:  # a field of the wrong shape
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    problem = _mistyped(record) or _unsound(record)
+    if problem is not None:
+        raise ValueError(problem)
+    return record
+
+
+def _record_class(data: dict[str, Any]) -> type[BaseEntry] | type[AdapterEntry]:
+    kind = data.get("kind")
+    if kind not in BASE_KINDS + ADAPTER_KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {', '.join(BASE_KINDS + ADAPTER_KINDS)}")
+    return BaseEntry if kind in BASE_KINDS else AdapterEntry
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else ValueError."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} is {_short(value)}, not an object")
+    return value
+
+
+def _record(cls: type, data: Any, where: str = "") -> Any:
+    """``cls(**data)``, or ValueError naming the first field missing or unknown."""
+    _object(data, where.rstrip(".") or "the entry")
+    fields = _fields_of(cls)
+    for f in fields:
+        if f.required and f.name not in data:
+            raise ValueError(f"{where}{f.name} is missing")
+    unknown = data.keys() - {f.name for f in fields}
+    if unknown:
+        raise ValueError(f"{where}{min(unknown)} is not a field zoo knows")
+    return cls(**data)
+
+
+def check_stored(data: dict[str, Any], names: tuple[str, ...]) -> None:
+    """ValueError unless the stored entry ``data`` holds each field in ``names`` (or may
+    leave it out), of the type its record declares: what reads a few fields of many entries
+    (``zoo list``, the catalog page) checks those without making records. A field that
+    holds records (a base's variants) is checked by making the entry's record."""
+    fields = {f.name: f for f in _fields_of(_record_class(data))}
+    for name in names:
+        f = fields[name]
+        if f.nested and name in data:  # records inside (a base's variants): make the record
+            entry_from_dict(data)
+        elif name not in data:
+            if f.required:
+                raise ValueError(f"{name} is missing")
+        elif not f.conforms(data[name]):
+            raise ValueError(f"{name} is {_short(data[name])}, not {f.declared}")
+
+
+def is_home_path(path: str | None) -> bool:
+    """A stored path is None or relative to the home, and stays inside it."""
+    return path is None or (path.strip("/") != "" and not path.startswith("/")
+                            and ".." not in path.split("/"))
+
+
+def _unsound(record: Entry) -> str | None:
+    """What the field types do not say: a stored path that leaves the home, a source of a
+    kind zoo does not make, a version filed under another number, an alias or a canary
+    pointing at a version that is not there."""
+    inner = record.variants if isinstance(record, BaseEntry) else record.versions
+    for path in [record.path, *(v.path for v in inner.values())]:
+        if not is_home_path(path):
+            return f"path {path!r} is not inside the home"
+    sources = [record.source, *(v.source for v in inner.values() if isinstance(v, AdapterEntry))]
+    for source in sources:
+        if source.get("type") not in SOURCE_TYPES:
+            return f"source type {source.get('type')!r} is not one of {', '.join(SOURCE_TYPES)}"
+    if isinstance(record, BaseEntry):
+        return None
+    for number, version in record.versions.items():
+        if number != version.version or number == record.version:
+            return f"versions.{number} is version {version.version} (current: {record.version})"
+    pointed = {f"aliases.{a}": n for a, n in record.aliases.items()}
+    if record.canary is not None:
+        pointed["canary.version"] = record.canary["version"]
+    for where, number in pointed.items():
+        if number != record.version and number not in record.versions:
+            return f"{where} is {number}, a version that is not registered"
+    return None
+
+
+def _mistyped(record: Any, where: str = "") -> str | None:
+    """The first field of ``record`` (or of a record inside it) whose value is not of its
+    declared type, as a sentence; None when every one is."""
+    for f in _fields_of(type(record)):
+        value = getattr(record, f.name)
+        if not f.conforms(value):
+            return f"{where}{f.name} is {_short(value)}, not {f.declared}"
+        if f.nested and value is not None:
+            inner = value.items() if isinstance(value, dict) else [(None, value)]
+            for key, item in inner:
+                problem = _mistyped(item, f"{where}{f.name}." + ("" if key is None else f"{key}."))
+                if problem is not None:
+                    return problem
+    return None
+
+
+class _Field(typing.NamedTuple):
+    """A record's field as the checks of stored entries see it."""
+
+    name: str
+    declared: str  # its type as written
+    conforms: Callable[[Any], bool]  # whether a value is of that type
+    nested: bool  # whether records are nested in it (lora, versions...)
+    required: bool  # whether a stored entry must hold it (it has no default)
+
+
+@functools.cache
+def _fields_of(cls: type) -> list[_Field]:
+    hints = typing.get_type_hints(cls)
+    return [_Field(f.name, str(f.type), _check_of(hints[f.name]), _holds_records(hints[f.name]),
+                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)]
+
+
+def _holds_records(kind: Any) -> bool:
+    return dataclasses.is_dataclass(kind) or any(map(_holds_records, typing.get_args(kind)))
+
+
+@functools.cache
+def _check_of(kind: Any) -> Callable[[Any], bool]:
+    """A check that a value is of a record field's type, made once per type. A nested
+    record need only be one: ``_mistyped`` checks its fields. A JSON integer is a float; a
+    bool is no number. TypedDicts are dicts of exactly their keys."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return lambda value: True
+    if origin is Literal:
+        allowed = frozenset(args)
+        return lambda value: isinstance(value, str) and value in allowed
+    if origin in (types.UnionType, typing.Union):
+        arms = [_check_of(arm) for arm in args]
+        return lambda value: any(arm(value) for arm in arms)
+    if origin is list:
+        item = _check_of(args[0])
+        return lambda value: isinstance(value, list) and all(map(item, value))
+    if origin is dict:
+        key, item = _check_of(args[0]), _check_of(args[1])
+        if args[1] is Any:
+            return lambda value: isinstance(value, dict) and all(map(key, value))
+        return lambda value: isinstance(value, dict) and all(
+            key(k) and item(v) for k, v in value.items())
+    if typing.is_typeddict(kind):
+        fields = {k: _check_of(t) for k, t in typing.get_type_hints(kind).items()}
+        return lambda value: (isinstance(value, dict) and value.keys() == fields.keys()
+                              and all(check(value[k]) for k, check in fields.items()))
+    if kind is type(None):
+        return lambda value: value is None
+    if kind in (int, float):
+        numbers = int if kind is int else (int, float)
+        return lambda value: isinstance(value, numbers) and not isinstance(value, bool)
+    return lambda value: isinstance(value, kind)  # str, bool, a record
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def replace(entry: Entry, **changes: Any) -> Entry:

@@ -36,7 +36,7 @@ from zoo.catalog.versions import (
 from zoo.core.files import write_json_atomic
 from zoo.core.records import AdapterEntry
 from zoo.core.tables import is_count
-from zoo.errors import FormatError, ZooError
+from zoo.errors import FormatError, RegistryError, ZooError
 
 HOME_VARIABLE = "ZOO_HOME"
 BASE_VARIABLE = "ZOO_SERVE_BASE"
@@ -301,7 +301,7 @@ class ServePolicy:
     def served_adapters(self) -> list[AdapterEntry]:
         """Adapters of the base that can be served now (their current versions): servable,
         fitting, intact."""
-        return [a for a in self.catalog().adapters(base=self.base)
+        return [a for a in self.catalog().adapters(base=self.base, skip_malformed=True)
                 if a.servable and self.adapter(a.name).ok]
 
     def served_versions(self) -> dict[str, str]:
@@ -310,8 +310,11 @@ class ServePolicy:
         catalog = self.catalog()
         if self._versions is None or self._versions[0] is not catalog:
             self._versions = (catalog, {
-                label(a.name, n): r.content_hash for a in catalog.adapters(base=self.base)
+                label(a.name, n): r.content_hash
+                for a in catalog.adapters(base=self.base, skip_malformed=True)
                 for n, r in a.all_versions().items() if r.servable})
+            for name, why in catalog.malformed.items():  # once per change of the registry
+                logger.error("zoo: not serving %s: %s", name, why)
         return self._versions[1]
 
     def adapter(self, ref: str, sticky: str | None = None, content: bool = True) -> Decision:
@@ -324,7 +327,12 @@ class ServePolicy:
             name, which = split_ref(ref)
         except ZooError:
             return Decision(404, f"The model `{ref[:120]}` does not exist.")
-        entry = self.catalog().entries.get(name)
+        try:
+            entry = self.catalog().entries.get(name)
+        except RegistryError as exc:  # the detail is the operator's, in the server's log
+            logger.error("zoo: not serving %s: %s", name, exc.message)
+            return Decision(500, f"The adapter `{name}` cannot be served: its registry entry "
+                                 f"is malformed. The server's log says how.")
         if not isinstance(entry, AdapterEntry):
             return Decision(404, f"The model `{name}` does not exist: it is neither the base "
                                  f"`{self.base}` nor an adapter registered for it.")
@@ -343,6 +351,9 @@ class ServePolicy:
         why = beyond_engine(record, self.max_lora_rank, self.wrapped)
         if why:
             return Decision(400, f"Adapter `{tag}` {why}.")
+        if record.path is None:
+            return Decision(404, f"The model `{tag}` is registered but its files are not in "
+                                 f"this zoo.")
         path = self.registry.home / record.path
         decision = Decision(200, path=path, content_hash=record.content_hash, label=tag,
                             files=record.files)

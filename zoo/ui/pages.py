@@ -94,13 +94,27 @@ def _usage_by_name(rows: list[dict]) -> dict[str, dict]:
 
 # -- the catalog -------------------------------------------------------------------------
 
+# what the catalog's rows read of each stored entry, checked before it is shown
+SHOWN_FIELDS = {
+    "base": ("name", "kind", "parameters", "dtype", "files", "variants", "evaluations", "hub"),
+    "adapter": ("name", "kind", "base", "base_variant", "rank", "target_modules", "files",
+                "servable", "servable_reason", "evaluations", "version", "versions")}
+
+
+LINEAGE_FIELDS = {"base": ("name", "kind", "source", "base"),
+                  "adapter": ("name", "kind", "source", "base")}
+
+
 def catalog_page(registry: Registry, viewer: Viewer, usage_rows: list[dict],
                  served: bool = True) -> str:
     catalog = registry.load()
-    entries = filter_entries(catalog)
+    malformed: dict[str, str] = {}
+    entries = filter_entries(catalog, fields=SHOWN_FIELDS, malformed=malformed)
     usage = _usage_by_name(usage_rows)
     bases = [e for e in entries if e["kind"] in ("base", "merged")]
     adapters = [e for e in entries if e["kind"] not in ("base", "merged") and viewer.sees(e["name"])]
+    hidden = [f"{escape(name)} ({escape(why)})" for name, why in malformed.items()
+              if viewer.sees(name)]
     base_rows = []
     for b in bases:
         variants = []
@@ -135,7 +149,9 @@ def catalog_page(registry: Registry, viewer: Viewer, usage_rows: list[dict],
             f'<td class="num" data-value="{a.get("version", 1)}">v{a.get("version", 1)}'
             f'{f" of {versions}" if versions > 1 else ""}</td>'
             f'<td class="num">{use["requests"]}</td><td class="num">{use["tokens"]}</td></tr>')
-    body = (f"<h1>Catalog</h1><h2>Bases</h2><table id=\"bases\"><thead><tr>"
+    warning = (f'<p class="warn">Malformed in registry.json, so not shown (mend them by hand): '
+               f'{"; ".join(hidden)}</p>' if hidden else "")
+    body = (f"<h1>Catalog</h1>{warning}<h2>Bases</h2><table id=\"bases\"><thead><tr>"
             f"<th data-sort>name</th><th data-sort>kind</th><th data-sort>size</th>"
             f"<th>weights</th><th>variants</th><th>Hub</th></tr></thead><tbody>"
             f"{''.join(base_rows)}</tbody></table>"
@@ -232,10 +248,10 @@ def _lineage(catalog, entry, viewer: Viewer) -> tuple[list[tuple[str, str | None
     if source.get("type") == "extract":
         inputs.append((f"extracted from {Path(str(source.get('model'))).name}", None))
     made = []
-    for name in sorted(catalog.entries):
-        other = catalog.entries.to_dict(name)
-        s = other.get("source") or {}
-        uses = [a.get("name") for a in s.get("adapters") or [] if isinstance(a, dict)]
+    for other in filter_entries(catalog, fields=LINEAGE_FIELDS, malformed={}):
+        s, name = other["source"], other["name"]
+        inputs_of = s.get("adapters") if isinstance(s.get("adapters"), list) else []
+        uses = [a.get("name") for a in inputs_of if isinstance(a, dict)]
         if entry.name in uses or s.get("from") == entry.name or (
                 isinstance(entry, BaseEntry) and other.get("base") == entry.name):
             if other["kind"] in ("base", "merged") or viewer.sees(name):
