@@ -416,3 +416,44 @@ def test_versions_travel_with_push_pull_and_sync(hub, homes, models, tmp_path):
     current = zoo_json("show", "acme/v")
     assert current["content_hash"] == pushed["content_hash"]  # v2 is current there too
     assert zoo_json("show", "acme/v:stable")["content_hash"] != pushed["content_hash"]
+
+
+def test_a_malformed_index_entry_is_skipped_and_kept_as_it_is(hub, homes, models, tmp_path):
+    """A sync index is anyone's to write: an entry this zoo cannot read is reported and
+    left out (it once stopped every sync of the index), and kept in the index untouched
+    when this zoo publishes its own."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=WRITE)
+
+    def index(cache: str) -> dict:
+        return json.loads(Path(api.hf_hub_download(
+            "acme/index", "registry.json", repo_type="dataset",
+            cache_dir=tmp_path / cache)).read_text())
+
+    zoo("add", models.lora("plain"), "--name", "acme/good", "--base", "tiny")
+    zoo("sync", "--repo", "acme/index")
+    edited = index("before")
+    good = edited["entries"]["acme/good"]
+    edited["entries"]["acme/bad"] = dict(good, name="acme/bad", rank="8")
+    edited["entries"]["acme/broken"] = dict(good, name="acme/broken", versions=5)
+    api.upload_file(path_or_fileobj=json.dumps(edited).encode(), path_in_repo="registry.json",
+                    repo_id="acme/index", repo_type="dataset")
+    homes("b")
+    zoo("add", models.lora("second", r=2, lora_alpha=4, seed=9), "--name", "acme/b1",
+        "--base", "tiny")
+    result = zoo("sync", "--repo", "acme/index")
+    assert "pulled: acme/good" in result.stdout
+    assert "acme/bad (its entry in the index is malformed: rank is '8', not int)" in result.stdout
+    assert "acme/broken (its entry in the index is malformed: versions is 5" in result.stdout
+    assert {e["name"] for e in zoo_json("list")} == {"tiny", "acme/good", "acme/b1"}
+    after = index("after")
+    assert after["entries"]["acme/bad"] == edited["entries"]["acme/bad"]
+    assert after["entries"]["acme/broken"] == edited["entries"]["acme/broken"]
+    assert "acme/b1" in after["entries"]
+    api.upload_file(path_or_fileobj=b"{not json", path_in_repo="registry.json",
+                    repo_id="acme/index", repo_type="dataset")
+    result = zoo("sync", "--repo", "acme/index", ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "the index acme/index holds no registry zoo can read: registry.json is not valid " \
+           "JSON" in result.stderr and "ZOO_HOME" not in result.stderr

@@ -60,6 +60,19 @@ class RegistryError(ZooError, OSError):
     hint = "Restore registry.json from a backup, or set ZOO_HOME to a fresh directory."
 
 
+class MalformedEntry(RegistryError):
+    """One entry of a registry is not one zoo could have written (edited by hand, or an index
+    on a Hub that anyone may write)."""
+
+    hint = ("Mend or remove it in registry.json by hand (zoo writes every entry it makes "
+            "whole), or restore the file from a backup.")
+
+    def __init__(self, name: str, why: str):
+        super().__init__(f"registry entry {name!r} is malformed: {why}")
+        self.name = name
+        self.why = why
+
+
 class FormatError(ZooError, ValueError):
     """A file zoo was given is missing, unreadable or not what it should be."""
 

@@ -29,7 +29,7 @@ from zoo.core.records import (
     check_stored,
     entry_from_dict,
 )
-from zoo.errors import RegistryError, UnknownEntry
+from zoo.errors import MalformedEntry, RegistryError, UnknownEntry
 
 REGISTRY_FILE = "registry.json"
 # Registries of these schema versions open; an older one is upgraded in memory, and a
@@ -59,7 +59,7 @@ class Entries(MutableMapping[str, Entry]):
                 record = entry_from_dict(raw)
                 _check_filed(name, record.name)
             except ValueError as exc:
-                raise malformed_entry(name, exc) from None
+                raise MalformedEntry(name, str(exc)) from None
             self._records[name] = record
         return self._records[name]
 
@@ -128,7 +128,7 @@ class Catalog:
 
     def adapters(self, base: str | None = None, *,
                  skip_malformed: bool = False) -> list[AdapterEntry]:
-        """Adapter records (of one base). A malformed entry raises RegistryError, unless
+        """Adapter records (of one base). A malformed entry raises MalformedEntry, unless
         ``skip_malformed``: then it is left out and noted in ``malformed`` (what a running
         server does: one entry edited by hand must not stop it serving every other)."""
         found = []
@@ -138,10 +138,10 @@ class Catalog:
                 continue
             try:
                 found.append(self.entries[n])
-            except RegistryError as exc:
+            except MalformedEntry as exc:
                 if not skip_malformed:
                     raise
-                self.malformed[n] = exc.message
+                self.malformed[n] = exc.why
         return found
 
     def to_dict(self) -> dict:
@@ -173,13 +173,6 @@ def _check_filed(key: str, name: object) -> None:
     validate_name(key)
     if name != key:
         raise ValueError(f"its name field is {name!r}")
-
-
-def malformed_entry(name: str, problem: Exception) -> RegistryError:
-    return RegistryError(
-        f"registry entry {name!r} is malformed: {problem}",
-        hint="Mend or remove it in registry.json by hand (zoo writes every entry it makes "
-             "whole), or restore the file from a backup.")
 
 
 def _from_version_1(entry: dict) -> dict:
@@ -264,7 +257,7 @@ def filter_entries(catalog: Catalog, base: str | None = None, kind: str | None =
     Works on the stored dicts without making records: listing 10,000 entries stays as fast
     as parsing the file. Each is checked to be filed under its own name and to hold the
     ``fields`` its reader reads (by ``"base"`` or ``"adapter"``) with the types its record
-    declares. A malformed entry raises RegistryError or, with ``malformed`` given, is left
+    declares. A malformed entry raises MalformedEntry or, with ``malformed`` given, is left
     out and noted there (name -> why): what a page does, showing the rest.
     """
     kinds = {"adapter": ADAPTER_KINDS, "base": BASE_KINDS}.get(kind or "", (kind,))
@@ -282,7 +275,7 @@ def filter_entries(catalog: Catalog, base: str | None = None, kind: str | None =
                                            else "adapter"])
         except ValueError as exc:
             if malformed is None:
-                raise malformed_entry(name, exc) from None
+                raise MalformedEntry(name, str(exc)) from None
             malformed[name] = str(exc)
             continue
         found.append(entry)

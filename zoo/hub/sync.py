@@ -6,11 +6,11 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from zoo.catalog.registry import Catalog, Registry, read_catalog
+from zoo.catalog.registry import Catalog, Entries, Registry, read_catalog
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
 from zoo.catalog.versions import label, promote, refused_by_running_servers, resolve
-from zoo.core.records import AdapterEntry, BaseEntry, Entry
-from zoo.errors import HubError, IndexChanged, IntegrityError
+from zoo.core.records import BASE_KINDS, AdapterEntry, BaseEntry, Entry
+from zoo.errors import HubError, IndexChanged, IntegrityError, MalformedEntry, RegistryError
 from zoo.hub.client import HubContext, Log, ensure_repo, hub_errors
 from zoo.hub.pull import pull_from_hub
 from zoo.hub.push import push
@@ -64,18 +64,26 @@ def sync(index: str, registry: Registry | None = None, token: str | None = None,
                     result.pushed.append(label(adapter.name, number) if adapter.versions
                                          else adapter.name)
         local = registry.load()
-        merged = Catalog()
-        merged.entries.update({n: remote.entries[n] for n in remote.entries})
+        # the index's entries as they are stored: one this zoo cannot read is kept, untouched
+        merged = Catalog(Entries({n: remote.entries.to_dict(n) for n in remote.entries}))
         for name in sorted(set(local.entries) | set(remote.entries)):
-            mine, theirs = local.entries.get(name), remote.entries.get(name)
-            if mine is not None and theirs is None:
+            mine = local.entries.get(name)
+            theirs = remote.entries.stored(name, "content_hash") if name in remote.entries \
+                else None
+            if mine is not None and name not in remote.entries:
                 merged.entries[name] = _portable(mine)
                 result.published.append(name)
-            elif mine is not None and theirs is not None and mine.content_hash != theirs.content_hash:
-                result.conflicts.append((name, mine.content_hash, theirs.content_hash))
-        for theirs in sorted(remote.entries.values(), key=lambda e: isinstance(e, AdapterEntry)):
-            if theirs.name not in local.entries:
-                _fetch(theirs, org, registry, token, result, log)
+            elif mine is not None and theirs != mine.content_hash:
+                result.conflicts.append((name, mine.content_hash, str(theirs)))
+        new = [n for n in remote.entries if n not in local.entries]
+        for name in sorted(new, key=lambda n: remote.entries.stored(n, "kind") not in BASE_KINDS):
+            try:
+                theirs = remote.entries[name]
+            except MalformedEntry as exc:  # the index is anyone's: its entry, not this zoo's
+                result.unavailable.append((name, f"its entry in the index is malformed: "
+                                                 f"{exc.why}"))
+                continue
+            _fetch(theirs, org, registry, token, result, log)
         if result.published:
             payload = json.dumps(merged.to_dict(), indent=2).encode() + b"\n"
             try:
@@ -113,7 +121,13 @@ def _read_index(ctx: HubContext, index: str, commit: str) -> Catalog:
                                    cache_dir=ctx.cache_dir)
         except RemoteEntryNotFoundError:  # a new index: no catalog in it yet
             return Catalog()
-    return read_catalog(Path(path))
+    try:
+        return read_catalog(Path(path))
+    except RegistryError as exc:
+        raise HubError(f"the index {index} holds no registry zoo can read: "
+                       f"{exc.message.replace(path, INDEX_FILE)}",
+                       hint=f"Replace {INDEX_FILE} in the dataset repo {index}, or sync with "
+                            f"another --repo.") from None
 
 
 def _fetch(theirs: Entry, org: str, registry: Registry, token: str | None,

@@ -36,7 +36,7 @@ from zoo.catalog.versions import (
 from zoo.core.files import write_json_atomic
 from zoo.core.records import AdapterEntry
 from zoo.core.tables import is_count
-from zoo.errors import FormatError, RegistryError, ZooError
+from zoo.errors import FormatError, MalformedEntry, ZooError
 
 HOME_VARIABLE = "ZOO_HOME"
 BASE_VARIABLE = "ZOO_SERVE_BASE"
@@ -329,8 +329,8 @@ class ServePolicy:
             return Decision(404, f"The model `{ref[:120]}` does not exist.")
         try:
             entry = self.catalog().entries.get(name)
-        except RegistryError as exc:  # the detail is the operator's, in the server's log
-            logger.error("zoo: not serving %s: %s", name, exc.message)
+        except MalformedEntry as exc:  # the detail is the operator's, in the server's log
+            logger.error("zoo: not serving %s: %s", name, exc.why)
             return Decision(500, f"The adapter `{name}` cannot be served: its registry entry "
                                  f"is malformed. The server's log says how.")
         if not isinstance(entry, AdapterEntry):
