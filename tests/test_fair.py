@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections import Counter
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -305,3 +307,23 @@ def test_the_per_model_series_are_kept_for_the_pairs_used_last():
     assert kept == ["a2", "a4", "a5"]
     assert 'requests_total{model="a2",tenant="acme"} 2.0' in text
     assert 'prompt_total{model="a5",tenant="acme"} 10.0' in text
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda path: path.write_bytes(b"not a database " * 100),
+     "is not a usage meter zoo can read (file is not a database)"),
+    (lambda path: sqlite3.connect(path).executescript(
+        "CREATE TABLE monthly (tenant TEXT, spent REAL); INSERT INTO monthly VALUES ('a', 1);"),
+     "is not zoo's usage meter: its tables monthly have other columns than zoo's"),
+])
+def test_a_usage_file_that_is_no_meter_is_refused_and_left_as_it_was(zoo_home, make, message):
+    """It was "unexpected DatabaseError ... report it" from `zoo usage` (and from every
+    request of a server)."""
+    zoo_home.mkdir(parents=True, exist_ok=True)
+    path = zoo_home / "usage.db"
+    make(path)
+    before = path.read_bytes()
+    result = zoo("usage", ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert message in result.stderr and "Move it aside" in result.stderr
+    assert path.read_bytes() == before

@@ -340,6 +340,7 @@ def test_the_served_variant_is_made_in_a_process_of_its_own(models, zoo_home, mo
     ({"max_loras": 0}, "--max-loras 0"), ({"max_cpu_loras": -1}, "--max-cpu-loras -1"),
     ({"max_loras": 64, "max_cpu_loras": 8}, "fewer than --max-loras 64"),
     ({"api_keys": "keys.json"}, "is malformed"),
+    ({"meter": b"not a database " * 100}, "is not a usage meter zoo can read"),
 ])
 def test_settings_no_server_can_start_with_are_refused_before_the_variant_is_made(
         models, zoo_home, tmp_path, monkeypatch, changes, why):
@@ -353,6 +354,8 @@ def test_settings_no_server_can_start_with_are_refused_before_the_variant_is_mad
     if "api_keys" in changes:
         (tmp_path / "keys.json").write_text('{"tenants": 5}')
         changes = {"api_keys": tmp_path / "keys.json"}
+    if "meter" in changes:  # every request is counted in it: a damaged one fails them all
+        (zoo_home / "usage.db").write_bytes(changes.pop("meter"))
     options = ServeOptions(base="tiny", quantization="w8a8", **changes)
     with pytest.raises((NotSupported, ZooError), match=why):
         launch.prepare_base(options, Registry(zoo_home))

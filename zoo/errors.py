@@ -154,5 +154,12 @@ class IndexChanged(HubError):
     hint = "Run the command again: it reads the new state and merges."
 
 
+class MeterError(ZooError, OSError):
+    """The home's usage database cannot be read as zoo's meter."""
+
+    hint = ("Move it aside: zoo then starts an empty meter (what it counted is lost to "
+            "'zoo usage' and to the monthly limits).")
+
+
 class ServeError(ZooError, RuntimeError):
     hint = "Run 'zoo list --base BASE' to see what can be served."

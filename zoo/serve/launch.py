@@ -134,6 +134,7 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     would otherwise keep for its whole life."""
     registry = registry or Registry()
     check_options(options)  # before minutes of calibration
+    check_meter(registry)
     base = choose_base(registry.load(), options.base)
     variant = served_variant(options)
     if variant == ORIGINAL:
@@ -232,6 +233,14 @@ def check_options(options: ServeOptions) -> None:
         load_tenants(options.api_keys)
 
 
+def check_meter(registry: Registry) -> None:
+    """A usage meter the home holds must open: every request is counted in it."""
+    from zoo.serve.meter import DB_FILE, Meter
+
+    if (registry.home / DB_FILE).exists():
+        Meter(registry.home, server=0).close()
+
+
 def plan_serve(options: ServeOptions, registry: Registry | None = None) -> ServePlan:
     """Everything about the server to start, decided and validated before starting it.
 
@@ -240,6 +249,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     """
     registry = registry or Registry()
     check_options(options)
+    check_meter(registry)
     catalog = registry.load()
     base = choose_base(catalog, options.base)
     model_path = variant_path(registry, base, served_variant(options))

@@ -20,6 +20,7 @@ does not inherit its reservations).
 
 from __future__ import annotations
 
+import functools
 import math
 import sqlite3
 import time
@@ -28,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from zoo.core.process import alive, identity
+from zoo.errors import MeterError
 
 DB_FILE = "usage.db"
 MINUTE = 60.0
@@ -45,6 +47,21 @@ CREATE TABLE IF NOT EXISTS monthly (
     tenant TEXT NOT NULL, month TEXT NOT NULL, requests INTEGER NOT NULL,
     tokens INTEGER NOT NULL, PRIMARY KEY (tenant, month));
 """
+
+
+TABLES = ("usage", "inflight", "monthly")
+
+
+@functools.cache
+def _schema() -> sqlite3.Connection:
+    """An empty meter in memory: the columns a meter's tables must have."""
+    db = sqlite3.connect(":memory:", check_same_thread=False)
+    db.executescript(SCHEMA)
+    return db
+
+
+def _columns(db: sqlite3.Connection) -> dict[str, list[str]]:
+    return {t: [row[1] for row in db.execute(f"PRAGMA table_info({t})")] for t in TABLES}
 
 
 @dataclass(frozen=True)
@@ -75,9 +92,20 @@ class Meter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.server = server if server is not None else identity()  # see zoo.core.process
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        try:  # checked before anything is written: another program's database stays as it was
+            expected, found = _columns(_schema()), _columns(self.db)
+            wrong = [t for t in TABLES if found[t] and found[t] != expected[t]]
+            if not wrong:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:  # not a database at all, or a damaged one
+            self.db.close()
+            raise MeterError(f"{self.path} is not a usage meter zoo can read ({exc})") from None
+        if wrong:
+            self.db.close()
+            raise MeterError(f"{self.path} is not zoo's usage meter: its tables "
+                             f"{', '.join(wrong)} have other columns than zoo's")
 
     def close(self) -> None:
         self.db.close()
