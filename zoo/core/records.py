@@ -276,13 +276,12 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 def _record(cls: type, data: Any, where: str = "") -> Any:
     """``cls(**data)``, or ValueError naming the first field missing or unknown."""
     _object(data, where.rstrip(".") or "the entry")
-    fields = _fields_of(cls)
-    for f in fields:
-        if f.required and f.name not in data:
-            raise ValueError(f"{where}{f.name} is missing")
-    unknown = data.keys() - {f.name for f in fields}
-    if unknown:
-        raise ValueError(f"{where}{min(unknown)} is not a field zoo knows")
+    required, known = _names_of(cls)
+    if not required <= data.keys() <= known:
+        for f in _fields_of(cls):
+            if f.required and f.name not in data:
+                raise ValueError(f"{where}{f.name} is missing")
+        raise ValueError(f"{where}{min(data.keys() - known)} is not a field zoo knows")
     return cls(**data)
 
 
@@ -367,6 +366,13 @@ def _fields_of(cls: type) -> list[_Field]:
     return [_Field(f.name, str(f.type), _check_of(hints[f.name]), _holds_records(hints[f.name]),
                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
             for f in dataclasses.fields(cls)]
+
+
+@functools.cache
+def _names_of(cls: type) -> tuple[frozenset[str], frozenset[str]]:
+    """The fields a stored record must hold, and those it may."""
+    fields = _fields_of(cls)
+    return frozenset(f.name for f in fields if f.required), frozenset(f.name for f in fields)
 
 
 def _holds_records(kind: Any) -> bool:
