@@ -457,3 +457,20 @@ def test_a_malformed_index_entry_is_skipped_and_kept_as_it_is(hub, homes, models
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert "the index acme/index holds no registry zoo can read: registry.json is not valid " \
            "JSON" in result.stderr and "ZOO_HOME" not in result.stderr
+
+
+def test_a_repos_address_on_the_hub_pulls_it(hub, homes, models):
+    """What a user copies from the browser's address bar: the repo's page, a revision's
+    tree or a file's page under it."""
+    zoo("add", models.lora("plain"), "--name", "acme/plain", "--base", "tiny")
+    zoo("push", "acme/plain")
+    pushed = zoo_json("show", "acme/plain")["content_hash"]
+    homes("b")
+    result = zoo("pull", f"{hub.url}/acme/plain/tree/main")
+    assert "pulled acme/plain (lora) from acme/plain" in result.stdout
+    assert zoo_json("show", "acme/plain")["content_hash"] == pushed
+    assert "already in the zoo" in zoo("pull", f"{hub.url}/acme/plain/").stdout
+    assert "already in the zoo" in zoo(
+        "pull", f"{hub.url}/acme/plain/blob/main/adapter_config.json").stdout
+    refused = zoo("pull", f"{hub.url}/datasets/acme/index", ok=False)
+    assert refused.exit_code == 1 and "is a dataset repo, not a model's" in refused.stderr

@@ -578,3 +578,11 @@ def test_a_server_and_its_pages_leave_a_malformed_entry_out_and_serve_the_rest(t
     tenant = pages.catalog_page(Registry(zoo_home), pages.Viewer("acme", ("good",)), [])
     assert "Malformed" not in tenant  # another tenant's entry, even its name, is not shown
     (zoo_home / "registry.json").write_text(before)
+
+
+def test_many_of_one_adapter_folder_says_so(tiny):
+    """`zoo add ADAPTER --many` (one adapter, not a folder of them) said "added 0 adapters"
+    and succeeded."""
+    result = zoo("add", tiny.lora("plain"), "--many", "--base", "tiny-llama", ok=False)
+    assert result.exit_code == 1 and "holds no adapter folders" in result.stderr
+    assert "drop --many" in result.stderr

@@ -8,6 +8,8 @@ the Hub. This composes features (hub, train), so it lives above them.
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from zoo.catalog.integrity import changed_files
 from zoo.catalog.registry import Registry
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
 from zoo.core.records import AdapterEntry, BaseEntry, Entry
-from zoo.errors import IntegrityError, UnknownEntry
+from zoo.errors import FormatError, IntegrityError, UnknownEntry
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
     a repo's other content for a name already registered as that name's next version.
     """
     registry = registry or Registry(home)
-    repo, _, revision = ref.partition("@")
+    repo, _, revision = from_url(ref).partition("@")
     name = name or repo.lower()  # Hub repo ids may have capitals; registry names do not
     validate_name(name)
     present = registry.load().entries.get(name)
@@ -75,6 +77,22 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
     names = ", ".join(sorted(shipped_catalog().entries))
     raise UnknownEntry(name, "catalog entry", hint=f"Short names zoo knows: {names}; "
                        "anything else is pulled from the Hub as ORG/NAME.")
+
+
+def from_url(ref: str) -> str:
+    """A repo's address on a Hub, as a browser shows it (``https://huggingface.co/ORG/NAME``,
+    ``.../tree/REVISION``, a file's page under it), as ``ORG/NAME[@REVISION]``; anything
+    else as it is. The repo comes from the configured Hub (``HF_ENDPOINT``), whatever site
+    the address names."""
+    found = re.fullmatch(r"https?://[^/]+/(?!datasets/|spaces/)([^/@]+/[^/@]+?)"
+                         r"(?:/(?:tree|blob|resolve)/([^/]+)(?:/.*)?)?/?", ref.strip())
+    if found is None:
+        if re.match(r"https?://[^/]+/(datasets|spaces)/", ref):
+            raise FormatError(f"{ref} is a {ref.split('/')[3].rstrip('s')} repo, not a model's",
+                              hint="zoo pulls model repos: an adapter, a base or a merge.")
+        return ref
+    repo, revision = found[1], found[2]
+    return f"{repo}@{urllib.parse.unquote(revision)}" if revision else repo
 
 
 def _make(known: Entry, registry: Registry, log: Callable[[str], None]) -> Entry:

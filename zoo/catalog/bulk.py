@@ -54,6 +54,11 @@ def add_many(root: Path, base: str, prefix: str = "", registry: Registry | None 
     root = Path(root).absolute()
     if not root.is_dir():
         raise FormatError(f"{root} is not a directory", path=str(root))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    if not folders:  # `zoo add ADAPTER --many`, most likely: said, not "added 0"
+        raise FormatError(f"{root} holds no adapter folders", path=str(root), hint=(
+            "--many registers each folder inside PATH; for one adapter, drop --many and "
+            "give --name."))
     catalog = registry.load()
     ref: BaseRef = resolve_base(catalog, registry, base, root)
     base_shapes = module_weight_shapes(registry.resolve(ref.entry.path))
@@ -61,7 +66,7 @@ def add_many(root: Path, base: str, prefix: str = "", registry: Registry | None 
     staged: list[_Staged] = []
     parent = registry.home / "tmp"
     try:
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        for folder in folders:
             name = f"{prefix}{folder.name}".lower()
             stage = None
             try:

@@ -174,8 +174,8 @@ def rm_cmd(name: str) -> None:
 @click.option("--new-version", is_flag=True, help="For an adapter repo: " + NEW_VERSION_HELP)
 def pull_cmd(ref: str, token: str | None, name: str | None, base: str | None,
              with_base: bool, new_version: bool) -> None:
-    """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub:
-    a PEFT or zoo adapter, a base model or a merged one)."""
+    """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub, or
+    the repo's address on it: a PEFT or zoo adapter, a base model or a merged one)."""
     from zoo.apps.pull import pull
 
     result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name,

@@ -155,7 +155,9 @@ def texts_of(path: Path) -> list[str]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise FormatError(f"cannot read {path} ({type(exc).__name__})", path=str(path)) from None
+        raise FormatError(f"cannot read {path} ({type(exc).__name__})", path=str(path),
+                          hint="Give a UTF-8 text file (paragraphs apart by a blank line), "
+                               "or a .jsonl of chats.") from None
     # paragraphs keep their first line's indentation (code)
     return [p.lstrip("\n").rstrip() for p in text.split("\n\n") if p.strip()]
 
