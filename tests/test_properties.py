@@ -386,16 +386,18 @@ def edited_home(models, tmp_path_factory):
     for entry in registry["entries"].values():
         entry["evaluations"] = {"original": evaluation}
     registry["entries"]["x"]["canary"] = {"version": 2, "percent": 10.0}
+    registry["entries"]["x"]["history"] = [{"at": "2026-12-05T00:00:00Z", "action": "promote",
+                                            "version": 1, "from": 2}]
     (home / "registry.json").write_text(json.dumps(registry))
     return home, (home / "registry.json").read_text()
 
 
-def _fields(entry: dict, prefix: tuple = ()) -> list[tuple]:
-    """Every field of a stored entry, nested ones too, as key paths."""
+def _fields(node, prefix: tuple = ()) -> list[tuple]:
+    """Every field of a stored entry, nested ones and list items too, as key paths."""
     found = []
-    for key, value in entry.items():
+    for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
         found.append((*prefix, key))
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict | list) and value:
             found.extend(_fields(value, (*prefix, key)))
     return found
 
