@@ -503,6 +503,7 @@ def _edit_entry(home: Path, name: str, change) -> tuple[str, str]:
     (lambda e: e.update(canary={"version": 2}), "canary is {'version': 2}", False),
     (lambda e: e.update(name="y"), "its name field is 'y'", True),
     (lambda e: e.update(rank_pattern={}), "rank_pattern is not a field zoo knows", False),
+    (lambda e: e["lora"].update({"\n": None}), "lora.'\\n' is not a field zoo knows", False),
 ])
 def test_a_hand_edited_entry_gets_one_clear_line_and_nothing_is_written(
         tiny, zoo_home, change, message, listed):

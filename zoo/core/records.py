@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -129,7 +130,7 @@ class BaseEntry:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseEntry:
         data = dict(data)
-        data["variants"] = {k: _record(Variant, v, f"variants.{k}.")
+        data["variants"] = {k: _record(Variant, v, f"variants.{_key(k)}.")
                             for k, v in _object(data.get("variants", {}), "variants").items()}
         return _record(cls, data)
 
@@ -222,7 +223,7 @@ class AdapterEntry:
             data["lora"] = _record(LoraDetails, data["lora"], "lora.")
         if data.get("bottleneck") is not None:
             data["bottleneck"] = _record(BottleneckDetails, data["bottleneck"], "bottleneck.")
-        data["versions"] = {int(n): cls.from_dict({**_object(v, f"versions.{n}"),
+        data["versions"] = {int(n): cls.from_dict({**_object(v, f"versions.{_key(n)}"),
                                                    "name": data["name"]})
                             for n, v in _object(data.get("versions") or {}, "versions").items()}
         return _record(cls, data)
@@ -281,7 +282,7 @@ def _record(cls: type, data: Any, where: str = "") -> Any:
         for f in _fields_of(cls):
             if f.required and f.name not in data:
                 raise ValueError(f"{where}{f.name} is missing")
-        raise ValueError(f"{where}{min(data.keys() - known)} is not a field zoo knows")
+        raise ValueError(f"{where}{_key(min(data.keys() - known))} is not a field zoo knows")
     return cls(**data)
 
 
@@ -325,7 +326,7 @@ def _unsound(record: Entry) -> str | None:
     for number, version in record.versions.items():
         if number != version.version or number == record.version:
             return f"versions.{number} is version {version.version} (current: {record.version})"
-    pointed = {f"aliases.{a}": n for a, n in record.aliases.items()}
+    pointed = {f"aliases.{_key(a)}": n for a, n in record.aliases.items()}
     if record.canary is not None:
         pointed["canary.version"] = record.canary["version"]
     for where, number in pointed.items():
@@ -344,7 +345,7 @@ def _mistyped(record: Any, where: str = "") -> str | None:
         if f.nested and value is not None:
             inner = value.items() if isinstance(value, dict) else [(None, value)]
             for key, item in inner:
-                problem = _mistyped(item, f"{where}{f.name}." + ("" if key is None else f"{key}."))
+                problem = _mistyped(item, f"{where}{f.name}." + ("" if key is None else f"{_key(key)}."))
                 if problem is not None:
                     return problem
     return None
@@ -390,9 +391,12 @@ def _check_of(kind: Any) -> Callable[[Any], bool]:
     if origin is Literal:
         allowed = frozenset(args)
         return lambda value: isinstance(value, str) and value in allowed
-    if origin in (types.UnionType, typing.Union):
-        arms = [_check_of(arm) for arm in args]
-        return lambda value: any(arm(value) for arm in arms)
+    if origin in (types.UnionType, typing.Union):  # most are "X | None": one arm, and None
+        arms = [_check_of(arm) for arm in args if arm is not type(None)]
+        if len(arms) == 1 and type(None) in args:
+            return lambda value, arm=arms[0]: value is None or arm(value)
+        return lambda value: (value is None and type(None) in args) or any(
+            arm(value) for arm in arms)
     if origin is list:
         item = _check_of(args[0])
         return lambda value: isinstance(value, list) and all(map(item, value))
@@ -404,14 +408,25 @@ def _check_of(kind: Any) -> Callable[[Any], bool]:
             key(k) and item(v) for k, v in value.items())
     if typing.is_typeddict(kind):
         fields = {k: _check_of(t) for k, t in typing.get_type_hints(kind).items()}
-        return lambda value: (isinstance(value, dict) and value.keys() == fields.keys()
-                              and all(check(value[k]) for k, check in fields.items()))
+        names, checks = fields.keys(), list(fields.values())
+        return lambda value: (isinstance(value, dict) and value.keys() == names
+                              and all(map(_apply, checks, map(value.__getitem__, names))))
     if kind is type(None):
         return lambda value: value is None
     if kind in (int, float):
         numbers = int if kind is int else (int, float)
         return lambda value: isinstance(value, numbers) and not isinstance(value, bool)
     return lambda value: isinstance(value, kind)  # str, bool, a record
+
+
+def _apply(check: Callable[[Any], bool], value: Any) -> bool:
+    return check(value)
+
+
+def _key(key: Any) -> str:
+    """A stored key as an error names it: as it is when plain, quoted when not (a key may
+    hold a newline, and zoo's errors are one line)."""
+    return str(key) if re.fullmatch(r"[\w.@-]+", str(key)) else repr(key)
 
 
 def _short(value: Any) -> str:
