@@ -291,7 +291,7 @@ def check_stored(data: dict[str, Any], names: tuple[str, ...]) -> None:
     leave it out), of the type its record declares: what reads a few fields of many entries
     (``zoo list``, the catalog page) checks those without making records. A field that
     holds records (a base's variants) is checked by making the entry's record."""
-    fields = {f.name: f for f in _fields_of(_record_class(data))}
+    fields = _field_map(_record_class(data))
     for name in names:
         f = fields[name]
         if f.nested and name in data:  # records inside (a base's variants): make the record
@@ -367,6 +367,11 @@ def _fields_of(cls: type) -> list[_Field]:
     return [_Field(f.name, str(f.type), _check_of(hints[f.name]), _holds_records(hints[f.name]),
                    f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
             for f in dataclasses.fields(cls)]
+
+
+@functools.cache
+def _field_map(cls: type) -> dict[str, _Field]:
+    return {f.name: f for f in _fields_of(cls)}
 
 
 @functools.cache
