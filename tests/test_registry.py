@@ -587,3 +587,31 @@ def test_many_of_one_adapter_folder_says_so(tiny):
     result = zoo("add", tiny.lora("plain"), "--many", "--base", "tiny-llama", ok=False)
     assert result.exit_code == 1 and "holds no adapter folders" in result.stderr
     assert "drop --many" in result.stderr
+
+
+def test_the_records_checks_and_the_schema_agree_on_the_shapes_they_both_name():
+    """The records' own checks and the JSON Schema must not drift apart."""
+    from tests.conftest import SCHEMA
+    from zoo.core.records import (
+        ADAPTER_KINDS,
+        BASE_KINDS,
+        SOURCE_TYPES,
+        AdapterEntry,
+        BaseEntry,
+        Canary,
+        Evaluation,
+        FileFacts,
+    )
+
+    defs = SCHEMA["$defs"]
+    assert tuple(defs["source"]["properties"]["type"]["enum"]) == SOURCE_TYPES
+    assert tuple(defs["base"]["properties"]["kind"]["enum"]) == BASE_KINDS
+    assert tuple(defs["adapter"]["properties"]["kind"]["enum"]) == ADAPTER_KINDS
+    file_facts = defs["files"]["additionalProperties"]
+    assert set(file_facts["required"]) == set(FileFacts.__annotations__)
+    evaluation = defs["evaluations"]["additionalProperties"]
+    assert set(evaluation["required"]) == set(Evaluation.__annotations__)
+    canary = defs["adapter"]["properties"]["canary"]
+    assert set(canary["required"]) == set(Canary.__annotations__)
+    for record, schema in ((BaseEntry, defs["base"]), (AdapterEntry, defs["adapter"])):
+        assert set(schema["properties"]) == {f for f in record.__dataclass_fields__}, record

