@@ -198,6 +198,36 @@ def test_a_revoked_key_stops_working_without_a_restart(gate):
     assert call(middleware, "/v1/completions", chat("tiny"), KEYS["ops"])[0] == 401
 
 
+def test_zoo_keys_revoke_ends_one_key_at_the_next_request_and_list_shows_no_secret(gate):
+    middleware, _, keys = gate
+    old = KEYS["acme"]
+    new = zoo("keys", "add", "acme", "--file", keys).stdout.strip()  # the rotation's new key
+    listed = zoo("keys", "list", "--file", keys, "--json")
+    assert old not in listed.stdout and new not in listed.stdout  # fingerprints only
+    acme = next(t for t in json.loads(listed.stdout) if t["tenant"] == "acme")
+    assert acme["keys"] == [policy_module.fingerprint(old), policy_module.fingerprint(new)]
+    for key in (old, new):
+        assert call(middleware, "/v1/completions", chat("acme/a"), key)[0] == 200
+    time.sleep(0.01)
+    refused = zoo("keys", "revoke", "acme", "--file", keys, "--key", "0123abcd", ok=False)
+    assert refused.exit_code == 1 and "no key of 'acme'" in refused.stderr
+    wrong = zoo("keys", "revoke", "acme", "--file", keys, "--key", "sk-not-a-key-at-all",
+                ok=False)
+    assert "the key given" in wrong.stderr and "sk-not" not in wrong.stderr  # never echoed
+    zoo("keys", "revoke", "acme", "--file", keys, "--key", acme["keys"][0][:8])
+    os.utime(keys, ns=(time.time_ns(), time.time_ns()))
+    assert call(middleware, "/v1/completions", chat("acme/a"), old)[0] == 401
+    assert call(middleware, "/v1/completions", chat("acme/a"), new)[0] == 200
+    last = zoo("keys", "revoke", "acme", "--file", keys, "--key", new, ok=False)
+    assert "'acme' would have no key left" in last.stderr  # a tenant is never keyless
+    assert "revoked 1 key of acme and the tenant" in zoo(
+        "keys", "revoke", "acme", "--file", keys, "--all").stdout
+    os.utime(keys, ns=(time.time_ns() + 10**7, time.time_ns() + 10**7))
+    assert call(middleware, "/v1/completions", chat("acme/a"), new)[0] == 401
+    assert call(middleware, "/v1/completions", chat("globex/b"), KEYS["globex"])[0] == 200
+    assert "globex" in zoo("keys", "list", "--file", keys).stdout
+
+
 # property: whatever acme sends, the engine sees only the base or acme's adapters -------
 
 NAMES = st.sampled_from(["tiny", "acme/a", "globex/b", "Globex/b", " globex/b", "globex/b\n",

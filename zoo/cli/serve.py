@@ -111,6 +111,47 @@ def keys_add_cmd(tenant: str, path: Path, adapters: tuple[str, ...]) -> None:
     click.echo(f"added a key for {tenant} to {path}; it is shown only now", err=True)
 
 
+@keys_group.command("list")
+@click.option("--file", "path", type=click.Path(path_type=Path), required=True,
+              help="The keys file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def keys_list_cmd(path: Path, as_json: bool) -> None:
+    """Tenants, their keys' fingerprints (never the keys), adapters, weight and limits."""
+    import json
+
+    from zoo.serve.policy import fingerprint, load_tenants
+
+    rows = [{"tenant": t.name, "keys": [fingerprint(k) for k in t.keys],
+             "adapters": list(t.adapters), "weight": t.weight, "limits": t.limits}
+            for t in load_tenants(path)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        limits = ", ".join(f"{k} {v}" for k, v in row["limits"].items()) or "no limits"
+        click.echo(f"{row['tenant']}: keys {', '.join(row['keys'])}; adapters "
+                   f"{', '.join(row['adapters'])}; weight {row['weight']:g}; {limits}")
+
+
+@keys_group.command("revoke")
+@click.argument("tenant")
+@click.option("--file", "path", type=click.Path(path_type=Path), required=True,
+              help="The keys file.")
+@click.option("--key", default=None,
+              help="The key, or the start of its fingerprint ('zoo keys list').")
+@click.option("--all", "everything", is_flag=True, help="Remove TENANT and all its keys.")
+def keys_revoke_cmd(tenant: str, path: Path, key: str | None, everything: bool) -> None:
+    """Remove a key of TENANT (or, with --all, the tenant): a running server refuses it from
+    its next request on."""
+    from zoo.serve.policy import revoke_key
+
+    if (key is None) == (not everything):
+        raise click.UsageError("give --key KEY or --all")
+    removed = revoke_key(path, tenant, key)
+    click.echo(f"revoked {removed} key{'s' if removed != 1 else ''} of {tenant}"
+               f"{' and the tenant' if everything else ''} in {path}")
+
+
 @cli.command("usage")
 @click.option("--tenant", default=None, help="One tenant's rows only.")
 @click.option("--since", default=None,

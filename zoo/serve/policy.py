@@ -150,6 +150,61 @@ def add_key(path: Path, tenant: str, adapters: tuple[str, ...] = ()) -> str:
     return key
 
 
+def fingerprint(key: str) -> str:
+    """How a stored key is named: the first 12 hex digits of its SHA-256 (a hashed key's
+    own digits). It names the key without revealing it."""
+    return _digest(key)[:12]
+
+
+def _digest(stored: str) -> str:
+    return (stored if stored.startswith(HASHED) else hash_key(stored)).removeprefix(HASHED)
+
+
+def _named(keys: tuple[str, ...], key: str) -> list[str]:
+    """The stored keys ``key`` names: the key itself (stored plain or hashed), or the start
+    of their digest (8 hex digits or more)."""
+    exact = [k for k in keys if key in (k, _digest(k)) or k == hash_key(key)]
+    if exact or not re.fullmatch(r"[0-9a-f]{8,64}", key):
+        return exact
+    return [k for k in keys if _digest(k).startswith(key)]
+
+
+def revoke_key(path: Path, tenant: str, key: str | None = None) -> int:
+    """Remove one key of TENANT, named by ``key``: the key itself, or the start of its
+    fingerprint (8 hex digits or more, matching one key only). With ``key`` None, remove
+    TENANT and all its keys. Return how many keys went. A running server refuses them from
+    its next request on (it re-reads the file when it changes). A tenant is never left
+    without keys: removing its last one takes removing the tenant."""
+    with FileLock(f"{path}.lock"):  # a malformed file is refused before anything changes
+        data, tenants = _read_keys_file(path)
+        known = {t.name: t for t in tenants}
+        if tenant not in known:
+            raise ZooError(f"{path} has no tenant {tenant!r}",
+                           hint=f"'zoo keys list --file {path}' lists them.")
+        keys = known[tenant].keys
+        if key is None:
+            del data["tenants"][tenant]
+            write_json_atomic(path, data)
+            return len(keys)
+        named = _named(keys, key)
+        what = repr(key) if re.fullmatch(r"[0-9a-f]{8,64}", key) else "the key given"
+        if not named:  # a key itself is never echoed: it may be someone's secret
+            raise ZooError(f"no key of {tenant!r} in {path} is {what}",
+                           hint="Name the key itself, or the start of its fingerprint "
+                                "(8 hex digits or more; 'zoo keys list').")
+        if len(named) > 1:
+            raise ZooError(f"{len(named)} keys of {tenant!r} start with {what}",
+                           hint="Give more of the fingerprint's digits.")
+        if len(keys) == 1:
+            raise ZooError(f"{tenant!r} would have no key left",
+                           hint=f"'zoo keys revoke {tenant} --all' removes the tenant, or add "
+                                f"its new key first ('zoo keys add {tenant}').")
+        data["tenants"][tenant]["keys"] = [k for k in data["tenants"][tenant]["keys"]
+                                           if k != named[0]]
+        write_json_atomic(path, data)
+        return 1
+
+
 def load_tenants(path: Path) -> list[Tenant]:
     """Read an API keys file: ``{"tenants": {NAME: {"keys": [...], "adapters": [...],
     "weight": W, "limits": {...}}}}``, each key given plain or as ``sha256:HEX`` of the key;
