@@ -366,3 +366,16 @@ def test_only_max_cpu_loras_given_caps_the_batch(models, zoo_home):
     plan = plan_serve(ServeOptions(base="tiny", quantization="none", max_cpu_loras=8),
                       Registry(zoo_home))
     assert plan.max_loras == 8 and plan.max_cpu_loras == 8  # vLLM refused 256 in a batch
+
+
+@pytest.mark.parametrize("worker", ["garbage", "10.0.0.2:8000", "http://", "http://h:99999",
+                                    "ftp://h:8000", "http://h:port"])
+def test_zoo_route_refuses_a_worker_that_is_no_url_before_starting_the_router(
+        worker, monkeypatch):
+    """vllm-router's own refusal was a traceback from its process."""
+    from zoo.serve import replicas
+
+    monkeypatch.setattr(replicas.subprocess, "Popen", lambda *a, **k: pytest.fail("started"))
+    result = zoo("route", "--worker", "http://10.0.0.1:8000", "--worker", worker, ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert f"--worker {worker!r} is not the URL of a server" in result.stderr

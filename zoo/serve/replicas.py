@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from zoo.catalog.home import staging_dir
 from zoo.catalog.registry import Registry
 from zoo.core.tables import DEFAULT_ROUTER_POLICY as DEFAULT_POLICY
 from zoo.core.tables import ROUTER_POLICIES as POLICIES
-from zoo.errors import ServeError
+from zoo.errors import NotSupported, ServeError
 from zoo.serve.launch import (
     ServeOptions,
     ServePlan,
@@ -239,8 +240,25 @@ def serve_replicas(options: ServeOptions, replicas: int, policy: str,
             return 0
 
 
+def check_workers(workers: list[str]) -> None:
+    """Each worker is a server's URL (the router's own refusal is a traceback from its
+    process)."""
+    for worker in workers:
+        parts = urllib.parse.urlsplit(worker)
+        try:
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and \
+                parts.port != 0
+        except ValueError:  # a port that is no number, or past 65535
+            ok = False
+        if not ok:
+            raise NotSupported(f"--worker {worker!r} is not the URL of a server",
+                               hint="Write http://HOST:PORT of a running 'zoo serve', e.g. "
+                                    "http://10.0.0.2:8000.")
+
+
 def route(workers: list[str], host: str, port: int, policy: str) -> int:
     """``zoo route``: the router alone, in the foreground, in front of running servers."""
+    check_workers(workers)
     argv = router_argv([w.rstrip("/").removesuffix("/v1") for w in workers], host, port,
                        policy)
     process = subprocess.Popen(argv, preexec_fn=die_with_us)
