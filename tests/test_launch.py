@@ -379,3 +379,23 @@ def test_zoo_route_refuses_a_worker_that_is_no_url_before_starting_the_router(
     result = zoo("route", "--worker", "http://10.0.0.1:8000", "--worker", worker, ok=False)
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert f"--worker {worker!r} is not the URL of a server" in result.stderr
+
+
+def test_zoo_serve_refuses_an_address_it_cannot_listen_on_before_anything_starts(monkeypatch):
+    """vLLM said so itself, after the int8 calibration and the engine's start (minutes)."""
+    import socket
+
+    from zoo.serve import launch
+
+    monkeypatch.setattr(launch, "prepare_base", lambda *a, **k: pytest.fail("prepared"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in (
+                (["--port", str(port)], f"port {port} on 127.0.0.1 is in use"),
+                (["--host", "nowhere.invalid"], "--host 'nowhere.invalid': it does not resolve"),
+                (["--host", "192.0.2.1"], "cannot serve on 192.0.2.1:8000")):
+            result = zoo("serve", "--multi-lora", *args, ok=False)
+            assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+            assert message in result.stderr, result.stderr

@@ -55,8 +55,16 @@ def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_lor
               dtype, scheduling, lora_targets, replicas, router_policy, gpus,
               vllm_args) -> None:
     """Serve a base and its adapters with vLLM (OpenAI API); extra options go to vLLM."""
-    from zoo.serve.launch import ServeOptions, describe, plan_serve, prepare_base, run_server
+    from zoo.serve.launch import (
+        ServeOptions,
+        check_address,
+        describe,
+        plan_serve,
+        prepare_base,
+        run_server,
+    )
 
+    check_address(host, port)  # before minutes of calibration and start-up
     options = ServeOptions(base=base, quantization=quantization, host=host, port=port,
                            max_loras=max_loras, max_cpu_loras=max_cpu_loras, api_keys=api_keys,
                            dtype=dtype, scheduling=scheduling, lora_targets=lora_targets,

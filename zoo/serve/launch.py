@@ -8,6 +8,7 @@ ride along through vLLM's extension points, configured by environment.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -537,6 +538,30 @@ class RunningServer:
     plan: ServePlan
     process: subprocess.Popen
     log_file: Path
+
+
+def check_address(host: str, port: int) -> None:
+    """The server can listen on ``host:port``: said now, not by vLLM after minutes of start.
+    (Another process may still take the port in between; vLLM then says so.)"""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise NotSupported(f"cannot serve on --host {host!r}: it does not resolve ({exc})",
+                           hint="Give an address of this machine: 127.0.0.1, 0.0.0.0, or "
+                                "its name.") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise NotSupported(f"port {port} on {host} is in use",
+                                   hint="Stop what listens there, or pick another --port.") \
+                    from None
+            raise NotSupported(f"cannot serve on {host}:{port} ({exc.strerror})",
+                               hint="Give an address of this machine: 127.0.0.1, 0.0.0.0, "
+                                    "or its name.") from None
 
 
 def free_port() -> int:
