@@ -105,6 +105,10 @@ def keys_group() -> None:
     """API keys of the tenants of 'zoo serve --api-keys FILE'."""
 
 
+KEYS_FILE = click.option("--file", "path", type=click.Path(path_type=Path), required=True,
+                         help="The keys file.")
+
+
 @keys_group.command("add")
 @click.argument("tenant")
 @click.option("--file", "path", type=click.Path(path_type=Path), required=True,
@@ -121,8 +125,7 @@ def keys_add_cmd(tenant: str, path: Path, adapters: tuple[str, ...]) -> None:
 
 
 @keys_group.command("list")
-@click.option("--file", "path", type=click.Path(path_type=Path), required=True,
-              help="The keys file.")
+@KEYS_FILE
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def keys_list_cmd(path: Path, as_json: bool) -> None:
     """Tenants, their keys' fingerprints (never the keys), adapters, weight and limits."""
@@ -144,8 +147,7 @@ def keys_list_cmd(path: Path, as_json: bool) -> None:
 
 @keys_group.command("revoke")
 @click.argument("tenant")
-@click.option("--file", "path", type=click.Path(path_type=Path), required=True,
-              help="The keys file.")
+@KEYS_FILE
 @click.option("--key", default=None,
               help="The key, or the start of its fingerprint ('zoo keys list').")
 @click.option("--all", "everything", is_flag=True, help="Remove TENANT and all its keys.")
