@@ -313,6 +313,8 @@ def test_refusals_write_nothing(tiny, tmp_path, zoo_home):
         result = zoo("merge", "--adapter", "p", "--weights", weight, "--out", tmp_path / "n",
                      ok=False)
         assert result.exit_code == 1 and "finite" in result.stderr
+    result = zoo("merge", "--adapter", "p", "--weights", "0", "--out", tmp_path / "z", ok=False)
+    assert result.exit_code == 1 and "every weight is 0" in result.stderr  # merged the base
 
     (tmp_path / "exists").mkdir()
     result = zoo("merge", "--adapter", "p", "--out", tmp_path / "exists", ok=False)

@@ -587,3 +587,44 @@ def test_read_ahead_brings_a_file_into_the_page_cache(tmp_path):
     finally:
         libc.munmap(address, 4 << 20)
         os.close(fd)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "key", "fingerprint", "all"]),
+                          st.sampled_from(["acme", "globex"])), max_size=12))
+def test_adding_and_revoking_keys_in_any_order_leaves_exactly_the_live_keys(operations):
+    """Whatever the order of `zoo keys add` and `revoke`: the file loads, every tenant in
+    it has a key, each live key is held by its tenant and each revoked one by no one."""
+    import tempfile
+    from pathlib import Path
+
+    from zoo.errors import ZooError
+    from zoo.serve.policy import add_key, fingerprint, load_tenants, revoke_key
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "keys.json"
+        live: dict[str, list[str]] = {}
+        revoked: list[str] = []
+        for operation, tenant in operations:
+            keys = live.get(tenant, [])
+            if operation == "add":
+                live.setdefault(tenant, []).append(add_key(path, tenant))
+                continue
+            named = None if operation == "all" else \
+                (keys[0] if operation == "key" else fingerprint(keys[0])[:8]) if keys else \
+                "sk-no-such-key"
+            allowed = bool(keys) and (operation == "all" or len(keys) > 1)
+            try:
+                removed = revoke_key(path, tenant, named)
+            except ZooError:
+                assert not allowed, (operation, tenant, len(keys))
+                continue
+            assert allowed and removed == (len(keys) if operation == "all" else 1)
+            revoked += keys if operation == "all" else [keys[0]]
+            live[tenant] = [] if operation == "all" else keys[1:]
+            live = {t: k for t, k in live.items() if k}
+        tenants = load_tenants(path) if path.exists() else []
+        assert {t.name for t in tenants} == set(live)
+        for t in tenants:
+            assert t.keys and all(t.holds(k) for k in live[t.name])
+            assert not any(t.holds(k) for k in revoked)

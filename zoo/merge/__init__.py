@@ -134,6 +134,9 @@ def adapters_of_one_base(catalog, names, weights=None
                            hint="Give one --weights value per --adapter, comma-separated.")
     if not all(math.isfinite(w) for w in weights):
         raise NotSupported(f"weights {', '.join(map(str, weights))}: each must be a finite number")
+    if not any(weights):  # a merge of nothing: the base itself, under another name
+        raise NotSupported("every weight is 0: the result would be the base unchanged",
+                           hint="Give at least one adapter a weight other than 0.")
     from zoo.catalog.versions import SEPARATOR, resolve
 
     entries = [resolve(catalog, name) if SEPARATOR in name else catalog.adapter(name)
