@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.factory import LLAMA
+from tests.helpers import zoo
 from zoo.catalog.home import MAX_NAME_LENGTH, split_variant, validate_name
 from zoo.catalog.registry import Catalog, read_catalog
 from zoo.core.files import read_safetensors_header
@@ -369,8 +370,6 @@ def test_a_number_too_long_for_pythons_json_is_refused(lora_files, tmp_path, wha
 @pytest.fixture(scope="module")
 def edited_home(models, tmp_path_factory):
     """A home with a base and an adapter of two versions, and its registry's text."""
-    from tests.helpers import zoo
-
     home = tmp_path_factory.mktemp("edited-home")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ZOO_HOME", str(home))
@@ -411,8 +410,6 @@ DELETE = object()
 def test_hand_edited_registries_work_or_get_zoos_error(edited_home, monkeypatch, data):
     """One field anywhere in a registry changed to any JSON value (or removed): each command
     that reads it works, or says which entry is malformed, in one line."""
-    from tests.helpers import zoo
-
     home, text = edited_home
     monkeypatch.setenv("ZOO_HOME", str(home))
     registry = json.loads(text)

@@ -92,12 +92,10 @@ def serve_cmd(multi_lora, base, quantization, host, port, max_loras, max_cpu_lor
               show_default=True)
 def route_cmd(workers, host, port, policy) -> None:
     """vLLM's router alone, in front of 'zoo serve' instances on other machines."""
-    from zoo.serve.replicas import check_workers, route
+    from zoo.serve.replicas import route
 
-    check_workers(list(workers))
-    click.echo(f"vllm-router ({policy}) on http://{host}:{port}/v1 in front of "
-               f"{', '.join(workers)}", err=True)
-    sys.exit(route(list(workers), host, port, policy))
+    sys.exit(route(list(workers), host, port, policy,
+                   log=lambda line: click.echo(line, err=True)))
 
 
 @cli.group("keys")

@@ -235,7 +235,8 @@ class AdapterEntry:
     def all_versions(self) -> dict[int, AdapterEntry]:
         """Every version of the name, by number (the current one included), each a record
         of its own (no versions inside)."""
-        current = dataclasses.replace(self, versions={}, aliases={}, canary=None, history=[])
+        current = self if not (self.versions or self.aliases or self.canary or self.history) \
+            else dataclasses.replace(self, versions={}, aliases={}, canary=None, history=[])
         return {**self.versions, self.version: current}
 
     def latest(self) -> int:
@@ -280,8 +281,8 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 def _record(cls: type, data: Any, where: str = "") -> Any:
     """``cls(**data)``, or ValueError naming the first field missing or unknown."""
     _object(data, where.rstrip(".") or "the entry")
-    required, known = _names_of(cls)
-    if not required <= data.keys() <= known:
+    known = _field_map(cls).keys()
+    if not _required_of(cls) <= data.keys() <= known:
         for f in _fields_of(cls):
             if f.required and f.name not in data:
                 raise ValueError(f"{where}{f.name} is missing")
@@ -378,10 +379,9 @@ def _field_map(cls: type) -> dict[str, _Field]:
 
 
 @functools.cache
-def _names_of(cls: type) -> tuple[frozenset[str], frozenset[str]]:
-    """The fields a stored record must hold, and those it may."""
-    fields = _fields_of(cls)
-    return frozenset(f.name for f in fields if f.required), frozenset(f.name for f in fields)
+def _required_of(cls: type) -> frozenset[str]:
+    """The fields a stored record must hold (those without a default)."""
+    return frozenset(f.name for f in _fields_of(cls) if f.required)
 
 
 def _holds_records(kind: Any) -> bool:

@@ -66,14 +66,12 @@ def sync(index: str, registry: Registry | None = None, token: str | None = None,
         local = registry.load()
         # the index's entries as they are stored: one this zoo cannot read is kept, untouched
         merged = Catalog(Entries({n: remote.entries.to_dict(n) for n in remote.entries}))
-        for name in sorted(set(local.entries) | set(remote.entries)):
-            mine = local.entries.get(name)
-            theirs = remote.entries.stored(name, "content_hash") if name in remote.entries \
-                else None
-            if mine is not None and name not in remote.entries:
+        for name in sorted(local.entries):
+            mine = local.entries[name]
+            if name not in remote.entries:
                 merged.entries[name] = _portable(mine)
                 result.published.append(name)
-            elif mine is not None and theirs != mine.content_hash:
+            elif (theirs := remote.entries.stored(name, "content_hash")) != mine.content_hash:
                 result.conflicts.append((name, mine.content_hash, str(theirs)))
         new = [n for n in remote.entries if n not in local.entries]
         for name in sorted(new, key=lambda n: remote.entries.stored(n, "kind") not in BASE_KINDS):

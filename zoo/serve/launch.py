@@ -30,6 +30,7 @@ from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import NotSupported, ServeError, ZooError
 from zoo.models.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
 from zoo.serve import policy as env
+from zoo.serve.meter import check_meter
 from zoo.serve.plugin import STATE_VARIABLE, set_parent_death_signal
 
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -135,7 +136,7 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     would otherwise keep for its whole life."""
     registry = registry or Registry()
     check_options(options)  # before minutes of calibration
-    check_meter(registry)
+    check_meter(registry.home)
     base = choose_base(registry.load(), options.base)
     variant = served_variant(options)
     if variant == ORIGINAL:
@@ -234,14 +235,6 @@ def check_options(options: ServeOptions) -> None:
         load_tenants(options.api_keys)
 
 
-def check_meter(registry: Registry) -> None:
-    """A usage meter the home holds must open: every request is counted in it."""
-    from zoo.serve.meter import DB_FILE, Meter
-
-    if (registry.home / DB_FILE).exists():
-        Meter(registry.home, server=0).close()
-
-
 def plan_serve(options: ServeOptions, registry: Registry | None = None) -> ServePlan:
     """Everything about the server to start, decided and validated before starting it.
 
@@ -250,7 +243,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     """
     registry = registry or Registry()
     check_options(options)
-    check_meter(registry)
+    check_meter(registry.home)
     catalog = registry.load()
     base = choose_base(catalog, options.base)
     model_path = variant_path(registry, base, served_variant(options))

@@ -53,15 +53,25 @@ TABLES = ("usage", "inflight", "monthly")
 
 
 @functools.cache
-def _schema() -> sqlite3.Connection:
-    """An empty meter in memory: the columns a meter's tables must have."""
-    db = sqlite3.connect(":memory:", check_same_thread=False)
-    db.executescript(SCHEMA)
-    return db
+def _expected_columns() -> dict[str, list[str]]:
+    """The columns a meter's tables must have, from an empty meter made in memory."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(SCHEMA)
+        return _columns(db)
+    finally:
+        db.close()
 
 
 def _columns(db: sqlite3.Connection) -> dict[str, list[str]]:
     return {t: [row[1] for row in db.execute(f"PRAGMA table_info({t})")] for t in TABLES}
+
+
+def check_meter(home: Path) -> None:
+    """The home's meter, when it has one, opens: every request is counted in it (said
+    before a server starts, not by each request)."""
+    if (Path(home) / DB_FILE).exists():
+        Meter(home, server=0).close()
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,7 @@ class Meter:
         self.server = server if server is not None else identity()  # see zoo.core.process
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:  # checked before anything is written: another program's database stays as it was
-            expected, found = _columns(_schema()), _columns(self.db)
+            expected, found = _expected_columns(), _columns(self.db)
             wrong = [t for t in TABLES if found[t] and found[t] != expected[t]]
             if not wrong:
                 self.db.execute("PRAGMA journal_mode=WAL")

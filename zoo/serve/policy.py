@@ -367,9 +367,7 @@ class ServePolicy:
             self._versions = (catalog, {
                 label(a.name, n): r.content_hash
                 for a in catalog.adapters(base=self.base, skip_malformed=True)
-                # all_versions() copies the record: only a name with versions needs it
-                for n, r in (a.all_versions() if a.versions else {a.version: a}).items()
-                if r.servable})
+                for n, r in a.all_versions().items() if r.servable})
             for name, why in catalog.malformed.items():  # once per change of the registry
                 logger.error("zoo: not serving %s: %s", name, why)
         return self._versions[1]

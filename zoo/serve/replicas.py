@@ -78,6 +78,8 @@ def router_argv(workers: list[str], host: str, port: int, policy: str) -> list[s
         raise ServeError(f"unknown router policy {policy!r}", hint=f"Use {', '.join(POLICIES)}.")
     if not workers:
         raise ServeError("no worker URLs", hint="Pass --worker URL (repeatable).")
+    check_workers(workers)
+    workers = [w.rstrip("/").removesuffix("/v1") for w in workers]  # the router adds /v1
     argv = [router_command(), "--host", host, "--port", str(port), "--policy", policy,
             "--worker-urls", *workers,
             "--health-check-interval-secs", str(HEALTH_INTERVAL_S),
@@ -256,11 +258,11 @@ def check_workers(workers: list[str]) -> None:
                                     "http://10.0.0.2:8000.")
 
 
-def route(workers: list[str], host: str, port: int, policy: str) -> int:
+def route(workers: list[str], host: str, port: int, policy: str,
+          log: Callable[[str], None] = lambda _: None) -> int:
     """``zoo route``: the router alone, in the foreground, in front of running servers."""
-    check_workers(workers)
-    argv = router_argv([w.rstrip("/").removesuffix("/v1") for w in workers], host, port,
-                       policy)
+    argv = router_argv(workers, host, port, policy)
+    log(f"vllm-router ({policy}) on http://{host}:{port}/v1 in front of {', '.join(workers)}")
     process = subprocess.Popen(argv, preexec_fn=die_with_us)
     with sigterm_interrupts():  # a SIGTERM must not leave the router running
         try:

@@ -232,11 +232,11 @@ def serve_pages(home: Path, host: str = "127.0.0.1", port: int = 8080,
     import uvicorn
 
     from zoo.catalog.registry import Registry
-    from zoo.serve.launch import check_meter
+    from zoo.serve.meter import check_meter
     from zoo.serve.policy import load_tenants
 
     base = ""
-    check_meter(Registry(home))  # the usage pages read it: a damaged one is said at start
+    check_meter(home)  # the usage pages read it: a damaged one is said at start
     catalog = Registry(home).load()
     bases = catalog.bases()
     if bases:
