@@ -1,5 +1,6 @@
 """How the registry scales: `zoo list --json` and `zoo show` on 10,000 entries vs `zoo --help`,
-and what making (and checking) records costs in-process.
+what making (and checking) records costs in-process, and what a registry change costs a
+server's event loop (zoo's middleware in front of a stand-in for vLLM's app).
 
 Run: .venv/bin/python bench/registry.py [--entries 10000] [--repeat 5]
 Each command runs as its own process (what a user types), median of --repeat runs.
@@ -8,6 +9,9 @@ Each command runs as its own process (what a user types), median of --repeat run
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
+import json
 import os
 import statistics
 import subprocess
@@ -15,10 +19,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zoo.catalog.registry import Catalog, read_catalog  # noqa: E402
+from zoo.catalog.registry import Catalog, Registry, read_catalog  # noqa: E402
 from zoo.core.files import write_json_atomic  # noqa: E402
 from zoo.core.records import AdapterEntry, BaseEntry, LoraDetails  # noqa: E402
 
@@ -59,6 +64,88 @@ def in_process(path: Path, repeat: int) -> list[tuple[str, float]]:
     return rows
 
 
+class Engine:
+    """A stand-in for vLLM's app: answers every request at once, and holds a few loaded
+    adapters (so the middleware checks them against the registry after each change)."""
+
+    def __init__(self):
+        names = [f"org{i % 50}/adapter-{i}:v1" for i in range(64)]
+        self.state = SimpleNamespace(openai_serving_models=SimpleNamespace(
+            lora_requests=dict.fromkeys(names), unload_lora_adapter=self._unload))
+
+    @staticmethod
+    async def _unload(request):
+        pass
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(
+            {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()})
+
+
+async def _request_after_change(middleware, engine: Engine, path: Path) -> tuple[float, float]:
+    """The event loop's longest stall, and one request's time, right after a change to
+    the registry (its file touched: a changed stamp, as after `zoo add`)."""
+    body = json.dumps({"model": "base", "messages": [{"role": "user", "content": "hi"}]})
+    scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "app": engine,
+             "headers": [(b"content-type", b"application/json")]}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body.encode(), "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    worst, running = 0.0, True
+
+    async def ticker():  # what a stream's next token would wait for
+        nonlocal worst
+        last = time.perf_counter()
+        while running:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+
+    ticks = asyncio.create_task(ticker())
+    await asyncio.sleep(0.02)
+    os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    start = time.perf_counter()
+    await middleware(scope, receive, send)
+    took = time.perf_counter() - start
+    running = False
+    await ticks
+    assert sent[0]["status"] == 200, sent
+    return worst, took
+
+
+def server_side(home: Path, repeat: int) -> list[tuple[str, float]]:
+    """A server's event loop on a registry change: every stream waits while it is blocked."""
+    from zoo.serve.middleware import ZooMiddleware
+    from zoo.serve.policy import ServePolicy
+
+    engine = Engine()
+    middleware = ZooMiddleware(engine, ServePolicy(Registry(home), "base", 64))
+
+    async def rounds():
+        await _request_after_change(middleware, engine, home / "registry.json")  # warm
+        return [await _request_after_change(middleware, engine, home / "registry.json")
+                for _ in range(repeat)]
+
+    import vllm.entrypoints.serve.lora.protocol  # noqa: F401 - imported in a server
+
+    gc.collect()
+    gc.freeze()  # as vLLM's API server does once it started (vllm.utils.gc_utils)
+    try:
+        stalls, times = zip(*asyncio.run(rounds()), strict=True)
+    finally:
+        gc.unfreeze()
+    return [("server: loop stall (median)", statistics.median(stalls)),
+            ("server: loop stall (worst)", max(stalls)),
+            ("server: request after change", statistics.median(times))]
+
+
 def timed(cmd: list[str], env: dict, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -86,11 +173,12 @@ def main() -> None:
         ]
         results = [(label, timed(cmd, env, args.repeat)) for label, cmd in rows]
         results += in_process(Path(home) / "registry.json", args.repeat)
+        results += server_side(Path(home), args.repeat)
     floor = results[0][1]
     print(f"registry: {args.entries} entries, {size / 1e6:.1f} MB; median of {args.repeat} runs")
-    print(f"{'command':<28}{'seconds':>9}{'x --help':>10}")
+    print(f"{'command':<32}{'seconds':>9}{'x --help':>10}")
     for label, seconds in results:
-        print(f"{label:<28}{seconds:>9.3f}{seconds / floor:>10.2f}")
+        print(f"{label:<32}{seconds:>9.3f}{seconds / floor:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -526,6 +526,56 @@ def test_a_new_adapters_files_are_hashed_beside_the_event_loop(gate, monkeypatch
     assert status == 422 and "files changed" in body["error"]["message"]
 
 
+def test_a_changed_registry_is_read_beside_the_event_loop_once(gate, monkeypatch):
+    """After a change to the registry, the next requests wait for one read of it, made in
+    a thread: the event loop runs meanwhile (streams go on), and they all see the change."""
+    import threading
+
+    middleware, app, _ = gate
+    assert call(middleware, "/v1/chat/completions", chat("acme/a"), KEYS["acme"])[0] == 200
+    zoo("rm", "acme/a")
+    release, reading_threads = threading.Event(), []
+    load = Registry.load
+
+    def slow_load(registry):
+        reading_threads.append(threading.current_thread())
+        release.wait(10)  # until the loop ran meanwhile (on the loop: never)
+        return load(registry)
+
+    monkeypatch.setattr(Registry, "load", slow_load)
+
+    async def meanwhile():
+        requests = [asyncio.create_task(call_async(middleware, "/v1/chat/completions",
+                                                   chat(model), KEYS["acme"]))
+                    for model in ("acme/a", "tiny", "acme/a")]
+        while not reading_threads:
+            await asyncio.sleep(0.01)
+        loop_ran = not release.is_set()
+        release.set()
+        return loop_ran, await asyncio.gather(*requests)
+
+    loop_ran, answers = asyncio.run(meanwhile())
+    assert loop_ran and len(reading_threads) == 1
+    assert threading.main_thread() not in reading_threads
+    assert [status for status, _ in answers] == [404, 200, 404]
+    assert json.loads(app.reached[-1][1])["model"] == "tiny"
+
+
+def test_the_resolver_shares_the_middlewares_policy(gate, zoo_home, monkeypatch):
+    """One read of a changed registry per server process: vLLM's resolver (which loads
+    an adapter on its first use) asks the policy whose registry the middleware reads."""
+    from zoo.serve.resolver import RegistryResolver
+
+    monkeypatch.setenv(policy_module.HOME_VARIABLE, str(zoo_home))
+    monkeypatch.setenv(policy_module.BASE_VARIABLE, "tiny")
+    policy_module.shared_policy.cache_clear()
+    try:
+        middleware = ZooMiddleware(FakeVllm())
+        assert RegistryResolver.from_environment().policy is middleware.policy
+    finally:
+        policy_module.shared_policy.cache_clear()
+
+
 def test_a_first_used_adapters_files_are_read_ahead_until_the_engine_loaded_them(
         gate, monkeypatch):
     """The engine core reads an adapter's files on its first request: the middleware asks

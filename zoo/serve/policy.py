@@ -9,6 +9,7 @@ while the server runs are seen on the next request.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import hmac
 import json
@@ -251,6 +252,15 @@ def _read_keys_file(path: Path) -> tuple[dict, list[Tenant]]:
     return data, tenants
 
 
+def _file_stamp(path: Path) -> tuple | None:
+    """What changes when a file is replaced or rewritten (None: there is none)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def wrapped_modules(names: str | None) -> frozenset[str] | None:
     """The module names (``a,b,c``) an engine has LoRA layers for, as adapters name them;
     None or empty: every module vLLM can adapt. vLLM wraps a fused projection whole when
@@ -273,10 +283,10 @@ class ServePolicy:
     keys_path: Path | None = None  # re-read when it changes; revoked keys stop working
     model_dir: Path | None = None  # the served checkpoint; smoothed ones need adapted LoRAs
     wrapped: frozenset[str] | None = None  # the modules with LoRA layers (None: all vLLM can)
-    _catalog: Catalog | None = field(default=None, repr=False)
-    _stamp: tuple | None = field(default=None, repr=False)
+    # the last read of the registry: (catalog, its file's stamp, its served versions or
+    # None until asked), swapped whole, so a thread can read the next one meanwhile
+    _read: tuple | None = field(default=None, repr=False)
     _keys_stamp: tuple | None = field(default=None, repr=False)
-    _versions: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def from_environment(cls) -> ServePolicy:
@@ -328,11 +338,7 @@ class ServePolicy:
         """
         if self.keys_path is None:
             return self.tenants
-        try:
-            st = self.keys_path.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            stamp = None
+        stamp = _file_stamp(self.keys_path)
         if stamp != self._keys_stamp:
             self._keys_stamp = stamp
             try:
@@ -342,16 +348,25 @@ class ServePolicy:
                 self.tenants = []
         return self.tenants
 
+    def registry_changed(self) -> bool:
+        """Whether registry.json changed since it was last read (a stat)."""
+        return self._read is None or _file_stamp(self.registry.path) != self._read[1]
+
+    def reread(self, versions: bool = False) -> None:
+        """Read the registry again (with ``versions``, what it serves too) and swap the read
+        in whole: a thread may do this while requests go on with the previous read."""
+        stamp = _file_stamp(self.registry.path)  # first: a change during the read shows next
+        catalog = self.registry.load()
+        self._read = (catalog, stamp, self._servable(catalog) if versions else None)
+
     def catalog(self) -> Catalog:
         """The registry, re-read only when its file changed."""
-        try:
-            st = self.registry.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = None
-        if self._catalog is None or stamp != self._stamp:
-            self._catalog, self._stamp = self.registry.load(), stamp
-        return self._catalog
+        return self._current()[0]
+
+    def _current(self) -> tuple:
+        if self.registry_changed():
+            self.reread()
+        return self._read
 
     def served_adapters(self) -> list[AdapterEntry]:
         """Adapters of the base that can be served now (their current versions): servable,
@@ -362,15 +377,18 @@ class ServePolicy:
     def served_versions(self) -> dict[str, str]:
         """Every version of the served adapters by label (``NAME:vN``) -> content hash: what
         the engine may have loaded while it stays registered (once per registry change)."""
-        catalog = self.catalog()
-        if self._versions is None or self._versions[0] is not catalog:
-            self._versions = (catalog, {
-                label(a.name, n): r.content_hash
-                for a in catalog.adapters(base=self.base, skip_malformed=True)
-                for n, r in a.all_versions().items() if r.servable})
-            for name, why in catalog.malformed.items():  # once per change of the registry
-                logger.error("zoo: not serving %s: %s", name, why)
-        return self._versions[1]
+        read = self._current()
+        if read[2] is None:
+            read = self._read = (read[0], read[1], self._servable(read[0]))
+        return read[2]
+
+    def _servable(self, catalog: Catalog) -> dict[str, str]:
+        versions = {label(a.name, n): r.content_hash
+                    for a in catalog.adapters(base=self.base, skip_malformed=True)
+                    for n, r in a.all_versions().items() if r.servable}
+        for name, why in catalog.malformed.items():  # once per read of the registry
+            logger.error("zoo: not serving %s: %s", name, why)
+        return versions
 
     def adapter(self, ref: str, sticky: str | None = None, content: bool = True) -> Decision:
         """Whether ``ref`` (``NAME``, ``NAME:vN`` or ``NAME:ALIAS``) is an adapter version
@@ -449,3 +467,11 @@ class ServePolicy:
             return Decision(403, f"Tenant `{tenant.name}` may not use `{model}`: only the base "
                                  f"and its own adapters ({', '.join(tenant.adapters)}).")
         return Decision(200)
+
+
+@functools.cache
+def shared_policy() -> ServePolicy:
+    """This process's policy, from the environment: the middleware's, the resolver's and
+    the pages', so one read of the registry per change serves them all (the middleware
+    makes it beside the event loop)."""
+    return ServePolicy.from_environment()

@@ -19,7 +19,14 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 from zoo.catalog.versions import record_in_use
-from zoo.serve.policy import LOAD_COUNT, LOADED_HASHES, NOT_VETTED, REQUEST_TENANT, ServePolicy
+from zoo.serve.policy import (
+    LOAD_COUNT,
+    LOADED_HASHES,
+    NOT_VETTED,
+    REQUEST_TENANT,
+    ServePolicy,
+    shared_policy,
+)
 
 
 class RegistryResolver(LoRAResolver):
@@ -31,7 +38,7 @@ class RegistryResolver(LoRAResolver):
 
     @classmethod
     def from_environment(cls, engine_rescales: bool = False) -> RegistryResolver:
-        return cls(ServePolicy.from_environment(), engine_rescales)
+        return cls(shared_policy(), engine_rescales)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         if self.policy.current_tenants() is not None:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
-from zoo.serve.policy import LOADED_HASHES, ServePolicy, Tenant, hash_key
+from zoo.serve.policy import LOADED_HASHES, ServePolicy, Tenant, hash_key, shared_policy
 from zoo.ui import pages
 
 COOKIE = "zoo_session"
@@ -41,7 +41,7 @@ class Pages:
     def __init__(self, app=None, policy: ServePolicy | None = None, served: bool = True,
                  root_is_catalog: bool = False):
         self.app = app
-        self.policy = policy or ServePolicy.from_environment()
+        self.policy = policy or shared_policy()
         self.served = served
         self.root_is_catalog = root_is_catalog
         self._thread = ThreadPoolExecutor(2, thread_name_prefix="zoo-pages")
