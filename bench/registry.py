@@ -30,7 +30,9 @@ from zoo.core.records import AdapterEntry, BaseEntry, LoraDetails  # noqa: E402
 HASH = "sha256:" + "ab" * 32
 
 
-def synthetic_catalog(n: int) -> Catalog:
+def synthetic_catalog(n: int, home: Path | None = None) -> Catalog:
+    """A base and ``n - 1`` LoRA entries; with ``home``, each adapter's files are there
+    (hard links to one pair of files, so their hashes are real and cached alike)."""
     base = BaseEntry(name="base", kind="base", path="bases/base", files={}, content_hash=HASH,
                      architecture="LlamaForCausalLM", model_type="llama", hidden_size=576,
                      num_layers=30, vocab_size=49152, dtype="bfloat16", parameters=134515008,
@@ -38,8 +40,14 @@ def synthetic_catalog(n: int) -> Catalog:
     entries = {"base": base}
     files = {"adapter_config.json": {"sha256": HASH, "size": 900},
              "adapter_model.safetensors": {"sha256": HASH, "size": 1_000_000}}
+    if home is not None:
+        files = _shared_files(home / "adapters" / "shared")
     for i in range(n - 1):
         name = f"org{i % 50}/adapter-{i}"
+        if home is not None:
+            for file in files:
+                (home / "adapters" / name).mkdir(parents=True, exist_ok=True)
+                os.link(home / "adapters" / "shared" / file, home / "adapters" / name / file)
         entries[name] = AdapterEntry(
             name=name, kind="lora", base="base", base_hash=HASH, base_variant="original",
             path=f"adapters/{name}", files=files, content_hash=HASH, rank=8, alpha=16.0,
@@ -47,6 +55,16 @@ def synthetic_catalog(n: int) -> Catalog:
             servable=True, servable_reason=None, source={"type": "local", "path": "/x"},
             lora=LoraDetails(max_rank=8))
     return Catalog(entries)
+
+
+def _shared_files(folder: Path) -> dict[str, dict]:
+    from zoo.catalog.integrity import file_hash
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(100_000))
+    return {f.name: {"sha256": file_hash(f), "size": f.stat().st_size}
+            for f in sorted(folder.iterdir())}
 
 
 def in_process(path: Path, repeat: int) -> list[tuple[str, float]]:
@@ -78,22 +96,28 @@ class Engine:
         pass
 
     async def __call__(self, scope, receive, send):
+        answer = {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        if scope["path"] == "/v1/models":
+            answer = {"object": "list", "data": [{"id": "base", "object": "model",
+                                                  "created": 1}]}
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": json.dumps(
-            {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
 
 
-async def _request_after_change(middleware, engine: Engine, path: Path) -> tuple[float, float]:
-    """The event loop's longest stall, and one request's time, right after a change to
-    the registry (its file touched: a changed stamp, as after `zoo add`)."""
-    body = json.dumps({"model": "base", "messages": [{"role": "user", "content": "hi"}]})
-    scope = {"type": "http", "path": "/v1/chat/completions", "method": "POST", "app": engine,
-             "headers": [(b"content-type", b"application/json")]}
+async def _one_request(middleware, engine: Engine, path: str, before=None):
+    """The event loop's longest stall while one request is answered, and its time (after
+    ``before``, such as a change to the registry)."""
+    body = b""
+    if path != "/v1/models":
+        body = json.dumps({"model": "base",
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+    scope = {"type": "http", "path": path, "method": "POST" if body else "GET",
+             "app": engine, "headers": [(b"content-type", b"application/json")]}
     sent = []
 
     async def receive():
-        return {"type": "http.request", "body": body.encode(), "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         sent.append(message)
@@ -110,7 +134,8 @@ async def _request_after_change(middleware, engine: Engine, path: Path) -> tuple
 
     ticks = asyncio.create_task(ticker())
     await asyncio.sleep(0.02)
-    os.utime(path, ns=(time.time_ns(), time.time_ns()))
+    if before:
+        before()
     start = time.perf_counter()
     await middleware(scope, receive, send)
     took = time.perf_counter() - start
@@ -121,29 +146,38 @@ async def _request_after_change(middleware, engine: Engine, path: Path) -> tuple
 
 
 def server_side(home: Path, repeat: int) -> list[tuple[str, float]]:
-    """A server's event loop on a registry change: every stream waits while it is blocked."""
+    """A server's event loop: after a change to the registry (its file touched, a new
+    stamp as after `zoo add`), and listing the models. Every stream waits while the loop
+    is blocked."""
     from zoo.serve.middleware import ZooMiddleware
     from zoo.serve.policy import ServePolicy
 
     engine = Engine()
     middleware = ZooMiddleware(engine, ServePolicy(Registry(home), "base", 64))
+    registry = home / "registry.json"
 
-    async def rounds():
-        await _request_after_change(middleware, engine, home / "registry.json")  # warm
-        return [await _request_after_change(middleware, engine, home / "registry.json")
-                for _ in range(repeat)]
+    def change():
+        os.utime(registry, ns=(time.time_ns(), time.time_ns()))
+
+    async def rounds(path, before):
+        await _one_request(middleware, engine, path, before)  # warm
+        return [await _one_request(middleware, engine, path, before) for _ in range(repeat)]
 
     import vllm.entrypoints.serve.lora.protocol  # noqa: F401 - imported in a server
 
     gc.collect()
     gc.freeze()  # as vLLM's API server does once it started (vllm.utils.gc_utils)
+    rows = []
     try:
-        stalls, times = zip(*asyncio.run(rounds()), strict=True)
+        for what, path, before in (("a request after a change", "/v1/chat/completions",
+                                    change), ("GET /v1/models", "/v1/models", None)):
+            stalls, times = zip(*asyncio.run(rounds(path, before)), strict=True)
+            rows += [(f"server: {what}", statistics.median(times)),
+                     ("  loop stalled (median)", statistics.median(stalls)),
+                     ("  loop stalled (worst)", max(stalls))]
     finally:
         gc.unfreeze()
-    return [("server: loop stall (median)", statistics.median(stalls)),
-            ("server: loop stall (worst)", max(stalls)),
-            ("server: request after change", statistics.median(times))]
+    return rows
 
 
 def timed(cmd: list[str], env: dict, repeat: int) -> float:
@@ -162,7 +196,9 @@ def main() -> None:
     args = parser.parse_args()
     zoo = str(Path(sys.executable).with_name("zoo"))
     with tempfile.TemporaryDirectory() as home:
-        write_json_atomic(Path(home) / "registry.json", synthetic_catalog(args.entries).to_dict())
+        catalog = synthetic_catalog(args.entries, Path(home))
+        write_json_atomic(Path(home) / "registry.json", catalog.to_dict())
+        del catalog
         size = (Path(home) / "registry.json").stat().st_size
         env = {**os.environ, "ZOO_HOME": home}
         rows = [
@@ -176,9 +212,9 @@ def main() -> None:
         results += server_side(Path(home), args.repeat)
     floor = results[0][1]
     print(f"registry: {args.entries} entries, {size / 1e6:.1f} MB; median of {args.repeat} runs")
-    print(f"{'command':<32}{'seconds':>9}{'x --help':>10}")
+    print(f"{'command':<34}{'seconds':>9}{'x --help':>10}")
     for label, seconds in results:
-        print(f"{label:<32}{seconds:>9.3f}{seconds / floor:>10.2f}")
+        print(f"{label:<34}{seconds:>9.3f}{seconds / floor:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -46,9 +47,10 @@ def _stamp(st: os.stat_result) -> _Stamp:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def file_hash(path: Path, fresh: bool = False) -> str:
-    """``sha256:...`` of a file, from the cache while its stat is unchanged."""
-    stamp = _stamp(path.stat())
+def file_hash(path: Path, fresh: bool = False, st: os.stat_result | None = None) -> str:
+    """``sha256:...`` of a file, from the cache while its stat is unchanged (``st``: the
+    file's stat, when the caller just took it)."""
+    stamp = _stamp(st or path.stat())
     known = None if fresh else _known(stamp)
     if known is not None:
         return known
@@ -157,12 +159,12 @@ def changed_files(root: Path, files: dict[str, dict[str, Any]], fresh: bool = Fa
     for rel, info in sorted(files.items()):
         path = root / rel
         try:
-            st = path.lstat()
+            st = path.lstat()  # one stat a file: a server lists thousands of adapters
         except (FileNotFoundError, NotADirectoryError):
             changed.append(rel)
             continue
-        if not path.is_file() or path.is_symlink() or st.st_size != info["size"] or (
-                content and file_hash(path, fresh) != info["sha256"]):
+        if not stat.S_ISREG(st.st_mode) or st.st_size != info["size"] or (
+                content and file_hash(path, fresh, st) != info["sha256"]):
             changed.append(rel)
     return changed
 
