@@ -25,6 +25,7 @@ from zoo.errors import FormatError, InvalidName, RegistryError, ZooError
 from zoo.hub.cards import read_manifest
 from zoo.models.adapters import inspect_bottleneck, inspect_lora
 from zoo.models.bases import describe_model
+from zoo.serve.launch import ServeOptions, plan_serve
 from zoo.serve.policy import load_tenants
 
 EXAMPLES = 300
@@ -452,6 +453,15 @@ def test_hand_edited_registries_work_or_get_zoos_error(edited_home, monkeypatch,
         policy.served_versions()
         for ref in ("x", "x:v2", "x:beta"):
             assert policy.adapter(ref).status in (200, 400, 404, 422, 500)
+        # what `zoo serve` decides before it starts vLLM (it writes nothing): only the base
+        # (or an adapter that became one) can keep it from starting; an adapter it cannot
+        # serve is left out, and it says why
+        try:
+            plan = plan_serve(ServeOptions(quantization="none"), Registry(home))
+        except ZooError:
+            assert where[0] == "tiny-llama" or where == ("x", "kind"), (where, value)
+        else:
+            assert {a.name for a in plan.adapters} | {n for n, _ in plan.left_out} <= {"x"}
         assert (home / "registry.json").read_text() == edited
     finally:
         (home / "registry.json").write_text(text)

@@ -581,6 +581,32 @@ def test_a_server_and_its_pages_leave_a_malformed_entry_out_and_serve_the_rest(t
     (zoo_home / "registry.json").write_text(before)
 
 
+def test_zoo_serve_starts_without_an_adapter_it_cannot_read_and_says_why(tiny, zoo_home):
+    """`zoo serve` refused to start for everyone over one hand-edited adapter entry, and
+    crashed on an adapter without files in this zoo (a TypeError), or on another version
+    of one whose rank is past vLLM's limit (a ValueError). Now each is left out, on a line
+    that says why, or refused when asked for."""
+    from zoo.catalog.registry import Registry
+    from zoo.serve.launch import ServeOptions, describe, plan_serve
+
+    zoo("add", tiny.lora("plain"), "--name", "good", "--base", "tiny-llama")
+    for name in ("bad", "gone", "wide"):
+        zoo("add", tiny.lora("second", r=2, lora_alpha=4, seed=9), "--name", name,
+            "--base", "tiny-llama")
+    zoo("add", tiny.lora("plain"), "--name", "wide", "--base", "tiny-llama", "--new-version")
+    before, _ = _edit_entry(zoo_home, "bad", lambda e: e.update(rank="8"))
+    _edit_entry(zoo_home, "gone", lambda e: e.update(path=None))
+    _edit_entry(zoo_home, "wide", lambda e: e["versions"]["2"]["lora"].update(max_rank=513))
+    options = ServeOptions(quantization="none")
+    plan = plan_serve(options, Registry(zoo_home))
+    assert [a.name for a in plan.adapters] == ["good", "wide"]
+    assert plan.max_lora_rank == 16  # the rank-513 version is refused when asked for
+    lines = describe(plan, options)
+    assert "  left out bad: its registry entry is malformed: rank is '8', not int" in lines
+    assert "  left out gone: its files are not in this zoo ('zoo pull gone')" in lines
+    (zoo_home / "registry.json").write_text(before)
+
+
 def test_many_of_one_adapter_folder_says_so(tiny):
     """`zoo add ADAPTER --many` (one adapter, not a folder of them) said "added 0 adapters"
     and succeeded."""

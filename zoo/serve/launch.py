@@ -248,15 +248,19 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     base = choose_base(catalog, options.base)
     model_path = variant_path(registry, base, served_variant(options))
     served, left_out = [], []
-    for adapter in catalog.adapters(base=base.name):
+    for adapter in catalog.adapters(base=base.name, skip_malformed=True):
         reason = _why_not(adapter, registry)
         if reason:
             left_out.append((adapter.name, reason))
         else:
             served.append(adapter)
+    # as a running server does: one hand-edited entry does not keep the rest from serving
+    left_out += [(name, f"its registry entry is malformed: {why}")
+                 for name, why in catalog.malformed.items()]
     # every servable version counts: one promoted while the server runs must fit it
     every = [v for a in served for v in a.all_versions().values()]
-    ranks = [v.lora.max_rank for v in every if v.lora and v.servable]
+    ranks = [v.lora.max_rank for v in every if v.lora and v.servable
+             and v.lora.max_rank <= VLLM_LORA_RANKS[-1]]  # above: refused when asked for
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
     targets = {t for v in every for t in v.target_modules}
     options = replace(options, dtype=activation_dtype(options.dtype))
@@ -462,6 +466,8 @@ def _why_not(adapter: AdapterEntry, registry: Registry) -> str | None:
         return adapter.servable_reason
     if adapter.lora and adapter.lora.max_rank > VLLM_LORA_RANKS[-1]:
         return f"rank {adapter.lora.max_rank} is above vLLM's limit {VLLM_LORA_RANKS[-1]}"
+    if adapter.path is None:
+        return f"its files are not in this zoo ('zoo pull {adapter.name}')"
     # a stat per file, so start-up does not grow with the catalog; content is hashed on
     # each adapter's first request (a 422 if it changed)
     changed = changed_files(registry.home / adapter.path, adapter.files, content=False)
