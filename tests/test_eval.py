@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.bounds import assert_within, forward_bound, gamma
+from tests.factory import LLAMA
 from tests.helpers import memory_left_behind, zoo, zoo_json
 from zoo.apps.evaluate import evaluate, nll_transformers, sequences
 from zoo.catalog.registry import Registry
@@ -317,7 +318,9 @@ def test_a_bottleneck_adapter_is_evaluated_through_transformers(tiny, tmp_path):
     from tests.helpers import houlsby_forward
 
     model = houlsby_forward(tiny.llama, tiny.bottleneck())
-    seqs = sequences(AutoTokenizer.from_pretrained(tiny.llama), text)
+    # tiny takes 128 tokens at once: windows of 127 (an engine adds the token it answers)
+    window = LLAMA["max_position_embeddings"] - 1
+    seqs = sequences(AutoTokenizer.from_pretrained(tiny.llama), text, window)
     losses = [(hf_loss(model, ids, labels), sum(label >= 0 for label in labels[1:]))
               for ids, labels in seqs]
     tokens = sum(n for _, n in losses)
@@ -370,8 +373,9 @@ def test_a_quantized_base_is_compared_with_its_original_on_every_domain(tiny, tm
     models = {"original": AutoModelForCausalLM.from_pretrained(tiny.llama,
                                                                dtype=torch.float32).eval(),
               "variant": load_nf4(nf4_dir)}
+    window = LLAMA["max_position_embeddings"] - 1  # what tiny takes at once, less one
     for row in (rows[0], rows[-1]):  # the worst and the best
-        seqs = sequences(tokenizer, held_out_domains()[row["domain"]])
+        seqs = sequences(tokenizer, held_out_domains()[row["domain"]], window)
         for which, model in models.items():
             losses = [(hf_loss(model, ids, labels), len(ids) - 1) for ids, labels in seqs]
             count = sum(n for _, n in losses)
@@ -416,3 +420,36 @@ def test_calibration_text_zoo_cannot_use_is_refused_before_the_model_loads(
                  ok=False)
     assert result.exit_code == 1 and "calibration.txt" in result.stderr
     assert "w8a8" not in zoo_json("show", "tiny")["variants"]
+
+
+def test_a_server_refusing_a_sequence_is_zoos_error_with_its_message():
+    """The served scorer ended in "unexpected HTTPError: HTTP Error 400" without the
+    server's reason; now it is one line of zoo's error with it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from zoo.apps.evaluate import nll_served
+    from zoo.errors import ServeError
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the handler's protocol
+            body = json.dumps({"error": {"message": "This model's maximum context length\n"
+                                                    "is 128 tokens", "code": 400}}).encode()
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        with pytest.raises(ServeError) as refused:
+            nll_served(url, "acme/a:v1", [([1, 2, 3], [-100, 2, 3])])
+    finally:
+        server.shutdown()
+    assert "refused to score 3 tokens with 'acme/a:v1' (HTTP 400)" in refused.value.message
+    assert "maximum context length is 128 tokens" in refused.value.message

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from tests.factory import save_llama
 from tests.helpers import zoo
 from zoo.catalog import integrity
 from zoo.catalog.registry import Registry
@@ -306,7 +307,7 @@ def test_processes_zoo_starts_die_with_their_parent(tmp_path):
                       open(f"/proc/{inner}/stat").read().split(") ")[1][0] == "Z", 10)
 
 
-def test_the_served_variant_is_made_in_a_process_of_its_own(models, zoo_home, monkeypatch):
+def test_the_served_variant_is_made_in_a_process_of_its_own(zoo_home, monkeypatch, tmp_path):
     """Calibrating the int8 base loads the 16-bit model and its activations (2.8 GB for
     SmolLM2): zoo serve makes the variant in a child process, so it keeps none of it; the
     child's errors come back as zoo's errors."""
@@ -318,7 +319,9 @@ def test_the_served_variant_is_made_in_a_process_of_its_own(models, zoo_home, mo
         raise AssertionError("quantized in zoo serve's own process")
 
     monkeypatch.setattr(quantizing, "quantize", not_here)
-    zoo("add", models.llama, "--name", "tiny")
+    # heads 32 wide, as vLLM's CPU attention computes (the shared tiny llama's are 8)
+    zoo("add", save_llama(tmp_path / "tiny", num_attention_heads=1, num_key_value_heads=1),
+        "--name", "tiny")
     registry = Registry(zoo_home)
     lines: list[str] = []
     base = prepare_base(ServeOptions(base="tiny", quantization="w8a8"), registry, lines.append)
@@ -333,6 +336,53 @@ def test_the_served_variant_is_made_in_a_process_of_its_own(models, zoo_home, mo
     weights.write_bytes(b"not the registered weights")
     with pytest.raises(ZooError, match="changed|tiny"):
         prepare_base(ServeOptions(base="tiny", quantization="w8a8"), registry)
+
+
+def test_a_base_vllms_cpu_attention_cannot_run_is_refused_before_calibrating(
+        models, zoo_home, monkeypatch):
+    """vLLM starts on a base whose attention heads its CPU kernels do not compute, then
+    its engine dies at the first request. zoo serve refuses it first, with the reason,
+    before minutes of calibration; zoo eval scores it with transformers instead."""
+    from zoo import quantize as quantizing
+    from zoo.apps.evaluate import evaluate
+    from zoo.errors import NotSupported
+    from zoo.serve.launch import prepare_base
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("calibrated a base that cannot be served")
+
+    monkeypatch.setattr(quantizing, "quantize", not_here)
+    zoo("add", models.llama, "--name", "tiny")  # 4 heads of 8 in 32
+    with pytest.raises(NotSupported, match="heads are 8 wide.*32, 64, 80"):
+        prepare_base(ServeOptions(base="tiny", quantization="w8a8"), Registry(zoo_home))
+    assert "w8a8" not in Registry(zoo_home).load().base("tiny").variants
+    assert evaluate("tiny", record=False).engine == "transformers"
+
+
+def test_a_request_holds_at_most_what_the_base_takes_at_once(models, zoo_home, tmp_path):
+    """vLLM refuses --max-model-len past the base's context after a minute of start-up (and
+    zoo eval asked for 512-token windows of a 128-token model): zoo sizes both to it."""
+    from zoo.errors import NotSupported
+    from zoo.serve.launch import DEFAULT_MODEL_LEN
+
+    zoo("add", models.llama, "--name", "tiny")  # max_position_embeddings 128
+    registry = Registry(zoo_home)
+
+    def model_len(**options) -> str:
+        argv = plan_serve(ServeOptions(quantization="none", **options), registry).argv
+        return argv[argv.index("--max-model-len") + 1]
+
+    assert model_len() == "128"
+    assert model_len(max_model_len=64) == "64"
+    with pytest.raises(NotSupported, match="--max-model-len 4096 is more than 'tiny' takes"):
+        model_len(max_model_len=4096)
+    config = json.loads((models.llama / "config.json").read_text())
+    del config["max_position_embeddings"]  # no length given: vLLM's default, and zoo's
+    unsaid = tmp_path / "unsaid"
+    shutil.copytree(models.llama, unsaid)
+    (unsaid / "config.json").write_text(json.dumps(config))
+    zoo("add", unsaid, "--name", "unsaid")
+    assert model_len(base="unsaid") == str(DEFAULT_MODEL_LEN)
 
 
 @pytest.mark.parametrize("changes, why", [

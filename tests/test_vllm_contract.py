@@ -162,6 +162,17 @@ def test_the_request_fields_zoo_reads_and_writes():
     assert "prompt_logprobs" in CompletionRequest.model_fields, feature("zoo eval (served)")
 
 
+def test_the_head_widths_vllms_cpu_attention_computes():
+    """zoo serve refuses a base with other widths before it starts vLLM (whose engine dies
+    at the first request), and zoo eval scores such a base with transformers."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from zoo.serve.launch import CPU_HEAD_SIZES
+
+    assert list(CPU_HEAD_SIZES) == CPUAttentionBackend.get_supported_head_sizes(), \
+        feature("check of a base's attention heads (launch.CPU_HEAD_SIZES)")
+
+
 def test_the_cpu_int8_kernel_needs_what_zoo_gives_it():
     """activation_dtype: the AMX int8 kernel takes bf16/fp16 activations; the lora_device
     patch: the oneDNN one releases ``weight`` after prepacking."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from zoo.catalog.integrity import ORIGINAL, variant_path
 from zoo.catalog.registry import Registry
 from zoo.core.files import sha256_file
 from zoo.core.records import AdapterEntry, BaseEntry, now
-from zoo.errors import NotSupported
+from zoo.errors import NotSupported, ServeError
 
 VARIANTS = (ORIGINAL, "nf4", "w8a8")
 SERVED = (ORIGINAL, "w8a8")
@@ -78,18 +79,31 @@ def held_out_domains() -> dict[str, Path]:
     return {"zoo": HELDOUT_TEXT, **{p.stem: p for p in sorted(HELDOUT_DOMAINS.glob("*.txt"))}}
 
 
-def sequences(tokenizer, data: Path) -> list[Sequence]:
-    """What to score in ``data``: answers of a JSONL dataset, or all of a text file."""
+def sequences(tokenizer, data: Path, window: int = WINDOW) -> list[Sequence]:
+    """What to score in ``data``: answers of a JSONL dataset, or all of a text file, in
+    pieces of at most ``window`` tokens."""
     from zoo.models.data import IGNORE, load_dataset, texts_of, token_batches, tokenize_example
 
     if data.suffix == ".jsonl":
         out = []
         for example in load_dataset(data).examples:
-            ids, labels = tokenize_example(tokenizer, example, WINDOW)
+            ids, labels = tokenize_example(tokenizer, example, window)
             out.append((ids, labels))
         return out
     return [(ids, [IGNORE] + ids[1:]) for ids in
-            (batch[0].tolist() for batch in token_batches(tokenizer, texts_of(data), WINDOW))]
+            (batch[0].tolist() for batch in token_batches(tokenizer, texts_of(data), window))]
+
+
+def _read_for(registry: Registry, base: BaseEntry, data: Path) -> list[Sequence]:
+    """``data``'s sequences for ``base``: in windows of WINDOW tokens, or where the base
+    takes fewer at once, of one less than that (an engine adds the token it answers)."""
+    from zoo.catalog.loading import load_tokenizer
+    from zoo.models.bases import context_length
+
+    original = variant_path(registry, base, ORIGINAL)
+    context = context_length(original)
+    window = WINDOW if context is None else max(1, min(WINDOW, context - 1))
+    return sequences(load_tokenizer(original), data, window)
 
 
 def nll_transformers(model, seqs: list[Sequence]) -> tuple[float, int]:
@@ -121,14 +135,28 @@ def nll_served(url: str, model: str, seqs: list[Sequence],
         body = json.dumps({"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0,
                            "prompt_logprobs": 1}).encode()
         request = urllib.request.Request(url + "/completions", data=body, headers=headers)
-        with urllib.request.urlopen(request, timeout=600) as response:
-            steps = json.loads(response.read())["choices"][0]["prompt_logprobs"]
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                steps = json.loads(response.read())["choices"][0]["prompt_logprobs"]
+        except urllib.error.HTTPError as error:
+            raise ServeError(f"{url} refused to score {len(ids)} tokens with {model!r} "
+                             f"(HTTP {error.code}): {_said(error)}",
+                             hint="The engine's log says more.") from None
         for position, (step, label) in enumerate(zip(steps, labels, strict=True)):
             if position == 0 or label < 0:
                 continue
             total -= step[str(ids[position])]["logprob"]
             count += 1
     return total, count
+
+
+def _said(error) -> str:
+    """What an OpenAI-compatible server's error response says, in a line."""
+    try:
+        message = json.loads(error.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        message = error.reason
+    return " ".join(str(message).split())[:300]
 
 
 def evaluate(name: str, variant: str | None = None, data: Path | None = None,
@@ -138,7 +166,6 @@ def evaluate(name: str, variant: str | None = None, data: Path | None = None,
     ``variant`` of its base (default: the base's original, an adapter's own training
     variant); ``engine="transformers"`` skips the serving engine even where one serves."""
     from zoo.catalog import versions
-    from zoo.catalog.loading import load_tokenizer
     from zoo.models.data import HELDOUT_TEXT
 
     registry = registry or Registry()
@@ -149,8 +176,7 @@ def evaluate(name: str, variant: str | None = None, data: Path | None = None,
     if variant not in VARIANTS:
         raise NotSupported(f"unknown variant {variant!r}", hint=f"Use one of {', '.join(VARIANTS)}.")
     data = Path(data or HELDOUT_TEXT)
-    tokenizer = load_tokenizer(variant_path(registry, base, ORIGINAL))
-    seqs = sequences(tokenizer, data)
+    seqs = _read_for(registry, base, data)
     variant_path(registry, base, variant)  # present and intact: eval never quantizes
     log(f"evaluating {name} on {base.name} ({variant}): {data.name}")
     with scorer(registry, base, entry, variant, log, engine) as (score, used):
@@ -195,7 +221,6 @@ def compare_domains(base: str, variant: str, texts: dict[str, Path] | None = Non
                     engine: str = "auto") -> list[DomainRatio]:
     """``variant`` of ``base`` against its original on each held-out text (default: every
     domain zoo ships), worst ratio first: one engine (or model) per variant for them all."""
-    from zoo.catalog.loading import load_tokenizer
 
     registry = registry or Registry()
     entry = registry.load().base(base)
@@ -203,8 +228,7 @@ def compare_domains(base: str, variant: str, texts: dict[str, Path] | None = Non
         raise NotSupported(f"compare a quantized variant with the original, not {variant!r}",
                            hint="Use nf4 or w8a8.")
     texts = texts or held_out_domains()
-    tokenizer = load_tokenizer(variant_path(registry, entry, ORIGINAL))
-    seqs = {domain: sequences(tokenizer, Path(path)) for domain, path in texts.items()}
+    seqs = {domain: _read_for(registry, entry, Path(path)) for domain, path in texts.items()}
     variant_path(registry, entry, variant)  # present and intact: eval never quantizes
     if variant not in SERVED:  # both through the same engine
         engine = "transformers"
@@ -229,8 +253,11 @@ def scorer(registry, base: BaseEntry, entry, variant: str, log,
                                                     str]]:
     """(score, engine): score(sequences) is their summed NLL and count, through the engine
     that serves ``variant`` where one does (zoo serve), else transformers."""
+    from zoo.serve.launch import cpu_attention_refuses
+
     served = engine != "transformers" and variant in SERVED and (
-        isinstance(entry, BaseEntry) or entry.servable)
+        isinstance(entry, BaseEntry) or entry.servable) and not cpu_attention_refuses(
+        variant_path(registry, base, ORIGINAL))
     if not served:
         model = _model(registry, base, entry, variant)
         yield (lambda seqs: nll_transformers(model, seqs)), "transformers"

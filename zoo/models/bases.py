@@ -43,6 +43,39 @@ def _text_config(config: dict) -> dict:
     return config.get("text_config") or config
 
 
+# where a config may give the most tokens a model takes at once (vLLM takes the smallest)
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                "model_max_length", "max_target_positions", "max_sequence_length",
+                "max_seq_length", "seq_len")
+
+
+def context_length(model_dir: Path) -> int | None:
+    """The most tokens the model in ``model_dir`` takes at once: the smallest length its
+    config gives, or its tokenizer's ``model_max_length`` when smaller. That is what vLLM
+    derives before any RoPE scaling, so vLLM never allows less. None: neither says."""
+    text = _text_config(read_config(model_dir))
+    lengths = [text.get(key) for key in CONTEXT_KEYS] if isinstance(text, dict) else []
+    tokenizer = model_dir / "tokenizer_config.json"
+    if tokenizer.exists():
+        lengths.append(load_json(tokenizer, "tokenizer config").get("model_max_length"))
+    counts = [n for n in lengths if is_count(n)]
+    return min(counts) if counts else None
+
+
+def head_size(model_dir: Path) -> int | None:
+    """The width of one attention head of the model in ``model_dir`` (None: its config
+    does not say)."""
+    text = _text_config(read_config(model_dir))
+    if not isinstance(text, dict):
+        return None
+    if is_count(text.get("head_dim")):
+        return text["head_dim"]
+    hidden = next((text[k] for k in ("hidden_size", "n_embd") if is_count(text.get(k))), None)
+    heads = next((text[k] for k in ("num_attention_heads", "n_head") if is_count(text.get(k))),
+                 None)
+    return hidden // heads if hidden and heads and hidden % heads == 0 else None
+
+
 def describe_model(model_dir: Path) -> BaseFacts:
     """Architecture, sizes, dtype and parameter count of a saved model."""
     config = read_config(model_dir)

@@ -29,6 +29,7 @@ from zoo.core.measure import cpu_flags
 from zoo.core.records import AdapterEntry, BaseEntry
 from zoo.errors import NotSupported, ServeError, ZooError
 from zoo.models.adapters import VLLM_LORA_RANKS, vllm_max_lora_rank
+from zoo.models.bases import context_length, head_size
 from zoo.serve import policy as env
 from zoo.serve.meter import check_meter
 from zoo.serve.plugin import STATE_VARIABLE, set_parent_death_signal
@@ -70,6 +71,10 @@ CPU_LORAS_PER_SLOT = 4
 MAX_CPU_LORAS = 512
 # Start-up lists at most this many adapters by name (catalogs run to thousands).
 LISTED_ADAPTERS = 20
+# the head widths vLLM's CPU attention computes (CPUAttentionBackend; other widths start,
+# then kill the engine at the first request; tests/test_vllm_contract.py holds them to vLLM's)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+DEFAULT_MODEL_LEN = 2048  # tokens a request may hold, prompt and answer (fewer: the base's)
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class ServeOptions:
     max_cpu_loras: int | None = None
     api_keys: Path | None = None
     dtype: str = DEFAULT_DTYPE
-    max_model_len: int = 2048
+    max_model_len: int | None = None  # default: DEFAULT_MODEL_LEN, or the base's context
     scheduling: str = "fair"  # fair: zoo/serve/fair.py between tenants; fcfs: vLLM's own
     lora_targets: str = "all"  # LoRA layers on every module vLLM can adapt, or "catalog"
     extra_args: tuple[str, ...] = ()
@@ -138,6 +143,10 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     check_options(options)  # before minutes of calibration
     check_meter(registry.home)
     base = choose_base(registry.load(), options.base)
+    why = cpu_attention_refuses(variant_path(registry, base, ORIGINAL))
+    if why:
+        raise NotSupported(f"vLLM cannot serve {base.name!r} on this CPU: {why}",
+                           hint="'zoo generate' and 'zoo eval' run it with transformers.")
     variant = served_variant(options)
     if variant == ORIGINAL:
         return base
@@ -263,7 +272,8 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
              and v.lora.max_rank <= VLLM_LORA_RANKS[-1]]  # above: refused when asked for
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
     targets = {t for v in every for t in v.target_modules}
-    options = replace(options, dtype=activation_dtype(options.dtype))
+    options = replace(options, dtype=activation_dtype(options.dtype),
+                      max_model_len=model_len(options.max_model_len, base.name, model_path))
     stacks = lora_dtype(options.dtype, options.extra_args)
     max_loras = options.max_loras or min(default_max_loras(model_path, max_rank, stacks, targets),
                                          options.max_cpu_loras or MAX_CPU_LORAS)
@@ -459,6 +469,27 @@ def default_cpu_loras(max_loras: int) -> int:
     """Adapters kept loaded: CPU_LORAS_PER_SLOT a slot, up to MAX_CPU_LORAS, never fewer
     than the slots (vLLM's rule)."""
     return max(max_loras, min(CPU_LORAS_PER_SLOT * max_loras, MAX_CPU_LORAS))
+
+
+def cpu_attention_refuses(model_path: Path) -> str | None:
+    """Why vLLM's CPU attention cannot run the model in ``model_path``, or None."""
+    width = head_size(model_path)
+    if width is None or width in CPU_HEAD_SIZES:
+        return None
+    return (f"its attention heads are {width} wide, and vLLM's CPU attention computes "
+            f"{', '.join(map(str, CPU_HEAD_SIZES))}")
+
+
+def model_len(requested: int | None, base: str, model_path: Path) -> int:
+    """The tokens a request may hold: ``requested``, or DEFAULT_MODEL_LEN where the base
+    takes as many (vLLM refuses more than the base's context, after its start-up)."""
+    context = context_length(model_path)
+    if requested is None:
+        return min(DEFAULT_MODEL_LEN, context or DEFAULT_MODEL_LEN)
+    if context is not None and requested > context:
+        raise NotSupported(f"--max-model-len {requested} is more than {base!r} takes at once "
+                           f"({context} tokens)", hint=f"Use {context} or less.")
+    return requested
 
 
 def _why_not(adapter: AdapterEntry, registry: Registry) -> str | None:
