@@ -449,3 +449,37 @@ def test_zoo_serve_refuses_an_address_it_cannot_listen_on_before_anything_starts
             result = zoo("serve", "--multi-lora", *args, ok=False)
             assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
             assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("log, reason", [
+    (["(APIServer pid=4) Traceback (most recent call last):",
+      '    raise ValueError("boom")',
+      "(EngineCore pid=5) ERROR 12-05 18:46:51 [core.py:1100] ValueError: Model architectures "
+      "['FooForCausalLM'] are not supported for now.",
+      "(APIServer pid=4) RuntimeError: Engine core initialization failed. See root cause "
+      "above. Failed core proc(s): {}"],
+     "ValueError: Model architectures ['FooForCausalLM'] are not supported for now."),
+    (["  pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+      "    Value error, User-specified max_model_len (2048) is greater than the derived "
+      "max_model_len (max_position_embeddings=128.0). [type=value_error]",
+      "      For further information visit https://errors.pydantic.dev/2.14/v/value_error"],
+     "ValidationError: User-specified max_model_len (2048) is greater than the derived "
+     "max_model_len (max_position_embeddings=128.0). [type=value_error]"),
+])
+def test_a_server_that_exits_during_start_up_says_why_in_one_line(tmp_path, log, reason):
+    """zoo eval, a promotion's gate and the benchmarks start vLLM in the background: its
+    exit was the log's last 15 lines (a traceback's middle); now it is the root cause."""
+    import subprocess
+    import sys
+
+    from zoo.errors import ServeError
+    from zoo.serve.launch import free_port, wait_healthy
+
+    path = tmp_path / "vllm.log"
+    path.write_text("\n".join(["INFO starting", *log, "INFO shutting down"]) + "\n")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    proc.wait()
+    with pytest.raises(ServeError) as exited:
+        wait_healthy(f"http://127.0.0.1:{free_port()}", proc, path, timeout=30)
+    assert exited.value.message == f"vLLM exited during start-up: {reason}"
+    assert str(path) in exited.value.hint

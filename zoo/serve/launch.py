@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -628,14 +629,35 @@ def running_server(options: ServeOptions, registry: Registry | None = None,
             stop(proc)
 
 
+# an exception's line in a log (vLLM prefixes its own: "(EngineCore pid=7) ERROR ... ")
+_RAISED = re.compile(r"\b((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (.+)$")
+
+
+def startup_failure(lines: list[str]) -> str | None:
+    """What a server that exited during start-up said was wrong: the last exception in its
+    log that is not a pointer to another ("See root cause above"), pydantic's reason for
+    a ValidationError; None when there is none."""
+    for at in range(len(lines) - 1, -1, -1):
+        match = _RAISED.search(lines[at])
+        if not match or "above" in match.group(2):
+            continue
+        name, text = match.group(1).rsplit(".", 1)[-1], match.group(2)
+        if name == "ValidationError":
+            text = next((line.split("Value error, ", 1)[1] for line in lines[at + 1:at + 6]
+                         if "Value error, " in line), text)
+        return f"{name}: {' '.join(text.split())[:400]}"
+    return None
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float,
                  what: str = "vLLM") -> None:
     """Until ``url/health`` answers 200; an error with the log's end if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-15:]
-            raise ServeError(f"{what} exited during start-up:\n  " + "\n  ".join(tail),
+            lines = log_path.read_text(errors="replace").splitlines()
+            reason = startup_failure(lines) or "\n  " + "\n  ".join(lines[-15:])
+            raise ServeError(f"{what} exited during start-up: {reason}",
                              hint=f"The full log is {log_path}.")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as response:
