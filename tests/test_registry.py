@@ -520,8 +520,11 @@ def test_a_hand_edited_entry_gets_one_clear_line_and_nothing_is_written(
         assert result.exit_code == 1, (args, result.output)
         assert f"registry entry 'x' is malformed: {message}" in result.stderr, (args, result.stderr)
         assert result.stderr.count("\n") == 1
-    if not listed:  # zoo list reads only the fields it shows, without making records
-        assert "x" in [line.split()[0] for line in zoo("list").stdout.splitlines()]
+    names = [line.split()[0] for line in zoo("list", ok=False).stdout.splitlines()]
+    # zoo list reads only the fields it shows, without making records; it lists the rest
+    assert names == (["NAME", "tiny-llama"] if listed else ["NAME", "tiny-llama", "x"])
+    listing = json.loads(zoo("list", "--json", ok=False).stdout)
+    assert [e["name"] for e in listing] == (["tiny-llama"] if listed else ["tiny-llama", "x"])
     assert (zoo_home / "registry.json").read_text() == edited
     assert (zoo_home / "adapters" / "x").is_dir()
     (zoo_home / "registry.json").write_text(before)  # the schema check at teardown

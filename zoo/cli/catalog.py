@@ -11,6 +11,7 @@ import click
 from zoo.catalog.registry import Registry, filter_entries
 from zoo.cli.app import NEW_VERSION_HELP, cli, version_label
 from zoo.core.records import ADAPTER_KINDS, BASE_KINDS, AdapterEntry, BaseEntry, Entry
+from zoo.errors import MalformedEntry
 
 KIND_CHOICES = click.Choice(["base", "merged", "adapter", *ADAPTER_KINDS])
 
@@ -77,21 +78,28 @@ def add_cmd(path: Path, name: str | None, base: str | None, many: bool, prefix: 
 def list_cmd(base: str | None, kind: str | None, as_json: bool) -> None:
     """List registered bases and adapters."""
     registry = Registry()
-    entries = filter_entries(registry.load(), base=base, kind=kind, fields=LISTED_FIELDS)
+    malformed: dict[str, str] = {}  # left out of the list, each named after it
+    entries = filter_entries(registry.load(), base=base, kind=kind, fields=LISTED_FIELDS,
+                             malformed=malformed)
     if as_json:
         _echo_json([_summary(e) for e in entries])
-        return
-    if not entries:
+    elif entries:
+        rows = [("NAME", "KIND", "BASE", "RANK", "PARAMS", "SERVABLE")]
+        for e in entries:
+            s = _summary(e)
+            rows.append((s["name"], s["kind"], s["base"] or "-", str(s.get("rank") or "-"),
+                         _human(s["params"]),
+                         {True: "yes", False: "no", None: "-"}[s["servable"]]))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    elif not malformed:
         click.echo("the zoo is empty: try 'zoo pull smollm2-135m-instruct'", err=True)
-        return
-    rows = [("NAME", "KIND", "BASE", "RANK", "PARAMS", "SERVABLE")]
-    for e in entries:
-        s = _summary(e)
-        rows.append((s["name"], s["kind"], s["base"] or "-", str(s.get("rank") or "-"),
-                     _human(s["params"]), {True: "yes", False: "no", None: "-"}[s["servable"]]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for name, why in malformed.items():  # the rest listed; the status says not all were
+        error = MalformedEntry(name, why)
+        click.echo(f"error: {error.message}, left out of this list. {error.hint}", err=True)
+    if malformed:
+        sys.exit(1)
 
 
 LISTED_FIELDS = {"base": ("name", "kind", "base", "parameters", "variants"),
