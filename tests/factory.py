@@ -152,6 +152,13 @@ class Models:
         return save_llama(self.root / "tiny-llama")
 
     @cached_property
+    def llama_servable(self) -> Path:
+        """``llama`` with one attention head of 32, a width vLLM's CPU attention computes
+        (``llama``'s are 8 wide: zoo serve refuses it before calibrating)."""
+        return save_llama(self.root / "tiny-llama-servable", num_attention_heads=1,
+                          num_key_value_heads=1)
+
+    @cached_property
     def llama_wide(self) -> Path:
         """Same layout as ``llama`` but hidden size 48: adapters for it must not fit."""
         return save_llama(self.root / "tiny-llama-wide", hidden_size=48, intermediate_size=96)

@@ -93,7 +93,7 @@ def test_an_8_bit_variant_is_remade_where_the_kernel_saturates(models, zoo_home,
     that computes 8; 8 bits someone asked for are kept, with a warning."""
     from zoo.quantize import quantize, w8a8
 
-    zoo("add", models.llama, "--name", "tiny")
+    zoo("add", models.llama_servable, "--name", "tiny")
     registry = Registry(zoo_home)
     monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 8)  # made where VNNI is
     made = quantize("tiny", "w8a8", registry)
@@ -145,7 +145,7 @@ def test_a_variant_calibrated_for_another_kernel_is_remade(models, zoo_home, mon
     variant whose settings were asked for is kept as it is."""
     from zoo.quantize import quantize, w8a8
 
-    zoo("add", models.llama, "--name", "tiny")
+    zoo("add", models.llama_servable, "--name", "tiny")
     registry = Registry(zoo_home)
     bits = weight_bits()
     here = w8a8.recipe(bits)

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 
-from tests.factory import save_llama
 from tests.helpers import zoo
 from zoo.catalog import integrity
 from zoo.catalog.registry import Registry
@@ -307,7 +306,7 @@ def test_processes_zoo_starts_die_with_their_parent(tmp_path):
                       open(f"/proc/{inner}/stat").read().split(") ")[1][0] == "Z", 10)
 
 
-def test_the_served_variant_is_made_in_a_process_of_its_own(zoo_home, monkeypatch, tmp_path):
+def test_the_served_variant_is_made_in_a_process_of_its_own(models, zoo_home, monkeypatch):
     """Calibrating the int8 base loads the 16-bit model and its activations (2.8 GB for
     SmolLM2): zoo serve makes the variant in a child process, so it keeps none of it; the
     child's errors come back as zoo's errors."""
@@ -319,9 +318,7 @@ def test_the_served_variant_is_made_in_a_process_of_its_own(zoo_home, monkeypatc
         raise AssertionError("quantized in zoo serve's own process")
 
     monkeypatch.setattr(quantizing, "quantize", not_here)
-    # heads 32 wide, as vLLM's CPU attention computes (the shared tiny llama's are 8)
-    zoo("add", save_llama(tmp_path / "tiny", num_attention_heads=1, num_key_value_heads=1),
-        "--name", "tiny")
+    zoo("add", models.llama_servable, "--name", "tiny")
     registry = Registry(zoo_home)
     lines: list[str] = []
     base = prepare_base(ServeOptions(base="tiny", quantization="w8a8"), registry, lines.append)
@@ -465,6 +462,10 @@ def test_zoo_serve_refuses_an_address_it_cannot_listen_on_before_anything_starts
       "      For further information visit https://errors.pydantic.dev/2.14/v/value_error"],
      "ValidationError: User-specified max_model_len (2048) is greater than the derived "
      "max_model_len (max_position_embeddings=128.0). [type=value_error]"),
+    (["usage: api_server.py [-h] [--headless] [--api-server-count API_SERVER_COUNT]",
+      "api_server.py: error: argument --max-model-len: invalid human_readable_int_or_auto "
+      "value: 'None'"],
+     "argument --max-model-len: invalid human_readable_int_or_auto value: 'None'"),
 ])
 def test_a_server_that_exits_during_start_up_says_why_in_one_line(tmp_path, log, reason):
     """zoo eval, a promotion's gate and the benchmarks start vLLM in the background: its

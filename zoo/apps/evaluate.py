@@ -94,16 +94,18 @@ def sequences(tokenizer, data: Path, window: int = WINDOW) -> list[Sequence]:
             (batch[0].tolist() for batch in token_batches(tokenizer, texts_of(data), window))]
 
 
-def _read_for(registry: Registry, base: BaseEntry, data: Path) -> list[Sequence]:
-    """``data``'s sequences for ``base``: in windows of WINDOW tokens, or where the base
-    takes fewer at once, of one less than that (an engine adds the token it answers)."""
+def _reader(registry: Registry, base: BaseEntry) -> Callable[[Path], list[Sequence]]:
+    """How to read a text's sequences for ``base``: in windows of WINDOW tokens, or where
+    the base takes fewer at once, of one less than that (an engine adds the token it
+    answers)."""
     from zoo.catalog.loading import load_tokenizer
     from zoo.models.bases import context_length
 
     original = variant_path(registry, base, ORIGINAL)
     context = context_length(original)
     window = WINDOW if context is None else max(1, min(WINDOW, context - 1))
-    return sequences(load_tokenizer(original), data, window)
+    tokenizer = load_tokenizer(original)
+    return lambda data: sequences(tokenizer, data, window)
 
 
 def nll_transformers(model, seqs: list[Sequence]) -> tuple[float, int]:
@@ -176,7 +178,7 @@ def evaluate(name: str, variant: str | None = None, data: Path | None = None,
     if variant not in VARIANTS:
         raise NotSupported(f"unknown variant {variant!r}", hint=f"Use one of {', '.join(VARIANTS)}.")
     data = Path(data or HELDOUT_TEXT)
-    seqs = _read_for(registry, base, data)
+    seqs = _reader(registry, base)(data)
     variant_path(registry, base, variant)  # present and intact: eval never quantizes
     log(f"evaluating {name} on {base.name} ({variant}): {data.name}")
     with scorer(registry, base, entry, variant, log, engine) as (score, used):
@@ -221,14 +223,14 @@ def compare_domains(base: str, variant: str, texts: dict[str, Path] | None = Non
                     engine: str = "auto") -> list[DomainRatio]:
     """``variant`` of ``base`` against its original on each held-out text (default: every
     domain zoo ships), worst ratio first: one engine (or model) per variant for them all."""
-
     registry = registry or Registry()
     entry = registry.load().base(base)
     if variant == ORIGINAL or variant not in VARIANTS:
         raise NotSupported(f"compare a quantized variant with the original, not {variant!r}",
                            hint="Use nf4 or w8a8.")
     texts = texts or held_out_domains()
-    seqs = {domain: _read_for(registry, entry, Path(path)) for domain, path in texts.items()}
+    read = _reader(registry, entry)
+    seqs = {domain: read(Path(path)) for domain, path in texts.items()}
     variant_path(registry, entry, variant)  # present and intact: eval never quantizes
     if variant not in SERVED:  # both through the same engine
         engine = "transformers"
@@ -257,7 +259,7 @@ def scorer(registry, base: BaseEntry, entry, variant: str, log,
 
     served = engine != "transformers" and variant in SERVED and (
         isinstance(entry, BaseEntry) or entry.servable) and not cpu_attention_refuses(
-        variant_path(registry, base, ORIGINAL))
+        registry.resolve(base.path))
     if not served:
         model = _model(registry, base, entry, variant)
         yield (lambda seqs: nll_transformers(model, seqs)), "transformers"

@@ -144,7 +144,7 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     check_options(options)  # before minutes of calibration
     check_meter(registry.home)
     base = choose_base(registry.load(), options.base)
-    why = cpu_attention_refuses(variant_path(registry, base, ORIGINAL))
+    why = cpu_attention_refuses(registry.resolve(base.path))
     if why:
         raise NotSupported(f"vLLM cannot serve {base.name!r} on this CPU: {why}",
                            hint="'zoo generate' and 'zoo eval' run it with transformers.")
@@ -273,8 +273,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
              and v.lora.max_rank <= VLLM_LORA_RANKS[-1]]  # above: refused when asked for
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
     targets = {t for v in every for t in v.target_modules}
-    options = replace(options, dtype=activation_dtype(options.dtype),
-                      max_model_len=model_len(options.max_model_len, base.name, model_path))
+    options = replace(options, dtype=activation_dtype(options.dtype))
     stacks = lora_dtype(options.dtype, options.extra_args)
     max_loras = options.max_loras or min(default_max_loras(model_path, max_rank, stacks, targets),
                                          options.max_cpu_loras or MAX_CPU_LORAS)
@@ -398,7 +397,8 @@ def vllm_argv(options: ServeOptions, base: BaseEntry, model_path: Path, max_rank
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path), "--served-model-name", base.name,
         "--host", options.host, "--port", str(options.port),
-        "--dtype", activation_dtype(options.dtype), "--max-model-len", str(options.max_model_len),
+        "--dtype", activation_dtype(options.dtype),
+        "--max-model-len", str(model_len(options.max_model_len, base.name, model_path)),
         "--gpu-memory-utilization", CPU_MEMORY_UTILIZATION,
         "--enable-lora", "--max-loras", str(max_loras),
         "--max-cpu-loras", str(max_cpu_loras), "--max-lora-rank", str(max_rank),
@@ -472,8 +472,11 @@ def default_cpu_loras(max_loras: int) -> int:
     return max(max_loras, min(CPU_LORAS_PER_SLOT * max_loras, MAX_CPU_LORAS))
 
 
-def cpu_attention_refuses(model_path: Path) -> str | None:
-    """Why vLLM's CPU attention cannot run the model in ``model_path``, or None."""
+def cpu_attention_refuses(model_path: Path | None) -> str | None:
+    """Why vLLM's CPU attention cannot run the model in ``model_path``, or None (also where
+    there is none: the variant's own checks say so)."""
+    if model_path is None or not (model_path / "config.json").is_file():
+        return None
     width = head_size(model_path)
     if width is None or width in CPU_HEAD_SIZES:
         return None
@@ -636,7 +639,7 @@ _RAISED = re.compile(r"\b((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (
 def startup_failure(lines: list[str]) -> str | None:
     """What a server that exited during start-up said was wrong: the last exception in its
     log that is not a pointer to another ("See root cause above"), pydantic's reason for
-    a ValidationError; None when there is none."""
+    a ValidationError; else argparse's refusal of its command line; else None."""
     for at in range(len(lines) - 1, -1, -1):
         match = _RAISED.search(lines[at])
         if not match or "above" in match.group(2):
@@ -646,7 +649,8 @@ def startup_failure(lines: list[str]) -> str | None:
             text = next((line.split("Value error, ", 1)[1] for line in lines[at + 1:at + 6]
                          if "Value error, " in line), text)
         return f"{name}: {' '.join(text.split())[:400]}"
-    return None
+    return next((line.split(": error: ", 1)[1] for line in reversed(lines)
+                 if ": error: " in line), None)  # a command line argparse refused
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout: float,
