@@ -357,8 +357,8 @@ def test_a_base_vllms_cpu_attention_cannot_run_is_refused_before_calibrating(
 
 
 def test_a_request_holds_at_most_what_the_base_takes_at_once(models, zoo_home, tmp_path):
-    """vLLM refuses --max-model-len past the base's context after a minute of start-up (and
-    zoo eval asked for 512-token windows of a 128-token model): zoo sizes both to it."""
+    """vLLM refuses --max-model-len past the base's context after a minute of start-up: zoo
+    sizes it to the base (zoo eval's windows: test_eval.py, the bottleneck's reference)."""
     from zoo.errors import NotSupported
     from zoo.serve.launch import DEFAULT_MODEL_LEN
 

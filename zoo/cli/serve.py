@@ -103,14 +103,14 @@ def keys_group() -> None:
     """API keys of the tenants of 'zoo serve --api-keys FILE'."""
 
 
-KEYS_FILE = click.option("--file", "path", type=click.Path(path_type=Path), required=True,
-                         help="The keys file.")
+def keys_file(help: str = "The keys file."):  # noqa: A002 - click's name
+    return click.option("--file", "path", type=click.Path(path_type=Path), required=True,
+                        help=help)
 
 
 @keys_group.command("add")
 @click.argument("tenant")
-@click.option("--file", "path", type=click.Path(path_type=Path), required=True,
-              help="The keys file (created when missing).")
+@keys_file("The keys file (created when missing).")
 @click.option("--adapters", multiple=True,
               help="Patterns of the adapters TENANT may use (default: TENANT/*); repeatable.")
 def keys_add_cmd(tenant: str, path: Path, adapters: tuple[str, ...]) -> None:
@@ -123,7 +123,7 @@ def keys_add_cmd(tenant: str, path: Path, adapters: tuple[str, ...]) -> None:
 
 
 @keys_group.command("list")
-@KEYS_FILE
+@keys_file()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def keys_list_cmd(path: Path, as_json: bool) -> None:
     """Tenants, their keys' fingerprints (never the keys), adapters, weight and limits."""
@@ -145,7 +145,7 @@ def keys_list_cmd(path: Path, as_json: bool) -> None:
 
 @keys_group.command("revoke")
 @click.argument("tenant")
-@KEYS_FILE
+@keys_file()
 @click.option("--key", default=None,
               help="The key, or the start of its fingerprint ('zoo keys list').")
 @click.option("--all", "everything", is_flag=True, help="Remove TENANT and all its keys.")
