@@ -366,11 +366,16 @@ def test_a_request_holds_at_most_what_the_base_takes_at_once(models, zoo_home, t
     registry = Registry(zoo_home)
 
     def model_len(**options) -> str:
-        argv = plan_serve(ServeOptions(quantization="none", **options), registry).argv
-        return argv[argv.index("--max-model-len") + 1]
+        plan = plan_serve(ServeOptions(quantization="none", **options), registry)
+        given = plan.argv[plan.argv.index("--max-model-len") + 1]
+        assert f"  requests of up to {given} tokens" in "\n".join(describe(plan, ServeOptions()))
+        return given
 
     assert model_len() == "128"
     assert model_len(max_model_len=64) == "64"
+    said = describe(plan_serve(ServeOptions(quantization="none"), registry), ServeOptions())
+    assert "up to 128 tokens, prompt and answer together (--max-model-len; the base takes " \
+           "128)" in said[1]
     with pytest.raises(NotSupported, match="--max-model-len 4096 is more than 'tiny' takes"):
         model_len(max_model_len=4096)
     config = json.loads((models.llama / "config.json").read_text())
@@ -380,6 +385,8 @@ def test_a_request_holds_at_most_what_the_base_takes_at_once(models, zoo_home, t
     (unsaid / "config.json").write_text(json.dumps(config))
     zoo("add", unsaid, "--name", "unsaid")
     assert model_len(base="unsaid") == str(DEFAULT_MODEL_LEN)
+    plan = plan_serve(ServeOptions(base="unsaid", quantization="none"), registry)
+    assert describe(plan, ServeOptions())[1].endswith("the base's config sets no limit)")
 
 
 @pytest.mark.parametrize("changes, why", [

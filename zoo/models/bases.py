@@ -47,6 +47,8 @@ def _text_config(config: dict) -> dict:
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
                 "model_max_length", "max_target_positions", "max_sequence_length",
                 "max_seq_length", "seq_len")
+# what transformers writes for a tokenizer without a length (its VERY_LARGE_INTEGER, 1e30)
+NO_LENGTH = 10**20
 
 
 def context_length(model_dir: Path) -> int | None:
@@ -58,7 +60,7 @@ def context_length(model_dir: Path) -> int | None:
     tokenizer = model_dir / "tokenizer_config.json"
     if tokenizer.exists():
         lengths.append(load_json(tokenizer, "tokenizer config").get("model_max_length"))
-    counts = [n for n in lengths if is_count(n)]
+    counts = [n for n in lengths if is_count(n) and n < NO_LENGTH]
     return min(counts) if counts else None
 
 

@@ -108,6 +108,7 @@ class ServePlan:
     dtype: str = "float32"  # the activation dtype chosen (options.dtype may say auto)
     lora_dtype: str = "bfloat16"  # the LoRA stacks' (lora_dtype)
     wrapped: tuple[str, ...] | None = None  # modules with LoRA layers (None: all vLLM can)
+    model_len: int = DEFAULT_MODEL_LEN  # the tokens a request may hold, prompt and answer
 
 
 def choose_base(catalog: Catalog, requested: str | None) -> BaseEntry:
@@ -273,7 +274,8 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
              and v.lora.max_rank <= VLLM_LORA_RANKS[-1]]  # above: refused when asked for
     max_rank = vllm_max_lora_rank(max([MIN_MAX_LORA_RANK, *ranks]))
     targets = {t for v in every for t in v.target_modules}
-    options = replace(options, dtype=activation_dtype(options.dtype))
+    options = replace(options, dtype=activation_dtype(options.dtype),
+                      max_model_len=model_len(options.max_model_len, base.name, model_path))
     stacks = lora_dtype(options.dtype, options.extra_args)
     max_loras = options.max_loras or min(default_max_loras(model_path, max_rank, stacks, targets),
                                          options.max_cpu_loras or MAX_CPU_LORAS)
@@ -295,7 +297,7 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
     if options.api_keys is not None:
         run_env[env.KEYS_VARIABLE] = str(Path(options.api_keys).absolute())
     return ServePlan(base, model_path, served, left_out, max_rank, max_loras, max_cpu_loras,
-                     argv, run_env, options.dtype, stacks, wrapped)
+                     argv, run_env, options.dtype, stacks, wrapped, options.max_model_len)
 
 
 def activation_dtype(requested: str = DEFAULT_DTYPE, flags: frozenset[str] | None = None) -> str:
@@ -519,6 +521,10 @@ def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
              f"{plan.max_loras} per batch, {plan.max_cpu_loras} kept loaded; each loads on "
              f"its first request; activations in {plan.dtype}, LoRA stacks in "
              f"{plan.lora_dtype})"]
+    context = context_length(plan.model_path)
+    base_takes = f"the base takes {context}" if context else "the base's config sets no limit"
+    lines.append(f"  requests of up to {plan.model_len} tokens, prompt and answer together "
+                 f"(--max-model-len; {base_takes})")
     if plan.wrapped:
         lines.append(f"  LoRA layers on {', '.join(plan.wrapped)} only (an adapter training "
                      f"more is refused until a restart with --lora-targets all)")
