@@ -329,3 +329,86 @@ print(type(model.model.layers[0].self_attn.q_proj.weight).__name__)
     card = api(hub).model_info("acme/blocks-nf4").card_data
     assert card.get("base_model") is None  # blocks has no Hub id: nothing is invented
     assert "quantized" in card.tags and "nf4" in card.tags
+
+
+def test_one_folder_of_a_repo_pulls_alone(hub, base_repo, models, tmp_path, monkeypatch):
+    """A repo of several adapters, or of a run's checkpoints, with an adapter at its top too:
+    --subfolder (or the folder's address) pulls that folder's adapter, never the top's,
+    downloading nothing else; a repo with nothing at its top names its folders."""
+    from safetensors.torch import load_file
+
+    repo = tmp_path / "runs"
+    for folder, seed in (("", 1), ("french", 2), ("runs/checkpoint-2", 3)):
+        shutil.copytree(models.lora(f"runs-{seed}", seed=seed), repo / folder,
+                        dirs_exist_ok=True)
+    upload(hub, "someone/Runs", repo)
+    homes = {}
+    for machine in ("a", "b"):
+        homes[machine] = tmp_path / f"home-{machine}"
+        monkeypatch.setenv("ZOO_HOME", str(homes[machine]))
+        zoo("pull", BASE_REPO)
+    monkeypatch.setenv("ZOO_HOME", str(homes["a"]))
+    hub.downloads.clear()
+    result = zoo("pull", "someone/Runs", "--subfolder", "french", "--base", "someorg/tiny-llama")
+    assert "pulled someone/runs-french (lora) from someone/Runs (folder french)" in result.stdout
+    fetched = {f for m, f, _ in hub.downloads if m == "GET" and "/resolve/" not in f}
+    assert fetched and all(f.startswith("someone/Runs/french/") for f in fetched), fetched
+    entry = zoo_json("show", "someone/runs-french")
+    stored = homes["a"] / entry["path"]
+    for name, tensor in load_file(repo / "french" / "adapter_model.safetensors").items():
+        assert torch.equal(load_file(stored / "adapter_model.safetensors")[name], tensor)
+    assert entry["source"]["subfolder"] == entry["hub"]["subfolder"] == "french"
+    assert "(folder french)" in zoo("versions", "someone/runs-french").stdout
+
+    # the address of a folder, or of a file's page in it; the top alone without one
+    address = f"{hub.url}/someone/Runs/tree/main/runs/checkpoint-2"
+    result = zoo("pull", address, ok=False)  # its config names no base: the error names it
+    assert "cannot tell which base someone/Runs (folder runs/checkpoint-2) belongs to" in \
+        result.stderr
+    assert "pulled someone/runs-runs-checkpoint-2" in zoo(
+        "pull", address, "--base", "someorg/tiny-llama").stdout
+    assert "already in the zoo" in zoo(
+        "pull", f"{hub.url}/someone/Runs/blob/main/french/adapter_config.json",
+        "--base", "someorg/tiny-llama").stdout
+    zoo("pull", "someone/Runs", "--base", "someorg/tiny-llama")
+    hashes = {n: zoo_json("show", n)["content_hash"] for n in (
+        "someone/runs", "someone/runs-french", "someone/runs-runs-checkpoint-2")}
+    assert len(set(hashes.values())) == 3
+
+    # what is refused registers nothing
+    before = (homes["a"] / "registry.json").read_text()
+    for args, said in (
+            (["--subfolder", "../french"], "is not a folder of a repo"),
+            (["--subfolder", "german"], "someone/Runs has no folder 'german'"),
+    ):
+        result = zoo("pull", "someone/Runs", *args, ok=False)
+        assert result.exit_code == 1 and said in result.stderr, result.stderr
+    result = zoo("pull", f"{hub.url}/someone/Runs/tree/main/runs", "--subfolder", "french",
+                 ok=False)
+    assert result.exit_code == 1 and "differ" in result.stderr
+    result = zoo("pull", f"{hub.url}/someone/Runs/tree/main/runs", ok=False)
+    assert result.exit_code == 1 and "(folder runs) holds no adapter or model at its top, " \
+        "but in folders: checkpoint-2" in result.stderr
+    assert "--subfolder checkpoint-2" in result.stderr
+    assert (homes["a"] / "registry.json").read_text() == before
+
+    # a catalog index carries the folder: another machine pulls the same adapter
+    zoo("sync", "--repo", "someone/index")
+    monkeypatch.setenv("ZOO_HOME", str(homes["b"]))
+    synced = zoo("sync", "--repo", "someone/index").stdout
+    assert "pulled: " in synced and "someone/runs-french" in synced, synced
+    assert zoo_json("show", "someone/runs-french")["content_hash"] == hashes[
+        "someone/runs-french"]
+
+
+def test_a_repo_of_folders_only_names_them(hub, models, tmp_path, zoo_home):
+    repo = tmp_path / "many"
+    for folder in ("b-adapter", "a-adapter"):
+        shutil.copytree(models.lora("plain"), repo / folder)
+    (repo / "README.md").write_text("# several adapters\n")
+    upload(hub, "someone/many", repo)
+    result = zoo("pull", "someone/many", ok=False)
+    assert result.exit_code == 1
+    assert "someone/many holds no adapter or model at its top, but in folders: a-adapter, " \
+           "b-adapter; nothing was registered" in result.stderr
+    assert "--subfolder a-adapter" in result.stderr

@@ -20,6 +20,7 @@ from zoo.catalog.registry import Registry
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
 from zoo.core.records import AdapterEntry, BaseEntry, Entry
 from zoo.errors import FormatError, IntegrityError, UnknownEntry
+from zoo.hub.repos import hub_name, repo_label, subfolder_of
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,22 @@ class PullResult:
 def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
          log: Callable[[str], None] = lambda _: None, token: str | None = None,
          name: str | None = None, base: str | None = None, with_base: bool = False,
-         new_version: bool = False) -> PullResult:
+         new_version: bool = False, subfolder: str | None = None) -> PullResult:
     """Make ``ref`` present and intact in the home; a no-op when it already is.
 
     ``name`` registers a Hub repo under another local name (default: the repo id);
     ``base`` names an adapter's base (as ``zoo add --base``), ``with_base`` pulls an
     adapter's base from the Hub too when this zoo does not have it; ``new_version`` takes
-    a repo's other content for a name already registered as that name's next version.
+    a repo's other content for a name already registered as that name's next version;
+    ``subfolder`` pulls the adapter or model in that folder of a Hub repo.
     """
     registry = registry or Registry(home)
-    repo, _, revision = from_url(ref).partition("@")
-    name = name or repo.lower()  # Hub repo ids may have capitals; registry names do not
+    ref, at = from_url(ref)
+    subfolder = _one_folder(subfolder_of(subfolder), at)
+    repo, _, revision = ref.partition("@")
+    if subfolder and "/" not in repo:
+        raise FormatError(f"--subfolder is for a Hub repo (ORG/NAME); {repo!r} is not one")
+    name = name or hub_name(repo, subfolder)
     validate_name(name)
     present = registry.load().entries.get(name)
     known = shipped_catalog().entries.get(repo.lower())
@@ -63,7 +69,8 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
 
         repo = known.source["repo"] if known is not None else repo
         entry = pull_from_hub(repo, revision or None, registry, token=token, log=log, name=name,
-                              base=base, with_base=with_base, new_version=new_version)
+                              base=base, with_base=with_base, new_version=new_version,
+                              subfolder=subfolder)
         what = "base" if entry.kind in ("base", "merged") else entry.kind
         label = entry.name if getattr(entry, "version", 1) == 1 else \
             f"{entry.name}:v{entry.version}"
@@ -73,26 +80,38 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
         if entry.content_hash in had:
             return PullResult(entry, False, f"{label} is already in the zoo (same content as "
                                             f"{repo}; nothing to do)")
-        return PullResult(entry, True, f"pulled {label} ({what}) from {repo}")
+        return PullResult(entry, True, f"pulled {label} ({what}) from "
+                                       f"{repo_label(repo, subfolder)}")
     names = ", ".join(sorted(shipped_catalog().entries))
     raise UnknownEntry(name, "catalog entry", hint=f"Short names zoo knows: {names}; "
                        "anything else is pulled from the Hub as ORG/NAME.")
 
 
-def from_url(ref: str) -> str:
+def from_url(ref: str) -> tuple[str, str | None]:
     """A repo's address on a Hub, as a browser shows it (``https://huggingface.co/ORG/NAME``,
-    ``.../tree/REVISION``, a file's page under it), as ``ORG/NAME[@REVISION]``; anything
+    ``.../tree/REVISION[/FOLDER]``, a file's page under it), as ``ORG/NAME[@REVISION]`` and
+    the folder it shows (a file's page: the file's folder; None: the repo's top); anything
     else as it is. The repo comes from the configured Hub (``HF_ENDPOINT``), whatever site
     the address names."""
     found = re.fullmatch(r"https?://[^/]+/(?!datasets/|spaces/)([^/@]+/[^/@]+?)"
-                         r"(?:/(?:tree|blob|resolve)/([^/]+)(?:/.*)?)?/?", ref.strip())
+                         r"(?:/(tree|blob|resolve)/([^/]+)(/.*)?)?/?", ref.strip())
     if found is None:
         if re.match(r"https?://[^/]+/(datasets|spaces)/", ref):
             raise FormatError(f"{ref} is a {ref.split('/')[3].rstrip('s')} repo, not a model's",
                               hint="zoo pulls model repos: an adapter, a base or a merge.")
-        return ref
-    repo, revision = found[1], found[2]
-    return f"{repo}@{urllib.parse.unquote(revision)}" if revision else repo
+        return ref, None
+    repo, page, revision, path = found.groups()
+    path = urllib.parse.unquote(path or "").strip("/")
+    if page != "tree":  # a file's page: the folder it is in
+        path = path.rpartition("/")[0]
+    return (f"{repo}@{urllib.parse.unquote(revision)}" if revision else repo), path or None
+
+
+def _one_folder(given: str | None, in_address: str | None) -> str | None:
+    if given and in_address and given != in_address:
+        raise FormatError(f"--subfolder {given} and the address's folder {in_address} differ",
+                          hint="Give one of them.")
+    return given or subfolder_of(in_address)
 
 
 def _make(known: Entry, registry: Registry, log: Callable[[str], None]) -> Entry:

@@ -182,10 +182,11 @@ class BaseRef:
 
 
 def resolve_base(catalog: Catalog, registry: Registry, ref: str | None,
-                 adapter_path: Path) -> BaseRef:
-    """The base an adapter belongs to: ``--base`` or what its own config names."""
+                 adapter_path: Path, what: str | None = None) -> BaseRef:
+    """The base an adapter belongs to: ``--base`` or what its own config names (``what``:
+    the adapter as errors name it, default its folder's name)."""
     if ref is None:
-        ref = _named_base(catalog, registry, adapter_path)
+        ref = _named_base(catalog, registry, adapter_path, what or adapter_path.name)
     name, variant = split_variant(ref)
     entry = catalog.base(name)
     variant = variant or ORIGINAL
@@ -194,7 +195,7 @@ def resolve_base(catalog: Catalog, registry: Registry, ref: str | None,
     return BaseRef(entry, variant)
 
 
-def _named_base(catalog: Catalog, registry: Registry, adapter_path: Path) -> str:
+def _named_base(catalog: Catalog, registry: Registry, adapter_path: Path, what: str) -> str:
     """The base an adapter's own config names: a registered name (or its stored path), or
     the Hub id a base records (named as the id, or by a local or cache path ending in it,
     as PEFT writes after training on a downloaded model)."""
@@ -222,7 +223,7 @@ def _named_base(catalog: Catalog, registry: Registry, adapter_path: Path) -> str
             if (hub_id or "").lower() == known or path.endswith("/" + known):
                 return base.name
     raise BaseNotRegistered(
-        f"cannot tell which base {adapter_path.name} belongs to (its config names "
+        f"cannot tell which base {what} belongs to (its config names "
         f"{named!r}, which is not a registered base"
         f"{'' if not hub_id else ' nor the Hub id of one'})", named=named, hub_id=hub_id,
         hint=(f"Get the base with 'zoo pull {hub_id}' (or pull the adapter with "

@@ -217,6 +217,8 @@ def describe(entry: AdapterEntry) -> dict[str, Any]:
         source = record.source.get("type", "?")
         if source == "hub":
             source = f"hub {record.source.get('repo')}@{str(record.source.get('commit'))[:10]}"
+            if record.source.get("subfolder"):
+                source += f" (folder {record.source['subfolder']})"
         rows.append({"version": number, "label": label(entry.name, number),
                      "aliases": names.get(number, []), "content_hash": record.content_hash,
                      "created": record.created, "source": source, "path": record.path,

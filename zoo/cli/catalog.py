@@ -180,12 +180,15 @@ def rm_cmd(name: str) -> None:
 @click.option("--with-base", is_flag=True,
               help="Also pull an adapter's base from the Hub when this zoo lacks it.")
 @click.option("--new-version", is_flag=True, help="For an adapter repo: " + NEW_VERSION_HELP)
+@click.option("--subfolder", default=None, metavar="FOLDER",
+              help="The folder of the Hub repo that holds the adapter or model (a repo of "
+                   "several, or of a run's checkpoints); default name ORG/NAME-FOLDER.")
 def pull_cmd(ref: str, token: str | None, name: str | None, base: str | None,
-             with_base: bool, new_version: bool) -> None:
+             with_base: bool, new_version: bool, subfolder: str | None) -> None:
     """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub, or
     the repo's address on it: a PEFT or zoo adapter, a base model or a merged one)."""
     from zoo.apps.pull import pull
 
     result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name,
-                  base=base, with_base=with_base, new_version=new_version)
+                  base=base, with_base=with_base, new_version=new_version, subfolder=subfolder)
     click.echo(result.message)

@@ -127,8 +127,10 @@ class BaseEntry:
 
     @property
     def hub_id(self) -> str | None:
+        """The Hub id an adapter's config names this base by (None for a model pulled
+        from one folder of a repo: the id names the repo's top)."""
         repo = (self.hub or {}).get("repo")
-        return repo if isinstance(repo, str) else None
+        return repo if isinstance(repo, str) and not (self.hub or {}).get("subfolder") else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseEntry:

@@ -11,6 +11,7 @@ everything has passed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,11 @@ from zoo.hub.repos import (
     Listing,
     Plan,
     check_against_listing,
+    hub_name,
+    in_folder,
     pickled_to_safetensors,
     plan_fetch,
+    repo_label,
 )
 
 
@@ -47,25 +51,27 @@ class PullOptions:
     token: str | None = None
     expect_hash: str | None = None  # from a sync index: the files' content hash
     new_version: bool = False  # other content for a registered adapter: its next version
+    subfolder: str | None = None  # the folder of the repo that holds it (None: its top)
 
 
 def pull_from_hub(repo: str, revision: str | None, registry: Registry,
                   token: str | None = None, log: Log = lambda _: None, name: str | None = None,
                   expect_hash: str | None = None, base: str | None = None,
-                  with_base: bool = False, new_version: bool = False) -> Entry:
-    """Download a repo, check it, and register what it is.
+                  with_base: bool = False, new_version: bool = False,
+                  subfolder: str | None = None) -> Entry:
+    """Download a repo (or one folder of it), check it, and register what it is.
 
-    It is registered as ``name`` (default: the repo id, lowercased), never as what the
-    repo's own ``zoo.json`` says: a repo does not choose where it lands. A name already
+    It is registered as ``name`` (default: :func:`hub_name`), never as what the repo's
+    own ``zoo.json`` says: a repo does not choose where it lands. A name already
     registered with other content is refused.
     """
     options = PullOptions(repo, revision, name, base, with_base, token, expect_hash,
-                          new_version)
+                          new_version, subfolder)
     return _pull(options, registry, log)
 
 
 def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
-    name = options.name or options.repo.lower()
+    name = options.name or hub_name(options.repo, options.subfolder)
     validate_name(name)
     ctx = HubContext.from_environment(options.token)
     listing, snapshot, plan = _fetch(ctx, options)
@@ -75,6 +81,8 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
         _check_manifest(options.repo, snapshot, payload, manifest)
     hub = {"repo": options.repo, "revision": options.revision or "main",
            "commit": listing.commit, "endpoint": ctx.endpoint}
+    where = {"subfolder": options.subfolder} if options.subfolder else {}
+    hub.update(where)
     catalog = registry.load()
     with staging_dir(registry.home, name) as stage:
         converted = _stage(snapshot, payload, stage)
@@ -92,7 +100,7 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
                 return same
             if not (options.new_version and isinstance(present, AdapterEntry)):
                 raise DuplicateEntry(name)
-        source = {"type": "hub", "repo": options.repo, "commit": listing.commit}
+        source = {"type": "hub", "repo": options.repo, "commit": listing.commit, **where}
         if converted:
             source["converted"] = converted
         if plan.kind == "model":
@@ -110,24 +118,27 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
 def _fetch(ctx: HubContext, options: PullOptions) -> tuple[Listing, Path, Plan]:
     """The repo's listing pinned to a commit, and the files zoo uses downloaded from that
     commit and checked against it (offline: the cached snapshot, checked against
-    ``zoo.json`` only)."""
+    ``zoo.json`` only). The path returned is the snapshot's folder that holds them, and
+    the plan's files are relative to it."""
     from huggingface_hub import snapshot_download
 
-    repo, revision = options.repo, options.revision
+    repo, revision, folder = options.repo, options.revision, options.subfolder
     if ctx.offline:
         cached = _cached_snapshot(ctx, repo, revision)
         names = {p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()}
-        return Listing(repo, cached.name, {}), cached, plan_fetch(repo, names)
+        return Listing(repo, cached.name, {}), _inside(cached, folder), \
+            _plan(repo, names, folder)
     with hub_errors(ctx, repo, revision):
         info = ctx.api().model_info(repo, revision=revision, files_metadata=True)
         listing = Listing.from_info(repo, info)
-        plan = plan_fetch(repo, set(listing.files))
+        plan = _plan(repo, set(listing.files), folder)
+        in_repo = [f"{folder}/{f}" if folder else f for f in plan.files]
         # by commit (the listing's), so a push in between cannot mix two commits' files;
         # the cache also learns the revision's name, for offline use
         try:
             snapshot = Path(snapshot_download(
                 repo, revision=listing.commit, endpoint=ctx.endpoint, token=ctx.token or False,
-                cache_dir=ctx.cache_dir, allow_patterns=plan.files))
+                cache_dir=ctx.cache_dir, allow_patterns=in_repo))
         except OSError as error:  # huggingface_hub's own size check of what arrived
             if "onsistency check failed" not in str(error):
                 raise
@@ -137,7 +148,7 @@ def _fetch(ctx: HubContext, options: PullOptions) -> tuple[Listing, Path, Plan]:
         if revision != listing.commit:
             _remember_revision(ctx, repo, revision or "main", listing.commit)
     try:
-        check_against_listing(listing, snapshot, plan.files, file_hash)
+        check_against_listing(listing, snapshot, in_repo, file_hash)
     except IntegrityError as bad:  # never leave the bad bytes in the cache for a retry
         for name in bad.files:
             cached = snapshot / name
@@ -145,13 +156,26 @@ def _fetch(ctx: HubContext, options: PullOptions) -> tuple[Listing, Path, Plan]:
                 cached.resolve().unlink(missing_ok=True)
             cached.unlink(missing_ok=True)
         raise
-    return listing, snapshot, plan
+    return listing, _inside(snapshot, folder), plan
+
+
+def _plan(repo: str, names: set[str], folder: str | None) -> Plan:
+    """What to fetch of ``repo`` (of its ``folder``), with names relative to the folder."""
+    if folder is None:
+        return plan_fetch(repo, names)
+    inside = in_folder(names, folder)
+    if not inside:
+        raise FormatError(f"{repo} has no folder {folder!r}; nothing was registered",
+                          hint="Give a folder as the repo's page on the Hub shows it.")
+    return plan_fetch(repo_label(repo, folder), inside)
+
+
+def _inside(snapshot: Path, folder: str | None) -> Path:
+    return snapshot / folder if folder else snapshot
 
 
 def _cached_snapshot(ctx: HubContext, repo: str, revision: str | None) -> Path:
     """The snapshot an earlier pull left in the cache for this revision (offline)."""
-    import re
-
     folder = ctx.cache_dir / f"models--{repo.replace('/', '--')}"
     revision = revision or "main"
     refs = folder / "refs" / revision
@@ -235,8 +259,9 @@ def _base_for(options: PullOptions, manifest: Manifest | None, catalog: Catalog,
         log(f"pulling its base {manifest.base}")
         build_shipped_base(manifest.base, registry, log)
         return _variant_of(registry, manifest.base, manifest.base_variant, log)
+    what = repo_label(options.repo, options.subfolder)
     try:  # what its config names: a registered name, or a registered base's Hub id
-        ref = resolve_base(catalog, registry, None, stage)
+        ref = resolve_base(catalog, registry, None, stage, what)
     except BaseNotRegistered as missing:
         known = [b for b in shipped_catalog().bases() if missing.hub_id and b.hub_id and
                  b.hub_id.lower() == missing.hub_id.lower()]
@@ -249,7 +274,7 @@ def _base_for(options: PullOptions, manifest: Manifest | None, catalog: Catalog,
             raise
         log(f"pulling its base {missing.hub_id}")
         _pull(PullOptions(missing.hub_id, token=options.token), registry, log)
-        ref = resolve_base(registry.load(), registry, None, stage)
+        ref = resolve_base(registry.load(), registry, None, stage, what)
     if manifest is not None and manifest.base_variant != ORIGINAL:
         return _variant_of(registry, ref.entry.name, manifest.base_variant, log)
     return ref

@@ -92,11 +92,65 @@ def plan_fetch(repo: str, names: set[str]) -> Plan:
                 "and push or 'zoo add' the result.")
         return Plan("model", [*(f for f in MODEL_FILES if f in names), *shards, *extra],
                     manifest)
+    folders = folders_holding(names)
+    if folders:
+        shown = ", ".join(folders[:6]) + (f" and {len(folders) - 6} more" if len(folders) > 6
+                                          else "")
+        raise FormatError(f"{repo} holds no adapter or model at its top, but in folders: "
+                          f"{shown}; nothing was registered",
+                          hint=f"Pull one with --subfolder {folders[0]} (or its address on "
+                               f"the Hub, .../tree/REVISION/{folders[0]}).")
     shown = ", ".join(sorted(names - {".gitattributes"})[:6]) or "no files"
     raise FormatError(f"{repo} is neither an adapter nor a model ({shown}); nothing was "
                       "registered", hint=f"An adapter repo has {PEFT_CONFIG} (PEFT) or "
                       f"{BOTTLENECK_CONFIG} (zoo); a model repo has {MODEL_CONFIG} and "
                       "safetensors weights.")
+
+
+def folders_holding(names: set[str]) -> list[str]:
+    """The folders of a repo with an adapter's or a model's config in them (a repo of
+    several adapters, or of a run's checkpoints)."""
+    configs = (PEFT_CONFIG, BOTTLENECK_CONFIG, MODEL_CONFIG)
+    return sorted({folder for folder, _, file in (n.rpartition("/") for n in names)
+                   if folder and file in configs})
+
+
+def subfolder_of(text: str | None) -> str | None:
+    """A folder of a repo as given (``a/b``, slashes around it dropped), checked: it must
+    stay inside the repo. None: the repo's top."""
+    if text is None or not text.strip("/"):
+        return None
+    folder = text.strip("/")
+    parts = folder.split("/")
+    if any(part in ("", ".", "..") for part in parts) or "\\" in folder or \
+            any(ord(c) < 32 for c in folder):
+        raise FormatError(f"--subfolder {text!r} is not a folder of a repo",
+                          hint="Give its path in the repo, as the Hub shows it: "
+                               "checkpoint-500, or adapters/french.")
+    return folder
+
+
+def hub_name(repo: str, subfolder: str | None = None) -> str:
+    """The name a repo is registered under by default: its id, lowercased (Hub ids may
+    have capitals; registry names do not), with the folder's path after a dash for one
+    folder of it (``acme/runs`` folder ``checkpoint-500``: ``acme/runs-checkpoint-500``)."""
+    name = repo.lower()
+    if subfolder:
+        name += "-" + re.sub(r"[^a-z0-9._-]+", "-", subfolder.lower()).strip("-")
+    return name
+
+
+def repo_label(repo: str, subfolder: str | None) -> str:
+    """A repo, or one folder of it, as messages name it."""
+    return f"{repo} (folder {subfolder})" if subfolder else repo
+
+
+def in_folder(names: set[str], folder: str | None) -> set[str]:
+    """A repo's file names under ``folder``, relative to it (None: every name)."""
+    if folder is None:
+        return names
+    prefix = folder + "/"
+    return {n[len(prefix):] for n in names if n.startswith(prefix)}
 
 
 def git_blob_id(path: Path) -> str:

@@ -6,14 +6,23 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from zoo.catalog.integrity import ORIGINAL
 from zoo.catalog.registry import Catalog, Entries, Registry, read_catalog
 from zoo.catalog.shipped import build_shipped_base, shipped_catalog
 from zoo.catalog.versions import label, promote, refused_by_running_servers, resolve
 from zoo.core.records import BASE_KINDS, AdapterEntry, BaseEntry, Entry
-from zoo.errors import HubError, IndexChanged, IntegrityError, MalformedEntry, RegistryError
+from zoo.errors import (
+    FormatError,
+    HubError,
+    IndexChanged,
+    IntegrityError,
+    MalformedEntry,
+    RegistryError,
+)
 from zoo.hub.client import HubContext, Log, ensure_repo, hub_errors
 from zoo.hub.pull import pull_from_hub
 from zoo.hub.push import push
+from zoo.hub.repos import hub_name, subfolder_of
 
 INDEX_FILE = "registry.json"
 
@@ -142,11 +151,12 @@ def _fetch(theirs: Entry, org: str, registry: Registry, token: str | None,
     if not isinstance(repo, str):
         result.unavailable.append((theirs.name, "no Hub repo recorded"))
         return
-    if repo.lower() not in (theirs.name, f"{org}/{theirs.name}"):
-        # the index may not map a name onto another namespace's repo
-        result.unavailable.append((theirs.name, f"its repo {repo} does not match its name"))
-        return
     try:
+        if hub_name(repo, _folder_in(theirs.hub)) not in (theirs.name, f"{org}/{theirs.name}"):
+            # the index may not map a name onto another namespace's repo
+            result.unavailable.append((theirs.name, f"its repo {repo} does not match its "
+                                                    f"name"))
+            return
         # every version the index lists with a commit, oldest first, each checked against
         # its content hash; then the current version and the aliases, by content
         here: dict[str, int] = {}
@@ -155,12 +165,37 @@ def _fetch(theirs: Entry, org: str, registry: Registry, token: str | None,
             if (record.hub or {}).get("repo", repo) != repo or not isinstance(commit, str):
                 continue
             entry = pull_from_hub(repo, commit, registry, token, log, name=theirs.name,
-                                  expect_hash=record.content_hash, new_version=True)
+                                  expect_hash=record.content_hash, new_version=True,
+                                  subfolder=_folder_in(record.hub),
+                                  base=_base_here(record, registry))
             here[record.content_hash] = entry.version
         _follow(registry, theirs, here, log)
         result.pulled.append(theirs.name)
-    except (HubError, IntegrityError) as exc:
+    except (HubError, IntegrityError, FormatError) as exc:
         result.unavailable.append((theirs.name, exc.message))
+
+
+def _folder_in(hub: dict | None) -> str | None:
+    """The repo folder a Hub record names, checked (an index is not trusted to stay inside
+    the repo)."""
+    folder = (hub or {}).get("subfolder")
+    if folder is not None and not isinstance(folder, str):
+        raise FormatError(f"its subfolder is {folder!r}, not a folder of a repo")
+    return subfolder_of(folder)
+
+
+def _base_here(record: AdapterEntry, registry: Registry) -> str | None:
+    """The base the index names for an adapter version, where this zoo has it (its shapes
+    are checked as on 'zoo add --base'); otherwise None: the repo's zoo.json or the
+    adapter's own config decides, as on 'zoo pull'."""
+    base = registry.load().entries.get(record.base)
+    if not isinstance(base, BaseEntry):
+        return None
+    if record.base_variant == ORIGINAL:
+        return record.base
+    # a QLoRA's variant is made from its zoo.json when this zoo lacks it
+    return f"{record.base}@{record.base_variant}" if record.base_variant in base.variants \
+        else None
 
 
 def _follow(registry: Registry, theirs: AdapterEntry, here: dict[str, int],
