@@ -412,3 +412,55 @@ def test_a_repo_of_folders_only_names_them(hub, models, tmp_path, zoo_home):
     assert "someone/many holds no adapter or model at its top, but in folders: a-adapter, " \
            "b-adapter; nothing was registered" in result.stderr
     assert "--subfolder a-adapter" in result.stderr
+
+
+def test_a_gguf_repo_becomes_a_16_bit_base(hub, smollm2_home, tmp_path, zoo_home):
+    """Bases are often published as GGUF files only: zoo builds a bf16 checkpoint from the
+    one picked (its page's address picks it too) and downloads nothing else; gguf's own
+    dequantization is the reference for the weights."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    from zoo.catalog.registry import Registry
+    from zoo.catalog.shipped import shipped_catalog
+    from zoo.models.embedded import gguf_file
+
+    packaged = gguf_file(shipped_catalog().base("smollm2-135m-instruct").source)
+    repo = tmp_path / "gguf-repo"
+    repo.mkdir()
+    os.link(packaged, repo / packaged.name)
+    for other in ("SmolLM2-135M-Instruct.F16.gguf", "mmproj-SmolLM2.gguf",
+                  "SmolLM2-big-00001-of-00002.gguf"):
+        (repo / other).write_bytes(b"GGUF not this one")
+    upload(hub, "SomeOrg/SmolLM2-GGUF", repo)
+
+    result = zoo("pull", "SomeOrg/SmolLM2-GGUF", ok=False)
+    assert result.exit_code == 1 and "SomeOrg/SmolLM2-GGUF holds 2 GGUF files: " \
+        f"SmolLM2-135M-Instruct.F16.gguf, {packaged.name}; nothing was registered" in result.stderr
+    assert "--gguf FILE" in result.stderr
+    result = zoo("pull", "SomeOrg/SmolLM2-GGUF", "--gguf", "SmolLM2-big-00001-of-00002.gguf",
+                 ok=False)
+    assert result.exit_code == 1 and "one part of a split GGUF file" in result.stderr
+    assert not (zoo_home / "registry.json").exists() or zoo_json("list") == []
+
+    hub.downloads.clear()
+    result = zoo("pull", f"{hub.url}/SomeOrg/SmolLM2-GGUF/blob/main/{packaged.name}")
+    assert "pulled someorg/smollm2-gguf (base) from SomeOrg/SmolLM2-GGUF" in result.stdout
+    assert {f.rpartition("/")[2] for m, f, _ in hub.downloads if m == "GET" and
+            f.endswith(".gguf")} == {packaged.name}
+    entry = zoo_json("show", "someorg/smollm2-gguf")
+    assert entry["hub"]["gguf"] == packaged.name and entry["hub"]["repo"] == "SomeOrg/SmolLM2-GGUF"
+    assert entry["source"]["converted"].startswith(f"{packaged.name} -> bfloat16 safetensors")
+    embedded = Registry(smollm2_home).load().base("smollm2-135m-instruct")
+    assert entry["content_hash"] == embedded.content_hash  # built as the embedded base is
+    weights = load_file(zoo_home / entry["path"] / "model.safetensors")
+    reader = GGUFReader(packaged)
+    for gguf_name, name in (("token_embd.weight", "model.embed_tokens.weight"),
+                            ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight")):
+        tensor = next(t for t in reader.tensors if t.name == gguf_name)
+        reference = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))
+        assert torch.equal(weights[name], reference.to(torch.bfloat16)), name
+    assert "already in the zoo" in zoo("pull", "SomeOrg/SmolLM2-GGUF", "--gguf",
+                                       packaged.name).stdout
+

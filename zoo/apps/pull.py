@@ -33,21 +33,26 @@ class PullResult:
 def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
          log: Callable[[str], None] = lambda _: None, token: str | None = None,
          name: str | None = None, base: str | None = None, with_base: bool = False,
-         new_version: bool = False, subfolder: str | None = None) -> PullResult:
+         new_version: bool = False, subfolder: str | None = None,
+         gguf: str | None = None) -> PullResult:
     """Make ``ref`` present and intact in the home; a no-op when it already is.
 
     ``name`` registers a Hub repo under another local name (default: the repo id);
     ``base`` names an adapter's base (as ``zoo add --base``), ``with_base`` pulls an
     adapter's base from the Hub too when this zoo does not have it; ``new_version`` takes
     a repo's other content for a name already registered as that name's next version;
-    ``subfolder`` pulls the adapter or model in that folder of a Hub repo.
+    ``subfolder`` pulls the adapter or model in that folder of a Hub repo; ``gguf`` picks
+    the file a GGUF repo's base is built from.
     """
     registry = registry or Registry(home)
-    ref, at = from_url(ref)
+    ref, at, page = from_url(ref)
     subfolder = _one_folder(subfolder_of(subfolder), at)
+    if gguf is None and page and page.lower().endswith(".gguf"):
+        gguf = page  # a GGUF file's page: that file
     repo, _, revision = ref.partition("@")
-    if subfolder and "/" not in repo:
-        raise FormatError(f"--subfolder is for a Hub repo (ORG/NAME); {repo!r} is not one")
+    if (subfolder or gguf) and "/" not in repo:
+        raise FormatError(f"--{'subfolder' if subfolder else 'gguf'} is for a Hub repo "
+                          f"(ORG/NAME); {repo!r} is not one")
     name = name or hub_name(repo, subfolder)
     validate_name(name)
     present = registry.load().entries.get(name)
@@ -70,7 +75,7 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
         repo = known.source["repo"] if known is not None else repo
         entry = pull_from_hub(repo, revision or None, registry, token=token, log=log, name=name,
                               base=base, with_base=with_base, new_version=new_version,
-                              subfolder=subfolder)
+                              subfolder=subfolder, gguf=gguf)
         what = "base" if entry.kind in ("base", "merged") else entry.kind
         label = entry.name if getattr(entry, "version", 1) == 1 else \
             f"{entry.name}:v{entry.version}"
@@ -87,24 +92,25 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
                        "anything else is pulled from the Hub as ORG/NAME.")
 
 
-def from_url(ref: str) -> tuple[str, str | None]:
+def from_url(ref: str) -> tuple[str, str | None, str | None]:
     """A repo's address on a Hub, as a browser shows it (``https://huggingface.co/ORG/NAME``,
-    ``.../tree/REVISION[/FOLDER]``, a file's page under it), as ``ORG/NAME[@REVISION]`` and
-    the folder it shows (a file's page: the file's folder; None: the repo's top); anything
-    else as it is. The repo comes from the configured Hub (``HF_ENDPOINT``), whatever site
-    the address names."""
+    ``.../tree/REVISION[/FOLDER]``, a file's page under it), as ``ORG/NAME[@REVISION]``, the
+    folder it shows (a file's page: the file's folder; None: the repo's top) and the file's
+    name on a file's page; anything else as it is. The repo comes from the configured Hub
+    (``HF_ENDPOINT``), whatever site the address names."""
     found = re.fullmatch(r"https?://[^/]+/(?!datasets/|spaces/)([^/@]+/[^/@]+?)"
                          r"(?:/(tree|blob|resolve)/([^/]+)(/.*)?)?/?", ref.strip())
     if found is None:
         if re.match(r"https?://[^/]+/(datasets|spaces)/", ref):
             raise FormatError(f"{ref} is a {ref.split('/')[3].rstrip('s')} repo, not a model's",
                               hint="zoo pulls model repos: an adapter, a base or a merge.")
-        return ref, None
+        return ref, None, None
     repo, page, revision, path = found.groups()
-    path = urllib.parse.unquote(path or "").strip("/")
+    path, file = urllib.parse.unquote(path or "").strip("/"), None
     if page != "tree":  # a file's page: the folder it is in
-        path = path.rpartition("/")[0]
-    return (f"{repo}@{urllib.parse.unquote(revision)}" if revision else repo), path or None
+        path, _, file = path.rpartition("/")
+    return (f"{repo}@{urllib.parse.unquote(revision)}" if revision else repo), path or None, \
+        file or None
 
 
 def _one_folder(given: str | None, in_address: str | None) -> str | None:

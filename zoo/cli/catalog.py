@@ -183,12 +183,18 @@ def rm_cmd(name: str) -> None:
 @click.option("--subfolder", default=None, metavar="FOLDER",
               help="The folder of the Hub repo that holds the adapter or model (a repo of "
                    "several, or of a run's checkpoints); default name ORG/NAME-FOLDER.")
+@click.option("--gguf", default=None, metavar="FILE",
+              help="For a repo of GGUF files: the one to build a 16-bit base from (default: "
+                   "its only one).")
 def pull_cmd(ref: str, token: str | None, name: str | None, base: str | None,
-             with_base: bool, new_version: bool, subfolder: str | None) -> None:
+             with_base: bool, new_version: bool, subfolder: str | None,
+             gguf: str | None) -> None:
     """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub, or
-    the repo's address on it: a PEFT or zoo adapter, a base model or a merged one)."""
+    the repo's address on it: a PEFT or zoo adapter, a base model, a merged one, or a base
+    built from a GGUF file)."""
     from zoo.apps.pull import pull
 
     result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name,
-                  base=base, with_base=with_base, new_version=new_version, subfolder=subfolder)
+                  base=base, with_base=with_base, new_version=new_version, subfolder=subfolder,
+                  gguf=gguf)
     click.echo(result.message)

@@ -52,13 +52,14 @@ class PullOptions:
     expect_hash: str | None = None  # from a sync index: the files' content hash
     new_version: bool = False  # other content for a registered adapter: its next version
     subfolder: str | None = None  # the folder of the repo that holds it (None: its top)
+    gguf: str | None = None  # a GGUF repo's file to build a base from (default: its only one)
 
 
 def pull_from_hub(repo: str, revision: str | None, registry: Registry,
                   token: str | None = None, log: Log = lambda _: None, name: str | None = None,
                   expect_hash: str | None = None, base: str | None = None,
                   with_base: bool = False, new_version: bool = False,
-                  subfolder: str | None = None) -> Entry:
+                  subfolder: str | None = None, gguf: str | None = None) -> Entry:
     """Download a repo (or one folder of it), check it, and register what it is.
 
     It is registered as ``name`` (default: :func:`hub_name`), never as what the repo's
@@ -66,7 +67,7 @@ def pull_from_hub(repo: str, revision: str | None, registry: Registry,
     registered with other content is refused.
     """
     options = PullOptions(repo, revision, name, base, with_base, token, expect_hash,
-                          new_version, subfolder)
+                          new_version, subfolder, gguf)
     return _pull(options, registry, log)
 
 
@@ -85,7 +86,11 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
     hub.update(where)
     catalog = registry.load()
     with staging_dir(registry.home, name) as stage:
-        converted = _stage(snapshot, payload, stage)
+        if plan.kind == "gguf":
+            converted = _dequantized(snapshot / plan.files[0], stage, log)
+            hub["gguf"] = plan.files[0]
+        else:
+            converted = _stage(snapshot, payload, stage)
         incoming = content_hash({f: {"sha256": file_hash(stage / f), "size": (stage / f).stat(
         ).st_size} for f in sorted(os.listdir(stage))})
         if options.expect_hash is not None and incoming != options.expect_hash:
@@ -103,7 +108,7 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
         source = {"type": "hub", "repo": options.repo, "commit": listing.commit, **where}
         if converted:
             source["converted"] = converted
-        if plan.kind == "model":
+        if plan.kind in ("model", "gguf"):
             return _register_model(registry, stage, name, source, hub, listing, manifest, log)
         ref = _base_for(options, manifest, catalog, registry, stage, log)
         entry = register_adapter(registry, stage, name, ref, source=source,
@@ -127,11 +132,11 @@ def _fetch(ctx: HubContext, options: PullOptions) -> tuple[Listing, Path, Plan]:
         cached = _cached_snapshot(ctx, repo, revision)
         names = {p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()}
         return Listing(repo, cached.name, {}), _inside(cached, folder), \
-            _plan(repo, names, folder)
+            _plan(repo, names, folder, options.gguf)
     with hub_errors(ctx, repo, revision):
         info = ctx.api().model_info(repo, revision=revision, files_metadata=True)
         listing = Listing.from_info(repo, info)
-        plan = _plan(repo, set(listing.files), folder)
+        plan = _plan(repo, set(listing.files), folder, options.gguf)
         in_repo = [f"{folder}/{f}" if folder else f for f in plan.files]
         # by commit (the listing's), so a push in between cannot mix two commits' files;
         # the cache also learns the revision's name, for offline use
@@ -159,15 +164,15 @@ def _fetch(ctx: HubContext, options: PullOptions) -> tuple[Listing, Path, Plan]:
     return listing, _inside(snapshot, folder), plan
 
 
-def _plan(repo: str, names: set[str], folder: str | None) -> Plan:
+def _plan(repo: str, names: set[str], folder: str | None, gguf: str | None) -> Plan:
     """What to fetch of ``repo`` (of its ``folder``), with names relative to the folder."""
     if folder is None:
-        return plan_fetch(repo, names)
+        return plan_fetch(repo, names, gguf)
     inside = in_folder(names, folder)
     if not inside:
         raise FormatError(f"{repo} has no folder {folder!r}; nothing was registered",
                           hint="Give a folder as the repo's page on the Hub shows it.")
-    return plan_fetch(repo_label(repo, folder), inside)
+    return plan_fetch(repo_label(repo, folder), inside, gguf)
 
 
 def _inside(snapshot: Path, folder: str | None) -> Path:
@@ -225,6 +230,15 @@ def _stage(snapshot: Path, payload: list[str], stage: Path) -> str | None:
         except OSError:
             shutil.copyfile(source, target)
     return converted
+
+
+def _dequantized(gguf: Path, stage: Path, log: Log) -> str:
+    """Build a 16-bit checkpoint in ``stage`` from a GGUF file: what was converted."""
+    from zoo.models.embedded import dequantize_gguf
+
+    log(f"building a bfloat16 checkpoint from {gguf.name} (transformers' GGUF loader)")
+    dequantize_gguf(gguf, stage)  # by its name in the snapshot: the blob it links to has none
+    return f"{gguf.name} -> bfloat16 safetensors (dequantized by transformers' GGUF loader)"
 
 
 def _register_model(registry: Registry, stage: Path, name: str, source: dict, hub: dict,

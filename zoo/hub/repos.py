@@ -20,7 +20,7 @@ from typing import Literal
 
 from zoo.errors import FormatError, IntegrityError
 
-RepoKind = Literal["adapter", "bottleneck", "model"]
+RepoKind = Literal["adapter", "bottleneck", "model", "gguf"]
 MANIFEST = "zoo.json"
 CARD = "README.md"
 PEFT_CONFIG = "adapter_config.json"
@@ -34,6 +34,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index
                "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 _SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,12 @@ class Plan:
     manifest: bool  # it carries zoo's zoo.json
 
 
-def plan_fetch(repo: str, names: set[str]) -> Plan:
-    """Tell the kind of a repo from its file names, and the files zoo needs of it."""
+def plan_fetch(repo: str, names: set[str], gguf: str | None = None) -> Plan:
+    """Tell the kind of a repo from its file names, and the files zoo needs of it
+    (``gguf``: the GGUF file to build a base from, where the repo has several)."""
+    if gguf is not None or (MODEL_CONFIG not in names and PEFT_CONFIG not in names and
+                            BOTTLENECK_CONFIG not in names and gguf_files(names)):
+        return Plan("gguf", [pick_gguf(repo, names, gguf)], False)
     manifest = MANIFEST in names
     extra = [f for f in (CARD, MANIFEST) if f in names]
     if PEFT_CONFIG in names:
@@ -105,6 +110,33 @@ def plan_fetch(repo: str, names: set[str]) -> Plan:
                       "registered", hint=f"An adapter repo has {PEFT_CONFIG} (PEFT) or "
                       f"{BOTTLENECK_CONFIG} (zoo); a model repo has {MODEL_CONFIG} and "
                       "safetensors weights.")
+
+
+def gguf_files(names: set[str]) -> list[str]:
+    """The GGUF files at a repo's top that hold a whole model (not a vision projector, not
+    one part of a split file)."""
+    return sorted(n for n in names if n.lower().endswith(".gguf") and "/" not in n
+                  and not n.lower().startswith("mmproj") and not _SPLIT_GGUF.search(n))
+
+
+def pick_gguf(repo: str, names: set[str], wanted: str | None) -> str:
+    """The GGUF file to build a base from: ``wanted``, or the repo's only one."""
+    found = gguf_files(names)
+    if wanted is not None and wanted in found:
+        return wanted
+    if wanted is not None:
+        split = _SPLIT_GGUF.search(wanted) and wanted in names
+        raise FormatError(
+            f"{wanted} is {'one part of a split GGUF file' if split else 'not a GGUF file'} "
+            f"of {repo}; nothing was registered", hint=(
+                "transformers reads whole GGUF files only; pick another: "
+                if split else "Pick one of: ") + (", ".join(found) or "(none)") + ".")
+    if len(found) == 1:
+        return found[0]
+    raise FormatError(f"{repo} holds {len(found)} GGUF files: {', '.join(found)}; nothing "
+                      "was registered", hint="Pick one with --gguf FILE: the base is built "
+                      "from it, so the one closest to 16 bits (F16, BF16, then Q8_0) keeps "
+                      "the model best.")
 
 
 def folders_holding(names: set[str]) -> list[str]:

@@ -35,24 +35,36 @@ def build_from_gguf(source: dict[str, Any], out: Path, dtype: str = "bfloat16") 
 
     Returns the source record for the registry, with the GGUF's own hash.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     path = gguf_file(source)
     digest = sha256_file(path)
     if source.get("sha256") and source["sha256"] != digest:
         raise FormatError(f"{path} does not match the catalog's hash", path=str(path),
                           hint="Reinstall the package: 'make bootstrap'.")
+    dequantize_gguf(path, out, dtype)
+    return {**source, "sha256": digest}
+
+
+def dequantize_gguf(path: Path, out: Path, dtype: str = "bfloat16") -> None:
+    """Save the model in the GGUF file ``path`` as a plain ``dtype`` transformers checkpoint
+    in ``out``, with the tokenizer and chat template the file carries (transformers' GGUF
+    loader dequantizes it; an architecture it cannot read is a FormatError)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     folder, name = str(path.parent), path.name
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=getattr(torch, dtype),
-        quantization_config=GgufConfig(gguf_file=name, dequantize=True))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=getattr(torch, dtype),
+            quantization_config=GgufConfig(gguf_file=name, dequantize=True))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise FormatError(f"transformers cannot read the model in {name}: {str(exc)[:300]}",
+                          path=str(path), hint="Pull the model's safetensors repo instead, "
+                          "or another of its GGUF files (F16, BF16, Q8_0 read best).") from None
     # The model is plain 16-bit now: nothing may tell a loader it is still GGUF.
     model.config.__dict__.pop("quantization_config", None)
-    model.config._name_or_path = source["file"]
+    model.config._name_or_path = name
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {**source, "sha256": digest}
