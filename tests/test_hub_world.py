@@ -461,6 +461,7 @@ def test_a_gguf_repo_becomes_a_16_bit_base(hub, smollm2_home, tmp_path, zoo_home
         tensor = next(t for t in reader.tensors if t.name == gguf_name)
         reference = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))
         assert torch.equal(weights[name], reference.to(torch.bfloat16)), name
-    assert "already in the zoo" in zoo("pull", "SomeOrg/SmolLM2-GGUF", "--gguf",
-                                       packaged.name).stdout
+    again = zoo("pull", "SomeOrg/SmolLM2-GGUF", "--gguf", packaged.name)
+    assert "already in the zoo" in again.stdout
+    assert "built from the same file of the same commit" in again.stderr  # not built again
 

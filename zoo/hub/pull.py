@@ -85,6 +85,12 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
     where = {"subfolder": options.subfolder} if options.subfolder else {}
     hub.update(where)
     catalog = registry.load()
+    present = catalog.entries.get(name)
+    if plan.kind == "gguf" and present is not None and present.hub and all(
+            present.hub.get(k) == v for k, v in {**hub, "gguf": plan.files[0]}.items()
+            if k != "revision"):
+        log(f"{name} is already in the zoo (built from the same file of the same commit)")
+        return present  # building it again would take minutes to make the same bytes
     with staging_dir(registry.home, name) as stage:
         if plan.kind == "gguf":
             converted = _dequantized(snapshot / plan.files[0], stage, log)
@@ -96,7 +102,6 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
         if options.expect_hash is not None and incoming != options.expect_hash:
             raise IntegrityError(f"{options.repo} holds other content than the index lists "
                                  f"for {name!r}; nothing was registered")
-        present = catalog.entries.get(name)
         if present is not None:
             same = versions.same_content(present, incoming) if isinstance(
                 present, AdapterEntry) else (present if present.content_hash == incoming else None)
