@@ -465,3 +465,20 @@ def test_a_gguf_repo_becomes_a_16_bit_base(hub, smollm2_home, tmp_path, zoo_home
     assert "already in the zoo" in again.stdout
     assert "built from the same file of the same commit" in again.stderr  # not built again
 
+
+
+@pytest.mark.parametrize("names, kind, files", [
+    ({"adapter_config.json", "adapter_model.safetensors", "x.gguf"}, "adapter",
+     ["adapter_config.json", "adapter_model.safetensors"]),
+    ({"config.json", "model.safetensors", "tokenizer.json", "m.Q8_0.gguf"}, "model",
+     ["config.json", "tokenizer.json", "model.safetensors"]),
+    # a GGUF repo with the original's config beside it, a projector, a split file
+    ({"config.json", "m.Q8_0.gguf", "mmproj-m.gguf", "big-00001-of-00002.gguf"}, "gguf",
+     ["m.Q8_0.gguf"]),
+    ({"sub/m.gguf", "m.F16.gguf", "README.md"}, "gguf", ["m.F16.gguf"]),
+])
+def test_what_a_repo_is_is_read_from_its_file_names(names, kind, files):
+    from zoo.hub.repos import plan_fetch
+
+    plan = plan_fetch("o/r", names)
+    assert (plan.kind, plan.files) == (kind, files)

@@ -70,8 +70,8 @@ class Plan:
 def plan_fetch(repo: str, names: set[str], gguf: str | None = None) -> Plan:
     """Tell the kind of a repo from its file names, and the files zoo needs of it
     (``gguf``: the GGUF file to build a base from, where the repo has several)."""
-    if gguf is not None or (MODEL_CONFIG not in names and PEFT_CONFIG not in names and
-                            BOTTLENECK_CONFIG not in names and gguf_files(names)):
+    if gguf is not None or (PEFT_CONFIG not in names and BOTTLENECK_CONFIG not in names and
+                            not any(_SHARD.fullmatch(n) for n in names) and gguf_files(names)):
         return Plan("gguf", [pick_gguf(repo, names, gguf)], False)
     manifest = MANIFEST in names
     extra = [f for f in (CARD, MANIFEST) if f in names]
