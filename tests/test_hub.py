@@ -474,3 +474,22 @@ def test_a_repos_address_on_the_hub_pulls_it(hub, homes, models):
         "pull", f"{hub.url}/acme/plain/blob/main/adapter_config.json").stdout
     refused = zoo("pull", f"{hub.url}/datasets/acme/index", ok=False)
     assert refused.exit_code == 1 and "is a dataset repo, not a model's" in refused.stderr
+
+
+def test_several_refs_pull_in_turn_and_a_failure_stops_none(hub, homes, models):
+    for name, seed in (("acme/one", 1), ("acme/two", 2)):
+        zoo("add", models.lora(name.replace("/", "-"), seed=seed), "--name", name,
+            "--base", "tiny")
+        zoo("push", name)
+    homes("b")
+    result = zoo("pull", "acme/one", "acme/nowhere", "acme/two", ok=False)
+    assert result.exit_code == 1
+    assert "pulled acme/one (lora) from acme/one" in result.stdout
+    assert "pulled acme/two (lora) from acme/two" in result.stdout
+    assert result.stdout.rstrip().endswith("pulled 2 of 3; failed: acme/nowhere")
+    assert "error: acme/nowhere: " in result.stderr and "acme/one" not in result.stderr
+    assert {e["name"] for e in zoo_json("list")} == {"tiny", "acme/one", "acme/two"}
+    again = zoo("pull", "acme/one", "acme/two")
+    assert again.stdout.count("already in the zoo") == 2 and "pulled 2 of 2" in again.stdout
+    refused = zoo("pull", "acme/one", "acme/two", "--name", "x/y", ok=False)
+    assert refused.exit_code == 2 and "--name names one entry" in refused.stderr

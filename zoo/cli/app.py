@@ -21,6 +21,12 @@ def version_label(entry) -> str:
     return entry.name if version == 1 else f"{entry.name}:v{version}"
 
 
+def explain(exc: ZooError) -> str:
+    """An error as one line: what went wrong, then what to do."""
+    hint = f" {exc.hint}" if exc.hint else ""
+    return f"{exc.message.rstrip('.')}.{hint}"
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -36,8 +42,7 @@ class ZooGroup(click.Group):
             raise
         except ZooError as exc:
             self._debug()
-            hint = f" {exc.hint}" if exc.hint else ""
-            fail(f"{exc.message.rstrip('.')}.{hint}")
+            fail(explain(exc))
         except KeyboardInterrupt:
             fail("interrupted; nothing was left half-written", 130)
         except BrokenPipeError:  # `zoo list | head`: the reader left; quiet, as Unix tools are

@@ -9,9 +9,9 @@ from pathlib import Path
 import click
 
 from zoo.catalog.registry import Registry, filter_entries
-from zoo.cli.app import NEW_VERSION_HELP, cli, version_label
+from zoo.cli.app import NEW_VERSION_HELP, cli, explain, version_label
 from zoo.core.records import ADAPTER_KINDS, BASE_KINDS, AdapterEntry, BaseEntry, Entry
-from zoo.errors import MalformedEntry
+from zoo.errors import MalformedEntry, ZooError
 
 KIND_CHOICES = click.Choice(["base", "merged", "adapter", *ADAPTER_KINDS])
 
@@ -171,10 +171,10 @@ def rm_cmd(name: str) -> None:
 
 
 @cli.command("pull")
-@click.argument("ref")
+@click.argument("refs", metavar="REF...", nargs=-1, required=True)
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN). Never stored.")
 @click.option("--name", default=None,
-              help="Register a Hub repo under this name (default: the repo id).")
+              help="Register a Hub repo under this name (default: the repo id; one REF only).")
 @click.option("--base", default=None,
               help="The base of an adapter repo (NAME or NAME@nf4), as on 'zoo add'.")
 @click.option("--with-base", is_flag=True,
@@ -186,15 +186,34 @@ def rm_cmd(name: str) -> None:
 @click.option("--gguf", default=None, metavar="FILE",
               help="For a repo of GGUF files: the one to build a 16-bit base from (default: "
                    "its only one).")
-def pull_cmd(ref: str, token: str | None, name: str | None, base: str | None,
+def pull_cmd(refs: tuple[str, ...], token: str | None, name: str | None, base: str | None,
              with_base: bool, new_version: bool, subfolder: str | None,
              gguf: str | None) -> None:
-    """Fetch or build a catalog entry (short name, or ORG/NAME[@REVISION] from the Hub, or
-    the repo's address on it: a PEFT or zoo adapter, a base model, a merged one, or a base
-    built from a GGUF file)."""
+    """Fetch or build catalog entries (short names, or ORG/NAME[@REVISION] from the Hub, or
+    a repo's address on it: a PEFT or zoo adapter, a base model, a merged one, or a base
+    built from a GGUF file). With several, each is pulled in turn; one that fails is
+    named and the rest go on (exit status 1)."""
     from zoo.apps.pull import pull
 
-    result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name,
-                  base=base, with_base=with_base, new_version=new_version, subfolder=subfolder,
-                  gguf=gguf)
-    click.echo(result.message)
+    if len(refs) > 1 and (name or gguf):
+        raise click.UsageError(f"--{'name' if name else 'gguf'} names one entry: give one REF")
+
+    def one(ref: str) -> None:
+        result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name,
+                      base=base, with_base=with_base, new_version=new_version,
+                      subfolder=subfolder, gguf=gguf)
+        click.echo(result.message)
+
+    if len(refs) == 1:
+        return one(refs[0])
+    failed = []
+    for ref in refs:
+        try:
+            one(ref)
+        except ZooError as exc:  # named, and the others go on
+            click.echo(f"error: {ref}: {explain(exc)}", err=True)
+            failed.append(ref)
+    click.echo(f"pulled {len(refs) - len(failed)} of {len(refs)}"
+               f"{'; failed: ' + ', '.join(failed) if failed else ''}")
+    if failed:
+        sys.exit(1)
