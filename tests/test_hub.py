@@ -481,7 +481,17 @@ def test_several_refs_pull_in_turn_and_a_failure_stops_none(hub, homes, models):
         zoo("add", models.lora(name.replace("/", "-"), seed=seed), "--name", name,
             "--base", "tiny")
         zoo("push", name)
+    zoo("sync", "--repo", "acme/index")  # a dataset of acme's: never a model to pull
     homes("b")
+    hub.page_size = 1  # the Hub's listing comes in pages: each is followed
+    result = zoo("pull", "acme/*")
+    assert "2 to pull" in result.stderr and "pulled 2 of 2" in result.stdout
+    assert {e["name"] for e in zoo_json("list")} == {"tiny", "acme/one", "acme/two"}
+    for pattern, said in (("acme/z*", "no model repo of acme at "), ("ac*/one", "not ORG/PATTERN")):
+        result = zoo("pull", pattern, ok=False)
+        assert result.exit_code == 1 and said in result.stderr, result.stderr
+    homes("c")
+    zoo("add", models.llama, "--name", "tiny")
     result = zoo("pull", "acme/one", "acme/nowhere", "acme/two", ok=False)
     assert result.exit_code == 1
     assert "pulled acme/one (lora) from acme/one" in result.stdout

@@ -191,12 +191,18 @@ def pull_cmd(refs: tuple[str, ...], token: str | None, name: str | None, base: s
              gguf: str | None) -> None:
     """Fetch or build catalog entries (short names, or ORG/NAME[@REVISION] from the Hub, or
     a repo's address on it: a PEFT or zoo adapter, a base model, a merged one, or a base
-    built from a GGUF file). With several, each is pulled in turn; one that fails is
-    named and the rest go on (exit status 1)."""
+    built from a GGUF file; 'ORG/PATTERN' pulls every repo of ORG it matches, as
+    'acme/customer-*'). With several, each is pulled in turn; one that fails is named and
+    the rest go on (exit status 1)."""
     from zoo.apps.pull import pull
+    from zoo.hub.pull import is_pattern, repos_matching
 
-    if len(refs) > 1 and (name or gguf):
+    if (len(refs) > 1 or is_pattern(refs[0])) and (name or gguf):
         raise click.UsageError(f"--{'name' if name else 'gguf'} names one entry: give one REF")
+    if any(map(is_pattern, refs)):
+        refs = tuple(r for ref in refs for r in (
+            repos_matching(ref, token) if is_pattern(ref) else [ref]))
+        click.echo(f"{len(refs)} to pull", err=True)
 
     def one(ref: str) -> None:
         result = pull(ref, log=lambda line: click.echo(line, err=True), token=token, name=name,

@@ -10,6 +10,7 @@ everything has passed.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -69,6 +70,31 @@ def pull_from_hub(repo: str, revision: str | None, registry: Registry,
     options = PullOptions(repo, revision, name, base, with_base, token, expect_hash,
                           new_version, subfolder, gguf)
     return _pull(options, registry, log)
+
+
+def is_pattern(ref: str) -> bool:
+    return any(c in ref for c in "*?[") and "://" not in ref
+
+
+def repos_matching(pattern: str, token: str | None = None) -> list[str]:
+    """The model repos of one owner whose ids match ``pattern`` (``acme/customer-*``:
+    shell-style, ignoring case), from the Hub's own listing, sorted."""
+    owner, _, wanted = pattern.partition("/")
+    if not owner or not wanted or is_pattern(owner) or "/" in wanted:
+        raise FormatError(f"{pattern!r} is not ORG/PATTERN: a pattern names one owner's repos",
+                          hint="For example 'acme/customer-*'.")
+    ctx = HubContext.from_environment(token)
+    if ctx.offline:
+        raise HubError(f"HF_HUB_OFFLINE is set: the Hub's list of {owner}'s repos cannot be "
+                       "read", hint="Name the repos one by one.")
+    literal = re.split(r"[*?\[]", wanted)[0]  # the Hub narrows by it; the pattern decides
+    with hub_errors(ctx, pattern):
+        ids = [m.id for m in ctx.api().list_models(author=owner, search=literal or None)]
+    found = sorted(i for i in ids if fnmatch.fnmatchcase(i.lower(), pattern.lower()))
+    if not found:
+        raise HubError(f"no model repo of {owner} at {ctx.endpoint} matches {pattern!r}",
+                       hint="A private repo is listed only with HF_TOKEN.")
+    return found
 
 
 def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:

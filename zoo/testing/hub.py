@@ -234,6 +234,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, {"errors": [], "warnings": []})
         if path == "/api/repos/create" and method == "POST":
             return self._create_repo(json.loads(self._body() or b"{}"))
+        if path in ("/api/models", "/api/datasets") and method == "GET":
+            return self._list(path.removeprefix("/api/").rstrip("s"), query)
         m = re.fullmatch(r"/api/" + _REPO + r"(?:/revision/(?P<rev>.+))?", url.path)
         if m and method == "GET":
             return self._info(m["type"], urllib.parse.unquote(m["repo"]),
@@ -259,6 +261,29 @@ class Handler(BaseHTTPRequestHandler):
             return self._resolve("dataset" if m["ds"] else "model",
                                  urllib.parse.unquote(m["repo"]), m["rest"])
         raise HubError(404, f"no route for {method} {path}")
+
+    def _list(self, kind: str, query: dict) -> None:
+        """The repos of a kind, as the Hub lists them: ``author`` and ``search`` (a part of
+        the id) narrow it, private ones only for a token, ``page_size`` a page, the next
+        page's address in a Link header."""
+        author, search = query.get("author", [None])[0], query.get("search", [""])[0]
+        start = int(query.get("cursor", ["0"])[0])
+        store = self.server.store.root / f"{kind}s"
+        ids = sorted(f"{org.name}/{repo.name}" for org in store.glob("*") if org.is_dir()
+                     for repo in org.iterdir() if (repo / "repo.json").exists())
+        found = [r for r in ids if (author is None or r.split("/")[0] == author)
+                 and search.lower() in r.lower()
+                 and not (self.server.store.meta(kind, r)["private"] and
+                          self._access() == "anonymous")]
+        page = found[start:start + self.server.page_size]
+        headers = {}
+        if start + self.server.page_size < len(found):
+            rest = {k: v[0] for k, v in query.items() if k != "cursor"}
+            rest["cursor"] = str(start + self.server.page_size)
+            headers["Link"] = (f'<{self.server.url}/api/{kind}s?'
+                               f'{urllib.parse.urlencode(rest)}>; rel="next"')
+        self._json(200, [{"id": r, "modelId": r, "private": self.server.store.meta(
+            kind, r)["private"], "tags": []} for r in page], headers)
 
     def _create_repo(self, body: dict) -> None:
         self._may_write()
@@ -501,6 +526,7 @@ class HubServer(ThreadingHTTPServer):
         self.downloads: list[tuple[str, str, str | None]] = []
         self.lfs_batches = 0
         self.lfs_uploads: list[str] = []
+        self.page_size = 1000  # repos per page of a listing
 
     def start(self) -> HubServer:
         threading.Thread(target=self.serve_forever, daemon=True).start()
