@@ -156,7 +156,7 @@ def subfolder_of(text: str | None) -> str | None:
     parts = folder.split("/")
     if any(part in ("", ".", "..") for part in parts) or "\\" in folder or \
             any(ord(c) < 32 for c in folder):
-        raise FormatError(f"--subfolder {text!r} is not a folder of a repo",
+        raise FormatError(f"{text!r} is not a folder of a repo",
                           hint="Give its path in the repo, as the Hub shows it: "
                                "checkpoint-500, or adapters/french.")
     return folder
