@@ -299,21 +299,23 @@ model.push_to_hub("peftuser/adapter")
 
 def test_sync_carries_adapters_pulled_without_zoo_json(hub, base_repo, models, tmp_path,
                                                       monkeypatch):
+    """And the base they belong to, pulled from the Hub: the other machine pulls it from the
+    same commit first, checked against the index's content hash."""
     lora_repo(hub, models, tmp_path, "someone/plain-lora", BASE_REPO)
-    homes = {}
-    for machine in ("a", "b"):
-        homes[machine] = tmp_path / f"home-{machine}"
-        monkeypatch.setenv("ZOO_HOME", str(homes[machine]))
-        zoo("pull", BASE_REPO)
+    homes = {machine: tmp_path / f"home-{machine}" for machine in ("a", "b")}
     monkeypatch.setenv("ZOO_HOME", str(homes["a"]))
+    zoo("pull", BASE_REPO)
     zoo("pull", "someone/plain-lora")
     zoo("sync", "--repo", "someone/index")
+    api(hub).upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=BASE_REPO)
     monkeypatch.setenv("ZOO_HOME", str(homes["b"]))
     out = zoo("sync", "--repo", "someone/index").stdout
-    assert "someone/plain-lora" in out
-    b = zoo_json("show", "someone/plain-lora")
+    assert "pulled: someorg/tiny-llama, someone/plain-lora" in out, out
+    b = {n: zoo_json("show", n) for n in ("someone/plain-lora", "someorg/tiny-llama")}
+    assert b["someorg/tiny-llama"]["hub"]["commit"] != api(hub).repo_info(BASE_REPO).sha
     monkeypatch.setenv("ZOO_HOME", str(homes["a"]))
-    assert b["content_hash"] == zoo_json("show", "someone/plain-lora")["content_hash"]
+    for name, entry in b.items():
+        assert entry["content_hash"] == zoo_json("show", name)["content_hash"], name
 
 
 def test_a_pushed_nf4_variant_loads_with_from_pretrained(hub, models, tmp_path, zoo_home):

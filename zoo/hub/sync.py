@@ -139,23 +139,30 @@ def _read_index(ctx: HubContext, index: str, commit: str) -> Catalog:
 
 def _fetch(theirs: Entry, org: str, registry: Registry, token: str | None,
            result: SyncResult, log: Log) -> None:
-    if isinstance(theirs, BaseEntry):
-        known = shipped_catalog().entries.get(theirs.name)
-        if isinstance(known, BaseEntry) and known.source.get("type") == "gguf":
-            build_shipped_base(theirs.name, registry, log)
-            result.pulled.append(theirs.name)
-        else:
-            result.unavailable.append((theirs.name, "a base zoo cannot build here"))
+    known = shipped_catalog().entries.get(theirs.name)
+    if isinstance(theirs, BaseEntry) and isinstance(known, BaseEntry) and \
+            known.source.get("type") == "gguf":
+        build_shipped_base(theirs.name, registry, log)
+        result.pulled.append(theirs.name)
         return
     repo = (theirs.hub or {}).get("repo")
     if not isinstance(repo, str):
-        result.unavailable.append((theirs.name, "no Hub repo recorded"))
+        result.unavailable.append((theirs.name, "a base zoo cannot build here" if isinstance(
+            theirs, BaseEntry) else "no Hub repo recorded"))
         return
     try:
         if hub_name(repo, _folder_in(theirs.hub)) not in (theirs.name, f"{org}/{theirs.name}"):
             # the index may not map a name onto another namespace's repo
             result.unavailable.append((theirs.name, f"its repo {repo} does not match its "
                                                     f"name"))
+            return
+        if isinstance(theirs, BaseEntry):  # a base pulled from the Hub: the same commit
+            gguf = theirs.hub.get("gguf")
+            pull_from_hub(repo, _commit_of(theirs.hub), registry, token, log,
+                          name=theirs.name, expect_hash=theirs.content_hash,
+                          subfolder=_folder_in(theirs.hub),
+                          gguf=gguf if isinstance(gguf, str) else None)
+            result.pulled.append(theirs.name)
             return
         # every version the index lists with a commit, oldest first, each checked against
         # its content hash; then the current version and the aliases, by content
@@ -173,6 +180,13 @@ def _fetch(theirs: Entry, org: str, registry: Registry, token: str | None,
         result.pulled.append(theirs.name)
     except (HubError, IntegrityError, FormatError) as exc:
         result.unavailable.append((theirs.name, exc.message))
+
+
+def _commit_of(hub: dict) -> str:
+    commit = hub.get("commit")
+    if not isinstance(commit, str):
+        raise FormatError("no commit of its repo recorded")
+    return commit
 
 
 def _folder_in(hub: dict | None) -> str | None:
