@@ -456,6 +456,9 @@ def test_a_gguf_repo_becomes_a_16_bit_base(hub, smollm2_home, tmp_path, zoo_home
     assert entry["source"]["converted"].startswith(f"{packaged.name} -> bfloat16 safetensors")
     embedded = Registry(smollm2_home).load().base("smollm2-135m-instruct")
     assert entry["content_hash"] == embedded.content_hash  # built as the embedded base is
+    # what zoo pushes of its adapters must not name the GGUF repo: from_pretrained cannot
+    # load it by its id
+    assert Registry(zoo_home).load().base("someorg/smollm2-gguf").hub_id is None
     weights = load_file(zoo_home / entry["path"] / "model.safetensors")
     reader = GGUFReader(packaged)
     for gguf_name, name in (("token_embd.weight", "model.embed_tokens.weight"),

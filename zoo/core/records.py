@@ -127,10 +127,13 @@ class BaseEntry:
 
     @property
     def hub_id(self) -> str | None:
-        """The Hub id an adapter's config names this base by (None for a model pulled
-        from one folder of a repo: the id names the repo's top)."""
-        repo = (self.hub or {}).get("repo")
-        return repo if isinstance(repo, str) and not (self.hub or {}).get("subfolder") else None
+        """The Hub id an adapter's config names this base by, which from_pretrained loads
+        (None for a model pulled from one folder of a repo, or built from a GGUF file of
+        one: the id alone loads neither)."""
+        hub = self.hub or {}
+        repo = hub.get("repo")
+        return repo if isinstance(repo, str) and not (hub.get("subfolder") or hub.get("gguf")) \
+            else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseEntry:
