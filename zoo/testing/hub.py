@@ -26,6 +26,7 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -461,7 +462,11 @@ class Handler(BaseHTTPRequestHandler):
         if verb == "upload":
             if hashlib.sha256(self.body).hexdigest() != oid:
                 raise HubError(400, "the uploaded bytes do not hash to the object id")
-            blob.write_bytes(self.body)
+            # whole or not at all: the same object may be uploaded twice at once (two files
+            # of one commit with the same bytes), and a verify must never see half of it
+            part = blob.with_name(f"{blob.name}.{threading.get_ident()}.part")
+            part.write_bytes(self.body)
+            os.replace(part, blob)
             self.server.lfs_uploads.append(f"{repo}:{oid[:12]}")
             return self._send(200)
         self._may_write()
