@@ -366,15 +366,15 @@ def test_force_keeps_the_old_registered_model_until_the_new_one_is_committed(
 
     import zoo.catalog.registry as registry_module
 
-    real_write = registry_module.write_json_atomic
+    real_write = registry_module.write_bytes_atomic
 
-    def registry_write_fails(path, data):  # any write that records pm fails
-        if "pm" in data["entries"]:
+    def registry_write_fails(path, payload):  # any write that records pm fails
+        if "pm" in json.loads(payload)["entries"]:
             raise OSError("disk full")
-        real_write(path, data)
+        real_write(path, payload)
 
     with monkeypatch.context() as m:  # the new model is complete, the registry write fails
-        m.setattr(registry_module, "write_json_atomic", registry_write_fails)
+        m.setattr(registry_module, "write_bytes_atomic", registry_write_fails)
         assert zoo("merge", "--adapter", "p", "--name", "pm", "--force", ok=False).exit_code == 2
     assert zoo_json("show", "pm") == old and zoo("verify", "pm").exit_code == 0
     assert not list((zoo_home / "tmp").iterdir())

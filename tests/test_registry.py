@@ -388,13 +388,13 @@ def test_add_many_registers_a_folder_of_adapters_in_one_write(tiny, tmp_path, zo
     writes = []
     import zoo.catalog.registry as registry_module
 
-    real = registry_module.write_json_atomic
-    registry_module.write_json_atomic = lambda path, data: (writes.append(1), real(path, data))
+    real = registry_module.write_bytes_atomic
+    registry_module.write_bytes_atomic = lambda path, data: (writes.append(1), real(path, data))
     try:
         result = zoo("add", folder, "--many", "--prefix", "cust/", "--base", "tiny-llama",
                      ok=False)
     finally:
-        registry_module.write_json_atomic = real
+        registry_module.write_bytes_atomic = real
     assert result.exit_code == 1  # some were refused: one line each
     assert "added 12 adapters on tiny-llama, refused 2" in result.stdout
     assert "refused broken:" in result.stderr and "refused Bad Name:" in result.stderr

@@ -55,7 +55,8 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
                           f"(ORG/NAME); {repo!r} is not one")
     name = name or hub_name(repo, subfolder)
     validate_name(name)
-    present = registry.load().entries.get(name)
+    catalog = registry.load()
+    present = catalog.entries.get(name)
     known = shipped_catalog().entries.get(repo.lower())
     from_hub = known is None or known.source.get("type") == "hub"
     # a Hub repo is always asked: the same content is a no-op below, a newer commit a new
@@ -75,7 +76,7 @@ def pull(ref: str, home: Path | None = None, registry: Registry | None = None,
         repo = known.source["repo"] if known is not None else repo
         entry = pull_from_hub(repo, revision or None, registry, token=token, log=log, name=name,
                               base=base, with_base=with_base, new_version=new_version,
-                              subfolder=subfolder, gguf=gguf)
+                              subfolder=subfolder, gguf=gguf, catalog=catalog)
         what = "base" if entry.kind in ("base", "merged") else entry.kind
         label = entry.name if getattr(entry, "version", 1) == 1 else \
             f"{entry.name}:v{entry.version}"

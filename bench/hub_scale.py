@@ -1,0 +1,116 @@
+"""`zoo pull` into a large zoo: what each pull pays for the registry it joins.
+
+Run: .venv/bin/python bench/hub_scale.py [--adapters 20] [--entries 10000] [--before COMMIT]
+
+N plain PEFT repos (rank-8 LoRAs of SmolLM2, as people publish them) on the local Hub
+double, pulled one by one into a zoo with the base alone and into one that also holds
+``--entries`` other adapters (bench/registry.py's synthetic entries). Each pull reads and
+rewrites the whole registry, so it grows with the registry; the Hub's part does not. Each
+round times the code of ``--before`` (a git worktree) and the current code, each in a
+process of its own with a fresh Hub cache; the rounds alternate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # the Hub double speaks LFS; read at import
+
+from common import BASE, ROOT, bench_home, save, table, worktree, write_random_lora  # noqa: E402
+
+TOKEN = "hf_bench_token_0001"
+WORKER = ("import sys, time\nfrom zoo.apps.pull import pull\nfrom zoo.catalog.registry "
+          "import Registry\nstart = time.perf_counter()\nfor name in sys.argv[1:]:\n"
+          "    pull(name, registry=Registry())\nprint(time.perf_counter() - start)\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--adapters", type=int, default=20)
+    parser.add_argument("--entries", type=int, default=10_000)
+    parser.add_argument("--before", default="075d699", help="the commit timed beside")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    from registry import synthetic_catalog
+
+    from zoo.catalog.registry import Registry
+    from zoo.serve.launch import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="zoo-bench-hub-scale."))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "zoo.testing.hub", "--root",
+                               str(work / "hub"), "--port", str(port), "--token", TOKEN],
+                              stdout=subprocess.PIPE, text=True)
+    server.stdout.readline()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": TOKEN,
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    trees = {args.before: worktree(args.before), "current": ROOT}
+    times: dict[tuple[str, int], list[float]] = {}
+    try:
+        from huggingface_hub import HfApi
+
+        source = bench_home()
+        api = HfApi(endpoint=env["HF_ENDPOINT"], token=TOKEN)
+        names = [f"people/p{i:02d}" for i in range(args.adapters)]
+        for i, name in enumerate(names):
+            folder = write_random_lora(work / "peft" / name, source / "bases" / BASE, rank=8,
+                                       seed=1000 + i, targets=("q_proj", "v_proj"))
+            config = json.loads((folder / "adapter_config.json").read_text())
+            config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+            api.create_repo(name)
+            api.upload_folder(folder_path=folder, repo_id=name)
+        others = synthetic_catalog(args.entries) if args.entries else None
+        run = 0
+        for _ in range(args.rounds):
+            for label, tree in trees.items():
+                for entries in (0, args.entries):
+                    run += 1
+                    home = work / f"home-{run}"
+                    shutil.copytree(source / "bases", home / "bases", copy_function=os.link)
+                    shutil.copy(source / "registry.json", home / "registry.json")
+                    with Registry(home).edit() as catalog:  # the base, and the others
+                        for name in [n for n in catalog.entries if n != BASE]:
+                            del catalog.entries[name]
+                        if entries:
+                            for name in others.entries:
+                                if name != "base":
+                                    catalog.entries[name] = others.entries.to_dict(name)
+                    done = subprocess.run(
+                        [sys.executable, "-c", WORKER, *names], cwd=work, check=True,
+                        capture_output=True, text=True,
+                        env={**env, "ZOO_HOME": str(home), "HF_HOME": str(work / f"hf-{run}"),
+                             "PYTHONPATH": str(tree)})
+                    seconds = float(done.stdout.strip().splitlines()[-1])
+                    times.setdefault((label, entries), []).append(seconds / len(names))
+                    print(f"{label} into {entries} other entries: {seconds / len(names):.3f} s "
+                          "a pull", file=sys.stderr, flush=True)
+                    shutil.rmtree(home)
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for entries in (0, args.entries):
+        before = statistics.median(times[(args.before, entries)])
+        now = statistics.median(times[("current", entries)])
+        rows.append({"other entries": entries, f"s a pull, {args.before}": before,
+                     "s a pull, current": now, "current / before": now / before,
+                     "each round, before": times[(args.before, entries)],
+                     "each round, current": times[("current", entries)]})
+    print(f"\n{args.adapters} plain PEFT repos pulled one by one, median of {args.rounds} rounds")
+    print(table(rows, ["other entries", f"s a pull, {args.before}", "s a pull, current",
+                       "current / before"]))
+    save("hub_scale", {"command": " ".join(sys.argv), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
