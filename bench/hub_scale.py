@@ -83,7 +83,7 @@ def main() -> None:
                         if entries:
                             for name in others.entries:
                                 if name != "base":
-                                    catalog.entries[name] = others.entries.to_dict(name)
+                                    catalog.entries[name] = others.entries[name]
                     done = subprocess.run(
                         [sys.executable, "-c", WORKER, *names], cwd=work, check=True,
                         capture_output=True, text=True,
