@@ -59,6 +59,33 @@ def worktree(commit: str) -> Path:
     return tree
 
 
+# a process's `zoo pull` of each repo named on its command line, timed: its last line
+TIMED_PULLS = ("import sys, time\nfrom zoo.apps.pull import pull\nfrom zoo.catalog.registry "
+               "import Registry\nstart = time.perf_counter()\nfor name in sys.argv[1:]:\n"
+               "    pull(name, registry=Registry())\nprint(time.perf_counter() - start)\n")
+
+
+@contextmanager
+def local_hub(root: Path, token: str):
+    """zoo's Hub double (``zoo.testing.hub``) in a process of its own, so it does not share
+    the client's interpreter; yields the variables that point huggingface_hub at it."""
+    import subprocess
+
+    from zoo.serve.launch import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "zoo.testing.hub", "--root", str(root),
+                               "--port", str(port), "--token", token],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        server.stdout.readline()  # it is listening
+        yield {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": token,
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def previous_zoo_env(commit: str) -> tuple[dict[str, str], Path]:
     """What makes a child process import zoo from ``commit``'s worktree: the variables to
     add and the directory to start it in. Both: ``python -m`` and ``-c`` put the working

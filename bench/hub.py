@@ -24,11 +24,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # the Hub double speaks LFS; read at import
 
-from common import BASE, bench_home, save, table, write_random_lora  # noqa: E402
+from common import (  # noqa: E402
+    BASE,
+    TIMED_PULLS,
+    bench_home,
+    local_hub,
+    save,
+    table,
+    write_random_lora,
+)
 
 TOKEN = "hf_bench_token_0001"
 
@@ -41,16 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     from zoo.catalog.registry import Registry
     from zoo.catalog.store import add
-    from zoo.serve.launch import free_port
 
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-hub."))
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "zoo.testing.hub", "--root",
-                              str(work / "hub"), "--port", str(port), "--token", TOKEN],
-                             stdout=subprocess.PIPE, text=True)
-    server.stdout.readline()
-    os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_TOKEN=TOKEN,
-                      HF_HOME=str(work / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    hub = ExitStack()
+    os.environ.update(hub.enter_context(local_hub(work / "hub", TOKEN)), HF_HOME=str(work / "hf"))
     try:
         from huggingface_hub import HfApi, snapshot_download
 
@@ -114,8 +117,7 @@ def main() -> None:
             api.upload_folder(folder_path=folder, repo_id=f"bench/plain-push-{i}")
             push_plain.append(time.perf_counter() - start)
     finally:
-        server.terminate()
-        server.wait()
+        hub.close()
         shutil.rmtree(work, ignore_errors=True)
     rows = [
         {"operation": f"pull {args.adapters} adapters zoo pushed", "zoo_s": with_zoo,
@@ -146,10 +148,7 @@ def previous_pulls(commit: str, names: list[str], work: Path, puller: Path) -> f
     registry["entries"] = {BASE: registry["entries"][BASE]}
     registry["entries"][BASE].pop("hub", None)
     (home / "registry.json").write_text(json.dumps(registry))
-    code = ("import sys, time\nfrom zoo.apps.pull import pull\nfrom zoo.catalog.registry "
-            "import Registry\nstart = time.perf_counter()\nfor name in sys.argv[1:]:\n"
-            "    pull(name, registry=Registry())\nprint(time.perf_counter() - start)\n")
-    done = subprocess.run([sys.executable, "-c", code, *names], cwd=work, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", TIMED_PULLS, *names], cwd=work, capture_output=True,
                           text=True, env={**os.environ, "ZOO_HOME": str(home),
                                           "HF_HOME": str(work / "hf-before"),
                                           "PYTHONPATH": str(worktree(commit))}, check=True)

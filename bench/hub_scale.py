@@ -20,16 +20,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # the Hub double speaks LFS; read at import
 
-from common import BASE, ROOT, bench_home, save, table, worktree, write_random_lora  # noqa: E402
+from common import (  # noqa: E402
+    BASE,
+    ROOT,
+    TIMED_PULLS,
+    bench_home,
+    local_hub,
+    previous_zoo_env,
+    save,
+    table,
+    write_random_lora,
+)
 
 TOKEN = "hf_bench_token_0001"
-WORKER = ("import sys, time\nfrom zoo.apps.pull import pull\nfrom zoo.catalog.registry "
-          "import Registry\nstart = time.perf_counter()\nfor name in sys.argv[1:]:\n"
-          "    pull(name, registry=Registry())\nprint(time.perf_counter() - start)\n")
 
 
 def main() -> None:
@@ -42,19 +50,14 @@ def main() -> None:
     from registry import synthetic_catalog
 
     from zoo.catalog.registry import Registry
-    from zoo.serve.launch import free_port
 
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-hub-scale."))
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "zoo.testing.hub", "--root",
-                               str(work / "hub"), "--port", str(port), "--token", TOKEN],
-                              stdout=subprocess.PIPE, text=True)
-    server.stdout.readline()
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": TOKEN,
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    trees = {args.before: worktree(args.before), "current": ROOT}
+    hub = ExitStack()
+    env = {**os.environ, **hub.enter_context(local_hub(work / "hub", TOKEN))}
     times: dict[tuple[str, int], list[float]] = {}
     try:
+        # each zoo imported from its own tree (a process started in it puts it first)
+        trees = {args.before: previous_zoo_env(args.before), "current": ({}, ROOT)}
         from huggingface_hub import HfApi
 
         source = bench_home()
@@ -71,7 +74,7 @@ def main() -> None:
         others = synthetic_catalog(args.entries) if args.entries else None
         run = 0
         for _ in range(args.rounds):
-            for label, tree in trees.items():
+            for label, (variables, tree) in trees.items():
                 for entries in (0, args.entries):
                     run += 1
                     home = work / f"home-{run}"
@@ -85,18 +88,17 @@ def main() -> None:
                                 if name != "base":
                                     catalog.entries[name] = others.entries[name]
                     done = subprocess.run(
-                        [sys.executable, "-c", WORKER, *names], cwd=work, check=True,
+                        [sys.executable, "-c", TIMED_PULLS, *names], cwd=tree, check=True,
                         capture_output=True, text=True,
-                        env={**env, "ZOO_HOME": str(home), "HF_HOME": str(work / f"hf-{run}"),
-                             "PYTHONPATH": str(tree)})
+                        env={**env, **variables, "ZOO_HOME": str(home),
+                             "HF_HOME": str(work / f"hf-{run}")})
                     seconds = float(done.stdout.strip().splitlines()[-1])
                     times.setdefault((label, entries), []).append(seconds / len(names))
                     print(f"{label} into {entries} other entries: {seconds / len(names):.3f} s "
                           "a pull", file=sys.stderr, flush=True)
                     shutil.rmtree(home)
     finally:
-        server.terminate()
-        server.wait()
+        hub.close()
         shutil.rmtree(work, ignore_errors=True)
     rows = []
     for entries in (0, args.entries):
