@@ -76,6 +76,7 @@ def pull_from_hub(repo: str, revision: str | None, registry: Registry,
 
 
 def is_pattern(ref: str) -> bool:
+    """Whether ``ref`` is a shell-style pattern of repo ids (an address never is)."""
     return any(c in ref for c in "*?[") and "://" not in ref
 
 
