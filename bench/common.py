@@ -86,6 +86,19 @@ def local_hub(root: Path, token: str):
         server.wait()
 
 
+def publish_peft_repo(api, name: str, folder: Path, base_dir: Path, seed: int) -> None:
+    """A rank-8 q/v LoRA of the base in ``base_dir`` as PEFT users publish one: its config
+    naming the base by Hub id, a README and a ``training_args.bin`` zoo does not fetch."""
+    write_random_lora(folder, base_dir, rank=8, seed=seed, targets=("q_proj", "v_proj"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# an adapter\n")
+    (folder / "training_args.bin").write_bytes(os.urandom(5000))
+    api.create_repo(name)
+    api.upload_folder(folder_path=folder, repo_id=name)
+
+
 def previous_zoo_env(commit: str) -> tuple[dict[str, str], Path]:
     """What makes a child process import zoo from ``commit``'s worktree: the variables to
     add and the directory to start it in. Both: ``python -m`` and ``-c`` put the working

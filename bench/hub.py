@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     TIMED_PULLS,
     bench_home,
     local_hub,
+    publish_peft_repo,
     save,
     table,
     write_random_lora,
@@ -79,16 +80,8 @@ def main() -> None:
 
         api = HfApi(endpoint=os.environ["HF_ENDPOINT"], token=TOKEN)
         peft_names = [f"people/p{i:02d}" for i in range(args.adapters)]
-        for i, name in enumerate(peft_names):  # published the way PEFT users do
-            folder = write_random_lora(work / "peft" / name, base_dir, rank=8, seed=1000 + i,
-                                       targets=("q_proj", "v_proj"))
-            config = json.loads((folder / "adapter_config.json").read_text())
-            config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-            (folder / "adapter_config.json").write_text(json.dumps(config))
-            (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n# an adapter\n")
-            (folder / "training_args.bin").write_bytes(os.urandom(5000))
-            api.create_repo(name)
-            api.upload_folder(folder_path=folder, repo_id=name)
+        for i, name in enumerate(peft_names):
+            publish_peft_repo(api, name, work / "peft" / name, base_dir, seed=1000 + i)
 
         def timed_pulls(repos: list[str], cache: str) -> tuple[float, float]:
             start = time.perf_counter()

@@ -13,7 +13,6 @@ process of its own with a fresh Hub cache; the rounds alternate.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -32,9 +31,9 @@ from common import (  # noqa: E402
     bench_home,
     local_hub,
     previous_zoo_env,
+    publish_peft_repo,
     save,
     table,
-    write_random_lora,
 )
 
 TOKEN = "hf_bench_token_0001"
@@ -64,13 +63,8 @@ def main() -> None:
         api = HfApi(endpoint=env["HF_ENDPOINT"], token=TOKEN)
         names = [f"people/p{i:02d}" for i in range(args.adapters)]
         for i, name in enumerate(names):
-            folder = write_random_lora(work / "peft" / name, source / "bases" / BASE, rank=8,
-                                       seed=1000 + i, targets=("q_proj", "v_proj"))
-            config = json.loads((folder / "adapter_config.json").read_text())
-            config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-            (folder / "adapter_config.json").write_text(json.dumps(config))
-            api.create_repo(name)
-            api.upload_folder(folder_path=folder, repo_id=name)
+            publish_peft_repo(api, name, work / "peft" / name, source / "bases" / BASE,
+                              seed=1000 + i)
         others = synthetic_catalog(args.entries) if args.entries else None
         run = 0
         for _ in range(args.rounds):

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zoo.catalog.registry import Catalog, Registry, read_catalog  # noqa: E402
-from zoo.core.files import write_json_atomic  # noqa: E402
+from zoo.core.files import write_bytes_atomic  # noqa: E402
 from zoo.core.records import AdapterEntry, BaseEntry, LoraDetails  # noqa: E402
 
 HASH = "sha256:" + "ab" * 32
@@ -197,7 +197,7 @@ def main() -> None:
     zoo = str(Path(sys.executable).with_name("zoo"))
     with tempfile.TemporaryDirectory() as home:
         catalog = synthetic_catalog(args.entries, Path(home))
-        write_json_atomic(Path(home) / "registry.json", catalog.to_dict())
+        write_bytes_atomic(Path(home) / "registry.json", catalog.to_json())
         del catalog
         size = (Path(home) / "registry.json").stat().st_size
         env = {**os.environ, "ZOO_HOME": home}

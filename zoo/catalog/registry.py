@@ -144,12 +144,6 @@ class Catalog:
                 self.malformed[n] = exc.why
         return found
 
-    def to_dict(self) -> dict:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "entries": {name: self.entries.to_dict(name) for name in sorted(self.entries)},
-        }
-
     def to_json(self) -> bytes:
         """The registry file's text: one entry a line, in name order. It reads and diffs
         entry by entry, and json's C encoder writes it (indenting takes the pure-Python
