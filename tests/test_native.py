@@ -237,3 +237,75 @@ def test_without_a_compiler_zoo_warns_once_and_goes_on(tmp_path, monkeypatch, ca
     finally:
         native.kernel.cache_clear()
         native._built.cache_clear()
+
+
+def awkward_rows(dtype) -> torch.Tensor:
+    """[5 slots, 4 rows, 300] weights with what quantizing rows can trip on: a zero row, a
+    row of -0.0, subnormal and huge magnitudes, and numbers that fall exactly half-way
+    between two steps (each row's largest is 127 * 2^-k, so multiples of 2^-(k+1) do)."""
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(5, 4, 300, generator=g)
+    rows[0, 1] = 0
+    rows[0, 2] = -0.0
+    rows[1, 0] = torch.randn(300, generator=g) * 1e-39  # subnormal in float32
+    rows[1, 1] = torch.randn(300, generator=g) * 1e30
+    ties = torch.randint(-254, 255, (300,), generator=g) / 2.0  # k + 0.5 steps
+    ties[0] = 127
+    rows[2, 3] = ties * 2.0 ** -3
+    return rows.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_kernel_quantizes_rows_as_the_reference_does(kernel, dtype):
+    """native quantize_rows gives fast_lora.quantize_rows' bits (numbers and scales) for
+    contiguous rows and for B's rows, columns of vLLM's [slots, 1, out, rank] stack; with
+    ``slots``, those slots only, in place; a NaN or an infinity is left to the reference."""
+    from zoo.serve.fast_lora import quantize_rows
+
+    rows = awkward_rows(dtype)
+    stack = rows.transpose(1, 2).contiguous().unsqueeze(1)  # B as vLLM stacks it
+    for view in (rows, stack[:, 0].transpose(1, 2), rows[:, 1:3]):
+        got, want = kernel.quantize_rows(view), quantize_rows(view)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert bool((want[0] == 0).all()) is False  # (the rows are not all zero)
+    kept = tuple(t.clone() for t in quantize_rows(rows))
+    before = tuple(t.clone() for t in kept)
+    changed = rows.clone()
+    changed[1] = changed[3] * 3
+    changed[3] = -changed[0]
+    slots = torch.tensor([1, 3])
+    assert kernel.quantize_rows(changed, slots, kept) is kept
+    fresh = quantize_rows(changed)
+    for k, b, f in zip(kept, before, fresh, strict=True):
+        assert torch.equal(k[slots], f[slots]) and torch.equal(k[[0, 2, 4]], b[[0, 2, 4]])
+    for odd in (float("nan"), float("inf")):
+        spoiled = rows.clone()
+        spoiled[4, 2, 7] = odd
+        assert kernel.quantize_rows(spoiled) is None
+    assert kernel.quantize_rows(rows.half()) is None  # a dtype it does not take
+    with pytest.raises(ValueError):
+        kernel.quantize_rows(rows, torch.tensor([1, 3], dtype=torch.int32), kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_kernel_finds_each_slots_rank_as_the_reference_does(kernel, dtype):
+    """native row_ranks gives fast_lora._ranks_of's ranks: one past the last row with a
+    number that is not zero (-0.0 is zero; a row holding a NaN does not count, as amax's
+    NaN is not above zero), for every slot or, in place, for some."""
+    from zoo.serve.fast_lora import _ranks_of
+
+    a = torch.zeros(6, 1, 16, 40, dtype=dtype)
+    a[1, 0, :3] = 1
+    a[2, 0, 5, 39] = -1e-30
+    a[3, 0, 7] = -0.0
+    a[4, 0, :2] = 1
+    a[4, 0, 9, 3] = float("nan")
+    a[5, 0, 15, 0] = float("inf")
+    want = _ranks_of(a)
+    assert want.tolist() == [0, 3, 6, 0, 2, 16]
+    assert torch.equal(kernel.row_ranks(a[:, 0]), want)
+    kept = want.clone()
+    a[0, 0, 11] = 2
+    a[1] = 0
+    assert kernel.row_ranks(a[:, 0], torch.tensor([0, 1]), kept) is kept
+    assert kept.tolist() == [12, 0, 6, 0, 2, 16] == _ranks_of(a).tolist()

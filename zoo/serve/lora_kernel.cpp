@@ -428,6 +428,89 @@ void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, voi
     }
 }
 
+// Per-row work on a 3-D strided view [d0, d1, n] (strides in elements) of bfloat16 or
+// float32 weights: the row (i, j) starts at src + i * s0 + j * s1, its numbers s2 apart.
+// Loops without early exits, so that they vectorize.
+struct View {
+    const void* src;
+    int64_t d0, d1, n, s0, s1, s2;
+};
+
+// A slot's rows widened to float32, row j at wide + j * n; read in the order of the view's
+// smaller stride (B's rows are columns of vLLM's stack: [out, rank] a slot).
+template <typename W>
+void widen_slot(const View& v, int64_t i, float* wide) {
+    const W* slot = static_cast<const W*>(v.src) + i * v.s0;
+    if (v.s1 < v.s2) {
+        for (int64_t k = 0; k < v.n; ++k)
+            for (int64_t j = 0; j < v.d1; ++j) wide[j * v.n + k] = to_float(slot[k * v.s2 + j * v.s1]);
+    } else {
+        for (int64_t j = 0; j < v.d1; ++j)
+            for (int64_t k = 0; k < v.n; ++k) wide[j * v.n + k] = to_float(slot[j * v.s1 + k * v.s2]);
+    }
+}
+
+// The slots to do: ``slots[0..count)``, or every one (slots null).
+struct Slots {
+    const int64_t* slots;
+    int64_t count;
+    int64_t operator[](int64_t at) const { return slots ? slots[at] : at; }
+};
+
+template <typename W>
+int quantize_view(const View& v, Slots todo, int8_t* numbers, float* scales) {
+    std::vector<float> rows(v.d1 * v.n > 0 ? v.d1 * v.n : 1);
+    for (int64_t at = 0; at < todo.count; ++at) {
+        const int64_t i = todo[at];
+        widen_slot<W>(v, i, rows.data());
+        for (int64_t j = 0; j < v.d1; ++j) {
+            const float* wide = rows.data() + j * v.n;
+            // the largest magnitude as the largest of the magnitudes' bits, an integer
+            // maximum, which vectorizes (a float one does not, for NaN's and -0's sake);
+            // the two orders agree on finite numbers, and exponent bits all ones are odd
+            uint32_t top = 0;
+            for (int64_t k = 0; k < v.n; ++k) {
+                uint32_t bits;
+                std::memcpy(&bits, wide + k, sizeof bits);
+                bits &= 0x7fffffffu;
+                top = bits > top ? bits : top;
+            }
+            if (top >= 0x7f800000u) return 4;  // a NaN or an infinity
+            float largest;
+            std::memcpy(&largest, &top, sizeof largest);
+            const float scale = largest / 127.f;
+            const float safe = scale > 0.f ? scale : 1.f;
+            int8_t* out = numbers + (i * v.d1 + j) * v.n;
+            for (int64_t k = 0; k < v.n; ++k) {
+                float q = std::rint(wide[k] / safe);  // nearest even, as torch.round
+                q = q > 127.f ? 127.f : q;
+                q = q < -127.f ? -127.f : q;
+                out[k] = int8_t(int(q));
+            }
+            scales[i * v.d1 + j] = scale;
+        }
+    }
+    return 0;
+}
+
+template <typename W>
+void ranks_of_view(const View& v, Slots todo, int64_t* ranks) {
+    for (int64_t at = 0; at < todo.count; ++at) {
+        const int64_t i = todo[at];
+        ranks[i] = 0;
+        for (int64_t j = 0; j < v.d1; ++j) {
+            const W* row = static_cast<const W*>(v.src) + i * v.s0 + j * v.s1;
+            int used = 0, nan = 0;
+            for (int64_t k = 0; k < v.n; ++k) {
+                const float number = to_float(row[k * v.s2]);
+                used |= std::fabs(number) > 0.f;
+                nan |= number != number;
+            }
+            if (used && !nan) ranks[i] = j + 1;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -435,6 +518,44 @@ extern "C" {
 // The layout of Part and the meaning of the arguments below; native.py checks it (a dtype
 // code added keeps it: an older library declines the code, returning 2).
 int zoo_lora_abi() { return 3; }
+
+// fast_lora.quantize_rows for the rows of a View (dtype 0: bfloat16, 1: float32), of the
+// slots ``slots[0..count)`` (slots null: of all d0): row (i, j) as int8 numbers
+// ``numbers[(i * d1 + j) * n + k]`` times one float32 scale ``scales[i * d1 + j]``, its
+// largest magnitude / 127, each number its weight / scale rounded to nearest even, clamped
+// to +-127 (scale 0, numbers 0: an all-zero row); the same operations in float32 as the
+// PyTorch reference, so the same bits. Returns 0; 2 for a dtype; 3 for a slot past d0; 4,
+// with the outputs partly written, for a NaN or an infinity (the caller then uses the
+// reference).
+int zoo_quantize_rows(int dtype, const void* src, int64_t d0, int64_t d1, int64_t n,
+                      int64_t s0, int64_t s1, int64_t s2, const int64_t* slots,
+                      int64_t count, int8_t* numbers, float* scales) {
+    const View view{src, d0, d1, n, s0, s1, s2};
+    const Slots todo{slots, slots ? count : d0};
+    for (int64_t at = 0; slots && at < count; ++at)
+        if (slots[at] < 0 || slots[at] >= d0) return 3;
+    if (dtype == 0) return quantize_view<Bf16>(view, todo, numbers, scales);
+    if (dtype == 1) return quantize_view<float>(view, todo, numbers, scales);
+    return 2;
+}
+
+// fast_lora._ranks_of for a View [slots, rows, n], of the slots ``slots[0..count)`` (null:
+// all d0): per slot, one past its last row with a number of magnitude above zero and no
+// NaN (0: none), into ``ranks[slot]``. Returns 0; 2 for a dtype; 3 for a slot past d0.
+int zoo_row_ranks(int dtype, const void* src, int64_t d0, int64_t d1, int64_t n, int64_t s0,
+                  int64_t s1, int64_t s2, const int64_t* slots, int64_t count, int64_t* ranks) {
+    const View view{src, d0, d1, n, s0, s1, s2};
+    const Slots todo{slots, slots ? count : d0};
+    for (int64_t at = 0; slots && at < count; ++at)
+        if (slots[at] < 0 || slots[at] >= d0) return 3;
+    if (dtype == 0)
+        ranks_of_view<Bf16>(view, todo, ranks);
+    else if (dtype == 1)
+        ranks_of_view<float>(view, todo, ranks);
+    else
+        return 2;
+    return 0;
+}
 
 int zoo_lora_avx512_bf16() {
 #ifdef ZOO_AVX512_BF16

@@ -97,6 +97,15 @@ class Kernel:
         self._gather.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
+        # per-row work on a slot's weights as vLLM writes them (an older library has none)
+        view = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 6
+        self._quantize = getattr(library, "zoo_quantize_rows", None)
+        self._ranks = getattr(library, "zoo_row_ranks", None)
+        for function in (self._quantize, self._ranks):
+            if function is not None:
+                function.restype = ctypes.c_int
+                function.argtypes = view + [ctypes.c_void_p, ctypes.c_int64] + \
+                    [ctypes.c_void_p] * (2 if function is self._quantize else 1)
 
     def arguments(self, parts, ranks) -> Arguments | None:
         """The ctypes block for ``parts`` ((A [slots, rank, in], B [slots, rank, width],
@@ -144,6 +153,66 @@ class Kernel:
         return self._gather(code, x.shape[0], slots.data_ptr(), x.data_ptr(),
                             x.stride(0), y.data_ptr(), y.stride(0), arguments.width_in,
                             arguments.block, arguments.parts, scale, threads) == 0
+
+
+    def quantize_rows(self, rows, slots=None, into=None):
+        """``fast_lora.quantize_rows`` of a 3-D view [d0, d1, n] of bfloat16 or float32
+        numbers (any strides: B's rows are columns of vLLM's stack), the same bits, several
+        times sooner: (numbers [d0, d1, n] int8, scales [d0, d1] float32). ``slots`` (int64)
+        and ``into`` (such a pair, contiguous): only those indices of d0, written into it.
+        None where it does not take them (another dtype or shape, a NaN or an infinity;
+        ``into`` may then be partly written)."""
+        import torch
+
+        view = _view(rows)
+        if view is None or self._quantize is None:
+            return None
+        numbers, scales = into or (torch.empty(rows.shape, dtype=torch.int8),
+                                   torch.empty(rows.shape[:2], dtype=torch.float32))
+        if not _holds(numbers, rows.shape, torch.int8) or \
+                not _holds(scales, rows.shape[:2], torch.float32):
+            return None
+        if self._quantize(*view, *self._slots(slots), numbers.data_ptr(),
+                          scales.data_ptr()) != 0:
+            return None
+        return into if into is not None else (numbers, scales)
+
+    def row_ranks(self, rows, slots=None, into=None):
+        """``fast_lora._ranks_of`` of the view [slots, rows, n] (A's rows of a slot, any
+        strides): per slot, one past its last row with a number that is not zero (int64
+        [slots]); ``slots`` and ``into`` as for :meth:`quantize_rows`. None where it does
+        not take them."""
+        import torch
+
+        view = _view(rows)
+        if view is None or self._ranks is None:
+            return None
+        ranks = into if into is not None else torch.empty(rows.shape[0], dtype=torch.int64)
+        if not _holds(ranks, rows.shape[:1], torch.int64):
+            return None
+        return ranks if self._ranks(*view, *self._slots(slots), ranks.data_ptr()) == 0 else None
+
+    def _slots(self, slots) -> tuple[int | None, int]:
+        if slots is None:
+            return None, 0
+        if slots.dtype != self._int64 or not slots.is_contiguous():
+            raise ValueError("slots must be a contiguous int64 tensor")
+        return slots.data_ptr(), slots.numel()
+
+
+def _holds(tensor, shape, dtype) -> bool:
+    """Whether ``tensor`` is a contiguous CPU tensor of that shape and dtype."""
+    return tensor.shape == shape and tensor.dtype == dtype and tensor.is_contiguous() and \
+        tensor.device.type == "cpu"
+
+
+def _view(rows) -> tuple | None:
+    """The (dtype code, address, sizes, strides) lora_kernel.cpp's row functions take for
+    a 3-D CPU tensor of bfloat16 (0) or float32 (1) numbers; None for another."""
+    code = {"bfloat16": 0, "float32": 1}.get(_name(rows.dtype))
+    if code is None or rows.dim() != 3 or rows.device.type != "cpu" or rows.requires_grad:
+        return None
+    return (code, rows.data_ptr(), *rows.shape, *rows.stride())
 
 
 def _scales(part, int8: bool) -> tuple | None:
