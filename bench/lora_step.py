@@ -2,15 +2,17 @@
 
 Run: .venv/bin/python bench/lora_step.py [--before COMMIT] [--adapters 1,8,32,64,128]
      [--tokens 64] [--prompt 45] [--dtype bfloat16] [--lora-dtype bfloat16]
-     [--weights bfloat16] [--repeat 20] [--slots 256]
+     [--weights bfloat16] [--repeat 20] [--slots 256] [--placed 1]
 
 Times ``add_lora_linear`` over SmolLM2-135M's 30 layers (q/k/v, o, gate/up and
 down, as vLLM's fused LoRA layers call it) for one decode step of max(--tokens, N)
 tokens spread evenly over N adapters (once with the same adapters every step, once with the
 next N slots' adapters each step, vLLM's ``update_metadata`` included, as continuous
-batching brings), and for one prefill of --prompt tokens for
-each of N adapters (each prompt's tokens together, as vLLM batches them; the bench's
-chat prompts are about 45 tokens): rank-8 LoRAs on q and v, in max(--slots, N) slots
+batching brings, and once just after new adapters were written into its N slots, as in
+a cold burst's first steps: what the wrapper derives from a slot redone), and for one
+prefill of --prompt tokens for each of N adapters (each prompt's tokens together, as vLLM
+batches them; the bench's chat prompts are about 45 tokens): rank-8 LoRAs on q and v,
+in max(--slots, N) slots
 stacked at rank 16, on one thread (vLLM's CPU worker runs one OpenMP thread per core it
 owns: one on this 2-core machine). The contenders, in one process, each on equal stacks
 made as its server makes them (this tree's in zero_pages' committed stacks, 2 MB pages
@@ -54,8 +56,8 @@ def at_commit(commit: str, path: str) -> str | None:
 
 
 def wrapper_of(commit: str):
-    """``GroupedPunicaWrapperCPU`` as zoo/serve/fast_lora.py was at ``commit``, on that
-    commit's native kernel (lora_kernel.cpp) where it had one."""
+    """zoo/serve/fast_lora.py as it was at ``commit`` (its ``GroupedPunicaWrapperCPU``),
+    on that commit's native kernel (lora_kernel.cpp) where it had one."""
     from zoo.serve import native
 
     scratch = Path(tempfile.mkdtemp())
@@ -84,7 +86,7 @@ def wrapper_of(commit: str):
                 return old
 
         module.native = Native
-    return module.GroupedPunicaWrapperCPU
+    return module
 
 
 def stacks(slots: int, dtype, served: bool = False):
@@ -117,10 +119,15 @@ def stacks(slots: int, dtype, served: bool = False):
 
 
 def step_ms(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype,
-            repeat: int, prefill: bool = False, changing: bool = False) -> float:
+            repeat: int, prefill: bool = False, changing: bool = False,
+            placed: bool = False, module=None) -> float:
     """``changing``: each step brings other adapters than the step before (the next
     ``adapters`` slots of the stacks, in turn), as continuous batching does when a request
-    ends or joins; the step then includes vLLM's ``update_metadata`` for the new mapping."""
+    ends or joins; the step then includes vLLM's ``update_metadata`` for the new mapping.
+    ``placed``: before each step (untimed), new adapters are written into the step's
+    slots of the trained slices, each slot marked as zoo's ``reset_lora`` marks it (with
+    ``module``'s ``_mark_for_redoing``), as in a cold burst's first steps: the step then
+    includes redoing what the wrapper derives from those slots (ranks, int8 rows)."""
     import torch
     from vllm.lora.layers.utils import LoRAMapping
 
@@ -150,9 +157,25 @@ def step_ms(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype
             for slices, width, a, b in calls:
                 wrapper.add_lora_linear(y[sum(slices)], x[width], a, b, 1.0, slices)
 
+    g = torch.Generator().manual_seed(1)
+
+    def place() -> None:  # new adapters in the step's slots, as vLLM writes them
+        for calls in layers:
+            for (slices, width, a, b), (_s, _w, trained) in zip(calls, CALLS, strict=True):
+                for i in (i for i, on in enumerate(trained) if on):
+                    for slot in range(adapters):
+                        module._mark_for_redoing(a[i], slot)
+                        module._mark_for_redoing(b[i], slot)
+                    a[i][:adapters, :, :RANK] = torch.randn(adapters, 1, RANK, width,
+                                                            generator=g) * 0.05
+                    b[i][:adapters, :, :, :RANK] = torch.randn(adapters, 1, slices[i], RANK,
+                                                               generator=g)
+
     step()
     times = []
     for _ in range(repeat):
+        if placed:
+            place()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -191,6 +214,9 @@ def main() -> None:
                         help="slots in the stacks, at least the adapters (zoo serve's "
                              "default: 256)")
     parser.add_argument("--vllm", type=int, default=1, help="time vLLM's own ops too (slow)")
+    parser.add_argument("--placed", type=int, default=1,
+                        help="also time a decode step just after its adapters were written "
+                             "into their slots, as in a cold burst (0: not)")
     parser.add_argument("--prompt", type=int, default=45,
                         help="also time a prefill of this many tokens an adapter (0: none; "
                              "vLLM's own ops are not timed there)")
@@ -199,12 +225,16 @@ def main() -> None:
     import torch
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+    from zoo.serve import fast_lora
     from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
 
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     stacked = getattr(torch, args.lora_dtype or args.dtype)
-    contenders = {"zoo now": GroupedPunicaWrapperCPU, f"zoo {args.before}": wrapper_of(args.before)}
+    before = wrapper_of(args.before)
+    contenders = {"zoo now": GroupedPunicaWrapperCPU,
+                  f"zoo {args.before}": before.GroupedPunicaWrapperCPU}
+    modules = {"zoo now": fast_lora, f"zoo {args.before}": before}
     weights = {"zoo now": stacked}  # each contender's stacks; the others' in ``stacked``
     for name in filter(None, args.weights.split(",")):
         contenders[f"zoo now, {name} stacks"] = GroupedPunicaWrapperCPU
@@ -212,9 +242,12 @@ def main() -> None:
     if args.vllm:
         contenders["vLLM's own"] = PunicaWrapperCPU
     rows = []
-    kinds = [("decode", False, False), ("decode, other adapters each step", False, True)]
-    kinds += [("prefill", True, False)] if args.prompt else []
-    for kind, prefill, changing in kinds:
+    kinds = [("decode", False, False, False),
+             ("decode, other adapters each step", False, True, False)]
+    if args.placed:
+        kinds.append(("decode, its adapters just placed", False, False, True))
+    kinds += [("prefill", True, False, False)] if args.prompt else []
+    for kind, prefill, changing, placed in kinds:
         for adapters in (int(a) for a in args.adapters.split(",")):
             slots = max(args.slots, adapters)
             tokens = adapters * args.prompt if prefill else max(args.tokens, adapters)
@@ -222,13 +255,14 @@ def main() -> None:
             row = {"step": kind, "adapters": adapters, "tokens": tokens, "slots": slots,
                    "base linears ms": base_ms(tokens, dtype, repeat)}
             for name, cls in contenders.items():  # stacks of their own: caches live on them
-                if name == "vLLM's own" and prefill:
+                if name == "vLLM's own" and (prefill or placed):
                     row[f"{name} ms"] = None
                     continue
                 made = stacks(slots, weights.get(name, stacked), served=name.startswith("zoo now"))
                 row[f"{name} ms"] = step_ms(cls, made, adapters, tokens, slots,
                                             dtype, repeat if name != "vLLM's own" else 3,
-                                            prefill, changing)
+                                            prefill, changing, placed,
+                                            modules.get(name, fast_lora))
             row["before / now"] = row[f"zoo {args.before} ms"] / row["zoo now ms"]
             for name in contenders:
                 if name.startswith("zoo now,"):
