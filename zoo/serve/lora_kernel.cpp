@@ -1,5 +1,6 @@
-// zoo's multi-LoRA kernel for the CPU (every step with adapters, decode and prefill);
-// built and loaded by zoo/serve/native.py.
+// zoo's multi-LoRA kernel for the CPU (every step with adapters, decode and prefill), and
+// what it reads of a slot vLLM has just written (its int8 rows, its rank: zoo_quantize_rows,
+// zoo_row_ranks); built and loaded by zoo/serve/native.py.
 //
 // For every row t with slot s = slots[t] >= 0 and every part (a slice of a fused layer's
 // output), at the adapter's own rank r = min(part.rank, part.ranks[s]):

@@ -154,7 +154,6 @@ class Kernel:
                             x.stride(0), y.data_ptr(), y.stride(0), arguments.width_in,
                             arguments.block, arguments.parts, scale, threads) == 0
 
-
     def quantize_rows(self, rows, slots=None, into=None):
         """``fast_lora.quantize_rows`` of a 3-D view [d0, d1, n] of bfloat16 or float32
         numbers (any strides: B's rows are columns of vLLM's stack), the same bits, several
