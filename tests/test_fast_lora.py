@@ -547,6 +547,23 @@ _PLACEMENT_OPS = st.lists(st.one_of(
     max_size=30)
 
 
+def test_a_slots_view_is_the_index_of_it():
+    """_slot_view(stacked, i, r, c) is stacked[i, 0, :r, :c]: the same numbers, shape,
+    strides and place, in a stack that is itself a view; out of range, the index's own."""
+    from zoo.serve.fast_lora import _slot_view
+
+    whole = torch.arange(2 * 5 * 1 * 6 * 7, dtype=torch.float32).view(2, 5, 1, 6, 7)
+    stacked = whole[1]  # a view: its storage offset is not 0
+    for index, rows, columns in ((0, 6, 7), (3, 2, 7), (4, 6, 3), (2, 1, 1), (4, 0, 7)):
+        got, want = _slot_view(stacked, index, rows, columns), stacked[index, 0, :rows, :columns]
+        assert got.shape == want.shape and got.stride() == want.stride()
+        assert got.data_ptr() == want.data_ptr() and torch.equal(got, want)
+    with pytest.raises(IndexError):
+        _slot_view(stacked, 5, 2, 2)
+    for rows, columns in ((7, 2), (2, 8)):  # cut at the stack's own, as the index cuts
+        assert _slot_view(stacked, 1, rows, columns).shape == (min(rows, 6), min(columns, 7))
+
+
 @settings(max_examples=100, deadline=None)
 @given(adapters=_ADAPTERS, ops=_PLACEMENT_OPS)
 def test_bulk_placement_writes_what_vllms_activate_adapter_writes(adapters, ops):
