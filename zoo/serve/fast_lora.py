@@ -608,9 +608,9 @@ _kinds: dict[type, str] = {}  # a layer class's set_lora: "pair", "slices" or ""
 
 def _slot_view(stacked: torch.Tensor, index: int, rows: int, columns: int) -> torch.Tensor:
     """``stacked[index, 0, :rows, :columns]``, made from the strides: a cold burst of 64
-    adapters makes 7,680 of them, and the tuple index took 21 us each on the Xeon (2.5% of
-    the worker's samples in cold bursts), ``as_strided`` 4. Out of range: the index's own
-    view (which the copy into it then refuses, as vLLM's would)."""
+    q/v adapters makes 7,680 of them, and the tuple index was 2.5% of the worker's samples
+    in cold bursts on the Xeon (placing an adapter alone: 3.44 -> 3.23 ms). Out of range:
+    the index's own view (which the copy into it then refuses, as vLLM's would)."""
     if not (0 <= index < stacked.shape[0] and rows <= stacked.shape[2]
             and columns <= stacked.shape[3]):
         return stacked[index, 0, :rows, :columns]
