@@ -837,8 +837,10 @@ def dequantize_rows(numbers: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
 def _a_int8(stacked_a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A's rows up to ``rank`` (the largest any slot uses) as int8 with a scale each:
     ([slots, rank, in] int8, [slots, rank] float32), copies kept per slot."""
-    return _per_slot(stacked_a, "_zoo_a_int8", lambda t: _quantized(t[:, 0, :rank]), rank,
-                     lambda t, slots, kept: _quantized_again(t[:, 0, :rank], slots, kept))
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t[:, 0, :rank]
+    return _per_slot(stacked_a, "_zoo_a_int8", lambda t: _quantized(rows(t)), rank,
+                     lambda t, slots, kept: _quantized_again(rows(t), slots, kept))
 
 
 def _b_int8(stacked_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -458,6 +458,14 @@ struct Slots {
     int64_t operator[](int64_t at) const { return slots ? slots[at] : at; }
 };
 
+// ``slots[0..count)`` of a view of d0 slots (null: all of them); false for one past d0.
+inline bool slots_of(const int64_t* slots, int64_t count, int64_t d0, Slots& todo) {
+    todo = {slots, slots ? count : d0};
+    for (int64_t at = 0; slots && at < count; ++at)
+        if (slots[at] < 0 || slots[at] >= d0) return false;
+    return true;
+}
+
 template <typename W>
 int quantize_view(const View& v, Slots todo, int8_t* numbers, float* scales) {
     std::vector<float> rows(v.d1 * v.n > 0 ? v.d1 * v.n : 1);
@@ -532,9 +540,8 @@ int zoo_quantize_rows(int dtype, const void* src, int64_t d0, int64_t d1, int64_
                       int64_t s0, int64_t s1, int64_t s2, const int64_t* slots,
                       int64_t count, int8_t* numbers, float* scales) {
     const View view{src, d0, d1, n, s0, s1, s2};
-    const Slots todo{slots, slots ? count : d0};
-    for (int64_t at = 0; slots && at < count; ++at)
-        if (slots[at] < 0 || slots[at] >= d0) return 3;
+    Slots todo;
+    if (!slots_of(slots, count, d0, todo)) return 3;
     if (dtype == 0) return quantize_view<Bf16>(view, todo, numbers, scales);
     if (dtype == 1) return quantize_view<float>(view, todo, numbers, scales);
     return 2;
@@ -546,9 +553,8 @@ int zoo_quantize_rows(int dtype, const void* src, int64_t d0, int64_t d1, int64_
 int zoo_row_ranks(int dtype, const void* src, int64_t d0, int64_t d1, int64_t n, int64_t s0,
                   int64_t s1, int64_t s2, const int64_t* slots, int64_t count, int64_t* ranks) {
     const View view{src, d0, d1, n, s0, s1, s2};
-    const Slots todo{slots, slots ? count : d0};
-    for (int64_t at = 0; slots && at < count; ++at)
-        if (slots[at] < 0 || slots[at] >= d0) return 3;
+    Slots todo;
+    if (!slots_of(slots, count, d0, todo)) return 3;
     if (dtype == 0)
         ranks_of_view<Bf16>(view, todo, ranks);
     else if (dtype == 1)
