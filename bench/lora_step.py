@@ -22,10 +22,13 @@ own native kernel (its ``lora_kernel.cpp``, built beside this one's) and vLLM's 
 ``PunicaWrapperCPU``; with --weights, zoo's wrapper of this tree again on stacks of
 another dtype than the activations' (float32 activations on bfloat16 stacks, as
 ``--lora-dtype bfloat16`` makes them); the base's own linears of the step in the same dtype for scale.
-The median of --repeat steps (a quarter of them for prefills) after one warm-up;
-vLLM's own ops are timed on decode steps only (a prefill takes them seconds). Results in
-bench/results/lora_step.json. Unlike the served curve (bench/serve.py), whose bursts
-drift by up to 40% on this machine, these repeat within a few percent.
+The median of --repeat steps (a quarter of them for prefills) after one warm-up, the
+contenders (the base's linears among them) taking turns a step each, so that a slow
+minute of the machine falls on all alike (each step then finds the others' data in the
+caches, as a served step finds the base's); vLLM's own ops are timed on decode steps
+only (a prefill takes them seconds). Results in bench/results/lora_step.json. Unlike the
+served curve (bench/serve.py), whose bursts drift by up to 40% on this machine, these
+repeat within a few percent.
 """
 
 from __future__ import annotations
@@ -118,10 +121,11 @@ def stacks(slots: int, dtype, served: bool = False):
     return layers
 
 
-def step_ms(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype,
-            repeat: int, prefill: bool = False, changing: bool = False,
-            placed: bool = False, module=None) -> float:
-    """``changing``: each step brings other adapters than the step before (the next
+def stepper(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype,
+            prefill: bool = False, changing: bool = False, placed: bool = False,
+            module=None):
+    """A step of ``wrapper_class`` on ``layers`` (its stacks), and what to do, untimed,
+    before each (or None). ``changing``: each step brings other adapters than the step before (the next
     ``adapters`` slots of the stacks, in turn), as continuous batching does when a request
     ends or joins; the step then includes vLLM's ``update_metadata`` for the new mapping.
     ``placed``: before each step (untimed), new adapters are written into the step's
@@ -171,31 +175,43 @@ def step_ms(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype
                     b[i][:adapters, :, :, :RANK] = torch.randn(adapters, 1, slices[i], RANK,
                                                                generator=g)
 
-    step()
-    times = []
-    for _ in range(repeat):
-        if placed:
-            place()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return step, place if placed else None
 
 
-def base_ms(tokens: int, dtype, repeat: int) -> float:
+def base_stepper(tokens: int, dtype):
+    """The base's own linears of a step of ``tokens`` rows (nothing to do before it)."""
     import torch
 
     weights = [[torch.randn(sum(s), w, dtype=dtype) for s, w, _t in CALLS] for _ in range(LAYERS)]
     x = {w: torch.randn(tokens, w, dtype=dtype) for w in (HIDDEN, INTERMEDIATE)}
     calls = [(weight, x[w]) for layer in weights for weight, (_s, w, _t) in zip(layer, CALLS,
                                                                                 strict=True)]
-    times = []
-    for _ in range(repeat + 1):
-        start = time.perf_counter()
+
+    def step() -> None:
         for weight, inputs in calls:
             torch.nn.functional.linear(inputs, weight)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[1:])
+
+    return step, None
+
+
+def side_by_side(steppers: dict, repeats: dict) -> dict:
+    """Each contender's median ms a step over its ``repeats`` steps, after one untimed
+    step each. The contenders take turns, one step each (the order turned every round),
+    so that a slow minute of this machine falls on all of them alike."""
+    times = {name: [] for name in steppers}
+    for step, _before in steppers.values():
+        step()
+    for round_ in range(max(repeats.values())):
+        names = list(steppers)
+        names = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in (n for n in names if len(times[n]) < repeats[n]):
+            step, before = steppers[name]
+            if before:
+                before()
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(each) for name, each in times.items()}
 
 
 def main() -> None:
@@ -252,17 +268,19 @@ def main() -> None:
             slots = max(args.slots, adapters)
             tokens = adapters * args.prompt if prefill else max(args.tokens, adapters)
             repeat = max(3, args.repeat // 4) if prefill else args.repeat
-            row = {"step": kind, "adapters": adapters, "tokens": tokens, "slots": slots,
-                   "base linears ms": base_ms(tokens, dtype, repeat)}
+            steppers = {"base linears": base_stepper(tokens, dtype)}
+            repeats = {"base linears": repeat}
             for name, cls in contenders.items():  # stacks of their own: caches live on them
                 if name == "vLLM's own" and (prefill or placed):
-                    row[f"{name} ms"] = None
                     continue
                 made = stacks(slots, weights.get(name, stacked), served=name.startswith("zoo now"))
-                row[f"{name} ms"] = step_ms(cls, made, adapters, tokens, slots,
-                                            dtype, repeat if name != "vLLM's own" else 3,
-                                            prefill, changing, placed,
-                                            modules.get(name, fast_lora))
+                steppers[name] = stepper(cls, made, adapters, tokens, slots, dtype, prefill,
+                                         changing, placed, modules.get(name, fast_lora))
+                repeats[name] = repeat if name != "vLLM's own" else 3
+            timed = side_by_side(steppers, repeats)
+            row = {"step": kind, "adapters": adapters, "tokens": tokens, "slots": slots}
+            row.update({f"{name} ms": timed.get(name) for name in ("base linears", *contenders)})
+            del steppers
             row["before / now"] = row[f"zoo {args.before} ms"] / row["zoo now ms"]
             for name in contenders:
                 if name.startswith("zoo now,"):

@@ -110,6 +110,31 @@ def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weight
     assert changed.tolist() == [not bool(u) for u in untouched]
 
 
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.int8], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_runs_of_one_adapter_give_what_their_rows_give(kernel, weights, threads):
+    """A prefill's rows come in runs of one adapter (int8 rows: the run's rows widened to
+    bf16 once, for all of its tokens). Runs of 1 to 9 rows, every rank of RANKS: within
+    rounding of the exact result; with bf16 weights the same bits as each row alone (the
+    same dot products in the same order); int8 rows alone take another path."""
+    g = torch.Generator().manual_seed(3)
+    parts, ranks = stacks(torch.float32 if weights == torch.int8 else weights, generator=g)
+    parts, standing = int8_rows(parts) if weights == torch.int8 else (parts, parts)
+    slots = torch.tensor([0] * 5 + [1] * 9 + [2] * 2 + [-1] + [3] * 3 + [4] * 6 + [2] +
+                         [0] * 16 + [1] * 33 + [4] * 17)
+    x = torch.randn(len(slots), IN, generator=g).bfloat16()
+    y = torch.randn(len(slots), 3 + sum(WIDTHS) + 4, generator=g).bfloat16()
+    arguments = kernel.arguments(parts, (ranks, ranks))
+    together, alone = y.clone(), y.clone()
+    assert kernel.gather(together, x, slots, arguments, 0.5, threads)
+    for row in range(len(slots)):
+        assert kernel.gather(alone[row:row + 1], x[row:row + 1], slots[row:row + 1],
+                             arguments, 0.5)
+    want, bound = exact(y, x, slots, standing, 0.5, ranks)
+    assert_within(together, want, bound, "runs of one adapter")
+    assert_within(alone, want, bound, "each row alone")
+
+
 def test_int8_rows_are_within_half_a_step_of_the_weights():
     """quantize_rows: every number within half its row's step (the row's largest magnitude
     / 127) of the weight, the largest exactly at +-127; an all-zero row stays zero."""

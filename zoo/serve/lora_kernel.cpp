@@ -11,13 +11,23 @@
 // bfloat16, both float32, float32 activations on bfloat16 weights (half the bytes a
 // step reads where the CPU has no bf16 arithmetic and computes in float32), or int8
 // weights with a float32 scale a row under either (zoo's default: half bf16's bytes).
+// Where the CPU has AMX tiles, a run of eight or more rows of one adapter (a prefill)
+// under bfloat16 activations goes to them (``run_on_tiles``).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define ZOO_AVX512_BF16 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ZOO_AMX 1
+#endif
 #endif
 
 namespace {
@@ -377,6 +387,228 @@ struct Widened {
 };
 #endif
 
+#ifdef ZOO_AMX
+// Runs of one adapter's rows (a prefill: 45 tokens of the bench's chat prompts) on AMX
+// tiles, where the CPU has them (Sapphire Rapids and later Xeons). AVX-512's multiply-adds
+// bound such a run: a token's q/v rank-8 shrink and expand are about 670 vector
+// instructions a layer, 0.7-0.9 ns each on this Xeon's vCPU. A tile's dot product of bf16
+// pairs (tdpbf16ps) does 16 tokens x 16 outputs x 32 inputs at once.
+//   shrink: h [16 tokens, 16 rows of A] += x [16 tokens, 32] . A packed (16 pairs of
+//           inputs, each of A's 16 rows' two numbers), 32 inputs a step;
+//   h times the scale (and the int8 rows' scales), rounded to bf16 (vLLM's own CPU path
+//   rounds h to the weights' dtype too);
+//   expand: delta [16 tokens, 16 columns] = h [16 tokens, rank] . B packed (rank / 2
+//           pairs of B's rows, each of 16 columns' two numbers), added to y, rounded once.
+// Tile registers: 0 the shrink's sums, 1 x, 2 A packed; 3 the expand's sums, 4 h, 5 B
+// packed (its rows and h's width set for the run's rank).
+constexpr int64_t kAmxRun = 8;        // runs this long or longer go to the tiles
+constexpr int64_t kAmxMaxRank = 32;   // one tile step of the expand
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// Linux lends a process the tiles' state only when asked (arch_prctl, XTILEDATA); asked
+// once. False: the AVX-512 path.
+bool tiles_allowed() {
+    static const bool allowed = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                        18 /* XFEATURE_XTILEDATA */) == 0;
+    return allowed;
+}
+
+// One thread's tile configuration: set for ``pairs`` pairs of h's bf16 numbers (the run's
+// rank, rounded up, halved), released at the end.
+class Tiles {
+ public:
+    void set(int pairs) {
+        if (pairs == pairs_) return;
+        TileConfig config;
+        for (int i = 0; i < 4; ++i) {
+            config.rows[i] = 16;
+            config.colsb[i] = 64;
+        }
+        config.rows[4] = 16;
+        config.colsb[4] = uint16_t(4 * pairs);
+        config.rows[5] = uint8_t(pairs);
+        config.colsb[5] = 64;
+        _tile_loadconfig(&config);
+        pairs_ = pairs;
+    }
+    ~Tiles() {
+        if (pairs_) _tile_release();
+    }
+
+ private:
+    int pairs_ = 0;
+};
+
+// 32 numbers of a row of A (int8 or bf16) from ``at``, ``n`` of them there (the rest 0),
+// as bf16: 16 pairs.
+inline __m512i pairs_of(const int8_t* at, int64_t n) {
+    const __mmask16 lo = first(n), hi = n > 16 ? first(n - 16) : 0;
+    return (__m512i)_mm512_cvtne2ps_pbh(widen_i8(at + 16, hi), widen_i8(at, lo));
+}
+inline __m512i pairs_of(const Bf16* at, int64_t n) {
+    return _mm512_maskz_loadu_epi16(n >= 32 ? ~__mmask32(0) : (__mmask32)((1ull << n) - 1), at);
+}
+
+// 16 numbers of a row of B from ``at``, ``n`` of them there (the rest 0), as float32.
+inline __m512 wide_of(const int8_t* at, int64_t n) { return widen_i8(at, first(n)); }
+inline __m512 wide_of(const Bf16* at, int64_t n) {
+    return _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(first(n), at));
+}
+
+// rows[i] word j -> rows[j] word i, for 16 rows of 16 32-bit words (each word a pair of
+// bf16): unpack pairs of rows, then pairs of pairs, then the 128-bit lanes of four.
+inline void transpose_words(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    __m512i c[4][4];  // c[rows 4R..4R+3][o]: each lane L holds those rows' word 4L + o
+    for (int R = 0; R < 4; ++R) {
+        c[R][0] = _mm512_unpacklo_epi64(t[4 * R], t[4 * R + 2]);
+        c[R][1] = _mm512_unpackhi_epi64(t[4 * R], t[4 * R + 2]);
+        c[R][2] = _mm512_unpacklo_epi64(t[4 * R + 1], t[4 * R + 3]);
+        c[R][3] = _mm512_unpackhi_epi64(t[4 * R + 1], t[4 * R + 3]);
+    }
+    for (int o = 0; o < 4; ++o) {
+        const __m512i y0 = _mm512_shuffle_i32x4(c[0][o], c[1][o], 0x44);
+        const __m512i y1 = _mm512_shuffle_i32x4(c[0][o], c[1][o], 0xee);
+        const __m512i y2 = _mm512_shuffle_i32x4(c[2][o], c[3][o], 0x44);
+        const __m512i y3 = _mm512_shuffle_i32x4(c[2][o], c[3][o], 0xee);
+        r[o] = _mm512_shuffle_i32x4(y0, y2, 0x88);
+        r[4 + o] = _mm512_shuffle_i32x4(y0, y2, 0xdd);
+        r[8 + o] = _mm512_shuffle_i32x4(y1, y3, 0x88);
+        r[12 + o] = _mm512_shuffle_i32x4(y1, y3, 0xdd);
+    }
+}
+
+// A tile's row: 16 words, each a pair of bf16.
+struct alignas(64) Line {
+    uint32_t words[16];
+};
+
+// One part of one slot's adapter, packed for the tiles.
+struct PackedPart {
+    int64_t rank, pairs, groups, steps;  // groups of 16 rows of A, steps of 32 inputs
+    std::vector<Line> a;  // [group][step][16 pairs of inputs]: each of 16 rows' pair
+    std::vector<Line> b;  // [16-column chunk][pairs of rows]: each of 16 columns' pair
+    const float* a_scales;
+    const float* b_scales;
+    int64_t start, width;
+
+    template <typename W>
+    void pack(const Part& part, int64_t slot, int64_t in) {
+        const auto [own, a_rows, b_rows, as, bs] = rows_of<W>(part, slot);
+        rank = own;
+        pairs = (rank + 1) / 2;
+        groups = (rank + 15) / 16;
+        steps = (in + 31) / 32;
+        a_scales = as;
+        b_scales = bs;
+        start = part.start;
+        width = part.width;
+        a.resize(groups * steps * 16);
+        for (int64_t g = 0; g < groups; ++g)
+            for (int64_t s = 0; s < steps; ++s) {
+                __m512i rows[16];
+                for (int64_t r = 0; r < 16; ++r)
+                    rows[r] = g * 16 + r < rank
+                                  ? pairs_of(a_rows + (g * 16 + r) * part.a_row + s * 32, in - s * 32)
+                                  : _mm512_setzero_si512();
+                transpose_words(rows);
+                for (int64_t k = 0; k < 16; ++k) _mm512_store_si512(&a[(g * steps + s) * 16 + k], rows[k]);
+            }
+        const int64_t chunks = (width + 15) / 16;
+        b.resize(chunks * pairs);
+        for (int64_t c = 0; c < chunks; ++c)
+            for (int64_t k = 0; k < pairs; ++k) {
+                const int64_t n = width - c * 16;
+                const __m512 even = wide_of(b_rows + 2 * k * part.b_row + c * 16, n);
+                const __m512 odd = 2 * k + 1 < rank
+                                       ? wide_of(b_rows + (2 * k + 1) * part.b_row + c * 16, n)
+                                       : _mm512_setzero_ps();
+                _mm512_store_si512(&b[c * pairs + k], interleave(even, odd));
+            }
+    }
+};
+
+// Whether every part of ``slot`` fits the tiles' path.
+inline bool tiles_take(const Part* parts, int64_t n_parts, int64_t slot) {
+    for (int64_t p = 0; p < n_parts; ++p)
+        if (rank_of(parts[p], slot) > kAmxMaxRank) return false;
+    return true;
+}
+
+// Rows [0, count) of one adapter's run (x and y at their first row), 16 at a time.
+template <typename W>
+void run_on_tiles(const uint16_t* x, int64_t x_row, uint16_t* y, int64_t y_row, int64_t count,
+                  int64_t slot, int64_t in, const Part* parts, int64_t n_parts, float scale,
+                  std::vector<PackedPart>& packed, Tiles& tiles) {
+    packed.resize(n_parts);
+    for (int64_t p = 0; p < n_parts; ++p) packed[p].pack<W>(parts[p], slot, in);
+    const int64_t steps = (in + 31) / 32;
+    const bool whole_steps = in % 32 == 0;
+    alignas(64) uint16_t x_tail[16 * 32];  // a short tile's rows, or the inputs past the last 32
+    alignas(64) float sums[16 * 16];
+    alignas(64) uint16_t h[16 * 32];
+    for (int64_t t0 = 0; t0 < count; t0 += 16) {
+        const int64_t m = count - t0 < 16 ? count - t0 : 16;
+        const uint16_t* xt = x + t0 * x_row;
+        for (const PackedPart& part : packed) {
+            if (part.rank == 0) continue;
+            tiles.set(int(part.pairs));
+            std::memset(h, 0, sizeof h);
+            for (int64_t g = 0; g < part.groups; ++g) {
+                _tile_zero(0);
+                for (int64_t s = 0; s < steps; ++s) {
+                    if (m == 16 && (whole_steps || s + 1 < steps)) {
+                        _tile_loadd(1, xt + s * 32, x_row * 2);
+                    } else {
+                        const int64_t n = in - s * 32 < 32 ? in - s * 32 : 32;
+                        std::memset(x_tail, 0, sizeof x_tail);
+                        for (int64_t r = 0; r < m; ++r)
+                            std::memcpy(x_tail + r * 32, xt + r * x_row + s * 32, n * 2);
+                        _tile_loadd(1, x_tail, 64);
+                    }
+                    _tile_loadd(2, &part.a[(g * steps + s) * 16], 64);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, sums, 64);
+                const int64_t rows = part.rank - g * 16 < 16 ? part.rank - g * 16 : 16;
+                for (int64_t t = 0; t < m; ++t)
+                    for (int64_t r = 0; r < rows; ++r) {
+                        const int64_t q = g * 16 + r;
+                        float v = sums[t * 16 + r] * scale;
+                        if (part.a_scales) v *= part.a_scales[q] * part.b_scales[q];
+                        Bf16 rounded;
+                        store(&rounded, v);
+                        h[t * 32 + q] = rounded.bits;
+                    }
+            }
+            _tile_loadd(4, h, 64);
+            for (int64_t j = 0; j < part.width; j += 16) {
+                _tile_zero(3);
+                _tile_loadd(5, &part.b[(j / 16) * part.pairs], 64);
+                _tile_dpbf16ps(3, 4, 5);
+                _tile_stored(3, sums, 64);
+                const __mmask16 mask = first(part.width - j);
+                for (int64_t t = 0; t < m; ++t) {
+                    uint16_t* out = y + (t0 + t) * y_row + part.start + j;
+                    const __m512 now = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(mask, out));
+                    const __m512 sum = _mm512_add_ps(now, _mm512_load_ps(sums + t * 16));
+                    _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(sum));
+                }
+            }
+        }
+    }
+}
+#endif
+
 // Whether ``slot`` is the slot of row t or of one of the rows just before it: its
 // weights are then likely in cache still, and asking for them again only costs (in
 // float32, where a q/v adapter's rows are 60 KB, a step of 8 adapters in turn took twice
@@ -394,14 +626,40 @@ void run(int64_t tokens, const int64_t* slots, const void* x, int64_t x_row, voi
          int threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1 && tokens >= 2 * threads)
     {
+        int64_t team = 1, me = 0;  // rows [first, end) are this thread's
+#ifdef _OPENMP
+        team = omp_get_num_threads();
+        me = omp_get_thread_num();
+#endif
+        const int64_t first_row = tokens * me / team, end = tokens * (me + 1) / team;
         std::vector<float> xf(in);
 #ifdef ZOO_AVX512_BF16
         Widened widened;
 #endif
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tokens; ++t) {
+#ifdef ZOO_AMX
+        std::vector<PackedPart> packed;
+        Tiles tiles;
+#endif
+        for (int64_t t = first_row; t < end; ++t) {
             const int64_t slot = slots[t];
             if (slot < 0) continue;
+#ifdef ZOO_AMX
+            if constexpr (sizeof(X) == 2) {
+                if (t == first_row || slots[t - 1] != slot) {  // a run of this slot begins
+                    int64_t run_end = t + 1;
+                    while (run_end < end && slots[run_end] == slot) ++run_end;
+                    if (run_end - t >= kAmxRun && tiles_take(parts, n_parts, slot) &&
+                        tiles_allowed()) {
+                        run_on_tiles<W>(static_cast<const uint16_t*>(x) + t * x_row, x_row,
+                                        static_cast<uint16_t*>(y) + t * y_row, y_row,
+                                        run_end - t, slot, in, parts, n_parts, scale, packed,
+                                        tiles);
+                        t = run_end - 1;
+                        continue;
+                    }
+                }
+            }
+#endif
             Ahead ahead;
             if (t + 1 < tokens && !recent(slots, t, slots[t + 1]))
                 ahead.plan<W>(slots[t + 1], in, parts, n_parts);
