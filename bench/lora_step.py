@@ -125,13 +125,14 @@ def stepper(wrapper_class, layers, adapters: int, tokens: int, slots: int, dtype
             prefill: bool = False, changing: bool = False, placed: bool = False,
             module=None):
     """A step of ``wrapper_class`` on ``layers`` (its stacks), and what to do, untimed,
-    before each (or None). ``changing``: each step brings other adapters than the step before (the next
-    ``adapters`` slots of the stacks, in turn), as continuous batching does when a request
-    ends or joins; the step then includes vLLM's ``update_metadata`` for the new mapping.
-    ``placed``: before each step (untimed), new adapters are written into the step's
-    slots of the trained slices, each slot marked as zoo's ``reset_lora`` marks it (with
-    ``module``'s ``_mark_for_redoing``), as in a cold burst's first steps: the step then
-    includes redoing what the wrapper derives from those slots (ranks, int8 rows)."""
+    before each (or None). ``changing``: each step brings other adapters than the step
+    before (the next ``adapters`` slots of the stacks, in turn), as continuous batching
+    does when a request ends or joins; the step then includes vLLM's ``update_metadata``
+    for the new mapping. ``placed``: before each step (untimed), new adapters are written
+    into the step's slots of the trained slices, each slot marked as zoo's ``reset_lora``
+    marks it (with ``module``'s ``_mark_for_redoing``), as in a cold burst's first steps:
+    the step then includes redoing what the wrapper derives from those slots (ranks, int8
+    rows)."""
     import torch
     from vllm.lora.layers.utils import LoRAMapping
 
