@@ -113,10 +113,12 @@ def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weight
 @pytest.mark.parametrize("weights", [torch.bfloat16, torch.int8], ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_runs_of_one_adapter_give_what_their_rows_give(kernel, weights, threads):
-    """A prefill's rows come in runs of one adapter (int8 rows: the run's rows widened to
-    bf16 once, for all of its tokens). Runs of 1 to 9 rows, every rank of RANKS: within
-    rounding of the exact result; with bf16 weights the same bits as each row alone (the
-    same dot products in the same order); int8 rows alone take another path."""
+    """A prefill's rows come in runs of one adapter: runs of 2-7 rows take the run's rows
+    widened once, runs of 8 or more AMX tiles where the CPU has them (ranks up to 32: 3,
+    8 and 17 here; 64 stays on AVX-512), in 16-row tiles with a short last one, inputs and
+    widths not multiples of a tile. Runs of 1 to 33 rows, in one thread and two, and the
+    same rows one at a time: each within rounding of the exact result (the tiles round h
+    to bf16, which the bound allows)."""
     g = torch.Generator().manual_seed(3)
     parts, ranks = stacks(torch.float32 if weights == torch.int8 else weights, generator=g)
     parts, standing = int8_rows(parts) if weights == torch.int8 else (parts, parts)

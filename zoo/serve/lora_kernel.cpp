@@ -349,10 +349,11 @@ inline void widen_row(const int8_t* from, uint16_t* to, int64_t n) {
 }
 
 // One slot's int8 rows of every part widened to bfloat16, for the tokens of a run of one
-// adapter (a prefill, or a decode step of one adapter): they then take token_bf16's dot
-// products of bf16 pairs, twice the numbers an instruction of the int8 path's, where the
-// arithmetic, not memory, bounds the step (a prefill of 45 tokens reads an adapter once
-// and multiplies it 45 times). Made once a run, a few KB, kept in this thread's cache.
+// adapter that does not go to the tiles (shorter than kAmxRun, a rank over 32, or no AMX:
+// see run_on_tiles): they then take token_bf16's dot products of bf16 pairs, twice the
+// numbers an instruction of the int8 path's, where the arithmetic, not memory, bounds the
+// step (a prefill of 45 tokens reads an adapter once and multiplies it 45 times). Made
+// once a run, a few KB, kept in this thread's cache.
 struct Widened {
     std::vector<uint16_t> rows;
     std::vector<Part> parts;
