@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -206,11 +207,40 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The narrowest pair of order statistics that holds the median of the distribution
+    ``values`` were drawn from with at least ``confidence`` (the sign test's interval:
+    no assumption about the distribution's shape, only that the values are independent).
+    Fewer than six values cannot reach 0.95: then the smallest and largest."""
+    from math import comb
+
+    ordered = sorted(values)
+    n = len(ordered)
+    k, below = 1, 1 / 2 ** n  # P(Binomial(n, 1/2) <= k - 1): the median below x_(k)
+    while 2 * (k + 1) <= n + 1:
+        below_next = below + comb(n, k) / 2 ** n
+        if 1 - 2 * below_next < confidence:
+            break
+        k, below = k + 1, below_next
+    return ordered[k - 1], ordered[n - k]
+
+
+def machine() -> str:
+    """The architecture, the CPU's model name and the CPUs this process may use."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = " " + line.split(":", 1)[1].strip()
+                break
+    return f"{platform.machine()}{model}, {os.cpu_count()} CPUs"
+
+
 def save(name: str, data: dict) -> Path:
     """Keep the latest results (and where they were measured) for the docs."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     data = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **data}
+            "machine": machine(), **data}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
