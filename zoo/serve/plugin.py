@@ -20,7 +20,9 @@ vLLM calls :func:`register` in every process it starts. It
   the CPU's RMSNorms through vLLM's C++ kernels (``cpu_norms.py``; ``ZOO_CPU_NORMS=0``
   keeps vLLM's PyTorch ones);
 * registers the registry-backed LoRA resolver (an extension point, not a patch) when
-  ``zoo serve`` started the process (``ZOO_SERVE_BASE`` is set).
+  ``zoo serve`` started the process (``ZOO_SERVE_BASE`` is set);
+* for benchmarks, with ``ZOO_STEP_TIMES`` set, has the worker write each step's time and
+  its parts (``step_times.py``).
 
 It changes installed files in no way, and it never raises: vLLM calls it without a
 try/except, so an exception here would kill every vLLM process.
@@ -33,6 +35,7 @@ import logging
 import os
 from pathlib import Path
 
+from zoo.serve import step_times
 from zoo.serve.patches import Patch, Report, body_is, fingerprint, has, install, mentions, parameters
 from zoo.serve.policy import MODEL_VARIABLE
 
@@ -53,6 +56,8 @@ def register() -> None:
         _log_to_stderr()
         die_with_parent()
         install(zoo_patches(), REPORT)
+        if os.environ.get(step_times.VARIABLE):
+            step_times.install(os.environ[step_times.VARIABLE])
         if os.environ.get(SERVE_BASE_VARIABLE):
             from vllm.lora.resolver import LoRAResolverRegistry
 

@@ -1,0 +1,123 @@
+"""Where a served step's time goes, on the base, on 64 adapters never used and on the same
+64 again: the base's linear layers, zoo's LoRA work and the rest, step by step.
+
+Run: .venv/bin/python bench/step_parts.py [--rounds 4] [--start 0]
+
+bench/rounds.py times whole bursts, and on this kind of machine a burst on the base takes
+3.1 s one minute and 6 s the next: a percent of the adapters' cost hides in that. Here
+one ``zoo serve`` (its defaults, the benchmarks' home and its catalog of 1,000 rank-8 q/v
+LoRAs) runs with ``ZOO_STEP_TIMES`` (``zoo/serve/step_times.py``), so its worker writes
+each step's seconds, the seconds in the base's linear layers and those in zoo's LoRA
+wrapper. After a warm-up it runs --rounds rounds of three bursts of 64 requests x 32
+tokens: the base, 64 adapters it has never loaded (cold, from the catalog's adapter
+--start on), the same 64 again (warm). A step belongs to the burst it started in. For
+each kind of burst, medians over its bursts: the burst's seconds; how long after the
+burst began its first step started (a cold burst's loads come before it); and over its
+decode steps (a token for every request) the step, its linear layers, its LoRA work,
+the rest, and the LoRA work's share of the step, measured within each step, so that the
+minute's speed falls on both alike; and the prefill steps' LoRA seconds a burst. Results
+go to bench/results/step_parts.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import BASE, bench_home, save, table
+from serve import burst, catalog
+
+REQUESTS = 64
+TOKENS = 32
+STATES = ("base", "cold", "warm")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--start", type=int, default=0,
+                        help="the catalog's first adapter to use (another run: another part)")
+    args = parser.parse_args()
+
+    from zoo.catalog.registry import Registry
+    from zoo.serve import step_times
+    from zoo.serve.launch import ServeOptions, free_port, running_server
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    home = bench_home()
+    registry = Registry(home)
+    names, _ = catalog(home, registry, 1000, log)
+    needed = 8 + args.rounds * REQUESTS
+    adapters = names[args.start:args.start + needed]
+    if len(adapters) < needed:
+        raise SystemExit(f"--rounds {args.rounds} from --start {args.start} needs {needed} "
+                         f"adapters of the catalog's {len(names)}")
+
+    scratch = Path(tempfile.mkdtemp(prefix="zoo-step-times-"))
+    os.environ[step_times.VARIABLE] = str(scratch / "steps")
+    bursts = []  # (state, start, seconds)
+    try:
+        with running_server(ServeOptions(base=BASE, port=free_port()), registry,
+                            log=log) as server:
+            asyncio.run(burst(server.url, [BASE] * REQUESTS, TOKENS, REQUESTS))
+            asyncio.run(burst(server.url, [adapters[i % 8] for i in range(REQUESTS)], TOKENS,
+                              REQUESTS))
+            for number in range(args.rounds):
+                chosen = adapters[8 + number * REQUESTS:8 + (number + 1) * REQUESTS]
+                for state, models in zip(STATES, ([BASE] * REQUESTS, chosen, chosen),
+                                         strict=True):
+                    started = time.monotonic()
+                    asyncio.run(burst(server.url, models, TOKENS, REQUESTS))
+                    bursts.append((state, started, time.monotonic() - started))
+                    log(f"round {number} {state}: {bursts[-1][2]:.2f} s")
+    finally:
+        os.environ.pop(step_times.VARIABLE, None)
+    steps = sorted((s for path in scratch.glob("steps.*") for s in step_times.read(path)),
+                   key=lambda s: s.start)
+
+    rows = [summarize(state, [(b, [s for s in steps if b[1] <= s.start < b[1] + b[2]])
+                              for b in bursts if b[0] == state]) for state in STATES]
+    columns = ["burst", "bursts", "burst s", "first step after s", "decode steps",
+               "decode step ms", "linear ms", "LoRA ms", "rest ms", "LoRA share",
+               "prefill LoRA ms a burst"]
+    print(table(rows, columns))
+    base, *adapted = rows
+    for row in adapted:
+        print(f"{row['burst']}: a decode step's LoRA work {row['LoRA ms']:.2f} ms, "
+              f"{100 * row['LoRA share']:.1f}% of the step; the decode step against the "
+              f"base's: {row['decode step ms'] / base['decode step ms']:.3f}x")
+    save("step_parts", {"command": " ".join(sys.argv), "rows": rows,
+                        "bursts": [{"burst": b[0], "seconds": b[2]} for b in bursts]})
+
+
+def summarize(state: str, bursts: list) -> dict:
+    """One kind of burst's medians: its bursts' seconds and first steps; its decode steps'
+    parts (a decode step gives every request one token)."""
+    decode = [s for _b, steps in bursts for s in steps if s.tokens == s.requests]
+    ms = lambda values: 1000 * statistics.median(values)  # noqa: E731
+    return {
+        "burst": state, "bursts": len(bursts),
+        "burst s": statistics.median(b[2] for b, _steps in bursts),
+        "first step after s": statistics.median(steps[0].start - b[1]
+                                                for b, steps in bursts if steps),
+        "decode steps": len(decode),
+        "decode step ms": ms(s.seconds for s in decode),
+        "linear ms": ms(s.linear for s in decode),
+        "LoRA ms": ms(s.lora for s in decode),
+        "rest ms": ms(s.rest for s in decode),
+        "LoRA share": statistics.median(s.lora / s.seconds for s in decode),
+        "prefill LoRA ms a burst": ms(sum(s.lora for s in steps if s.tokens > s.requests)
+                                      for _b, steps in bursts),
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The worker's step timers for benchmarks (zoo/serve/step_times.py): each step's line
+holds its seconds, what the scheduler gave it and the seconds in its parts."""
+
+from __future__ import annotations
+
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from zoo.serve import step_times
+
+
+def test_a_clock_counts_each_part_until_its_lap():
+    class Layer:
+        def apply(self, seconds):
+            time.sleep(seconds)
+            return seconds
+
+        def fail(self):
+            raise ValueError("bad input")
+
+    clock = step_times.Clock()
+    clock.time(Layer, "apply", "linear")
+    clock.time(Layer, "fail", "linear")
+    layer = Layer()
+    assert layer.apply(0.01) == 0.01 and layer.apply(0.02) == 0.02
+    with pytest.raises(ValueError, match="bad input"):  # counted, and raised as it was
+        layer.fail()
+    first = clock.lap()
+    assert 0.03 <= first["linear"] < 0.5
+    assert clock.lap() == {}
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """vLLM's worker, linear method and zoo's LoRA wrapper with stand-ins for the methods
+    the timers wrap (restored after the test): a step runs 20 ms of linear layers and
+    10 ms of LoRA work, and leaves its sampling to ``sample_tokens`` unless told."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsLinearMethod,
+    )
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
+
+    def linear(self, layer, x, bias=None):
+        time.sleep(0.01)
+
+    def lora(self, *args, **kwargs):
+        time.sleep(0.01)
+
+    def execute_model(self, scheduler_output):
+        CompressedTensorsLinearMethod.apply(None, None, None)
+        UnquantizedLinearMethod.apply(None, None, None)
+        GroupedPunicaWrapperCPU.add_lora_linear(None)
+        return "output" if self.samples_at_once else None
+
+    def sample_tokens(self, grammar_output):
+        time.sleep(0.005)
+        return "sampled"
+
+    for method in (UnquantizedLinearMethod, CompressedTensorsLinearMethod):
+        monkeypatch.setattr(method, "apply", linear)
+    for name in ("add_lora_linear", "add_lora_logits", "add_lora_embedding"):
+        monkeypatch.setattr(GroupedPunicaWrapperCPU, name, lora)
+    monkeypatch.setattr(Worker, "execute_model", execute_model)
+    monkeypatch.setattr(Worker, "sample_tokens", sample_tokens)
+    return Worker
+
+
+def test_the_worker_writes_a_line_a_step_with_its_parts(worker, tmp_path):
+    prefix = tmp_path / "steps"
+    step_times.install(str(prefix))
+    step_times.install(str(prefix))  # once is enough: a second install changes nothing
+    scheduled = SimpleNamespace(total_num_scheduled_tokens=70,
+                                num_scheduled_tokens={"a": 64, "b": 6})
+    me = SimpleNamespace(samples_at_once=False)
+    before = time.monotonic()
+    assert worker.execute_model(me, scheduled) is None
+    assert worker.sample_tokens(me, None) == "sampled"
+    me.samples_at_once = True
+    assert worker.execute_model(me, scheduled) == "output"
+    idle = SimpleNamespace(total_num_scheduled_tokens=0, num_scheduled_tokens={})
+    assert worker.execute_model(SimpleNamespace(samples_at_once=False), idle) is None
+
+    steps = step_times.read(f"{prefix}.{os.getpid()}")
+    assert [(s.tokens, s.requests) for s in steps] == [(70, 2), (70, 2), (0, 0)]
+    sampled_apart, sampled_at_once, _idle = steps
+    assert before <= sampled_apart.start < sampled_at_once.start
+    for step in (sampled_apart, sampled_at_once):
+        assert 0.02 <= step.linear < 0.5 and 0.01 <= step.lora < 0.5
+        assert step.seconds >= step.linear + step.lora and step.rest >= 0
+    assert sampled_apart.seconds >= sampled_apart.linear + sampled_apart.lora + 0.005

@@ -1,0 +1,140 @@
+"""Each engine step's time and its parts, written by vLLM's worker for benchmarks.
+
+A served burst's seconds on this kind of machine drift by tens of percent from one
+minute to the next, and a change of a percent in the adapters' cost hides in them. A
+step's own parts move together with the machine's speed: the LoRA work of a decode step
+next to the base's linear layers of the same step says what the adapters cost, whatever
+the minute. With ``ZOO_STEP_TIMES=PREFIX`` in ``zoo serve``'s environment, zoo's plugin
+has each vLLM process that runs steps (the worker) append one line a step to
+``PREFIX.PID``::
+
+    START SECONDS TOKENS REQUESTS LINEAR LORA
+
+START is the step's start (``time.monotonic``, the same clock in every process),
+SECONDS its length (``execute_model`` and, where vLLM samples in a call of its own,
+``sample_tokens``), TOKENS and REQUESTS what the scheduler gave it, LINEAR the seconds
+in the base's linear layers (their quantization method's ``apply``), LORA the seconds in
+zoo's LoRA wrapper (``add_lora_linear``, ``add_lora_logits``, ``add_lora_embedding``).
+The timers add about a microsecond a call. Without the variable nothing is installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+
+VARIABLE = "ZOO_STEP_TIMES"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of a step-times file."""
+
+    start: float
+    seconds: float
+    tokens: int
+    requests: int
+    linear: float
+    lora: float
+
+    @property
+    def rest(self) -> float:
+        """The step's seconds outside the linear layers and the LoRA wrapper."""
+        return self.seconds - self.linear - self.lora
+
+
+def read(path) -> list[Step]:
+    """The steps of a step-times file, in the order they ran."""
+    steps = []
+    with open(path) as lines:
+        for line in lines:
+            start, seconds, tokens, requests, linear, lora = line.split()
+            steps.append(Step(float(start), float(seconds), int(tokens), int(requests),
+                              float(linear), float(lora)))
+    return steps
+
+
+class Clock:
+    """Seconds spent in the calls timed, by part, since the last :meth:`lap`."""
+
+    def __init__(self):
+        self.parts: dict[str, float] = {}
+
+    def time(self, owner: type, name: str, part: str) -> None:
+        """Count the seconds in ``owner.name`` (a method) towards ``part``."""
+        original = getattr(owner, name)
+        parts, clock = self.parts, time.perf_counter
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            started = clock()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                parts[part] = parts.get(part, 0.0) + clock() - started
+
+        setattr(owner, name, timed)
+
+    def lap(self) -> dict[str, float]:
+        parts = dict(self.parts)
+        self.parts.clear()
+        return parts
+
+
+def install(prefix: str) -> None:
+    """Time vLLM's worker steps and their parts into ``prefix.PID``."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsLinearMethod,
+    )
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
+
+    if getattr(Worker.execute_model, "_zoo_timed", False):
+        return
+    clock = Clock()
+    for method in (UnquantizedLinearMethod, CompressedTensorsLinearMethod):
+        clock.time(method, "apply", "linear")
+    for name in ("add_lora_linear", "add_lora_logits", "add_lora_embedding"):
+        clock.time(GroupedPunicaWrapperCPU, name, "lora")
+    execute_model, sample_tokens = Worker.execute_model, Worker.sample_tokens
+    out, pending = [], []  # the file; a step whose tokens are sampled by the next call
+
+    def write(started: float, scheduler_output) -> None:
+        seconds = time.monotonic() - started
+        parts = clock.lap()
+        if not out:
+            out.append(open(f"{prefix}.{os.getpid()}", "a", buffering=1))  # noqa: SIM115
+        out[0].write(f"{started:.6f} {seconds:.6f} "
+                     f"{scheduler_output.total_num_scheduled_tokens} "
+                     f"{len(scheduler_output.num_scheduled_tokens)} "
+                     f"{parts.get('linear', 0.0):.6f} {parts.get('lora', 0.0):.6f}\n")
+
+    @functools.wraps(execute_model)
+    def timed_execute_model(self, scheduler_output, *args, **kwargs):
+        pending.clear()
+        clock.lap()
+        started = time.monotonic()
+        output = None
+        try:
+            output = execute_model(self, scheduler_output, *args, **kwargs)
+            return output
+        finally:
+            if output is None and scheduler_output.total_num_scheduled_tokens:
+                pending.append((started, scheduler_output))  # sample_tokens ends the step
+            else:
+                write(started, scheduler_output)
+
+    @functools.wraps(sample_tokens)
+    def timed_sample_tokens(self, *args, **kwargs):
+        try:
+            return sample_tokens(self, *args, **kwargs)
+        finally:
+            if pending:
+                write(*pending.pop())
+
+    timed_execute_model._zoo_timed = True
+    Worker.execute_model, Worker.sample_tokens = timed_execute_model, timed_sample_tokens
