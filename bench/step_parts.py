@@ -13,8 +13,9 @@ tokens: the base, 64 adapters it has never loaded (cold, from the catalog's adap
 --start on), the same 64 again (warm). A step belongs to the burst it started in. For
 each kind of burst, medians over its bursts: the burst's seconds; how long after the
 burst began its first step started (a cold burst's loads come before it); and over its
-decode steps (a token for every request) the step, its linear layers, its LoRA work,
-the rest, and the LoRA work's share of the step, measured within each step, so that the
+decode steps (a token for every request) the step, its linear layers, its LoRA work and
+the part of it outside the native kernel's call (the wrapper's Python), the rest, and
+the LoRA work's share of the step, measured within each step, so that the
 minute's speed falls on both alike; and the prefill steps' LoRA seconds a burst. Results
 go to bench/results/step_parts.json.
 """
@@ -86,7 +87,8 @@ def main() -> None:
     rows = [summarize(state, [(b, [s for s in steps if b[1] <= s.start < b[1] + b[2]])
                               for b in bursts if b[0] == state]) for state in STATES]
     columns = ["burst", "bursts", "burst s", "first step after s", "decode steps",
-               "decode step ms", "linear ms", "LoRA ms", "rest ms", "LoRA share",
+               "decode step ms", "linear ms", "LoRA ms", "of it Python ms", "rest ms",
+               "LoRA share",
                "prefill LoRA ms a burst"]
     print(table(rows, columns))
     base, *adapted = rows
@@ -112,6 +114,7 @@ def summarize(state: str, bursts: list) -> dict:
         "decode step ms": ms(s.seconds for s in decode),
         "linear ms": ms(s.linear for s in decode),
         "LoRA ms": ms(s.lora for s in decode),
+        "of it Python ms": ms(s.lora - s.native for s in decode),
         "rest ms": ms(s.rest for s in decode),
         "LoRA share": statistics.median(s.lora / s.seconds for s in decode),
         "prefill LoRA ms a burst": ms(sum(s.lora for s in steps if s.tokens > s.requests)

@@ -37,7 +37,8 @@ def test_a_clock_counts_each_part_until_its_lap():
 def worker(monkeypatch):
     """vLLM's worker, linear method and zoo's LoRA wrapper with stand-ins for the methods
     the timers wrap (restored after the test): a step runs 20 ms of linear layers and
-    10 ms of LoRA work, and leaves its sampling to ``sample_tokens`` unless told."""
+    10 ms of LoRA work, 5 ms of it in the native kernel, and leaves its sampling to
+    ``sample_tokens`` unless told."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
         CompressedTensorsLinearMethod,
@@ -45,12 +46,18 @@ def worker(monkeypatch):
     from vllm.v1.worker.gpu_worker import Worker
 
     from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
+    from zoo.serve.native import Kernel
 
     def linear(self, layer, x, bias=None):
         time.sleep(0.01)
 
+    def gather(self, *args):
+        time.sleep(0.005)
+        return True
+
     def lora(self, *args, **kwargs):
-        time.sleep(0.01)
+        Kernel.gather(None)
+        time.sleep(0.005)
 
     def execute_model(self, scheduler_output):
         CompressedTensorsLinearMethod.apply(None, None, None)
@@ -66,6 +73,7 @@ def worker(monkeypatch):
         monkeypatch.setattr(method, "apply", linear)
     for name in ("add_lora_linear", "add_lora_logits", "add_lora_embedding"):
         monkeypatch.setattr(GroupedPunicaWrapperCPU, name, lora)
+    monkeypatch.setattr(Kernel, "gather", gather)
     monkeypatch.setattr(Worker, "execute_model", execute_model)
     monkeypatch.setattr(Worker, "sample_tokens", sample_tokens)
     return Worker
@@ -92,5 +100,6 @@ def test_the_worker_writes_a_line_a_step_with_its_parts(worker, tmp_path):
     assert before <= sampled_apart.start < sampled_at_once.start
     for step in (sampled_apart, sampled_at_once):
         assert 0.02 <= step.linear < 0.5 and 0.01 <= step.lora < 0.5
+        assert 0.005 <= step.native < step.lora - 0.004
         assert step.seconds >= step.linear + step.lora and step.rest >= 0
     assert sampled_apart.seconds >= sampled_apart.linear + sampled_apart.lora + 0.005

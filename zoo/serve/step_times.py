@@ -8,13 +8,15 @@ the minute. With ``ZOO_STEP_TIMES=PREFIX`` in ``zoo serve``'s environment, zoo's
 has each vLLM process that runs steps (the worker) append one line a step to
 ``PREFIX.PID``::
 
-    START SECONDS TOKENS REQUESTS LINEAR LORA
+    START SECONDS TOKENS REQUESTS LINEAR LORA NATIVE
 
 START is the step's start (``time.monotonic``, the same clock in every process),
 SECONDS its length (``execute_model`` and, where vLLM samples in a call of its own,
 ``sample_tokens``), TOKENS and REQUESTS what the scheduler gave it, LINEAR the seconds
 in the base's linear layers (their quantization method's ``apply``), LORA the seconds in
-zoo's LoRA wrapper (``add_lora_linear``, ``add_lora_logits``, ``add_lora_embedding``).
+zoo's LoRA wrapper (``add_lora_linear``, ``add_lora_logits``, ``add_lora_embedding``),
+NATIVE the part of LORA in the native kernel's call (``native.Kernel.gather``, its
+checks included): the rest of LORA is the wrapper's Python.
 The timers add about a microsecond a call. Without the variable nothing is installed.
 """
 
@@ -38,6 +40,7 @@ class Step:
     requests: int
     linear: float
     lora: float
+    native: float
 
     @property
     def rest(self) -> float:
@@ -50,9 +53,9 @@ def read(path) -> list[Step]:
     steps = []
     with open(path) as lines:
         for line in lines:
-            start, seconds, tokens, requests, linear, lora = line.split()
+            start, seconds, tokens, requests, linear, lora, native = line.split()
             steps.append(Step(float(start), float(seconds), int(tokens), int(requests),
-                              float(linear), float(lora)))
+                              float(linear), float(lora), float(native)))
     return steps
 
 
@@ -92,6 +95,7 @@ def install(prefix: str) -> None:
     from vllm.v1.worker.gpu_worker import Worker
 
     from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
+    from zoo.serve.native import Kernel
 
     if getattr(Worker.execute_model, "_zoo_timed", False):
         return
@@ -100,6 +104,7 @@ def install(prefix: str) -> None:
         clock.time(method, "apply", "linear")
     for name in ("add_lora_linear", "add_lora_logits", "add_lora_embedding"):
         clock.time(GroupedPunicaWrapperCPU, name, "lora")
+    clock.time(Kernel, "gather", "native")
     execute_model, sample_tokens = Worker.execute_model, Worker.sample_tokens
     out, pending = [], []  # the file; a step whose tokens are sampled by the next call
 
@@ -111,7 +116,8 @@ def install(prefix: str) -> None:
         out[0].write(f"{started:.6f} {seconds:.6f} "
                      f"{scheduler_output.total_num_scheduled_tokens} "
                      f"{len(scheduler_output.num_scheduled_tokens)} "
-                     f"{parts.get('linear', 0.0):.6f} {parts.get('lora', 0.0):.6f}\n")
+                     f"{parts.get('linear', 0.0):.6f} {parts.get('lora', 0.0):.6f} "
+                     f"{parts.get('native', 0.0):.6f}\n")
 
     @functools.wraps(execute_model)
     def timed_execute_model(self, scheduler_output, *args, **kwargs):
