@@ -20,6 +20,11 @@ RESULTS = ROOT / "bench" / "results"
 BASE = "smollm2-135m-instruct"
 
 
+def log(line: str) -> None:
+    """A benchmark's progress, on stderr (its results go to stdout)."""
+    print(line, file=sys.stderr)
+
+
 def bench_home() -> Path:
     """A zoo home kept between benchmark runs (``ZOO_BENCH_HOME``), with the real base."""
     from zoo.apps.pull import pull

@@ -22,8 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import BASE, bench_home, save, table
-from serve import burst, catalog
+from common import BASE, log, save, table
+from serve import burst, served_catalog
 
 REQUESTS = 64
 TOKENS = 32
@@ -67,15 +67,9 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=64)
     args = parser.parse_args()
 
-    from zoo.catalog.registry import Registry
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    home = bench_home()
-    registry = Registry(home)
-    names, _ = catalog(home, registry, 1000, log)
+    _home, registry, names = served_catalog()
     adapters = [names[i % args.adapters] for i in range(REQUESTS)]
     rows: dict[str, list[dict]] = {"base": [], "warm": []}
     with running_server(ServeOptions(base=BASE, port=free_port()), registry, log=log) as server:

@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import BASE, bench_home, save, table
+from common import BASE, bench_home, log, save, table
 from quantize import variant_home
 from serve import burst
 
@@ -94,9 +94,6 @@ def main() -> None:
     parser.add_argument("--settings", default="before,broad,default")
     args = parser.parse_args()
     from zoo.catalog.registry import Registry
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr)
 
     home = bench_home()
     names = args.settings.split(",")

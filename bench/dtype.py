@@ -20,7 +20,7 @@ import asyncio
 import statistics
 import sys
 
-from common import BASE, bench_home, save, table
+from common import BASE, bench_home, log, save, table
 from serve import burst
 
 
@@ -54,9 +54,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr)
 
     home = bench_home()
     chosen = engines()

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-from common import BASE, ROOT, bench_home, save, table
+from common import BASE, ROOT, bench_home, log, save, table
 from serve import burst
 
 PIRATE = "demo/pirate"
@@ -122,9 +122,6 @@ def main() -> None:
     from zoo.apps.pull import pull
     from zoo.catalog.registry import Registry
     from zoo.quantize import quantize
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr)
 
     home = bench_home()
     registry = Registry(home)

@@ -36,8 +36,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import BASE, bench_home, median_interval, save, table
-from serve import burst, catalog, previous_zoo
+from common import BASE, log, median_interval, save, table
+from serve import burst, previous_zoo, served_catalog
 
 REQUESTS = 64
 TOKENS = 32
@@ -56,15 +56,9 @@ def main() -> None:
     if not args.previous:
         parser.error("--previous is required (unless --pool)")
 
-    from zoo.catalog.registry import Registry
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    home = bench_home()
-    registry = Registry(home)
-    names, _ = catalog(home, registry, 1000, log)
+    home, registry, names = served_catalog()
     per_engine = 8 + args.rounds * REQUESTS
     if 2 * per_engine > len(names):
         raise SystemExit(f"--rounds {args.rounds}: an engine needs {per_engine} adapters, "

@@ -29,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import BASE, bench_home, save, table
+from common import BASE, bench_home, log, save, table
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 
@@ -92,9 +92,6 @@ def main() -> None:
         raise SystemExit("run bench/serve.py first: it registers the adapter catalog")
     sets = {"round_robin": pool[-args.adapters:],
             "consistent_hash": pool[-2 * args.adapters:-args.adapters]}
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr)
 
     def load(adapters: list[str]) -> list[str]:
         return [adapters[i % len(adapters)] for i in range(args.requests)]

@@ -40,7 +40,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import BASE, ROOT, bench_home, previous_zoo_env, save, table, write_random_lora
+from common import BASE, ROOT, bench_home, log, previous_zoo_env, save, table, write_random_lora
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 CURVE = (1, 8, 32, 64, 128)
@@ -116,6 +116,17 @@ def spread(adapters: list[str], count: int, concurrency: int) -> list[str]:
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def served_catalog():
+    """The benchmarks' home, its registry and the names of its catalog of 1,000 rank-8 q/v
+    LoRAs (:func:`catalog`), as the served benchmarks take them."""
+    from zoo.catalog.registry import Registry
+
+    home = bench_home()
+    registry = Registry(home)
+    names, _ = catalog(home, registry, 1000, log)
+    return home, registry, names
 
 
 def catalog(home: Path, registry, size: int, log) -> tuple[list[str], float]:
@@ -295,9 +306,6 @@ def main() -> None:
 
     from zoo.catalog.registry import Registry
     from zoo.serve.launch import ServeOptions, free_port, running_server
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr)
 
     home = bench_home()
     registry = Registry(home)

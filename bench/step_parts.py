@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BASE, bench_home, save, table
-from serve import burst, catalog
+from common import BASE, log, save, table
+from serve import burst, served_catalog
 
 REQUESTS = 64
 TOKENS = 32
@@ -46,16 +46,10 @@ def main() -> None:
                         help="the catalog's first adapter to use (another run: another part)")
     args = parser.parse_args()
 
-    from zoo.catalog.registry import Registry
     from zoo.serve import step_times
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    home = bench_home()
-    registry = Registry(home)
-    names, _ = catalog(home, registry, 1000, log)
+    _home, registry, names = served_catalog()
     needed = 8 + args.rounds * REQUESTS
     adapters = names[args.start:args.start + needed]
     if len(adapters) < needed:
