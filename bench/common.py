@@ -58,10 +58,14 @@ def worktree(commit: str) -> Path:
     the "before" of a benchmark, run side by side with the current code."""
     import subprocess
 
-    tree = Path(f"/tmp/zoo-previous-{commit}")
+    # by the commit's hash: a name such as HEAD or a branch moves, and a tree kept under
+    # it would be an older commit's
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{commit}^{{commit}}"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    tree = Path(f"/tmp/zoo-previous-{sha[:12]}")
     if not tree.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", str(tree), commit],
-                       check=True, capture_output=True)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(tree),
+                        sha], check=True, capture_output=True)
     return tree
 
 

@@ -2,6 +2,7 @@
 64 again: the base's linear layers, zoo's LoRA work and the rest, step by step.
 
 Run: .venv/bin/python bench/step_parts.py [--rounds 4] [--start 0]
+                                          [--previous COMMIT --engines 2]
 
 bench/rounds.py times whole bursts, and on this kind of machine a burst on the base takes
 3.1 s one minute and 6 s the next: a percent of the adapters' cost hides in that. Here
@@ -16,8 +17,12 @@ burst began its first step started (a cold burst's loads come before it); and ov
 decode steps (a token for every request) the step, its linear layers, its LoRA work and
 the part of it outside the native kernel's call (the wrapper's Python), the rest, and
 the LoRA work's share of the step, measured within each step, so that the
-minute's speed falls on both alike; and the prefill steps' LoRA seconds a burst. Results
-go to bench/results/step_parts.json.
+minute's speed falls on both alike; and the prefill steps' LoRA seconds a burst. With
+--previous, --engines engines alternate between this tree and that commit (one that has
+the step timers: 03149de or later), each on its own part of the catalog, and each path
+gets its rows: a change to the LoRA path's Python, which a hot loop of steps
+(bench/lora_step.py) does not see, shows in "of it Python". Results go to
+bench/results/step_parts.json.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from pathlib import Path
 
 from common import BASE, log, save, table
-from serve import burst, served_catalog
+from serve import burst, previous_zoo, served_catalog
 
 REQUESTS = 64
 TOKENS = 32
@@ -41,68 +46,90 @@ STATES = ("base", "cold", "warm")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds an engine")
     parser.add_argument("--start", type=int, default=0,
                         help="the catalog's first adapter to use (another run: another part)")
+    parser.add_argument("--previous", help="a commit to compare with (one that has the step "
+                        "timers), its engines alternating with this tree's")
+    parser.add_argument("--engines", type=int, default=2,
+                        help="with --previous: engines in all, alternating")
     args = parser.parse_args()
 
     from zoo.serve import step_times
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
-    _home, registry, names = served_catalog()
+    home, registry, names = served_catalog()
+    paths = [("zoo", "previous")[i % 2] for i in range(args.engines)] if args.previous \
+        else ["zoo"]
     needed = 8 + args.rounds * REQUESTS
-    adapters = names[args.start:args.start + needed]
-    if len(adapters) < needed:
-        raise SystemExit(f"--rounds {args.rounds} from --start {args.start} needs {needed} "
-                         f"adapters of the catalog's {len(names)}")
+    if args.start + needed * len(paths) > len(names):
+        raise SystemExit(f"--rounds {args.rounds} from --start {args.start} needs "
+                         f"{needed} adapters an engine, {len(paths)} engines, of the "
+                         f"catalog's {len(names)}")
+
+    def engine(path: str):
+        if path == "previous":
+            return previous_zoo(args.previous, home, log)
+        return running_server(ServeOptions(base=BASE, port=free_port()), registry, log=log)
 
     scratch = Path(tempfile.mkdtemp(prefix="zoo-step-times-"))
-    os.environ[step_times.VARIABLE] = str(scratch / "steps")
-    bursts = []  # (state, start, seconds)
-    try:
-        with running_server(ServeOptions(base=BASE, port=free_port()), registry,
-                            log=log) as server:
-            asyncio.run(burst(server.url, [BASE] * REQUESTS, TOKENS, REQUESTS))
-            asyncio.run(burst(server.url, [adapters[i % 8] for i in range(REQUESTS)], TOKENS,
-                              REQUESTS))
-            for number in range(args.rounds):
-                chosen = adapters[8 + number * REQUESTS:8 + (number + 1) * REQUESTS]
-                for state, models in zip(STATES, ([BASE] * REQUESTS, chosen, chosen),
-                                         strict=True):
-                    started = time.monotonic()
-                    asyncio.run(burst(server.url, models, TOKENS, REQUESTS))
-                    bursts.append((state, started, time.monotonic() - started))
-                    log(f"round {number} {state}: {bursts[-1][2]:.2f} s")
-    finally:
-        os.environ.pop(step_times.VARIABLE, None)
-    steps = sorted((s for path in scratch.glob("steps.*") for s in step_times.read(path)),
-                   key=lambda s: s.start)
+    bursts = []  # (path, state, start, seconds)
+    steps = {path: [] for path in paths}
+    for index, path in enumerate(paths):
+        prefix = scratch / f"engine{index}"
+        adapters = names[args.start + index * needed:args.start + (index + 1) * needed]
+        os.environ[step_times.VARIABLE] = str(prefix)
+        try:
+            with engine(path) as server:
+                url = server if isinstance(server, str) else server.url
+                asyncio.run(burst(url, [BASE] * REQUESTS, TOKENS, REQUESTS))
+                asyncio.run(burst(url, [adapters[i % 8] for i in range(REQUESTS)], TOKENS,
+                                  REQUESTS))
+                for number in range(args.rounds):
+                    chosen = adapters[8 + number * REQUESTS:8 + (number + 1) * REQUESTS]
+                    for state, models in zip(STATES, ([BASE] * REQUESTS, chosen, chosen),
+                                             strict=True):
+                        started = time.monotonic()
+                        asyncio.run(burst(url, models, TOKENS, REQUESTS))
+                        bursts.append((path, state, started, time.monotonic() - started))
+                        log(f"{path} engine {index} round {number} {state}: "
+                            f"{bursts[-1][3]:.2f} s")
+        finally:
+            os.environ.pop(step_times.VARIABLE, None)
+        files = list(scratch.glob(f"engine{index}.*"))
+        if not files:
+            raise SystemExit(f"{path}'s worker wrote no step times: "
+                             f"{args.previous if path == 'previous' else 'this tree'} has "
+                             "no step timers")
+        steps[path] += [s for f in files for s in step_times.read(f)]
 
-    rows = [summarize(state, [(b, [s for s in steps if b[1] <= s.start < b[1] + b[2]])
-                              for b in bursts if b[0] == state]) for state in STATES]
-    columns = ["burst", "bursts", "burst s", "first step after s", "decode steps",
-               "decode step ms", "linear ms", "LoRA ms", "of it Python ms", "rest ms",
-               "LoRA share",
-               "prefill LoRA ms a burst"]
+    rows = [summarize(path, state, [(b, [s for s in steps[path]
+                                         if b[2] <= s.start < b[2] + b[3]])
+                                    for b in bursts if b[:2] == (path, state)])
+            for path in dict.fromkeys(paths) for state in STATES]
+    columns = ["lora path", "burst", "bursts", "burst s", "first step after s",
+               "decode steps", "decode step ms", "linear ms", "LoRA ms", "of it Python ms",
+               "rest ms", "LoRA share", "prefill LoRA ms a burst"]
     print(table(rows, columns))
-    base, *adapted = rows
-    for row in adapted:
-        print(f"{row['burst']}: a decode step's LoRA work {row['LoRA ms']:.2f} ms, "
-              f"{100 * row['LoRA share']:.1f}% of the step; the decode step against the "
-              f"base's: {row['decode step ms'] / base['decode step ms']:.3f}x")
-    save("step_parts", {"command": " ".join(sys.argv), "rows": rows,
-                        "bursts": [{"burst": b[0], "seconds": b[2]} for b in bursts]})
+    for row in rows:
+        if row["burst"] != "base":
+            print(f"{row['lora path']}, {row['burst']}: a decode step's LoRA work "
+                  f"{row['LoRA ms']:.2f} ms ({row['of it Python ms']:.2f} ms of it Python), "
+                  f"{100 * row['LoRA share']:.1f}% of the step")
+    save("step_parts", {"command": " ".join(sys.argv), "previous": args.previous,
+                        "rows": rows, "bursts": [{"lora path": b[0], "burst": b[1],
+                                                  "seconds": b[3]} for b in bursts]})
 
 
-def summarize(state: str, bursts: list) -> dict:
+def summarize(path: str, state: str, bursts: list) -> dict:
     """One kind of burst's medians: its bursts' seconds and first steps; its decode steps'
     parts (a decode step gives every request one token)."""
     decode = [s for _b, steps in bursts for s in steps if s.tokens == s.requests]
     ms = lambda values: 1000 * statistics.median(values)  # noqa: E731
     return {
-        "burst": state, "bursts": len(bursts),
-        "burst s": statistics.median(b[2] for b, _steps in bursts),
-        "first step after s": statistics.median(steps[0].start - b[1]
+        "lora path": path, "burst": state, "bursts": len(bursts),
+        "burst s": statistics.median(b[3] for b, _steps in bursts),
+        "first step after s": statistics.median(steps[0].start - b[2]
                                                 for b, steps in bursts if steps),
         "decode steps": len(decode),
         "decode step ms": ms(s.seconds for s in decode),
