@@ -3,6 +3,7 @@
 
 Run: .venv/bin/python bench/step_parts.py [--rounds 4] [--start 0]
                                           [--previous COMMIT --engines 2]
+                                          [--lora-targets all|catalog]
 
 bench/rounds.py times whole bursts, and on this kind of machine a burst on the base takes
 3.1 s one minute and 6 s the next: a percent of the adapters' cost hides in that. Here
@@ -53,6 +54,8 @@ def main() -> None:
                         "timers), its engines alternating with this tree's")
     parser.add_argument("--engines", type=int, default=2,
                         help="with --previous: engines in all, alternating")
+    parser.add_argument("--lora-targets", default="all", choices=("all", "catalog"),
+                        help="this tree's engines' zoo serve --lora-targets")
     args = parser.parse_args()
 
     from zoo.serve import step_times
@@ -70,7 +73,8 @@ def main() -> None:
     def engine(path: str):
         if path == "previous":
             return previous_zoo(args.previous, home, log)
-        return running_server(ServeOptions(base=BASE, port=free_port()), registry, log=log)
+        return running_server(ServeOptions(base=BASE, port=free_port(),
+                                           lora_targets=args.lora_targets), registry, log=log)
 
     scratch = Path(tempfile.mkdtemp(prefix="zoo-step-times-"))
     bursts = []  # (path, state, start, seconds)
