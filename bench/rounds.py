@@ -28,16 +28,13 @@ summary of earlier runs' results files (copies of rounds.json) taken together.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from common import BASE, log, median_interval, save, table
-from serve import burst, previous_zoo, served_catalog
+from common import log, median_interval, save, table
+from serve import base_cold_warm, engine_url, served_catalog
 
 REQUESTS = 64
 TOKENS = 32
@@ -56,23 +53,12 @@ def main() -> None:
     if not args.previous:
         parser.error("--previous is required (unless --pool)")
 
-    from zoo.serve.launch import ServeOptions, free_port, running_server
 
     home, registry, names = served_catalog()
     per_engine = 8 + args.rounds * REQUESTS
     if 2 * per_engine > len(names):
         raise SystemExit(f"--rounds {args.rounds}: an engine needs {per_engine} adapters, "
                          f"two of them {2 * per_engine} (the catalog has {len(names)})")
-
-    @contextmanager
-    def engine(path: str):
-        if path == "previous":
-            with previous_zoo(args.previous, home, log) as url:
-                yield url
-            return
-        with running_server(ServeOptions(base=BASE, port=free_port()), registry,
-                            log=log) as server:
-            yield server.url
 
     rounds = []
     for index in range(args.engines):
@@ -81,18 +67,13 @@ def main() -> None:
         # finds the files the engine before it read still in the page cache
         start = index % 2 * (len(names) // 2)
         adapters = names[start:start + per_engine]
-        with engine(path) as url:
-            asyncio.run(burst(url, [BASE] * REQUESTS, TOKENS, REQUESTS))
-            asyncio.run(burst(url, [adapters[i % 8] for i in range(REQUESTS)], TOKENS,
-                              REQUESTS))
-            for number in range(args.rounds):
-                chosen = adapters[8 + number * REQUESTS:8 + (number + 1) * REQUESTS]
-                seconds = {}
-                for state, models in (("base", [BASE] * REQUESTS), ("cold", chosen),
-                                      ("warm", chosen)):
-                    started = time.perf_counter()
-                    asyncio.run(burst(url, models, TOKENS, REQUESTS))
-                    seconds[state] = time.perf_counter() - started
+        with engine_url(path, args.previous, home, registry) as url:
+            seconds = {}
+            for number, state, _started, took in base_cold_warm(url, adapters, args.rounds,
+                                                                 REQUESTS, TOKENS):
+                seconds[state] = took
+                if state != "warm":
+                    continue
                 rounds.append({"lora path": path, "engine": index, "round": number,
                                **{f"{s} s": v for s, v in seconds.items()},
                                "cold": seconds["base"] / seconds["cold"],

@@ -239,6 +239,38 @@ def previous_zoo(commit: str, home: Path, log):
         log_file.close()
 
 
+@contextmanager
+def engine_url(path: str, previous: str | None, home: Path, registry,
+               lora_targets: str = "all"):
+    """The ``/v1`` URL of ``zoo serve`` on the benchmarks' home, with its defaults: this
+    tree's (``path`` "zoo", with ``--lora-targets``) or commit ``previous``'s ("previous")."""
+    if path == "previous":
+        with previous_zoo(previous, home, log) as url:
+            yield url
+        return
+    from zoo.serve.launch import ServeOptions, free_port, running_server
+
+    with running_server(ServeOptions(base=BASE, port=free_port(), lora_targets=lora_targets),
+                        registry, log=log) as server:
+        yield server.url
+
+
+def base_cold_warm(url: str, adapters: list[str], rounds: int, requests: int = 64,
+                   tokens: int = 32):
+    """A warm-up (a burst on the base, one on ``adapters[:8]``), then ``rounds`` rounds of
+    three bursts of ``requests`` x ``tokens``: the base, the next ``requests`` adapters
+    after the warm-up's (never used: cold) and the same again (warm). Yields each round's
+    bursts as (round, "base" | "cold" | "warm", start (``time.monotonic``), seconds)."""
+    asyncio.run(burst(url, [BASE] * requests, tokens, requests))
+    asyncio.run(burst(url, [adapters[i % 8] for i in range(requests)], tokens, requests))
+    for number in range(rounds):
+        chosen = adapters[8 + number * requests:8 + (number + 1) * requests]
+        for state, models in (("base", [BASE] * requests), ("cold", chosen), ("warm", chosen)):
+            started = time.monotonic()
+            asyncio.run(burst(url, models, tokens, requests))
+            yield number, state, started, time.monotonic() - started
+
+
 def keep(section: dict) -> None:
     """Add a finished section to bench/results/serve.json (the others stay as they were)."""
     import json

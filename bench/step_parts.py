@@ -29,16 +29,14 @@ bench/results/step_parts.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import BASE, log, save, table
-from serve import burst, previous_zoo, served_catalog
+from common import log, save, table
+from serve import base_cold_warm, engine_url, served_catalog
 
 REQUESTS = 64
 TOKENS = 32
@@ -59,7 +57,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from zoo.serve import step_times
-    from zoo.serve.launch import ServeOptions, free_port, running_server
 
     home, registry, names = served_catalog()
     paths = [("zoo", "previous")[i % 2] for i in range(args.engines)] if args.previous \
@@ -70,12 +67,6 @@ def main() -> None:
                          f"{needed} adapters an engine, {len(paths)} engines, of the "
                          f"catalog's {len(names)}")
 
-    def engine(path: str):
-        if path == "previous":
-            return previous_zoo(args.previous, home, log)
-        return running_server(ServeOptions(base=BASE, port=free_port(),
-                                           lora_targets=args.lora_targets), registry, log=log)
-
     scratch = Path(tempfile.mkdtemp(prefix="zoo-step-times-"))
     bursts = []  # (path, state, start, seconds)
     steps = {path: [] for path in paths}
@@ -84,20 +75,11 @@ def main() -> None:
         adapters = names[args.start + index * needed:args.start + (index + 1) * needed]
         os.environ[step_times.VARIABLE] = str(prefix)
         try:
-            with engine(path) as server:
-                url = server if isinstance(server, str) else server.url
-                asyncio.run(burst(url, [BASE] * REQUESTS, TOKENS, REQUESTS))
-                asyncio.run(burst(url, [adapters[i % 8] for i in range(REQUESTS)], TOKENS,
-                                  REQUESTS))
-                for number in range(args.rounds):
-                    chosen = adapters[8 + number * REQUESTS:8 + (number + 1) * REQUESTS]
-                    for state, models in zip(STATES, ([BASE] * REQUESTS, chosen, chosen),
-                                             strict=True):
-                        started = time.monotonic()
-                        asyncio.run(burst(url, models, TOKENS, REQUESTS))
-                        bursts.append((path, state, started, time.monotonic() - started))
-                        log(f"{path} engine {index} round {number} {state}: "
-                            f"{bursts[-1][3]:.2f} s")
+            with engine_url(path, args.previous, home, registry, args.lora_targets) as url:
+                for number, state, started, took in base_cold_warm(url, adapters, args.rounds,
+                                                                    REQUESTS, TOKENS):
+                    bursts.append((path, state, started, took))
+                    log(f"{path} engine {index} round {number} {state}: {took:.2f} s")
         finally:
             os.environ.pop(step_times.VARIABLE, None)
         files = list(scratch.glob(f"engine{index}.*"))
