@@ -204,6 +204,17 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                 self._plan = _plan(self._rows("token"), self.token_lora_indices)
             self._plan.add(flat_y, self._plan.inputs(flat_x), parts, scale)
 
+    def add_lora_prepared(self, y: torch.Tensor, x: torch.Tensor, kernel, arguments,
+                          stacks: tuple) -> None:
+        """``add_lora_linear(y, x, *stacks)`` at scale 1, as vLLM's linear LoRA layers call
+        it, for a layer whose native arguments this step's routing made (``idle_layers``):
+        the kernel's call alone where it takes the rows (a row per token of the step),
+        else the whole of ``add_lora_linear``."""
+        if x.dim() != 2 or x.shape[0] != self._tokens or not kernel.gather(
+                y, x, self._token_slots, arguments, 1.0, torch.get_num_threads()):
+            a, b, slices = stacks
+            self.add_lora_linear(y, x, a, b, 1.0, slices)
+
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor,
                            lora_b_stacked: torch.Tensor, add_inputs: bool = True,
                            **kwargs: Any) -> None:

@@ -32,6 +32,7 @@ from operator import attrgetter
 
 import torch
 
+from zoo.serve import native
 from zoo.serve.fast_lora import _slot_ranks, _stacks_of, _unwrapped
 
 _version = attrgetter("_version")
@@ -93,16 +94,51 @@ def route(manager) -> None:
         routes.versions = versions
     routes.step = step
     wanted = EVERY_SLOT if step is None else sum(1 << slot for slot in step)
+    kernel = native.kernel() if step is not None else None
     for layer, (_, held) in zip(routes.layers, routes.held, strict=True):
-        if held & wanted:
+        if not held & wanted:
+            if not idle(layer):
+                layer.__dict__["forward"] = layer.base_layer.forward
+            continue
+        forward = kernel and _straight_to_the_kernel(layer, kernel)
+        if forward:
+            layer.__dict__["forward"] = forward
+        else:
             layer.__dict__.pop("forward", None)
-        elif "forward" not in layer.__dict__:
-            layer.__dict__["forward"] = layer.base_layer.forward
 
 
 def idle(layer) -> bool:
     """Whether ``layer`` runs as its base layer this step."""
-    return "forward" in layer.__dict__
+    return getattr(layer.__dict__.get("forward"), "__self__", None) is layer.base_layer
+
+
+def _straight_to_the_kernel(layer, kernel):
+    """A forward for a layer some adapter of the step trains: its base layer's forward,
+    then the native kernel's call with the arguments made here (the wrapper's
+    ``add_lora_prepared``), where vLLM's forward takes seven calls to reach the wrapper
+    and the wrapper four more to reach the kernel; None where the kernel does not take
+    the layer's stacks (a rank above its limit, a dtype it was not built for): vLLM's own
+    forward then runs, and the wrapper finds its way. The arguments point into the
+    stacks' per-slot copies (``_parts``), made for the stacks' versions now: a write
+    moves a version, and the next routing makes them anew before the next forward."""
+    wrapper = layer.punica_wrapper
+    stacks = (layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices)
+    parts = wrapper._parts(*stacks, sum(layer.output_slices), every_slot=True)
+    if not parts:
+        return None
+    if parts.native is None:
+        parts.native = kernel.arguments(parts, parts.ranks) or False
+    if not parts.native:
+        return None
+    base_forward, add, arguments = layer.base_layer.forward, wrapper.add_lora_prepared, \
+        parts.native
+
+    def forward(x, _parts=parts):  # the parts keep what the arguments point into
+        out = base_forward(x)
+        add(out[0] if out.__class__ is tuple else out, x, kernel, arguments, stacks)
+        return out
+
+    return forward
 
 
 def _slots_holding_weights(layer) -> int:

@@ -14,7 +14,8 @@ START is the step's start (``time.monotonic``, the same clock in every process),
 SECONDS its length (``execute_model`` and, where vLLM samples in a call of its own,
 ``sample_tokens``), TOKENS and REQUESTS what the scheduler gave it, LINEAR the seconds
 in the base's linear layers (their quantization method's ``apply``), LORA the seconds in
-zoo's LoRA wrapper (``add_lora_linear``, ``add_lora_logits``, ``add_lora_embedding``),
+zoo's LoRA wrapper (``add_lora_linear`` or, for a layer routed to the kernel,
+``add_lora_prepared``, ``add_lora_logits``, ``add_lora_embedding``),
 NATIVE the part of LORA in the native kernel's call (``native.Kernel.gather``, its
 checks included): the rest of LORA is the wrapper's Python.
 The timers add about a microsecond a call. Without the variable nothing is installed.
@@ -102,7 +103,8 @@ def install(prefix: str) -> None:
     clock = Clock()
     for method in (UnquantizedLinearMethod, CompressedTensorsLinearMethod):
         clock.time(method, "apply", "linear")
-    for name in ("add_lora_linear", "add_lora_logits", "add_lora_embedding"):
+    for name in ("add_lora_linear", "add_lora_prepared", "add_lora_logits",
+                 "add_lora_embedding"):
         clock.time(GroupedPunicaWrapperCPU, name, "lora")
     clock.time(Kernel, "gather", "native")
     execute_model, sample_tokens = Worker.execute_model, Worker.sample_tokens
