@@ -207,7 +207,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     def add_lora_prepared(self, y: torch.Tensor, x: torch.Tensor, kernel, arguments,
                           stacks: tuple) -> None:
         """``add_lora_linear(y, x, *stacks)`` at scale 1, as vLLM's linear LoRA layers call
-        it, for a layer whose native arguments this step's routing made (``idle_layers``):
+        it, for a layer whose native arguments this step's routing made (``layer_routes``):
         the kernel's call alone where it takes the rows (a row per token of the step),
         else the whole of ``add_lora_linear``."""
         if x.dim() != 2 or x.shape[0] != self._tokens or not kernel.gather(

@@ -1,29 +1,39 @@
-"""LoRA layers with nothing to add run as their base layers, decided once a step.
+"""Each LoRA linear layer's route for the step, chosen once a step: its base layer's
+forward where no adapter of the step has weights in it, else straight to the kernel.
 
 vLLM gives every module it can adapt a LoRA layer (SmolLM2: 120 linear ones) and runs
-each through five Python calls of its own and the punica wrapper's ``add_lora_linear``
-every step, whether or not an adapter of the step trains it. With q/v adapters, 90 of
-the 120 add nothing in every step, and none do in a step without adapters; inside a
-served step those calls cost zoo's wrapper alone about 17 us each (the interpreter's code
-and data have left the caches by the time they run): 1.5 ms of a 70 ms decode step.
+each through seven calls of its own to reach the punica wrapper's ``add_lora_linear``
+(and zoo's wrapper four more to reach its native kernel), every step, whether or not an
+adapter of the step trains the layer. With q/v adapters, 90 of the 120 add nothing in
+every step, and none do in a step without adapters; inside a served step each Python
+call costs several times what it costs in a loop (the interpreter's code and data have
+left the caches by the time it runs): the wrapper's Python alone took 2.1 ms of a 74 ms
+warm decode step.
 
 After vLLM sets a step's adapter mapping (``LoRAModelManager.set_adapter_mapping``, once
 every adapter of the step is in its slot), each LoRA linear layer of the language model
-is routed: to its own forward where some adapter of the step has weights in it (a row
-of A, in its slot of some slice, that is not all zeros: ``_slot_ranks``), else to its
-base layer's forward, which its own does plus the adapters' product (the same bias, the
-same linear method: a layer that adds nothing gives the same output, to the bit, as
-zoo's wrapper skips slices no adapter of the step trains). The route is an entry in the
-layer's ``__dict__``, which ``nn.Module.__call__`` finds before the class's forward.
+gets an entry ``forward`` in its ``__dict__``, which ``nn.Module.__call__`` finds before
+the class's forward:
+
+* where no adapter of the step has weights in it (a row of A, in its slot of some slice,
+  that is not all zeros: ``_slot_ranks``), its base layer's forward, which its own does
+  plus the adapters' product (the same bias, the same linear method): the same output,
+  to the bit, as zoo's wrapper skips slices no adapter of the step trains;
+* else, with zoo's native kernel, the base layer's forward and then the kernel's call
+  (the wrapper's ``add_lora_prepared``) with the arguments ``_parts`` made for the
+  stacks now: the same call, with the same arguments, that vLLM's forward reaches;
+* else (a rank or dtype the kernel does not take, or a mapping the wrapper does not
+  group) no entry: vLLM's own forward.
 
 Nothing is trusted to stay as it was: every write to a stack moves its version counter,
 seen by zoo or not, and the slots holding weights are read again, for the layers whose
 stacks moved, whenever the sum of all stacks' versions moved (they only grow); the
-routes are redone when that or the step's slots changed. The sum over SmolLM2's 420
-stacks is one ``map`` a step. Only layers whose forward is one of vLLM's own, around a
-base layer whose forward is the matching base one, on one device, are routed
-(:func:`routable`); the patch's checks hold those forwards to what this was written
-against. vLLM runs a LoRA engine on the CPU eagerly: no traced graph keeps a route.
+routes are made anew when that or the step's slots changed, before the step's forward.
+The sum over SmolLM2's 420 stacks is one ``map`` a step. Only layers whose forward is
+one of vLLM's own, around a base layer whose forward is the matching base one, on one
+device, are routed (:func:`routable`); the patch's checks hold those forwards to what
+this was written against. vLLM runs a LoRA engine on the CPU eagerly: no traced graph
+keeps a route.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ class _Routes:
         self.step: tuple | None = None
 
 
-def route_idle_layers() -> None:
+def install() -> None:
     """Take over ``LoRAModelManager.set_adapter_mapping``: vLLM's own, then :func:`route`."""
     from vllm.lora.model_manager import LoRAModelManager
 

@@ -1,5 +1,6 @@
-"""LoRA layers no adapter of the step trains run as their base layers: vLLM's own forwards
-both ways, the same outputs to the bit, step after step, whatever wrote the stacks."""
+"""Each LoRA layer's route for the step: its base layer where no adapter of the step trains
+it, else straight to the native kernel. vLLM's own forwards both ways, the same outputs to
+the bit, step after step, whatever wrote the stacks."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 
-from zoo.serve import idle_layers
+from zoo.serve import layer_routes
 from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
 
 SLOTS, RANK, HIDDEN = 4, 8, 16
@@ -120,7 +121,7 @@ def check_step(manager: Manager, slots: list[int], g) -> dict[str, bool]:
     was_idle = {}
     for name, module in manager.modules.items():
         x = torch.randn(len(slots), module.lora_a_stacked[0].shape[-1], generator=g)
-        was_idle[name] = idle_layers.idle(module)
+        was_idle[name] = layer_routes.idle(module)
         assert was_idle[name] == (not trained_in_step(module, slots)), name
         assert "forward" in module.__dict__, name  # idle, or straight to the kernel
         routed = module(x)
@@ -136,15 +137,15 @@ def check_step(manager: Manager, slots: list[int], g) -> dict[str, bool]:
 def patched():
     from vllm.lora.model_manager import LoRAModelManager
 
-    idle_layers.route_idle_layers()
+    layer_routes.install()
     Manager.set_adapter_mapping = LoRAModelManager.set_adapter_mapping
     assert getattr(Manager.set_adapter_mapping, "_zoo_routes", False)
 
 
 def test_vllms_linear_lora_layers_are_routable():
     manager = Manager()
-    assert all(idle_layers.routable(m) for m in manager.modules.values())
-    assert not idle_layers.routable(manager.modules["qkv"].base_layer)
+    assert all(layer_routes.routable(m) for m in manager.modules.values())
+    assert not layer_routes.routable(manager.modules["qkv"].base_layer)
 
     class Own(RowParallelLinearWithLoRA):  # a forward of its own: not what was checked
         def forward(self, input_):
@@ -156,7 +157,7 @@ def test_vllms_linear_lora_layers_are_routable():
     own.base_layer, own.tp_size, own._enable_aux_cuda_stream = \
         manager.modules["o"].base_layer, 1, False
     own.punica_wrapper = manager.wrapper
-    assert not idle_layers.routable(own)
+    assert not layer_routes.routable(own)
 
 
 def test_qv_adapters_leave_three_layers_of_four_idle_and_the_base_all():
