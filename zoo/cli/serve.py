@@ -41,8 +41,9 @@ PORT = click.IntRange(1, 65535)
 @click.option("--lora-targets", type=click.Choice(["all", "catalog"]), default="all",
               show_default=True,
               help="LoRA layers on every module vLLM can adapt, or only on those the served "
-                   "adapters train (faster steps; an adapter or version added later that "
-                   "trains more is refused until a restart).")
+                   "adapters train (an adapter or version added later that trains more is "
+                   "refused until a restart; little faster now that a layer no adapter of "
+                   "the step trains runs as its base layer).")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="Engines of the same base behind vllm-router on --port (each with its "
                    "share of the cores, or its own GPU with --gpus).")

@@ -334,9 +334,9 @@ def lora_dtype(activations: str, extra_args: tuple[str, ...] = ()) -> str:
 def lora_layers(options: ServeOptions, trained: set[str]) -> tuple[str, ...] | None:
     """The modules vLLM gives LoRA layers (``--lora-target-modules``); None: all it can.
 
-    ``lora_targets`` "catalog": what the served adapters train. A layer no adapter trains
-    still costs every step its LoRA wrapper's calls (on SmolLM2 with q/v adapters, three
-    of the four wrapped layers of each block); an adapter registered later that trains
+    ``lora_targets`` "catalog": what the served adapters train. A layer no adapter of the
+    step trains runs as its base layer anyway on the CPU (``layer_routes.py``), so this
+    saves little there; an adapter registered later that trains
     anything else is refused until zoo serve restarts (``policy.py``), as one above
     ``--max-lora-rank`` is, and so would a canary version that does. "all" (the default)
     or an empty catalog wraps every module; the user's own ``--lora-target-modules``
