@@ -267,6 +267,25 @@ def _route_layers() -> None:
 
 _LINEAR = "vllm.model_executor.layers.linear"
 _BASE_LINEAR = "vllm.lora.layers.base_linear"
+# (module, class, method, digest) as in 0.32: a step's mapping is set after its adapters
+# are in their slots, every step; each LoRA forward is its base's forward with the
+# adapters' product added in place (apply -> _apply_sync -> the base's linear method,
+# then add_lora_linear)
+_ROUTED_AS_WRITTEN = (
+    (_MODEL_MANAGER, "LoRAModelManager", "set_adapter_mapping", "bd7e8c7e73e895e5"),
+    (_COLUMN, "ColumnParallelLinearWithLoRA", "forward", "2b64db57a166eb13"),
+    (_LINEAR, "ColumnParallelLinear", "forward", "5cb9dcb880ab1da4"),
+    ("vllm.lora.layers.row_parallel_linear", "RowParallelLinearWithLoRA", "forward",
+     "f632087598317268"),
+    (_LINEAR, "RowParallelLinear", "forward", "b1fe9c03a0a51939"),
+    ("vllm.lora.layers.replicated_linear", "ReplicatedLinearWithLoRA", "forward",
+     "c5426e210099d809"),
+    (_LINEAR, "ReplicatedLinear", "forward", "f6172f64e13fdcd5"),
+    (_BASE_LINEAR, "BaseLinearLayerWithLoRA", "apply", "c33b6a6643b43713"),
+    (_COLUMN, "MergedColumnParallelLinearWithLoRA", "apply", "8f8757021a2d357f"),
+    (_BASE_LINEAR, "BaseLinearLayerWithLoRA", "_apply_sync", "ac85ea523d920518"),
+    (_BASE_LINEAR, "BaseLinearLayerWithLoRA", "_apply_lora_to_output", "7a93e928c9672d31"),
+)
 LAYER_ROUTES = Patch(
     name="layer_routes", cpu_only=True, apply=_route_layers,
     why="every LoRA layer runs seven calls of vLLM's to reach the punica wrapper (and "
@@ -276,28 +295,8 @@ LAYER_ROUTES = Patch(
     retire_when="vLLM skips a LoRA layer no adapter of the step trains, and reaches the "
                 "punica wrapper in fewer calls",
     checks=(
-        # a step's mapping is set after its adapters are in their slots, every step
-        fingerprint(_MODEL_MANAGER, "LoRAModelManager", "set_adapter_mapping",
-                    digest="bd7e8c7e73e895e5"),
-        # each LoRA forward is its base's forward with the adapter's product added in
-        # place (apply -> _apply_sync -> the base's quant method, then add_lora_linear)
-        fingerprint(_COLUMN, "ColumnParallelLinearWithLoRA", "forward",
-                    digest="2b64db57a166eb13"),
-        fingerprint(_LINEAR, "ColumnParallelLinear", "forward", digest="5cb9dcb880ab1da4"),
-        fingerprint("vllm.lora.layers.row_parallel_linear", "RowParallelLinearWithLoRA",
-                    "forward", digest="f632087598317268"),
-        fingerprint(_LINEAR, "RowParallelLinear", "forward", digest="b1fe9c03a0a51939"),
-        fingerprint("vllm.lora.layers.replicated_linear", "ReplicatedLinearWithLoRA",
-                    "forward", digest="c5426e210099d809"),
-        fingerprint(_LINEAR, "ReplicatedLinear", "forward", digest="f6172f64e13fdcd5"),
-        fingerprint(_BASE_LINEAR, "BaseLinearLayerWithLoRA", "apply",
-                    digest="c33b6a6643b43713"),
-        fingerprint(_COLUMN, "MergedColumnParallelLinearWithLoRA", "apply",
-                    digest="8f8757021a2d357f"),
-        fingerprint(_BASE_LINEAR, "BaseLinearLayerWithLoRA", "_apply_sync",
-                    digest="ac85ea523d920518"),
-        fingerprint(_BASE_LINEAR, "BaseLinearLayerWithLoRA", "_apply_lora_to_output",
-                    digest="7a93e928c9672d31"),
+        *(fingerprint(module, cls, name, digest=digest)
+          for module, cls, name, digest in _ROUTED_AS_WRITTEN),
         # no traced graph keeps a route: a LoRA engine on the CPU runs eagerly
         mentions("vllm.platforms.cpu", "CpuPlatform", "check_and_update_config",
                  snippets=("if vllm_config.lora_config is not None:\n"
