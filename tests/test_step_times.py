@@ -37,7 +37,8 @@ def test_a_clock_counts_each_part_until_its_lap():
 def worker(monkeypatch):
     """vLLM's worker, linear method and zoo's LoRA wrapper with stand-ins for the methods
     the timers wrap (restored after the test): a step runs 20 ms of linear layers and
-    10 ms of LoRA work, 5 ms of it in the native kernel, and leaves its sampling to
+    10 ms of LoRA work (2 ms of it routing the layers), 5 ms of it in the native kernel,
+    and leaves its sampling to
     ``sample_tokens`` unless told."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
@@ -45,6 +46,7 @@ def worker(monkeypatch):
     )
     from vllm.v1.worker.gpu_worker import Worker
 
+    from zoo.serve import layer_routes
     from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
     from zoo.serve.native import Kernel
 
@@ -57,11 +59,15 @@ def worker(monkeypatch):
 
     def lora(self, *args, **kwargs):
         Kernel.gather(None)
-        time.sleep(0.005)
+        time.sleep(0.003)
+
+    def route(manager):
+        time.sleep(0.002)
 
     def execute_model(self, scheduler_output):
         CompressedTensorsLinearMethod.apply(None, None, None)
         UnquantizedLinearMethod.apply(None, None, None)
+        layer_routes.route(None)
         GroupedPunicaWrapperCPU.add_lora_linear(None)
         return "output" if self.samples_at_once else None
 
@@ -71,8 +77,10 @@ def worker(monkeypatch):
 
     for method in (UnquantizedLinearMethod, CompressedTensorsLinearMethod):
         monkeypatch.setattr(method, "apply", linear)
-    for name in ("add_lora_linear", "add_lora_logits", "add_lora_embedding"):
+    for name in ("add_lora_linear", "add_lora_prepared", "add_lora_logits",
+                 "add_lora_embedding"):
         monkeypatch.setattr(GroupedPunicaWrapperCPU, name, lora)
+    monkeypatch.setattr(layer_routes, "route", route)
     monkeypatch.setattr(Kernel, "gather", gather)
     monkeypatch.setattr(Worker, "execute_model", execute_model)
     monkeypatch.setattr(Worker, "sample_tokens", sample_tokens)

@@ -14,8 +14,9 @@ START is the step's start (``time.monotonic``, the same clock in every process),
 SECONDS its length (``execute_model`` and, where vLLM samples in a call of its own,
 ``sample_tokens``), TOKENS and REQUESTS what the scheduler gave it, LINEAR the seconds
 in the base's linear layers (their quantization method's ``apply``), LORA the seconds in
-zoo's LoRA wrapper (``add_lora_linear`` or, for a layer routed to the kernel,
-``add_lora_prepared``, ``add_lora_logits``, ``add_lora_embedding``),
+zoo's LoRA work: its wrapper (``add_lora_linear`` or, for a layer routed to the kernel,
+``add_lora_prepared``, ``add_lora_logits``, ``add_lora_embedding``) and the step's
+routing of the layers (``layer_routes.route``, which makes new slots' int8 rows),
 NATIVE the part of LORA in the native kernel's call (``native.Kernel.gather``, its
 checks included): the rest of LORA is the wrapper's Python.
 The timers add about a microsecond a call. Without the variable nothing is installed.
@@ -95,6 +96,7 @@ def install(prefix: str) -> None:
     )
     from vllm.v1.worker.gpu_worker import Worker
 
+    from zoo.serve import layer_routes
     from zoo.serve.fast_lora import GroupedPunicaWrapperCPU
     from zoo.serve.native import Kernel
 
@@ -106,6 +108,7 @@ def install(prefix: str) -> None:
     for name in ("add_lora_linear", "add_lora_prepared", "add_lora_logits",
                  "add_lora_embedding"):
         clock.time(GroupedPunicaWrapperCPU, name, "lora")
+    clock.time(layer_routes, "route", "lora")  # the step's routing, int8 rows of new slots
     clock.time(Kernel, "gather", "native")
     execute_model, sample_tokens = Worker.execute_model, Worker.sample_tokens
     out, pending = [], []  # the file; a step whose tokens are sampled by the next call
