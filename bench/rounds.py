@@ -53,7 +53,6 @@ def main() -> None:
     if not args.previous:
         parser.error("--previous is required (unless --pool)")
 
-
     home, registry, names = served_catalog()
     per_engine = 8 + args.rounds * REQUESTS
     if 2 * per_engine > len(names):

@@ -354,12 +354,19 @@ def _native_add(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: Pa
     kernel = native.kernel()
     if kernel is None:
         return False
-    if parts.native is None:
-        parts.native = kernel.arguments(parts, parts.ranks) or False
-    if parts.native and kernel.gather(y, x, slots, parts.native, scale, torch.get_num_threads()):
+    arguments = native_arguments(kernel, parts)
+    if arguments and kernel.gather(y, x, slots, arguments, scale, torch.get_num_threads()):
         return True
     _warn_declined(parts, x, y)
     return False
+
+
+def native_arguments(kernel, parts: Parts):
+    """The kernel's arguments for ``parts``, made on first use and kept on them (they
+    point into the parts' tensors); False where the kernel does not take them."""
+    if parts.native is None:
+        parts.native = kernel.arguments(parts, parts.ranks) or False
+    return parts.native
 
 
 def _gather_lora(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, parts: Parts,

@@ -43,7 +43,7 @@ from operator import attrgetter
 import torch
 
 from zoo.serve import native
-from zoo.serve.fast_lora import _slot_ranks, _stacks_of, _unwrapped
+from zoo.serve.fast_lora import _slot_ranks, _stacks_of, _unwrapped, native_arguments
 
 _version = attrgetter("_version")
 EVERY_SLOT = -1  # a step whose slots the wrapper does not say: every bit set
@@ -134,14 +134,10 @@ def _straight_to_the_kernel(layer, kernel):
     wrapper = layer.punica_wrapper
     stacks = (layer.lora_a_stacked, layer.lora_b_stacked, layer.output_slices)
     parts = wrapper._parts(*stacks, sum(layer.output_slices), every_slot=True)
-    if not parts:
+    arguments = parts and native_arguments(kernel, parts)
+    if not arguments:
         return None
-    if parts.native is None:
-        parts.native = kernel.arguments(parts, parts.ranks) or False
-    if not parts.native:
-        return None
-    base_forward, add, arguments = layer.base_layer.forward, wrapper.add_lora_prepared, \
-        parts.native
+    base_forward, add = layer.base_layer.forward, wrapper.add_lora_prepared
 
     def forward(x, _parts=parts):  # the parts keep what the arguments point into
         out = base_forward(x)
