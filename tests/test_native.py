@@ -13,7 +13,8 @@ from zoo.core.measure import cpu_flags
 from zoo.serve import native
 
 IN = 72  # not a multiple of the 32 bf16 numbers a vector holds: the tail is masked
-WIDTHS = (40, 20)  # nor are these of 16
+WIDTHS = (100, 20)  # nor are these of 16 (100: a block of 64 columns, then a tail)
+COLUMNS = 3 + WIDTHS[0] + 2 + WIDTHS[1] + 2  # y: the slices at 3, a gap of 2 after each
 RANKS = [3, 8, 17, 0, 64]  # per slot: 8 + 8 + 1 rows, a slot without the slice, the most
 
 
@@ -103,7 +104,8 @@ def test_the_kernel_is_within_rounding_of_the_exact_result(kernel, dtype, weight
     assert_within(y, want, bound, "the native kernel")
     untouched = (slots < 0) | (ranks[slots.clamp(min=0)] == 0)
     assert torch.equal(y[untouched], before[untouched])  # no adapter, or none on the slices
-    for gap in (slice(0, 3), slice(43, 45), slice(65, 69)):
+    second = 3 + WIDTHS[0] + 2
+    for gap in (slice(0, 3), slice(3 + WIDTHS[0], second), slice(second + WIDTHS[1], None)):
         assert torch.equal(y[:, gap], before[:, gap])  # columns of no slice
     assert torch.equal(wide[:, -5:], wide_before[:, -5:])  # past y's columns
     changed = (y != before).any(dim=1)
@@ -166,11 +168,11 @@ def test_the_kernel_reads_each_adapter_at_its_own_rank(kernel):
         noisy.append((a, b, start))
     slots = torch.tensor([0, 1, 2, 3])
     x = torch.randn(4, IN).bfloat16()
-    clean, dirty = torch.zeros(4, 70).bfloat16(), torch.zeros(4, 70).bfloat16()
+    clean, dirty = torch.zeros(4, COLUMNS).bfloat16(), torch.zeros(4, COLUMNS).bfloat16()
     assert kernel.gather(clean, x, slots, kernel.arguments(parts, (ranks, ranks)), 1.0)
     assert kernel.gather(dirty, x, slots, kernel.arguments(noisy, (ranks, ranks)), 1.0)
     assert torch.equal(clean, dirty)
-    full = torch.zeros(4, 70).bfloat16()  # without ranks every row is read: not blind
+    full = torch.zeros(4, COLUMNS).bfloat16()  # without ranks every row is read: not blind
     assert kernel.gather(full, x, slots, kernel.arguments(noisy, (None, None)), 1.0)
     assert not torch.equal(full, clean)
 
@@ -182,7 +184,7 @@ def test_the_kernel_declines_what_it_was_not_written_for(kernel):
     assert kernel.arguments(parts, (ranks, ranks)) is None  # rank over 64
     parts, ranks = stacks(torch.bfloat16)
     arguments = kernel.arguments(parts, (ranks, ranks))
-    y = torch.zeros(2, 70).bfloat16()
+    y = torch.zeros(2, COLUMNS).bfloat16()
     slots = torch.tensor([0, 1])
     assert not kernel.gather(y, torch.randn(2, IN), slots, arguments, 1.0)  # float32 x, bf16 y
     quantized, _ = int8_rows(stacks(torch.float32)[0])
@@ -193,8 +195,8 @@ def test_the_kernel_declines_what_it_was_not_written_for(kernel):
     assert not kernel.gather(y, torch.randn(2, IN + 1).bfloat16(), slots, arguments, 1.0)
     x = torch.randn(2, IN).bfloat16()
     assert not kernel.gather(y, x, torch.tensor([0, len(RANKS)]), arguments, 1.0)  # no slot
-    assert not kernel.gather(y[:, :60], x, slots, arguments, 1.0)  # y ends before a part
-    assert torch.equal(y, torch.zeros(2, 70).bfloat16())
+    assert not kernel.gather(y[:, :COLUMNS - 4], x, slots, arguments, 1.0)  # y ends before a part
+    assert torch.equal(y, torch.zeros(2, COLUMNS).bfloat16())
     assert kernel.gather(y, x, slots, arguments, 1.0)  # and what it takes, it does
 
 
@@ -206,7 +208,7 @@ def test_a_machine_without_the_kernel_gets_the_same_result_in_pytorch(kernel, mo
     parts.ranks = (ranks, ranks)
     slots = torch.tensor([4, 0, -1, 2, 1])
     x = torch.randn(5, IN).bfloat16()
-    y = torch.randn(5, 70).bfloat16()
+    y = torch.randn(5, COLUMNS).bfloat16()
     with_kernel, without = y.clone(), y.clone()
     fast_lora._Gathered(slots).add(with_kernel, x, parts, 0.5)
     monkeypatch.setattr(native, "kernel", lambda: None)

@@ -122,6 +122,10 @@ class Ahead {
                 ((rank - 1) * part.a_row + in) * sizeof(W));
             add(slot_rows<W>(part.b, slot, part.b_slot),
                 ((rank - 1) * part.b_row + part.width) * sizeof(W));
+            if (part.a_scales) {  // int8 rows: their scales, a line each, read after A
+                add(row_scales(part.a_scales, part, slot), rank * int64_t(sizeof(float)));
+                add(row_scales(part.b_scales, part, slot), rank * int64_t(sizeof(float)));
+            }
         }
     }
     // Ask for the next ``lines`` lines.
@@ -135,7 +139,7 @@ class Ahead {
     void rest() { issue(INT64_MAX); }
 
  private:
-    static constexpr int kRuns = 16;  // a fused layer's parts, two runs each; more: not asked
+    static constexpr int kRuns = 16;  // a fused layer's parts, up to four runs each; more: not asked
     static constexpr int64_t kLine = 64;
     void add(const void* start, int64_t bytes) {
         if (count_ == kRuns) return;
@@ -288,7 +292,7 @@ void token_bf16(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const 
 
 // int8 weights with bfloat16 activations (``token_bf16_i8``): x widened to float32 once a
 // token; the shrink up to eight rows of A at a time, 16 int8 numbers widened to float32
-// per multiply-add; the expand 16 columns at a time, B's row scales folded into h; y
+// per multiply-add; the expand 64 columns at a time, B's row scales folded into h; y
 // widened, added to and rounded once. Half the bytes of bfloat16 weights to read.
 inline __m512 widen_i8(const int8_t* at, __mmask16 m) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, at)));
@@ -296,18 +300,69 @@ inline __m512 widen_i8(const int8_t* at, __mmask16 m) {
 
 inline __mmask16 first(int64_t n) { return (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1); }
 
+// 16 int8 numbers as float32, read whole (no mask: every row but a tail's).
+inline __m512 widen16(const int8_t* at) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))));
+}
+
+// A line (64 inputs) of N rows at a time with plain loads, then the tail masked: the
+// masks and their loads were a fifth of a decode step's instructions.
 template <int N>
 inline void shrink_rows_i8(const float* x, const int8_t* a, int64_t a_row, int64_t in,
                            float* h, Ahead& ahead) {
     __m512 acc[N];
     for (int r = 0; r < N; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < in; k += 16) {
+    int64_t k = 0;
+    for (; k + 64 <= in; k += 64) {
+        ahead.issue(N);  // a line of the next row's weights per line read
+        for (int64_t c = k; c < k + 64; c += 16) {
+            const __m512 xv = _mm512_loadu_ps(x + c);
+            for (int r = 0; r < N; ++r) acc[r] = _mm512_fmadd_ps(xv, widen16(a + r * a_row + c), acc[r]);
+        }
+    }
+    if (k < in) ahead.issue(N);
+    for (; k < in; k += 16) {
         const __mmask16 m = first(in - k);
-        if ((k & 63) == 0) ahead.issue(N);  // a line of the next row's weights per line read
         const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
         for (int r = 0; r < N; ++r) acc[r] = _mm512_fmadd_ps(xv, widen_i8(a + r * a_row + k, m), acc[r]);
     }
     for (int r = 0; r < N; ++r) h[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// y[0, width) += h . B (rank rows of int8 B), 64 columns at a time: four sums that do not
+// wait on each other (one sum's rank multiply-adds in a row waited on each one's latency),
+// each row's address and h's broadcast made once; the tail 16 at a time, masked.
+inline void expand_i8(const float* h, int64_t rank, const int8_t* b, int64_t b_row,
+                      int64_t width, uint16_t* y, Ahead& ahead) {
+    const int8_t* rows[kMaxRank];
+    __m512 hs[kMaxRank];
+    for (int64_t q = 0; q < rank; ++q) {
+        rows[q] = b + q * b_row;
+        hs[q] = _mm512_set1_ps(h[q]);
+    }
+    int64_t j = 0;
+    for (; j + 64 <= width; j += 64) {
+        ahead.issue(rank);  // rank rows of 64 bytes
+        __m512 sums[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                          _mm512_setzero_ps()};
+        for (int64_t q = 0; q < rank; ++q)
+            for (int c = 0; c < 4; ++c)
+                sums[c] = _mm512_fmadd_ps(hs[q], widen16(rows[q] + j + 16 * c), sums[c]);
+        for (int c = 0; c < 4; ++c) {
+            auto* at = reinterpret_cast<__m256i*>(y + j + 16 * c);
+            const __m512 now = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(at));
+            _mm256_storeu_si256(at, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(now, sums[c])));
+        }
+    }
+    if (j < width) ahead.issue(rank);
+    for (; j < width; j += 16) {
+        const __mmask16 m = first(width - j);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t q = 0; q < rank; ++q) sum = _mm512_fmadd_ps(hs[q], widen_i8(rows[q] + j, m), sum);
+        const __m512 now = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, y + j));
+        _mm256_mask_storeu_epi16(y + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(now, sum)));
+    }
 }
 
 void token_bf16_i8(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, const Part* parts,
@@ -320,22 +375,14 @@ void token_bf16_i8(const uint16_t* x, uint16_t* y, int64_t slot, int64_t in, con
     for (int64_t p = 0; p < n_parts; ++p) {
         const Part& part = parts[p];
         const auto [rank, a, b, a_scales, b_scales] = rows_of<int8_t>(part, slot);
+        if (rank == 0) continue;  // y untouched
         float h[kMaxRank];
         int64_t r = 0;
         for (; r + 8 <= rank; r += 8) shrink_rows_i8<8>(xf, a + r * part.a_row, part.a_row, in, h + r, ahead);
         for (; r + 4 <= rank; r += 4) shrink_rows_i8<4>(xf, a + r * part.a_row, part.a_row, in, h + r, ahead);
         for (; r < rank; ++r) shrink_rows_i8<1>(xf, a + r * part.a_row, part.a_row, in, h + r, ahead);
         for (r = 0; r < rank; ++r) h[r] *= scale * a_scales[r] * b_scales[r];
-        uint16_t* out = y + part.start;
-        for (int64_t j = 0; j < part.width && rank > 0; j += 16) {
-            const __mmask16 m = first(part.width - j);
-            if ((j & 63) == 0) ahead.issue(rank);  // rank rows of 64 bytes
-            __m512 delta = _mm512_setzero_ps();
-            for (int64_t q = 0; q < rank; ++q)
-                delta = _mm512_fmadd_ps(_mm512_set1_ps(h[q]), widen_i8(b + q * part.b_row + j, m), delta);
-            const __m512 now = _mm512_cvtpbh_ps((__m256bh)_mm256_maskz_loadu_epi16(m, out + j));
-            _mm256_mask_storeu_epi16(out + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(now, delta)));
-        }
+        expand_i8(h, rank, b, part.b_row, part.width, y + part.start, ahead);
     }
     ahead.rest();
 }
