@@ -18,7 +18,8 @@ vLLM worker's). Three cases of where the rows are when the step begins:
 - in L3: the whole step run just before (29 MB of rows; the VM reports 300 MB of L3);
 - in memory: a buffer of --flush-mb written between steps, as the base's weights pass.
 
-The contenders take turns a step each, so a slow minute falls on both; the medians of
+The contenders take turns a step each, each going first in every other round, so a slow
+minute falls on both and neither always follows the other; the medians of
 --repeat steps, their ratio, and whether both gave the same bits. Results in
 bench/results/kernel_step.json.
 """
@@ -115,9 +116,10 @@ def main() -> None:
     cases = ("in L2", "in L3", "in memory")
     times = {(case, name): [] for case in cases for name in kernels}
     outputs = {}
-    for _ in range(args.repeat):
+    for repeat in range(args.repeat):
         for case in cases:
-            for name in kernels:
+            names = list(kernels)
+            for name in names[repeat % 2:] + names[:repeat % 2]:  # each first in turn
                 if case == "in L3":
                     step(name, start.clone())
                 elif case == "in memory":
