@@ -139,7 +139,7 @@ class Ahead {
     void rest() { issue(INT64_MAX); }
 
  private:
-    static constexpr int kRuns = 16;  // a fused layer's parts, up to four runs each; more: not asked
+    static constexpr int kRuns = 16;  // a fused layer's parts, four runs each; more: not asked
     static constexpr int64_t kLine = 64;
     void add(const void* start, int64_t bytes) {
         if (count_ == kRuns) return;
@@ -306,8 +306,8 @@ inline __m512 widen16(const int8_t* at) {
         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at))));
 }
 
-// A line (64 inputs) of N rows at a time with plain loads, then the tail masked: the
-// masks and their loads were a fifth of a decode step's instructions.
+// A line (64 inputs) of N rows at a time with plain loads, then the tail masked (a mask
+// was worked out and applied for every 16 numbers, where only a tail needs one).
 template <int N>
 inline void shrink_rows_i8(const float* x, const int8_t* a, int64_t a_row, int64_t in,
                            float* h, Ahead& ahead) {
