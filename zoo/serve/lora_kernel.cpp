@@ -139,7 +139,7 @@ class Ahead {
     void rest() { issue(INT64_MAX); }
 
  private:
-    static constexpr int kRuns = 16;  // a fused layer's parts, four runs each; more: not asked
+    static constexpr int kRuns = 16;  // a fused layer's parts, up to 4 runs each; more: not asked
     static constexpr int64_t kLine = 64;
     void add(const void* start, int64_t bytes) {
         if (count_ == kRuns) return;
