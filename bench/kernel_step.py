@@ -27,31 +27,14 @@ bench/results/kernel_step.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from common import save, table
-from lora_step import HIDDEN, KV, LAYERS, MAX_RANK, RANK, at_commit
+from lora_step import HIDDEN, KV, LAYERS, MAX_RANK, RANK, kernel_of
 
 SLOTS, TOKENS = 256, 64
-
-
-def kernel_of(commit: str):
-    """``commit``'s lora_kernel.cpp, built with that commit's native.py (its ctypes layout
-    is its kernel's), and that native module."""
-    scratch = Path(tempfile.mkdtemp())
-    source = scratch / "lora_kernel.cpp"
-    source.write_text(at_commit(commit, "zoo/serve/lora_kernel.cpp"))
-    native_file = scratch / f"native_{commit}.py"
-    native_file.write_text(at_commit(commit, "zoo/serve/native.py"))
-    spec = importlib.util.spec_from_file_location(native_file.stem, native_file)
-    own = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(own)
-    return own.Kernel(own.build(source_file=source))
 
 
 def layers():

@@ -64,22 +64,10 @@ def wrapper_of(commit: str):
     from zoo.serve import native
 
     scratch = Path(tempfile.mkdtemp())
-    path = scratch / f"fast_lora_{commit}.py"
-    path.write_text(at_commit(commit, "zoo/serve/fast_lora.py"))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    kernel_source = at_commit(commit, "zoo/serve/lora_kernel.cpp")
-    if kernel_source is not None and hasattr(module, "native"):
-        source_file = scratch / "lora_kernel.cpp"
-        source_file.write_text(kernel_source)
-        # that commit's native.py too: its ctypes layout is its kernel's
-        native_file = scratch / f"native_{commit}.py"
-        native_file.write_text(at_commit(commit, "zoo/serve/native.py") or "")
-        spec = importlib.util.spec_from_file_location(native_file.stem, native_file)
-        own = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(own)
-        old = own.Kernel(own.build(source_file=source_file))
+    module = _loaded(scratch / f"fast_lora_{commit}.py",
+                     at_commit(commit, "zoo/serve/fast_lora.py"))
+    if at_commit(commit, "zoo/serve/lora_kernel.cpp") is not None and hasattr(module, "native"):
+        old = kernel_of(commit)
 
         class Native:  # the commit's kernel where its fast_lora asks for one
             MAX_RANK = native.MAX_RANK
@@ -89,6 +77,25 @@ def wrapper_of(commit: str):
                 return old
 
         module.native = Native
+    return module
+
+
+def kernel_of(commit: str):
+    """``commit``'s native kernel: its lora_kernel.cpp built and loaded by its own
+    native.py (whose ctypes layout is that kernel's)."""
+    scratch = Path(tempfile.mkdtemp())
+    source = scratch / "lora_kernel.cpp"
+    source.write_text(at_commit(commit, "zoo/serve/lora_kernel.cpp"))
+    own = _loaded(scratch / f"native_{commit}.py", at_commit(commit, "zoo/serve/native.py"))
+    return own.Kernel(own.build(source_file=source))
+
+
+def _loaded(path: Path, text: str):
+    """``text`` written to ``path`` and imported from there as a module of its own."""
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 

@@ -38,8 +38,7 @@ def worker(monkeypatch):
     """vLLM's worker, linear method and zoo's LoRA wrapper with stand-ins for the methods
     the timers wrap (restored after the test): a step runs 20 ms of linear layers and
     10 ms of LoRA work (2 ms of it routing the layers), 5 ms of it in the native kernel,
-    and leaves its sampling to
-    ``sample_tokens`` unless told."""
+    and leaves its sampling to ``sample_tokens`` unless told."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
         CompressedTensorsLinearMethod,

@@ -336,8 +336,8 @@ def lora_layers(options: ServeOptions, trained: set[str]) -> tuple[str, ...] | N
 
     ``lora_targets`` "catalog": what the served adapters train. A layer no adapter of the
     step trains runs as its base layer anyway on the CPU (``layer_routes.py``), so this
-    saves little there; an adapter registered later that trains
-    anything else is refused until zoo serve restarts (``policy.py``), as one above
+    saves little there; an adapter registered later that trains anything else is
+    refused until zoo serve restarts (``policy.py``), as one above
     ``--max-lora-rank`` is, and so would a canary version that does. "all" (the default)
     or an empty catalog wraps every module; the user's own ``--lora-target-modules``
     wins."""
