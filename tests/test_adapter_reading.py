@@ -23,6 +23,9 @@ def reading(monkeypatch):
     monkeypatch.setattr(lora_model, "parse_fine_tuned_lora_name",
                         lora_model.parse_fine_tuned_lora_name)
     monkeypatch.setattr(model_manager, "str", str, raising=False)  # gone again after
+    monkeypatch.setattr(lora_model.LoRAModel, "from_lora_tensors",
+                        lora_model.LoRAModel.__dict__["from_lora_tensors"])
+    monkeypatch.setattr(adapter_reading, "_RESCALE", {})
     return adapter_reading.install
 
 
@@ -172,3 +175,129 @@ def test_rescaling_with_kept_plans_gives_the_same_numbers(models, tmp_path):
     full = dict.fromkeys(range(PLANS_KEPT + 1))
     adapt_tensors({}, scales, full)
     assert full == {}  # past PLANS_KEPT names it starts afresh
+
+
+def _random_scales(base, seed: int = 0) -> dict:
+    """Smoothing scales for every layer of the tiny ``base``, as zoo_smoothing.scales holds."""
+    config = json.loads((base / "config.json").read_text())
+    kv = config["num_key_value_heads"] * config["hidden_size"] // config["num_attention_heads"]
+    widths = {"attn_in": config["hidden_size"], "mlp_in": config["hidden_size"],
+              "down_in": config["intermediate_size"], "v_out": kv}
+    g = torch.Generator().manual_seed(seed)
+    scales = {f"layers.{i}.{k}": torch.rand(n, generator=g) + 0.5
+              for i in range(config["num_hidden_layers"]) for k, n in widths.items()}
+    return scales | {"_kv_heads": config["num_key_value_heads"],
+                     "_group": config["num_attention_heads"] // config["num_key_value_heads"]}
+
+
+def _bits(tensor):
+    return tensor.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+def test_a_plain_lora_file_is_lent_and_settles_to_the_numbers_read_one_by_one(
+        models, tmp_path, monkeypatch):
+    """A plain LoRA file's tensors are lent from the thread's buffer, and settle into the
+    adapter's own: bit for bit what safetensors' tensors give rescaled one by one
+    (adapt_tensors) and then converted (vLLM's .to), for float32, bfloat16 and float16
+    files, each LoRA dtype, with and without a smoothed base's scales; a file read next
+    leaves them as they were."""
+    from safetensors.torch import load_file
+
+    from tests.factory import ALL_PROJECTIONS, write_random_lora
+    from zoo.models.smoothing import adapt_tensors
+
+    monkeypatch.setattr(adapter_reading, "_RESCALE", {})
+    scales = _random_scales(models.llama)
+    other = write_random_lora(tmp_path / "other", models.llama, rank=2, seed=9)
+    for dtype in (None, torch.bfloat16, torch.float16):
+        path = write_random_lora(tmp_path / f"l-{dtype}", models.llama, rank=4,
+                                 targets=ALL_PROJECTIONS, dtype=dtype, seed=3)
+        read = load_file(path / "adapter_model.safetensors")
+        for rescaled in (False, True):
+            adapter_reading._RESCALE.clear()
+            if rescaled:
+                adapter_reading.rescale_with(scales)
+            for target in (torch.bfloat16, torch.float32, torch.float16, None):
+                with adapter_reading.WholeFile(path / "adapter_model.safetensors") as f:
+                    lent = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                assert adapter_reading._THREAD.lent is not None
+                settled = adapter_reading.settle(lent, target)
+                assert isinstance(settled, adapter_reading.Settled)
+                assert adapter_reading.settle(settled, target) is settled
+                expected = adapt_tensors(read, scales) if rescaled else read
+                expected = {k: v.to(target or v.dtype) for k, v in expected.items()}
+                with adapter_reading.WholeFile(other / "adapter_model.safetensors") as f:
+                    f.get_tensor(f.keys()[0])  # the buffer read over
+                assert list(settled) == list(lent) == sorted(read)
+                for key, value in expected.items():
+                    assert settled[key].dtype == value.dtype
+                    assert torch.equal(_bits(settled[key]), _bits(value)), (dtype, target, key)
+        assert not torch.equal(adapt_tensors(read, scales)[key].float(), read[key].float())
+
+
+def test_other_files_are_read_as_before_and_a_mix_is_copied(models, tmp_path):
+    """Only a plain LoRA file is lent: one with another kind of tensor, or tensors of two
+    dtypes, is safetensors' own; lent tensors among others are copied, not settled."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.factory import write_random_lora
+
+    path = write_random_lora(tmp_path / "l", models.llama, rank=2) / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    for name, extra in (("embedding", {"base_model.model.embed_tokens.lora_embedding_A":
+                                       torch.ones(2, 8)}),
+                        ("dtypes", {key: tensors[key].to(torch.bfloat16)})):
+        odd = tmp_path / f"{name}.safetensors"
+        save_file(tensors | extra, odd)
+        with adapter_reading.WholeFile(odd) as f:
+            got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        assert adapter_reading._THREAD.lent is None
+        assert adapter_reading.settle(got, torch.bfloat16) is got
+        assert all(torch.equal(got[k], v) for k, v in (tensors | extra).items())
+    with adapter_reading.WholeFile(path) as f:
+        lent = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    mixed = lent | {"extra": torch.ones(3)}
+    copied = adapter_reading.settle(mixed, torch.bfloat16)
+    assert not isinstance(copied, adapter_reading.Settled) and copied["extra"] is mixed["extra"]
+    assert all(torch.equal(copied[k], lent[k]) and copied[k].data_ptr() != lent[k].data_ptr()
+               for k in lent)
+
+
+@pytest.mark.parametrize("smoothed_first", [True, False], ids=["smoothed-inner", "smoothed-outer"])
+def test_vllm_loads_a_smoothed_bases_adapter_rescaled_once_through_it(
+        models, reading, tmp_path, monkeypatch, smoothed_first):
+    """On a smoothed base, vLLM's load through the lent tensors gives the adapter
+    rescaled once, as the stored tensors rescaled one by one give it, whichever of the two
+    patches wraps the other."""
+    from safetensors.torch import load_file
+
+    from tests.factory import write_random_lora
+    from zoo.models.smoothing import adapt_tensors, save_scales
+    from zoo.serve import plugin
+    from zoo.serve.policy import MODEL_VARIABLE
+
+    class Config:  # what save_scales reads of a model's config
+        num_attention_heads = json.loads((models.llama / "config.json").read_text())[
+            "num_attention_heads"]
+        num_key_value_heads = json.loads((models.llama / "config.json").read_text())[
+            "num_key_value_heads"]
+
+    scales = _random_scales(models.llama, seed=4)
+    smoothed = tmp_path / "smoothed"
+    smoothed.mkdir()
+    save_scales(smoothed, {k: v for k, v in scales.items() if not k.startswith("_")}, Config)
+    monkeypatch.setenv(MODEL_VARIABLE, str(smoothed))
+    path = write_random_lora(tmp_path / "lora", models.llama, rank=4,
+                             targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    expected = {k: v.to(torch.bfloat16) for k, v in
+                adapt_tensors(load_file(path / "adapter_model.safetensors"), scales).items()}
+    order = [plugin.SMOOTHED_LORA, plugin.ADAPTER_READING]
+    assert plugin.install(order if smoothed_first else order[::-1]).applied
+    model = load(path)
+    assert adapter_reading._THREAD.lent is None  # settled
+    assert model.loras
+    for name, lora in model.loras.items():
+        stem = f"base_model.model.{name}"
+        assert torch.equal(_bits(lora.lora_a), _bits(expected[f"{stem}.lora_A.weight"]))
+        assert torch.equal(_bits(lora.lora_b), _bits(expected[f"{stem}.lora_B.weight"]))

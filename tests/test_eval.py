@@ -252,7 +252,7 @@ def test_the_server_hands_vllm_adapted_copies_on_a_smoothed_base(models, tmp_pat
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
-    from zoo.serve import plugin
+    from zoo.serve import adapter_reading, plugin
     from zoo.serve.policy import MODEL_VARIABLE
 
     def loaded(folder):
@@ -264,6 +264,7 @@ def test_the_server_hands_vllm_adapted_copies_on_a_smoothed_base(models, tmp_pat
 
     from_copy = loaded(path)
     monkeypatch.setattr(LoRAModel, "from_lora_tensors", LoRAModel.from_lora_tensors)
+    monkeypatch.setattr(adapter_reading, "_RESCALE", {})  # the scales it sets there
     monkeypatch.setenv(MODEL_VARIABLE, str(smoothed_dir))
     assert plugin.SMOOTHED_LORA in plugin.zoo_patches()
     assert plugin.install([plugin.SMOOTHED_LORA]).applied == ["smoothed_lora"]

@@ -580,6 +580,7 @@ def _adapt_loras_as_the_engine_loads_them() -> None:
     from vllm.lora.lora_model import LoRAModel
 
     from zoo.models.smoothing import adapt_tensors, load_scales
+    from zoo.serve import adapter_reading
 
     original = LoRAModel.from_lora_tensors.__func__
     if getattr(original, "_zoo_adapts", False):
@@ -587,14 +588,18 @@ def _adapt_loras_as_the_engine_loads_them() -> None:
     scales = load_scales(Path(os.environ[MODEL_VARIABLE]))
     if scales is None:
         return  # not smoothed: adapters load as they are
+    adapter_reading.rescale_with(scales)  # tensors adapter_reading lent, rescaled as they settle
 
     plans = {}  # each tensor name's rescaling, worked out once (the names repeat)
 
     def from_lora_tensors(cls, lora_model_id, tensors, *args, **kwargs):
-        return original(cls, lora_model_id, adapt_tensors(tensors, scales, plans), *args,
-                        **kwargs)
+        tensors = adapter_reading.settle(tensors, adapter_reading.dtype_of(args, kwargs))
+        if not isinstance(tensors, adapter_reading.Settled):
+            tensors = adapt_tensors(tensors, scales, plans)
+        return original(cls, lora_model_id, tensors, *args, **kwargs)
 
     from_lora_tensors._zoo_adapts = True
+    from_lora_tensors.__wrapped__ = original
     LoRAModel.from_lora_tensors = classmethod(from_lora_tensors)
 
 
@@ -609,6 +614,9 @@ SMOOTHED_LORA = Patch(
                        names=("lora_model_id", "tensors")),
             mentions(_LORA_MODEL, "LoRAModel", "from_local_checkpoint",
                      snippets=("cls.from_lora_tensors(", "tensors=tensors")),
+            # adapter_reading.dtype_of: a call's dtype, by keyword or by place
+            parameters(_LORA_MODEL, "LoRAModel", "from_lora_tensors",
+                       names=("lora_model_id", "tensors", "peft_helper", "device", "dtype")),
             mentions("vllm.lora.worker_manager", "WorkerLoRAManager", "_load_adapter",
                      snippets=("self._lora_model_cls.from_local_checkpoint(",))))
 
@@ -621,14 +629,19 @@ def _read_adapters_in_fewer_steps() -> None:
 
 ADAPTER_READING = Patch(
     name="adapter_reading", apply=_read_adapters_in_fewer_steps,
-    why="the worker reads a new adapter's safetensors one tensor at a time, parses "
-        "each tensor's name three times and formats a tensor as text, on the core that "
-        "runs every step",
+    why="the worker reads a new adapter's safetensors one tensor at a time, copies and "
+        "converts each tensor on its own, parses each tensor's name three times and "
+        "formats a tensor as text, on the core that runs every step",
     retire_when="vLLM reads an adapter's file in one go, parses each module's name once "
                 "and reads a packed adapter's device from its tensor's .device",
     checks=(mentions(_LORA_MODEL, "LoRAModel", "from_local_checkpoint", snippets=(
                 'safetensors.safe_open(lora_tensor_path, framework="pt")', "f.keys()",
-                "f.get_tensor(module)", "parse_fine_tuned_lora_name(")),
+                "f.get_tensor(module)", "parse_fine_tuned_lora_name(",
+                # the lent tensors go to from_lora_tensors, which settles them
+                "tensors[module] = f.get_tensor(module)", "cls.from_lora_tensors(",
+                "tensors=tensors", "dtype=dtype")),
+            parameters(_LORA_MODEL, "LoRAModel", "from_lora_tensors",
+                       names=("lora_model_id", "tensors", "peft_helper", "device", "dtype")),
             parameters("vllm.lora.utils", "parse_fine_tuned_lora_name",
                        names=("name", "weights_mapper"), exact=True),
             has(_LORA_MODEL, "safetensors", "safe_open"),
