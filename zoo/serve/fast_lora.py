@@ -568,8 +568,12 @@ class _Placement:
         (the written slots at its version), for :meth:`run` to update."""
         index = self.index
         for stacked in _stacks_of(layer):
-            written = _written_slots(stacked)
-            stacked._zoo_written = (stacked._version, written)
+            record = getattr(stacked, "_zoo_written", None)
+            if record is not None and record[0] == stacked._version:
+                written = record[1]  # current: nothing to redo (most stacks, most adapters)
+            else:
+                written = _written_slots(stacked)
+                stacked._zoo_written = (stacked._version, written)
             holds = index in written
             if holds or copies_follow:
                 _mark_for_redoing(stacked, index)
