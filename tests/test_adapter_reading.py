@@ -301,3 +301,16 @@ def test_vllm_loads_a_smoothed_bases_adapter_rescaled_once_through_it(
         stem = f"base_model.model.{name}"
         assert torch.equal(_bits(lora.lora_a), _bits(expected[f"{stem}.lora_A.weight"]))
         assert torch.equal(_bits(lora.lora_b), _bits(expected[f"{stem}.lora_B.weight"]))
+
+
+@pytest.mark.parametrize("header", [
+    b'{"a.lora_A.weight": {"dtype": "F32", "shape": [-1], "data_offsets": [0, -4]}}',
+    b'{"a.lora_A.weight": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}',
+    b'{"a.lora_A.weight": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}',
+    b'{"a.lora_A.weight": {"dtype": "F32", "shape": [2]}}',
+    b'[1, 2]', b'\xff{', b'{}'])
+def test_a_header_that_is_not_a_plain_lora_files_is_left_to_safetensors(header):
+    """Any header but a plain LoRA file's, well formed or not, lends nothing (safetensors
+    then reads the file and says what is wrong with it)."""
+    adapter_reading._LAYOUTS.pop(header, None)
+    assert adapter_reading._layout(header) is None

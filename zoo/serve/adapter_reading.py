@@ -191,6 +191,8 @@ def _layout(header: bytes) -> Layout | None:
             for name, entry in sorted(entries.items(), key=lambda e: e[1]["data_offsets"]):
                 begin, stop = entry["data_offsets"]
                 shape = tuple(entry["shape"])
+                if not all(type(n) is int and n >= 0 for n in (begin, stop, *shape)):
+                    break
                 count = 1
                 for n in shape:
                     count *= n
