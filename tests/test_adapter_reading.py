@@ -237,7 +237,8 @@ def test_a_plain_lora_file_is_lent_and_settles_to_the_numbers_read_one_by_one(
 
 def test_other_files_are_read_as_before_and_a_mix_is_copied(models, tmp_path):
     """Only a plain LoRA file is lent: one with another kind of tensor, or tensors of two
-    dtypes, is safetensors' own; lent tensors among others are copied, not settled."""
+    dtypes, is safetensors' own; lent tensors among others are copied, not settled; lent
+    tensors read over by a later read are refused, not passed on."""
     from safetensors.torch import load_file, save_file
 
     from tests.factory import write_random_lora
@@ -262,6 +263,12 @@ def test_other_files_are_read_as_before_and_a_mix_is_copied(models, tmp_path):
     assert not isinstance(copied, adapter_reading.Settled) and copied["extra"] is mixed["extra"]
     assert all(torch.equal(copied[k], lent[k]) and copied[k].data_ptr() != lent[k].data_ptr()
                for k in lent)
+    with adapter_reading.WholeFile(path) as f:
+        stale = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    with adapter_reading.WholeFile(path) as f:
+        f.keys()  # read over the same buffer before they settled
+    with pytest.raises(RuntimeError, match="read over"):
+        adapter_reading.settle(stale, torch.bfloat16)
 
 
 @pytest.mark.parametrize("smoothed_first", [True, False], ids=["smoothed-inner", "smoothed-outer"])

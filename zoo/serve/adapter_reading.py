@@ -24,9 +24,9 @@ and ``LoRAModel.from_lora_tensors`` settles them (:func:`settle`) before vLLM se
 the smoothed base's rescale (:func:`rescale_with`) as two operations on the whole file,
 and the conversion to the LoRA dtype as one, into one tensor the adapter owns. The same
 numbers as the tensors one by one (each one's product and quotient, rounded once to
-the file's dtype and once to the LoRA dtype, as before); about 1.8 ms less a rank-8 q/v
-adapter, of 3, and the thread's read buffer and float32 scratch are not page-faulted anew
-for each adapter (docs/BENCHMARKS.md).
+the file's dtype and once to the LoRA dtype, as before). Reading a rank-8 q/v adapter of
+SmolLM2 took 3.0-3.2 ms against 4.3-4.6 (``bench/first_use.py``): one pass over the file
+where there were four, and no fresh buffer for the file or the rescale to page-fault.
 """
 
 from __future__ import annotations
@@ -239,6 +239,7 @@ def _lend(path: Path) -> dict | None:
             or size != start + layout.count * layout.dtype.itemsize):
         return None
     flat = torch.frombuffer(buffer, dtype=layout.dtype, count=layout.count, offset=start)
+    flat._zoo_lent = True  # its views' _base: settle tells a lent tensor read over
     tensors = {name: flat[first:first + count].view(shape)
                for name, (first, count, shape) in layout.index.items()}
     thread.lent = _Lent(layout, flat, tensors)
@@ -256,11 +257,16 @@ def settle(tensors: dict, dtype=None) -> dict:
     (rescaled later, as any); anything else as it is."""
     import torch
 
-    lent = _THREAD.lent
-    if lent is None or isinstance(tensors, Settled):
+    if isinstance(tensors, Settled):
         return tensors
-    mine = [name for name, tensor in tensors.items() if lent.tensors.get(name) is tensor]
+    lent = _THREAD.lent
+    mine = set() if lent is None else \
+        {name for name, tensor in tensors.items() if lent.tensors.get(name) is tensor}
     if not mine:
+        if any(getattr(t._base, "_zoo_lent", False) for t in tensors.values()
+               if isinstance(t, torch.Tensor)):
+            raise RuntimeError("an adapter's lent tensors were read over by a later read "
+                               "before they settled")
         return tensors
     _THREAD.lent = None
     if len(mine) < len(tensors):
@@ -280,9 +286,11 @@ def settle(tensors: dict, dtype=None) -> dict:
         # rounded to the file's dtype first, as adapt_tensors' rescaled tensors are
         rounded = work if layout.dtype == torch.float32 else work.to(layout.dtype)
         owned = rounded.to(target, copy=True)
-    return Settled((name, owned[first:first + count].view(shape))
-                   for name, (first, count, shape) in
-                   ((name, layout.index[name]) for name in tensors))
+    settled = Settled()
+    for name in tensors:
+        first, count, shape = layout.index[name]
+        settled[name] = owned[first:first + count].view(shape)
+    return settled
 
 
 def _scratch(count: int):

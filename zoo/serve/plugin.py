@@ -604,6 +604,9 @@ def _adapt_loras_as_the_engine_loads_them() -> None:
 
 
 _LORA_MODEL = "vllm.lora.lora_model"
+# adapter_reading.dtype_of finds a from_lora_tensors call's dtype by keyword or by place
+_DTYPE_BY_PLACE = parameters(_LORA_MODEL, "LoRAModel", "from_lora_tensors",
+                             names=("lora_model_id", "tensors", "peft_helper", "device", "dtype"))
 SMOOTHED_LORA = Patch(
     name="smoothed_lora", apply=_adapt_loras_as_the_engine_loads_them,
     why="adapters trained on the original base must be rescaled for a SmoothQuant-ed one; "
@@ -614,9 +617,7 @@ SMOOTHED_LORA = Patch(
                        names=("lora_model_id", "tensors")),
             mentions(_LORA_MODEL, "LoRAModel", "from_local_checkpoint",
                      snippets=("cls.from_lora_tensors(", "tensors=tensors")),
-            # adapter_reading.dtype_of: a call's dtype, by keyword or by place
-            parameters(_LORA_MODEL, "LoRAModel", "from_lora_tensors",
-                       names=("lora_model_id", "tensors", "peft_helper", "device", "dtype")),
+            _DTYPE_BY_PLACE,
             mentions("vllm.lora.worker_manager", "WorkerLoRAManager", "_load_adapter",
                      snippets=("self._lora_model_cls.from_local_checkpoint(",))))
 
@@ -640,8 +641,7 @@ ADAPTER_READING = Patch(
                 # the lent tensors go to from_lora_tensors, which settles them
                 "tensors[module] = f.get_tensor(module)", "cls.from_lora_tensors(",
                 "tensors=tensors", "dtype=dtype")),
-            parameters(_LORA_MODEL, "LoRAModel", "from_lora_tensors",
-                       names=("lora_model_id", "tensors", "peft_helper", "device", "dtype")),
+            _DTYPE_BY_PLACE,
             parameters("vllm.lora.utils", "parse_fine_tuned_lora_name",
                        names=("name", "weights_mapper"), exact=True),
             has(_LORA_MODEL, "safetensors", "safe_open"),
