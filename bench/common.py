@@ -131,11 +131,15 @@ def engine_plan(log=lambda line: print(line, file=sys.stderr)):
     """`zoo serve`'s plan on the benchmarks' home with its catalog of 1,000 registered
     rank-8 q/v LoRAs, the raw adapters' directory, and the arguments the in-process
     engines of first_use.py and steps.py are started with (``--engine SPEC``: JSON of the
-    catalog's directory and the LLM's arguments, ``llm``)."""
+    catalog's directory and the LLM's arguments, ``llm``). The engines, this tree's and
+    --previous's, inherit the projections the catalog's adapters train, as zoo serve sets
+    them: their stacks committed at start (``zero_pages.populate``), so that placing an
+    adapter in a fresh slot is not page-faulted where serving is not."""
     from serve import catalog
 
     from zoo.catalog.registry import Registry
     from zoo.serve.launch import ServeOptions, plan_serve, prepare_base
+    from zoo.serve.policy import TARGETS_VARIABLE
 
     home = bench_home()
     registry = Registry(home)
@@ -144,6 +148,7 @@ def engine_plan(log=lambda line: print(line, file=sys.stderr)):
     prepare_base(options, registry)
     plan = plan_serve(options, registry)
     adapters = home / "bench-catalog"
+    os.environ[TARGETS_VARIABLE] = plan.env[TARGETS_VARIABLE]
     # vLLM's LLM arguments for the LoRA settings `zoo serve` would start the engine with
     llm = dict(model=str(plan.model_path), enable_lora=True, max_loras=plan.max_loras,
                max_cpu_loras=plan.max_cpu_loras, max_lora_rank=plan.max_lora_rank,

@@ -102,11 +102,6 @@ def main() -> None:
     from common import answer, engine_plan, engines_of, save, table
 
     plan, adapters, engine_args = engine_plan()
-    # as zoo serve starts the engine: the stacks of the projections the catalog's adapters
-    # train committed at start (zero_pages.populate), so a fresh slot is not page-faulted
-    from zoo.serve.policy import TARGETS_VARIABLE
-
-    os.environ[TARGETS_VARIABLE] = plan.env[TARGETS_VARIABLE]
     count = len(os.listdir(adapters))
     fresh_rounds = plan.max_loras // args.per_round  # rounds while free slots remain
     needed = plan.max_loras + (args.rounds + 1) * args.per_round
