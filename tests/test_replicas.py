@@ -168,6 +168,12 @@ def in_flight(replica) -> int:
                    if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting"))))
 
 
+def router_complaints(fleet) -> list[str]:
+    """The router's warnings and errors (unhealthy workers, retries, open circuits)."""
+    lines = fleet.fleet.router_log.read_text(errors="replace").splitlines()
+    return [line for line in lines if "WARN" in line or "ERROR" in line][-20:]
+
+
 def fleet_processes(fleet) -> dict[int, set[int]]:
     """Every live process started for each replica (they inherit its state directory)."""
     return {r.index: processes_with_env("ZOO_SERVE_STATE", str(r.log_path.parent))
@@ -199,7 +205,8 @@ def test_a_killed_replica_costs_at_most_its_running_requests(fleet):
                              timeout=120)
         # what the next failure needs to tell its cause (one CI run met it: 641 of 642)
         assert counted, ([in_flight(r) for r in fleet.fleet.replicas],
-                         [f.result()[0] for f in running if f.done()], fleet.lines[-20:])
+                         [f.result()[0] for f in running if f.done()], fleet.lines[-20:],
+                         router_complaints(fleet))
         assert not any(f.done() for f in running)
         victims_requests = in_flight(victim)
         os.kill(old_pid, signal.SIGKILL)
