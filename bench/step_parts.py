@@ -1,7 +1,7 @@
 """Where a served step's time goes, on the base, on 64 adapters never used and on the same
 64 again: the base's linear layers, zoo's LoRA work and the rest, step by step.
 
-Run: .venv/bin/python bench/step_parts.py [--rounds 4] [--start 0]
+Run: .venv/bin/python bench/step_parts.py [--rounds 4] [--start 0] [--fill 0]
                                           [--previous COMMIT --engines 2]
                                           [--lora-targets all|catalog]
 
@@ -12,7 +12,10 @@ LoRAs) runs with ``ZOO_STEP_TIMES`` (``zoo/serve/step_times.py``), so its worker
 each step's seconds, the seconds in the base's linear layers and those in zoo's LoRA
 wrapper. After a warm-up it runs --rounds rounds of three bursts of 64 requests x 32
 tokens: the base, 64 adapters it has never loaded (cold, from the catalog's adapter
---start on), the same 64 again (warm). A step belongs to the burst it started in. For
+--start on), the same 64 again (warm). With --fill N, N more adapters are used once
+(bursts of 64, a token each) before the rounds: with N at least the engine's slots (256
+by default), every cold burst's adapters evict others, as in a server that has run a
+while (the slots of a young one are free). A step belongs to the burst it started in. For
 each kind of burst, medians over its bursts: the burst's seconds; how long after the
 burst began its first step started (a cold burst's loads come before it); and over its
 decode steps (a token for every request) the step, its linear layers, its LoRA work and
@@ -29,6 +32,7 @@ bench/results/step_parts.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import sys
@@ -36,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 from common import log, save, table
-from serve import base_cold_warm, engine_url, served_catalog
+from serve import base_cold_warm, burst, engine_url, served_catalog
 
 REQUESTS = 64
 TOKENS = 32
@@ -52,6 +56,9 @@ def main() -> None:
                         "timers), its engines alternating with this tree's")
     parser.add_argument("--engines", type=int, default=2,
                         help="with --previous: engines in all, alternating")
+    parser.add_argument("--fill", type=int, default=0,
+                        help="adapters each engine uses once before the rounds (at least "
+                        "its slots: every cold adapter evicts one)")
     parser.add_argument("--lora-targets", default="all", choices=("all", "catalog"),
                         help="this tree's engines' zoo serve --lora-targets")
     args = parser.parse_args()
@@ -61,7 +68,7 @@ def main() -> None:
     home, registry, names = served_catalog()
     paths = [("zoo", "previous")[i % 2] for i in range(args.engines)] if args.previous \
         else ["zoo"]
-    needed = 8 + args.rounds * REQUESTS
+    needed = args.fill + 8 + args.rounds * REQUESTS
     if args.start + needed * len(paths) > len(names):
         raise SystemExit(f"--rounds {args.rounds} from --start {args.start} needs "
                          f"{needed} adapters an engine, {len(paths)} engines, of the "
@@ -76,8 +83,13 @@ def main() -> None:
         os.environ[step_times.VARIABLE] = str(prefix)
         try:
             with engine_url(path, args.previous, home, registry, args.lora_targets) as url:
-                for number, state, started, took in base_cold_warm(url, adapters, args.rounds,
-                                                                    REQUESTS, TOKENS):
+                for first in range(0, args.fill, REQUESTS):
+                    chunk = adapters[first:min(first + REQUESTS, args.fill)]
+                    asyncio.run(burst(url, chunk, 1, len(chunk)))
+                if args.fill:
+                    log(f"{path} engine {index}: {args.fill} adapters used once first")
+                for number, state, started, took in base_cold_warm(
+                        url, adapters[args.fill:], args.rounds, REQUESTS, TOKENS):
                     bursts.append((path, state, started, took))
                     log(f"{path} engine {index} round {number} {state}: {took:.2f} s")
         finally:

@@ -564,6 +564,54 @@ def test_a_slots_view_is_the_index_of_it():
         assert _slot_view(stacked, 1, rows, columns).shape == (min(rows, 6), min(columns, 7))
 
 
+def test_a_placement_zeroes_a_slot_only_where_its_last_adapter_wrote_beyond_the_copy(
+        monkeypatch):
+    """An adapter entering a slot of a rank-8 stack after one of the same rank is copied
+    in with no zeroing (the copy writes all its predecessor wrote); after one of a higher
+    rank, or after a write zoo did not make, the slot is zeroed first. Each time the
+    slot holds the new adapter and zeros, as vLLM's reset and copy would leave it."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    from zoo.serve import fast_lora
+
+    fast_lora.track_slot_writes()
+
+    class Plain:
+        n_slices, tp_size = 1, 1
+        reset_lora = BaseLinearLayerWithLoRA.reset_lora
+        set_lora = BaseLinearLayerWithLoRA.set_lora
+
+    layer = Plain()
+    layer.lora_a_stacked = (torch.zeros(3, 1, 8, 5),)
+    layer.lora_b_stacked = (torch.zeros(3, 1, 4, 8),)
+    zeroed = []
+    real_zero = torch._foreach_zero_
+    monkeypatch.setattr(torch, "_foreach_zero_",
+                        lambda views: (zeroed.append(len(views)), real_zero(views)))
+    g = torch.Generator().manual_seed(0)
+
+    def place(rank: int) -> int:
+        a, b = torch.randn(rank, 5, generator=g), torch.randn(4, rank, generator=g)
+        weights = type("Weights", (), {"lora_a": a, "lora_b": b})()
+        zeroed.clear()
+        placement = fast_lora._Placement(1)
+        assert placement.copies(layer, weights, fast_lora._placed_set_loras())
+        placement.run()
+        want_a, want_b = torch.zeros(8, 5), torch.zeros(4, 8)
+        want_a[:rank], want_b[:, :rank] = a, b
+        assert torch.equal(layer.lora_a_stacked[0][1, 0], want_a)
+        assert torch.equal(layer.lora_b_stacked[0][1, 0], want_b)
+        assert not layer.lora_a_stacked[0][[0, 2]].any()  # the other slots untouched
+        return sum(zeroed)
+
+    assert place(6) == 0  # a slot nothing wrote
+    assert place(6) == 0  # the same rank again: the copy writes all the last one did
+    assert place(4) == 2  # a lower rank: rows 4-5 of A, columns 4-5 of B zeroed first
+    assert place(5) == 0
+    layer.lora_b_stacked[0][1, 0, 0, 7] = 1.0  # a write zoo did not see
+    assert place(5) == 1  # B's slot (anything may be in it) zeroed; A's is still known
+
+
 @settings(max_examples=100, deadline=None)
 @given(adapters=_ADAPTERS, ops=_PLACEMENT_OPS)
 def test_bulk_placement_writes_what_vllms_activate_adapter_writes(adapters, ops):
