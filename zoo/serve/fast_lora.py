@@ -573,8 +573,8 @@ class _Placement:
             if copies_follow or record is None or record[0] != stacked._version \
                     or index in record[1]:
                 self._reset(stacked, copies_follow)
-            # else: nothing to do (most stacks of most layers), asked of 300 stacks an
-            # adapter for SmolLM2 here rather than in a call each
+            # else: a current record without the slot, no copy to follow: nothing to do
+            # (about 300 of SmolLM2's 424 stacks an adapter), found without a call
 
     def _reset(self, stacked: torch.Tensor, copy_follows: bool,
                copied: tuple[int, int] | None = None) -> dict:
