@@ -515,7 +515,7 @@ def place_in_bulk() -> None:
             weights = lora_model.get_lora(name)
             if weights is None:
                 if getattr(type(module).reset_lora, "_zoo_tracks", False):
-                    place.reset(module, copies_follow=False)
+                    place.reset(module)
                 else:
                     module.reset_lora(index)
             elif not place.copies(module, weights, placed):
@@ -564,16 +564,16 @@ class _Placement:
         self.sources: list[torch.Tensor] = []    # ... from these
         self.copied: list[tuple[torch.Tensor, dict, tuple[int, int]]] = []
 
-    def reset(self, layer, copies_follow: bool) -> None:
-        """Gather ``reset_lora(index)`` of ``layer``; each stack's record is made current
-        (the written slots at its version), for :meth:`run` to update."""
+    def reset(self, layer) -> None:
+        """Gather ``reset_lora(index)`` of ``layer``, which gets no weights (those that
+        do: :meth:`copies`); each stack's record is made current (the written slots at
+        its version), for :meth:`run` to update."""
         index = self.index
         for stacked in _stacks_of(layer):
             record = getattr(stacked, "_zoo_written", None)
-            if copies_follow or record is None or record[0] != stacked._version \
-                    or index in record[1]:
-                self._reset(stacked, copies_follow)
-            # else: a current record without the slot, no copy to follow: nothing to do
+            if record is None or record[0] != stacked._version or index in record[1]:
+                self._reset(stacked, False)
+            # else: a current record without the slot: nothing to do
             # (about 300 of SmolLM2's 424 stacks an adapter), found without a call
 
     def _reset(self, stacked: torch.Tensor, copy_follows: bool,
