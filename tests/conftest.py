@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -26,8 +27,10 @@ import huggingface_hub.constants  # noqa: E402,F401  (the package itself loads l
 
 # zoo's persisted file-hash cache (zoo/catalog/integrity.py): the session's own, not the
 # user's; the vLLM servers tests start inherit it.
-os.environ["ZOO_HASH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="zoo-hashes-"),
-                                            "hashes.sqlite")
+# Removed when the session ends, with the servers it started already stopped.
+_HASH_CACHE_DIR = tempfile.mkdtemp(prefix="zoo-hashes-")
+atexit.register(shutil.rmtree, _HASH_CACHE_DIR, ignore_errors=True)
+os.environ["ZOO_HASH_CACHE"] = os.path.join(_HASH_CACHE_DIR, "hashes.sqlite")
 
 # Property tests: fresh examples on a developer's run, the same ones in CI (a failure found
 # there can be re-run; one found locally is pinned as a test).
