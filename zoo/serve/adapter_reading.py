@@ -27,6 +27,8 @@ numbers as the tensors one by one (each one's product and quotient, rounded once
 the file's dtype and once to the LoRA dtype, as before). Reading a rank-8 q/v adapter of
 SmolLM2 took 3.0-3.2 ms against 4.3-4.6 (``bench/first_use.py``): one pass over the file
 where there were four, and no fresh buffer for the file or the rescale to page-fault.
+Each tensor, lent or settled, is one ``as_strided`` of the whole (:meth:`Layout.views`):
+2.6 ms where a slice and a view took 3.2.
 """
 
 from __future__ import annotations
