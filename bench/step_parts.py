@@ -17,7 +17,12 @@ tokens: the base, 64 adapters it has never loaded (cold, from the catalog's adap
 by default), every cold burst's adapters evict others, as in a server that has run a
 while (the slots of a young one are free). A step belongs to the burst it started in. For
 each kind of burst, medians over its bursts: the burst's seconds; how long after the
-burst began its first step started (a cold burst's loads come before it); and over its
+burst began its first step started (a cold burst's loads come before it); where it
+loaded adapters (a tree with the load timers), how long after it began its last load
+ended, the seconds of the engine core's loads (reading every other adapter and sending
+it, sending the others' paths), of its waits in them for the worker to answer an earlier
+load and of its reads, and the worker's loads, each
+summed over the burst (the core's and the worker's run at once); and over its
 decode steps (a token for every request) the step, its linear layers, its LoRA work and
 the part of it outside the native kernel's call (the wrapper's Python), the rest, and
 the LoRA work's share of the step, measured within each step, so that the
@@ -77,6 +82,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="zoo-step-times-"))
     bursts = []  # (path, state, start, seconds)
     steps = {path: [] for path in paths}
+    loads = {path: [] for path in paths}
     for index, path in enumerate(paths):
         prefix = scratch / f"engine{index}"
         adapters = names[args.start + index * needed:args.start + (index + 1) * needed]
@@ -100,12 +106,16 @@ def main() -> None:
                              f"{args.previous if path == 'previous' else 'this tree'} has "
                              "no step timers")
         steps[path] += [s for f in files for s in step_times.read(f)]
+        loads[path] += [load for f in scratch.glob(f"engine{index}-loads.*")
+                        for load in step_times.read_loads(f)]
 
-    rows = [summarize(path, state, [(b, [s for s in steps[path]
-                                         if b[2] <= s.start < b[2] + b[3]])
+    within = lambda b, events: [e for e in events if b[2] <= e.start < b[2] + b[3]]  # noqa: E731
+    rows = [summarize(path, state, [(b, within(b, steps[path]), within(b, loads[path]))
                                     for b in bursts if b[:2] == (path, state)])
             for path in dict.fromkeys(paths) for state in STATES]
-    columns = ["lora path", "burst", "bursts", "burst s", "first step after s",
+    columns = ["lora path", "burst", "bursts", "burst s", "loads done after s",
+               "core loads s", "of it waits s", "of it reads s", "worker loads s",
+               "first step after s",
                "decode steps", "decode step ms", "linear ms", "LoRA ms", "of it Python ms",
                "rest ms", "LoRA share", "prefill LoRA ms a burst"]
     print(table(rows, columns))
@@ -120,15 +130,27 @@ def main() -> None:
 
 
 def summarize(path: str, state: str, bursts: list) -> dict:
-    """One kind of burst's medians: its bursts' seconds and first steps; its decode steps'
+    """One kind of burst's medians: its bursts' seconds and first steps; where it loaded
+    adapters, how long after it began its last load ended and the seconds of the engine
+    core's loads, of its waits and its own reads in them and of the worker's loads; its
+    decode steps'
     parts (a decode step gives every request one token)."""
-    decode = [s for _b, steps in bursts for s in steps if s.tokens == s.requests]
+    decode = [s for _b, steps, _loads in bursts for s in steps if s.tokens == s.requests]
     ms = lambda values: 1000 * statistics.median(values)  # noqa: E731
+    loading = [(b, loads) for b, _steps, loads in bursts if loads]
+    seconds = lambda kind: statistics.median(  # noqa: E731
+        sum(load.seconds for load in loads if load.kind == kind) for _b, loads in loading)
     return {
         "lora path": path, "burst": state, "bursts": len(bursts),
-        "burst s": statistics.median(b[3] for b, _steps in bursts),
+        "burst s": statistics.median(b[3] for b, _steps, _loads in bursts),
+        "loads done after s": statistics.median(max(load.end for load in loads) - b[2]
+                                                for b, loads in loading) if loading else None,
+        "core loads s": seconds("begin") if loading else None,
+        "of it waits s": seconds("wait") if loading else None,
+        "of it reads s": seconds("read") if loading else None,
+        "worker loads s": seconds("add_lora") if loading else None,
         "first step after s": statistics.median(steps[0].start - b[2]
-                                                for b, steps in bursts if steps),
+                                                for b, steps, _loads in bursts if steps),
         "decode steps": len(decode),
         "decode step ms": ms(s.seconds for s in decode),
         "linear ms": ms(s.linear for s in decode),
@@ -137,7 +159,7 @@ def summarize(path: str, state: str, bursts: list) -> dict:
         "rest ms": ms(s.rest for s in decode),
         "LoRA share": statistics.median(s.lora / s.seconds for s in decode),
         "prefill LoRA ms a burst": ms(sum(s.lora for s in steps if s.tokens > s.requests)
-                                      for _b, steps in bursts),
+                                      for _b, steps, _loads in bursts),
     }
 
 

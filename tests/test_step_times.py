@@ -83,6 +83,12 @@ def worker(monkeypatch):
     monkeypatch.setattr(Kernel, "gather", gather)
     monkeypatch.setattr(Worker, "execute_model", execute_model)
     monkeypatch.setattr(Worker, "sample_tokens", sample_tokens)
+    # what the load timers wrap, as they are (restored after the test)
+    from zoo.serve import core_reading, first_use
+
+    for owner, name in ((Worker, "add_lora"), (first_use, "_begin_load"),
+                        (first_use, "_make_room"), (core_reading, "read")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
     return Worker
 
 
@@ -110,3 +116,53 @@ def test_the_worker_writes_a_line_a_step_with_its_parts(worker, tmp_path):
         assert 0.005 <= step.native < step.lora - 0.004
         assert step.seconds >= step.linear + step.lora and step.rest >= 0
     assert sampled_apart.seconds >= sampled_apart.linear + sampled_apart.lora + 0.005
+
+
+def test_each_load_is_a_line_in_the_process_that_ran_it(worker, tmp_path, monkeypatch):
+    """The engine core's loads begun, its waits for room and its own reads within them,
+    the worker's add_lora: a line each, with its kind, start and seconds; a load that
+    fails is timed too."""
+    from zoo.serve import core_reading, first_use
+
+    def read(context, lora_request):
+        time.sleep(0.02)
+        return "model"
+
+    def make_room(core):
+        time.sleep(0.015)
+
+    def begin_load(core, lora):
+        first_use._make_room(core)
+        time.sleep(0.01)
+        return core_reading.read(None, lora) if core.reads else "sent the path"
+
+    def add_lora(self, lora_request):
+        time.sleep(0.03)
+        if lora_request == "bad":
+            raise ValueError("no such adapter")
+        return True
+
+    monkeypatch.setattr(core_reading, "read", read)
+    monkeypatch.setattr(first_use, "_begin_load", begin_load)
+    monkeypatch.setattr(first_use, "_make_room", make_room)
+    monkeypatch.setattr(worker, "add_lora", add_lora)
+    prefix = tmp_path / "steps"
+    step_times.install(str(prefix))
+    before = time.monotonic()
+    assert first_use._begin_load(SimpleNamespace(reads=True), "a") == "model"
+    assert first_use._begin_load(SimpleNamespace(reads=False), "b") == "sent the path"
+    assert worker.add_lora(None, "a") is True
+    with pytest.raises(ValueError, match="no such adapter"):
+        worker.add_lora(None, "bad")
+
+    loads = step_times.read_loads(f"{prefix}-loads.{os.getpid()}")
+    assert [load.kind for load in loads] == ["wait", "read", "begin", "wait", "begin",
+                                             "add_lora", "add_lora"]
+    waited, read_, begun_reading, _, begun_sending, added, failed = loads
+    assert before <= begun_reading.start <= waited.start < waited.end <= read_.start
+    assert read_.end <= begun_reading.end
+    assert 0.015 <= waited.seconds < 0.5 and 0.02 <= read_.seconds < 0.5
+    assert 0.045 <= begun_reading.seconds < 0.5 and 0.025 <= begun_sending.seconds < 0.5
+    assert begun_reading.end <= begun_sending.start < added.start < failed.start
+    assert 0.03 <= added.seconds < 0.5 and 0.03 <= failed.seconds < 0.5
+    assert not list(tmp_path.glob("steps.*"))  # no step ran: the steps' file is not made

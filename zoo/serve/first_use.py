@@ -214,6 +214,16 @@ def _held(core) -> _Held:
     return core.__dict__.setdefault("_zoo_held", _Held())
 
 
+def _make_room(core) -> None:
+    """Wait for the oldest load sent while IN_FLIGHT are unanswered: vLLM's queues to and
+    from the worker hold a few messages each, and a worker that cannot answer takes no
+    more (both would wait)."""
+    in_flight = [load for load in _held(core).loads.values() if not load.done()]
+    if len(in_flight) >= IN_FLIGHT:
+        with contextlib.suppress(Exception):  # admit() reads its outcome
+            in_flight[0].result()
+
+
 def _begin_load(core, lora) -> Future:
     """The adapter's load, sent to the worker without waiting. Where the worker said how
     (core_reading.py), every other one is read here and placed there, the rest read
@@ -221,12 +231,7 @@ def _begin_load(core, lora) -> Future:
     here, else its load's answer does."""
     from zoo.serve import core_reading
 
-    # at most IN_FLIGHT unanswered: vLLM's queues to and from the worker hold a few
-    # messages each, and a worker that cannot answer takes no more (both would wait)
-    in_flight = [load for load in _held(core).loads.values() if not load.done()]
-    if len(in_flight) >= IN_FLIGHT:
-        with contextlib.suppress(Exception):  # admit() reads its outcome
-            in_flight[0].result()
+    _make_room(core)
     context = core.__dict__.get("_zoo_reading_context", False)
     if context is False and core_reading.handing_over():
         context = core.model_executor.collective_rpc(core_reading.context_of)[0]

@@ -20,6 +20,18 @@ routing of the layers (``layer_routes.route``, which makes new slots' int8 rows)
 NATIVE the part of LORA in the native kernel's call (``native.Kernel.gather``, its
 checks included): the rest of LORA is the wrapper's Python.
 The timers add about a microsecond a call. Without the variable nothing is installed.
+
+A cold burst waits for its adapters' loads before its first step, and those run in two
+processes at once (``first_use.py``). Each process also appends a line a load to
+``PREFIX-loads.PID``::
+
+    KIND START SECONDS
+
+KIND ``begin`` in the engine core: a load begun (``first_use._begin_load``), within it
+``wait`` for the worker to answer an earlier one (``first_use._make_room``: at most
+``IN_FLIGHT`` unanswered) and ``read`` where the core read the adapter itself
+(``core_reading.read``); ``add_lora`` in the worker: the adapter read or handed over,
+and placed.
 """
 
 from __future__ import annotations
@@ -48,6 +60,26 @@ class Step:
     def rest(self) -> float:
         """The step's seconds outside the linear layers and the LoRA wrapper."""
         return self.seconds - self.linear - self.lora
+
+
+@dataclass(frozen=True)
+class Load:
+    """One line of a loads file."""
+
+    kind: str  # "begin", "wait", "read" (the engine core) or "add_lora" (the worker)
+    start: float
+    seconds: float
+
+    @property
+    def end(self) -> float:
+        return self.start + self.seconds
+
+
+def read_loads(path) -> list[Load]:
+    """The loads of a loads file, in the order they ended."""
+    with open(path) as lines:
+        return [Load(kind, float(start), float(seconds))
+                for kind, start, seconds in (line.split() for line in lines)]
 
 
 def read(path) -> list[Step]:
@@ -149,3 +181,33 @@ def install(prefix: str) -> None:
 
     timed_execute_model._zoo_timed = True
     Worker.execute_model, Worker.sample_tokens = timed_execute_model, timed_sample_tokens
+    _time_loads(prefix)
+
+
+def _time_loads(prefix: str) -> None:
+    """Each load's line (the module's docstring) into ``prefix-loads.PID``."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from zoo.serve import core_reading, first_use
+
+    out = []
+
+    def timed(owner, name: str, kind: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed_call(*args, **kwargs):
+            started = time.monotonic()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if not out:
+                    out.append(open(f"{prefix}-loads.{os.getpid()}", "a", buffering=1))  # noqa: SIM115
+                out[0].write(f"{kind} {started:.6f} {time.monotonic() - started:.6f}\n")
+
+        setattr(owner, name, timed_call)
+
+    timed(first_use, "_begin_load", "begin")
+    timed(first_use, "_make_room", "wait")
+    timed(core_reading, "read", "read")
+    timed(Worker, "add_lora", "add_lora")
