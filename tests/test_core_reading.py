@@ -4,6 +4,7 @@ sent in place of reading the file."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from types import SimpleNamespace
 
@@ -61,17 +62,32 @@ def same_model(mine, theirs) -> None:
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def optimized(model):
+    """``model`` as the worker's add_lora leaves it: each layer's scaling folded into its B
+    by vLLM's own ``optimize``."""
+    for lora in model.loras.values():
+        lora.optimize()
+    return model
+
+
 def test_the_core_reads_what_the_worker_reads(models, tmp_path, hand_over):
+    """The model the core sends is the one the worker reads, each layer's scaling
+    already folded into its B (as the worker's add_lora does to every layer)."""
     from vllm.lora.worker_manager import WorkerLoRAManager
 
     path = write_random_lora(tmp_path / "all", models.llama, rank=4, targets=ALL_PROJECTIONS)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["lora_alpha"] = 12  # a scaling (3) whose product with B is rounded
+    (path / "adapter_config.json").write_text(json.dumps(config))
     request = LoRARequest("acme/all:v1", 5, str(path))
     theirs = WorkerLoRAManager._load_adapter.__wrapped__(
         worker()[0].model_runner.lora_manager, request)
+    assert {lora.scaling for lora in theirs.loras.values()} == {3.0}
     context = core_reading.context_of(worker()[0])
     context = pickle.loads(pickle.dumps(context))  # it crosses from worker to core
     mine = core_reading.read(context, request)
-    same_model(mine, theirs)
+    assert {lora.scaling for lora in mine.loras.values()} == {1}
+    same_model(mine, optimized(theirs))
     assert len(theirs.loras) == 7 * 2  # every projection of the tiny Llama's two layers
 
 
@@ -120,7 +136,7 @@ def test_the_worker_places_what_it_was_sent(models, hand_over):
     assert not manager.__dict__[core_reading._HANDED]
     read_itself = manager._load_adapter(request)
     assert read_itself is not sent
-    same_model(read_itself, sent)
+    same_model(optimized(read_itself), sent)
 
 
 def test_the_core_reads_only_where_the_worker_says_how(hand_over, monkeypatch):
