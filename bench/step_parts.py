@@ -19,10 +19,10 @@ while (the slots of a young one are free). A step belongs to the burst it starte
 each kind of burst, medians over its bursts: the burst's seconds; how long after the
 burst began its first step started (a cold burst's loads come before it); where it
 loaded adapters (a tree with the load timers), how long after it began its last load
-ended, the seconds of the engine core's loads (reading every other adapter and sending
-it, sending the others' paths), of its waits in them for the worker to answer an earlier
-load and of its reads, and the worker's loads, each
-summed over the burst (the core's and the worker's run at once); and over its
+ended, and the seconds of the engine core's loads (reading every other adapter and
+sending it, sending the others' paths), of its waits in them for the worker to answer an
+earlier load, of its reads, and of the worker's loads, each summed over the burst (the
+core's and the worker's run at once); and over its
 decode steps (a token for every request) the step, its linear layers, its LoRA work and
 the part of it outside the native kernel's call (the wrapper's Python), the rest, and
 the LoRA work's share of the step, measured within each step, so that the
@@ -133,8 +133,7 @@ def summarize(path: str, state: str, bursts: list) -> dict:
     """One kind of burst's medians: its bursts' seconds and first steps; where it loaded
     adapters, how long after it began its last load ended and the seconds of the engine
     core's loads, of its waits and its own reads in them and of the worker's loads; its
-    decode steps'
-    parts (a decode step gives every request one token)."""
+    decode steps' parts (a decode step gives every request one token)."""
     decode = [s for _b, steps, _loads in bursts for s in steps if s.tokens == s.requests]
     ms = lambda values: 1000 * statistics.median(values)  # noqa: E731
     loading = [(b, loads) for b, _steps, loads in bursts if loads]

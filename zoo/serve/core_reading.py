@@ -97,9 +97,9 @@ def read(context: Context, lora_request):
     ``_load_adapter`` (its errors too: a missing adapter, a rank over the limit, DoRA),
     each layer's scaling already folded into its B by vLLM's own ``optimize``. The
     worker's ``add_lora`` calls ``optimize`` on every layer as it packs them; done here, it
-    finds nothing left to do (60 in-place products a rank-8 q/v adapter of SmolLM2, 0.3-0.7
-    ms of the worker's, which a burst of new adapters waits on; the core waits on the
-    worker meanwhile)."""
+    finds nothing left to do (60 in-place products a rank-8 q/v adapter of SmolLM2, 0.3 ms
+    of the worker's, which a burst of new adapters waits on; the core waits on the worker
+    meanwhile)."""
     from vllm.lora.worker_manager import WorkerLoRAManager
 
     load = WorkerLoRAManager._load_adapter

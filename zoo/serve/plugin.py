@@ -413,6 +413,12 @@ CORE_READING = Patch(
                     digest="bbe3ecd38c23bc02"),
         mentions(_WORKER_MANAGER, "LRUCacheWorkerLoRAManager", "add_adapter",
                  snippets=("self._load_adapter(lora_request)",)),
+        # the core folds each layer's scaling into B (optimize) before it sends a model:
+        # the worker's packing must do no more with a layer whose scaling is 1 than skip
+        fingerprint("vllm.lora.lora_weights", "LoRALayerWeights", "optimize",
+                    digest="e82cbbf83d9cd388"),
+        mentions(_MODEL_MANAGER, "LoRAModelManager", "_create_merged_loras_inplace",
+                 snippets=("lora.optimize()",)),
     ))
 
 
