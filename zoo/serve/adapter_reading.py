@@ -301,10 +301,7 @@ def settle(tensors: dict, dtype=None) -> dict:
         rounded = work if layout.dtype == torch.float32 else work.to(layout.dtype)
         owned = rounded.to(target, copy=True)
     views = layout.views(owned)
-    settled = Settled()
-    for name in tensors:
-        settled[name] = views[name]
-    return settled
+    return Settled((name, views[name]) for name in tensors)
 
 
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
