@@ -57,6 +57,29 @@ def test_the_providers_round_once(ir, dtype, shape):
         assert beyond_one_rounding(normed, reference(summed, weight, 1e-5)) > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_it_knows_which_dtypes_the_kernel_truncates(ir, dtype):
+    """``truncates`` says what vLLM's own kernel does on this CPU: where it says so, no raw
+    result is further from zero than the exact norm (but for float32's own error) and
+    some are more than a rounding off (AVX2, or AVX-512 without BF16, in bfloat16), and
+    the provider widens that dtype; where it says not, every raw result is within one
+    rounding."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 576, generator=g).to(dtype)
+    weight = torch.randn(576, generator=g).to(dtype)
+    raw = torch.empty_like(x)
+    torch.ops._C.rms_norm(raw, x, weight, 1e-5)
+    exact = reference(x, weight, 1e-5)
+    if cpu_norms.truncates(dtype):
+        # (the kernel's float32 arithmetic may land a hair past the exact norm)
+        assert bool((raw.double().abs() <= exact.abs() * (1 + 2.0**-16)).all())
+        assert beyond_one_rounding(raw, exact) > 0
+        assert dtype in cpu_norms._WIDENED
+    else:
+        assert beyond_one_rounding(raw, exact) <= 0
+        assert dtype not in cpu_norms._WIDENED
+
+
 def test_vllm_dispatches_to_it_only_where_its_kernels_take_the_call(ir):
     """zoo_cpu first, native after: rows its kernels do not take (a width not a multiple
     of 32, not contiguous, no weight, a weight of another dtype, a variance size

@@ -16,7 +16,12 @@ the rows' dtype, no variance size override; anything else goes to ``native``), a
 The kernel computes the norm in float32 and rounds once; ``native`` rounds the
 normalized rows to the weight's dtype before it multiplies by the weight, so in bfloat16
 the two differ by a rounding (tests/test_cpu_norms.py bounds it against a float64
-reference).
+reference). Where the CPU has no AVX512-BF16 (AVX2, or AVX-512 without it), vLLM's x86
+kernels do not round a float32 result to bfloat16: they truncate it (the high 16 bits),
+each number up to a unit in the last place toward zero. :func:`register` asks the kernel
+which 16-bit dtypes it truncates (:func:`truncates`), and for those the provider runs
+the kernel in float32 and lets torch round the result: rounded once, as where the
+kernels round.
 
 This module has no ``from __future__ import annotations``: vLLM infers each provider's
 torch schema from its annotations and requires them to equal the native one's.
@@ -31,6 +36,9 @@ OPS = ("rms_norm", "fused_add_rms_norm")
 # builds here; a width of 100 is refused with an error): 32 leaves a margin, and every
 # model's hidden size is a multiple of it
 WIDTH_MULTIPLE = 32
+# the 16-bit dtypes vLLM's kernels truncate to on this CPU (register() fills it): their
+# rows are normalized in float32 and rounded by torch
+_WIDENED: set = set()
 
 
 def _takes(x: Tensor, weight: Tensor | None, variance_size: int | None) -> bool:
@@ -54,6 +62,8 @@ def _takes_fused(x: Tensor, x_residual: Tensor, weight: Tensor | None, epsilon: 
 
 def rms_norm(x: Tensor, weight: Tensor | None, epsilon: float,
              variance_size: int | None = None) -> Tensor:
+    if x.dtype in _WIDENED:
+        return rms_norm(x.float(), weight.float(), epsilon).to(x.dtype)
     out = torch.empty_like(x)
     torch.ops._C.rms_norm(out, x, weight, epsilon)
     return out
@@ -62,8 +72,25 @@ def rms_norm(x: Tensor, weight: Tensor | None, epsilon: float,
 def fused_add_rms_norm(x: Tensor, x_residual: Tensor, weight: Tensor | None, epsilon: float,
                        variance_size: int | None = None) -> tuple[Tensor, Tensor]:
     """In place, as vLLM's own provider: ``x_residual += x``; ``x = norm(x_residual)``."""
+    if x.dtype in _WIDENED:
+        x_residual.add_(x)  # rounded once, as native's sum (the kernel truncates it)
+        x.copy_(rms_norm(x_residual.float(), weight.float(), epsilon))
+        return x, x_residual
     torch.ops._C.fused_add_rms_norm(x, x_residual, weight, epsilon)
     return x, x_residual
+
+
+def truncates(dtype: torch.dtype) -> bool:
+    """Whether vLLM's kernel truncates its float32 results to ``dtype`` instead of
+    rounding them to the nearest: it normalizes a row of ones with the epsilon that puts
+    the exact result a quarter of a unit in the last place below 1, which rounds to 1 and
+    truncates to the number below it."""
+    below = torch.finfo(dtype).eps / 2  # the unit in the last place below 1
+    epsilon = 1 / (1 - below / 4) ** 2 - 1
+    ones = torch.ones(1, WIDTH_MULTIPLE, dtype=dtype)
+    out = torch.empty_like(ones)
+    torch.ops._C.rms_norm(out, ones, ones[0], epsilon)
+    return not bool((out == 1).all())
 
 
 def register() -> None:
@@ -75,6 +102,7 @@ def register() -> None:
     for name in OPS:
         if not hasattr(torch.ops._C, name):
             raise RuntimeError(f"vLLM's CPU build has no torch.ops._C.{name}")
+    _WIDENED.update(d for d in (torch.bfloat16, torch.float16) if truncates(d))
     if PROVIDER not in ir.ops.rms_norm.impls:
         ir.ops.rms_norm.register_impl(PROVIDER, supports_args=_takes_rms)(rms_norm)
     if PROVIDER not in ir.ops.fused_add_rms_norm.impls:
