@@ -311,18 +311,26 @@ def inspect_bottleneck(path: Path, hidden_size: int, num_layers: int, base_name:
                           hint=ShapeMismatch.hint)
     shapes = _weights(path)
     d = hidden_size
-    want = {}
+    want = {}  # name: its shape, and which of its axes is the base's hidden size
     for i in layers:
         for pos in positions:
-            want[bottleneck_key(i, pos, "down", "weight")] = (m, d)
-            want[bottleneck_key(i, pos, "down", "bias")] = (m,)
-            want[bottleneck_key(i, pos, "up", "weight")] = (d, m)
-            want[bottleneck_key(i, pos, "up", "bias")] = (d,)
+            want[bottleneck_key(i, pos, "down", "weight")] = (m, d), 1
+            want[bottleneck_key(i, pos, "down", "bias")] = (m,), None
+            want[bottleneck_key(i, pos, "up", "weight")] = (d, m), 0
+            want[bottleneck_key(i, pos, "up", "bias")] = (d,), 0
     for key in sorted(want):
-        if key not in shapes:
+        shape, hidden_axis = want[key]
+        got = shapes.get(key)
+        if got is None:
             raise FormatError(f"bottleneck tensor {key} is missing", path=str(path))
-        if shapes[key] != want[key]:
-            raise ShapeMismatch(key, want[key], shapes[key], base_name)
+        if got == shape:
+            continue
+        if len(got) == len(shape) and (hidden_axis is None or got[hidden_axis] == d):
+            # the base's width fits: the adapter's own config and weights disagree
+            raise FormatError(f"bottleneck tensor {key} has shape {list(got)}, but the "
+                              f"config's bottleneck_size {m} needs {list(shape)}",
+                              path=str(path))
+        raise ShapeMismatch(key, shape, got, base_name)
     unknown = sorted(set(shapes) - set(want))
     if unknown:
         raise FormatError(f"unexpected tensor {unknown[0]} in bottleneck adapter",
