@@ -147,6 +147,18 @@ def test_adapter_configs_inspect_or_are_refused(lora_files, tmp_path_factory, ch
     assert found.rank >= 1 and found.details.max_rank >= found.rank
 
 
+def test_a_lora_whose_config_disagrees_with_its_weights_is_refused_for_that(lora_files,
+                                                                          tmp_path):
+    """A config's rank other than its weights': a FormatError that says so, not a
+    ShapeMismatch, which tells the user to pass another base (as a bottleneck's size:
+    the example above)."""
+    path, config, base = lora_files
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 1}))
+    (tmp_path / "adapter_model.safetensors").symlink_to(path / "adapter_model.safetensors")
+    with pytest.raises(FormatError, match="the config's rank needs"):
+        inspect_lora(tmp_path, base, "tiny")
+
+
 BASE_FIELDS = st.dictionaries(
     st.sampled_from(["architectures", "hidden_size", "n_embd", "num_hidden_layers", "vocab_size",
                      "text_config", "dtype", "torch_dtype", "model_type", "tie_word_embeddings"]),

@@ -188,18 +188,31 @@ def _check_lora_module(module, tensors, base_modules, base_name, fan_in_fan_out,
     base_shape = base_modules[module]
     if "embA" in tensors or "embB" in tensors:  # embedding: weight is [num, dim]
         num, dim = base_shape
-        want = {"embA": (rank, num), "embB": (dim, rank)}
+        want = {"embA": ((rank, num), 1), "embB": ((dim, rank), 0)}
     else:
         out_f, in_f = (base_shape[1], base_shape[0]) if fan_in_fan_out else base_shape[:2]
-        want = {"A": (rank, in_f), "B": (out_f, rank), "bias": (out_f,),
-                "magnitude": (out_f,)}
+        want = {"A": ((rank, in_f), 1), "B": ((out_f, rank), 0), "bias": ((out_f,), 0),
+                "magnitude": ((out_f,), 0)}
     for role in ("A", "B", "embA", "embB"):
         if role in want and role not in tensors:
             raise FormatError(f"LoRA module {module} has no {LORA_SUFFIXES[role][1:]}")
-    for role, shape in tensors.items():
-        if shape != want[role]:
-            raise ShapeMismatch(f"{PEFT_PREFIX}{module}.{LORA_SUFFIXES[role][1:]}", want[role], shape,
-                                base_name)
+    for role, got in tensors.items():
+        _check_shape(f"{PEFT_PREFIX}{module}.{LORA_SUFFIXES[role][1:]}", got, *want[role],
+                     "rank", base_name)
+
+
+def _check_shape(name: str, got: tuple, shape: tuple, base_axis: int | None, size: str,
+                 base_name: str, path: Path | None = None) -> None:
+    """A tensor's shape against the one the base and the adapter's config give it:
+    ``base_axis`` is the axis of the base's width (None: none). Off only elsewhere, the
+    adapter's config and weights disagree (its ``size``): a FormatError; else the adapter
+    is for another base: ShapeMismatch."""
+    if got == shape:
+        return
+    if len(got) == len(shape) and (base_axis is None or got[base_axis] == shape[base_axis]):
+        raise FormatError(f"tensor {name} has shape {list(got)}, but the config's {size} "
+                          f"needs {list(shape)}", path=None if path is None else str(path))
+    raise ShapeMismatch(name, shape, got, base_name)
 
 
 def vllm_servability(kind: str, details: LoraDetails | None, architecture: str,
@@ -319,18 +332,9 @@ def inspect_bottleneck(path: Path, hidden_size: int, num_layers: int, base_name:
             want[bottleneck_key(i, pos, "up", "weight")] = (d, m), 0
             want[bottleneck_key(i, pos, "up", "bias")] = (d,), 0
     for key in sorted(want):
-        shape, hidden_axis = want[key]
-        got = shapes.get(key)
-        if got is None:
+        if key not in shapes:
             raise FormatError(f"bottleneck tensor {key} is missing", path=str(path))
-        if got == shape:
-            continue
-        if len(got) == len(shape) and (hidden_axis is None or got[hidden_axis] == d):
-            # the base's width fits: the adapter's own config and weights disagree
-            raise FormatError(f"bottleneck tensor {key} has shape {list(got)}, but the "
-                              f"config's bottleneck_size {m} needs {list(shape)}",
-                              path=str(path))
-        raise ShapeMismatch(key, shape, got, base_name)
+        _check_shape(key, shapes[key], *want[key], "bottleneck_size", base_name, path)
     unknown = sorted(set(shapes) - set(want))
     if unknown:
         raise FormatError(f"unexpected tensor {unknown[0]} in bottleneck adapter",
