@@ -18,7 +18,8 @@ vLLM calls :func:`register` in every process it starts. It
   what the loaded weights cost (``$ZOO_SERVE_STATE/weights.json``, ``/zoo/engine``,
   with the provider the worker's norms dispatch to and each custom op's forward), and
   the CPU's RMSNorms through vLLM's C++ kernels (``cpu_norms.py``; ``ZOO_CPU_NORMS=0``
-  keeps vLLM's PyTorch ones);
+  keeps vLLM's PyTorch ones), and the rotary embedding's CPU kernel rounded where it
+  truncates (``cpu_rotary.py``);
 * registers the registry-backed LoRA resolver (an extension point, not a patch) when
   ``zoo serve`` started the process (``ZOO_SERVE_BASE`` is set);
 * for benchmarks, with ``ZOO_STEP_TIMES`` set, has the worker write each step's time and
@@ -80,6 +81,7 @@ def zoo_patches() -> list[Patch]:
             patches.append(LAYER_ROUTES)
     if os.environ.get(CPU_NORMS_VARIABLE, "1") != "0":
         patches.append(CPU_NORMS)
+    patches.append(CPU_ROTARY)
     if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
         patches.append(FIRST_USE)
         if os.environ.get(CORE_READING_VARIABLE, "1") != "0":
@@ -218,6 +220,26 @@ CPU_NORMS = Patch(
         _cpu_keeps_the_default_priority,
     ))
 
+
+def _round_the_rotary_embedding() -> None:
+    from zoo.serve import cpu_rotary
+
+    cpu_rotary.register()
+
+
+CPU_ROTARY = Patch(
+    name="cpu_rotary", cpu_only=True, apply=_round_the_rotary_embedding,
+    why="vLLM's rotary kernel for the CPU truncates its results to bfloat16 where the CPU "
+        "has no AVX512-BF16 (every number up to a unit in the last place toward zero); "
+        "zoo serve runs that kernel (+rotary_embedding)",
+    retire_when="vLLM's x86 conversion of float32 to bfloat16 rounds on every CPU",
+    checks=(
+        has("vllm.platforms.interface", "Platform", "import_kernels"),
+        parameters("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding",
+                   "forward_cpu", names=("positions", "query", "key"), exact=True),
+        mentions("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding",
+                 "forward_cpu", snippets=("ops.rotary_embedding(", "return query, key")),
+    ))
 
 def _place_in_bulk() -> None:
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
