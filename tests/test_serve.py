@@ -422,6 +422,18 @@ def test_the_workers_norms_and_rotary_embedding_run_on_vllms_cpp_kernels(served)
     assert report["norms"] == {"rms_norm": "zoo_cpu", "fused_add_rms_norm": "zoo_cpu"}
     assert report["forwards"]["RotaryEmbedding"] == "forward_cpu"
     assert report["forwards"]["SiluAndMul"] == "forward_native"  # the rest: vLLM's choice
+    # the dtypes whose results vLLM's kernels truncate on this CPU (bfloat16 where it has
+    # no AVX512-BF16), which the worker rounds itself: as this process's kernels say
+    import torch
+    from vllm.platforms import current_platform
+
+    from zoo.serve import cpu_norms, cpu_rotary
+
+    current_platform.import_kernels()
+    expected = {kernel: [str(d).removeprefix("torch.") for d in (torch.bfloat16, torch.float16)
+                         if probe.truncates(d)]
+                for kernel, probe in (("norms", cpu_norms), ("rotary", cpu_rotary))}
+    assert report["rounded_by_zoo"] == expected
 
 
 def test_the_int8_base_keeps_its_quality_on_every_held_out_domain(served, tenant_engine):

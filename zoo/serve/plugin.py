@@ -705,7 +705,19 @@ def weight_report(model, heap_delta: int) -> dict:
             schemes[type(scheme).__name__] = schemes.get(type(scheme).__name__, 0) + 1
     return {"heap_bytes": heap_delta, "tensor_bytes_by_dtype": by_dtype,
             "quantized_layers": schemes, "norms": norm_providers(model),
-            "forwards": custom_op_forwards(model)}
+            "forwards": custom_op_forwards(model), "rounded_by_zoo": rounded_by_zoo()}
+
+
+def rounded_by_zoo() -> dict[str, list[str]]:
+    """The 16-bit dtypes whose results vLLM's CPU kernels truncate on this CPU, which zoo
+    computes in float32 and rounds itself, by kernel (``cpu_norms``, ``cpu_rotary``;
+    empty where they round, or where the patch is off)."""
+    from zoo.serve import cpu_norms, cpu_rotary
+
+    def names(dtypes) -> list[str]:
+        return sorted(str(d).removeprefix("torch.") for d in dtypes)
+
+    return {"norms": names(cpu_norms._WIDENED), "rotary": names(cpu_rotary._WIDENED)}
 
 
 def custom_op_forwards(model) -> dict[str, str]:
