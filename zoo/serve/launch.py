@@ -385,7 +385,8 @@ def _given_by_user(extra_args: tuple[str, ...], *names: str) -> bool:
 # off, as for a compiled model: the rotary embedding then runs as a dozen PyTorch
 # operations instead of vLLM's C++ kernel for the CPU (a step of 64 rows 155 us against
 # 29 in each of SmolLM2's 30 layers, a 2,048-token chunk 2.5 ms against 0.43; the kernel's
-# error against a float64 reference is at most the PyTorch path's)
+# error against a float64 reference is at most the PyTorch path's; where it truncates
+# bfloat16, on a CPU without AVX512-BF16, the cpu_rotary patch rounds it: cpu_rotary.py)
 CPU_COMPILATION = {"custom_ops": ["+rotary_embedding"]}
 
 
