@@ -154,6 +154,16 @@ def test_the_lora_stacks_are_bf16_under_float32_activations(models, zoo_home):
     plan = plan_serve(ServeOptions(base="tiny", quantization="none", dtype="float32"))
     assert plan.lora_dtype == "bfloat16" and "LoRA stacks in bfloat16" in describe(
         plan, ServeOptions())[0]
+    # bfloat16 asked for on a CPU whose vLLM kernels truncate it (no AVX512-BF16) says so
+    bf16 = plan_serve(ServeOptions(base="tiny", quantization="none", dtype="bfloat16"))
+
+    def warned(plan, flags):
+        return any("truncates" in line for line in describe(plan, ServeOptions(), flags))
+
+    assert warned(bf16, frozenset({"avx2", "avx512f"}))
+    assert not warned(bf16, frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert not warned(bf16, frozenset({"amx_tile", "avx512_bf16"}))
+    assert not warned(plan, frozenset({"avx2"}))  # float32
 
 
 def test_lora_layers_go_on_what_the_catalog_trains_when_asked(models, zoo_home):

@@ -354,3 +354,65 @@ def test_a_loaded_adapter_is_found_without_copying_the_cache():
     finally:
         LRUCacheWorkerLoRAManager.add_adapter = before
     assert "list_adapters" not in vars(zoos)  # ... and after a load that failed
+
+
+def attention_off_in_units(dtype: torch.dtype) -> torch.Tensor:
+    """vLLM's CPU attention of one decoding token over 200 cached ones (SmolLM2's heads),
+    each output's error against a float64 attention in units in the last place of
+    ``dtype``, signed toward zero negative."""
+    import math
+
+    from vllm import _custom_ops as ops
+
+    heads, kv_heads, width, block, seen = 9, 3, 64, 32, 200
+    g = torch.Generator().manual_seed(3)
+    key, value = (torch.randn(seen, kv_heads, width, generator=g).to(dtype) for _ in range(2))
+    query = torch.randn(1, heads, width, generator=g).to(dtype)
+    blocks = -(-seen // block)
+    key_cache, value_cache = torch.zeros(blocks, kv_heads, 2 * block, width,
+                                         dtype=dtype).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache,
+                                   torch.arange(seen), "vec")
+    starts, lengths = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([seen], dtype=torch.int32)
+    schedule = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=width, seq_lens=lengths,
+        dtype=dtype, query_start_loc=starts, causal=True, sliding_window_size=-1, isa="vec",
+        enable_kv_split=False)
+    out = torch.zeros_like(query)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=starts, seq_lens=lengths, scale=1 / math.sqrt(width), causal=True,
+        alibi_slopes=None, sliding_window=-1,
+        block_table=torch.arange(blocks, dtype=torch.int32)[None], softcap=0.0,
+        scheduler_metadata=schedule, s_aux=None)
+    keys, values = (t.double().repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
+    weights = (torch.einsum("hd,shd->hs", query[0].double(), keys) / math.sqrt(width)).softmax(-1)
+    exact = torch.einsum("hs,shd->hd", weights, values)
+    _, exponent = torch.frexp(exact.abs())
+    unit = torch.finfo(dtype).eps * torch.pow(2.0, exponent.double() - 1)
+    return (out[0].double() - exact) * exact.sign() / unit
+
+
+def test_vllms_x86_kernels_truncate_bfloat16_exactly_where_the_cpu_lacks_bf16_arithmetic():
+    """What zoo serve's warning for bfloat16 (launch.describe) and its rounding patches
+    (cpu_norms, cpu_rotary) rest on: on this CPU, vLLM's norms, rotary embedding and
+    attention truncate their float32 results to bfloat16 if and only if the CPU has no
+    bf16 arithmetic (launch.BF16_ARITHMETIC); float16 is rounded everywhere."""
+    from vllm.platforms import current_platform
+
+    from zoo.core.measure import cpu_flags
+    from zoo.serve import cpu_norms, cpu_rotary
+    from zoo.serve.launch import BF16_ARITHMETIC
+
+    current_platform.import_kernels()
+    truncating = not BF16_ARITHMETIC & cpu_flags()
+    def truncated(off: torch.Tensor) -> bool:
+        """No result above the exact one, and a mean half a unit below (rounded results
+        lean neither way)."""
+        return float(off.max()) <= 0.01 and float(off.mean()) < -0.4
+
+    assert truncated(attention_off_in_units(torch.bfloat16)) == truncating
+    assert not truncated(attention_off_in_units(torch.float16))
+    assert cpu_norms.truncates(torch.bfloat16) == cpu_rotary.truncates(torch.bfloat16) == \
+        truncating, feature("bfloat16 warning and rounding patches")
+    assert not cpu_norms.truncates(torch.float16) and not cpu_rotary.truncates(torch.float16)

@@ -300,6 +300,11 @@ def plan_serve(options: ServeOptions, registry: Registry | None = None) -> Serve
                      argv, run_env, options.dtype, stacks, wrapped, options.max_model_len)
 
 
+# the CPU features that give bf16 arithmetic, and vLLM's x86 kernels rounding to bfloat16
+# (without them they keep a float32's high 16 bits: cpu_norms.py, cpu_rotary.py)
+BF16_ARITHMETIC = frozenset({"amx_tile", "avx512_bf16"})
+
+
 def activation_dtype(requested: str = DEFAULT_DTYPE, flags: frozenset[str] | None = None) -> str:
     """The dtype vLLM computes activations in: ``requested``, or for ``auto`` the one this
     CPU runs fastest, which the int8 kernels also require.
@@ -313,7 +318,7 @@ def activation_dtype(requested: str = DEFAULT_DTYPE, flags: frozenset[str] | Non
     if requested != "auto":
         return requested
     flags = cpu_flags() if flags is None else flags
-    return "bfloat16" if {"amx_tile", "avx512_bf16"} & flags else "float32"
+    return "bfloat16" if BF16_ARITHMETIC & flags else "float32"
 
 
 def lora_dtype(activations: str, extra_args: tuple[str, ...] = ()) -> str:
@@ -514,8 +519,10 @@ def _why_not(adapter: AdapterEntry, registry: Registry) -> str | None:
     return None
 
 
-def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
-    """The lines ``zoo serve`` prints before handing over to vLLM."""
+def describe(plan: ServePlan, options: ServeOptions,
+             flags: frozenset[str] | None = None) -> list[str]:
+    """The lines ``zoo serve`` prints before handing over to vLLM (``flags``: the CPU's,
+    read from /proc/cpuinfo if not given)."""
     variant = "original" if options.quantization == "none" else options.quantization
     lines = [f"serving {plan.base.name} ({variant}) on http://{options.host}:{options.port}/v1 "
              f"with {len(plan.adapters)} adapters (max rank {plan.max_lora_rank}, "
@@ -526,6 +533,12 @@ def describe(plan: ServePlan, options: ServeOptions) -> list[str]:
     base_takes = f"the base takes {context}" if context else "the base's config sets no limit"
     lines.append(f"  requests of up to {plan.model_len} tokens, prompt and answer together "
                  f"(--max-model-len; {base_takes})")
+    if plan.dtype in ("bfloat16", "bf16") and not BF16_ARITHMETIC & (
+            cpu_flags() if flags is None else flags):
+        lines.append("  bfloat16 on a CPU without AVX512-BF16: its arithmetic is emulated, and "
+                     "vLLM's attention truncates its results (up to a unit in the last place "
+                     "toward zero; zoo rounds the norms' and the rotary embedding's itself); "
+                     "float32, this CPU's default, is faster and rounds")
     if plan.wrapped:
         lines.append(f"  LoRA layers on {', '.join(plan.wrapped)} only (an adapter training "
                      f"more is refused until a restart with --lora-targets all)")
