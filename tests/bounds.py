@@ -22,6 +22,15 @@ def unit(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+def units_off(out: torch.Tensor, exact: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """``out - exact`` in units in the last place of ``exact`` in ``out``'s dtype, signed
+    toward zero negative (a truncating conversion's are all <= 0, a rounding one's lean
+    neither way); numbers under ``floor`` are held to that one's unit."""
+    _, exponent = torch.frexp(exact.abs().clamp(min=floor) if floor else exact.abs())
+    ulp = torch.finfo(out.dtype).eps * torch.pow(2.0, exponent.double() - 1)
+    return (out.double() - exact) * exact.sign() / ulp
+
+
 def gamma(n: int, dtype: torch.dtype = F32) -> float:
     nu = n * unit(dtype)
     assert nu < 1, "bound meaningless: reduction too long for this dtype"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.bounds import units_off
 from zoo.serve import cpu_rotary, patches, plugin
 
 HEAD = 64  # SmolLM2-135M's head size (9 query heads, 3 key heads)
@@ -36,14 +37,6 @@ def reference(positions, rows: torch.Tensor, cache: torch.Tensor) -> torch.Tenso
     return torch.cat([x * cos - y * sin, y * cos + x * sin], dim=-1).flatten(-2)
 
 
-def ulps_off(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """``out - exact`` in units in the last place of ``exact`` in ``out``'s dtype,
-    signed toward zero negative (numbers under 2**-10 held to that one's unit)."""
-    _, exponent = torch.frexp(exact.abs().clamp(min=2.0**-10))
-    unit = torch.finfo(out.dtype).eps * torch.pow(2.0, exponent.double() - 1)
-    return (out.double() - exact) * exact.sign() / unit
-
-
 def rows(dtype: torch.dtype, tokens: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     positions = torch.randint(0, 8192, (tokens,), generator=g)
@@ -69,7 +62,7 @@ def test_the_cpu_forward_rounds_once(rope, dtype, tokens):
         if dtype == torch.float32:
             assert float((out.double() - exact).abs().max()) <= 1e-5
             continue
-        off = ulps_off(out, exact)
+        off = units_off(out, exact, floor=2.0**-10)
         assert float(off.abs().max()) <= 0.51
         # truncation puts every result at or below the exact one: a mean of -0.5 units
         assert abs(float(off.mean())) < 0.15
@@ -86,7 +79,7 @@ def test_it_knows_which_dtypes_the_kernel_truncates(rope, dtype):
     cache = rope[dtype].cos_sin_cache.to(dtype)
     exact = reference(positions, query, cache)
     torch.ops._C.rotary_embedding(positions, query, key, HEAD, cache, True)
-    off = ulps_off(query, exact)
+    off = units_off(query, exact, floor=2.0**-10)
     if cpu_rotary.truncates(dtype):
         assert float(off.max()) <= 0.01 and float(off.min()) < -0.51
         assert dtype in cpu_rotary._WIDENED

@@ -15,6 +15,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 
+from tests.bounds import units_off
 from zoo.serve import patches, plugin
 
 
@@ -387,10 +388,7 @@ def attention_off_in_units(dtype: torch.dtype) -> torch.Tensor:
         scheduler_metadata=schedule, s_aux=None)
     keys, values = (t.double().repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
     weights = (torch.einsum("hd,shd->hs", query[0].double(), keys) / math.sqrt(width)).softmax(-1)
-    exact = torch.einsum("hs,shd->hd", weights, values)
-    _, exponent = torch.frexp(exact.abs())
-    unit = torch.finfo(dtype).eps * torch.pow(2.0, exponent.double() - 1)
-    return (out[0].double() - exact) * exact.sign() / unit
+    return units_off(out[0], torch.einsum("hs,shd->hd", weights, values))
 
 
 def test_vllms_x86_kernels_truncate_bfloat16_exactly_where_the_cpu_lacks_bf16_arithmetic():

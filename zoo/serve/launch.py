@@ -533,7 +533,7 @@ def describe(plan: ServePlan, options: ServeOptions,
     base_takes = f"the base takes {context}" if context else "the base's config sets no limit"
     lines.append(f"  requests of up to {plan.model_len} tokens, prompt and answer together "
                  f"(--max-model-len; {base_takes})")
-    if plan.dtype in ("bfloat16", "bf16") and not BF16_ARITHMETIC & (
+    if plan.dtype == "bfloat16" and not BF16_ARITHMETIC & (
             cpu_flags() if flags is None else flags):
         lines.append("  bfloat16 on a CPU without AVX512-BF16: its arithmetic is emulated, and "
                      "vLLM's attention truncates its results (up to a unit in the last place "
