@@ -10,37 +10,52 @@ one request alone (64 tokens) and 64 concurrent requests (32 tokens each), outpu
 tokens/s, the median of --rounds each, after a warm-up.
 The engines run one after another in the order given and then again in reverse, and
 each row is the median over both passes (engines started later can measure faster on
-this machine). Results in bench/results/dtype.json.
+this machine). Where zoo runs the int8 base's linears on its own GEMM (``cpu_int8.py``: an
+x86 CPU without VNNI), the int8 engines run a second time with ``ZOO_CPU_INT8=0``:
+vLLM's oneDNN GEMM, the before of that change, in the same run. ``--only TEXT`` keeps
+the engines whose label holds TEXT (the 16-bit float32 engine, the reference, always
+runs). Results in bench/results/dtype.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 
 from common import BASE, bench_home, log, save, table
 from serve import burst
 
+REFERENCE = "16-bit, float32"
+ONEDNN = ", vLLM's oneDNN GEMM"
 
-def engines() -> dict[str, tuple[str, str]]:
-    """label: (quantization, dtype). The int8 base in float32 too where the CPU has no
-    AMX (its int8 kernel is then oneDNN's; the AMX one refuses float32)."""
+
+def engines(only: str = "") -> dict[str, tuple[str, str, bool]]:
+    """label: (quantization, dtype, zoo's int8 GEMM on). The int8 base in float32 too
+    where the CPU has no AMX (its int8 kernel is then oneDNN's; the AMX one refuses
+    float32), and with and without zoo's GEMM where zoo takes the int8 linears."""
     from zoo.core.measure import cpu_flags
+    from zoo.serve import cpu_int8
     from zoo.serve.launch import activation_dtype
 
     chosen = activation_dtype("auto")
-    found = {"16-bit, float32": ("none", "float32"), "16-bit, bfloat16": ("none", "bfloat16")}
+    found = {REFERENCE: ("none", "float32", True), "16-bit, bfloat16": ("none", "bfloat16", True)}
     for dtype in ("bfloat16", *(() if "amx_tile" in cpu_flags() else ("float32",))):
-        found[f"int8, {dtype}" + (" (default here)" if dtype == chosen else "")] = ("w8a8", dtype)
-    return found
+        label = f"int8, {dtype}" + (" (default here)" if dtype == chosen else "")
+        found[label] = ("w8a8", dtype, True)
+        if cpu_int8.wanted(cpu_flags()):
+            found[f"int8, {dtype}{ONEDNN}"] = ("w8a8", dtype, False)
+    return {label: spec for label, spec in found.items() if label == REFERENCE or only in label}
 
 
-def measure(home, quantization: str, dtype: str, rounds: int, log) -> dict:
+def measure(home, quantization: str, dtype: str, zoo_int8: bool, rounds: int, log) -> dict:
     from zoo.catalog.registry import Registry
+    from zoo.serve.cpu_int8 import VARIABLE
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
+    os.environ[VARIABLE] = "1" if zoo_int8 else "0"  # the server inherits it
     options = ServeOptions(base=BASE, quantization=quantization, dtype=dtype, port=free_port())
     with running_server(options, Registry(home), log=log) as server:
         asyncio.run(burst(server.url, [BASE] * 8, 8, 8))  # warm-up
@@ -53,18 +68,19 @@ def measure(home, quantization: str, dtype: str, rounds: int, log) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="engines whose label holds this text")
     args = parser.parse_args()
 
     home = bench_home()
-    chosen = engines()
+    chosen = engines(args.only)
     samples: dict[str, dict[str, list[float]]] = {label: {"one": [], "many": []}
                                                   for label in chosen}
     for label in [*chosen, *reversed(chosen)]:
         got = measure(home, *chosen[label], args.rounds, log)
         for key in ("one", "many"):
             samples[label][key] += got[key]
-    reference = statistics.median(samples["16-bit, float32"]["one"]), \
-        statistics.median(samples["16-bit, float32"]["many"])
+    reference = statistics.median(samples[REFERENCE]["one"]), \
+        statistics.median(samples[REFERENCE]["many"])
     rows = []
     for label, got in samples.items():
         one, many = statistics.median(got["one"]), statistics.median(got["many"])

@@ -1,8 +1,11 @@
-"""How wide the int8 base's weights are: what vLLM's CPU int8 kernel computes exactly here.
+"""How wide the int8 base's weights are: what the int8 linears compute exactly here.
 
-On x86 without VNNI (AVX2 only) the kernel adds pairs of unsigned-by-signed 8-bit products
-in 16 bits and saturates; zoo writes 7-bit weights there and remakes an 8-bit variant it
-finds. Checked against the kernel itself, whichever machine runs the suite.
+On x86 without VNNI (AVX2 only), vLLM's oneDNN GEMM adds pairs of unsigned-by-signed 8-bit
+products in 16 bits and saturates. zoo runs its own exact GEMM there (zoo.serve.cpu_int8)
+and writes 8-bit weights; where that GEMM cannot run (no AVX2, ``ZOO_CPU_INT8=0``) it
+writes 7-bit weights, and it remakes a variant of the other width that it finds unless
+that width was asked for. Checked against the kernels themselves, whichever machine runs
+the suite.
 """
 
 from __future__ import annotations
@@ -13,23 +16,29 @@ from safetensors.torch import load_file
 
 from tests.helpers import zoo
 from zoo.catalog.registry import Registry
+from zoo.core.measure import cpu_flags
 from zoo.quantize.w8a8 import LEVELS, weight_bits
+from zoo.serve import cpu_int8, native
 from zoo.serve.launch import ServeOptions, prepare_base
 
 
-def test_the_width_follows_the_cpus_int8_instructions():
-    assert weight_bits(frozenset({"sse2", "avx2", "fma"})) == 7  # AVX2 without VNNI
+def test_the_width_follows_the_cpus_int8_instructions(monkeypatch):
+    avx2 = frozenset({"sse2", "avx2", "fma"})
+    assert weight_bits(avx2) == 8  # AVX2 without VNNI: zoo's GEMM, exact
+    assert weight_bits(frozenset({"sse2"})) == 7  # x86 without AVX2: oneDNN's, saturating
     for vnni in ("avx512_vnni", "avx_vnni", "amx_int8"):
-        assert weight_bits(frozenset({"sse2", "avx2", vnni})) == 8, vnni
+        assert weight_bits(avx2 | {vnni}) == 8, vnni
     assert weight_bits(frozenset({"fp", "asimd", "asimddp"})) == 8  # Arm: no such pairs
     assert weight_bits(frozenset()) == 8  # nothing known: the format's full range
+    monkeypatch.setenv(cpu_int8.VARIABLE, "0")  # oneDNN's GEMM kept
+    assert weight_bits(avx2) == 7 and weight_bits(avx2 | {"avx_vnni"}) == 8
 
 
-def kernel_error(levels: int) -> float:
-    """vLLM's CPU int8 GEMM (oneDNN, float32 out, dynamic per-token activations) on weights
-    in [-levels, levels] and activations at the int8 extremes with the weights' signs (every
-    pair of products as large as it gets), against the exact integer products: the largest
-    relative error of an output."""
+def kernel_error(levels: int, zoos: bool = False) -> float:
+    """vLLM's CPU int8 GEMM (oneDNN, float32 out, dynamic per-token activations), or with
+    ``zoos`` zoo's, on weights in [-levels, levels] and activations at the int8 extremes
+    with the weights' signs (every pair of products as large as it gets), against the
+    exact integer products: the largest relative error of an output."""
     from vllm import _custom_ops as ops
 
     g = torch.Generator().manual_seed(0)
@@ -38,23 +47,31 @@ def kernel_error(levels: int) -> float:
     weight[:, 0] = levels  # every row reaches the range's end, as a per-row absmax scale does
     x = weight[:m].float().sign() * 3.0 + 0.01  # x's extremes on each weight's sign
     scale = torch.full((n, 1), 0.01)
-    handler = ops.create_onednn_scaled_mm(weight.t(), scale, torch.float32, True, False, 32)
     x_q, x_scale, x_zero = ops.onednn_scaled_int8_quant(x, None, None, True)
     out = torch.empty(m, n)
-    ops.onednn_scaled_mm(handler, x_q, out, x_scale, x_zero, None, None)
+    if zoos:
+        assert native.int8_gemm()(x_q, x_scale, weight, scale.view(-1), out)
+    else:
+        handler = ops.create_onednn_scaled_mm(weight.t(), scale, torch.float32, True, False,
+                                              32)
+        ops.onednn_scaled_mm(handler, x_q, out, x_scale, x_zero, None, None)
     exact = (x_q.double() @ weight.double().t()) * x_scale.double() * 0.01
     return float(((out.double() - exact).abs() / exact.abs().clamp(min=1e-9)).max())
 
 
-def test_vllms_int8_kernel_is_exact_at_the_width_zoo_picks_here():
-    """The width zoo picks computes exactly; and where it picks 7 bits, 8-bit weights
-    really do not (zoo gives up a bit only where the kernel needs it)."""
-    bits = weight_bits()
-    assert kernel_error(LEVELS[bits]) < 1e-5
-    if bits == 7:
-        assert kernel_error(LEVELS[8]) > 0.01
-    else:
-        assert kernel_error(LEVELS[8]) < 1e-5
+def test_the_int8_linears_are_exact_at_the_width_zoo_picks_here():
+    """The GEMM that serves the int8 base here (zoo's on x86 without VNNI, oneDNN's
+    elsewhere) computes the width zoo picks exactly; oneDNN's saturates 8-bit weights
+    exactly where the CPU is x86 without VNNI (why zoo has a GEMM of its own there, and
+    writes 7-bit weights where that GEMM cannot run)."""
+    flags = cpu_flags()
+    zoos = cpu_int8.wanted(flags)
+    assert kernel_error(LEVELS[weight_bits()], zoos) < 1e-5
+    saturates = "sse2" in flags and not flags & cpu_int8.VNNI
+    assert (kernel_error(LEVELS[8]) > 0.01) == saturates
+    assert kernel_error(LEVELS[7]) < 1e-5
+    if zoos:
+        assert weight_bits() == 8 and kernel_error(LEVELS[8], zoos=True) < 1e-5
 
 
 def test_vllms_activation_quantization_is_per_token_round_to_nearest():
@@ -87,10 +104,11 @@ def stored_integers(home, registry) -> torch.Tensor:
     return torch.stack([t.abs().max().float() for t in tensors.values() if t.dtype == torch.int8])
 
 
-def test_an_8_bit_variant_is_remade_where_the_kernel_saturates(models, zoo_home, monkeypatch):
+def test_a_variant_of_the_other_width_is_remade(models, zoo_home, monkeypatch):
     """zoo serve finds an 8-bit variant (made for a CPU with VNNI) on a CPU that needs 7 bits:
-    it says so and remakes it (in its child process), once; a 7-bit variant is kept on a CPU
-    that computes 8; 8 bits someone asked for are kept, with a warning."""
+    it says so and remakes it (in its child process), once; back on a CPU that computes 8
+    bits exactly, the 7-bit variant is remade in 8 (quality back); a width someone asked
+    for is kept, 8 bits with a warning where they saturate."""
     from zoo.quantize import quantize, w8a8
 
     zoo("add", models.llama_servable, "--name", "tiny")
@@ -109,13 +127,21 @@ def test_an_8_bit_variant_is_remade_where_the_kernel_saturates(models, zoo_home,
     assert largest.max() == 63, largest  # and every tensor within -63..63
     prepare_base(options, registry, lines.append)
     assert len(lines) == 1  # remade once
-    monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 8)
+    monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 8)  # zoo's GEMM, or VNNI
+    base = prepare_base(options, registry, lines.append)
+    assert len(lines) == 2 and lines[1].startswith("remaking tiny@w8a8: its 7-bit weights")
+    assert base.variants["w8a8"].quantization["weight_bits"] == 8
+    assert stored_integers(zoo_home, registry).max() == 127
     assert prepare_base(options, registry, lines.append).variants["w8a8"] == base.variants["w8a8"]
-    assert len(lines) == 1
+    assert len(lines) == 2
     asked = quantize("tiny", "w8a8", registry, force=True, bits=8)
     monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 7)
     assert prepare_base(options, registry, lines.append).variants["w8a8"] == asked
-    assert len(lines) == 2 and lines[1].startswith("warning: tiny@w8a8 has 8-bit weights, as asked")
+    assert len(lines) == 3 and lines[2].startswith("warning: tiny@w8a8 has 8-bit weights, as asked")
+    asked = quantize("tiny", "w8a8", registry, force=True, bits=7)
+    monkeypatch.setattr(w8a8, "weight_bits", lambda flags=None: 8)
+    assert prepare_base(options, registry, lines.append).variants["w8a8"] == asked
+    assert len(lines) == 3  # 7 bits asked for: kept, silently
 
 
 @pytest.mark.parametrize("bits", ["7", "8"])

@@ -391,6 +391,12 @@ def test_served_base_really_is_int8(served, engine_reports, smollm2_home, tmp_pa
     assert len(kept) <= 30 * 4 * {8: 1 / 8, 7: 1 / 4}[variant.quantization["weight_bits"]]
     # qkv, o, gate_up and down of 30 layers, less those kept
     assert int8["quantized_layers"] == {"CompressedTensorsW8A8Int8": 30 * 4 - len(kept)}
+    # on x86 without VNNI the worker runs every one of them on zoo's exact GEMM (cpu_int8)
+    from zoo.core.measure import cpu_flags
+    from zoo.serve import cpu_int8
+
+    assert int8["int8_linears_by_zoo"] == (30 * 4 - len(kept) if cpu_int8.wanted(cpu_flags())
+                                           else 0)
     if "bf16" not in engine_reports:  # test_merge's 16-bit engine measured it already
         home = linked_home(smollm2_home, tmp_path_factory.mktemp("bf16-only") / "home")
         # a small KV cache: other modules' engines (the session's tenant engine) may be up

@@ -33,7 +33,8 @@ def test_the_plugin_is_registered_for_vllm():
                                    plugin.SMOOTHED_LORA, plugin.LOADED_LOOKUP,
                                    plugin.ZERO_PAGE_SLOTS, plugin.ADAPTER_READING,
                                    plugin.BULK_PLACEMENT, plugin.CORE_READING,
-                                   plugin.CPU_NORMS, plugin.CPU_ROTARY, plugin.LAYER_ROUTES],
+                                   plugin.CPU_NORMS, plugin.CPU_ROTARY, plugin.CPU_INT8,
+                                   plugin.LAYER_ROUTES],
                          ids=lambda p: p.name)
 def test_every_patch_applies_to_the_pinned_vllm(patch):
     """Each patch's own checks (version, platform, signatures) pass on this vLLM."""

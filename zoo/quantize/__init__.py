@@ -31,9 +31,10 @@ W8A8_SETTINGS = {"method": "compressed-tensors", "format": "int-quantized",
 def quantize(base: str, scheme: str, registry: Registry | None = None,
              force: bool = False, log: Callable[[str], None] = lambda _: None,
              calibration: Path | None = None, calibrate: bool = True,
-             bits: int | None = None) -> Variant:
+             bits: int | None = None, bits_asked: bool | None = None) -> Variant:
     """Write and register the ``scheme`` variant of ``base``; reuse an intact one
-    (``bits``: w8a8's weight width, by default what this CPU computes exactly)."""
+    (``bits``: w8a8's weight width, by default what this CPU computes exactly; recorded as
+    asked for when given, unless ``bits_asked`` is False: zoo serve's own choice)."""
     registry = registry or Registry()
     if scheme not in SCHEMES:
         raise NotSupported(f"unknown scheme {scheme!r}", hint=f"Use one of {', '.join(SCHEMES)}.")
@@ -47,7 +48,7 @@ def quantize(base: str, scheme: str, registry: Registry | None = None,
             details, settings = write_nf4(source, stage), NF4_SETTINGS
         else:
             details = write_w8a8(source, stage, calibrate=calibrate, calibration=calibration,
-                                 bits=bits)
+                                 bits=bits, bits_asked=bits_asked)
             settings = W8A8_SETTINGS
         _copy_tokenizer(source, stage)
         return register_variant(registry, stage, base, scheme, {**settings, **details})

@@ -57,23 +57,22 @@ SHARED_INPUT = ("q_proj", "o_proj", "gate_proj", "down_proj")
 
 _SHARES_INPUT_WITH = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 
-# On x86 without VNNI (AVX2 only), vLLM's int8 kernel (oneDNN) multiplies unsigned 8-bit
-# activations by the signed 8-bit weights with vpmaddubsw, which adds each pair of products
-# in 16 bits and saturates: with weights up to 127 a pair reaches 2 x 255 x 127 > 32767,
-# and outputs came out up to 15% wrong (tests/test_int8_width.py; docs/BENCHMARKS.md).
-# Weights up to 63 keep every pair in range. VNNI and AMX add in 32 bits.
-VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+# On x86 without VNNI, vLLM's int8 kernel (oneDNN) multiplies unsigned 8-bit activations by
+# the signed 8-bit weights with vpmaddubsw, which adds each pair of products in 16 bits and
+# saturates: with weights up to 127 a pair reaches 2 x 255 x 127 > 32767, and outputs came
+# out up to 15% wrong (tests/test_int8_width.py; docs/BENCHMARKS.md). Weights up to 63 keep
+# every pair in range. VNNI and AMX add in 32 bits, and so does zoo's own GEMM, which runs
+# the int8 linears on x86 with AVX2 and without VNNI (zoo.serve.cpu_int8).
 LEVELS = {8: 127, 7: 63}
 
 
 def weight_bits(flags: frozenset[str] | None = None) -> int:
-    """The weight width vLLM's int8 kernel computes exactly on this CPU (or one with
-    ``flags``): 8, or 7 on x86 without VNNI."""
-    if flags is None:
-        from zoo.core.measure import cpu_flags
+    """The weight width the int8 base's linears compute exactly on this CPU (or one with
+    ``flags``): 8, or 7 where vLLM's oneDNN GEMM saturates (x86 without VNNI, and without
+    zoo's GEMM: no AVX2, ``ZOO_CPU_INT8=0`` or no compiler)."""
+    from zoo.serve.cpu_int8 import exact
 
-        flags = cpu_flags()
-    return 7 if "sse2" in flags and not flags & VNNI_FLAGS else 8
+    return 8 if exact(flags) else 7
 
 
 def _reader(module: str) -> str:
@@ -86,13 +85,15 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
                calibration: Path | None = None, alpha: float | None = None,
                tolerance: float = KEEP_TOLERANCE, damping: float | None = None,
                gptq_sequences: int | None = None, bits: int | None = None,
-               keep_at_most: float | None = None) -> dict[str, Any]:
+               keep_at_most: float | None = None,
+               bits_asked: bool | None = None) -> dict[str, Any]:
     """Write ``source``'s W8A8 checkpoint into ``out``; the details of how. ``bits``: the
     weights' width, 8 or 7 (default: what this CPU computes exactly, ``weight_bits``);
     SmoothQuant's ``alpha`` and the share of layers ``keep_at_most`` in 16 bits default by
     it and this CPU's int8 kernel (``recipe``). ``damping`` and ``gptq_sequences`` (how many
     of the calibration's 512-token sequences GPTQ's Hessians see; all by default) are there
-    to measure them (bench/domains.py)."""
+    to measure them (bench/domains.py). ``bits`` is recorded as asked for unless
+    ``bits_asked`` is False (zoo serve's choice for this CPU, made in another process)."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -102,11 +103,12 @@ def write_w8a8(source: Path, out: Path, calibrate: bool = True,
     )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    asked = bits is not None if bits_asked is None else bits_asked
     details: dict[str, Any] = {
         "calibrated": calibrate, "weight_bits": bits or weight_bits(),
-        "weight_bits_asked": bits is not None,
+        "weight_bits_asked": asked,
         # anything but this CPU's defaults: zoo serve keeps such a variant as it is
-        "settings_asked": any(v is not None for v in (bits, alpha, keep_at_most))}
+        "settings_asked": asked or alpha is not None or keep_at_most is not None}
     levels = LEVELS[details["weight_bits"]]
     default_alpha, default_keep = recipe(details["weight_bits"])
     alpha = default_alpha if alpha is None else alpha

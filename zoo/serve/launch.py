@@ -161,7 +161,8 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     elif variant == "w8a8" and made.quantization.get("weight_bits", 8) > bits:
         # 8-bit weights (variants from before zoo recorded the width have 8) on a CPU whose
         # int8 kernel saturates their products: remade, unless someone asked for them
-        saturated = ("this CPU's int8 kernel (x86 without VNNI) saturates its 8-bit weights' "
+        saturated = ("this CPU's int8 kernel (vLLM's oneDNN GEMM on x86 without VNNI, where "
+                     "zoo's own is off or cannot be built) saturates its 8-bit weights' "
                      "products")
         if made.quantization.get("weight_bits_asked"):
             log(f"warning: {base.name}@{variant} has 8-bit weights, as asked; {saturated}, "
@@ -170,6 +171,13 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
         else:
             why = ("remaking {base}@{variant}: " + saturated +
                    "; 7-bit weights compute exactly here (in a process of its own)")
+    elif variant == "w8a8" and made.quantization.get("weight_bits", 8) < bits and \
+            not made.quantization.get("weight_bits_asked"):
+        # 7-bit weights, written for a kernel that saturated 8-bit ones, where the int8
+        # linears now add in 32 bits (zoo's GEMM, zoo.serve.cpu_int8): a bit of quality back
+        why = ("remaking {base}@{variant}: its 7-bit weights were written for an int8 kernel "
+               "that saturates 8-bit ones; this CPU's int8 linears compute 8-bit weights "
+               "exactly (in a process of its own)")
     elif variant == "w8a8" and _made_for_another_kernel(made.quantization):
         alpha, keep = recipe(made.quantization["weight_bits"])
         why = ("remaking {base}@{variant}: it was calibrated for another CPU's int8 kernel "
@@ -215,13 +223,12 @@ def _make_variant(home: str, base: str, variant: str, bits: str) -> str:
     import json
 
     from zoo.quantize import quantize
-    from zoo.quantize.w8a8 import weight_bits
 
-    # the parent's width is this CPU's (the same machine) unless a test chose another;
-    # passed on only then, so that the variant does not record it as asked for
-    chosen = None if int(bits) == weight_bits() else int(bits)
+    # the parent's width is its choice for this CPU (the same machine; a test may choose
+    # another), not a user's: the variant does not record it as asked for
     try:
-        quantize(base, variant, Registry(Path(home)), force=True, bits=chosen)
+        quantize(base, variant, Registry(Path(home)), force=True, bits=int(bits),
+                 bits_asked=False)
     except ZooError as error:
         return json.dumps({"message": error.message, "hint": error.hint})
     return "null"

@@ -1,4 +1,6 @@
-"""Machine code for the CPU's multi-LoRA step: ``lora_kernel.cpp``, built here, once.
+"""Machine code for the CPU's multi-LoRA step (``lora_kernel.cpp``) and for the int8
+base's linears where oneDNN's are slow (``int8_gemm.cpp``, used by ``cpu_int8.py``),
+built here, once.
 
 zoo's LoRA kernel (every ``fast_lora.py`` step with adapters) is a small C++ file with no
 dependency but a C++ compiler: built on first use with ``-O3 -march=native`` (AVX-512
@@ -34,6 +36,8 @@ from zoo.core.measure import cpu_flags
 logger = logging.getLogger("zoo.serve")
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
 ABI = 3
+INT8_SOURCE = Path(__file__).with_name("int8_gemm.cpp")
+INT8_ABI = 1
 MAX_RANK = 64
 # Tried in order: the CPU's own instructions and OpenMP threads, then without OpenMP,
 # then code for any CPU of the architecture.
@@ -199,6 +203,45 @@ class Kernel:
         return slots.data_ptr(), slots.numel()
 
 
+class Int8Gemm:
+    """The loaded ``int8_gemm.cpp``: :meth:`__call__` computes one W8A8 linear."""
+
+    def __init__(self, path: Path):
+        library = ctypes.CDLL(str(path))
+        if library.zoo_int8_abi() != INT8_ABI:
+            raise OSError(f"{path} was built for another version of int8_gemm.cpp")
+        self.path = path
+        self.avx2 = bool(library.zoo_int8_avx2())
+        self._gemm = library.zoo_int8_gemm
+        self._gemm.restype = ctypes.c_int
+        self._gemm.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] + \
+            [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int]
+
+    def __call__(self, x, x_scales, weight, weight_scales, out, bias=None,
+                 threads: int = 1) -> bool:
+        """out = (x @ weight.T as exact int32 sums, times ``weight_scales`` per column)
+        times ``x_scales`` per row, plus ``bias``: x int8 [m, k] (rows contiguous),
+        x_scales float32 [m] (or [m, 1]), weight int8 [n, k] and weight_scales float32 [n],
+        contiguous, out float32 [m, n] (rows contiguous), bias float32 [n] or None. False,
+        with out untouched, for inputs it does not take (k not a multiple of 16, a
+        library without AVX2)."""
+        import torch
+
+        m, k = x.shape
+        n = weight.shape[0]
+        if x.dtype != torch.int8 or x.stride(1) != 1 or \
+                not _holds(x_scales.view(-1), (m,), torch.float32) or \
+                not _holds(weight, (n, k), torch.int8) or \
+                not _holds(weight_scales, (n,), torch.float32) or \
+                out.dtype != torch.float32 or out.shape != (m, n) or out.stride(1) != 1 or \
+                (bias is not None and not _holds(bias, (n,), torch.float32)):
+            return False
+        return self._gemm(m, n, k, x.data_ptr(), x.stride(0), x_scales.data_ptr(),
+                          weight.data_ptr(), weight_scales.data_ptr(),
+                          None if bias is None else bias.data_ptr(), out.data_ptr(),
+                          out.stride(0), threads) == 0
+
+
 def _holds(tensor, shape, dtype) -> bool:
     """Whether ``tensor`` is a contiguous CPU tensor of that shape and dtype."""
     return tensor.shape == shape and tensor.dtype == dtype and tensor.is_contiguous() and \
@@ -249,6 +292,18 @@ def kernel() -> Kernel | None:
         return None
 
 
+@functools.cache
+def int8_gemm() -> Int8Gemm | None:
+    """``int8_gemm.cpp`` for this machine, built on first use and cached on disk, as
+    :func:`kernel`; None, after one warning, where it cannot be built or loaded."""
+    try:
+        return Int8Gemm(_built(INT8_SOURCE))
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("zoo: the native int8 GEMM is not available (%s); the int8 base's "
+                       "linears stay vLLM's", exc)
+        return None
+
+
 def prebuild() -> None:
     """Build the kernel now if it is not in the cache: zoo's plugin calls this in vLLM's
     first process, so that the worker loads it instead of building it during a step.
@@ -260,9 +315,9 @@ def prebuild() -> None:
 
 
 @functools.cache
-def _built() -> Path:
+def _built(source_file: Path = SOURCE) -> Path:
     """``build()`` once a process (the plugin's prebuild, then the worker's first step)."""
-    return build()
+    return build(source_file=source_file)
 
 
 def build(directory: Path | None = None, source_file: Path = SOURCE) -> Path:
@@ -281,7 +336,7 @@ def build(directory: Path | None = None, source_file: Path = SOURCE) -> Path:
         key = hashlib.sha256(b"\0".join([source, cxx.encode(), version.encode(),
                                          " ".join(flags).encode(),
                                          " ".join(sorted(cpu_flags())).encode()]))
-        path = directory / f"lora_kernel-{key.hexdigest()[:16]}.so"
+        path = directory / f"{source_file.stem}-{key.hexdigest()[:16]}.so"
         if path.exists():
             return path
         directory.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ vLLM calls :func:`register` in every process it starts. It
   with the provider the worker's norms dispatch to and each custom op's forward), and
   the CPU's RMSNorms through vLLM's C++ kernels (``cpu_norms.py``; ``ZOO_CPU_NORMS=0``
   keeps vLLM's PyTorch ones), and the rotary embedding's CPU kernel rounded where it
-  truncates (``cpu_rotary.py``);
+  truncates (``cpu_rotary.py``), and the int8 base's linears on zoo's GEMM where the CPU
+  has no VNNI (``cpu_int8.py``; ``ZOO_CPU_INT8=0`` keeps vLLM's oneDNN ones);
 * registers the registry-backed LoRA resolver (an extension point, not a patch) when
   ``zoo serve`` started the process (``ZOO_SERVE_BASE`` is set);
 * for benchmarks, with ``ZOO_STEP_TIMES`` set, has the worker write each step's time and
@@ -37,6 +38,7 @@ import os
 from pathlib import Path
 
 from zoo.serve import step_times
+from zoo.serve.cpu_int8 import VARIABLE as CPU_INT8_VARIABLE
 from zoo.serve.patches import Patch, Report, body_is, fingerprint, has, install, mentions, parameters
 from zoo.serve.policy import MODEL_VARIABLE
 
@@ -82,6 +84,8 @@ def zoo_patches() -> list[Patch]:
     if os.environ.get(CPU_NORMS_VARIABLE, "1") != "0":
         patches.append(CPU_NORMS)
     patches.append(CPU_ROTARY)
+    if os.environ.get(CPU_INT8_VARIABLE, "1") != "0":
+        patches.append(CPU_INT8)
     if os.environ.get(SERVE_BASE_VARIABLE) and os.environ.get(FIRST_USE_VARIABLE, "1") != "0":
         patches.append(FIRST_USE)
         if os.environ.get(CORE_READING_VARIABLE, "1") != "0":
@@ -240,6 +244,37 @@ CPU_ROTARY = Patch(
         mentions("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding",
                  "forward_cpu", snippets=("ops.rotary_embedding(", "return query, key")),
     ))
+
+
+def _int8_on_zoos_gemm() -> None:
+    from zoo.core.measure import cpu_flags
+    from zoo.serve import cpu_int8
+
+    cpu_int8.register(cpu_flags())
+
+
+_CPU_INT8_MODULE = "vllm.model_executor.kernels.linear.scaled_mm.cpu"
+CPU_INT8 = Patch(
+    name="cpu_int8", cpu_only=True, apply=_int8_on_zoos_gemm,
+    why="on a CPU without VNNI, oneDNN's int8 matmul (gemm:jit) reorders the whole weight "
+        "on every call (one stream on the int8 base: 0.39x the 16-bit base's speed) and "
+        "its int16 pair sums saturate",
+    retire_when="oneDNN (or vLLM's CPU int8 kernel) is exact and fast at a few rows on "
+                "AVX2 without VNNI",
+    checks=(
+        has("vllm._custom_ops", "onednn_scaled_int8_quant"),
+        has("vllm.model_executor.layers.utils", "check_cpu_sgl_kernel"),
+        parameters(_CPU_INT8_MODULE, "CPUInt8ScaledMMLinearKernel",
+                   "process_weights_after_loading", names=("layer",), exact=True),
+        mentions(_CPU_INT8_MODULE, "CPUInt8ScaledMMLinearKernel", "apply_weights",
+                 snippets=("self.linear_method(",)),
+        mentions(_CPU_INT8_MODULE, "CPUInt8ScaledMMLinearKernel", "_apply_weights_onednn",
+                 snippets=("ops.onednn_scaled_int8_quant(", "x, i_s, i_zp, self.config.input_symmetric",
+                           "ops.onednn_scaled_mm(")),
+        mentions(_CPU_INT8_MODULE, "CPUInt8ScaledMMLinearKernel", "process_weights_for_onednn",
+                 snippets=("setattr(layer, w_q_name, None)",)),
+    ))
+
 
 def _place_in_bulk() -> None:
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
@@ -705,7 +740,15 @@ def weight_report(model, heap_delta: int) -> dict:
             schemes[type(scheme).__name__] = schemes.get(type(scheme).__name__, 0) + 1
     return {"heap_bytes": heap_delta, "tensor_bytes_by_dtype": by_dtype,
             "quantized_layers": schemes, "norms": norm_providers(model),
-            "forwards": custom_op_forwards(model), "rounded_by_zoo": rounded_by_zoo()}
+            "forwards": custom_op_forwards(model), "rounded_by_zoo": rounded_by_zoo(),
+            "int8_linears_by_zoo": cpu_int8_taken()}
+
+
+def cpu_int8_taken() -> int:
+    """How many int8 linears this process runs on zoo's GEMM (``cpu_int8``)."""
+    from zoo.serve import cpu_int8
+
+    return cpu_int8.taken()
 
 
 def rounded_by_zoo() -> dict[str, list[str]]:
