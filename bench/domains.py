@@ -54,6 +54,11 @@ SETTINGS = {  # name: (calibrate, the W8A8 writer's keyword arguments)
     "8-bit-keep-quarter": (True, {"bits": 8, "keep_at_most": 0.25}),
     "8-bit-alpha-0.65": (True, {"bits": 8, "alpha": 0.65}),
     "8-bit-alpha-0.65-keep-quarter": (True, {"bits": 8, "alpha": 0.65, "keep_at_most": 0.25}),
+    # 8-bit weights on zoo's exact GEMM (x86 without VNNI, float32 activations)
+    "8-bit-alpha-0.8": (True, {"bits": 8, "alpha": 0.8}),
+    "8-bit-alpha-0.65-keep-0.19": (True, {"bits": 8, "alpha": 0.65, "keep_at_most": 0.1875}),
+    "8-bit-alpha-0.8-keep-0.19": (True, {"bits": 8, "alpha": 0.8, "keep_at_most": 0.1875}),
+    "8-bit-alpha-0.75": (True, {"bits": 8, "alpha": 0.75}),
 }
 
 

@@ -12,7 +12,9 @@ The engines run one after another in the order given and then again in reverse, 
 each row is the median over both passes (engines started later can measure faster on
 this machine). Where zoo runs the int8 base's linears on its own GEMM (``cpu_int8.py``: an
 x86 CPU without VNNI), the int8 engines run a second time with ``ZOO_CPU_INT8=0``:
-vLLM's oneDNN GEMM, the before of that change, in the same run. ``--only TEXT`` keeps
+vLLM's oneDNN GEMM, the before of that change, in the same run, in a home of their own
+(hard links of the bench home), where zoo serve remakes the int8 variant with the 7-bit
+weights oneDNN needs there, as it served before. ``--only TEXT`` keeps
 the engines whose label holds TEXT (the 16-bit float32 engine, the reference, always
 runs). Results in bench/results/dtype.json.
 """
@@ -24,8 +26,9 @@ import asyncio
 import os
 import statistics
 import sys
+from pathlib import Path
 
-from common import BASE, bench_home, log, save, table
+from common import BASE, bench_home, log, save, scratch_home, table
 from serve import burst
 
 REFERENCE = "16-bit, float32"
@@ -52,7 +55,7 @@ def engines(only: str = "") -> dict[str, tuple[str, str, bool]]:
 
 def measure(home, quantization: str, dtype: str, zoo_int8: bool, rounds: int, log) -> dict:
     from zoo.catalog.registry import Registry
-    from zoo.serve.cpu_int8 import VARIABLE
+    from zoo.quantize.w8a8 import ZOOS_GEMM_VARIABLE as VARIABLE
     from zoo.serve.launch import ServeOptions, free_port, running_server
 
     os.environ[VARIABLE] = "1" if zoo_int8 else "0"  # the server inherits it
@@ -73,10 +76,14 @@ def main() -> None:
 
     home = bench_home()
     chosen = engines(args.only)
+    homes = {label: home if zoo_int8 else None for label, (_q, _d, zoo_int8) in chosen.items()}
+    if None in homes.values():
+        onednn = scratch_home(Path(f"{home}-onednn"), adapters=True)
+        homes = {label: h or onednn for label, h in homes.items()}
     samples: dict[str, dict[str, list[float]]] = {label: {"one": [], "many": []}
                                                   for label in chosen}
     for label in [*chosen, *reversed(chosen)]:
-        got = measure(home, *chosen[label], args.rounds, log)
+        got = measure(homes[label], *chosen[label], args.rounds, log)
         for key in ("one", "many"):
             samples[label][key] += got[key]
     reference = statistics.median(samples[REFERENCE]["one"]), \

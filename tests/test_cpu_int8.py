@@ -131,22 +131,20 @@ def test_row_scales_follow_vllms_layouts():
         cpu_int8.row_scales(layer, torch.ones(5), 8)
 
 
-def test_zoo_runs_the_int8_linears_exactly_where_oneDNN_cannot():
-    """Which CPUs zoo's GEMM is for, and whether the int8 base's linears are exact there
-    (the width of the weights zoo writes follows it: zoo.quantize.w8a8.weight_bits)."""
+def test_zoo_runs_the_int8_linears_where_oneDNN_saturates(monkeypatch):
+    """Which CPUs zoo's GEMM is for: x86 with AVX2 and without VNNI (zoo.quantize.w8a8
+    says, as the weights' width follows it), unless ``ZOO_CPU_INT8=0``."""
+    from zoo.quantize.w8a8 import ZOOS_GEMM_VARIABLE
+
     avx2 = frozenset({"sse2", "avx2", "fma"})
     assert cpu_int8.wanted(avx2)
     for vnni in ("avx512_vnni", "avx_vnni", "amx_int8"):
-        assert not cpu_int8.wanted(avx2 | {vnni}) and cpu_int8.exact(avx2 | {vnni})
-    assert not cpu_int8.wanted(frozenset({"sse2"}))  # no AVX2: oneDNN's, saturating
-    assert cpu_int8.exact(avx2) and not cpu_int8.exact(frozenset({"sse2"}))
-    assert cpu_int8.exact(frozenset({"fp", "asimd"}))  # Arm: no such pair sums
-
-
-def test_zoo_int8_off_keeps_oneDNN(monkeypatch):
-    monkeypatch.setenv(cpu_int8.VARIABLE, "0")
-    avx2 = frozenset({"sse2", "avx2"})
-    assert not cpu_int8.wanted(avx2) and not cpu_int8.exact(avx2)
+        assert not cpu_int8.wanted(avx2 | {vnni})
+    assert not cpu_int8.wanted(frozenset({"sse2"}))  # no AVX2: oneDNN's
+    assert not cpu_int8.wanted(frozenset({"fp", "asimd"}))  # Arm
+    monkeypatch.setenv(ZOOS_GEMM_VARIABLE, "0")
+    assert not cpu_int8.wanted(avx2)
+    assert cpu_int8.register(avx2) is False  # nothing wrapped when it is off
 
 
 class FakeInt8Layer(torch.nn.Module):

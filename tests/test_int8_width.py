@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.helpers import zoo
 from zoo.catalog.registry import Registry
 from zoo.core.measure import cpu_flags
-from zoo.quantize.w8a8 import LEVELS, weight_bits
+from zoo.quantize.w8a8 import LEVELS, VNNI_FLAGS, ZOOS_GEMM_VARIABLE, weight_bits
 from zoo.serve import cpu_int8, native
 from zoo.serve.launch import ServeOptions, prepare_base
 
@@ -30,8 +30,23 @@ def test_the_width_follows_the_cpus_int8_instructions(monkeypatch):
         assert weight_bits(avx2 | {vnni}) == 8, vnni
     assert weight_bits(frozenset({"fp", "asimd", "asimddp"})) == 8  # Arm: no such pairs
     assert weight_bits(frozenset()) == 8  # nothing known: the format's full range
-    monkeypatch.setenv(cpu_int8.VARIABLE, "0")  # oneDNN's GEMM kept
+    monkeypatch.setenv(ZOOS_GEMM_VARIABLE, "0")  # oneDNN's GEMM kept
     assert weight_bits(avx2) == 7 and weight_bits(avx2 | {"avx_vnni"}) == 8
+
+
+def test_without_zoos_gemm_the_server_writes_7_bits(monkeypatch):
+    """Where zoo's GEMM should serve (x86 with AVX2, no VNNI) but cannot be built (no
+    compiler), oneDNN's saturating GEMM serves: zoo serve writes 7-bit weights."""
+    import zoo.core.measure
+    from zoo.serve import launch
+
+    monkeypatch.setattr(zoo.core.measure, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
+    monkeypatch.setattr(cpu_int8, "available", lambda: True)
+    assert launch.weight_bits_served() == 8
+    monkeypatch.setattr(cpu_int8, "available", lambda: False)
+    assert launch.weight_bits_served() == 7
+    monkeypatch.setattr(zoo.core.measure, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
+    assert launch.weight_bits_served() == 8  # VNNI: oneDNN's is exact
 
 
 def kernel_error(levels: int, zoos: bool = False) -> float:
@@ -67,7 +82,7 @@ def test_the_int8_linears_are_exact_at_the_width_zoo_picks_here():
     flags = cpu_flags()
     zoos = cpu_int8.wanted(flags)
     assert kernel_error(LEVELS[weight_bits()], zoos) < 1e-5
-    saturates = "sse2" in flags and not flags & cpu_int8.VNNI
+    saturates = "sse2" in flags and not flags & VNNI_FLAGS
     assert (kernel_error(LEVELS[8]) > 0.01) == saturates
     assert kernel_error(LEVELS[7]) < 1e-5
     if zoos:
@@ -156,12 +171,14 @@ def test_zoo_quantize_writes_the_width_asked_for(models, zoo_home, bits):
 
 def test_the_calibration_follows_the_cpus_int8_kernel():
     """SmoothQuant's alpha and the share kept in 16 bits, by the kernel that serves the
-    weights: vLLM's AMX kernel, oneDNN's (with VNNI, or on other CPUs), 7-bit weights."""
+    weights: vLLM's AMX kernel, oneDNN's (with VNNI, or on other CPUs), zoo's (x86
+    without VNNI), 7-bit weights."""
     from zoo.quantize.w8a8 import recipe
 
     assert recipe(8, frozenset({"avx512_vnni", "amx_tile", "amx_int8"})) == (0.5, 0.125)
     assert recipe(8, frozenset({"avx512_vnni", "avx512_bf16"})) == (0.65, 0.125)
     assert recipe(8, frozenset()) == (0.65, 0.125)
+    assert recipe(8, frozenset({"sse2", "avx2"})) == (0.75, 0.125)  # zoo's GEMM
     assert recipe(7, frozenset({"avx2"})) == (0.65, 0.25)
 
 

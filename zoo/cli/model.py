@@ -74,8 +74,9 @@ def generate_cmd(prompt: str, adapter: str | None, base: str | None, max_tokens:
 @click.option("--no-calibrate", is_flag=True,
               help="w8a8: plain round-to-nearest, no SmoothQuant and no 16-bit layers.")
 @click.option("--weight-bits", type=click.Choice(["8", "7"]), default=None,
-              help="w8a8: the weights' width (default: 8, or 7 on x86 CPUs without VNNI, "
-                   "whose int8 kernel saturates 8-bit weights' products).")
+              help="w8a8: the weights' width (default: 8, or 7 where vLLM's oneDNN GEMM "
+                   "serves without VNNI and saturates 8-bit weights' products: x86 without "
+                   "AVX2, or ZOO_CPU_INT8=0).")
 @click.option("--eval/--no-eval", "evaluate_after", default=True, show_default=True,
               help="Measure held-out perplexity of the base and the variant (zoo eval).")
 def quantize_cmd(base: str, scheme: str, force: bool, calibration: Path | None,
@@ -88,7 +89,7 @@ def quantize_cmd(base: str, scheme: str, force: bool, calibration: Path | None,
     size = sum(f["size"] for f in variant.files.values())
     click.echo(f"{base}@{scheme}: {len(variant.files)} files, {size / 1e6:.1f} MB")
     if variant.quantization.get("weight_bits") == 7:
-        click.echo("weights in 7 bits (-63..63): vLLM's int8 kernel on x86 without VNNI "
+        click.echo("weights in 7 bits (-63..63): vLLM's oneDNN int8 GEMM on x86 without VNNI "
                    "saturates 8-bit weights' products")
     kept = variant.quantization.get("kept_16bit")
     if kept:

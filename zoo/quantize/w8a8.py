@@ -21,6 +21,7 @@ transformers <= 5.17, 0.13 compressed-tensors 0.18, 0.12 torch <= 2.12).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,21 @@ def recipe(bits: int, flags: frozenset[str] | None = None) -> tuple[float, float
 
     Each was measured on the held-out domains with the kernel it serves on (worst domain,
     docs/BENCHMARKS.md): vLLM's AMX kernel (x86 with AMX-INT8): alpha 0.5 and an eighth,
-    1.016x. oneDNN's GEMM elsewhere: the same variant 1.036x on an AVX-512 EPYC (Spanish),
-    alpha 0.65 1.020x. 7-bit weights (x86 without VNNI), where more of the activations'
-    outliers must move into a coarser weight grid: alpha 0.35 1.048x, 0.5 1.038x, 0.65
-    1.029x, 0.65 with a quarter in 16 bits 1.025x."""
+    1.016x. oneDNN's GEMM with VNNI (an AVX-512 EPYC, bf16 activations): the same variant
+    1.036x (Spanish), alpha 0.65 1.020x. zoo's GEMM (x86 without VNNI, float32
+    activations): alpha 0.65 1.031x, 0.75 1.023x, 0.8 1.027x; 0.65 or 0.8 with up to 3/16
+    in 16 bits 1.026x / 1.025x. 7-bit weights (oneDNN's GEMM without VNNI), where more of
+    the activations' outliers must move into a coarser weight grid: alpha 0.35 1.048x, 0.5
+    1.038x, 0.65 1.029x, 0.65 with a quarter in 16 bits 1.025x."""
     if bits == 7:
         return 0.65, 0.25
     if flags is None:
         from zoo.core.measure import cpu_flags
 
         flags = cpu_flags()
-    return (0.5, 0.125) if "amx_int8" in flags else (0.65, 0.125)
+    if "amx_int8" in flags:
+        return 0.5, 0.125
+    return (0.75, 0.125) if zoos_gemm_serves(flags) else (0.65, 0.125)
 
 
 # The projections whose input the others share: q (with k, v), o, gate (with up), down.
@@ -63,16 +68,28 @@ _SHARES_INPUT_WITH = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_p
 # out up to 15% wrong (tests/test_int8_width.py; docs/BENCHMARKS.md). Weights up to 63 keep
 # every pair in range. VNNI and AMX add in 32 bits, and so does zoo's own GEMM, which runs
 # the int8 linears on x86 with AVX2 and without VNNI (zoo.serve.cpu_int8).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+ZOOS_GEMM_VARIABLE = "ZOO_CPU_INT8"  # "0": vLLM's oneDNN GEMM serves, as before zoo's
 LEVELS = {8: 127, 7: 63}
+
+
+def zoos_gemm_serves(flags: frozenset[str]) -> bool:
+    """Whether zoo's int8 GEMM runs the int8 base's linears on a CPU with ``flags``: x86
+    with AVX2 and without VNNI, unless ``ZOO_CPU_INT8=0``."""
+    return "avx2" in flags and not flags & VNNI_FLAGS and \
+        os.environ.get(ZOOS_GEMM_VARIABLE, "1") != "0"
 
 
 def weight_bits(flags: frozenset[str] | None = None) -> int:
     """The weight width the int8 base's linears compute exactly on this CPU (or one with
-    ``flags``): 8, or 7 where vLLM's oneDNN GEMM saturates (x86 without VNNI, and without
-    zoo's GEMM: no AVX2, ``ZOO_CPU_INT8=0`` or no compiler)."""
-    from zoo.serve.cpu_int8 import exact
+    ``flags``): 8, or 7 where vLLM's oneDNN GEMM serves them without VNNI (x86 without
+    AVX2, or ``ZOO_CPU_INT8=0``), whose pair sums saturate."""
+    if flags is None:
+        from zoo.core.measure import cpu_flags
 
-    return 8 if exact(flags) else 7
+        flags = cpu_flags()
+    saturates = "sse2" in flags and not flags & VNNI_FLAGS and not zoos_gemm_serves(flags)
+    return 7 if saturates else 8
 
 
 def _reader(module: str) -> str:

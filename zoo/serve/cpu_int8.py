@@ -25,39 +25,25 @@ has exact instructions (not measured here).
 from __future__ import annotations
 
 import functools
-import os
 from typing import TYPE_CHECKING
+
+# which CPUs (the weights' width follows it, so it is the quantizer's to say)
+from zoo.quantize.w8a8 import zoos_gemm_serves as wanted
 
 if TYPE_CHECKING:
     import torch
 
-VARIABLE = "ZOO_CPU_INT8"  # "0": vLLM's oneDNN GEMM stays, as before zoo's
-# CPU flags under which oneDNN adds int8 products in 32 bits (and AMX: vLLM's own kernel)
-VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 WEIGHT = "zoo_int8_weight"  # the layer's int8 weight [n, k], where zoo took it
 SCALES = "zoo_int8_scales"  # its float32 scale an output row [n]
 _TAKEN: list[int] = [0]  # layers this process took (the worker's report reads it)
 
 
-def wanted(flags: frozenset[str]) -> bool:
-    """Whether zoo's GEMM should run the int8 base's linears on a CPU with ``flags``:
-    an x86 CPU with AVX2 and without VNNI, unless ``ZOO_CPU_INT8=0``."""
-    return "avx2" in flags and not flags & VNNI and os.environ.get(VARIABLE, "1") != "0"
+def available() -> bool:
+    """Whether zoo's GEMM can run on this machine: built (a C++ compiler) with AVX2."""
+    from zoo.serve import native
 
-
-def exact(flags: frozenset[str] | None = None) -> bool:
-    """Whether the int8 base's linears add their products exactly (in 32 bits) on this CPU
-    (or one with ``flags``): everywhere but on x86 without VNNI, where only zoo's GEMM
-    does (and, for this CPU, only where it builds)."""
-    if flags is None:
-        from zoo.core.measure import cpu_flags
-        from zoo.serve import native
-
-        flags = cpu_flags()
-        if wanted(flags):
-            gemm = native.int8_gemm()
-            return gemm is not None and gemm.avx2
-    return "sse2" not in flags or bool(flags & VNNI) or wanted(flags)
+    gemm = native.int8_gemm()
+    return gemm is not None and gemm.avx2
 
 
 def reference(x_q: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor,
@@ -157,12 +143,7 @@ def register(flags: frozenset[str]) -> bool:
     CPU int8 kernel's weight processing (once a process). Whether it did."""
     from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUInt8ScaledMMLinearKernel
 
-    from zoo.serve import native
-
-    if not wanted(flags):
-        return False
-    gemm = native.int8_gemm()
-    if gemm is None or not gemm.avx2:
+    if not wanted(flags) or not available():
         return False
     kernel = CPUInt8ScaledMMLinearKernel
     if not is_ours(kernel.process_weights_after_loading):

@@ -152,9 +152,9 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
     variant = served_variant(options)
     if variant == ORIGINAL:
         return base
-    from zoo.quantize.w8a8 import recipe, weight_bits
+    from zoo.quantize.w8a8 import recipe
 
-    bits, why = weight_bits(), None
+    bits, why = weight_bits_served(), None
     made = base.variants.get(variant)
     if not has_intact_variant(registry, base, variant):
         why = "quantizing {base} to {variant} (in a process of its own)"
@@ -200,6 +200,19 @@ def prepare_base(options: ServeOptions, registry: Registry | None = None,
         if failed:
             raise ZooError(failed["message"], hint=failed["hint"])
     return registry.load().base(base.name)
+
+
+def weight_bits_served() -> int:
+    """The int8 weights' width this machine's server computes exactly: ``w8a8.weight_bits``,
+    or 7 where zoo's GEMM should serve the linears but cannot be built here (no compiler),
+    so that vLLM's oneDNN GEMM, which saturates 8-bit weights there, serves them."""
+    from zoo.core.measure import cpu_flags
+    from zoo.quantize.w8a8 import weight_bits
+    from zoo.serve import cpu_int8
+
+    if cpu_int8.wanted(cpu_flags()) and not cpu_int8.available():
+        return 7
+    return weight_bits()
 
 
 def _made_for_another_kernel(quantization: dict) -> bool:

@@ -37,8 +37,8 @@ import logging
 import os
 from pathlib import Path
 
+from zoo.quantize.w8a8 import ZOOS_GEMM_VARIABLE as CPU_INT8_VARIABLE
 from zoo.serve import step_times
-from zoo.serve.cpu_int8 import VARIABLE as CPU_INT8_VARIABLE
 from zoo.serve.patches import Patch, Report, body_is, fingerprint, has, install, mentions, parameters
 from zoo.serve.policy import MODEL_VARIABLE
 
