@@ -6,20 +6,23 @@ of the activations to int8 (``ops.onednn_scaled_int8_quant``), then oneDNN's int
 On a CPU without VNNI (an AVX2 EPYC here), oneDNN's matmul is its ``gemm:jit``, and two
 things go wrong there:
 
-* **time**: it reorders the whole weight on every call, so one token takes ten times as
-  long as a float32 linear of the same shape (576 x 3072: 2.5 ms against 0.17 ms), and
-  one stream on the int8 base decodes at 0.39x the 16-bit base's speed;
+* **time**: it reorders the whole weight on every call, so one token takes fifteen times
+  as long as a float32 linear of the same shape (576 x 3,072: 2.7 ms against 0.18 ms),
+  and one stream on the int8 base decoded at 0.42x the 16-bit base's speed;
 * **arithmetic**: it multiplies with ``vpmaddubsw``, whose int16 pair sums saturate, so
-  some outputs are not the W8A8 product at all (random int8 rows: off by up to 40%).
+  some outputs are not the W8A8 product (full-range int8 rows: off by up to a fifth of
+  the largest output), and zoo wrote 7-bit weights there to stay exact.
 
 :func:`register` wraps ``process_weights_after_loading`` so that every layer it takes
 keeps its int8 weight [n, k] and one float32 scale an output row, and runs
 :func:`apply`: vLLM's own activation quantization, then ``int8_gemm.cpp``, whose sums are
 exact (widened to int16 and multiplied in pairs, ``vpmaddwd``) and whose float32
 products are taken in oneDNN's and vLLM's order. The result is :func:`reference`'s, bit
-for bit. A layer it does not take (static or asymmetric activations, k not a multiple of
-16, AMX's own kernel) stays vLLM's; so does every layer on a CPU with VNNI, where oneDNN
-has exact instructions (not measured here).
+for bit, for 8-bit weights too (``zoo.quantize.w8a8.weight_bits``). A layer it does not
+take (static or asymmetric activations, k not a multiple of 16, AMX's own kernel) stays
+vLLM's; so does every layer on a CPU with VNNI, where oneDNN adds in 32 bits and one
+stream on the int8 base ran 1.34x the 16-bit base's speed (the AVX-512 EPYC,
+docs/BENCHMARKS.md). Measured: ``bench/int8_gemm.py``, ``bench/dtype.py``.
 """
 
 from __future__ import annotations
