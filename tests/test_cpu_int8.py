@@ -2,7 +2,8 @@
 
 Checked against the integer arithmetic itself (``cpu_int8.reference``: int64 sums in
 PyTorch) bit for bit, against vLLM's own oneDNN path where oneDNN is exact, and through
-vLLM's own ``CPUInt8ScaledMMLinearKernel`` with the weight processing zoo wraps.
+vLLM's own ``CPUInt8ScaledMMLinearKernel`` with the weight processing zoo wraps. That
+oneDNN's saturates where zoo's GEMM serves: tests/test_int8_width.py.
 """
 
 from __future__ import annotations
@@ -96,25 +97,6 @@ def test_vllm_oneDNN_gemm_is_the_same_where_it_is_exact():
         theirs = torch.empty(m, 96)
         ops.onednn_scaled_mm(handler, x_q, theirs, x_scales, x_zero, None, None)
         assert torch.equal(run(x_q, x_scales, weight, scales), theirs)
-
-
-@pytest.mark.skipif(not cpu_int8.wanted(cpu_flags()),
-                    reason="oneDNN adds int8 products in 32 bits on this CPU (VNNI)")
-def test_vllm_oneDNN_gemm_saturates_here():
-    """Why zoo runs its own GEMM on this CPU: oneDNN's, on full-range int8 rows, is off the
-    exact product by far more than rounding (its 16-bit pair sums saturate). When this
-    fails, oneDNN is exact here: the ``cpu_int8`` patch may keep its speed reason only."""
-    from vllm import _custom_ops as ops
-
-    weight = random_int8(64, 256, seed=7)
-    scales = torch.full((64, 1), 0.01)
-    handler = ops.create_onednn_scaled_mm(weight.t(), scales, torch.float32, True, False, 32)
-    x_q = (weight[:4].sign() * 127).to(torch.int8)  # every pair of products at its largest
-    x_scales = torch.ones(4, 1)
-    theirs = torch.empty(4, 64)
-    ops.onednn_scaled_mm(handler, x_q, theirs, x_scales, None, None, None)
-    exact = cpu_int8.reference(x_q, x_scales, weight, scales.view(-1))
-    assert ((theirs - exact).abs() / exact.abs()).max() > 0.01
 
 
 def test_row_scales_follow_vllms_layouts():
