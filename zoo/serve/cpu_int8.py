@@ -41,12 +41,18 @@ SCALES = "zoo_int8_scales"  # its float32 scale an output row [n]
 _TAKEN: list[int] = [0]  # layers this process took (the worker's report reads it)
 
 
-def available() -> bool:
-    """Whether zoo's GEMM can run on this machine: built (a C++ compiler) with AVX2."""
+def built():
+    """zoo's GEMM for this machine (``native.Int8Gemm``), or None where it cannot run here:
+    not built (no C++ compiler), or built without AVX2."""
     from zoo.serve import native
 
     gemm = native.int8_gemm()
-    return gemm is not None and gemm.avx2
+    return gemm if gemm is not None and gemm.avx2 else None
+
+
+def available() -> bool:
+    """Whether zoo's GEMM can run on this machine."""
+    return built() is not None
 
 
 def reference(x_q: torch.Tensor, x_scales: torch.Tensor, weight: torch.Tensor,
@@ -114,12 +120,10 @@ def taking(process_weights_after_loading):
     every other layer to vLLM's."""
     @functools.wraps(process_weights_after_loading)
     def process(self, layer):
-        from zoo.serve import native
-
         w_name, s_name = self.layer_param_names[:2]
         weight = getattr(layer, w_name)
-        gemm = native.int8_gemm()
-        if gemm is None or not gemm.avx2 or not takes(self, weight):
+        gemm = built()
+        if gemm is None or not takes(self, weight):
             return process_weights_after_loading(self, layer)
         scales = row_scales(layer, getattr(layer, s_name), weight.shape[0])
         layer.register_buffer(WEIGHT, weight.detach().contiguous(), persistent=False)

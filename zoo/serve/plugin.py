@@ -727,8 +727,11 @@ def _str_only_names_a_device(module: str) -> str | None:
 
 def weight_report(model, heap_delta: int) -> dict:
     """Bytes per tensor dtype and the heap memory loading added. Weights that a
-    kernel prepacked outside torch tensors (the CPU int8 kernel does) show in
-    the heap figure only."""
+    kernel prepacked outside torch tensors (vLLM's oneDNN int8 kernel does; zoo's
+    ``cpu_int8`` keeps them as buffers) show in the heap figure only; and how many
+    int8 linears zoo's GEMM runs."""
+    from zoo.serve import cpu_int8
+
     by_dtype: dict[str, int] = {}
     for tensor in (*model.parameters(), *model.buffers()):
         key = str(tensor.dtype).removeprefix("torch.")
@@ -741,14 +744,7 @@ def weight_report(model, heap_delta: int) -> dict:
     return {"heap_bytes": heap_delta, "tensor_bytes_by_dtype": by_dtype,
             "quantized_layers": schemes, "norms": norm_providers(model),
             "forwards": custom_op_forwards(model), "rounded_by_zoo": rounded_by_zoo(),
-            "int8_linears_by_zoo": cpu_int8_taken()}
-
-
-def cpu_int8_taken() -> int:
-    """How many int8 linears this process runs on zoo's GEMM (``cpu_int8``)."""
-    from zoo.serve import cpu_int8
-
-    return cpu_int8.taken()
+            "int8_linears_by_zoo": cpu_int8.taken()}
 
 
 def rounded_by_zoo() -> dict[str, list[str]]:
