@@ -6,11 +6,15 @@ For each number of tokens (rows) and each of SmolLM2's four linear shapes (qkv 5
 o 576 to 576, gate_up 576 to 3,072, down 1,536 to 576), the median time of one W8A8
 product of int8 activations (quantized by vLLM's own ``onednn_scaled_int8_quant``, not
 timed) and full-range int8 weights: by vLLM's ``onednn_scaled_mm`` (the handler its CPU
-kernel makes), by zoo's ``int8_gemm.cpp`` (zoo/serve/cpu_int8.py), and a float32
-``F.linear`` of the same shape (the 16-bit base's linear under float32 activations). Per
-rows, a layer's four summed, zoo's over oneDNN's and over float32's; and each int8 GEMM's
-largest error against the exact product, over the exact product's largest magnitude
-(oneDNN's pair sums saturate on x86 without VNNI). Results in bench/results/int8_gemm.json.
+kernel makes), by zoo's ``int8_gemm.cpp`` (zoo/serve/cpu_int8.py) on each of its two
+loops ("rows": the weight read where it lies, all zoo had before the forty-third
+session; "panels": the weight widened 32 outputs at a time) and on the one it picks by
+the number of rows ("zoo"), and a float32 ``F.linear`` of the same shape (the 16-bit
+base's linear under float32 activations). The contenders take three turns each, so the
+machine's drift is shared. Per rows, a layer's four summed, zoo's over
+oneDNN's and over float32's; and each int8 GEMM's largest error against the exact
+product, over the exact product's largest magnitude (oneDNN's pair sums saturate on x86
+without VNNI). Results in bench/results/int8_gemm.json.
 """
 
 from __future__ import annotations
@@ -24,15 +28,20 @@ from common import log, save, table
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
 
 
-def median_us(call, repeat: int) -> float:
-    for _ in range(5):
-        call()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+def median_us(calls: dict, repeat: int, turns: int = 3) -> dict:
+    """Each call's median time in microseconds: the calls take ``turns`` turns, each a
+    few calls to warm up and then repeat/turns timed ones in a row (each contender finds
+    its own data in the cache, as in a hot loop; the machine's drift is shared)."""
+    times = {name: [] for name in calls}
+    for _ in range(turns):
+        for name, call in calls.items():
+            for _ in range(3):
+                call()
+            for _ in range(max(1, repeat // turns)):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e6 for name, values in times.items()}
 
 
 def measure(gemm, m: int, k: int, n: int, g, repeat: int, threads: int) -> tuple[dict, dict]:
@@ -48,19 +57,24 @@ def measure(gemm, m: int, k: int, n: int, g, repeat: int, threads: int) -> tuple
                                           torch.float32, True, False, 32)
     x = torch.randn(m, k, generator=g)
     x_q, x_scales, x_zero = ops.onednn_scaled_int8_quant(x, None, None, True)
-    theirs, ours, wide = torch.empty(m, n), torch.empty(m, n), weight.float()
-    times = {
-        "oneDNN us": median_us(lambda: ops.onednn_scaled_mm(
-            handler, x_q, theirs, x_scales, x_zero, None, None), repeat),
-        "zoo us": median_us(lambda: gemm(x_q, x_scales, weight, scales, ours, None, threads),
-                            repeat),
-        "float32 us": median_us(lambda: torch.nn.functional.linear(x, wide), repeat)}
+    theirs, wide = torch.empty(m, n), weight.float()
+    ours = {path: torch.empty(m, n) for path in ("rows", "panels", "auto")}
+
+    def zoo(path):
+        return lambda: gemm(x_q, x_scales, weight, scales, ours[path], None, threads, path)
+
+    times = median_us({
+        "oneDNN us": lambda: ops.onednn_scaled_mm(handler, x_q, theirs, x_scales, x_zero,
+                                                  None, None),
+        "zoo rows us": zoo("rows"), "zoo panels us": zoo("panels"), "zoo us": zoo("auto"),
+        "float32 us": lambda: torch.nn.functional.linear(x, wide)}, repeat)
     exact = cpu_int8.reference(x_q, x_scales, weight, scales)
 
     def error(out) -> float:
         return float((out - exact).abs().max() / exact.abs().max())
 
-    return times, {"oneDNN error": error(theirs), "zoo error": error(ours)}
+    return times, {"oneDNN error": error(theirs),
+                   "zoo error": max(error(out) for out in ours.values())}
 
 
 def main() -> None:
@@ -81,7 +95,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     rows_out, layers = [], []
     for m in (int(r) for r in args.rows.split(",")):
-        layer = {"rows": m, "oneDNN us": 0.0, "zoo us": 0.0, "float32 us": 0.0}
+        layer = {"rows": m, "oneDNN us": 0.0, "zoo rows us": 0.0, "zoo panels us": 0.0,
+                 "zoo us": 0.0, "float32 us": 0.0}
         for name, (k, n) in SHAPES.items():
             times, errors = measure(gemm, m, k, n, g, args.repeat, args.threads)
             rows_out.append({"rows": m, "shape": name, **times,
@@ -91,13 +106,15 @@ def main() -> None:
             log(f"{m} rows, {name}: {times}")
         layer["zoo vs oneDNN"] = layer["oneDNN us"] / layer["zoo us"]
         layer["zoo vs float32"] = layer["float32 us"] / layer["zoo us"]
+        layer["panels vs rows"] = layer["zoo rows us"] / layer["zoo panels us"]
         layers.append(layer)
     print("\nper shape (us, median; 'vs' is how many times faster zoo's is)")
-    print(table(rows_out, ["rows", "shape", "oneDNN us", "zoo us", "float32 us",
-                           "zoo vs oneDNN", "oneDNN error", "zoo error"]))
+    print(table(rows_out, ["rows", "shape", "oneDNN us", "zoo rows us", "zoo panels us",
+                           "zoo us", "float32 us", "zoo vs oneDNN", "oneDNN error",
+                           "zoo error"]))
     print("\na layer's four linears")
-    print(table(layers, ["rows", "oneDNN us", "zoo us", "float32 us", "zoo vs oneDNN",
-                         "zoo vs float32"]))
+    print(table(layers, ["rows", "oneDNN us", "zoo rows us", "zoo panels us", "zoo us",
+                         "float32 us", "panels vs rows", "zoo vs oneDNN", "zoo vs float32"]))
     save("int8_gemm", {"threads": args.threads, "repeat": args.repeat, "shapes": rows_out,
                        "layers": layers})
 

@@ -24,9 +24,9 @@ def random_int8(*shape, low=-127, high=127, seed=0) -> torch.Tensor:
     return torch.randint(low, high + 1, shape, dtype=torch.int8, generator=g)
 
 
-def run(x_q, x_scales, weight, scales, bias=None, threads=1) -> torch.Tensor:
+def run(x_q, x_scales, weight, scales, bias=None, threads=1, path="auto") -> torch.Tensor:
     out = torch.full((x_q.shape[0], weight.shape[0]), float("nan"))
-    assert gemm(x_q, x_scales, weight, scales, out, bias, threads)
+    assert gemm(x_q, x_scales, weight, scales, out, bias, threads, path)
     return out
 
 
@@ -34,17 +34,37 @@ def run(x_q, x_scales, weight, scales, bias=None, threads=1) -> torch.Tensor:
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 63, 64, 65, 130])
 @pytest.mark.parametrize("n,k", [(1, 16), (3, 32), (5, 48), (64, 576), (33, 1536)])
 def test_the_gemm_is_the_w8a8_product_bit_for_bit(m, n, k):
-    """Every tile shape and remainder (tokens by fours, rows by twos, blocks of 64 tokens),
-    full-range weights (-128 too) and activations, against int64 sums in PyTorch."""
+    """Every tile shape and remainder of both loops (rows: tokens by fours, outputs by
+    twos, blocks of 64 tokens; panels: tokens by twos, outputs by 32, inputs by chunks of
+    256), full-range weights (-128 too) and activations, against int64 sums in PyTorch."""
     x_q = random_int8(m, k, seed=m)
     weight = random_int8(n, k, low=-128, seed=n + k)
     x_scales = torch.rand(m, 1) * 0.1
     scales = torch.rand(n) * 0.01
-    want = cpu_int8.reference(x_q, x_scales, weight, scales)
-    assert torch.equal(run(x_q, x_scales, weight, scales), want)
     bias = torch.randn(n)
-    assert torch.equal(run(x_q, x_scales, weight, scales, bias),
-                       cpu_int8.reference(x_q, x_scales, weight, scales, bias))
+    want = cpu_int8.reference(x_q, x_scales, weight, scales)
+    want_bias = cpu_int8.reference(x_q, x_scales, weight, scales, bias)
+    for path in ("rows", "panels"):
+        assert torch.equal(run(x_q, x_scales, weight, scales, path=path), want), path
+        assert torch.equal(run(x_q, x_scales, weight, scales, bias, path=path), want_bias), path
+
+
+@needs_avx2
+def test_the_panels_take_long_prefills_in_blocks():
+    """More tokens than a block of the panel loop (256) and more outputs than a panel,
+    on one and two threads, and the loop each number of tokens is given: the same bits."""
+    x_q = random_int8(600, 576, seed=7)
+    weight = random_int8(100, 576, low=-128, seed=8)
+    x_scales, scales = torch.rand(600), torch.rand(100)
+    want = cpu_int8.reference(x_q, x_scales, weight, scales)
+    for threads in (1, 2):
+        assert torch.equal(run(x_q, x_scales, weight, scales, threads=threads), want)
+        assert torch.equal(run(x_q, x_scales, weight, scales, threads=threads,
+                               path="panels"), want)
+    out = torch.zeros(600, 100)
+    with pytest.raises(ValueError, match="path must be one of auto, rows, panels"):
+        gemm(x_q, x_scales, weight, scales, out, path="fast")
+    assert torch.equal(out, torch.zeros(600, 100))
 
 
 @needs_avx2
@@ -54,8 +74,9 @@ def test_the_largest_sums_do_not_saturate():
     k = 4096
     x_q = torch.full((3, k), -127, dtype=torch.int8)
     weight = torch.full((2, k), -128, dtype=torch.int8)
-    out = run(x_q, torch.ones(3), weight, torch.ones(2))
-    assert torch.equal(out, torch.full((3, 2), float(k * 128 * 127)))
+    for path in ("rows", "panels"):
+        out = run(x_q, torch.ones(3), weight, torch.ones(2), path=path)
+        assert torch.equal(out, torch.full((3, 2), float(k * 128 * 127))), path
 
 
 @needs_avx2

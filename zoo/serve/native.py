@@ -37,7 +37,8 @@ logger = logging.getLogger("zoo.serve")
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
 ABI = 3
 INT8_SOURCE = Path(__file__).with_name("int8_gemm.cpp")
-INT8_ABI = 1
+INT8_ABI = 2
+INT8_PATHS = {"auto": 0, "rows": 1, "panels": 2}  # int8_gemm.cpp's two loops
 MAX_RANK = 64
 # Tried in order: the CPU's own instructions and OpenMP threads, then without OpenMP,
 # then code for any CPU of the architecture.
@@ -215,18 +216,22 @@ class Int8Gemm:
         self._gemm = library.zoo_int8_gemm
         self._gemm.restype = ctypes.c_int
         self._gemm.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] + \
-            [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int]
+            [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
 
     def __call__(self, x, x_scales, weight, weight_scales, out, bias=None,
-                 threads: int = 1) -> bool:
+                 threads: int = 1, path: str = "auto") -> bool:
         """out = (x @ weight.T as exact int32 sums, times ``weight_scales`` per column)
         times ``x_scales`` per row, plus ``bias``: x int8 [m, k] (rows contiguous),
         x_scales float32 [m] (or [m, 1]), weight int8 [n, k] and weight_scales float32 [n],
-        contiguous, out float32 [m, n] (rows contiguous), bias float32 [n] or None. False,
-        with out untouched, for inputs it does not take (k not a multiple of 16, a
-        library without AVX2)."""
+        contiguous, out float32 [m, n] (rows contiguous), bias float32 [n] or None. ``path``
+        names the loop, the same numbers either way: "rows" (the weight read where it
+        lies: a few tokens), "panels" (widened 32 outputs at a time: many tokens) or
+        "auto" (by the number of tokens). False, with out untouched, for inputs it does
+        not take (k not a multiple of 16, a library without AVX2)."""
         import torch
 
+        if path not in INT8_PATHS:
+            raise ValueError(f"path must be one of {', '.join(INT8_PATHS)}, not {path!r}")
         m, k = x.shape
         n = weight.shape[0]
         if x.dtype != torch.int8 or x.stride(1) != 1 or \
@@ -239,7 +244,7 @@ class Int8Gemm:
         return self._gemm(m, n, k, x.data_ptr(), x.stride(0), x_scales.data_ptr(),
                           weight.data_ptr(), weight_scales.data_ptr(),
                           None if bias is None else bias.data_ptr(), out.data_ptr(),
-                          out.stride(0), threads) == 0
+                          out.stride(0), threads, INT8_PATHS[path]) == 0
 
 
 def _holds(tensor, shape, dtype) -> bool:
