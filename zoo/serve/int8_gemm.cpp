@@ -17,8 +17,8 @@
 //     numbers at a time widened to int16: 0.10 ms for that one token;
 //   * panels (from kPanelsFrom: prefill, and decode of many streams): the weight widened
 //     once a call, 32 outputs at a time, every token's inputs broadcast against it:
-//     1.3-1.5x the rows loop's speed from 64 tokens. From about 100 tokens a call
-//     oneDNN's saturating instruction is still the faster (bench/int8_gemm.py).
+//     1.4x the rows loop's speed from 64 tokens. From about 256 tokens a call oneDNN's
+//     saturating instruction is level, and faster beyond (bench/int8_gemm.py).
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -122,13 +122,14 @@ void gemm(int64_t m, int64_t n, int64_t k, const int8_t* x, int64_t x_row,
     }
 }
 
-// From kPanelsFrom tokens a call (prefill), the weight is taken 32 outputs (a panel) at a
-// time and widened once into int16 pairs laid out output by output; each token's pair of
-// inputs is broadcast and multiplied against 4 vectors of 8 outputs. The sums come out in
-// the outputs' order (no horizontal sums) and nothing is widened in the inner loop. Two
-// tokens at a time: 8 accumulators, 4 weight vectors and 2 broadcasts in registers.
+// From kPanelsFrom tokens a call (prefill; decode of many streams), the weight is taken
+// 32 outputs (a panel) at a time and widened once into int16 pairs laid out output by
+// output; each token's pair of inputs is broadcast and multiplied against 4 vectors of 8
+// outputs. The sums come out in the outputs' order (no horizontal sums) and nothing is
+// widened in the inner loop. Two tokens at a time: 8 accumulators, 4 weight vectors and 2
+// broadcasts in registers.
 constexpr int kPanelColumns = 32;
-constexpr int64_t kPanelBlockTokens = 256;  // tokens widened together; a panel is packed once a block
+constexpr int64_t kPanelBlockTokens = 256;  // tokens widened together (a panel packed once a block)
 constexpr int64_t kChunkPairs = 128;  // pairs of inputs a chunk: 32 x 128 int16 pairs, 16 KB (L1)
 constexpr int64_t kPanelsFrom = 16;  // tokens a call from which path 0 takes panels (measured)
 
@@ -182,8 +183,8 @@ inline void keep(const __m256i acc[4], int32_t* sums, bool first) {
 
 // sums[t][c] (+)= token t's inputs . the panel's output c over ``pairs`` pairs of inputs,
 // for two tokens whose pairs lie x_row apart; the sums start at zero where ``first``.
-// Written in assembly: GCC 12 moved each accumulator through a second register every
-// step (12 instructions more in 30), and this loop is 5-8% faster at 1,024 tokens.
+// Written in assembly: GCC 12 moved each of the 8 accumulators through a second register
+// every step (8 instructions more in 22); this loop is 5-8% faster at 1,024 tokens.
 __attribute__((noinline)) void panel_pair(const int32_t* x_pairs, int64_t x_row,
                                           const int32_t* panel, int64_t pairs,
                                           int32_t (*sums)[kPanelColumns], bool first) {
@@ -256,7 +257,7 @@ void gemm_panels(int64_t m, int64_t n, int64_t k, const int8_t* x, int64_t x_row
             struct alignas(32) Sums { int32_t of[kPanelColumns]; };
             std::vector<Sums> panel_memory(pairs), rows(tokens);  // 32-byte aligned
             int32_t* panel = panel_memory.front().of;
-            int32_t (*sums)[kPanelColumns] = reinterpret_cast<int32_t (*)[kPanelColumns]>(rows.data());
+            auto sums = reinterpret_cast<int32_t (*)[kPanelColumns]>(rows.data());
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < panels; ++b) {
                 const int64_t n0 = b * kPanelColumns;
