@@ -87,14 +87,29 @@ inline void tile_of(int tokens, const int16_t* x16, int64_t x_row, const int8_t*
     }
 }
 
+// tokens rows of x (x_row apart) as int16, k apart: widened once a block, read by every tile
+std::vector<int16_t> widened(const int8_t* x, int64_t x_row, int64_t tokens, int64_t k) {
+    std::vector<int16_t> x16(tokens * k);
+    for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t i = 0; i < k; ++i) x16[t * k + i] = x[t * x_row + i];
+    return x16;
+}
+
+// one output from its exact sum: the two float32 products in oneDNN's and vLLM's order,
+// then the bias (the panels loop's vector epilogue takes the same steps 8 at a time)
+inline float scaled(int32_t sum, float w_scale, float token_scale, const float* bias) {
+    float v = static_cast<float>(sum) * w_scale;
+    v = v * token_scale;
+    if (bias) v = v + *bias;
+    return v;
+}
+
 void gemm(int64_t m, int64_t n, int64_t k, const int8_t* x, int64_t x_row,
           const float* x_scales, const int8_t* w, const float* w_scales, const float* bias,
           float* y, int64_t y_row, int threads) {
     for (int64_t t0 = 0; t0 < m; t0 += kBlockTokens) {
         const int64_t tokens = m - t0 < kBlockTokens ? m - t0 : kBlockTokens;
-        std::vector<int16_t> x16(tokens * k);  // the block's inputs, widened once
-        for (int64_t t = 0; t < tokens; ++t)
-            for (int64_t i = 0; i < k; ++i) x16[t * k + i] = x[(t0 + t) * x_row + i];
+        const std::vector<int16_t> x16 = widened(x + t0 * x_row, x_row, tokens, k);
         const int64_t blocks = (n + kRows - 1) / kRows;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && blocks >= 4 * threads)
         for (int64_t b = 0; b < blocks; ++b) {
@@ -111,10 +126,8 @@ void gemm(int64_t m, int64_t n, int64_t k, const int8_t* x, int64_t x_row,
                     float* out = y + (t0 + t + c) * y_row + r0;
                     const float token_scale = x_scales[t0 + t + c];
                     for (int r = 0; r < rows; ++r) {
-                        float v = static_cast<float>(sums[c][r]) * w_scales[r0 + r];
-                        v = v * token_scale;
-                        if (bias) v = v + bias[r0 + r];
-                        out[r] = v;
+                        out[r] = scaled(sums[c][r], w_scales[r0 + r], token_scale,
+                                        bias ? bias + r0 + r : nullptr);
                     }
                 }
             }
@@ -248,9 +261,7 @@ void gemm_panels(int64_t m, int64_t n, int64_t k, const int8_t* x, int64_t x_row
     const int64_t pairs = k / 2;
     for (int64_t t0 = 0; t0 < m; t0 += kPanelBlockTokens) {
         const int64_t tokens = m - t0 < kPanelBlockTokens ? m - t0 : kPanelBlockTokens;
-        std::vector<int16_t> x16(tokens * k);  // the block's inputs, widened once
-        for (int64_t t = 0; t < tokens; ++t)
-            for (int64_t i = 0; i < k; ++i) x16[t * k + i] = x[(t0 + t) * x_row + i];
+        const std::vector<int16_t> x16 = widened(x + t0 * x_row, x_row, tokens, k);
         const int32_t* x_pairs = reinterpret_cast<const int32_t*>(x16.data());
 #pragma omp parallel num_threads(threads) if (threads > 1 && panels >= 2 * threads)
         {
@@ -290,10 +301,8 @@ void gemm_panels(int64_t m, int64_t n, int64_t k, const int8_t* x, int64_t x_row
                         }
                     }
                     for (; j < columns; ++j) {
-                        float v = static_cast<float>(sums[t][j]) * w_scales[n0 + j];
-                        v = v * token_scale;
-                        if (bias) v = v + bias[n0 + j];
-                        out[j] = v;
+                        out[j] = scaled(sums[t][j], w_scales[n0 + j], token_scale,
+                                        bias ? bias + n0 + j : nullptr);
                     }
                 }
             }
